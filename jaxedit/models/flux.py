@@ -1,0 +1,291 @@
+"""The FLUX.1 MMDiT in Flax Linen (BFL `flux/model.py`, `flux/modules/layers.py`).
+
+Parameter names follow the BFL checkpoint (`img_in`, `double_blocks.img_attn.qkv`, ...)
+with three deliberate layout changes that keep heads contiguous for tensor
+parallelism (the converter handles them):
+  - fused q/k/v kernels are `[D, 3, H*Dh]` (BFL: one `[3*H*Dh, D]` weight);
+  - single-block `linear1` is split into `linear1_qkv` and `linear1_mlp`;
+  - single-block `linear2` is split into `linear2_attn` (with the bias) and `linear2_mlp`.
+Block parameters are stacked along a leading layer axis (`double_blocks`, `single_blocks`)
+whether or not the layers run under `nn.scan`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxedit.attention import dot_product_attention
+from jaxedit.configs import FluxConfig
+from jaxedit.models.layers import (
+    MLPEmbedder,
+    Modulation,
+    QKNorm,
+    apply_rope,
+    dense,
+    layer_norm,
+    modulate,
+    rope_frequencies,
+    timestep_embedding,
+)
+
+Dtype = Any
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class _BlockBase(nn.Module):
+    cfg: FluxConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    attention_impl: str = "xla"
+
+    @property
+    def kw(self):
+        return dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+    def attend(self, q, k, v, rope):
+        """RoPE on q, k then attention: [B, L, H, Dh] -> [B, L, H*Dh]."""
+        cos, sin = rope
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = dot_product_attention(q, k, v, impl=self.attention_impl)
+        return out.reshape(*out.shape[:2], -1)
+
+
+class SelfAttention(nn.Module):
+    """Fused qkv projection + QK RMSNorm + output projection (BFL SelfAttention)."""
+
+    cfg: FluxConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.qkv = dense((3, cfg.hidden_size), ("embed", "qkv", "heads"), name="qkv", use_bias=cfg.qkv_bias, **kw)
+        self.norm = QKNorm(**kw)
+        self.proj = dense(cfg.hidden_size, ("heads", "embed"), name="proj", **kw)
+
+    def qkv_heads(self, x_BLD):
+        """x -> normed q, k and v, each [B, L, H, Dh]."""
+        b, l, _ = x_BLD.shape
+        qkv = self.qkv(x_BLD).reshape(b, l, 3, self.cfg.num_heads, self.cfg.head_dim)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        q, k = self.norm(q, k)
+        return q, k, v
+
+    def __call__(self, x_BLD):  # only used to create parameters in isolation
+        return self.proj(self.qkv_heads(x_BLD)[2].reshape(x_BLD.shape))
+
+
+class Mlp(nn.Module):
+    """Linear -> GELU(tanh) -> Linear with BFL's Sequential names `0` and `2`."""
+
+    cfg: FluxConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = dense(self.cfg.mlp_hidden_dim, ("embed", "mlp"), name="0", **kw)(x)
+        return dense(self.cfg.hidden_size, ("mlp", "embed"), name="2", **kw)(nn.gelu(x, approximate=True))
+
+
+class DoubleStreamBlock(_BlockBase):
+    """Separate weights for image and text tokens, joint attention over [txt | img]."""
+
+    def setup(self):
+        cfg, kw = self.cfg, self.kw
+        self.img_mod = Modulation(2, **kw)
+        self.img_attn = SelfAttention(cfg, **kw)
+        self.img_mlp = Mlp(cfg, **kw)
+        self.txt_mod = Modulation(2, **kw)
+        self.txt_attn = SelfAttention(cfg, **kw)
+        self.txt_mlp = Mlp(cfg, **kw)
+
+    def __call__(self, carry, vec_BD, rope):
+        img, txt = carry
+        (img_shift1, img_scale1, img_gate1), (img_shift2, img_scale2, img_gate2) = self.img_mod(vec_BD)
+        (txt_shift1, txt_scale1, txt_gate1), (txt_shift2, txt_scale2, txt_gate2) = self.txt_mod(vec_BD)
+
+        img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(layer_norm(img), img_shift1, img_scale1))
+        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(layer_norm(txt), txt_shift1, txt_scale1))
+        attn = self.attend(
+            jnp.concatenate([txt_q, img_q], axis=1),
+            jnp.concatenate([txt_k, img_k], axis=1),
+            jnp.concatenate([txt_v, img_v], axis=1),
+            rope,
+        )
+        lt = txt.shape[1]
+        txt_attn, img_attn = attn[:, :lt], attn[:, lt:]
+
+        img = img + img_gate1 * self.img_attn.proj(img_attn)
+        img = img + img_gate2 * self.img_mlp(modulate(layer_norm(img), img_shift2, img_scale2))
+        txt = txt + txt_gate1 * self.txt_attn.proj(txt_attn)
+        txt = txt + txt_gate2 * self.txt_mlp(modulate(layer_norm(txt), txt_shift2, txt_scale2))
+        return (img, txt), None
+
+
+class SingleStreamBlock(_BlockBase):
+    """Parallel attention + MLP over the joint sequence (BFL SingleStreamBlock)."""
+
+    @nn.compact
+    def __call__(self, x_BLD, vec_BD, rope):
+        cfg, kw = self.cfg, self.kw
+        b, l, _ = x_BLD.shape
+        ((shift, scale, gate),) = Modulation(1, name="modulation", **kw)(vec_BD)
+        x_mod = modulate(layer_norm(x_BLD), shift, scale)
+
+        qkv = dense((3, cfg.hidden_size), ("embed", "qkv", "heads"), name="linear1_qkv", use_bias=cfg.qkv_bias, **kw)
+        mlp_in = dense(cfg.mlp_hidden_dim, ("embed", "mlp"), name="linear1_mlp", **kw)
+        qkv = qkv(x_mod).reshape(b, l, 3, cfg.num_heads, cfg.head_dim)
+        q, k = QKNorm(name="norm", **kw)(qkv[:, :, 0], qkv[:, :, 1])
+        attn = self.attend(q, k, qkv[:, :, 2], rope)
+        mlp = nn.gelu(mlp_in(x_mod), approximate=True)
+
+        out = dense(cfg.hidden_size, ("heads", "embed"), name="linear2_attn", **kw)(attn)
+        out = out + dense(cfg.hidden_size, ("mlp", "embed"), name="linear2_mlp", use_bias=False, **kw)(mlp)
+        return x_BLD + gate * out, None
+
+
+class _AdaLNModulation(nn.Module):
+    """SiLU -> Linear, with the Linear named `1` as in BFL's nn.Sequential."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, vec_BD):
+        lin = dense(
+            self.features, ("embed", "mod"), name="1", zero_init=True, dtype=self.dtype, param_dtype=self.param_dtype
+        )
+        return lin(nn.silu(vec_BD))
+
+
+class LastLayer(nn.Module):
+    """adaLN (shift, scale) + Linear to patch channels (BFL LastLayer)."""
+
+    cfg: FluxConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BLD, vec_BD):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        d = self.cfg.hidden_size
+        shift, scale = jnp.split(_AdaLNModulation(2 * d, name="adaLN_modulation", **kw)(vec_BD)[:, None, :], 2, axis=-1)
+        x = modulate(layer_norm(x_BLD), shift, scale)
+        return dense(self.cfg.out_channels, ("embed", "in"), name="linear", zero_init=True, **kw)(x)
+
+
+def stacked(block_cls, length: int, *, scan: bool, remat_policy: str, name: str, **kw):
+    """`length` copies of `block_cls` with parameters stacked on a leading "layers" axis.
+
+    scan=True runs them under `nn.scan` (one compiled block body); scan=False unrolls the
+    same loop (`unroll=length`), which is a plain sequence of blocks in the compiled
+    program but keeps the identical stacked parameter layout.
+    """
+    if remat_policy not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {remat_policy!r}; choose from {sorted(REMAT_POLICIES)}")
+    if remat_policy != "none":
+        block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[remat_policy], prevent_cse=not scan)
+    return nn.scan(
+        block_cls,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(nn.broadcast, nn.broadcast),
+        length=length,
+        unroll=1 if scan else length,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )(name=name, **kw)
+
+
+class Flux(nn.Module):
+    """FLUX.1 transformer: `apply({"params": p}, img, img_ids, txt, txt_ids, timesteps, y, guidance)`.
+
+    img [B, Li, in_channels] (target then reference tokens), img_ids [B, Li, 3],
+    txt [B, Lt, context_in_dim], txt_ids [B, Lt, 3], timesteps [B] in [0, 1],
+    y [B, vec_in_dim], guidance [B] (required when cfg.guidance_embed)
+    -> [B, Li, out_channels] in the compute dtype.
+    """
+
+    cfg: FluxConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    scan_layers: bool = True
+    remat_policy: str = "none"
+    attention_impl: str = "xla"
+
+    def setup(self):
+        cfg = self.cfg
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.img_in = dense(cfg.hidden_size, ("in", "embed"), name="img_in", **kw)
+        self.time_in = MLPEmbedder(cfg.hidden_size, **kw)
+        if cfg.guidance_embed:
+            self.guidance_in = MLPEmbedder(cfg.hidden_size, **kw)
+        self.vector_in = MLPEmbedder(cfg.hidden_size, **kw)
+        self.txt_in = dense(cfg.hidden_size, ("in", "embed"), name="txt_in", **kw)
+        common = dict(
+            scan=self.scan_layers, remat_policy=self.remat_policy, cfg=cfg, attention_impl=self.attention_impl, **kw
+        )
+        self.double_blocks = stacked(DoubleStreamBlock, cfg.depth, name="double_blocks", **common)
+        self.single_blocks = stacked(SingleStreamBlock, cfg.depth_single_blocks, name="single_blocks", **common)
+        self.final_layer = LastLayer(cfg, **kw)
+
+    def __call__(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None):
+        cfg = self.cfg
+        if img.shape[-1] != cfg.in_channels:
+            raise ValueError(f"img has {img.shape[-1]} features, config in_channels is {cfg.in_channels}")
+        if txt.shape[-1] != cfg.context_in_dim:
+            raise ValueError(f"txt has {txt.shape[-1]} features, config context_in_dim is {cfg.context_in_dim}")
+        vec = self.embed_vector(timesteps, y, guidance)
+        return self.run_blocks(self.img_in(img), self.txt_in(txt), vec, jnp.concatenate([txt_ids, img_ids], axis=1))
+
+    def embed_vector(self, timesteps, y, guidance=None):
+        """vec = time_in(emb(t)) [+ guidance_in(emb(g))] + vector_in(y), [B, D]."""
+        # The reference casts t (and guidance) to the model dtype before the x1000.
+        vec = self.time_in(timestep_embedding(timesteps.astype(self.dtype), 256).astype(self.dtype))
+        if self.cfg.guidance_embed:
+            if guidance is None:
+                raise ValueError("this model is guidance-distilled (guidance_embed=True): pass `guidance` [B]")
+            vec = vec + self.guidance_in(timestep_embedding(guidance.astype(self.dtype), 256).astype(self.dtype))
+        return vec + self.vector_in(y.astype(self.dtype))
+
+    def run_blocks(self, img, txt, vec, ids):
+        """Double blocks, single blocks and the final layer on embedded tokens -> [B, Li, out].
+
+        img [B, Li, D], txt [B, Lt, D], vec [B, D], ids [B, Lt + Li, n_axes] ([txt | img]).
+        """
+        rope = rope_frequencies(ids, self.cfg.axes_dim, self.cfg.theta)
+        (img, txt), _ = self.double_blocks((img, txt), vec, rope)
+        x, _ = self.single_blocks(jnp.concatenate([txt, img], axis=1), vec, rope)
+        return self.final_layer(x[:, txt.shape[1] :], vec)
+
+
+def abstract_params(cfg: FluxConfig, param_dtype: Dtype = jnp.float32, *, boxed: bool = False):
+    """The parameter tree of `Flux(cfg)` as ShapeDtypeStructs (nothing allocated).
+
+    boxed=True keeps the logical-partitioning metadata (for sharding rules).
+    """
+    model = Flux(cfg, param_dtype=param_dtype)
+    b, l = 1, 1
+    args = (
+        jnp.zeros((b, l, cfg.in_channels)),
+        jnp.zeros((b, l, 3)),
+        jnp.zeros((b, l, cfg.context_in_dim)),
+        jnp.zeros((b, l, 3)),
+        jnp.zeros((b,)),
+        jnp.zeros((b, cfg.vec_in_dim)),
+        jnp.zeros((b,)) if cfg.guidance_embed else None,
+    )
+    tree = jax.eval_shape(lambda: model.init(jax.random.key(0), *args))["params"]
+    return tree if boxed else nn.meta.unbox(tree)

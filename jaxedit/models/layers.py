@@ -1,0 +1,174 @@
+"""Building blocks of the FLUX DiT (BFL `flux/modules/layers.py`, `flux/math.py`).
+
+Precision follows the reference: timestep sinusoids, RoPE, RMSNorm and LayerNorm
+statistics are float32 whatever the compute dtype; results are cast back.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxedit.sharding import param_init
+
+Dtype = Any
+
+default_kernel_init = nn.initializers.lecun_normal()
+zeros = nn.initializers.zeros_init()
+ones = nn.initializers.ones_init()
+
+
+def dense(features, axes, *, name, dtype, param_dtype, use_bias=True, zero_init=False, **kw):
+    """A Dense / DenseGeneral whose kernel carries logical `axes` (in-axis first)."""
+    kinit = zeros if zero_init else default_kernel_init
+    cls = nn.Dense if isinstance(features, int) else nn.DenseGeneral
+    return cls(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=param_init(kinit, axes),
+        bias_init=param_init(zeros, axes[1:]),
+        name=name,
+        **kw,
+    )
+
+
+def _sinusoid_freqs(half: int, max_period: float) -> np.ndarray:
+    """exp(-ln(P) * i / half) as the references compute it: the exponent rounded to
+    float32 first, then exp (here in float64, rounded once, so it is host-exact)."""
+    arg = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32) / np.float32(half)
+    return np.exp(arg.astype(np.float64)).astype(np.float32)
+
+
+def timestep_embedding(t_B: jax.Array, dim: int, max_period: float = 10000.0, time_factor: float = 1000.0):
+    """Sinusoidal embedding [B, dim] = [cos, sin] of `time_factor * t` (BFL timestep_embedding).
+
+    `t * time_factor` is computed in t's dtype (the reference casts t to the model dtype
+    first); the sinusoid is float32. Its frequencies are a host constant: arguments reach
+    1000 rad, where one ulp of a frequency moves cos/sin by ~1e-4.
+    """
+    t_B = time_factor * t_B
+    half = dim // 2
+    freqs = jnp.asarray(_sinusoid_freqs(half, max_period))
+    args = t_B[:, None].astype(jnp.float32) * freqs[None]
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+    return emb
+
+
+class MLPEmbedder(nn.Module):
+    """Linear -> SiLU -> Linear (BFL MLPEmbedder: `in_layer`, `out_layer`)."""
+
+    hidden_dim: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = dense(self.hidden_dim, ("in", "embed"), name="in_layer", **kw)(x)
+        return dense(self.hidden_dim, ("embed", "embed_out"), name="out_layer", **kw)(nn.silu(x))
+
+
+def rms_normalize(x, eps: float = 1e-6):
+    """x / rms(x) computed in float32, cast back to x's dtype."""
+    x32 = x.astype(jnp.float32)
+    rrms = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (x32 * rrms).astype(x.dtype)
+
+
+def layer_norm(x, eps: float = 1e-6):
+    """LayerNorm without affine parameters, statistics in float32."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """BFL RMSNorm: normalise in float32, cast back, times a learned `scale`."""
+
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", param_init(ones, ("head_dim",)), (x.shape[-1],), self.param_dtype)
+        return rms_normalize(x.astype(self.dtype)) * scale.astype(self.dtype)
+
+
+class QKNorm(nn.Module):
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, q, k):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        return RMSNorm(name="query_norm", **kw)(q), RMSNorm(name="key_norm", **kw)(k)
+
+
+class Modulation(nn.Module):
+    """Linear(silu(vec)) chunked into (shift, scale, gate) x n, each [B, 1, D]."""
+
+    n: int  # 2 for double-stream blocks, 1 for single-stream blocks
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, vec_BD):
+        d = vec_BD.shape[-1]
+        out = dense(
+            3 * self.n * d,
+            ("embed", "mod"),
+            name="lin",
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            zero_init=True,
+        )(nn.silu(vec_BD))[:, None, :]
+        chunks = jnp.split(out, 3 * self.n, axis=-1)
+        return [tuple(chunks[3 * i : 3 * i + 3]) for i in range(self.n)]
+
+
+def modulate(x, shift, scale):
+    return (1 + scale) * x + shift
+
+
+def rope_frequencies(ids_BLA: jax.Array, axes_dim: tuple[int, ...], theta: int):
+    """(cos, sin), each [B, L, sum(axes_dim)/2] float32, for position ids [B, L, n_axes].
+
+    The reference computes the angles pos * omega in float64 and rounds cos/sin to
+    float32. Plain float32 angles would be off by up to |pos| * 2^-24 rad, which the
+    network amplifies; instead omega = hi + lo with `hi` holding 12 significant bits, so
+    pos * hi is exact for integer |pos| < 4096, and the angle is carried as a float32
+    pair (s, e): cos(s + e) ~ cos(s) - e sin(s). This matches float64 angles to about
+    one float32 ulp without float64 on the device.
+    """
+    omega = np.concatenate([1.0 / theta ** (np.arange(0, d, 2, dtype=np.float64) / d) for d in axes_dim])
+    axis_of = np.concatenate([np.full(d // 2, i) for i, d in enumerate(axes_dim)])
+    mant, expo = np.frexp(omega)
+    hi = np.ldexp(np.floor(mant * 2**12) / 2**12, expo)
+    lo = omega - hi
+    pos = ids_BLA.astype(jnp.float32)[..., axis_of]  # [B, L, P]
+    a = pos * jnp.asarray(hi, jnp.float32)
+    b = pos * jnp.asarray(lo, jnp.float32)
+    s = a + b
+    e = (a - s) + b  # Fast2Sum: |a| >= |b|
+    cos, sin = jnp.cos(s), jnp.sin(s)
+    return cos - e * sin, sin + e * cos
+
+
+def apply_rope(x_BLHD, cos_BLP, sin_BLP):
+    """Rotate interleaved pairs (x0, x1), (x2, x3), ... in float32; cast back."""
+    b, l, h, d = x_BLHD.shape
+    x = x_BLHD.astype(jnp.float32).reshape(b, l, h, d // 2, 2)
+    cos, sin = cos_BLP[:, :, None, :], sin_BLP[:, :, None, :]
+    x0, x1 = x[..., 0], x[..., 1]
+    out = jnp.stack([cos * x0 - sin * x1, sin * x0 + cos * x1], axis=-1)
+    return out.reshape(b, l, h, d).astype(x_BLHD.dtype)

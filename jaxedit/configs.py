@@ -50,15 +50,74 @@ class FluxConfig:
 
 
 @dataclass(frozen=True)
+class AutoEncoderConfig:
+    """The FLUX 16-channel VAE (BFL `AutoEncoderParams`; Step1X-Edit ships the same)."""
+
+    resolution: int = 256
+    in_channels: int = 3
+    out_ch: int = 3
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 16
+    norm_groups: int = 32
+    eps: float = 1e-6
+    scale_factor: float = 0.3611
+    shift_factor: float = 0.1159
+
+    @property
+    def downsample(self) -> int:
+        """Pixels per latent cell along each side (8 for ch_mult of length 4)."""
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+@dataclass(frozen=True)
+class T5Config:
+    """T5 v1.1 encoder (transformers `T5EncoderModel`, gated-GELU FFN)."""
+
+    vocab_size: int = 32128
+    d_model: int = 4096
+    d_kv: int = 64
+    d_ff: int = 10240
+    num_layers: int = 24
+    num_heads: int = 64
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    layer_norm_epsilon: float = 1e-6
+    max_length: int = 512  # FLUX pads/truncates prompts to this many tokens
+
+
+@dataclass(frozen=True)
+class CLIPTextConfig:
+    """CLIP text tower (transformers `CLIPTextModel`); FLUX uses its pooled output."""
+
+    vocab_size: int = 49408
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_layers: int = 12
+    num_heads: int = 12
+    max_position_embeddings: int = 77
+    layer_norm_eps: float = 1e-5
+    eos_token_id: int = 2  # 2 = legacy configs: pool at argmax(input_ids), as transformers does
+    max_length: int = 77
+
+
+@dataclass(frozen=True)
 class Preset:
-    """A named model: its family and the config of each part (None where not built yet)."""
+    """A named model: its family and the config of each part (None where a part is absent)."""
 
     name: str
     family: str  # "flux" (text-to-image), "flux-kontext" (editing), "step1x-edit"
     transformer: FluxConfig
+    vae: AutoEncoderConfig | None = None
+    t5: T5Config | None = None
+    clip: CLIPTextConfig | None = None
 
 
 FLUX_DEV = FluxConfig()
+FLUX_VAE = AutoEncoderConfig()
+T5_XXL = T5Config()
+CLIP_L = CLIPTextConfig()
 
 _PRESETS: dict[str, Preset] = {}
 
@@ -70,8 +129,8 @@ def register(preset: Preset) -> Preset:
     return preset
 
 
-register(Preset("flux-kontext-dev", "flux-kontext", FLUX_DEV))
-register(Preset("flux-dev", "flux", FLUX_DEV))
+register(Preset("flux-kontext-dev", "flux-kontext", FLUX_DEV, FLUX_VAE, T5_XXL, CLIP_L))
+register(Preset("flux-dev", "flux", FLUX_DEV, FLUX_VAE, T5_XXL, CLIP_L))
 # Small presets for tests, demos and benchmarks: full structure, tiny widths.
 _TINY = FluxConfig(
     context_in_dim=32,
@@ -82,9 +141,19 @@ _TINY = FluxConfig(
     depth_single_blocks=2,
     axes_dim=(4, 6, 6),
 )
-register(Preset("flux-kontext-tiny", "flux-kontext", _TINY))
+_TINY_VAE = AutoEncoderConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1, norm_groups=8)
+_TINY_T5 = T5Config(vocab_size=512, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, max_length=64)
+_TINY_CLIP = CLIPTextConfig(vocab_size=512, hidden_size=24, intermediate_size=40, num_layers=2, num_heads=4)
+register(Preset("flux-kontext-tiny", "flux-kontext", _TINY, _TINY_VAE, _TINY_T5, _TINY_CLIP))
 register(
-    Preset("flux-kontext-tiny-fulldepth", "flux-kontext", dataclasses.replace(_TINY, depth=19, depth_single_blocks=38))
+    Preset(
+        "flux-kontext-tiny-fulldepth",
+        "flux-kontext",
+        dataclasses.replace(_TINY, depth=19, depth_single_blocks=38),
+        _TINY_VAE,
+        _TINY_T5,
+        _TINY_CLIP,
+    )
 )
 
 

@@ -1,0 +1,132 @@
+"""Flow-matching sampling for FLUX-family models: sizes, packing, ids, schedule, Euler loop.
+
+Conventions (BFL `flux/sampling.py`, diffusers `pipeline_flux_kontext.py`):
+- latents are NHWC here: z [B, h, w, 16] with h, w = H/8, W/8;
+- packing 2x2 patches: [B, h, w, C] -> [B, (h/2)(w/2), C*4], feature index c*4 + ph*2 + pw;
+- ids (index, row, col): 0 for the target, 1 for the Kontext reference; text ids zero;
+- x_t = (1 - t) x0 + t noise, velocity v = noise - x0; Euler x <- x + (t_prev - t_curr) v;
+- schedule linspace(1, 0, N + 1) shifted by time_shift(mu) with mu linear in the number
+  of TARGET tokens (reference tokens not counted).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# (width, height) pairs Kontext was trained on, around 1 MP.
+PREFERRED_KONTEXT_RESOLUTIONS = (
+    (672, 1568),
+    (688, 1504),
+    (720, 1456),
+    (752, 1392),
+    (800, 1328),
+    (832, 1248),
+    (880, 1184),
+    (944, 1104),
+    (1024, 1024),
+    (1104, 944),
+    (1184, 880),
+    (1248, 832),
+    (1328, 800),
+    (1392, 752),
+    (1456, 720),
+    (1504, 688),
+    (1568, 672),
+)
+
+
+def floor_size(width: int, height: int, multiple: int = 16) -> tuple[int, int]:
+    """(width, height) floored to a multiple (16: VAE x8 times 2x2 packing)."""
+    return width // multiple * multiple, height // multiple * multiple
+
+
+def preferred_kontext_size(width: int, height: int) -> tuple[int, int]:
+    """The preferred Kontext resolution nearest in aspect ratio to width/height."""
+    aspect = width / height
+    _, w, h = min((abs(aspect - w / h), w, h) for w, h in PREFERRED_KONTEXT_RESOLUTIONS)
+    return floor_size(w, h)
+
+
+def pack(z_BHWC: jax.Array) -> jax.Array:
+    """[B, h, w, C] -> [B, (h/2)(w/2), C*4] (feature c*4 + ph*2 + pw)."""
+    b, h, w, c = z_BHWC.shape
+    x = z_BHWC.reshape(b, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 5, 2, 4)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack(x_BLF: jax.Array, h: int, w: int) -> jax.Array:
+    """[B, (h/2)(w/2), C*4] -> [B, h, w, C] (inverse of `pack`; h, w latent sizes)."""
+    b, _, f = x_BLF.shape
+    c = f // 4
+    x = x_BLF.reshape(b, h // 2, w // 2, c, 2, 2).transpose(0, 1, 4, 2, 5, 3)
+    return x.reshape(b, h, w, c)
+
+
+def image_ids(h2: int, w2: int, index: float = 0.0) -> np.ndarray:
+    """Ids [(h2*w2), 3] float32 of a packed grid of h2 x w2 tokens: (index, row, col)."""
+    ids = np.zeros((h2, w2, 3), np.float32)
+    ids[..., 0] = index
+    ids[..., 1] = np.arange(h2)[:, None]
+    ids[..., 2] = np.arange(w2)[None, :]
+    return ids.reshape(h2 * w2, 3)
+
+
+def flux_mu(image_seq_len: int, base_len=256, max_len=4096, base_shift=0.5, max_shift=1.15) -> float:
+    """Resolution-dependent shift: linear in the number of target tokens."""
+    m = (max_shift - base_shift) / (max_len - base_len)
+    return image_seq_len * m + (base_shift - m * base_len)
+
+
+def time_shift(mu: float, t: np.ndarray) -> np.ndarray:
+    """e^mu / (e^mu + (1/t - 1)); t = 0 maps to 0."""
+    t = np.asarray(t, np.float64)
+    with np.errstate(divide="ignore"):
+        return np.where(t > 0, math.exp(mu) / (math.exp(mu) + (1 / np.where(t > 0, t, 1) - 1)), 0.0)
+
+
+def flux_schedule(steps: int, image_seq_len: int, *, shift: bool = True) -> np.ndarray:
+    """Timesteps t_0 = 1 > ... > t_N = 0, float32 [steps + 1] (computed in float64)."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    t = np.linspace(1.0, 0.0, steps + 1)
+    if shift:
+        t = time_shift(flux_mu(image_seq_len), t)
+    return t.astype(np.float32)
+
+
+def noise_for_seeds(seeds: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
+    """Standard normal noise [B, *shape], item i drawn from its own key `seeds[i]`.
+
+    An item's noise depends only on its seed, never on its batch or the device count.
+    """
+    keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
+    return jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys).astype(dtype)
+
+
+def euler_sample(
+    velocity: Callable[[jax.Array, jax.Array], jax.Array],
+    x_BLF: jax.Array,
+    timesteps: jax.Array,
+) -> jax.Array:
+    """Integrate dx/dt = v(x, t) from timesteps[0] to timesteps[-1] with Euler steps.
+
+    One `lax.scan` over the steps: the whole loop is a single XLA program.
+    velocity(x [B, L, F], t [B]) -> v [B, L, F]. The update is computed in float32 and
+    cast back to x's dtype, as diffusers' scheduler does.
+    """
+    b = x_BLF.shape[0]
+
+    def step(x, ts):
+        t_curr, t_prev = ts
+        v = velocity(x, jnp.full((b,), t_curr, jnp.float32))
+        x = (x.astype(jnp.float32) + (t_prev - t_curr) * v.astype(jnp.float32)).astype(x_BLF.dtype)
+        return x, None
+
+    timesteps = jnp.asarray(timesteps, jnp.float32)
+    x, _ = jax.lax.scan(step, x_BLF, (timesteps[:-1], timesteps[1:]))
+    return x

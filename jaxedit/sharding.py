@@ -1,36 +1,114 @@
-"""Logical axis names carried by parameters and activations.
+"""Meshes, logical axis names and the one rule table that maps them to mesh axes.
 
-Modules name each parameter axis with a logical name (`nn.with_logical_partitioning`);
-a rule table maps logical names to mesh axes. Model code never names a mesh axis.
+Modules name each parameter axis with a logical name (`param_init`) and constrain their
+main activations (`constrain`); the rule table below maps logical names to the mesh axes
+`data`, `fsdp`, `tensor`. FSDP, data parallel and tensor parallel are chosen by the mesh
+shape alone: a mesh axis of size 1 shards nothing. Model code never names a mesh axis.
 
-Logical names used by the models:
+Parameter logical names:
   layers     leading axis of scanned (stacked) block parameters
-  embed      model width (hidden size)
-  heads      attention heads (fused heads x head_dim axes as well, head-major)
+  embed      model width (hidden size)                         -> fsdp
+  embed_out  second width axis of a square [D, D] projection   -> tensor
+  heads      attention heads (fused heads x head_dim, head-major) -> tensor
   head_dim   per-head features (QK-norm scales)
   qkv        the 3 of a fused q/k/v projection
-  mlp        MLP hidden width
-  mod        modulation outputs (chunks of shift/scale/gate)
+  mlp        MLP hidden width                                  -> tensor
+  mod        modulation outputs (chunks of shift/scale/gate)   -> tensor
   in         input features of an embedding projection (latent patch, text, pooled)
+Activation logical names: act_batch (-> data, fsdp), act_length, act_embed, act_heads
+(-> tensor), act_mlp (-> tensor).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from collections.abc import Sequence
+
 import flax.linen as nn
 import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-# Logical name -> mesh axes. Filled out by the sharding work (issue 6); the default
-# keeps everything replicated so single-device use needs no mesh.
+MESH_AXES = ("data", "fsdp", "tensor")
+
+Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
+
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    # parameters
     ("layers", None),
     ("embed", "fsdp"),
+    ("embed_out", "tensor"),
     ("heads", "tensor"),
     ("head_dim", None),
     ("qkv", None),
     ("mlp", "tensor"),
-    ("mod", None),
+    ("mod", "tensor"),
     ("in", None),
+    # activations
+    ("act_batch", ("data", "fsdp")),
+    ("act_length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_mlp", "tensor"),
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Mesh shape. One of data/fsdp may be -1 (all remaining devices).
+
+    dcn_* are the sizes across slices (multi-slice TPU: data-center network); the
+    per-slice (ICI) sizes are data/fsdp/tensor.
+    """
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
+
+    @classmethod
+    def parse(cls, spec: str) -> MeshConfig:
+        """'fsdp=4,tensor=2' -> MeshConfig(data=1, fsdp=4, tensor=2). Unnamed axes default to 1."""
+        sizes = {"data": 1, "fsdp": 1, "tensor": 1, "dcn_data": 1, "dcn_fsdp": 1}
+        for part in filter(None, (p.strip() for p in spec.split(","))):
+            name, _, value = part.partition("=")
+            if name not in sizes:
+                raise ValueError(
+                    f"mesh spec {spec!r}: unknown axis {name!r} (use data, fsdp, tensor, dcn_data, dcn_fsdp)"
+                )
+            try:
+                sizes[name] = int(value)
+            except ValueError:
+                raise ValueError(f"mesh spec {spec!r}: {name} needs an integer size, got {value!r}") from None
+        return cls(**sizes)
+
+
+def make_mesh(cfg: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A Mesh with axes (data, fsdp, tensor) over `devices` (default: all devices)."""
+    devices = list(devices if devices is not None else jax.devices())
+    dcn = (cfg.dcn_data, cfg.dcn_fsdp, 1)
+    n_per_slice = len(devices) // math.prod(dcn)
+    ici = [cfg.data, cfg.fsdp, cfg.tensor]
+    if ici.count(-1) > 1:
+        raise ValueError(f"{cfg}: at most one axis may be -1")
+    if -1 in ici:
+        rest = math.prod(s for s in ici if s != -1)
+        if n_per_slice % rest:
+            raise ValueError(f"{cfg}: {n_per_slice} devices per slice are not divisible by {rest}")
+        ici[ici.index(-1)] = n_per_slice // rest
+    if math.prod(ici) * math.prod(dcn) != len(devices):
+        raise ValueError(f"{cfg}: mesh {ici} x dcn {list(dcn)} does not use exactly the {len(devices)} devices")
+    if math.prod(dcn) > 1:
+        arr = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+    else:
+        try:
+            arr = mesh_utils.create_device_mesh(ici, devices)
+        except (ValueError, NotImplementedError, AssertionError):
+            arr = np.asarray(devices).reshape(ici)  # CPU / unknown topologies
+    return Mesh(arr, MESH_AXES)
 
 
 def param_init(init: nn.initializers.Initializer, names: tuple[str | None, ...]):
@@ -38,11 +116,46 @@ def param_init(init: nn.initializers.Initializer, names: tuple[str | None, ...])
     return nn.with_logical_partitioning(init, names)
 
 
+def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+    """Logical sharding constraint on an activation (a no-op outside a mesh + rules context)."""
+    return nn.with_logical_constraint(x, names)
+
+
 def unbox(tree):
     """Strip logical-partitioning boxes: the plain parameter pytree."""
     return nn.meta.unbox(tree)
 
 
-def logical_specs(boxed_tree) -> jax.tree_util.PyTreeDef:
+def logical_specs(boxed_tree):
     """Logical PartitionSpecs of a boxed (init or eval_shape) parameter tree."""
     return nn.get_partition_spec(boxed_tree)
+
+
+def mesh_specs(boxed_tree, rules: Rules = DEFAULT_RULES):
+    """Mesh PartitionSpecs of a boxed parameter tree under `rules`."""
+    return nn.logical_to_mesh(logical_specs(boxed_tree), rules)
+
+
+def shardings(boxed_tree, mesh: Mesh, rules: Rules = DEFAULT_RULES):
+    """NamedShardings (same tree structure as the unboxed parameters)."""
+    return jax.tree.map(
+        lambda spec: NamedSharding(mesh, spec),
+        mesh_specs(boxed_tree, rules),
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )
+
+
+def abstract_with_shardings(boxed_tree, mesh: Mesh, rules: Rules = DEFAULT_RULES, dtype=None):
+    """ShapeDtypeStructs carrying their target sharding (for sharded restore / AOT compile)."""
+    shapes = unbox(boxed_tree)
+    return jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype or s.dtype, sharding=sh),
+        shapes,
+        shardings(boxed_tree, mesh, rules),
+    )
+
+
+def batch_sharding(mesh: Mesh, ndim: int, rules: Rules = DEFAULT_RULES) -> NamedSharding:
+    """Sharding of an input whose first axis is the batch (rest replicated)."""
+    spec = nn.logical_to_mesh_axes(("act_batch",) + (None,) * (ndim - 1), rules)
+    return NamedSharding(mesh, spec)

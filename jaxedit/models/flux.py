@@ -31,6 +31,11 @@ from jaxedit.models.layers import (
     rope_frequencies,
     timestep_embedding,
 )
+from jaxedit.sharding import constrain
+
+ACT = ("act_batch", "act_length", "act_embed")
+ACT_HEADS = ("act_batch", "act_length", "act_heads", None)
+ACT_MLP = ("act_batch", "act_length", "act_mlp")
 
 Dtype = Any
 
@@ -77,7 +82,7 @@ class SelfAttention(nn.Module):
         """x -> normed q, k and v, each [B, L, H, Dh]."""
         b, l, _ = x_BLD.shape
         qkv = self.qkv(x_BLD).reshape(b, l, 3, self.cfg.num_heads, self.cfg.head_dim)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        q, k, v = (constrain(qkv[:, :, i], ACT_HEADS) for i in range(3))
         q, k = self.norm(q, k)
         return q, k, v
 
@@ -95,7 +100,7 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = dense(self.cfg.mlp_hidden_dim, ("embed", "mlp"), name="0", **kw)(x)
+        x = constrain(dense(self.cfg.mlp_hidden_dim, ("embed", "mlp"), name="0", **kw)(x), ACT_MLP)
         return dense(self.cfg.hidden_size, ("mlp", "embed"), name="2", **kw)(nn.gelu(x, approximate=True))
 
 
@@ -112,7 +117,7 @@ class DoubleStreamBlock(_BlockBase):
         self.txt_mlp = Mlp(cfg, **kw)
 
     def __call__(self, carry, vec_BD, rope):
-        img, txt = carry
+        img, txt = constrain(carry[0], ACT), constrain(carry[1], ACT)
         (img_shift1, img_scale1, img_gate1), (img_shift2, img_scale2, img_gate2) = self.img_mod(vec_BD)
         (txt_shift1, txt_scale1, txt_gate1), (txt_shift2, txt_scale2, txt_gate2) = self.txt_mod(vec_BD)
 
@@ -141,15 +146,17 @@ class SingleStreamBlock(_BlockBase):
     def __call__(self, x_BLD, vec_BD, rope):
         cfg, kw = self.cfg, self.kw
         b, l, _ = x_BLD.shape
+        x_BLD = constrain(x_BLD, ACT)
         ((shift, scale, gate),) = Modulation(1, name="modulation", **kw)(vec_BD)
         x_mod = modulate(layer_norm(x_BLD), shift, scale)
 
         qkv = dense((3, cfg.hidden_size), ("embed", "qkv", "heads"), name="linear1_qkv", use_bias=cfg.qkv_bias, **kw)
         mlp_in = dense(cfg.mlp_hidden_dim, ("embed", "mlp"), name="linear1_mlp", **kw)
         qkv = qkv(x_mod).reshape(b, l, 3, cfg.num_heads, cfg.head_dim)
-        q, k = QKNorm(name="norm", **kw)(qkv[:, :, 0], qkv[:, :, 1])
-        attn = self.attend(q, k, qkv[:, :, 2], rope)
-        mlp = nn.gelu(mlp_in(x_mod), approximate=True)
+        q, k, v = (constrain(qkv[:, :, i], ACT_HEADS) for i in range(3))
+        q, k = QKNorm(name="norm", **kw)(q, k)
+        attn = self.attend(q, k, v, rope)
+        mlp = nn.gelu(constrain(mlp_in(x_mod), ACT_MLP), approximate=True)
 
         out = dense(cfg.hidden_size, ("heads", "embed"), name="linear2_attn", **kw)(attn)
         out = out + dense(cfg.hidden_size, ("mlp", "embed"), name="linear2_mlp", use_bias=False, **kw)(mlp)
@@ -248,7 +255,8 @@ class Flux(nn.Module):
         if txt.shape[-1] != cfg.context_in_dim:
             raise ValueError(f"txt has {txt.shape[-1]} features, config context_in_dim is {cfg.context_in_dim}")
         vec = self.embed_vector(timesteps, y, guidance)
-        return self.run_blocks(self.img_in(img), self.txt_in(txt), vec, jnp.concatenate([txt_ids, img_ids], axis=1))
+        img, txt = constrain(self.img_in(img), ACT), constrain(self.txt_in(txt), ACT)
+        return self.run_blocks(img, txt, vec, jnp.concatenate([txt_ids, img_ids], axis=1))
 
     def embed_vector(self, timesteps, y, guidance=None):
         """vec = time_in(emb(t)) [+ guidance_in(emb(g))] + vector_in(y), [B, D]."""

@@ -23,11 +23,40 @@ zeros = nn.initializers.zeros_init()
 ones = nn.initializers.ones_init()
 
 
-def dense(features, axes, *, name, dtype, param_dtype, use_bias=True, zero_init=False, **kw):
-    """A Dense / DenseGeneral whose kernel carries logical `axes` (in-axis first)."""
+class MultiOutDense(nn.Module):
+    """Linear map to several output axes: kernel [in, *features], bias [*features].
+
+    (flax's DenseGeneral builds its kernel flat and reshapes it, which breaks logical
+    sharding constraints on multi-axis kernels.)
+    """
+
+    features: tuple[int, ...]
+    kernel_axes: tuple[str | None, ...]
+    use_bias: bool = True
+    zero_init: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        out_axes = tuple(range(1, 1 + len(self.features)))
+        init = zeros if self.zero_init else nn.initializers.lecun_normal(in_axis=0, out_axis=out_axes)
+        shape = (x.shape[-1], *self.features)
+        kernel = self.param("kernel", param_init(init, self.kernel_axes), shape, self.param_dtype)
+        y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=((x.ndim - 1,), (0,)))
+        if self.use_bias:
+            bias = self.param("bias", param_init(zeros, self.kernel_axes[1:]), self.features, self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+def dense(features, axes, *, name, dtype, param_dtype, use_bias=True, zero_init=False):
+    """A Dense layer whose kernel carries logical `axes` (in-axis first); tuple features
+    give a kernel [in, *features]."""
+    if not isinstance(features, int):
+        return MultiOutDense(tuple(features), axes, use_bias, zero_init, dtype, param_dtype, name=name)
     kinit = zeros if zero_init else default_kernel_init
-    cls = nn.Dense if isinstance(features, int) else nn.DenseGeneral
-    return cls(
+    return nn.Dense(
         features,
         use_bias=use_bias,
         dtype=dtype,
@@ -35,7 +64,6 @@ def dense(features, axes, *, name, dtype, param_dtype, use_bias=True, zero_init=
         kernel_init=param_init(kinit, axes),
         bias_init=param_init(zeros, axes[1:]),
         name=name,
-        **kw,
     )
 
 

@@ -1,16 +1,40 @@
-"""The one attention function every jaxedit model calls.
+"""The one attention function every jaxedit model calls, dispatching to a kernel.
 
 Inputs are `[B, L, H, D]` (batch, length, heads, head dim), as
-`jax.nn.dot_product_attention` takes them. Logits and softmax are computed in
-float32 whatever the input dtype; the output has the input dtype. Later kernels
-(cuDNN, Pallas splash/flash on TPU, chunked attention) plug in here by `impl`.
+`jax.nn.dot_product_attention` takes them; logits and softmax are float32 whatever the
+input dtype; the output has the input dtype. Implementations (`impl`):
+
+  xla      jax.nn.dot_product_attention (XLA): materialises the [B, H, L, S] scores.
+  chunked  pure-JAX flash-style attention: query chunks x key chunks with an online
+           softmax, float32 accumulators; memory O(B H Cq Ck) instead of O(B H L S).
+           Every platform; rematerialised in the backward pass.
+  cudnn    jax.nn.dot_product_attention(implementation="cudnn"): fused flash attention
+           on NVIDIA GPUs (bfloat16/float16, head_dim a multiple of 8 up to 128).
+  splash   Pallas splash attention on TPU (jax.experimental.pallas.ops.tpu), lengths a
+           multiple of its 128-token blocks; `splash_interpret` runs the same kernel in
+           the Pallas interpreter (any platform; slow; used by the tests on CPU).
+  auto     splash on TPU, cudnn on GPU, otherwise xla for short sequences and chunked
+           from `AUTO_CHUNK_FROM` tokens on.
+
+A kernel that cannot take the shapes, dtype or mask falls back to `chunked` (or `xla`
+for short sequences) with a warning naming the reason. The cudnn and splash paths are
+not executed on this project's CPU CI: their shape checks and dispatch are tested, and
+splash's numerics are tested through the Pallas interpreter.
 """
 
 from __future__ import annotations
 
-import jax
+import functools
+import math
+import warnings
 
-IMPLEMENTATIONS = ("xla",)
+import jax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn", "splash", "splash_interpret")
+AUTO_CHUNK_FROM = 4096  # sequence length from which `auto` avoids the full score matrix
+Q_CHUNK, K_CHUNK = 512, 1024
+SPLASH_BLOCK = 128
 
 
 def dot_product_attention(
@@ -19,9 +43,141 @@ def dot_product_attention(
     v_BSHD: jax.Array,
     *,
     mask_BHLS: jax.Array | None = None,
-    impl: str = "xla",
+    impl: str = "auto",
 ) -> jax.Array:
     """softmax(q k^T / sqrt(D) [masked]) v  ->  [B, L, H, D]."""
+    impl = resolve(impl, q_BLHD, k_BSHD, mask_BHLS)
+    if impl == "xla":
+        return jax.nn.dot_product_attention(q_BLHD, k_BSHD, v_BSHD, mask=mask_BHLS, implementation="xla")
+    if impl == "chunked":
+        return chunked_attention(q_BLHD, k_BSHD, v_BSHD, mask_BHLS=mask_BHLS)
+    if impl == "cudnn":
+        return jax.nn.dot_product_attention(q_BLHD, k_BSHD, v_BSHD, implementation="cudnn")
+    return splash_attention(q_BLHD, k_BSHD, v_BSHD, interpret=impl == "splash_interpret")
+
+
+def resolve(impl: str, q, k, mask=None, platform: str | None = None) -> str:
+    """The implementation actually used for these shapes (warns when falling back)."""
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"attention impl {impl!r} is not one of {IMPLEMENTATIONS}")
-    return jax.nn.dot_product_attention(q_BLHD, k_BSHD, v_BSHD, mask=mask_BHLS, implementation="xla")
+    platform = platform or jax.default_backend()
+    long = max(q.shape[1], k.shape[1]) >= AUTO_CHUNK_FROM
+    fallback = "chunked" if long else "xla"
+    if impl == "auto":
+        if platform == "tpu" and splash_problem(q, k, mask) is None:
+            return "splash"
+        if platform in ("gpu", "cuda") and cudnn_problem(q, k, mask) is None:
+            return "cudnn"
+        return fallback
+    problem = None
+    if impl == "cudnn":
+        problem = cudnn_problem(q, k, mask)
+    elif impl in ("splash", "splash_interpret"):
+        problem = splash_problem(q, k, mask)
+    if problem:
+        warnings.warn(f"attention impl {impl!r} cannot run here ({problem}); using {fallback!r}", stacklevel=3)
+        return fallback
+    return impl
+
+
+def cudnn_problem(q, k, mask=None) -> str | None:
+    """Why cuDNN flash attention cannot take these inputs (None if it can)."""
+    if mask is not None:
+        return "a dense mask is not supported by the cudnn path"
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        return f"dtype {q.dtype} (cudnn needs bfloat16 or float16)"
+    d = q.shape[-1]
+    if d % 8 or d > 128:
+        return f"head_dim {d} (cudnn needs a multiple of 8, at most 128)"
+    return None
+
+
+def splash_problem(q, k, mask=None) -> str | None:
+    """Why splash attention cannot take these inputs (None if it can)."""
+    if mask is not None:
+        return "a dense mask is not supported by the splash path"
+    lq, lk = q.shape[1], k.shape[1]
+    if lq % SPLASH_BLOCK or lk % SPLASH_BLOCK:
+        return f"lengths {lq}, {lk} are not multiples of {SPLASH_BLOCK}"
+    return None
+
+
+def chunked_attention(q, k, v, *, mask_BHLS=None, q_chunk: int = Q_CHUNK, k_chunk: int = K_CHUNK):
+    """Flash-style attention in pure JAX (online softmax over key chunks), [B, L, H, D]."""
+    b, lq, h, d = q.shape
+    lk = k.shape[1]
+    cq, ck = min(q_chunk, lq), min(k_chunk, lk)
+    pq, pk = -lq % cq, -lk % ck
+    scale = 1.0 / math.sqrt(d)
+    # key padding and the user mask become one boolean mask per key chunk
+    keep = (
+        jnp.ones((b, 1, lq, lk), bool)
+        if mask_BHLS is None
+        else jnp.broadcast_to(mask_BHLS, (b, mask_BHLS.shape[1], lq, lk))
+    )
+    keep = jnp.pad(keep, ((0, 0), (0, 0), (0, pq), (0, pk)))
+    qp = jnp.pad(q, ((0, 0), (0, pq), (0, 0), (0, 0)))
+    kp = jnp.pad(k, ((0, 0), (0, pk), (0, 0), (0, 0)))
+    vp = jnp.pad(v, ((0, 0), (0, pk), (0, 0), (0, 0)))
+    nq, nk = qp.shape[1] // cq, kp.shape[1] // ck
+    k_chunks = kp.reshape(b, nk, ck, h, d).swapaxes(0, 1)
+    v_chunks = vp.reshape(b, nk, ck, h, d).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one_query_chunk(args):
+        q_c, keep_c = args  # [B, cq, H, D], [B, M, cq, Lk_padded]
+        keep_chunks = keep_c.reshape(b, keep_c.shape[1], cq, nk, ck).transpose(3, 0, 1, 2, 4)
+
+        def body(carry, kv):
+            m, l, acc = carry
+            k_c, v_c, keep_kc = kv
+            s = jnp.einsum("bqhd,bkhd->bhqk", q_c, k_c, preferred_element_type=jnp.float32) * scale
+            s = jnp.where(keep_kc, s, -jnp.inf)
+            m_new = jnp.maximum(m, s.max(-1))
+            m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+            p = jnp.exp(s - m_safe[..., None])
+            corr = jnp.exp(jnp.where(jnp.isfinite(m), m, m_safe) - m_safe)
+            l = l * corr + p.sum(-1)
+            acc = acc * corr[..., None] + jnp.einsum(
+                "bhqk,bkhd->bhqd", p.astype(v_c.dtype), v_c, preferred_element_type=jnp.float32
+            )
+            return (m_new, l, acc), None
+
+        init = (
+            jnp.full((b, h, cq), -jnp.inf, jnp.float32),
+            jnp.zeros((b, h, cq), jnp.float32),
+            jnp.zeros((b, h, cq, d), jnp.float32),
+        )
+        (_, l, acc), _ = jax.lax.scan(body, init, (k_chunks, v_chunks, keep_chunks))
+        out = acc / jnp.where(l > 0, l, 1.0)[..., None]
+        return out.transpose(0, 2, 1, 3).astype(q.dtype)  # [B, cq, H, D]
+
+    q_chunks = qp.reshape(b, nq, cq, h, d).swapaxes(0, 1)
+    keep_q = keep.reshape(b, keep.shape[1], nq, cq, keep.shape[-1]).transpose(2, 0, 1, 3, 4)
+    out = jax.lax.map(one_query_chunk, (q_chunks, keep_q))  # [nq, B, cq, H, D]
+    return out.swapaxes(0, 1).reshape(b, nq * cq, h, d)[:, :lq]
+
+
+def splash_attention(q, k, v, *, interpret: bool = False):
+    """Pallas splash attention (TPU kernel; `interpret=True` runs it anywhere), [B, L, H, D]."""
+    _, lq, h, d = q.shape
+    lk = k.shape[1]
+    kernel = _splash_kernel(lq, lk, h, interpret)
+    scale = 1.0 / math.sqrt(d)
+    qt = (q.astype(jnp.float32) * scale).astype(q.dtype).transpose(0, 2, 1, 3)  # [B, H, L, D]
+    out = jax.vmap(kernel)(qt, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
+    return out.transpose(0, 2, 1, 3).astype(q.dtype)
+
+
+@functools.lru_cache(maxsize=32)
+def _splash_kernel(lq: int, lk: int, heads: int, interpret: bool):
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+    mask = sa.MultiHeadMask([sa.FullMask((lq, lk)) for _ in range(heads)])
+    bq = next(b for b in (512, 256, SPLASH_BLOCK) if lq % b == 0)
+    bk = next(b for b in (512, 256, SPLASH_BLOCK) if lk % b == 0)
+    blocks = sa.BlockSizes(
+        block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq, block_kv_dkv=bk,
+        block_kv_dkv_compute=bk, block_q_dq=bq, block_kv_dq=bk,
+    )  # fmt: skip
+    return sa.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret)

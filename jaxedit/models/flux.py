@@ -51,7 +51,7 @@ class _BlockBase(nn.Module):
     cfg: FluxConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
 
     @property
     def kw(self):
@@ -230,7 +230,7 @@ class Flux(nn.Module):
     param_dtype: Dtype = jnp.float32
     scan_layers: bool = True
     remat_policy: str = "none"
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
 
     def setup(self):
         cfg = self.cfg

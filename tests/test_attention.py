@@ -1,0 +1,92 @@
+"""The attention dispatcher and its memory-bounded / kernel paths against XLA attention."""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxedit import attention as A
+
+
+def qkv(b, l, h, d, s=None, dtype=jnp.float32, seed=0):
+    rng = np.random.default_rng(seed)
+    s = s or l
+    return (
+        jnp.asarray(rng.standard_normal((b, l, h, d)), dtype),
+        jnp.asarray(rng.standard_normal((b, s, h, d)), dtype),
+        jnp.asarray(rng.standard_normal((b, s, h, d)), dtype),
+    )
+
+
+@pytest.mark.parametrize("lq,lk,cq,ck", [(300, 300, 64, 128), (77, 200, 32, 48), (128, 128, 128, 128)])
+def test_chunked_matches_xla(lq, lk, cq, ck):
+    q, k, v = qkv(2, lq, 3, 16, lk)
+    ref = A.dot_product_attention(q, k, v, impl="xla")
+    out = A.chunked_attention(q, k, v, q_chunk=cq, k_chunk=ck)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-6, rtol=0)
+
+
+def test_chunked_with_padding_mask_and_gradient():
+    q, k, v = qkv(2, 90, 2, 8)
+    rng = np.random.default_rng(1)
+    mask = jnp.asarray(rng.random((2, 1, 90, 90)) > 0.4).at[..., 0].set(True)
+    f = lambda impl: lambda q, k, v: (A.dot_product_attention(q, k, v, mask_BHLS=mask, impl=impl) ** 2).sum()  # noqa: E731
+    np.testing.assert_allclose(
+        np.asarray(A.chunked_attention(q, k, v, mask_BHLS=mask, q_chunk=32, k_chunk=32)),
+        np.asarray(A.dot_product_attention(q, k, v, mask_BHLS=mask, impl="xla")),
+        atol=2e-6,
+    )
+    g_ref = jax.grad(f("xla"), argnums=(0, 1, 2))(q, k, v)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(A, "Q_CHUNK", 32)
+        mp.setattr(A, "K_CHUNK", 32)
+        g = jax.grad(f("chunked"), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(g, g_ref):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_chunked_never_builds_full_scores():
+    """At 8,704 tokens the chunked path's largest temporary is far below one [B,H,L,L] f32 matrix."""
+    s = jax.ShapeDtypeStruct((1, 8704, 24, 128), jnp.bfloat16)
+    full = 1 * 24 * 8704 * 8704 * 4
+    compiled = jax.jit(lambda q, k, v: A.chunked_attention(q, k, v)).lower(s, s, s).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    assert temp < full / 10, (temp, full)
+
+
+def test_splash_kernel_in_interpreter_matches_xla():
+    q, k, v = qkv(1, 256, 2, 64)
+    out = A.dot_product_attention(q, k, v, impl="splash_interpret")
+    np.testing.assert_allclose(np.asarray(out), np.asarray(A.dot_product_attention(q, k, v, impl="xla")), atol=2e-6)
+
+
+def test_splash_lowers_for_tpu_without_hardware():
+    s = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16)
+    exported = jax.export.export(jax.jit(lambda q, k, v: A.splash_attention(q, k, v)), platforms=["tpu"])(s, s, s)
+    assert "tpu_custom_call" in exported.mlir_module()
+
+
+def test_dispatch_and_fallbacks():
+    short = qkv(1, 64, 2, 16)
+    long = jax.ShapeDtypeStruct((1, A.AUTO_CHUNK_FROM, 2, 16), jnp.float32)
+    assert A.resolve("auto", *short[:2], platform="cpu") == "xla"
+    assert A.resolve("auto", long, long, platform="cpu") == "chunked"
+    bf = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16)
+    assert A.resolve("auto", bf, bf, platform="tpu") == "splash"
+    assert A.resolve("auto", bf, bf, platform="gpu") == "cudnn"
+    # kernels that cannot take the input fall back with a warning naming the reason
+    with pytest.warns(UserWarning, match="not multiples of 128"):
+        assert A.resolve("splash", *short[:2]) == "xla"
+    with pytest.warns(UserWarning, match="bfloat16 or float16"):
+        assert A.resolve("cudnn", long, long) == "chunked"
+    odd = jax.ShapeDtypeStruct((1, 64, 2, 20), jnp.bfloat16)
+    assert A.cudnn_problem(odd, odd) is not None and "head_dim 20" in A.cudnn_problem(odd, odd)
+    with pytest.raises(ValueError, match="not one of"):
+        A.resolve("flash9", *short[:2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert A.resolve("chunked", *short[:2]) == "chunked"

@@ -103,58 +103,58 @@ def splash_problem(q, k, mask=None) -> str | None:
 
 
 def chunked_attention(q, k, v, *, mask_BHLS=None, q_chunk: int = Q_CHUNK, k_chunk: int = K_CHUNK):
-    """Flash-style attention in pure JAX (online softmax over key chunks), [B, L, H, D]."""
+    """Flash-style attention in pure JAX (online softmax over key chunks), [B, L, H, D].
+
+    mask_BHLS: optional boolean mask broadcastable to [B, H, L, S] (True = attend).
+    Without a mask no [L, S]-sized array is built at all.
+    """
     b, lq, h, d = q.shape
     lk = k.shape[1]
     cq, ck = min(q_chunk, lq), min(k_chunk, lk)
     pq, pk = -lq % cq, -lk % ck
+    nq, nk = (lq + pq) // cq, (lk + pk) // ck
     scale = 1.0 / math.sqrt(d)
-    # key padding and the user mask become one boolean mask per key chunk
-    keep = (
-        jnp.ones((b, 1, lq, lk), bool)
-        if mask_BHLS is None
-        else jnp.broadcast_to(mask_BHLS, (b, mask_BHLS.shape[1], lq, lk))
-    )
-    keep = jnp.pad(keep, ((0, 0), (0, 0), (0, pq), (0, pk)))
-    qp = jnp.pad(q, ((0, 0), (0, pq), (0, 0), (0, 0)))
-    kp = jnp.pad(k, ((0, 0), (0, pk), (0, 0), (0, 0)))
-    vp = jnp.pad(v, ((0, 0), (0, pk), (0, 0), (0, 0)))
-    nq, nk = qp.shape[1] // cq, kp.shape[1] // ck
-    k_chunks = kp.reshape(b, nk, ck, h, d).swapaxes(0, 1)
-    v_chunks = vp.reshape(b, nk, ck, h, d).swapaxes(0, 1)
+    pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, 0)))  # noqa: E731
+    q_chunks = pad(q, pq).reshape(b, nq, cq, h, d).swapaxes(0, 1)
+    k_chunks = pad(k, pk).reshape(b, nk, ck, h, d).swapaxes(0, 1)
+    v_chunks = pad(v, pk).reshape(b, nk, ck, h, d).swapaxes(0, 1)
+    key_valid = (jnp.arange(nk * ck) < lk).reshape(nk, ck)
+    if mask_BHLS is None:
+        mask_q = jnp.zeros((nq,), bool)  # placeholder scanned alongside the query chunks
+    else:
+        m = jnp.broadcast_to(mask_BHLS, (b, mask_BHLS.shape[1], lq, lk))
+        m = jnp.pad(m, ((0, 0), (0, 0), (0, pq), (0, pk)))
+        mask_q = m.reshape(b, m.shape[1], nq, cq, nk, ck).transpose(2, 4, 0, 1, 3, 5)  # [nq, nk, B, M, cq, ck]
 
     @jax.checkpoint
     def one_query_chunk(args):
-        q_c, keep_c = args  # [B, cq, H, D], [B, M, cq, Lk_padded]
-        keep_chunks = keep_c.reshape(b, keep_c.shape[1], cq, nk, ck).transpose(3, 0, 1, 2, 4)
+        q_c, mask_c = args  # [B, cq, H, D], [nk, B, M, cq, ck] or a placeholder
 
         def body(carry, kv):
-            m, l, acc = carry
-            k_c, v_c, keep_kc = kv
+            m_run, l_run, acc = carry
+            k_c, v_c, valid_c, user_c = kv
             s = jnp.einsum("bqhd,bkhd->bhqk", q_c, k_c, preferred_element_type=jnp.float32) * scale
-            s = jnp.where(keep_kc, s, -jnp.inf)
-            m_new = jnp.maximum(m, s.max(-1))
+            keep = valid_c[None, None, None, :] if mask_BHLS is None else valid_c[None, None, None, :] & user_c
+            s = jnp.where(keep, s, -jnp.inf)
+            m_new = jnp.maximum(m_run, s.max(-1))
             m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
             p = jnp.exp(s - m_safe[..., None])
-            corr = jnp.exp(jnp.where(jnp.isfinite(m), m, m_safe) - m_safe)
-            l = l * corr + p.sum(-1)
-            acc = acc * corr[..., None] + jnp.einsum(
-                "bhqk,bkhd->bhqd", p.astype(v_c.dtype), v_c, preferred_element_type=jnp.float32
-            )
-            return (m_new, l, acc), None
+            corr = jnp.exp(jnp.where(jnp.isfinite(m_run), m_run, m_safe) - m_safe)
+            l_run = l_run * corr + p.sum(-1)
+            pv = jnp.einsum("bhqk,bkhd->bhqd", p.astype(v_c.dtype), v_c, preferred_element_type=jnp.float32)
+            return (m_new, l_run, acc * corr[..., None] + pv), None
 
         init = (
             jnp.full((b, h, cq), -jnp.inf, jnp.float32),
             jnp.zeros((b, h, cq), jnp.float32),
             jnp.zeros((b, h, cq, d), jnp.float32),
         )
-        (_, l, acc), _ = jax.lax.scan(body, init, (k_chunks, v_chunks, keep_chunks))
-        out = acc / jnp.where(l > 0, l, 1.0)[..., None]
+        user = jnp.zeros((nk,), bool) if mask_BHLS is None else mask_c
+        (_, l_run, acc), _ = jax.lax.scan(body, init, (k_chunks, v_chunks, key_valid, user))
+        out = acc / jnp.where(l_run > 0, l_run, 1.0)[..., None]
         return out.transpose(0, 2, 1, 3).astype(q.dtype)  # [B, cq, H, D]
 
-    q_chunks = qp.reshape(b, nq, cq, h, d).swapaxes(0, 1)
-    keep_q = keep.reshape(b, keep.shape[1], nq, cq, keep.shape[-1]).transpose(2, 0, 1, 3, 4)
-    out = jax.lax.map(one_query_chunk, (q_chunks, keep_q))  # [nq, B, cq, H, D]
+    out = jax.lax.map(one_query_chunk, (q_chunks, mask_q))  # [nq, B, cq, H, D]
     return out.swapaxes(0, 1).reshape(b, nq * cq, h, d)[:, :lq]
 
 

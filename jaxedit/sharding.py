@@ -15,12 +15,17 @@ Parameter logical names:
   mlp        MLP hidden width                                  -> tensor
   mod        modulation outputs (chunks of shift/scale/gate)   -> tensor
   in         input features of an embedding projection (latent patch, text, pooled)
+  vocab      rows of a token embedding table (text encoders)
+  conv_in    input channels of a VAE conv / attention kernel (replicated: the VAE is 84M params)
+  conv_out   output channels of a VAE conv / attention kernel and its bias (replicated)
+  channels   VAE GroupNorm scale / bias (replicated)
 Activation logical names: act_batch (-> data, fsdp), act_length, act_embed, act_heads
 (-> tensor), act_mlp (-> tensor).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Sequence
@@ -46,6 +51,10 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("mlp", "tensor"),
     ("mod", "tensor"),
     ("in", None),
+    ("vocab", None),
+    ("conv_in", None),  # VAE
+    ("conv_out", None),
+    ("channels", None),
     # activations
     ("act_batch", ("data", "fsdp")),
     ("act_length", None),
@@ -159,3 +168,23 @@ def batch_sharding(mesh: Mesh, ndim: int, rules: Rules = DEFAULT_RULES) -> Named
     """Sharding of an input whose first axis is the batch (rest replicated)."""
     spec = nn.logical_to_mesh_axes(("act_batch",) + (None,) * (ndim - 1), rules)
     return NamedSharding(mesh, spec)
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules: Rules = DEFAULT_RULES):
+    """Trace/compile under `mesh` with `rules` (activation constraints take effect)."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield
+
+
+def effective_spec(spec: PartitionSpec, mesh: Mesh) -> PartitionSpec:
+    """`spec` without mesh axes of size 1 (they shard nothing)."""
+
+    def keep(entry):
+        if entry is None:
+            return None
+        names = (entry,) if isinstance(entry, str) else tuple(entry)
+        names = tuple(n for n in names if mesh.shape[n] > 1)
+        return None if not names else names[0] if len(names) == 1 else names
+
+    return PartitionSpec(*(keep(e) for e in spec))

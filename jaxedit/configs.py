@@ -103,6 +103,37 @@ class CLIPTextConfig:
 
 
 @dataclass(frozen=True)
+class MeshConfig:
+    """Mesh shape. One of data/fsdp may be -1 (all remaining devices).
+
+    dcn_* are the sizes across slices (multi-slice TPU: data-center network); the
+    per-slice (ICI) sizes are data/fsdp/tensor.
+    """
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
+
+    @classmethod
+    def parse(cls, spec: str) -> MeshConfig:
+        """'fsdp=4,tensor=2' -> MeshConfig(data=1, fsdp=4, tensor=2). Unnamed axes default to 1."""
+        sizes = {"data": 1, "fsdp": 1, "tensor": 1, "dcn_data": 1, "dcn_fsdp": 1}
+        for part in filter(None, (p.strip() for p in spec.split(","))):
+            name, _, value = part.partition("=")
+            if name not in sizes:
+                raise ValueError(
+                    f"mesh spec {spec!r}: unknown axis {name!r} (use data, fsdp, tensor, dcn_data, dcn_fsdp)"
+                )
+            try:
+                sizes[name] = int(value)
+            except ValueError:
+                raise ValueError(f"mesh spec {spec!r}: {name} needs an integer size, got {value!r}") from None
+        return cls(**sizes)
+
+
+@dataclass(frozen=True)
 class Preset:
     """A named model: its family and the config of each part (None where a part is absent)."""
 

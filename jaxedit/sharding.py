@@ -26,7 +26,6 @@ Activation logical names: act_batch (-> data, fsdp), act_length, act_embed, act_
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -35,6 +34,8 @@ import jax
 import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxedit.configs import MeshConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -64,39 +65,9 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
-@dataclasses.dataclass(frozen=True)
-class MeshConfig:
-    """Mesh shape. One of data/fsdp may be -1 (all remaining devices).
-
-    dcn_* are the sizes across slices (multi-slice TPU: data-center network); the
-    per-slice (ICI) sizes are data/fsdp/tensor.
-    """
-
-    data: int = 1
-    fsdp: int = -1
-    tensor: int = 1
-    dcn_data: int = 1
-    dcn_fsdp: int = 1
-
-    @classmethod
-    def parse(cls, spec: str) -> MeshConfig:
-        """'fsdp=4,tensor=2' -> MeshConfig(data=1, fsdp=4, tensor=2). Unnamed axes default to 1."""
-        sizes = {"data": 1, "fsdp": 1, "tensor": 1, "dcn_data": 1, "dcn_fsdp": 1}
-        for part in filter(None, (p.strip() for p in spec.split(","))):
-            name, _, value = part.partition("=")
-            if name not in sizes:
-                raise ValueError(
-                    f"mesh spec {spec!r}: unknown axis {name!r} (use data, fsdp, tensor, dcn_data, dcn_fsdp)"
-                )
-            try:
-                sizes[name] = int(value)
-            except ValueError:
-                raise ValueError(f"mesh spec {spec!r}: {name} needs an integer size, got {value!r}") from None
-        return cls(**sizes)
-
-
-def make_mesh(cfg: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A Mesh with axes (data, fsdp, tensor) over `devices` (default: all devices)."""
+def make_mesh(cfg: MeshConfig | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A Mesh with axes (data, fsdp, tensor) over `devices` (default: all devices, all on fsdp)."""
+    cfg = cfg or MeshConfig()
     devices = list(devices if devices is not None else jax.devices())
     dcn = (cfg.dcn_data, cfg.dcn_fsdp, 1)
     n_per_slice = len(devices) // math.prod(dcn)

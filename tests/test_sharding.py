@@ -6,22 +6,16 @@ import json
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from jaxedit import sharding as sh
-from jaxedit.configs import FluxConfig, get
-from jaxedit.models import Flux
+from jaxedit.configs import get
 from jaxedit.models.flux import abstract_params
 from tests.helpers import rel_err
+from tests.sharded_model import flat, model_and_data, train_step
 
 MESHES = {"dp8": "data=8", "fsdp8": "fsdp=8", "fsdp4_tp2": "fsdp=4,tensor=2"}
-CFG = FluxConfig(
-    context_in_dim=32, vec_in_dim=24, hidden_size=64, num_heads=4, depth=2, depth_single_blocks=2, axes_dim=(4, 6, 6)
-)
-B, LT, LI, L_TARGET = 8, 8, 24, 12
 GOLDEN = Path(__file__).parent / "golden" / "flux_kontext_dev_partition_specs.json"
 
 
@@ -29,52 +23,12 @@ def test_eight_fake_devices():
     assert len(jax.devices()) == 8, "tests/conftest.py must set --xla_force_host_platform_device_count=8"
 
 
-def inputs(seed=0):
-    rng = np.random.default_rng(seed)
-    ids = np.zeros((B, LI, 3), np.float32)
-    ids[:, :, 1] = np.arange(LI) // 4
-    ids[:, :, 2] = np.arange(LI) % 4
-    ids[:, L_TARGET:, 0] = 1
-    return [
-        rng.standard_normal((B, LI, 64)).astype(np.float32),
-        ids,
-        rng.standard_normal((B, LT, CFG.context_in_dim)).astype(np.float32),
-        np.zeros((B, LT, 3), np.float32),
-        rng.uniform(0, 1, B).astype(np.float32),
-        rng.standard_normal((B, CFG.vec_in_dim)).astype(np.float32),
-        np.full((B,), 3.0, np.float32),
-    ]
-
-
 @pytest.fixture(scope="module")
 def setup():
-    model = Flux(CFG)
-    args = inputs()
-    boxed = jax.eval_shape(model.init, jax.random.key(0), *args)["params"]
-    params = sh.unbox(jax.jit(model.init)(jax.random.key(0), *args))["params"]
-    leaves, tree = jax.tree.flatten(params)  # random everywhere: init zeroes gates and the output layer
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    params = tree.unflatten([p + 0.1 * jax.random.normal(k, p.shape) for k, p in zip(keys, leaves)])
-    target = np.random.default_rng(2).standard_normal((B, L_TARGET, 64)).astype(np.float32)
-    # plain SGD: Adam's first step is ~lr * sign(grad), which turns 1e-7 gradient noise on
-    # near-zero gradients into whole-lr differences and would test nothing about sharding
-    opt = optax.sgd(0.1)
+    model, boxed, params, args, target, opt = model_and_data()
     ref_out = jax.jit(model.apply)({"params": params}, *args)
     ref = jax.jit(train_step(model, opt))(params, opt.init(params), args, target)
     return model, boxed, params, args, target, opt, ref_out, ref
-
-
-def train_step(model, opt):
-    def loss_fn(params, args, target):
-        out = model.apply({"params": params}, *args)[:, :L_TARGET]
-        return jnp.mean((out - target) ** 2)
-
-    def step(params, opt_state, args, target):
-        loss, grads = jax.value_and_grad(loss_fn)(params, args, target)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, grads
-
-    return step
 
 
 @pytest.mark.parametrize("mesh_name", list(MESHES))
@@ -97,7 +51,6 @@ def test_forward_and_train_step_match_unsharded(setup, mesh_name):
     assert leaf.sharding.is_equivalent_to(p_shard["double_blocks"]["img_attn"]["qkv"]["kernel"], leaf.ndim)
     assert rel_err(out, ref_out) <= 1e-6
     assert abs(float(loss) - float(ref_loss)) <= 1e-6 * abs(float(ref_loss))
-    flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])  # noqa: E731
     assert rel_err(flat(grads), flat(ref_grads)) <= 1e-6
     assert rel_err(flat(new_params), flat(ref_params)) <= 1e-6
 

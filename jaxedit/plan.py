@@ -5,8 +5,8 @@
 No weights are allocated: parameters, optimizer state and inputs are ShapeDtypeStructs
 carrying their shardings; XLA compiles the SPMD program for N fake CPU devices and
 reports per-device memory. FLOPs come from XLA's cost analysis; because XLA counts a
-scanned loop body once, the per-block cost is measured on small unrolled variants (2+1
-and 1+2 blocks, same width) and scaled by the real depth. The analytic count is
+loop body once, the per-block cost is measured on small unrolled variants (2+1 and 1+2
+blocks, same width, attention without loops) and scaled by the real depth. The analytic count is
 2 x 6.455e9 x L + 4 x L^2 x 3072 x 57 per sample per forward (x3 for a train step,
 rematerialisation not counted).
 Memory is that of the CPU compilation of the program; on TPU/GPU the attention kernel
@@ -79,7 +79,7 @@ def _step_fn(model, task: str, n_target: int):
     return train_step, opt
 
 
-def compile_step(cfg, args, mesh, *, depth=None, single=None, scan=True):
+def compile_step(cfg, args, mesh, *, depth=None, single=None, scan=True, attention=None):
     """Lower + compile the step for `cfg` (optionally at another depth); returns (compiled, seconds)."""
     import dataclasses
 
@@ -104,7 +104,7 @@ def compile_step(cfg, args, mesh, *, depth=None, single=None, scan=True):
         param_dtype=jnp.float32 if train else jnp.bfloat16,
         scan_layers=scan,
         remat_policy=args.remat if train else "none",
-        attention_impl=args.attention,
+        attention_impl=attention or args.attention,
     )
     boxed = abstract_params(cfg, jnp.float32 if train else jnp.bfloat16, boxed=True)
     params = sh.abstract_with_shardings(boxed, mesh)
@@ -156,10 +156,12 @@ def plan(args, mesh_cfg) -> dict:
     compiled, seconds, info = compile_step(cfg, args, mesh)
     mem = compiled.memory_analysis()
     flops_scan = compiled.cost_analysis()["flops"]
-    # scan bodies are counted once: measure one double and one single block on unrolled variants
-    c21 = compile_step(cfg, args, mesh, depth=2, single=1, scan=False)[0].cost_analysis()["flops"]
-    c12 = compile_step(cfg, args, mesh, depth=1, single=2, scan=False)[0].cost_analysis()["flops"]
-    c11 = compile_step(cfg, args, mesh, depth=1, single=1, scan=False)[0].cost_analysis()["flops"]
+    # XLA counts a loop body once: measure one double and one single block on unrolled
+    # variants, with loop-free (xla) attention so the chunked kernel's loops do not hide FLOPs
+    flops = lambda d, s: compile_step(cfg, args, mesh, depth=d, single=s, scan=False, attention="xla")[
+        0
+    ].cost_analysis()["flops"]  # noqa: E501, E731
+    c21, c12, c11 = flops(2, 1), flops(1, 2), flops(1, 1)
     per_double, per_single = c21 - c11, c12 - c11
     flops_dev = c11 + (cfg.depth - 1) * per_double + (cfg.depth_single_blocks - 1) * per_single
     n_dev = len(jax.devices())

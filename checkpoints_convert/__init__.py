@@ -3,12 +3,14 @@
 Each `load_<part>(path, cfg, fmt=None, ...)` returns the parameter pytree the matching
 jaxedit module's `init` gives (unboxed); the CLI (`python -m checkpoints_convert PART ...`)
 writes it as an Orbax checkpoint. No torch, no pickle: tensors are read with safetensors
-into numpy, one (part of a) tensor at a time.
+into numpy, one (part of a) tensor at a time. `plan_part` runs every check on names and
+shapes alone (a file's header, or a manifest through `ShapeSource`), before any tensor is read.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import dataclasses
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +18,24 @@ import jax
 import numpy as np
 
 from checkpoints_convert import flux as flux_tables
-from checkpoints_convert.mapping import ConversionError, Rule, convert, flatten, plan, unflatten
+from checkpoints_convert import text as text_tables
+from checkpoints_convert import vae as vae_tables
+from checkpoints_convert.mapping import ConversionError, Plan, convert, flatten, plan, unflatten
 from checkpoints_convert.source import SafetensorsSource
-from jaxedit.configs import FluxConfig
 
-__all__ = ["LOADERS", "ConversionError", "convert_source", "load_transformer", "shapes_of", "transformer_plan"]
+__all__ = [
+    "PARTS",
+    "ConversionError",
+    "ShapeSource",
+    "load_clip",
+    "load_part",
+    "load_t5",
+    "load_transformer",
+    "load_vae",
+    "open_part",
+    "plan_part",
+    "shapes_of",
+]
 
 Place = Callable[[str, np.ndarray], Any]
 Ignore = Callable[[str], bool]
@@ -31,64 +46,137 @@ def shapes_of(tree) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in flatten(tree).items()}
 
 
-def convert_source(
-    source: SafetensorsSource,
-    rules: Iterable[Rule],
-    target_shapes: dict[str, tuple[int, ...]],
-    *,
-    dtype: Any = None,
-    place: Place | None = None,
-    ignore: Ignore | None = None,
-) -> dict:
-    """Plan (strict, shapes only) then stream `source` into a nested parameter dict."""
-    the_plan = plan(rules, source.shapes, target_shapes, source_name=source.describe(), ignore=ignore)
-    place = place or (lambda _, a: jax.device_put(a))
-    return unflatten(convert(the_plan, source.read, dtype=dtype, source_dtype=source.dtype, place=place))
+class ShapeSource:
+    """A checkpoint known only by tensor names and shapes (e.g. a manifest): plans, never reads."""
+
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]], name: str = "checkpoint"):
+        self._shapes = {k: tuple(v) for k, v in shapes.items()}
+        self.name = name
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return dict(self._shapes)
+
+    def strip(self, prefix: str) -> None:
+        self._shapes = {(k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in self._shapes.items()}
+
+    def describe(self) -> str:
+        return self.name
 
 
-def transformer_plan(
-    source_shapes: dict, cfg: FluxConfig, fmt: str | None = None, *, source_name="checkpoint", ignore=None
-):
-    """Check a transformer checkpoint (names -> shapes) against `cfg`; returns (plan, fmt, prefix)."""
-    from jaxedit.models.flux import abstract_params
+# ---------------------------------------------------------------------------------------
+# Per part: (rules for a source, which may drop a wrapper prefix from its keys) and targets
 
-    prefix = flux_tables.strip_bfl_prefix(source_shapes)
+
+def _transformer_rules(source, cfg, fmt):
+    prefix = flux_tables.strip_bfl_prefix(source.shapes)
     if prefix:
-        source_shapes = {k[len(prefix) :]: v for k, v in source_shapes.items()}
-    fmt = fmt or flux_tables.detect_format(source_shapes)
-    rules = flux_tables.rules_for(fmt, cfg)
-    targets = shapes_of(abstract_params(cfg))
-    return plan(rules, source_shapes, targets, source_name=source_name, ignore=ignore), fmt, prefix
+        source.strip(prefix)
+    fmt = fmt or flux_tables.detect_format(source.shapes)
+    return flux_tables.rules_for(fmt, cfg), fmt
 
 
-def load_transformer(
+def _vae_rules(source, cfg, fmt):
+    fmt = fmt or vae_tables.detect_format(source.shapes)
+    return vae_tables.rules_for(fmt, cfg), fmt
+
+
+def _t5_rules(source, cfg, fmt):
+    return text_tables.t5_rules(cfg, source.shapes, fmt), "transformers"
+
+
+def _clip_rules(source, cfg, fmt):
+    prefix = text_tables.clip_prefix(source.shapes)
+    if prefix:
+        source.strip(prefix)
+    return text_tables.clip_rules(cfg, source.shapes, fmt), "transformers"
+
+
+def _targets(module: str):
+    def targets(cfg):
+        import importlib
+
+        return shapes_of(importlib.import_module(f"jaxedit.models.{module}").abstract_params(cfg))
+
+    return targets
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    rules: Callable  # (source, cfg, fmt) -> (rules, fmt); may strip a key prefix from the source
+    targets: Callable  # cfg -> {param path: shape}
+    formats: tuple[str, ...]
+
+
+# name -> Part; the name is also the Preset attribute holding the part's config
+PARTS: dict[str, Part] = {
+    "transformer": Part(_transformer_rules, _targets("flux"), ("bfl", "diffusers")),
+    "vae": Part(_vae_rules, _targets("autoencoder"), vae_tables.FORMATS),
+    "t5": Part(_t5_rules, _targets("t5"), text_tables.FORMATS),
+    "clip": Part(_clip_rules, _targets("clip"), text_tables.FORMATS),
+}
+
+
+def plan_part(part: str, source, cfg, fmt: str | None = None, *, ignore: Ignore | None = None) -> Plan:
+    """Check a source (SafetensorsSource or ShapeSource) against `cfg` on shapes alone.
+
+    Raises ConversionError naming any unknown, missing or mis-shaped tensor. The returned
+    plan's `fmt` is the layout used (detected from the keys when `fmt` is None)."""
+    if part not in PARTS:
+        raise ValueError(f"unknown model part {part!r}; choose from {sorted(PARTS)}")
+    rules, fmt = PARTS[part].rules(source, cfg, fmt)
+    the_plan = plan(rules, source.shapes, PARTS[part].targets(cfg), source_name=source.describe(), ignore=ignore)
+    the_plan.fmt = fmt
+    return the_plan
+
+
+def open_part(part: str, path: str | Path, cfg, fmt: str | None = None, *, ignore: Ignore | None = None):
+    """(source, plan) for a checkpoint on disk: headers read and checked, no tensor read yet."""
+    source = SafetensorsSource(path)
+    return source, plan_part(part, source, cfg, fmt, ignore=ignore)
+
+
+def load_part(
+    part: str,
     path: str | Path,
-    cfg: FluxConfig,
+    cfg,
     fmt: str | None = None,
     *,
     dtype: Any = None,
     place: Place | None = None,
     ignore: Ignore | None = None,
 ) -> dict:
-    """Read a FLUX transformer checkpoint into the `Flux(cfg)` parameter pytree.
+    """Read one model part's checkpoint into its jaxedit parameter pytree.
 
-    path: a .safetensors file, a sharded folder (with its index), or a diffusers
-    `transformer/` folder. fmt: 'bfl' or 'diffusers' (detected from the keys if None).
     dtype: output dtype (default: keep the file's, so bfloat16 stays bfloat16).
-    place(path, host_array): where each finished parameter goes (default: jax.device_put).
+    place(path, host_array): where each finished parameter goes (default: jax.device_put),
+    e.g. a device_put onto a sharding, so the full set is never gathered on one device.
     ignore(key): True for source tensors to skip on purpose (anything else unknown raises).
     """
-    from jaxedit.models.flux import abstract_params
-
-    source = SafetensorsSource(path)
-    prefix = flux_tables.strip_bfl_prefix(source.shapes)
-    if prefix:
-        source.strip(prefix)
-    rules = flux_tables.rules_for(fmt or flux_tables.detect_format(source.shapes), cfg)
-    return convert_source(source, rules, shapes_of(abstract_params(cfg)), dtype=dtype, place=place, ignore=ignore)
+    source, the_plan = open_part(part, path, cfg, fmt, ignore=ignore)
+    place = place or (lambda _, a: jax.device_put(a))
+    return unflatten(convert(the_plan, source.read, dtype=dtype, source_dtype=source.dtype, place=place))
 
 
-# CLI parts: name -> (Preset attribute holding the config, loader, formats the loader takes)
-LOADERS: dict[str, tuple[str, Callable[..., dict], tuple[str, ...]]] = {
-    "transformer": ("transformer", load_transformer, ("bfl", "diffusers")),
-}
+def load_transformer(path, cfg, fmt=None, **kw) -> dict:
+    """FLUX transformer: a BFL file (also with `model.diffusion_model.`), a sharded folder with
+    its index, or a diffusers `transformer/` folder -> `Flux(cfg)` params. See `load_part`."""
+    return load_part("transformer", path, cfg, fmt, **kw)
+
+
+def load_vae(path, cfg, fmt=None, **kw) -> dict:
+    """FLUX VAE: BFL `ae.safetensors` / Step1X-Edit `vae.safetensors` ('bfl') or a diffusers
+    AutoencoderKL folder ('diffusers') -> `AutoEncoder(cfg)` params. See `load_part`."""
+    return load_part("vae", path, cfg, fmt, **kw)
+
+
+def load_t5(path, cfg, fmt=None, **kw) -> dict:
+    """transformers T5EncoderModel (FLUX `text_encoder_2/`, one file or shards) -> `T5Encoder(cfg)`
+    params; a file holding both tied embeddings must hold them equal. See `load_part`."""
+    return load_part("t5", path, cfg, fmt, **kw)
+
+
+def load_clip(path, cfg, fmt=None, **kw) -> dict:
+    """transformers CLIPTextModel (FLUX `text_encoder/`, keys with or without `text_model.`; a saved
+    `position_ids` buffer is checked, not loaded) -> `CLIPTextModel(cfg)` params. See `load_part`."""
+    return load_part("clip", path, cfg, fmt, **kw)

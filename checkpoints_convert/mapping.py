@@ -6,7 +6,9 @@ layer of a stacked parameter), through a small named transform. `plan` checks a 
 against shapes only (no data: works on manifests and `jax.eval_shape` trees) and
 raises on any unknown source key, any part of a target left unfilled or filled twice,
 any part of a source left unused, and any shape mismatch, naming the key. `convert`
-then streams the tensors, one target parameter at a time.
+then streams the tensors, one target parameter at a time. A `Check` in a table names a
+known source tensor that is verified rather than written (a tied weight saved twice, a
+saved buffer); it counts as used.
 """
 
 from __future__ import annotations
@@ -88,6 +90,22 @@ def copy(src: str, dst: str, *, layer=None) -> list[Rule]:
     return [Rule(src, dst, "copy", layer)]
 
 
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """A known source tensor that is verified, not written: it must equal source tensor
+    `equals` (a tied weight saved twice) or `value(shape)` (a saved buffer, e.g. position
+    ids). `plan` counts it as used; `convert` verifies it before writing anything."""
+
+    src: str
+    equals: str | None = None
+    value: Callable[[tuple[int, ...]], np.ndarray] | None = None
+    why: str = ""
+
+    def __post_init__(self):
+        if (self.equals is None) == (self.value is None):
+            raise ValueError(f"Check({self.src!r}): give exactly one of `equals` or `value`")
+
+
 # ---------------------------------------------------------------------------------------
 # Shape-only checking
 
@@ -141,10 +159,13 @@ class Plan:
     rules: list[Rule]
     target_shapes: dict[str, tuple[int, ...]]
     by_target: dict[str, list[Rule]]
+    checks: list[Check] = dataclasses.field(default_factory=list)
+    check_shapes: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    fmt: str | None = None  # the source layout the rules were built for
 
 
 def plan(
-    rules: Iterable[Rule],
+    rules: Iterable[Rule | Check],
     source_shapes: Mapping[str, tuple[int, ...]],
     target_shapes: Mapping[str, tuple[int, ...]],
     *,
@@ -153,23 +174,34 @@ def plan(
 ) -> Plan:
     """Check `rules` against shapes; raise ConversionError naming every problem found first."""
     rules = list(rules)
+    checks = [r for r in rules if isinstance(r, Check)]
+    rules = [r for r in rules if not isinstance(r, Check)]
     source_shapes = {k: tuple(v) for k, v in source_shapes.items()}
     target_shapes = {k: tuple(v) for k, v in target_shapes.items()}
 
-    used = {r.src for r in rules}
+    used = {r.src for r in rules} | {c.src for c in checks}
     unknown = sorted(k for k in source_shapes if k not in used and not (ignore and ignore(k)))
     if unknown:
         more = f" (and {len(unknown) - 10} more)" if len(unknown) > 10 else ""
         raise ConversionError(
             f"{source_name}: {len(unknown)} tensor(s) the model has no place for: {', '.join(unknown[:10])}{more}"
         )
-    missing_src = sorted({r.src for r in rules if r.src not in source_shapes})
+    missing_src = sorted({r.src for r in [*rules, *checks] if r.src not in source_shapes})
+    missing_src += sorted({c.equals for c in checks if c.equals and c.equals not in source_shapes})
     if missing_src:
         more = f" (and {len(missing_src) - 10} more)" if len(missing_src) > 10 else ""
         raise ConversionError(f"{source_name}: missing tensor(s) {', '.join(missing_src[:10])}{more}")
     bad_dst = sorted({r.dst for r in rules if r.dst not in target_shapes})
     if bad_dst:
         raise ConversionError(f"conversion table names unknown model parameter(s): {', '.join(bad_dst[:10])}")
+    for c in checks:
+        if c.src in {r.src for r in rules} or sum(d.src == c.src for d in checks) > 1:
+            raise ConversionError(f"conversion table: {c.src} is both checked and used elsewhere")
+        if c.equals and source_shapes[c.src] != source_shapes[c.equals]:
+            raise ConversionError(
+                f"{source_name}: {c.src} {source_shapes[c.src]} should duplicate {c.equals} "
+                f"{source_shapes[c.equals]} ({c.why or 'tied'}) but the shapes differ"
+            )
 
     src_boxes: dict[str, list] = defaultdict(list)
     dst_boxes: dict[str, list] = defaultdict(list)
@@ -204,7 +236,7 @@ def plan(
         _check_exact_cover(boxes, target_shapes[dst], f"parameter {dst}", lambda i, rs=rs: rs[i].src)
     for src, boxes in src_boxes.items():
         _check_exact_cover(boxes, source_shapes[src], f"{source_name}: tensor {src}", lambda i, src=src: src)
-    return Plan(rules, target_shapes, dict(by_target))
+    return Plan(rules, target_shapes, dict(by_target), checks, {c.src: source_shapes[c.src] for c in checks})
 
 
 # ---------------------------------------------------------------------------------------
@@ -226,8 +258,10 @@ def convert(
     place(path, array) turns the finished host array into what the tree holds (e.g. a
     device array on a sharding); the host buffer is dropped right after, so peak host
     memory is about one parameter beyond what `place` keeps.
-    Returns {path: placed array}.
+    Returns {path: placed array}. The plan's `Check`s are verified first (ConversionError).
     """
+    for c in the_plan.checks:
+        run_check(c, the_plan.check_shapes[c.src], read)
     out = {}
     for dst, rules in the_plan.by_target.items():
         shape = the_plan.target_shapes[dst]
@@ -244,6 +278,23 @@ def convert(
         out[dst] = place(dst, buf)
         del buf
     return out
+
+
+def run_check(check: Check, shape: tuple[int, ...], read: Callable[[str, Index], np.ndarray], rows: int = 1024):
+    """Raise ConversionError unless the checked tensor (of `shape`) holds what `check` says,
+    compared exactly; `equals` checks go `rows` leading rows at a time (large tied embeddings)."""
+    if check.value is not None:
+        want = np.asarray(check.value(shape))
+        if want.shape != tuple(shape) or not np.array_equal(read(check.src, ()), want):
+            raise ConversionError(f"{check.src} does not hold the expected values ({check.why or 'a fixed buffer'})")
+        return
+    chunks = [()] if not shape else [(slice(i, min(i + rows, shape[0])),) for i in range(0, shape[0], rows)]
+    for ix in chunks:
+        if not np.array_equal(read(check.src, ix), read(check.equals, ix)):
+            raise ConversionError(
+                f"{check.src} differs from {check.equals}{f' at rows {ix[0].start}:{ix[0].stop}' if ix else ''}: "
+                f"they should be one {check.why or 'tied'} tensor saved twice; the file is inconsistent"
+            )
 
 
 def flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:

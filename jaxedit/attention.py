@@ -44,8 +44,20 @@ def dot_product_attention(
     *,
     mask_BHLS: jax.Array | None = None,
     impl: str = "auto",
+    bias_BHLS: jax.Array | None = None,
+    scale: float | None = None,
 ) -> jax.Array:
-    """softmax(q k^T / sqrt(D) [masked]) v  ->  [B, L, H, D]."""
+    """softmax(q k^T * scale [+ bias] [masked]) v  ->  [B, L, H, D]; scale defaults to 1/sqrt(D).
+
+    bias_BHLS (added to the float32 logits, broadcastable to [B, H, L, S]) and an explicit
+    `scale` (T5: relative position bias, no scaling) run on the xla path whatever `impl` says.
+    """
+    if bias_BHLS is not None or scale is not None:
+        if impl not in IMPLEMENTATIONS:
+            raise ValueError(f"attention impl {impl!r} is not one of {IMPLEMENTATIONS}")
+        return jax.nn.dot_product_attention(
+            q_BLHD, k_BSHD, v_BSHD, bias=bias_BHLS, mask=mask_BHLS, scale=scale, implementation="xla"
+        )
     impl = resolve(impl, q_BLHD, k_BSHD, mask_BHLS)
     if impl == "xla":
         return jax.nn.dot_product_attention(q_BLHD, k_BSHD, v_BSHD, mask=mask_BHLS, implementation="xla")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from checkpoints_convert import ConversionError, load_transformer, transformer_plan
+from checkpoints_convert import ConversionError, ShapeSource, load_transformer, plan_part
 from checkpoints_convert.__main__ import main as convert_cli
 from checkpoints_convert.mapping import flatten
 from jaxedit import configs
@@ -38,9 +38,10 @@ def manifest(name: str) -> dict[str, tuple[int, ...]]:
 def test_full_size_manifest_maps_every_tensor(name, prefix):
     cfg = configs.get("flux-kontext-dev").transformer
     shapes = {prefix + k: v for k, v in manifest(name).items()}
-    the_plan, fmt, found_prefix = transformer_plan(shapes, cfg)
-    assert fmt == ("bfl" if name.startswith("bfl") else "diffusers")
-    assert (found_prefix or "") == prefix
+    source = ShapeSource(shapes, name)
+    the_plan = plan_part("transformer", source, cfg)
+    assert the_plan.fmt == ("bfl" if name.startswith("bfl") else "diffusers")
+    assert set(source.shapes) == set(manifest(name))  # the wrapper prefix was recognised and dropped
     # every source tensor used, every target element written exactly once (checked by plan);
     # and the totals agree: 11.9B parameters on both sides.
     targets = flatten(abstract_params(cfg))
@@ -56,7 +57,7 @@ def test_flux_dev_manifest_needs_guidance_in_config():
 
     no_guidance = dataclasses.replace(cfg, guidance_embed=False)
     with pytest.raises(ConversionError, match="guidance_in.in_layer.weight"):
-        transformer_plan(manifest("bfl-flux1-kontext-dev.json"), no_guidance)
+        plan_part("transformer", ShapeSource(manifest("bfl-flux1-kontext-dev.json")), no_guidance)
 
 
 def _tiny_bfl_file(tmp_path, cfg, extra=None, drop=None, reshape=None):

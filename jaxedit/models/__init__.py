@@ -1,5 +1,8 @@
 """Flax Linen models of jaxedit."""
 
+from jaxedit.models.autoencoder import AutoEncoder
+from jaxedit.models.clip import CLIPTextModel
 from jaxedit.models.flux import Flux
+from jaxedit.models.t5 import T5Encoder
 
-__all__ = ["Flux"]
+__all__ = ["AutoEncoder", "CLIPTextModel", "Flux", "T5Encoder"]

@@ -1,0 +1,154 @@
+"""FLUX text conditioning: prompts -> (T5 tokens `txt`, pooled CLIP vector `y`).
+
+Mirrors diffusers' `FluxPipeline._get_t5_prompt_embeds` / `_get_clip_prompt_embeds`
+(FluxKontextPipeline uses the same code): each tokenizer pads to `max_length` and
+truncates (T5: `max_sequence_length`, 512 by default; CLIP: 77), no attention mask is
+passed to either encoder; `txt` is T5's last hidden state, `y` is CLIP's pooled output.
+
+Tokenizers are read from local folders only (FLUX repo layout: `tokenizer/` is CLIP's,
+`tokenizer_2/` is T5's), never from the hub.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxedit.configs import CLIPTextConfig, Preset, T5Config
+from jaxedit.configs import get as get_preset
+from jaxedit.models.clip import CLIPTextModel
+from jaxedit.models.t5 import T5Encoder
+
+log = logging.getLogger(__name__)
+
+# Tokenizer classes named in tokenizer_config.json that are imported directly
+# (AutoTokenizer would pull in torch); anything else goes through AutoTokenizer.
+_DIRECT_CLASSES = {
+    "CLIPTokenizer": "CLIPTokenizer",
+    "CLIPTokenizerFast": "CLIPTokenizer",
+    "T5Tokenizer": "T5Tokenizer",
+    "T5TokenizerFast": "T5Tokenizer",
+}
+
+
+def load_tokenizer(path: str | Path):
+    """A transformers tokenizer from a local folder (`tokenizer_config.json` + files)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"tokenizer folder not found: {path} (tokenizers are only read from local folders)")
+    import transformers
+
+    config = path / "tokenizer_config.json"
+    name = json.loads(config.read_text()).get("tokenizer_class") if config.is_file() else None
+    cls = getattr(transformers, _DIRECT_CLASSES[name]) if name in _DIRECT_CLASSES else transformers.AutoTokenizer
+    return cls.from_pretrained(str(path), local_files_only=True)
+
+
+def tokenize(tokenizer, prompts: Sequence[str], max_length: int, what: str = "text") -> np.ndarray:
+    """input_ids [B, max_length] (int32): padded to max_length, truncated, as diffusers does."""
+    ids = tokenizer(list(prompts), padding="max_length", max_length=max_length, truncation=True, return_tensors="np")[
+        "input_ids"
+    ]
+    full = tokenizer(list(prompts), truncation=False)["input_ids"]
+    cut = [i for i, f in enumerate(full) if len(f) > max_length]
+    if cut:
+        log.warning("%s prompt(s) %s truncated to %d tokens", what, cut, max_length)
+    return np.asarray(ids, np.int32)
+
+
+class FluxTextEncoder:
+    """T5 + CLIP with their tokenizers; `encode(prompts)` -> (txt [B, L, d_model], y [B, D_clip]).
+
+    t5_params / clip_params: the parameter pytrees of `T5Encoder(t5_cfg)` and
+    `CLIPTextModel(clip_cfg)` (e.g. from `checkpoints_convert.load_t5` / `load_clip`).
+    dtype: compute dtype of both encoders (outputs have it).
+    """
+
+    def __init__(
+        self,
+        t5_cfg: T5Config,
+        clip_cfg: CLIPTextConfig,
+        t5_params: Any,
+        clip_params: Any,
+        t5_tokenizer: Any,
+        clip_tokenizer: Any,
+        *,
+        dtype: Any = jnp.float32,
+        scan_layers: bool = True,
+    ):
+        self.t5_cfg, self.clip_cfg = t5_cfg, clip_cfg
+        self.t5_params, self.clip_params = t5_params, clip_params
+        self.t5_tokenizer, self.clip_tokenizer = t5_tokenizer, clip_tokenizer
+        self.t5 = T5Encoder(t5_cfg, dtype=dtype, param_dtype=dtype, scan_layers=scan_layers)
+        self.clip = CLIPTextModel(clip_cfg, dtype=dtype, param_dtype=dtype, scan_layers=scan_layers)
+        self._t5_fn = jax.jit(lambda p, ids: self.t5.apply({"params": p}, ids))
+        self._clip_fn = jax.jit(lambda p, ids: self.clip.apply({"params": p}, ids)[1])
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        root: str | Path,
+        preset: str | Preset = "flux-kontext-dev",
+        *,
+        dtype: Any = jnp.bfloat16,
+        param_dtype: Any = None,
+        scan_layers: bool = True,
+    ) -> FluxTextEncoder:
+        """Read a local FLUX repo folder: `tokenizer/`, `tokenizer_2/` and the safetensors of
+        `text_encoder/` (CLIP) and `text_encoder_2/` (T5, maybe sharded). param_dtype: dtype the
+        weights are stored in (default: `dtype`)."""
+        from checkpoints_convert import load_clip, load_t5
+
+        preset = get_preset(preset) if isinstance(preset, str) else preset
+        if preset.t5 is None or preset.clip is None:
+            raise ValueError(f"preset {preset.name} has no T5/CLIP text encoders")
+        root = Path(root)
+        pdt = param_dtype or dtype
+        return cls(
+            preset.t5,
+            preset.clip,
+            load_t5(root / "text_encoder_2", preset.t5, dtype=pdt),
+            load_clip(root / "text_encoder", preset.clip, dtype=pdt),
+            load_tokenizer(root / "tokenizer_2"),
+            load_tokenizer(root / "tokenizer"),
+            dtype=dtype,
+            scan_layers=scan_layers,
+        )
+
+    def tokenize(
+        self, prompts: Sequence[str], prompts_2: Sequence[str] | None = None, max_sequence_length: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(t5_ids [B, max_sequence_length], clip_ids [B, clip max_length]); T5 reads prompts_2 if given."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        prompts_2 = prompts if prompts_2 is None else ([prompts_2] if isinstance(prompts_2, str) else list(prompts_2))
+        if len(prompts_2) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(prompts_2)} prompts_2")
+        t5_len = max_sequence_length or self.t5_cfg.max_length
+        if t5_len > 512:
+            raise ValueError(f"max_sequence_length {t5_len} is above FLUX's 512")
+        clip_len = self.clip_cfg.max_length
+        return (
+            tokenize(self.t5_tokenizer, prompts_2, t5_len, "T5"),
+            tokenize(self.clip_tokenizer, prompts, clip_len, "CLIP"),
+        )
+
+    def encode_ids(self, t5_ids_BL: np.ndarray, clip_ids_BL: np.ndarray) -> tuple[jax.Array, jax.Array]:
+        """(txt [B, L, d_model], y [B, D_clip]) from token ids (no attention masks, as FLUX)."""
+        txt = self._t5_fn(self.t5_params, jnp.asarray(t5_ids_BL, jnp.int32))
+        y = self._clip_fn(self.clip_params, jnp.asarray(clip_ids_BL, jnp.int32))
+        return txt, y
+
+    def encode(
+        self, prompts: Sequence[str], prompts_2: Sequence[str] | None = None, max_sequence_length: int | None = None
+    ) -> tuple[jax.Array, jax.Array]:
+        """Prompts -> (txt [B, max_sequence_length, d_model], y [B, D_clip]), as diffusers' FluxPipeline."""
+        return self.encode_ids(*self.tokenize(prompts, prompts_2, max_sequence_length))
+
+    __call__ = encode

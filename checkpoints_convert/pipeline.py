@@ -1,0 +1,105 @@
+"""Convert a whole FLUX(.1 Kontext) release on disk into a jaxedit model folder in one go.
+
+Sources:
+  - a diffusers folder: model_index.json, transformer/, vae/, text_encoder/ (CLIP),
+    text_encoder_2/ (T5), tokenizer/, tokenizer_2/;
+  - a BFL-style folder: the DiT file (e.g. flux1-kontext-dev.safetensors) and ae.safetensors
+    at the top, plus text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/ folders;
+  - either, with any part pointed at explicitly (`overrides`).
+Every part is located and checked against the preset (names and shapes, from the file
+headers) before any tensor is converted: a missing or inconsistent part fails first,
+naming what is wrong. See `jaxedit.model_folder` for the output layout.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from checkpoints_convert import PARTS, ConversionError, open_part
+from checkpoints_convert.mapping import convert, unflatten
+from checkpoints_convert.source import SafetensorsSource
+from jaxedit.configs import Preset
+from jaxedit.model_folder import TOKENIZERS, write_description
+
+DIFFUSERS_DIRS = {"transformer": "transformer", "vae": "vae", "clip": "text_encoder", "t5": "text_encoder_2"}
+
+
+def _classify_top_files(src: Path) -> dict[str, Path]:
+    """BFL layout: which top-level .safetensors is the DiT and which the VAE (from their keys)."""
+    found: dict[str, Path] = {}
+    for f in sorted(src.glob("*.safetensors")):
+        keys = SafetensorsSource(f).shapes
+        if any("double_blocks." in k for k in keys):
+            part = "transformer"
+        elif "encoder.conv_in.weight" in keys or "decoder.conv_out.weight" in keys:
+            part = "vae"
+        else:
+            continue
+        if part in found:
+            raise ConversionError(f"{src}: two {part} checkpoints ({found[part].name}, {f.name}); pick one explicitly")
+        found[part] = f
+    return found
+
+
+def locate(src: str | Path, preset: Preset, overrides: dict[str, str | Path] | None = None) -> dict[str, Path]:
+    """Paths of every part the preset needs (checkpoints by part name, tokenizers by folder name)."""
+    src = Path(src)
+    if not src.is_dir():
+        raise FileNotFoundError(f"source folder not found: {src}")
+    overrides = {k: Path(v) for k, v in (overrides or {}).items() if v}
+    needed = [p for p in PARTS if getattr(preset, p) is not None]
+    if (src / "model_index.json").is_file():
+        paths = {p: src / DIFFUSERS_DIRS[p] for p in needed}
+    else:
+        top = _classify_top_files(src)
+        paths = {p: top.get(p, src / DIFFUSERS_DIRS[p]) for p in needed}
+    for p in needed:
+        if getattr(preset, p) is not None and p in TOKENIZERS:
+            paths[TOKENIZERS[p]] = src / TOKENIZERS[p]
+    paths.update(overrides)
+    missing = [f"{name} ({path})" for name, path in paths.items() if not path.exists()]
+    if missing:
+        raise FileNotFoundError(f"{src}: missing {', '.join(missing)}")
+    return paths
+
+
+def convert_pipeline(
+    src: str | Path,
+    dst: str | Path,
+    preset: Preset,
+    *,
+    dtype: Any = None,
+    overrides: dict[str, str | Path] | None = None,
+    force: bool = False,
+    log=print,
+) -> Path:
+    """Check every part, then convert them one by one into the model folder `dst`."""
+    from jaxedit.checkpoint import save_params
+
+    dst = Path(dst)
+    if dst.exists() and any(dst.iterdir()) and not force:
+        raise FileExistsError(f"{dst} exists and is not empty (use force=True / --force)")
+    paths = locate(src, preset, overrides)
+    opened = {}
+    for part in PARTS:
+        cfg = getattr(preset, part)
+        if cfg is not None:
+            opened[part] = open_part(part, paths[part], cfg)  # raises before anything is converted
+    log(f"checked {', '.join(f'{p} ({o[1].fmt})' for p, o in opened.items())} against preset {preset.name}")
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True)
+    for part, (source, the_plan) in opened.items():
+        t0 = time.perf_counter()
+        flat = convert(the_plan, source.read, dtype=dtype, source_dtype=source.dtype)
+        save_params(dst / part, unflatten(flat))
+        del flat
+        log(f"  {part}: {source.describe()} -> {dst / part} ({time.perf_counter() - t0:.1f}s)")
+    for part, folder in TOKENIZERS.items():
+        if part in opened:
+            shutil.copytree(paths[folder], dst / folder)
+    write_description(dst, preset)
+    return dst

@@ -1,0 +1,280 @@
+"""Batch editing jobs: a JSONL manifest in, `DIR/<id>.png` + `DIR/results.jsonl` out.
+
+Each manifest line: {"image": path, "prompt": str, optional "id", "seed", "steps",
+"guidance", "width", "height"}. A bad item (unreadable line, missing or corrupt image,
+empty prompt, absurd size, an id that would write outside DIR) is recorded as failed with
+its reason and the rest of the job completes. Items with equal shapes (bucket) are
+batched; a results line is appended (and flushed) as each item finishes, so a killed job
+loses nothing finished, and re-running the same command skips items already done.
+
+The model side is any object with the `EditPipeline` methods below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import sys
+import time
+import zlib
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, Protocol
+
+from PIL import Image
+
+MAX_SIDE = 4096  # pixels; larger requests are refused as absurd
+MIN_SIDE = 16
+MAX_STEPS = 1000
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class ItemError(ValueError):
+    """An item that cannot be processed; its message is the recorded reason."""
+
+
+@dataclasses.dataclass
+class EditItem:
+    id: str
+    image: str | None
+    prompt: str
+    seed: int
+    steps: int
+    guidance: float
+    width: int | None = None
+    height: int | None = None
+    line: int = 0
+
+
+class EditPipeline(Protocol):
+    def prepare(self, image: Image.Image | None, width: int | None, height: int | None) -> Any:
+        """Preprocess one item; returns an object with `.bucket` (hashable shape key). Raises ValueError."""
+
+    def edit(self, prepared: list[Any], prompts: list[str], seeds: list[int], guidance: list[float], steps: int):
+        """Run one batch of items sharing a bucket; returns a list of PIL images."""
+
+
+def default_seed(item_id: str) -> int:
+    """A seed derived from the id, so re-runs reproduce items that gave none."""
+    return zlib.crc32(item_id.encode()) & 0x7FFFFFFF
+
+
+def _int_field(d: dict, name: str, lo: int, hi: int, default=None):
+    v = d.get(name, default)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int | float) or (isinstance(v, float) and not v.is_integer()):
+        raise ItemError(f"field {name!r} must be an integer, got {v!r}")
+    if not lo <= int(v) <= hi:
+        raise ItemError(f"field {name!r}={v} is outside [{lo}, {hi}]")
+    return int(v)
+
+
+def parse_item(d: Any, line: int, defaults: dict, base_dir: Path) -> EditItem:
+    """Validate one manifest entry. Raises ItemError with the reason."""
+    if not isinstance(d, dict):
+        raise ItemError(f"line {line}: expected a JSON object, got {type(d).__name__}")
+    item_id = d.get("id", f"line{line:05d}")
+    if not isinstance(item_id, str) or not _ID_RE.match(item_id) or ".." in item_id:
+        raise ItemError(
+            f"id {item_id!r} is not a safe file name (letters, digits, '.', '_', '-'; no path separators or '..')"
+        )
+    prompt = d.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ItemError("field 'prompt' is missing or empty")
+    image = d.get("image", defaults.get("image"))
+    if image is not None:
+        if not isinstance(image, str) or not image:
+            raise ItemError(f"field 'image' must be a path, got {image!r}")
+        image = str((base_dir / image) if not Path(image).is_absolute() else Path(image))
+    elif not defaults.get("allow_no_image"):
+        raise ItemError("field 'image' is missing (this model edits an input image)")
+    guidance = d.get("guidance", defaults["guidance"])
+    if isinstance(guidance, bool) or not isinstance(guidance, int | float) or not math.isfinite(guidance):
+        raise ItemError(f"field 'guidance' must be a finite number, got {guidance!r}")
+    if not 0 <= guidance <= 100:
+        raise ItemError(f"field 'guidance'={guidance} is outside [0, 100]")
+    return EditItem(
+        id=item_id,
+        image=image,
+        prompt=prompt,
+        seed=_int_field(d, "seed", 0, 2**31 - 1, default_seed(item_id)),
+        steps=_int_field(d, "steps", 1, MAX_STEPS, defaults["steps"]),
+        guidance=float(guidance),
+        width=_int_field(d, "width", MIN_SIDE, MAX_SIDE),
+        height=_int_field(d, "height", MIN_SIDE, MAX_SIDE),
+        line=line,
+    )
+
+
+def read_manifest(path: Path, defaults: dict) -> tuple[list[EditItem], list[dict]]:
+    """Items and failure records (unparseable lines, duplicate ids) of a JSONL manifest."""
+    items, failed, seen = [], [], {}
+    with open(path, encoding="utf-8") as f:
+        for line_no, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                d = json.loads(raw)
+            except json.JSONDecodeError as e:
+                failed.append(_failure(f"line{line_no:05d}", f"{path}:{line_no}: invalid JSON ({e.msg})"))
+                continue
+            try:
+                item = parse_item(d, line_no, defaults, path.parent)
+            except ItemError as e:
+                fallback = d.get("id") if isinstance(d, dict) and isinstance(d.get("id"), str) else None
+                safe = (
+                    fallback if fallback and _ID_RE.match(fallback) and ".." not in fallback else f"line{line_no:05d}"
+                )
+                failed.append(_failure(safe, f"{path}:{line_no}: {e}"))
+                continue
+            if item.id in seen:  # recorded under its line, so the first item's record stands
+                msg = f"{path}:{line_no}: duplicate id {item.id!r} (first used on line {seen[item.id]})"
+                failed.append(_failure(f"line{line_no:05d}", msg))
+                continue
+            seen[item.id] = line_no
+            items.append(item)
+    return items, failed
+
+
+def load_image(path: str) -> Image.Image:
+    """Open and fully decode an image as RGB; ItemError naming the file otherwise."""
+    p = Path(path)
+    if not p.is_file():
+        raise ItemError(f"image not found: {path}")
+    try:
+        with Image.open(p) as im:
+            im.load()
+            return im.convert("RGB")
+    except Exception as e:  # PIL raises many types for corrupt or unknown formats
+        raise ItemError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+
+
+def _failure(item_id: str, error: str, **extra) -> dict:
+    return {"id": item_id, "status": "failed", "error": error, **extra}
+
+
+class Results:
+    """`DIR/results.jsonl`: one line per finished item (latest line per id wins)."""
+
+    def __init__(self, out_dir: Path):
+        self.path = out_dir / "results.jsonl"
+        self.latest: dict[str, dict] = {}
+        if self.path.exists():
+            for raw in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    rec = json.loads(raw)
+                    self.latest[rec["id"]] = rec
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue  # a line cut by a kill: the item simply runs again
+
+    def done(self, item_id: str, out_dir: Path) -> bool:
+        rec = self.latest.get(item_id)
+        return bool(rec and rec.get("status") == "ok" and (out_dir / f"{item_id}.png").exists())
+
+    def write(self, rec: dict) -> None:
+        self.latest[rec["id"]] = rec
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+
+
+class Progress:
+    """Items done, per-item time and ETA on stderr."""
+
+    def __init__(self, total: int, enabled: bool = True):
+        self.total, self.done, self.enabled = total, 0, enabled
+        self.t0 = time.perf_counter()
+
+    def update(self, n: int, failed: int = 0) -> None:
+        self.done += n
+        if not self.enabled or not self.total:
+            return
+        el = time.perf_counter() - self.t0
+        per = el / max(self.done, 1)
+        eta = per * (self.total - self.done)
+        bar = "#" * int(30 * self.done / self.total)
+        print(
+            f"\r[{bar:<30}] {self.done}/{self.total} items, {per:.2f}s/item, ETA {eta:.0f}s"
+            + (f", {failed} failed" if failed else ""),
+            end="" if self.done < self.total else "\n",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def run_job(
+    pipeline: EditPipeline,
+    manifest: Path,
+    out_dir: Path,
+    *,
+    batch_size: int = 1,
+    defaults: dict,
+    progress: bool = True,
+    log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+) -> dict:
+    """Run every item of `manifest`; returns counts {"ok", "failed", "skipped"}."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = Results(out_dir)
+    items, failures = read_manifest(Path(manifest), defaults)
+    for rec in failures:
+        results.write(rec)
+    todo = [it for it in items if not results.done(it.id, out_dir)]
+    skipped = len(items) - len(todo)
+    if skipped:
+        log(f"skipping {skipped} item(s) already done in {results.path}")
+
+    counts = {"ok": 0, "failed": len(failures), "skipped": skipped}
+    bar = Progress(len(todo), progress)
+    buckets: dict[Any, list[tuple[EditItem, Any]]] = defaultdict(list)
+    for it in todo:
+        try:
+            image = load_image(it.image) if it.image is not None else None
+            prepared = pipeline.prepare(image, it.width, it.height)
+        except (ItemError, ValueError) as e:
+            results.write(_failure(it.id, str(e), seed=it.seed))
+            counts["failed"] += 1
+            bar.update(1, counts["failed"])
+            continue
+        buckets[(prepared.bucket, it.steps)].append((it, prepared))
+
+    for (_, steps), members in buckets.items():
+        for batch in _chunks(members, batch_size):
+            t0 = time.perf_counter()
+            its = [it for it, _ in batch]
+            # pad a short last batch with copies of its last item: one compiled shape per bucket
+            pad = batch + [batch[-1]] * (batch_size - len(batch))
+            try:
+                images = pipeline.edit(
+                    [p for _, p in pad], [it.prompt for it, _ in pad], [it.seed for it, _ in pad],
+                    [it.guidance for it, _ in pad], steps,
+                )[: len(its)]  # fmt: skip
+            except Exception as e:  # a failing batch fails its items, the job goes on
+                for it in its:
+                    results.write(_failure(it.id, f"generation failed: {type(e).__name__}: {e}", seed=it.seed))
+                counts["failed"] += len(its)
+                bar.update(len(its), counts["failed"])
+                continue
+            per_item = (time.perf_counter() - t0) / len(its)
+            for it, img in zip(its, images):
+                dst = out_dir / f"{it.id}.png"
+                tmp = dst.with_suffix(".png.tmp")
+                img.save(tmp, format="PNG")
+                tmp.replace(dst)
+                results.write({
+                    "id": it.id, "status": "ok", "output": str(dst), "seed": it.seed, "steps": steps,
+                    "guidance": it.guidance, "width": img.width, "height": img.height,
+                    "seconds": round(per_item, 3), "error": None,
+                })  # fmt: skip
+                counts["ok"] += 1
+            bar.update(len(its), counts["failed"])
+    return counts
+
+
+def _chunks(seq: list, n: int) -> Iterable[list]:
+    for i in range(0, len(seq), n):
+        yield seq[i : i + n]

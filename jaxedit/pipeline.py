@@ -1,0 +1,243 @@
+"""FLUX.1 Kontext editing pipeline (also FLUX.1 text-to-image when no image is given).
+
+    pipe = KontextPipeline.load("/models/jax/flux-kontext-dev")
+    images = pipe([Image.open("cat.png")], ["make the cat wear a hat"], seeds=[0])
+
+Steps, as BFL `flux/sampling.py` and diffusers `FluxKontextPipeline`: the reference image
+is resized to the preferred Kontext resolution nearest in aspect ratio (or kept, floored to
+a multiple of 16), LANCZOS, scaled to [-1, 1], VAE-encoded (mean), packed 2x2, given ids
+with first coordinate 1; the target (default: the reference's size) starts from per-item
+seeded noise; the shifted schedule uses mu from the target token count; the guidance value
+goes through the guidance embedding; Euler steps; decode. The whole denoising loop of a
+batch is one jitted XLA program; batches are split over the local devices (data parallel).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from jaxedit import configs, sampling
+from jaxedit import sharding as sh
+from jaxedit.models import Flux
+from jaxedit.models.autoencoder import AutoEncoder
+
+MAX_SIDE = 4096
+DEFAULT_STEPS, DEFAULT_GUIDANCE = 28, 2.5  # BFL's Kontext guidance; 28 steps as diffusers
+
+
+def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path | None:
+    """Turn on JAX's persistent compilation cache (default ~/.cache/jaxedit/xla, or
+    $JAXEDIT_CACHE_DIR); JAXEDIT_CACHE_DIR=off disables it. A second run of the same
+    shapes then skips XLA compilation."""
+    path = path or os.environ.get("JAXEDIT_CACHE_DIR") or Path.home() / ".cache" / "jaxedit" / "xla"
+    if str(path).lower() == "off":
+        return None
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
+
+
+@dataclasses.dataclass
+class Prepared:
+    """One preprocessed item: the reference image (or None) and the target size."""
+
+    reference: np.ndarray | None  # [H, W, 3] float32 in [-1, 1]
+    width: int
+    height: int
+
+    @property
+    def bucket(self) -> tuple:
+        ref = None if self.reference is None else self.reference.shape[:2]
+        return (self.width, self.height, ref)
+
+
+def to_model_input(image: Image.Image) -> np.ndarray:
+    """PIL RGB -> [H, W, 3] float32 in [-1, 1] (as diffusers' VaeImageProcessor)."""
+    return np.asarray(image.convert("RGB"), np.float32) / 255.0 * 2.0 - 1.0
+
+
+def to_pil(images_BHWC: np.ndarray) -> list[Image.Image]:
+    """[-1, 1] float images -> PIL, rounding as diffusers' postprocess does."""
+    x = np.clip(np.asarray(images_BHWC, np.float32) / 2 + 0.5, 0, 1)
+    return [Image.fromarray(a) for a in (x * 255).round().astype(np.uint8)]
+
+
+def _check_side(name: str, v: int) -> None:
+    if not 16 <= v <= MAX_SIDE:
+        raise ValueError(f"{name} {v} px is outside [16, {MAX_SIDE}] (after flooring to a multiple of 16)")
+
+
+class KontextPipeline:
+    """Editing (Kontext) or text-to-image (no image) with a FLUX-family model folder."""
+
+    def __init__(
+        self,
+        preset: configs.Preset,
+        params: dict[str, Any],
+        text_encoder,
+        *,
+        dtype: Any = jnp.bfloat16,
+        vae_dtype: Any = jnp.float32,
+        auto_resize: bool = True,
+        devices: list | None = None,
+    ):
+        self.preset, self.params, self.text_encoder = preset, params, text_encoder
+        self.auto_resize = auto_resize
+        self.devices = list(devices or jax.local_devices())
+        self.flux = Flux(preset.transformer, dtype=dtype, param_dtype=dtype)
+        self.vae = AutoEncoder(preset.vae, dtype=vae_dtype, param_dtype=vae_dtype)
+        self._meshes: dict[int, jax.sharding.Mesh] = {}
+        self._placed: dict[int, dict] = {}
+        self._denoise = jax.jit(self._denoise_impl)
+        self._encode = jax.jit(lambda p, x: self.vae.apply({"params": p}, x, method="encode"))
+        self._decode = jax.jit(lambda p, z: self.vae.apply({"params": p}, z, method="decode"))
+
+    @classmethod
+    def load(
+        cls, folder: str | Path, *, dtype: Any = jnp.bfloat16, compile_cache: bool = True, **kw
+    ) -> KontextPipeline:
+        """Load a jaxedit model folder (see `jaxedit.model_folder`)."""
+        from jaxedit.model_folder import TOKENIZERS, load_parts, read_description
+        from jaxedit.text import FluxTextEncoder, load_tokenizer
+
+        if compile_cache:
+            enable_compilation_cache()
+        folder = Path(folder)
+        preset = read_description(folder)
+        params = load_parts(folder, preset, dtypes={"transformer": dtype, "t5": dtype, "clip": dtype})
+        text = FluxTextEncoder(
+            preset.t5,
+            preset.clip,
+            params.pop("t5"),
+            params.pop("clip"),
+            load_tokenizer(folder / TOKENIZERS["t5"]),
+            load_tokenizer(folder / TOKENIZERS["clip"]),
+            dtype=dtype,
+        )
+        return cls(preset, params, text, dtype=dtype, **kw)
+
+    # ----------------------------------------------------------------------------------
+    # the EditPipeline protocol of jaxedit.batch
+
+    def prepare(self, image: Image.Image | None, width: int | None = None, height: int | None = None) -> Prepared:
+        """Resize the reference image and fix the target size. Raises ValueError on bad sizes."""
+        ref = None
+        if image is not None:
+            w0, h0 = sampling.floor_size(*image.size)
+            if w0 < 16 or h0 < 16:
+                raise ValueError(f"image {image.size[0]}x{image.size[1]} is smaller than 16x16")
+            rw, rh = sampling.preferred_kontext_size(w0, h0) if self.auto_resize else (w0, h0)
+            _check_side("reference width", rw)
+            _check_side("reference height", rh)
+            if image.size != (rw, rh):
+                image = image.resize((rw, rh), resample=Image.Resampling.LANCZOS)
+            ref = to_model_input(image)
+            width, height = width or rw, height or rh
+        width, height = sampling.floor_size(width or 1024, height or 1024)
+        _check_side("width", width)
+        _check_side("height", height)
+        return Prepared(ref, width, height)
+
+    def edit(self, prepared, prompts, seeds, guidance, steps) -> list[Image.Image]:
+        return self.generate(prepared, prompts, seeds, guidance=guidance, steps=steps)
+
+    # ----------------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        images: list[Image.Image | None] | None,
+        prompts: list[str],
+        seeds: list[int],
+        *,
+        steps: int = DEFAULT_STEPS,
+        guidance: float | list[float] = DEFAULT_GUIDANCE,
+        width: int | None = None,
+        height: int | None = None,
+        latents: np.ndarray | None = None,
+        output: str = "pil",
+    ):
+        """Edit `images` (None: text-to-image) with `prompts`; one seed per item."""
+        images = images if images is not None else [None] * len(prompts)
+        prepared = [self.prepare(im, width, height) for im in images]
+        if len({p.bucket for p in prepared}) != 1:
+            raise ValueError("items of one call must share their sizes; use jaxedit.batch for mixed sizes")
+        g = [guidance] * len(prompts) if np.isscalar(guidance) else list(guidance)
+        return self.generate(prepared, prompts, seeds, guidance=g, steps=steps, latents=latents, output=output)
+
+    def generate(self, prepared, prompts, seeds, *, guidance, steps, latents=None, output="pil"):
+        """One batch of items sharing a bucket -> PIL images (or final packed latents, output="latents")."""
+        b = len(prompts)
+        if not (len(prepared) == len(seeds) == len(guidance) == b):
+            raise ValueError(f"{len(prepared)} items, {b} prompts, {len(seeds)} seeds, {len(guidance)} guidance values")
+        first = prepared[0]
+        mesh = self._mesh(b)
+        batch = lambda a: jax.device_put(a, sh.batch_sharding(mesh, np.ndim(a)))  # noqa: E731
+        params = self._params_on(mesh)
+        f = self.preset.vae.downsample
+        h, w = first.height // f, first.width // f  # latent size
+        txt, y = self.text_encoder.encode(list(prompts))
+        ids = [sampling.image_ids(h // 2, w // 2, 0.0)]
+        ref_tokens = None
+        with sh.activate(mesh):
+            if first.reference is not None:
+                ref_lat = self._encode(params["vae"], batch(np.stack([p.reference for p in prepared])))
+                ref_tokens = sampling.pack(ref_lat)
+                rh, rw = ref_lat.shape[1:3]
+                ids.append(sampling.image_ids(rh // 2, rw // 2, 1.0))
+            if latents is None:
+                noise = sampling.noise_for_seeds(jnp.asarray(seeds), (h, w, self.preset.vae.z_channels))
+                latents = sampling.pack(noise)
+            img_ids = np.broadcast_to(np.concatenate(ids), (b, sum(len(i) for i in ids), 3))
+            x = self._denoise(
+                params["transformer"],
+                batch(np.asarray(latents, np.float32)),
+                ref_tokens,
+                batch(img_ids),
+                batch(np.asarray(txt)),
+                batch(np.zeros((b, txt.shape[1], 3), np.float32)),
+                batch(np.asarray(y)),
+                batch(np.asarray(guidance, np.float32)),
+                jnp.asarray(sampling.flux_schedule(steps, (h // 2) * (w // 2))),
+            )
+            if output == "latents":
+                return np.asarray(x)
+            images = self._decode(params["vae"], sampling.unpack(x, h, w))
+        return to_pil(np.asarray(images))
+
+    def _denoise_impl(self, tparams, x, ref_tokens, img_ids, txt, txt_ids, y, guidance, timesteps):
+        """The whole Euler loop (one XLA program): packed target tokens -> final packed tokens."""
+        n_target = x.shape[1]
+        dtype = self.flux.dtype
+
+        def velocity(x_t, t):
+            inp = x_t if ref_tokens is None else jnp.concatenate([x_t, ref_tokens.astype(x_t.dtype)], axis=1)
+            out = self.flux.apply({"params": tparams}, inp.astype(dtype), img_ids, txt, txt_ids, t, y, guidance)
+            return out[:, :n_target]
+
+        return sampling.euler_sample(velocity, x, timesteps)
+
+    def _mesh(self, batch: int) -> jax.sharding.Mesh:
+        """Data-parallel mesh over the largest number of local devices dividing the batch."""
+        n = max(d for d in range(1, len(self.devices) + 1) if batch % d == 0)
+        if n not in self._meshes:
+            self._meshes[n] = sh.make_mesh(configs.MeshConfig(data=n, fsdp=1), self.devices[:n])
+        return self._meshes[n]
+
+    def _params_on(self, mesh) -> dict:
+        """Parameters replicated on the mesh's devices (cached per device count)."""
+        n = mesh.devices.size
+        if n not in self._placed:
+            rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+            self._placed = {n: jax.device_put(self.params, rep)}  # keep one placement at a time
+        return self._placed[n]

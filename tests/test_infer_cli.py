@@ -1,0 +1,99 @@
+"""`python -m infer`: batch manifest with real bad files, failure isolation, resume, exit codes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from infer.__main__ import main as infer_main
+
+
+def write_png(path, w, h, seed=0):
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+
+
+@pytest.fixture
+def job(tmp_path, tiny_kontext):
+    _, model = tiny_kontext
+    d = tmp_path / "in"
+    d.mkdir()
+    write_png(d / "a.png", 64, 48, 1)
+    write_png(d / "b.png", 64, 48, 2)
+    write_png(d / "c.png", 48, 64, 3)
+    Image.fromarray(np.zeros((40, 56), np.uint8)).save(d / "gray.jpg")  # grayscale JPEG: converted to RGB
+    (d / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+    (d / "notes.jpg").write_text("this is not an image")
+    lines = [
+        {"id": "a", "image": "in/a.png", "prompt": "make it red", "seed": 1},
+        {"id": "b", "image": "in/b.png", "prompt": "make it blue", "guidance": 4.0},
+        {"id": "c", "image": "in/c.png", "prompt": "portrait", "steps": 3},
+        {"id": "gray", "image": "in/gray.jpg", "prompt": "colourise"},
+        {"id": "missing", "image": "in/nope.png", "prompt": "x"},
+        {"id": "corrupt", "image": "in/corrupt.png", "prompt": "x"},
+        {"id": "notimage", "image": "in/notes.jpg", "prompt": "x"},
+        {"id": "empty", "image": "in/a.png", "prompt": "   "},
+        {"id": "huge", "image": "in/a.png", "prompt": "x", "width": 100000},
+        {"id": "../escape", "image": "in/a.png", "prompt": "x"},
+        {"id": "a", "image": "in/b.png", "prompt": "duplicate id"},
+        {"id": "badseed", "image": "in/a.png", "prompt": "x", "seed": "seven"},
+    ]
+    manifest = tmp_path / "edits.jsonl"
+    manifest.write_text("\n".join(json.dumps(x) for x in lines) + "\n{not json\n")
+    return model, manifest, tmp_path / "out"
+
+
+def results(out):
+    recs = {}
+    for line in (out / "results.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        recs[r["id"]] = r
+    return recs
+
+
+def test_batch_job_isolates_bad_items_and_resumes(job, capsys):
+    model, manifest, out = job
+    argv = ["--model", str(model), "--manifest", str(manifest), "--out", str(out), "--batch-size", "2",
+            "--steps", "2", "--dtype", "float32", "--keep-size"]  # fmt: skip
+    assert infer_main(argv) == 1  # some items failed
+    r = results(out)
+    for ok in ("a", "b", "c", "gray"):
+        assert r[ok]["status"] == "ok", r[ok]
+        im = Image.open(out / f"{ok}.png")
+        assert im.size == (r[ok]["width"], r[ok]["height"])
+    assert r["c"]["steps"] == 3 and r["b"]["guidance"] == 4.0 and r["a"]["seed"] == 1
+    reasons = {k: v["error"] for k, v in r.items() if v["status"] == "failed"}
+    assert "image not found" in reasons["missing"] and "nope.png" in reasons["missing"]
+    assert "cannot read image" in reasons["corrupt"] and "corrupt.png" in reasons["corrupt"]
+    assert "cannot read image" in reasons["notimage"]
+    assert "prompt" in reasons["empty"]
+    assert "width" in reasons["huge"]
+    assert any("'../escape' is not a safe file name" in v for v in reasons.values())
+    assert any("duplicate id 'a' (first used on line 1)" in v for v in reasons.values())
+    assert any("invalid JSON" in v for v in reasons.values())
+    assert any("'seed' must be an integer" in v for v in reasons.values())
+    assert len(reasons) == 9 and len(r) == 13
+    assert not list(out.parent.glob("escape*")) and not (out.parent / "escape.png").exists()
+    progress = capsys.readouterr().err
+    assert "items" in progress and "ETA" in progress
+
+    # re-running skips what is done and does not rewrite it
+    stamp = (out / "a.png").stat().st_mtime_ns
+    assert infer_main(argv) == 1  # the bad items still fail
+    assert (out / "a.png").stat().st_mtime_ns == stamp
+    assert "0 ok, 9 failed, 4 skipped" in capsys.readouterr().out
+
+
+def test_single_edit_command(tmp_path, tiny_kontext, capsys):
+    _, model = tiny_kontext
+    write_png(tmp_path / "in.png", 64, 48)
+    out = tmp_path / "sub" / "edited.png"
+    code = infer_main(["edit", "--model", str(model), "--image", str(tmp_path / "in.png"), "--prompt", "make it red",
+                       "--out", str(out), "--steps", "2", "--keep-size"])  # fmt: skip
+    assert code == 0 and Image.open(out).size == (64, 48)
+    assert str(out) in capsys.readouterr().out
+    assert infer_main(["edit", "--model", str(model), "--image", str(tmp_path / "nope.png"), "--prompt", "x",
+                       "--out", str(out)]) == 2  # fmt: skip
+    assert "nope.png" in capsys.readouterr().err

@@ -180,3 +180,11 @@ def load_clip(path, cfg, fmt=None, **kw) -> dict:
     """transformers CLIPTextModel (FLUX `text_encoder/`, keys with or without `text_model.`; a saved
     `position_ids` buffer is checked, not loaded) -> `CLIPTextModel(cfg)` params. See `load_part`."""
     return load_part("clip", path, cfg, fmt, **kw)
+
+
+def mesh_placer(shardings_tree) -> Place:
+    """A `place` for `load_part` that puts each parameter straight onto its sharding as it
+    streams (shardings_tree: e.g. `jaxedit.sharding.shardings(boxed_abstract, mesh)`), so
+    no device ever holds the whole parameter set."""
+    flat = flatten(shardings_tree)
+    return lambda path, a: jax.device_put(a, flat[path])

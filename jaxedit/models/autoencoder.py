@@ -344,8 +344,8 @@ def decode_tiled(model: AutoEncoder, params, z_BHWC: jax.Array, *, tile: int = 6
     is traced). Measured error against `decode`, random weights (an upper bound: random
     networks are far more context-sensitive than trained ones; no trained weights were
     available): relative L2 0.25 on the small test model (6x10 latents, tile 6, overlap 2;
-    diffusers' own `enable_tiling` at the same tiles: 0.34), 0.62-0.66 at full width,
-    256x256, tile 16, overlap 4 (diffusers: 0.79-0.84), see benchmarks/vae.py.
+    diffusers' own `enable_tiling` at the same tiles: 0.34), 0.64 at full width, 256x256,
+    tile 16, overlap 4 (diffusers: 0.76; benchmarks/vae.py).
     """
     if not 0 <= overlap < tile:
         raise ValueError(f"decode_tiled: overlap {overlap} must be in [0, tile={tile})")

@@ -85,3 +85,61 @@ def test_item_result_independent_of_batch(pipes):
     both = ours(imgs, PROMPTS, [11, 12], steps=2, guidance=GUIDANCE, output="latents")
     alone = ours(imgs[1:], PROMPTS[1:], [12], steps=2, guidance=GUIDANCE, output="latents")
     np.testing.assert_allclose(both[1], alone[0], rtol=0, atol=1e-5)
+
+
+def test_persistent_compilation_cache(tmp_path):
+    """enable_compilation_cache() makes compiled programs land on disk (reused by a later process)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import jax, jax.numpy as jnp; from jaxedit.pipeline import enable_compilation_cache; "
+        f"enable_compilation_cache({str(tmp_path / 'cache')!r}); "
+        "jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((64, 64))).block_until_ready()"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env={"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"})
+    assert any((tmp_path / "cache").iterdir())
+
+
+def test_bfl_layout_release_converts(tmp_path, tiny_kontext):
+    """BFL single files (DiT, ae.safetensors) + the text encoder folders -> model folder; a
+    missing part fails before anything is written, naming it."""
+    import dataclasses
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    from checkpoints_convert import load_transformer, load_vae
+    from checkpoints_convert.__main__ import main as convert_cli
+    from checkpoints_convert.mapping import flatten
+    from checkpoints_convert.pipeline import convert_pipeline
+    from jaxedit import configs
+    from jaxedit.checkpoint import load_params
+    from tests.test_convert import _tiny_bfl_file
+    from tests.test_vae import SMALL, random_bfl_state_dict
+
+    # the tiny preset with a VAE of the real BFL structure (full ch_mult, 2 blocks per level)
+    preset = dataclasses.replace(configs.get("flux-kontext-tiny"), name="tiny-bfl-vae", vae=SMALL)
+    _, converted = tiny_kontext
+    src = tmp_path / "bfl"
+    src.mkdir()
+    dit = _tiny_bfl_file(src, preset.transformer).rename(src / "flux1-kontext-tiny.safetensors")
+    save_file(random_bfl_state_dict(preset.vae), str(src / "ae.safetensors"))
+    diffusers_dir = converted.parent / "diffusers"
+    for d in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+        shutil.copytree(diffusers_dir / d, src / d)
+
+    broken = tmp_path / "broken"
+    shutil.copytree(src, broken)
+    shutil.rmtree(broken / "text_encoder_2")
+    assert convert_cli(["pipeline", str(broken), str(tmp_path / "out_broken"), "--preset", "flux-kontext-tiny"]) == 2
+    assert not (tmp_path / "out_broken").exists()
+
+    dst = convert_pipeline(src, tmp_path / "out", preset)
+    for part, direct in (("transformer", load_transformer(dit, preset.transformer)),
+                         ("vae", load_vae(src / "ae.safetensors", preset.vae))):  # fmt: skip
+        restored = flatten(load_params(dst / part))
+        for k, v in flatten(direct).items():
+            np.testing.assert_array_equal(np.asarray(restored[k]), np.asarray(v))
+    pipe = KontextPipeline.load(dst, dtype=jnp.float32, auto_resize=False, compile_cache=False)
+    assert pipe(images(), PROMPTS, [0, 1], steps=1)[0].size == (W, H)

@@ -33,13 +33,17 @@ def _load(args):
     folder = Path(args.model) if args.model else DEFAULT_MODEL
     if not (folder / "jaxedit.json").is_file():
         raise SystemExit(f"error: {folder} is not a jaxedit model folder (no jaxedit.json)")
+    from jaxedit.model_folder import read_options
+
+    if read_options(folder).get("random_weights"):
+        print(f"note: {folder} holds RANDOM weights (a placeholder model): the output shows the pipeline runs, "
+              "it is not a real edit", file=sys.stderr)  # fmt: skip
     dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
-    return KontextPipeline.load(folder, dtype=dtype, auto_resize=not args.keep_size)
+    return KontextPipeline.load(folder, dtype=dtype, **({"auto_resize": False} if args.keep_size else {}))
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    from jaxedit import pipeline as P
 
     if argv[:1] == ["edit"]:
         p = argparse.ArgumentParser(prog="python -m infer edit", description="edit one image")
@@ -70,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         out = pipe.generate(
-            [prepared], [args.prompt], [args.seed], guidance=[args.guidance or P.DEFAULT_GUIDANCE],
-            steps=args.steps or P.DEFAULT_STEPS,
+            [prepared], [args.prompt], [args.seed], guidance=[args.guidance or pipe.default_guidance],
+            steps=args.steps or pipe.default_steps,
         )[0]  # fmt: skip
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         out.save(args.out)
@@ -99,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: manifest not found: {args.manifest}", file=sys.stderr)
         return 2
     pipe = _load(args)
-    defaults = {"steps": args.steps or P.DEFAULT_STEPS, "guidance": args.guidance or P.DEFAULT_GUIDANCE}
+    defaults = {"steps": args.steps or pipe.default_steps, "guidance": args.guidance or pipe.default_guidance}
     counts = run_job(pipe, Path(args.manifest), Path(args.out), batch_size=args.batch_size, defaults=defaults,
                      progress=not args.no_progress)  # fmt: skip
     print(f"{counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped (already done); "

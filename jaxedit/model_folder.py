@@ -5,6 +5,8 @@
     FOLDER/transformer/    Orbax checkpoint of each part's parameters
     FOLDER/vae/  FOLDER/t5/  FOLDER/clip/
     FOLDER/tokenizer/      CLIP tokenizer files    FOLDER/tokenizer_2/  T5 tokenizer files
+    (jaxedit.json may also hold "pipeline": {...}, the model's pipeline defaults, e.g.
+    {"auto_resize": false, "steps": 8, "guidance": 1.0} for a small model trained at its own sizes.)
 
 The architecture is stored in full (not only a preset name), so folders of models that
 have no registered preset (e.g. small models trained with jaxedit) load the same way.
@@ -29,9 +31,10 @@ PART_CONFIGS = {
 TOKENIZERS = {"clip": "tokenizer", "t5": "tokenizer_2"}
 
 
-def preset_to_dict(preset: configs.Preset) -> dict:
+def preset_to_dict(preset: configs.Preset, options: dict | None = None) -> dict:
     cfg = {p: dataclasses.asdict(getattr(preset, p)) for p in PART_CONFIGS if getattr(preset, p) is not None}
-    return {"format": FORMAT, "version": VERSION, "preset": preset.name, "family": preset.family, "config": cfg}
+    d = {"format": FORMAT, "version": VERSION, "preset": preset.name, "family": preset.family, "config": cfg}
+    return d | ({"pipeline": dict(options)} if options else {})
 
 
 def preset_from_dict(d: dict, where: str = "jaxedit.json") -> configs.Preset:
@@ -53,8 +56,14 @@ def preset_from_dict(d: dict, where: str = "jaxedit.json") -> configs.Preset:
     return configs.Preset(d.get("preset", "custom"), d.get("family", "flux-kontext"), **parts)
 
 
-def write_description(folder: Path, preset: configs.Preset) -> None:
-    (folder / "jaxedit.json").write_text(json.dumps(preset_to_dict(preset), indent=1) + "\n")
+def write_description(folder: Path, preset: configs.Preset, options: dict | None = None) -> None:
+    """options: pipeline defaults stored with the model (e.g. {"auto_resize": False})."""
+    (folder / "jaxedit.json").write_text(json.dumps(preset_to_dict(preset, options), indent=1) + "\n")
+
+
+def read_options(folder: str | Path) -> dict:
+    """The pipeline defaults stored with a model (empty if none)."""
+    return dict(json.loads((Path(folder) / "jaxedit.json").read_text()).get("pipeline", {}))
 
 
 def read_description(folder: str | Path) -> configs.Preset:

@@ -94,6 +94,7 @@ class KontextPipeline:
     ):
         self.preset, self.params, self.text_encoder = preset, params, text_encoder
         self.auto_resize = auto_resize
+        self.default_steps, self.default_guidance = DEFAULT_STEPS, DEFAULT_GUIDANCE
         self.devices = list(devices or jax.local_devices())
         self.flux = Flux(preset.transformer, dtype=dtype, param_dtype=dtype)
         self.vae = AutoEncoder(preset.vae, dtype=vae_dtype, param_dtype=vae_dtype)
@@ -108,7 +109,7 @@ class KontextPipeline:
         cls, folder: str | Path, *, dtype: Any = jnp.bfloat16, compile_cache: bool = True, **kw
     ) -> KontextPipeline:
         """Load a jaxedit model folder (see `jaxedit.model_folder`)."""
-        from jaxedit.model_folder import TOKENIZERS, load_parts, read_description
+        from jaxedit.model_folder import TOKENIZERS, load_parts, read_description, read_options
         from jaxedit.text import FluxTextEncoder, load_tokenizer
 
         if compile_cache:
@@ -125,7 +126,12 @@ class KontextPipeline:
             load_tokenizer(folder / TOKENIZERS["clip"]),
             dtype=dtype,
         )
-        return cls(preset, params, text, dtype=dtype, **kw)
+        options = read_options(folder)
+        kw.setdefault("auto_resize", options.get("auto_resize", True))
+        pipe = cls(preset, params, text, dtype=dtype, **kw)
+        pipe.default_steps = int(options.get("steps", DEFAULT_STEPS))
+        pipe.default_guidance = float(options.get("guidance", DEFAULT_GUIDANCE))
+        return pipe
 
     # ----------------------------------------------------------------------------------
     # the EditPipeline protocol of jaxedit.batch
@@ -160,14 +166,17 @@ class KontextPipeline:
         prompts: list[str],
         seeds: list[int],
         *,
-        steps: int = DEFAULT_STEPS,
-        guidance: float | list[float] = DEFAULT_GUIDANCE,
+        steps: int | None = None,
+        guidance: float | list[float] | None = None,
         width: int | None = None,
         height: int | None = None,
         latents: np.ndarray | None = None,
         output: str = "pil",
     ):
-        """Edit `images` (None: text-to-image) with `prompts`; one seed per item."""
+        """Edit `images` (None: text-to-image) with `prompts`; one seed per item. steps and
+        guidance default to the model folder's pipeline defaults."""
+        steps = steps or self.default_steps
+        guidance = self.default_guidance if guidance is None else guidance
         images = images if images is not None else [None] * len(prompts)
         prepared = [self.prepare(im, width, height) for im in images]
         if len({p.bucket for p in prepared}) != 1:

@@ -97,3 +97,15 @@ def test_single_edit_command(tmp_path, tiny_kontext, capsys):
     assert infer_main(["edit", "--model", str(model), "--image", str(tmp_path / "nope.png"), "--prompt", "x",
                        "--out", str(out)]) == 2  # fmt: skip
     assert "nope.png" in capsys.readouterr().err
+
+
+def test_readme_main_job_with_shipped_default_model(tmp_path, capsys):
+    """The README's first command: an edit of a shipped example with the default model folder."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "edited.png"
+    assert infer_main(["edit", "--image", str(root / "examples" / "shapes.png"), "--prompt", "make the red circle blue",
+                       "--out", str(out)]) == 0  # fmt: skip
+    assert Image.open(out).size == Image.open(root / "examples" / "shapes.png").size
+    assert f"wrote {out}" in capsys.readouterr().out

@@ -8,7 +8,6 @@ Tokenizers are trained offline here on a few sentences (nothing is downloaded).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import subprocess
 import sys
@@ -278,59 +277,13 @@ def test_clip_prefix_and_position_ids(tmp_path):
 # ---------------------------------------------------------------------------------------
 # FluxTextEncoder end to end (tokenizers trained here, FLUX repo folder layout)
 
-SENTENCES = [
-    "a photo of a cat sitting on a red sofa",
-    "turn the sky into a starry night over the old town",
-    "make the dog wear a small blue hat and a scarf",
-    "remove the person standing on the left side of the picture",
-    "add snow to the mountains, the roofs and the pine trees",
-    "the quick brown fox jumps over the lazy dog 12 times!",
-]
+from jaxedit.tokenizers_offline import SENTENCES, train_tokenizers  # noqa: E402
+
 PROMPTS = [
     "make the cat wear a blue hat",
     "Add snow!",
     " ".join(SENTENCES * 2),  # longer than both max lengths: truncated
 ]
-
-
-def train_tokenizers(root: Path) -> None:
-    """A Unigram tokenizer as T5's (`tokenizer_2/`) and a byte-level BPE as CLIP's (`tokenizer/`)."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
-
-    uni = Tokenizer(models.Unigram())
-    uni.pre_tokenizer = pre_tokenizers.Metaspace()
-    uni.train_from_iterator(
-        SENTENCES * 3,
-        trainers.UnigramTrainer(vocab_size=200, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>"),
-    )
-    vocab = [tuple(v) for v in json.loads(uni.to_str())["model"]["vocab"]]
-    t5_tok = transformers.T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
-    t5_tok.save_pretrained(root / "tokenizer_2")
-
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    split = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""  # CLIP's pre-tokenizer
-    bpe.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(split), behavior="removed", invert=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False),
-        ]
-    )
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, end_of_word_suffix="</w>", initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    bpe.train_from_iterator([s.lower() for s in SENTENCES] * 3, trainer)
-    model = json.loads(bpe.to_str())["model"]
-    clip_vocab = dict(model["vocab"])
-    for special in ("<|startoftext|>", "<|endoftext|>"):  # last ids, as in CLIP (EOS = largest id)
-        clip_vocab[special] = len(clip_vocab)
-    # FLUX's `tokenizer/` layout (files of the original CLIP release): vocab.json, merges.txt, tokenizer_config.json
-    clip_dir = root / "tokenizer"
-    clip_dir.mkdir(parents=True)
-    (clip_dir / "vocab.json").write_text(json.dumps(clip_vocab))
-    (clip_dir / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in model["merges"]))
-    special = dict(bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    config = dict(tokenizer_class="CLIPTokenizer", model_max_length=77, unk_token="<|endoftext|>", **special)
-    (clip_dir / "tokenizer_config.json").write_text(json.dumps(config))
 
 
 def test_flux_text_encoder_matches_diffusers(tmp_path):

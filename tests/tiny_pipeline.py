@@ -13,8 +13,9 @@ def build_diffusers_kontext(root: Path, seed: int = 0):
     import diffusers
     import transformers
 
+    from jaxedit.tokenizers_offline import train_tokenizers
     from tests.test_flux_parity import reference_model as flux_reference
-    from tests.test_text_encoders import hf_clip, hf_t5, saved, train_tokenizers
+    from tests.test_text_encoders import hf_clip, hf_t5, saved
     from tests.test_vae import reference_model as vae_reference
 
     preset = configs.get("flux-kontext-tiny")

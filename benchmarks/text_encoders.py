@@ -11,25 +11,16 @@ each side, their ratio and the agreement of the outputs.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from common import timed  # benchmarks/common.py
 
 from jaxedit.configs import CLIPTextConfig, T5Config
 from jaxedit.models import CLIPTextModel, T5Encoder
-
-
-def timed(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def rel(a, b) -> float:

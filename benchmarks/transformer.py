@@ -11,13 +11,13 @@
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from common import timed  # benchmarks/common.py
 
 from jaxedit.configs import FluxConfig
 from jaxedit.models import Flux
@@ -44,15 +44,6 @@ def jax_args(x):
     b = x["img"].shape[0]
     bc = lambda a: jnp.broadcast_to(a, (b, *a.shape))  # noqa: E731
     return (x["img"], bc(x["img_ids"]), x["txt"], bc(x["txt_ids"]), x["t"], x["y"], x["guidance"])
-
-
-def timed(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ import statistics
 import tempfile
 import time
 
+import common  # noqa: F401  (benchmarks/common.py: puts the repo root on sys.path)
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -87,20 +88,9 @@ def main() -> None:
     memory(cfg, args.memory_size)
 
     # 2. time, ours vs diffusers, same weights
-    ref = diffusers.AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=cfg.z_channels,
-        down_block_types=("DownEncoderBlock2D",) * len(cfg.ch_mult),
-        up_block_types=("UpDecoderBlock2D",) * len(cfg.ch_mult),
-        block_out_channels=tuple(cfg.ch * m for m in cfg.ch_mult),
-        layers_per_block=cfg.num_res_blocks,
-        norm_num_groups=cfg.norm_groups,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        scaling_factor=cfg.scale_factor,
-        shift_factor=cfg.shift_factor,
-    ).eval()
+    from tests.test_vae import reference_model  # the parity tests' diffusers VAE, every parameter random
+
+    ref = reference_model(cfg)
     with tempfile.TemporaryDirectory() as d:
         ref.save_pretrained(d)
         params = load_vae(d, cfg)

@@ -1,0 +1,22 @@
+"""Shared benchmark helpers."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python benchmarks/x.py` from anywhere: reach the tests' reference builders
+    sys.path.insert(0, str(ROOT))
+
+
+def timed(fn, repeats: int = 3) -> float:
+    """Median wall time of `fn()` over `repeats` calls (seconds)."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)

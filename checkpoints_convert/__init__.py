@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from checkpoints_convert import flux as flux_tables
+from checkpoints_convert import step1x as step1x_tables
 from checkpoints_convert import text as text_tables
 from checkpoints_convert import vae as vae_tables
 from checkpoints_convert.mapping import ConversionError, Plan, convert, flatten, plan, unflatten
@@ -33,6 +34,7 @@ __all__ = [
     "load_transformer",
     "load_vae",
     "open_part",
+    "part_config",
     "plan_part",
     "shapes_of",
 ]
@@ -72,6 +74,12 @@ def _transformer_rules(source, cfg, fmt):
     prefix = flux_tables.strip_bfl_prefix(source.shapes)
     if prefix:
         source.strip(prefix)
+    if isinstance(cfg, step1x_tables.Step1XSpec):  # Step1X-Edit: BFL DiT + connector in one file
+        if fmt not in (None, step1x_tables.FORMAT):
+            raise ConversionError(f"a Step1X-Edit transformer is read in layout {step1x_tables.FORMAT!r}, not {fmt!r}")
+        return step1x_tables.step1x_rules(cfg), step1x_tables.FORMAT
+    if fmt == step1x_tables.FORMAT:
+        raise ConversionError("format 'step1x' needs a Step1X-Edit preset (one with a connector)")
     fmt = fmt or flux_tables.detect_format(source.shapes)
     return flux_tables.rules_for(fmt, cfg), fmt
 
@@ -101,6 +109,14 @@ def _targets(module: str):
     return targets
 
 
+def _transformer_targets(cfg):
+    if isinstance(cfg, step1x_tables.Step1XSpec):
+        from jaxedit.models import step1x
+
+        return shapes_of(step1x.abstract_params(cfg.dit, cfg.connector))
+    return _targets("flux")(cfg)
+
+
 @dataclasses.dataclass(frozen=True)
 class Part:
     rules: Callable  # (source, cfg, fmt) -> (rules, fmt); may strip a key prefix from the source
@@ -110,11 +126,20 @@ class Part:
 
 # name -> Part; the name is also the Preset attribute holding the part's config
 PARTS: dict[str, Part] = {
-    "transformer": Part(_transformer_rules, _targets("flux"), ("bfl", "diffusers")),
+    "transformer": Part(_transformer_rules, _transformer_targets, ("bfl", "diffusers", step1x_tables.FORMAT)),
     "vae": Part(_vae_rules, _targets("autoencoder"), vae_tables.FORMATS),
     "t5": Part(_t5_rules, _targets("t5"), text_tables.FORMATS),
     "clip": Part(_clip_rules, _targets("clip"), text_tables.FORMATS),
 }
+
+
+def part_config(preset, part: str):
+    """The config `load_part(part, ...)` takes for a preset: the preset's attribute of that name,
+    except a Step1X-Edit transformer: `Step1XSpec(DiT config, connector config)` (one file holds both)."""
+    cfg = getattr(preset, part)
+    if part == "transformer" and cfg is not None and preset.connector is not None:
+        return step1x_tables.Step1XSpec.of(preset)
+    return cfg
 
 
 def plan_part(part: str, source, cfg, fmt: str | None = None, *, ignore: Ignore | None = None) -> Plan:
@@ -160,7 +185,9 @@ def load_part(
 
 def load_transformer(path, cfg, fmt=None, **kw) -> dict:
     """FLUX transformer: a BFL file (also with `model.diffusion_model.`), a sharded folder with
-    its index, or a diffusers `transformer/` folder -> `Flux(cfg)` params. See `load_part`."""
+    its index, or a diffusers `transformer/` folder -> `Flux(cfg)` params; with cfg a
+    `Step1XSpec` (`part_config(preset, "transformer")`), Step1X-Edit's file -> `Step1XEdit`
+    params. See `load_part`."""
     return load_part("transformer", path, cfg, fmt, **kw)
 
 

@@ -21,7 +21,7 @@ def _dtype(name: str | None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from checkpoints_convert import PARTS, ConversionError, load_part
+    from checkpoints_convert import PARTS, ConversionError, load_part, part_config
     from jaxedit import configs
 
     parser = argparse.ArgumentParser(prog="python -m checkpoints_convert", description=__doc__)
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         t.add_argument("--force", action="store_true", help="overwrite DST")
     pp = sub.add_parser(
-        "pipeline", help="a whole FLUX / Kontext release (diffusers or BFL layout) -> jaxedit model folder"
+        "pipeline", help="a whole FLUX / Kontext or Step1X-Edit release (diffusers or BFL layout) -> model folder"
     )
     pp.add_argument(
         "src", help="diffusers folder (model_index.json) or folder with the BFL files + text encoder folders"
@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for name in ("transformer", "vae", "t5", "clip", "tokenizer", "tokenizer_2"):
         pp.add_argument(f"--{name.replace('_', '-')}", dest=f"path_{name}", default=None, help=f"path of the {name}")
+    pp.add_argument("--qwen", default=None, help="Step1X-Edit: the Qwen2.5-VL-7B-Instruct folder to record")
     pp.add_argument("--force", action="store_true", help="overwrite DST")
     args = parser.parse_args(argv)
 
@@ -69,14 +70,15 @@ def main(argv: list[str] | None = None) -> int:
         overrides = {k[5:]: v for k, v in vars(args).items() if k.startswith("path_") and v}
         try:
             out = convert_pipeline(
-                args.src, args.dst, preset, dtype=_dtype(args.dtype), overrides=overrides, force=args.force
-            )
+                args.src, args.dst, preset, dtype=_dtype(args.dtype), overrides=overrides, force=args.force,
+                qwen=args.qwen,
+            )  # fmt: skip
         except (ConversionError, FileNotFoundError, FileExistsError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         print(f"wrote model folder {out}")
         return 0
-    cfg = getattr(preset, args.part)
+    cfg = part_config(preset, args.part)
     if cfg is None:
         print(f"error: preset {preset.name} has no {args.part}", file=sys.stderr)
         return 2

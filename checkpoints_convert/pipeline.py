@@ -5,7 +5,10 @@ Sources:
     text_encoder_2/ (T5), tokenizer/, tokenizer_2/;
   - a BFL-style folder: the DiT file (e.g. flux1-kontext-dev.safetensors) and ae.safetensors
     at the top, plus text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/ folders;
-  - either, with any part pointed at explicitly (`overrides`).
+  - either, with any part pointed at explicitly (`overrides`);
+  - a Step1X-Edit release: `step1x-edit-i1258.safetensors` (DiT + connector) and
+    `vae.safetensors` at the top; its Qwen2.5-VL-7B-Instruct folder is recorded in the model
+    folder's description (`qwen`), not converted.
 Every part is located and checked against the preset (names and shapes, from the file
 headers) before any tensor is converted: a missing or inconsistent part fails first,
 naming what is wrong. See `jaxedit.model_folder` for the output layout.
@@ -13,12 +16,13 @@ naming what is wrong. See `jaxedit.model_folder` for the output layout.
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from checkpoints_convert import PARTS, ConversionError, open_part
+from checkpoints_convert import PARTS, ConversionError, open_part, part_config
 from checkpoints_convert.mapping import convert, unflatten
 from checkpoints_convert.source import SafetensorsSource
 from jaxedit.configs import Preset
@@ -27,8 +31,9 @@ from jaxedit.model_folder import TOKENIZERS, write_description
 DIFFUSERS_DIRS = {"transformer": "transformer", "vae": "vae", "clip": "text_encoder", "t5": "text_encoder_2"}
 
 
-def _classify_top_files(src: Path) -> dict[str, Path]:
-    """BFL layout: which top-level .safetensors is the DiT and which the VAE (from their keys)."""
+def _classify_top_files(src: Path, skip=()) -> dict[str, Path]:
+    """BFL layout: which top-level .safetensors is the DiT and which the VAE (from their keys).
+    Parts in `skip` (given explicitly) are not looked for."""
     found: dict[str, Path] = {}
     for f in sorted(src.glob("*.safetensors")):
         keys = SafetensorsSource(f).shapes
@@ -37,6 +42,8 @@ def _classify_top_files(src: Path) -> dict[str, Path]:
         elif "encoder.conv_in.weight" in keys or "decoder.conv_out.weight" in keys:
             part = "vae"
         else:
+            continue
+        if part in skip:
             continue
         if part in found:
             raise ConversionError(f"{src}: two {part} checkpoints ({found[part].name}, {f.name}); pick one explicitly")
@@ -54,7 +61,7 @@ def locate(src: str | Path, preset: Preset, overrides: dict[str, str | Path] | N
     if (src / "model_index.json").is_file():
         paths = {p: src / DIFFUSERS_DIRS[p] for p in needed}
     else:
-        top = _classify_top_files(src)
+        top = _classify_top_files(src, skip=set(overrides))
         paths = {p: top.get(p, src / DIFFUSERS_DIRS[p]) for p in needed}
     for p in needed:
         if getattr(preset, p) is not None and p in TOKENIZERS:
@@ -74,18 +81,33 @@ def convert_pipeline(
     dtype: Any = None,
     overrides: dict[str, str | Path] | None = None,
     force: bool = False,
+    qwen: str | Path | None = None,
     log=print,
 ) -> Path:
-    """Check every part, then convert them one by one into the model folder `dst`."""
+    """Check every part, then convert them one by one into the model folder `dst`.
+
+    qwen: Step1X-Edit's Qwen2.5-VL folder, recorded (absolute path) in the description."""
     from jaxedit.checkpoint import save_params
 
     dst = Path(dst)
     if dst.exists() and any(dst.iterdir()) and not force:
         raise FileExistsError(f"{dst} exists and is not empty (use force=True / --force)")
+    if qwen is not None:
+        if preset.connector is None:
+            raise ConversionError(f"preset {preset.name} takes no Qwen2.5-VL folder (not Step1X-Edit)")
+        qwen = Path(qwen).resolve()
+        if not (qwen / "config.json").is_file():
+            raise FileNotFoundError(f"Qwen2.5-VL folder not found: {qwen} (no config.json)")
+        qcfg = json.loads((qwen / "config.json").read_text())
+        hidden = qcfg.get("text_config", {}).get("hidden_size", qcfg.get("hidden_size"))
+        if hidden != preset.connector.in_channels:
+            raise ConversionError(
+                f"{qwen}: hidden size {hidden} != the connector's in_channels {preset.connector.in_channels}"
+            )
     paths = locate(src, preset, overrides)
     opened = {}
     for part in PARTS:
-        cfg = getattr(preset, part)
+        cfg = part_config(preset, part)
         if cfg is not None:
             opened[part] = open_part(part, paths[part], cfg)  # raises before anything is converted
     log(f"checked {', '.join(f'{p} ({o[1].fmt})' for p, o in opened.items())} against preset {preset.name}")
@@ -101,5 +123,12 @@ def convert_pipeline(
     for part, folder in TOKENIZERS.items():
         if part in opened:
             shutil.copytree(paths[folder], dst / folder)
-    write_description(dst, preset)
+    if preset.connector is not None:
+        from jaxedit.step1x_text import QwenEmbedderConfig
+
+        write_description(dst, preset, qwen_path=qwen, qwen_config=QwenEmbedderConfig(preset.connector.in_channels))
+        if qwen is None:
+            log("note: no Qwen2.5-VL folder recorded; give one at inference (python -m infer ... --qwen PATH)")
+    else:
+        write_description(dst, preset)
     return dst

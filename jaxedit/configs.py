@@ -50,6 +50,34 @@ class FluxConfig:
 
 
 @dataclass(frozen=True)
+class ConnectorConfig:
+    """Step1X-Edit's Qwen2 connector (S1X `Qwen2Connector`): LLM hidden states -> DiT text
+    tokens [B, L, hidden_size] and a pooled vector [B, pooled_dim]."""
+
+    in_channels: int = 3584  # Qwen2.5-VL-7B hidden size
+    hidden_size: int = 4096  # = the DiT's context_in_dim
+    num_heads: int = 32
+    depth: int = 2  # token refiner blocks
+    mlp_ratio: float = 4.0
+    pooled_dim: int = 768  # = the DiT's vec_in_dim
+    qkv_bias: bool = True
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"ConnectorConfig: hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def mlp_hidden_dim(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+
+@dataclass(frozen=True)
 class AutoEncoderConfig:
     """The FLUX 16-channel VAE (BFL `AutoEncoderParams`; Step1X-Edit ships the same)."""
 
@@ -143,6 +171,7 @@ class Preset:
     vae: AutoEncoderConfig | None = None
     t5: T5Config | None = None
     clip: CLIPTextConfig | None = None
+    connector: ConnectorConfig | None = None  # Step1X-Edit: stored in the transformer checkpoint
 
 
 FLUX_DEV = FluxConfig()
@@ -184,6 +213,58 @@ register(
         _TINY_VAE,
         _TINY_T5,
         _TINY_CLIP,
+    )
+)
+
+# The shipped default model (models/default): a small FLUX.1 Kontext-architecture model trained
+# with jaxedit on the synthetic shapes-editing task (jaxedit.data.shapes, 64x64 images).
+# Text encoders keep their random initialisation (frozen, as FLUX's are); see docs/default_model.md.
+register(
+    Preset(
+        "flux-kontext-shapes",
+        "flux-kontext",
+        FluxConfig(
+            context_in_dim=64,
+            vec_in_dim=64,
+            hidden_size=128,
+            num_heads=2,
+            depth=2,
+            depth_single_blocks=4,
+            axes_dim=(16, 24, 24),
+        ),
+        AutoEncoderConfig(
+            ch=16, ch_mult=(1, 2, 4, 4), num_res_blocks=1, norm_groups=8, scale_factor=1.0, shift_factor=0.0
+        ),
+        T5Config(vocab_size=256, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, max_length=16),
+        CLIPTextConfig(
+            vocab_size=512,
+            hidden_size=64,
+            intermediate_size=128,
+            num_layers=2,
+            num_heads=4,
+            max_length=16,
+            max_position_embeddings=16,
+        ),
+    )
+)
+
+# Step1X-Edit: the FLUX DiT without guidance_in, text from Qwen2.5-VL through the connector.
+register(
+    Preset(
+        "step1x-edit",
+        "step1x-edit",
+        dataclasses.replace(FLUX_DEV, guidance_embed=False),
+        FLUX_VAE,
+        connector=ConnectorConfig(),
+    )
+)
+register(
+    Preset(
+        "step1x-edit-tiny",
+        "step1x-edit",
+        dataclasses.replace(_TINY, guidance_embed=False),
+        _TINY_VAE,
+        connector=ConnectorConfig(in_channels=28, hidden_size=32, num_heads=4, pooled_dim=24),
     )
 )
 

@@ -5,6 +5,8 @@
 
 Manifest lines: {"image": path, "prompt": str, optional "id", "seed", "steps", "guidance",
 "width", "height"}; outputs DIR/<id>.png and DIR/results.jsonl. Exit code 1 if any item failed.
+The model family comes from the folder's jaxedit.json: FLUX.1 Kontext, or Step1X-Edit (its
+Qwen2.5-VL folder is the one recorded there, or --qwen PATH).
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the pipeline's)")
     p.add_argument("--guidance", type=float, default=None, help="guidance value (default: the pipeline's)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="transformer/text dtype")
-    p.add_argument("--keep-size", action="store_true", help="keep the input size (floored to 16) instead of Kontext's")
+    p.add_argument("--keep-size", action="store_true", help="keep the input size (floored to 16), do not resize it")
+    p.add_argument("--qwen", default=None, help="Step1X-Edit: Qwen2.5-VL folder (default: the one the model records)")
+    p.add_argument("--size-level", type=int, default=None, help="Step1X-Edit: working area size_level^2 (default 512)")
 
 
 def _load(args):
@@ -33,12 +37,20 @@ def _load(args):
     folder = Path(args.model) if args.model else DEFAULT_MODEL
     if not (folder / "jaxedit.json").is_file():
         raise SystemExit(f"error: {folder} is not a jaxedit model folder (no jaxedit.json)")
-    from jaxedit.model_folder import read_options
+    from jaxedit.model_folder import read_description, read_options
 
     if read_options(folder).get("random_weights"):
         print(f"note: {folder} holds RANDOM weights (a placeholder model): the output shows the pipeline runs, "
               "it is not a real edit", file=sys.stderr)  # fmt: skip
     dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
+    if read_description(folder).family == "step1x-edit":
+        from jaxedit.step1x_pipeline import Step1XEditPipeline
+
+        kw = {"size_level": None} if args.keep_size else {"size_level": args.size_level} if args.size_level else {}
+        try:
+            return Step1XEditPipeline.load(folder, dtype=dtype, qwen=args.qwen, **kw)
+        except FileNotFoundError as e:
+            raise SystemExit(f"error: {e}") from None
     return KontextPipeline.load(folder, dtype=dtype, **({"auto_resize": False} if args.keep_size else {}))
 
 

@@ -8,6 +8,11 @@
     (jaxedit.json may also hold "pipeline": {...}, the model's pipeline defaults, e.g.
     {"auto_resize": false, "steps": 8, "guidance": 1.0} for a small model trained at its own sizes.)
 
+Step1X-Edit folders (family "step1x-edit") hold transformer/ (DiT + connector) and vae/; their
+description adds "connector": {...} to "config" and "qwen": {"path": ..., "config": {...}}, the
+Qwen2.5-VL folder (recorded, not converted; relative paths are relative to FOLDER) and the
+`jaxedit.step1x_text.QwenEmbedderConfig`.
+
 The architecture is stored in full (not only a preset name), so folders of models that
 have no registered preset (e.g. small models trained with jaxedit) load the same way.
 """
@@ -29,10 +34,12 @@ PART_CONFIGS = {
     "clip": configs.CLIPTextConfig,
 }
 TOKENIZERS = {"clip": "tokenizer", "t5": "tokenizer_2"}
+# configs in the description: the parts (one folder each) and the connector (inside transformer/)
+DESCRIBED_CONFIGS = PART_CONFIGS | {"connector": configs.ConnectorConfig}
 
 
 def preset_to_dict(preset: configs.Preset, options: dict | None = None) -> dict:
-    cfg = {p: dataclasses.asdict(getattr(preset, p)) for p in PART_CONFIGS if getattr(preset, p) is not None}
+    cfg = {p: dataclasses.asdict(getattr(preset, p)) for p in DESCRIBED_CONFIGS if getattr(preset, p) is not None}
     d = {"format": FORMAT, "version": VERSION, "preset": preset.name, "family": preset.family, "config": cfg}
     return d | ({"pipeline": dict(options)} if options else {})
 
@@ -41,7 +48,7 @@ def preset_from_dict(d: dict, where: str = "jaxedit.json") -> configs.Preset:
     if d.get("format") != FORMAT or d.get("version") != VERSION:
         raise ValueError(f"{where}: not a jaxedit model folder description (format {d.get('format')!r})")
     parts = {}
-    for part, cls in PART_CONFIGS.items():
+    for part, cls in DESCRIBED_CONFIGS.items():
         raw = d.get("config", {}).get(part)
         if raw is None:
             parts[part] = None
@@ -56,9 +63,28 @@ def preset_from_dict(d: dict, where: str = "jaxedit.json") -> configs.Preset:
     return configs.Preset(d.get("preset", "custom"), d.get("family", "flux-kontext"), **parts)
 
 
-def write_description(folder: Path, preset: configs.Preset, options: dict | None = None) -> None:
-    """options: pipeline defaults stored with the model (e.g. {"auto_resize": False})."""
-    (folder / "jaxedit.json").write_text(json.dumps(preset_to_dict(preset, options), indent=1) + "\n")
+def write_description(
+    folder: Path, preset: configs.Preset, options: dict | None = None, *, qwen_path=None, qwen_config=None
+) -> None:
+    """options: pipeline defaults stored with the model (e.g. {"auto_resize": False}).
+    qwen_path / qwen_config: Step1X-Edit's Qwen2.5-VL folder and `QwenEmbedderConfig` (default config if None)."""
+    d = preset_to_dict(preset, options)
+    if qwen_path is not None or qwen_config is not None or preset.family == "step1x-edit":
+        from jaxedit.step1x_text import QwenEmbedderConfig
+
+        cfg = dataclasses.asdict(qwen_config or QwenEmbedderConfig())
+        d["qwen"] = {"path": None if qwen_path is None else str(qwen_path), "config": cfg}
+    (folder / "jaxedit.json").write_text(json.dumps(d, indent=1) + "\n")
+
+
+def read_qwen(folder: str | Path):
+    """(Qwen2.5-VL folder or None if none is recorded, QwenEmbedderConfig) of a Step1X-Edit model folder."""
+    from jaxedit.step1x_text import QwenEmbedderConfig
+
+    folder = Path(folder)
+    q = json.loads((folder / "jaxedit.json").read_text()).get("qwen") or {}
+    path = q.get("path")
+    return (None if path is None else folder / Path(path)), QwenEmbedderConfig.from_dict(q.get("config", {}))
 
 
 def read_options(folder: str | Path) -> dict:

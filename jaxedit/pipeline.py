@@ -250,3 +250,11 @@ class KontextPipeline:
             rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
             self._placed = {n: jax.device_put(self.params, rep)}  # keep one placement at a time
         return self._placed[n]
+
+
+def __getattr__(name: str):
+    if name == "Step1XEditPipeline":  # defined in jaxedit.step1x_pipeline, which imports this module
+        from jaxedit.step1x_pipeline import Step1XEditPipeline
+
+        return Step1XEditPipeline
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,6 +11,7 @@ pipeline, CLI and docs have a model folder to run before a trained one is availa
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import jax
@@ -34,12 +35,20 @@ def random_params(preset: configs.Preset, seed: int = 0) -> dict:
         jnp.zeros((b,)) if cfg.guidance_embed else None,
     )  # fmt: skip
     ids = jnp.zeros((b, 8), jnp.int32)
+    if preset.connector is not None:  # Step1X-Edit: the DiT fed by the Qwen2 connector
+        from jaxedit.models.step1x import Step1XEdit
+
+        llm = (jnp.zeros((b, l, preset.connector.in_channels)), jnp.ones((b, l), jnp.int32))
+        transformer = (Step1XEdit(cfg, connector_cfg=preset.connector), (*flux_args[:2], *llm, flux_args[4]))
+    else:
+        transformer = (Flux(cfg), flux_args)
     modules = {
-        "transformer": (Flux(cfg), flux_args),
+        "transformer": transformer,
         "vae": (AutoEncoder(preset.vae), (jnp.zeros((b, 16, 16, 3)),)),
-        "t5": (T5Encoder(preset.t5), (ids,)),
-        "clip": (CLIPTextModel(preset.clip), (ids,)),
+        "t5": (T5Encoder(preset.t5), (ids,)) if preset.t5 is not None else None,
+        "clip": (CLIPTextModel(preset.clip), (ids,)) if preset.clip is not None else None,
     }
+    modules = {k: v for k, v in modules.items() if v is not None}  # Step1X-Edit has no T5 / CLIP
     out = {}
     for i, (part, (module, args)) in enumerate(modules.items()):
         params = jax.jit(module.init)(jax.random.fold_in(key, i), *args)["params"]
@@ -50,7 +59,22 @@ def random_params(preset: configs.Preset, seed: int = 0) -> dict:
     return out
 
 
-def make_random_model(out: str | Path, preset_name: str = "flux-kontext-tiny", seed: int = 0) -> Path:
+RANDOM_OPTIONS = {"auto_resize": False, "steps": 8, "guidance": 2.5, "random_weights": True}
+
+
+def make_random_model(
+    out: str | Path,
+    preset_name: str = "flux-kontext-tiny",
+    seed: int = 0,
+    *,
+    vocabulary: str = "default",
+    options: dict | None = None,
+) -> Path:
+    """A model folder with random weights; tokenizers trained on `vocabulary` (default | shapes).
+
+    The starting point of a model trained with jaxedit: `python -m train` then trains its VAE
+    and transformer in place (its text encoders stay random and frozen).
+    """
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty")
@@ -58,8 +82,15 @@ def make_random_model(out: str | Path, preset_name: str = "flux-kontext-tiny", s
     preset = configs.get(preset_name)
     for part, params in random_params(preset, seed).items():
         save_params(out / part, params)
-    train_tokenizers(out)
-    write_description(out, preset, {"auto_resize": False, "steps": 8, "guidance": 2.5, "random_weights": True})
+    if vocabulary == "shapes":
+        from jaxedit.data.shapes import vocabulary as shapes_vocabulary
+
+        train_tokenizers(out, shapes_vocabulary(), whole_words=True)
+    elif vocabulary == "default":
+        train_tokenizers(out)
+    else:
+        raise ValueError(f"vocabulary {vocabulary!r}: use 'default' or 'shapes'")
+    write_description(out, preset, RANDOM_OPTIONS if options is None else options)
     return out
 
 
@@ -68,8 +99,11 @@ def main() -> None:
     p.add_argument("out")
     p.add_argument("--preset", default="flux-kontext-tiny", choices=configs.names())
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vocabulary", default="default", choices=["default", "shapes"], help="tokenizer training text")
+    p.add_argument("--options", type=json.loads, default=None, help="pipeline defaults as JSON, e.g. '{\"steps\": 8}'")
     args = p.parse_args()
-    print(f"wrote random-weight model folder {make_random_model(args.out, args.preset, args.seed)}")
+    folder = make_random_model(args.out, args.preset, args.seed, vocabulary=args.vocabulary, options=args.options)
+    print(f"wrote random-weight model folder {folder}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ Mirrors diffusers' `FluxPipeline._get_t5_prompt_embeds` / `_get_clip_prompt_embe
 truncates (T5: `max_sequence_length`, 512 by default; CLIP: 77), no attention mask is
 passed to either encoder; `txt` is T5's last hidden state, `y` is CLIP's pooled output.
 
+Step1X-Edit's Qwen2.5-VL conditioning is `Step1XQwenEmbedder` (jaxedit.step1x_text, re-exported here).
+
 Tokenizers are read from local folders only (FLUX repo layout: `tokenizer/` is CLIP's,
 `tokenizer_2/` is T5's), never from the hub.
 """
@@ -25,6 +27,7 @@ from jaxedit.configs import CLIPTextConfig, Preset, T5Config
 from jaxedit.configs import get as get_preset
 from jaxedit.models.clip import CLIPTextModel
 from jaxedit.models.t5 import T5Encoder
+from jaxedit.step1x_text import Step1XQwenEmbedder  # noqa: F401  (Step1X-Edit's Qwen2.5-VL conditioning)
 
 log = logging.getLogger(__name__)
 

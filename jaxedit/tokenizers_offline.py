@@ -1,8 +1,10 @@
-"""Small CLIP- and T5-style tokenizers trained offline (nothing downloaded).
+"""Small CLIP-, T5- and Qwen2-style tokenizers trained offline (nothing downloaded).
 
 For tests, demos and small models trained with jaxedit: a Unigram tokenizer saved as a
 transformers T5Tokenizer (`tokenizer_2/`) and a byte-level BPE with CLIP's pre-tokenizer
-saved in the original CLIP release layout (`tokenizer/`: vocab.json, merges.txt).
+saved in the original CLIP release layout (`tokenizer/`: vocab.json, merges.txt); a
+byte-level BPE with Qwen2's pre-tokenizer, special tokens and Qwen2-VL chat template (tiny
+Qwen2.5-VL models for Step1X-Edit tests).
 """
 
 from __future__ import annotations
@@ -22,19 +24,37 @@ SENTENCES = [
 
 
 def train_tokenizers(
-    root: Path, sentences: Sequence[str] = SENTENCES, t5_vocab: int = 200, clip_vocab: int = 400
+    root: Path,
+    sentences: Sequence[str] = SENTENCES,
+    t5_vocab: int = 200,
+    clip_vocab: int = 400,
+    *,
+    whole_words: bool = False,
 ) -> None:
-    """A Unigram tokenizer as T5's (`tokenizer_2/`) and a byte-level BPE as CLIP's (`tokenizer/`)."""
+    """A Unigram tokenizer as T5's (`tokenizer_2/`) and a byte-level BPE as CLIP's (`tokenizer/`).
+
+    whole_words: give the Unigram model every word of `sentences` as one piece (plus single
+    characters as a fallback), for a small closed vocabulary; the Unigram trainer on a few
+    hundred short sentences otherwise keeps mostly single characters.
+    """
     import transformers
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
 
-    uni = Tokenizer(models.Unigram())
-    uni.pre_tokenizer = pre_tokenizers.Metaspace()
-    uni.train_from_iterator(
-        list(sentences) * 3,
-        trainers.UnigramTrainer(vocab_size=t5_vocab, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>"),
-    )
-    vocab = [tuple(v) for v in json.loads(uni.to_str())["model"]["vocab"]]
+    specials = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    if whole_words:
+        words = sorted({w for s in sentences for w in s.split()})
+        chars = sorted({c for w in words for c in w})
+        vocab = specials + [("\u2581" + w, -1.0) for w in words] + [("\u2581", -4.0)] + [(c, -5.0) for c in chars]
+        if len(vocab) > t5_vocab:
+            raise ValueError(f"{len(vocab)} whole-word pieces exceed t5_vocab {t5_vocab}")
+    else:
+        uni = Tokenizer(models.Unigram())
+        uni.pre_tokenizer = pre_tokenizers.Metaspace()
+        uni.train_from_iterator(
+            list(sentences) * 3,
+            trainers.UnigramTrainer(vocab_size=t5_vocab, special_tokens=[s for s, _ in specials], unk_token="<unk>"),
+        )
+        vocab = [tuple(v) for v in json.loads(uni.to_str())["model"]["vocab"]]
     t5_tok = transformers.T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
     t5_tok.save_pretrained(root / "tokenizer_2")
 
@@ -62,3 +82,56 @@ def train_tokenizers(
     special = dict(bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>")
     config = dict(tokenizer_class="CLIPTokenizer", model_max_length=77, unk_token="<|endoftext|>", **special)
     (clip_dir / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+QWEN_SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+QWEN2_VL_CHAT_TEMPLATE = (  # the Qwen2-VL / Qwen2.5-VL processor template (chat_template.json)
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video {{ video_count.value }}: "
+    "{% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}"
+    "{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% endif %}"
+)
+
+
+def train_qwen_tokenizer(out: Path, sentences: Sequence[str] = SENTENCES, vocab: int = 600) -> dict[str, int]:
+    """A byte-level BPE with Qwen2's pre-tokenizer saved as a transformers Qwen2Tokenizer (with
+    Qwen2-VL's special tokens and chat template) at `out`; returns the special tokens' ids.
+
+    Trained on `sentences` plus curly-quoted text, so “ and ” are single tokens as in Qwen2.
+    """
+    import transformers
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    bpe = Tokenizer(models.BPE())
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    extra = ["\u201c\u201d" * 8, "a sign that says \u201cOPEN\u201d", 'write "Hi" on it']
+    trainer = trainers.BpeTrainer(vocab_size=vocab, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator((list(sentences) + extra) * 3, trainer)
+    model = json.loads(bpe.to_str())["model"]
+    tok = transformers.Qwen2Tokenizer(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]])
+    tok.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIAL_TOKENS)})
+    tok.chat_template = QWEN2_VL_CHAT_TEMPLATE
+    tok.save_pretrained(out)
+    return dict(zip(QWEN_SPECIAL_TOKENS, tok.convert_tokens_to_ids(list(QWEN_SPECIAL_TOKENS))))

@@ -23,3 +23,12 @@ def tiny_kontext(tmp_path_factory):
     dst = root / "jax"
     assert convert_cli(["pipeline", str(root / "diffusers"), str(dst), "--preset", "flux-kontext-tiny"]) == 0
     return ref, dst
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen(tmp_path_factory):
+    """(folder of a tiny random Qwen2.5-VL with an offline tokenizer, its QwenEmbedderConfig)."""
+    pytest.importorskip("torch")
+    from tests.tiny_qwen import build_tiny_qwen
+
+    return build_tiny_qwen(tmp_path_factory.mktemp("qwen"))

@@ -1,0 +1,1 @@
+"""Training and evaluation data generators (`shapes`: the synthetic coloured-shapes editing task)."""

@@ -1,0 +1,260 @@
+"""Step1X-Edit editing pipeline (S1X `inference.py` ImageGenerator.generate_image).
+
+    pipe = Step1XEditPipeline.load("/models/jax/step1x-edit")          # Qwen2.5-VL folder recorded there
+    images = pipe([Image.open("cat.png")], ["make the cat wear a hat"], seeds=[0])
+
+Steps: the reference image is resized to about size_level^2 pixels (aspect kept, sides
+floored to 16; PIL bicubic), scaled to [-1, 1] and VAE-encoded (float32, the latent mean;
+the reference samples the posterior); Qwen2.5-VL embeds (instruction, image) and ("", image)
+(`jaxedit.step1x_text`); the target starts from per-item seeded noise of the same size, its
+ids equal the reference's (index 0); one jitted program runs the whole Euler loop with
+classifier-free guidance on the batch [prompts | negative prompts], w = 6.0 by default,
+reference tokens held fixed (`jaxedit.step1x_sampling.denoise_cfg`); decode, clip, truncate
+to uint8 as torchvision's to_pil_image, and resize back to the input's size (bicubic).
+
+The Qwen model runs in PyTorch; without it (`load(..., text_encoder=False)`) pass the
+embeddings yourself: `llm=(embeddings [2B, L, C], mask [2B, L])`, rows 0..B-1 for the
+prompts and B..2B-1 for the negative prompts (e.g. from `Step1XQwenEmbedder.encode` or
+its cache files).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from jaxedit import configs, sampling
+from jaxedit import sharding as sh
+from jaxedit.models.autoencoder import AutoEncoder
+from jaxedit.models.step1x import Step1XEdit
+from jaxedit.pipeline import KontextPipeline, _check_side, enable_compilation_cache, to_model_input
+from jaxedit.step1x_sampling import denoise_cfg, edit_ids, model_fn, step1x_size
+
+DEFAULT_STEPS, DEFAULT_GUIDANCE, DEFAULT_SIZE_LEVEL = 28, 6.0, 512  # S1X inference.py defaults
+FAMILY = "step1x-edit"
+
+
+@dataclasses.dataclass
+class Step1XPrepared:
+    """One preprocessed item: the resized reference (model input and the PIL image Qwen sees)."""
+
+    reference: np.ndarray  # [H, W, 3] float32 in [-1, 1]
+    image: Image.Image  # the same pixels, for the Qwen2.5-VL embedder
+    width: int
+    height: int
+    out_size: tuple[int, int] | None = None  # (w, h) the output is resized to; None: keep (width, height)
+
+    @property
+    def bucket(self) -> tuple:
+        return (self.width, self.height)
+
+
+def to_pil_truncated(images_BHWC: np.ndarray) -> list[Image.Image]:
+    """[-1, 1] float images -> PIL, clip then x*255 truncated to uint8 (torchvision to_pil_image)."""
+    x = np.clip(np.asarray(images_BHWC, np.float32), -1, 1) * 0.5 + 0.5
+    return [Image.fromarray(a) for a in (x * 255).astype(np.uint8)]
+
+
+class Step1XEditPipeline:
+    """Step1X-Edit editing with a jaxedit model folder of family "step1x-edit".
+
+    text_encoder: a `jaxedit.step1x_text.Step1XQwenEmbedder` (or None: pass `llm=`).
+    size_level: working area size_level^2 (None: the input size floored to 16).
+    cache_dir: where the embedder caches each item's Qwen output (None: no cache).
+    """
+
+    def __init__(
+        self,
+        preset: configs.Preset,
+        params: dict[str, Any],
+        text_encoder=None,
+        *,
+        dtype: Any = jnp.bfloat16,
+        vae_dtype: Any = jnp.float32,
+        size_level: int | None = DEFAULT_SIZE_LEVEL,
+        cache_dir: str | Path | None = None,
+        devices: list | None = None,
+    ):
+        if preset.connector is None:
+            raise ValueError(f"preset {preset.name} has no connector: not a Step1X-Edit model")
+        self.preset, self.params, self.text_encoder = preset, params, text_encoder
+        self.size_level, self.cache_dir = size_level, cache_dir
+        self.default_steps, self.default_guidance = DEFAULT_STEPS, DEFAULT_GUIDANCE
+        self.devices = list(devices or jax.local_devices())
+        self.model = Step1XEdit(preset.transformer, connector_cfg=preset.connector, dtype=dtype, param_dtype=dtype)
+        self.vae = AutoEncoder(preset.vae, dtype=vae_dtype, param_dtype=vae_dtype)
+        self._meshes: dict[int, jax.sharding.Mesh] = {}
+        self._placed: dict[int, dict] = {}
+        self._denoise = jax.jit(self._denoise_impl)
+        self._encode = jax.jit(lambda p, x: self.vae.apply({"params": p}, x, method="encode"))
+        self._decode = jax.jit(lambda p, z: self.vae.apply({"params": p}, z, method="decode"))
+
+    # device placement and meshes exactly as the Kontext pipeline
+    _mesh = KontextPipeline._mesh
+    _params_on = KontextPipeline._params_on
+
+    @classmethod
+    def load(
+        cls,
+        folder: str | Path,
+        *,
+        dtype: Any = jnp.bfloat16,
+        compile_cache: bool = True,
+        qwen: str | Path | None = None,
+        text_encoder: bool = True,
+        qwen_dtype: str = "bfloat16",
+        **kw,
+    ) -> Step1XEditPipeline:
+        """Load a model folder; `qwen` overrides the Qwen2.5-VL folder recorded in it.
+        text_encoder=False skips Qwen (then every call needs `llm=`)."""
+        from jaxedit.model_folder import load_parts, read_description, read_options, read_qwen
+
+        folder = Path(folder)
+        preset = read_description(folder)
+        if preset.family != FAMILY or preset.connector is None:
+            raise ValueError(f"{folder} holds a {preset.family!r} model, not {FAMILY!r}")
+        embedder = None
+        if text_encoder:
+            from jaxedit.step1x_text import Step1XQwenEmbedder
+
+            recorded, qcfg = read_qwen(folder)
+            path = Path(qwen) if qwen else recorded
+            if path is None:
+                raise FileNotFoundError(f"{folder}/jaxedit.json records no Qwen2.5-VL folder; pass one (--qwen PATH)")
+            if not path.is_dir():
+                raise FileNotFoundError(f"Qwen2.5-VL folder not found: {path} (pass another one with --qwen PATH)")
+            if qcfg.hidden_size != preset.connector.in_channels:
+                raise ValueError(f"Qwen hidden size {qcfg.hidden_size} != connector in_channels")
+            embedder = Step1XQwenEmbedder.from_pretrained(path, qcfg, dtype=qwen_dtype)
+        if compile_cache:
+            enable_compilation_cache()
+        params = load_parts(folder, preset, dtypes={"transformer": dtype})
+        options = read_options(folder)
+        kw.setdefault("size_level", options.get("size_level", DEFAULT_SIZE_LEVEL))
+        pipe = cls(preset, params, embedder, dtype=dtype, **kw)
+        pipe.default_steps = int(options.get("steps", DEFAULT_STEPS))
+        pipe.default_guidance = float(options.get("guidance", DEFAULT_GUIDANCE))
+        return pipe
+
+    # ----------------------------------------------------------------------------------
+    # the EditPipeline protocol of jaxedit.batch
+
+    def prepare(self, image: Image.Image | None, width: int | None = None, height: int | None = None):
+        """Resize the reference image to the working size. Explicit width/height (floored to 16)
+        set it and the output size; otherwise the output is resized back to the input's size."""
+        if image is None:
+            raise ValueError("Step1X-Edit edits an input image (no text-to-image)")
+        image = image.convert("RGB")
+        out_size = None
+        if width or height:
+            w, h = sampling.floor_size(width or image.width, height or image.height)
+        elif self.size_level:
+            w, h = step1x_size(image.width, image.height, self.size_level)
+            out_size = image.size
+        else:
+            w, h = sampling.floor_size(*image.size)
+            out_size = image.size
+        _check_side("width", w)
+        _check_side("height", h)
+        if image.size != (w, h):
+            image = image.resize((w, h), resample=Image.Resampling.BICUBIC)
+        return Step1XPrepared(to_model_input(image), image, w, h, None if out_size == (w, h) else out_size)
+
+    def edit(self, prepared, prompts, seeds, guidance, steps) -> list[Image.Image]:
+        return self.generate(prepared, prompts, seeds, guidance=guidance, steps=steps)
+
+    # ----------------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        images: list[Image.Image],
+        prompts: list[str],
+        seeds: list[int],
+        *,
+        steps: int | None = None,
+        guidance: float | list[float] | None = None,
+        negative_prompt: str = "",
+        width: int | None = None,
+        height: int | None = None,
+        latents: np.ndarray | None = None,
+        llm: tuple[np.ndarray, np.ndarray] | None = None,
+        output: str = "pil",
+    ):
+        """Edit `images` with `prompts` (one seed per item); steps and guidance default to the
+        model folder's pipeline defaults (28, 6.0)."""
+        steps = steps or self.default_steps
+        guidance = self.default_guidance if guidance is None else guidance
+        prepared = [self.prepare(im, width, height) for im in images]
+        if len({p.bucket for p in prepared}) != 1:
+            raise ValueError("items of one call must share their sizes; use jaxedit.batch for mixed sizes")
+        g = [guidance] * len(prompts) if np.isscalar(guidance) else list(guidance)
+        return self.generate(
+            prepared, prompts, seeds, guidance=g, steps=steps, negative_prompt=negative_prompt, latents=latents,
+            llm=llm, output=output,
+        )  # fmt: skip
+
+    def encode_prompts(
+        self, prepared: list[Step1XPrepared], prompts: list[str], negative_prompt: str = ""
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Qwen2.5-VL of [prompts | negative prompts], each with its item's image:
+        (embeddings [2B, L, C], mask [2B, L])."""
+        if self.text_encoder is None:
+            raise ValueError("no Qwen2.5-VL text encoder loaded: pass llm=(embeddings, mask)")
+        texts = list(prompts) + [negative_prompt] * len(prompts)
+        return self.text_encoder.encode(texts, [p.image for p in prepared] * 2, cache_dir=self.cache_dir)
+
+    def generate(
+        self, prepared, prompts, seeds, *, guidance, steps, negative_prompt="", latents=None, llm=None, output="pil"
+    ):
+        """One batch of items sharing a bucket -> PIL images (or final packed latents, output="latents")."""
+        b = len(prompts)
+        if not (len(prepared) == len(seeds) == len(guidance) == b):
+            raise ValueError(f"{len(prepared)} items, {b} prompts, {len(seeds)} seeds, {len(guidance)} guidance values")
+        emb, mask = llm if llm is not None else self.encode_prompts(prepared, prompts, negative_prompt)
+        c = self.preset.connector.in_channels
+        if emb.ndim != 3 or emb.shape[0] != 2 * b or emb.shape[2] != c or mask.shape != emb.shape[:2]:
+            raise ValueError(
+                f"llm embeddings {emb.shape} / mask {mask.shape}: expected [{2 * b}, L, {c}] / [{2 * b}, L]"
+            )
+        first = prepared[0]
+        mesh = self._mesh(b)
+        batch = lambda a: jax.device_put(a, sh.batch_sharding(mesh, np.ndim(a)))  # noqa: E731
+        params = self._params_on(mesh)
+        f = self.preset.vae.downsample
+        h, w = first.height // f, first.width // f  # latent size
+        emb, mask = np.asarray(emb, np.float32), np.asarray(mask, np.int32)
+        with sh.activate(mesh):
+            ref_tokens = sampling.pack(self._encode(params["vae"], batch(np.stack([p.reference for p in prepared]))))
+            if latents is None:
+                noise = sampling.noise_for_seeds(jnp.asarray(seeds), (h, w, self.preset.vae.z_channels))
+                latents = sampling.pack(noise)
+            x = self._denoise(
+                params["transformer"],
+                batch(np.asarray(latents, np.float32)),
+                ref_tokens,
+                batch(np.broadcast_to(edit_ids(h // 2, w // 2), (b, h * w // 2, 3))),
+                batch(emb[:b]),
+                batch(mask[:b]),
+                batch(emb[b:]),
+                batch(mask[b:]),
+                batch(np.asarray(guidance, np.float32)),
+                jnp.asarray(sampling.flux_schedule(steps, (h // 2) * (w // 2))),
+            )
+            if output == "latents":
+                return np.asarray(x)
+            images = self._decode(params["vae"], batch(sampling.unpack(x, h, w)))
+        out = to_pil_truncated(np.asarray(images))
+        return [im.resize(p.out_size, Image.Resampling.BICUBIC) if p.out_size else im for im, p in zip(out, prepared)]
+
+    def _denoise_impl(self, tparams, x, ref_tokens, img_ids, llm_c, mask_c, llm_u, mask_u, guidance, timesteps):
+        """The whole CFG Euler loop (one XLA program): packed target tokens -> final packed tokens."""
+        return denoise_cfg(
+            model_fn(self.model, tparams), x, ref_tokens, img_ids, llm_c, mask_c, llm_u, mask_u, timesteps,
+            guidance[:, None, None],
+        )  # fmt: skip

@@ -1,0 +1,353 @@
+"""Step1X-Edit text conditioning: Qwen2.5-VL-7B last hidden states of (instruction, reference image).
+
+Follows S1X `modules/conditioner.py` (Qwen25VL_7b_Embedder), one item at a time:
+
+1. messages = [user: PREFIX text, the reference image, the instruction]; the chat template is
+   rendered with add_generation_prompt and add_vision_id ("Picture 1: " before the image).
+2. The image is resized as qwen_vl_utils' `process_vision_info` does (sides rounded to
+   multiples of patch*merge = 28, 4..16384 merged patches, PIL's default bicubic), then the
+   image processor resizes it again within [min_pixels, max_pixels] (256..324 x 28^2).
+3. Quoted text is re-tokenised (`split_quoted`): after character 155 of the rendered text,
+   every character between double quotes (also curly quotes and ' which become ") is
+   tokenised alone, wrapped as “c”, and the wrapping quote tokens are stripped again when
+   they came out as separate tokens. Ids up to the first <|vision_end|> come from the plain
+   tokenisation (with the image pads expanded), the rest from the re-tokenised pieces.
+4. attention_mask = ids > 0 (as the reference; Qwen2's id 0 is "!"); the output is the
+   last hidden state; the first `drop_tokens` (217: system prompt + PREFIX) are dropped,
+   the rest truncated to `max_length` (640) and zero-padded; mask 1 on kept tokens.
+
+The model runs in PyTorch (transformers) until a JAX port exists: torch is imported only
+inside `Step1XQwenEmbedder` (extra `jaxedit[step1x]`). Outputs are numpy and can be cached
+per item (`save_embedding` / `load_embedding`, or `encode(..., cache_dir=...)`).
+
+Known difference: rows of tokens masked out by `ids > 0` (each "!") depend on the attention
+kernel; the reference's flash-attention zeroes their attention output, SDPA does not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+PREFIX = (
+    'Given a user prompt, generate an "Enhanced prompt" that provides detailed visual descriptions suitable for '
+    "image generation. Evaluate the level of detail in the user prompt:\n"
+    "- If the prompt is simple, focus on adding specifics about colors, shapes, sizes, textures, and spatial "
+    "relationships to create vivid and concrete scenes.\n"
+    "- If the prompt is already detailed, refine and enhance the existing details slightly without "
+    "overcomplicating.\n\n"
+    "Here are examples of how to transform or refine prompts:\n"
+    "- User Prompt: A cat sleeping -> Enhanced: A small, fluffy white cat curled up in a round shape, sleeping "
+    "peacefully on a warm sunny windowsill, surrounded by pots of blooming red flowers.\n"
+    "- User Prompt: A busy city street -> Enhanced: A bustling city street scene at dusk, featuring glowing street "
+    "lamps, a diverse crowd of people in colorful clothing, and a double-decker bus passing by towering glass "
+    "skyscrapers.\n\n"
+    "Please generate only the enhanced description for the prompt below and avoid including any additional "
+    "commentary or evaluations:\n"
+    "User Prompt:"
+)
+OPEN_QUOTE, CLOSE_QUOTE = "\u201c", "\u201d"  # “ ”
+
+
+@dataclasses.dataclass(frozen=True)
+class QwenEmbedderConfig:
+    """Numbers of Step1X-Edit's Qwen2.5-VL conditioning (defaults: the released 7B setup)."""
+
+    hidden_size: int = 3584  # Qwen2.5-VL-7B; = the connector's in_channels
+    max_length: int = 640  # tokens kept after the drop
+    drop_tokens: int = 217  # leading tokens dropped (system prompt + PREFIX)
+    min_pixels: int = 256 * 28 * 28  # image processor bounds
+    max_pixels: int = 324 * 28 * 28
+    quote_ids: tuple[int, int] = (2073, 854)  # token ids of “ and ” in Qwen2's vocabulary
+    quote_after: int = 155  # quotes at character index <= this are left alone
+    vision_min_tokens: int = 4  # qwen_vl_utils' resize bounds, in merged patches
+    vision_max_tokens: int = 16384
+
+    @classmethod
+    def from_dict(cls, d: dict) -> QwenEmbedderConfig:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - fields
+        if unknown:
+            raise ValueError(f"unknown Qwen embedder config field(s) {sorted(unknown)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def split_quoted(text: str, quote_after: int = 155) -> list[str]:
+    """Pieces to tokenise one by one: outside quotes, runs of text (an opening quote closes its
+    run, a closing quote starts the next); inside, each character alone as “c”.
+
+    Curly double quotes and ' are first turned into ", as the reference does (so an apostrophe
+    opens a quote too); quotes at index <= quote_after are ordinary characters.
+    """
+    text = text.replace(OPEN_QUOTE, '"').replace(CLOSE_QUOTE, '"').replace("'", '"')
+    pieces: list[str] = []
+    run, inside = "", False
+    for i, ch in enumerate(text):
+        if ch == '"' and i > quote_after:
+            run += ch
+            if not inside:
+                pieces.append(run)
+                run = ""
+            inside = not inside
+        elif inside:
+            pieces.append(OPEN_QUOTE + ch + CLOSE_QUOTE)
+        else:
+            run += ch
+    if run:
+        pieces.append(run)
+    return pieces
+
+
+def smart_resize(
+    height: int, width: int, factor: int, min_pixels: int, max_pixels: int, max_ratio: float = 200
+) -> tuple[int, int]:
+    """(height, width) as multiples of `factor`, area within [min_pixels, max_pixels], aspect kept
+    (qwen_vl_utils / transformers' Qwen2-VL rule)."""
+    if max(height, width) / min(height, width) > max_ratio:
+        raise ValueError(f"image aspect ratio {max(height, width) / min(height, width):.1f} is above {max_ratio}")
+    h = max(factor, round(height / factor) * factor)
+    w = max(factor, round(width / factor) * factor)
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h, w = math.floor(height / beta / factor) * factor, math.floor(width / beta / factor) * factor
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def vision_input_image(image: Image.Image, factor: int = 28, min_tokens: int = 4, max_tokens: int = 16384):
+    """The image as qwen_vl_utils' `fetch_image` hands it to the processor (RGB, resized)."""
+    if image.mode == "RGBA":  # composited on white, as qwen_vl_utils does
+        rgb = Image.new("RGB", image.size, (255, 255, 255))
+        rgb.paste(image, mask=image.split()[3])
+        image = rgb
+    image = image.convert("RGB")
+    h, w = smart_resize(image.height, image.width, factor, min_tokens * factor**2, max_tokens * factor**2)
+    return image.resize((w, h))
+
+
+# ----------------------------------------------------------------------------------------
+# cache files
+
+
+def save_embedding(path: str | Path, embeddings_LD: np.ndarray, mask_L: np.ndarray) -> Path:
+    """One item's (embeddings [L, D], mask [L]) -> `path` (.npz). Stores the kept rows only,
+    as bfloat16 bits when that is lossless."""
+    import ml_dtypes
+
+    emb, mask = np.asarray(embeddings_LD, np.float32), np.asarray(mask_L)
+    n = int((mask != 0).sum())
+    if not (mask[:n] != 0).all() or np.any(emb[n:]):
+        raise ValueError("save_embedding takes a prefix mask with zero rows after the kept tokens")
+    rows = emb[:n]
+    b16 = rows.astype(ml_dtypes.bfloat16)
+    lossless = np.array_equal(b16.astype(np.float32), rows)
+    data = b16.view(np.uint16) if lossless else rows
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, embeddings=data, dtype="bfloat16" if lossless else "float32", max_length=len(mask))
+    tmp.replace(path)
+    return path
+
+
+def load_embedding(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """(embeddings [max_length, D] float32, mask [max_length] int32) from `save_embedding`."""
+    import ml_dtypes
+
+    with np.load(path) as f:
+        rows, dtype, max_length = f["embeddings"], str(f["dtype"]), int(f["max_length"])
+    if dtype == "bfloat16":
+        rows = rows.view(ml_dtypes.bfloat16)
+    emb = np.zeros((max_length, rows.shape[1]), np.float32)
+    emb[: len(rows)] = rows.astype(np.float32)
+    mask = np.zeros(max_length, np.int32)
+    mask[: len(rows)] = 1
+    return emb, mask
+
+
+# ----------------------------------------------------------------------------------------
+
+
+def _chat_template(path: Path, tokenizer) -> str:
+    """The processor's chat template (chat_template.json / .jinja), else the tokenizer's."""
+    if (path / "chat_template.json").is_file():
+        return json.loads((path / "chat_template.json").read_text())["chat_template"]
+    if (path / "chat_template.jinja").is_file():
+        return (path / "chat_template.jinja").read_text()
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.chat_template
+    raise FileNotFoundError(f"{path}: no chat template (chat_template.json, chat_template.jinja or the tokenizer's)")
+
+
+class Step1XQwenEmbedder:
+    """`encode(prompts, images)` -> (embeddings [B, max_length, hidden] float32, mask [B, max_length] int32).
+
+    model: a transformers `Qwen2_5_VLForConditionalGeneration`; tokenizer, image_processor:
+    its tokenizer and `Qwen2VLImageProcessor` (min/max pixels set); chat_template: the
+    processor's template. Build from a local folder with `from_pretrained`.
+    """
+
+    def __init__(self, model, tokenizer, image_processor, chat_template: str, config: QwenEmbedderConfig, name=""):
+        self.model, self.tokenizer, self.image_processor = model, tokenizer, image_processor
+        self.chat_template, self.config, self.name = chat_template, config, str(name)
+        mcfg = model.config
+        hidden = getattr(getattr(mcfg, "text_config", mcfg), "hidden_size", None)
+        if hidden != config.hidden_size:
+            raise ValueError(f"Qwen model hidden size {hidden} != embedder config hidden_size {config.hidden_size}")
+        self.vision_end_id, self.image_token_id = mcfg.vision_end_token_id, mcfg.image_token_id
+        self.image_token = tokenizer.convert_ids_to_tokens(self.image_token_id)
+        self.merge_size = image_processor.merge_size
+        for q, want in zip((OPEN_QUOTE, CLOSE_QUOTE), config.quote_ids):
+            got = tokenizer(q)["input_ids"]
+            if len(got) == 1 and got[0] != want:
+                log.warning("tokenizer encodes %s as %d but the embedder config says %d", q, got[0], want)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        config: QwenEmbedderConfig | None = None,
+        *,
+        dtype: str = "bfloat16",
+        device: str | None = None,
+        attn_implementation: str = "sdpa",
+    ) -> Step1XQwenEmbedder:
+        """Load a local Qwen2.5-VL folder (config.json, safetensors, tokenizer, preprocessor_config.json)."""
+        import torch
+        import transformers
+
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"Qwen2.5-VL folder not found: {path} (no config.json)")
+        config = config or QwenEmbedderConfig()
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            path, dtype=getattr(torch, dtype), attn_implementation=attn_implementation, local_files_only=True
+        )
+        model = model.to(device).eval().requires_grad_(False)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        # the PIL backend (transformers 5) = the slow processor the reference's transformers 4.49 used
+        processor_cls = getattr(transformers, "Qwen2VLImageProcessorPil", transformers.Qwen2VLImageProcessor)
+        image_processor = processor_cls.from_pretrained(
+            path, min_pixels=config.min_pixels, max_pixels=config.max_pixels, local_files_only=True
+        )
+        return cls(model, tokenizer, image_processor, _chat_template(path, tokenizer), config, name=path.resolve())
+
+    # ------------------------------------------------------------------------------------
+
+    def chat_text(self, prompt: str) -> str:
+        """The rendered chat: system prompt, PREFIX, "Picture 1: " + vision tokens, prompt, assistant turn."""
+        content = [{"type": "text", "text": PREFIX}, {"type": "image"}, {"type": "text", "text": prompt}]
+        return self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}],
+            chat_template=self.chat_template,
+            tokenize=False,
+            add_generation_prompt=True,
+            add_vision_id=True,
+        )
+
+    def _ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text)["input_ids"])
+
+    def prepare_inputs(self, prompt: str, image: Image.Image) -> dict[str, Any]:
+        """Model inputs of one item: input_ids [L] (int64 numpy), pixel_values, image_grid_thw."""
+        cfg, factor = self.config, self.image_processor.patch_size * self.merge_size
+        image = vision_input_image(image, factor, cfg.vision_min_tokens, cfg.vision_max_tokens)
+        vision = self.image_processor(images=[image], return_tensors="pt")
+        n_image = int(vision["image_grid_thw"][0].prod()) // self.merge_size**2
+        text = self.chat_text(prompt)
+        plain = self._ids(text.replace(self.image_token, self.image_token * n_image, 1))
+        pieces = []
+        for piece in split_quoted(text, cfg.quote_after):
+            ids = self._ids(piece)
+            if len(ids) > 1 and ids[0] == cfg.quote_ids[0] and ids[-1] == cfg.quote_ids[1]:
+                ids = ids[1:-1]
+            pieces += ids
+        cut_plain, cut_pieces = plain.index(self.vision_end_id), pieces.index(self.vision_end_id)
+        input_ids = np.asarray(plain[:cut_plain] + pieces[cut_pieces:], np.int64)
+        return {
+            "input_ids": input_ids,
+            "pixel_values": vision["pixel_values"],
+            "image_grid_thw": vision["image_grid_thw"],
+        }
+
+    def hidden_states(self, inputs: dict[str, Any]) -> np.ndarray:
+        """Last hidden state [L, hidden] (float32 numpy) of `prepare_inputs`' output."""
+        import inspect
+
+        import torch
+
+        dev = self.model.device
+        ids = torch.from_numpy(inputs["input_ids"])[None].to(dev)
+        kw = {}
+        if "mm_token_type_ids" in inspect.signature(self.model.forward).parameters:  # transformers 5: 3-D rope
+            kw["mm_token_type_ids"] = (ids == self.image_token_id).int()
+        with torch.no_grad():
+            out = self.model(
+                input_ids=ids,
+                attention_mask=(ids > 0).long(),
+                pixel_values=inputs["pixel_values"].to(dev),
+                image_grid_thw=inputs["image_grid_thw"].to(dev),
+                output_hidden_states=True,
+                logits_to_keep=1,
+                use_cache=False,
+                **kw,
+            )
+        return out.hidden_states[-1][0].float().cpu().numpy()
+
+    def embed_one(self, prompt: str, image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+        """(embeddings [max_length, hidden], mask [max_length]) of one (instruction, image)."""
+        cfg = self.config
+        hidden = self.hidden_states(self.prepare_inputs(prompt, image))
+        n = min(cfg.max_length, len(hidden) - cfg.drop_tokens)
+        if n <= 0:
+            raise ValueError(f"{len(hidden)} tokens, not more than drop_tokens={cfg.drop_tokens}")
+        emb = np.zeros((cfg.max_length, cfg.hidden_size), np.float32)
+        emb[:n] = hidden[cfg.drop_tokens : cfg.drop_tokens + n]
+        mask = np.zeros(cfg.max_length, np.int32)
+        mask[:n] = 1
+        return emb, mask
+
+    def cache_key(self, prompt: str, image: Image.Image) -> str:
+        """A file name for one item's output: hash of model name, config, prompt and image pixels."""
+        image = image.convert("RGB")
+        h = hashlib.sha256(json.dumps([self.name, dataclasses.asdict(self.config), prompt, image.size]).encode())
+        h.update(image.tobytes())
+        return h.hexdigest()[:32]
+
+    def encode(
+        self, prompts: Sequence[str], images: Sequence[Image.Image], *, cache_dir: str | Path | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Items (prompt_i, image_i) -> (embeddings [B, max_length, hidden], mask [B, max_length]).
+
+        cache_dir: read each item from `<cache_dir>/<cache_key>.npz` when present, else compute
+        and write it there."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if len(prompts) != len(images):
+            raise ValueError(f"{len(prompts)} prompts but {len(images)} images")
+        out = []
+        for prompt, image in zip(prompts, images):
+            path = Path(cache_dir) / f"{self.cache_key(prompt, image)}.npz" if cache_dir else None
+            if path is not None and path.is_file():
+                out.append(load_embedding(path))
+                continue
+            item = self.embed_one(prompt, image)
+            if path is not None:
+                save_embedding(path, *item)
+            out.append(item)
+        return np.stack([e for e, _ in out]), np.stack([m for _, m in out])
+
+    __call__ = encode

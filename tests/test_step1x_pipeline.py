@@ -1,0 +1,246 @@
+"""Step1X-Edit pipeline end to end: a tiny random model folder (`step1x-edit-tiny`) with the
+tiny random Qwen2.5-VL, against the reference's `generate_image` written out in numpy
+(size, resize, [0,1] -> [-1,1], VAE, ids, Qwen on [prompt, ""], schedule, CFG Euler steps on
+the whole sequence with the reference restored, decode, truncation, resize back); the
+model and VAE calls themselves are jaxedit's (tested elsewhere). Also the CLI and the
+release converter.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.numpy import save_file
+
+torch = pytest.importorskip("torch")
+
+from infer.__main__ import main as infer_main  # noqa: E402
+from jaxedit.models.step1x import Step1XEdit  # noqa: E402
+from jaxedit.step1x_pipeline import Step1XEditPipeline  # noqa: E402
+from tests.helpers import rel_err  # noqa: E402
+from tests.tiny_step1x import PRESET, make_tiny_step1x  # noqa: E402
+
+W, H, SIZE_LEVEL, STEPS = 64, 48, 48, 2  # -> working size 48x32: 3x2 target tokens
+PROMPTS, SEEDS, GUIDANCE = ['write "Hi" on it', "make it red"], [3, 4], [6.0, 3.5]
+
+
+def images():
+    rng = np.random.default_rng(7)
+    return [Image.fromarray(rng.integers(0, 256, (H, W, 3), dtype=np.uint8)) for _ in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory, tiny_qwen):
+    qwen, qcfg = tiny_qwen
+    folder = make_tiny_step1x(tmp_path_factory.mktemp("step1x") / "model", qwen, qcfg, options={"steps": 8})
+    pipe = Step1XEditPipeline.load(
+        folder, dtype=jnp.float32, compile_cache=False, qwen_dtype="float32", size_level=SIZE_LEVEL
+    )
+    return folder, pipe
+
+
+def reference_generate(pipe, images, prompts, guidance, latents):
+    """S1X inference.py generate_image per item (batched over items here), in numpy around
+    jaxedit's model and VAE calls. Returns (final target tokens, working size, PIL outputs)."""
+    w0, h0 = images[0].size
+    r = w0 / h0  # input_process_image
+    if w0 > h0:
+        w = math.ceil(math.sqrt(SIZE_LEVEL * SIZE_LEVEL * r))
+        h = math.ceil(w / r)
+    else:
+        h = math.ceil(math.sqrt(SIZE_LEVEL * SIZE_LEVEL / r))
+        w = math.ceil(h * r)
+    w, h = w // 16 * 16, h // 16 * 16
+    resized = [im.resize((w, h)) for im in images]
+    raw = np.stack([np.asarray(im, np.float32) for im in resized]) / 255.0
+    z = np.asarray(vae_call(pipe, "encode", raw * 2 - 1))  # [n, h/8, w/8, 16]
+    n, lt = len(images), (h // 16) * (w // 16)
+    ref = z.reshape(n, h // 16, 2, w // 16, 2, 16).transpose(0, 1, 3, 5, 2, 4).reshape(n, lt, 64)
+    ids = np.zeros((h // 16, w // 16, 3), np.float32)
+    ids[..., 1] = np.arange(h // 16)[:, None]
+    ids[..., 2] = np.arange(w // 16)[None, :]
+    ids = np.concatenate([ids.reshape(-1, 3)] * 2)  # reference ids = target ids
+    m = (1.15 - 0.5) / (4096 - 256)
+    mu = lt * m + 0.5 - m * 256
+    t = np.linspace(1, 0, STEPS + 1)
+    with np.errstate(divide="ignore"):
+        timesteps = np.exp(mu) / (np.exp(mu) + (1 / t - 1))
+    # per item the CFG batch [prompt, ""], both with the item's image; items side by side
+    llm, mask = zip(*(pipe.text_encoder.encode([p, ""], [im, im]) for p, im in zip(prompts, resized)))
+    llm, mask = np.concatenate(llm), np.concatenate(mask)  # [c0, u0, c1, u1]
+    img = np.concatenate([latents, ref], axis=1).astype(np.float64)
+    for t_curr, t_prev in zip(timesteps[:-1], timesteps[1:]):
+        both = np.repeat(img, 2, axis=0).astype(np.float32)
+        pred = np.asarray(DIT({"params": pipe.params["transformer"]}, both, ids[None].repeat(2 * n, 0), llm, mask,
+                              np.full(2 * n, t_curr)))  # fmt: skip
+        cond, uncond = pred[0::2], pred[1::2]
+        pred = uncond + np.asarray(guidance)[:, None, None] * (cond - uncond)
+        stepped = img + (t_prev - t_curr) * pred
+        img = np.concatenate([stepped[:, :lt], img[:, lt:]], axis=1)  # reference tokens restored
+    x = img[:, :lt]
+    zz = x.reshape(n, h // 16, w // 16, 16, 2, 2).transpose(0, 1, 4, 2, 5, 3).reshape(n, h // 8, w // 8, 16)
+    dec = np.asarray(vae_call(pipe, "decode", zz.astype(np.float32)))
+    u8 = ((np.clip(dec, -1, 1) * 0.5 + 0.5) * 255).astype(np.uint8)  # to_pil_image truncates
+    return x, (w, h), [Image.fromarray(a).resize(im.size) for a, im in zip(u8, images)]
+
+
+DIT = jax.jit(Step1XEdit(PRESET.transformer, connector_cfg=PRESET.connector).apply)
+
+
+def vae_call(pipe, method, x):
+    """jaxedit's VAE, through the pipeline's compiled programs (same placement, so no recompile)."""
+    from jaxedit import sharding as sh
+
+    mesh = pipe._mesh(len(x))
+    fn = pipe._encode if method == "encode" else pipe._decode
+    with sh.activate(mesh):
+        return fn(pipe._params_on(mesh)["vae"], jax.device_put(x, sh.batch_sharding(mesh, x.ndim)))
+
+
+def test_edit_matches_reference_loop(model):
+    _, pipe = model
+    imgs = images()
+    prepared = [pipe.prepare(im) for im in imgs]
+    assert {(p.width, p.height, p.out_size) for p in prepared} == {(48, 32, (W, H))}
+    latents = np.random.default_rng(1).standard_normal((2, 6, 64)).astype(np.float32)
+    kw = dict(steps=STEPS, guidance=GUIDANCE, latents=latents)
+    ours_lat = pipe(imgs, PROMPTS, SEEDS, output="latents", **kw)
+    ours_img = pipe(imgs, PROMPTS, SEEDS, **kw)
+    want_lat, size, want_img = reference_generate(pipe, imgs, PROMPTS, GUIDANCE, latents)
+    assert size == (48, 32)
+    for i in range(2):
+        assert ours_img[i].size == want_img[i].size == (W, H)
+        err = rel_err(ours_lat[i], want_lat[i])
+        diff = np.abs(np.asarray(ours_img[i], int) - np.asarray(want_img[i], int))
+        print(f"item {i}: final latents rel err {err:.1e}; output pixels max diff {diff.max()}")
+        assert err <= 1e-5 and rel_err(ours_lat[i], latents[i]) > 0.1
+        assert (diff <= 1).mean() >= 0.999
+
+    # precomputed Qwen embeddings give the same result; without them and without Qwen: a clear error
+    llm = pipe.encode_prompts(prepared, PROMPTS)
+    assert llm[0].shape == (4, pipe.text_encoder.config.max_length, PRESET.connector.in_channels)
+    again = pipe(imgs, PROMPTS, SEEDS, output="latents", llm=llm, **kw)
+    np.testing.assert_array_equal(again, ours_lat)
+    no_qwen = Step1XEditPipeline(PRESET, pipe.params, None, dtype=jnp.float32)
+    with pytest.raises(ValueError, match="llm="):
+        no_qwen(imgs, PROMPTS, SEEDS, **kw)
+
+
+def test_cli_detects_step1x_folder(model, tmp_path, monkeypatch, capsys):
+    folder, pipe = model
+    for i, im in enumerate(images()):
+        im.save(tmp_path / f"{i}.png")
+    manifest = tmp_path / "edits.jsonl"
+    manifest.write_text("".join(json.dumps({"id": f"e{i}", "image": f"{i}.png", "prompt": p}) + "\n"
+                                for i, p in enumerate(PROMPTS)))  # fmt: skip
+    calls = []
+
+    def load(path, **kw):  # the loaded pipeline (already compiled for this batch), as the CLI asks for it
+        calls.append((path, kw))
+        return pipe
+
+    monkeypatch.setattr(Step1XEditPipeline, "load", load)
+    argv = ["--model", str(folder), "--manifest", str(manifest), "--out", str(tmp_path / "out"), "--batch-size", "2",
+            "--steps", str(STEPS), "--size-level", str(SIZE_LEVEL), "--qwen", "/elsewhere/qwen"]  # fmt: skip
+    assert infer_main(argv) == 0
+    assert calls == [(folder, {"dtype": jnp.bfloat16, "qwen": "/elsewhere/qwen", "size_level": SIZE_LEVEL})]
+    results = [json.loads(x) for x in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert [(r["status"], r["width"], r["height"], r["guidance"]) for r in results] == [("ok", W, H, 6.0)] * 2
+    assert Image.open(tmp_path / "out" / "e0.png").size == (W, H)
+    monkeypatch.undo()
+
+    # a missing Qwen2.5-VL folder is named
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    desc = json.loads((broken / "jaxedit.json").read_text())
+    desc["qwen"]["path"] = str(tmp_path / "no-such-qwen")
+    (broken / "jaxedit.json").write_text(json.dumps(desc))
+    edit = ["edit", "--model", str(broken), "--image", str(tmp_path / "0.png"), "--prompt", "x", "--out",
+            str(tmp_path / "x.png")]  # fmt: skip
+    with pytest.raises(SystemExit, match="no-such-qwen"):
+        infer_main(edit)
+    with pytest.raises(SystemExit, match="other-qwen"):
+        infer_main([*edit, "--qwen", str(tmp_path / "other-qwen")])
+
+
+def _release_tensors(rng) -> dict[str, np.ndarray]:
+    """A tiny `step1x-edit-i1258.safetensors`: the real key set (manifest), dims scaled to the preset."""
+    from tests.test_convert import manifest
+
+    dit, con = PRESET.transformer, PRESET.connector
+    h, m = dit.hidden_size, dit.mlp_hidden_dim
+    dit_dims = {3072: h, 12288: m, 9216: 3 * h, 18432: 6 * h, 21504: 3 * h + m, 15360: h + m, 6144: 2 * h,
+                128: dit.head_dim, 4096: dit.context_in_dim, 768: dit.vec_in_dim, 64: dit.in_channels,
+                256: 256}  # fmt: skip
+    hc = con.hidden_size
+    con_dims = {4096: hc, 3584: con.in_channels, 16384: con.mlp_hidden_dim, 12288: 3 * hc, 8192: 2 * hc,
+                768: con.pooled_dim, 256: 256, 1: 1}  # fmt: skip
+    out = {}
+    for k, shape in manifest("step1x-edit.json").items():
+        block = k.split(".")[:2]
+        if block[0] in ("double_blocks", "single_blocks"):
+            depth = dit.depth if block[0] == "double_blocks" else dit.depth_single_blocks
+            if int(block[1]) >= depth:
+                continue
+        dims = con_dims if k.startswith("connector.") else dit_dims
+        out[k] = rng.standard_normal([dims[d] for d in shape]).astype(np.float32)
+    return out
+
+
+def _vae_tensors(cfg, rng) -> dict[str, np.ndarray]:
+    from tests.test_convert import manifest
+
+    full = 128
+    dims = {full * mult: cfg.ch * mult for mult in (1, 2, 4)} | {32: 2 * cfg.z_channels, 16: cfg.z_channels, 3: 3, 1: 1}
+    return {k: rng.standard_normal([dims[d] for d in s]).astype(np.float32) for k, s in manifest("bfl-ae.json").items()}
+
+
+def test_release_converts_to_a_model_folder(tmp_path, tiny_qwen, capsys):
+    import dataclasses
+
+    from checkpoints_convert.__main__ import main as convert_cli
+    from checkpoints_convert.mapping import flatten
+    from checkpoints_convert.pipeline import convert_pipeline
+    from jaxedit import configs
+    from jaxedit.checkpoint import load_params
+    from jaxedit.model_folder import read_description, read_qwen
+
+    vae_cfg = configs.AutoEncoderConfig(ch=16, ch_mult=(1, 2, 4, 4), num_res_blocks=2, norm_groups=8)  # BFL structure
+    preset = dataclasses.replace(PRESET, vae=vae_cfg)
+    src = tmp_path / "release"
+    src.mkdir()
+    rng_vae = np.random.default_rng(1)
+    save_file(_release_tensors(np.random.default_rng(0)), str(src / "step1x-edit-i1258.safetensors"))
+    save_file(_vae_tensors(vae_cfg, np.random.default_rng(1)), str(src / "vae.safetensors"))
+    qwen, _ = tiny_qwen
+    args = ["pipeline", str(src), str(tmp_path / "out"), "--preset", PRESET.name, "--qwen", str(tmp_path / "missing")]
+    assert convert_cli(args) == 2  # a missing Qwen folder fails before anything is written
+    assert not (tmp_path / "out").exists() and "missing" in capsys.readouterr().err
+    convert_pipeline(src, tmp_path / "out", preset, qwen=qwen)
+    dst = tmp_path / "out"
+    from jaxedit.models.step1x import abstract_params
+
+    tensors = {**_release_tensors(np.random.default_rng(0)), **_vae_tensors(vae_cfg, rng_vae)}
+    dit = flatten(load_params(dst / "transformer"))
+    want = flatten(abstract_params(PRESET.transformer, PRESET.connector))
+    assert {k: v.shape for k, v in dit.items()} == {k: v.shape for k, v in want.items()}
+    np.testing.assert_array_equal(dit["img_in/kernel"], tensors["img_in.weight"].T)
+    np.testing.assert_array_equal(dit["connector/scale_factor"], tensors["connector.scale_factor"])
+    np.testing.assert_array_equal(
+        dit["connector/global_proj_out/kernel"], tensors["connector.global_proj_out.weight"].T
+    )
+    vae = flatten(load_params(dst / "vae"))
+    np.testing.assert_array_equal(
+        vae["encoder/conv_in/kernel"], tensors["encoder.conv_in.weight"].transpose(2, 3, 1, 0)
+    )
+    desc = read_description(dst)
+    assert desc.family == "step1x-edit" and desc.connector == PRESET.connector and desc.vae == vae_cfg
+    path, qcfg = read_qwen(dst)
+    assert path == qwen.resolve() and qcfg.hidden_size == PRESET.connector.in_channels

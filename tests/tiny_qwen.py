@@ -1,0 +1,60 @@
+"""A tiny Qwen2.5-VL (every parameter random) with a tokenizer trained offline, saved as a
+local model folder, and the `QwenEmbedderConfig` that fits it (shared by the Step1X tests)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from jaxedit import configs
+from jaxedit.step1x_text import PREFIX, QwenEmbedderConfig
+from jaxedit.tokenizers_offline import SENTENCES, train_qwen_tokenizer
+
+HIDDEN = configs.get("step1x-edit-tiny").connector.in_channels
+MIN_PIXELS, MAX_PIXELS = 4 * 28 * 28, 9 * 28 * 28
+
+
+def build_tiny_qwen(root: Path, seed: int = 0) -> tuple[Path, QwenEmbedderConfig]:
+    """Write the folder (config.json, model.safetensors, tokenizer, preprocessor_config.json)."""
+    import transformers
+
+    from tests.helpers import randomize_
+
+    ids = train_qwen_tokenizer(root, [PREFIX, *SENTENCES])
+    tok = transformers.AutoTokenizer.from_pretrained(root)
+    transformers.Qwen2VLImageProcessorPil(
+        min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, patch_size=14, merge_size=2, temporal_patch_size=2
+    ).save_pretrained(root)
+    text = dict(
+        vocab_size=len(tok), hidden_size=HIDDEN, intermediate_size=40, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=4096, bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"], rope_parameters={"rope_type": "default", "mrope_section": [1, 3, 3],
+                                                        "rope_theta": 10000.0},
+    )  # fmt: skip
+    vision = dict(
+        depth=2, hidden_size=16, intermediate_size=24, num_heads=2, patch_size=14, spatial_merge_size=2,
+        temporal_patch_size=2, out_hidden_size=HIDDEN, window_size=56, fullatt_block_indexes=[1],
+    )  # fmt: skip
+    cfg = transformers.Qwen2_5_VLConfig(
+        text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )  # fmt: skip
+    model = transformers.Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    randomize_(model, seed)
+    model.save_pretrained(root)
+
+    # the leading tokens to drop: system prompt + PREFIX (217 for the real tokenizer)
+    chat = tok.apply_chat_template(
+        [{"role": "user", "content": [{"type": "text", "text": PREFIX}, {"type": "image"}]}],
+        tokenize=False,
+        add_vision_id=True,
+    )
+    head = tok(chat[: chat.index(PREFIX) + len(PREFIX)])["input_ids"]
+    assert tok(chat)["input_ids"][: len(head)] == head, "the PREFIX does not end on a token boundary"
+    quotes = tuple(tok(q)["input_ids"][0] for q in ("\u201c", "\u201d"))
+    assert all(len(tok(q)["input_ids"]) == 1 for q in ("\u201c", "\u201d"))
+    emb_cfg = QwenEmbedderConfig(
+        hidden_size=HIDDEN, max_length=40, drop_tokens=len(head), min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS,
+        quote_ids=quotes,
+    )  # fmt: skip
+    return root, emb_cfg

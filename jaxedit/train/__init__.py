@@ -1,0 +1,1 @@
+"""Training: flow-matching objective, optimizer, sharded train step, data pipeline, loop."""

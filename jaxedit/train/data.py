@@ -1,0 +1,216 @@
+"""Training data: a grain pipeline over a folder with a JSONL manifest of edit pairs.
+
+    DATA/manifest.jsonl   one JSON object a line:
+        {"source": "a/0.png", "target": "b/0.png", "instruction": "make it red", "id": "0"}
+    (paths relative to the manifest's folder; `id` optional, defaults to the line number)
+
+Pipeline: the manifest is indexed once (image headers only: sizes, no decoding); each
+pair goes to the aspect-ratio bucket nearest in log-aspect (bucket sides multiples of 16,
+area <= pixel_budget). Every epoch is planned from (seed, epoch): items shuffled within
+their bucket, cut into global batches of one bucket, batch order shuffled. A grain
+`MapDataset` maps global batch index -> this process's slice of that batch (process p of
+P takes items [p*B/P, (p+1)*B/P)), decoded with Pillow (resize to cover, centre crop,
+LANCZOS, [-1, 1]). The iterator's state (next batch index) is what a checkpoint stores.
+
+Bad samples never crash the run: at indexing, a missing/unreadable image, source and
+target of different sizes or an empty instruction skips the item (counted per reason in
+`index.skipped`); an image that fails to DECODE later is replaced by the next good item
+of the same bucket (counted in each batch's `n_bad`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    path: str = ""  # dataset folder holding `manifest`, or the manifest file itself
+    manifest: str = "manifest.jsonl"
+    batch_size: int = 8  # global batch (all processes, all micro-batches of one step)
+    pixel_budget: int = 512 * 512  # max bucket area in pixels
+    bucket_step: int = 64  # bucket widths are multiples of this (a multiple of 16)
+    max_aspect: float = 3.0
+    seed: int = 0
+    num_threads: int = 2  # decoding threads per process
+    prefetch: int = 2  # batches prefetched
+    cache: str = ""  # folder written by `python -m train.precompute`: latents + text embeddings, no decoding
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    id: str
+    source: Path
+    target: Path
+    instruction: str
+    bucket: int
+
+
+@dataclasses.dataclass
+class Index:
+    items: list[Item]
+    buckets: list[tuple[int, int]]  # (width, height)
+    skipped: Counter
+
+
+def make_buckets(pixel_budget: int, step: int = 64, max_aspect: float = 3.0) -> list[tuple[int, int]]:
+    """(width, height) pairs, sides multiples of 16, width a multiple of `step`, w*h <= budget."""
+    if step % 16:
+        raise ValueError(f"bucket_step {step} is not a multiple of 16")
+    out = []
+    for w in range(step, int(math.sqrt(pixel_budget * max_aspect)) + 1, step):
+        h = pixel_budget // w // 16 * 16
+        if h >= 16 and 1 / max_aspect <= w / h <= max_aspect:
+            out.append((w, h))
+    if not out:
+        raise ValueError(f"no buckets for pixel_budget {pixel_budget}, step {step}")
+    return out
+
+
+def nearest_bucket(buckets: list[tuple[int, int]], width: int, height: int) -> int:
+    a = math.log(width / height)
+    return min(range(len(buckets)), key=lambda i: abs(math.log(buckets[i][0] / buckets[i][1]) - a))
+
+
+def index_manifest(cfg: DataConfig) -> Index:
+    """Read and validate the manifest (image headers only). Deterministic; same on every process."""
+    path = Path(cfg.path)
+    manifest = path if path.is_file() else path / cfg.manifest
+    if not manifest.is_file():
+        raise FileNotFoundError(f"no manifest at {manifest}")
+    base = manifest.parent
+    buckets = make_buckets(cfg.pixel_budget, cfg.bucket_step, cfg.max_aspect)
+    items, skipped = [], Counter()
+    for n, line in enumerate(manifest.read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+            src, tgt, instr = base / d["source"], base / d["target"], str(d.get("instruction") or "").strip()
+        except (json.JSONDecodeError, KeyError, TypeError):
+            skipped["bad manifest line"] += 1
+            continue
+        if not instr:
+            skipped["empty instruction"] += 1
+            continue
+        try:
+            with Image.open(src) as a, Image.open(tgt) as b:
+                sa, sb = a.size, b.size
+        except Exception:  # noqa: BLE001 - any unreadable file is skipped, never fatal
+            skipped["unreadable image"] += 1
+            continue
+        if sa != sb:
+            skipped["source/target sizes differ"] += 1
+            continue
+        if min(sa) < 16:
+            skipped["image smaller than 16 px"] += 1
+            continue
+        items.append(Item(str(d.get("id", n)), src, tgt, instr, nearest_bucket(buckets, *sa)))
+    if skipped:
+        log.warning("skipped %d manifest item(s): %s", sum(skipped.values()), dict(skipped))
+    return Index(items, buckets, skipped)
+
+
+def load_image(path: Path, size: tuple[int, int]) -> np.ndarray:
+    """Decode, resize to cover `size` (w, h), centre crop, LANCZOS -> [h, w, 3] float32 in [-1, 1]."""
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        w, h = size
+        s = max(w / im.width, h / im.height)
+        rw, rh = max(w, round(im.width * s)), max(h, round(im.height * s))
+        im = im.resize((rw, rh), Image.Resampling.LANCZOS)
+        left, top = (rw - w) // 2, (rh - h) // 2
+        im = im.crop((left, top, left + w, top + h))
+        return np.asarray(im, np.float32) / 127.5 - 1.0
+
+
+class EditBatches:
+    """Global batch index -> this process's part of that batch (a dict of numpy arrays and lists)."""
+
+    def __init__(self, cfg: DataConfig, index: Index, process_index: int, process_count: int):
+        if cfg.batch_size % process_count:
+            raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {process_count} processes")
+        self.cfg, self.index = cfg, index
+        self.cache = None
+        if cfg.cache:
+            from jaxedit.train.precompute import Cache
+
+            self.cache = Cache(cfg.cache, index)
+        self.local = cfg.batch_size // process_count
+        self.lo = process_index * self.local
+        self.by_bucket: dict[int, list[int]] = {}
+        for i, it in enumerate(index.items):
+            self.by_bucket.setdefault(it.bucket, []).append(i)
+        self.per_epoch = sum(len(v) // cfg.batch_size for v in self.by_bucket.values())
+        if self.per_epoch == 0:
+            raise ValueError(
+                f"no full batch of {cfg.batch_size}: {len(index.items)} usable items in buckets "
+                f"{ {index.buckets[b]: len(v) for b, v in self.by_bucket.items()} }"
+            )
+
+    @functools.lru_cache(maxsize=2)  # noqa: B019 - two epochs in flight at most
+    def plan(self, epoch: int) -> list[list[int]]:
+        """Global batches of epoch `epoch`: lists of item indices, one bucket each."""
+        rng = np.random.default_rng([self.cfg.seed, epoch])
+        batches = []
+        for b in sorted(self.by_bucket):
+            perm = rng.permutation(self.by_bucket[b])
+            n = len(perm) // self.cfg.batch_size * self.cfg.batch_size
+            batches += [list(map(int, c)) for c in perm[:n].reshape(-1, self.cfg.batch_size)]
+        return [batches[i] for i in rng.permutation(len(batches))]
+
+    def __call__(self, i: int) -> dict[str, Any]:
+        batch = self.plan(i // self.per_epoch)[i % self.per_epoch][self.lo : self.lo + self.local]
+        if self.cache is not None:
+            items = [self.cache.item(k, self.index.items[k].bucket) for k in batch]
+            out = {k: np.stack([it[k] for it in items]) for k in items[0]}
+            return out | {
+                "instruction": [self.index.items[k].instruction for k in batch],
+                "id": [self.index.items[k].id for k in batch],
+                "n_bad": 0,
+            }
+        out = {"source": [], "target": [], "instruction": [], "id": [], "n_bad": 0}
+        for k in batch:
+            item, pair = self._load_good(k, out)
+            out["source"].append(pair[0])
+            out["target"].append(pair[1])
+            out["instruction"].append(item.instruction)
+            out["id"].append(item.id)
+        out["source"], out["target"] = np.stack(out["source"]), np.stack(out["target"])
+        return out
+
+    def _load_good(self, k: int, out: dict) -> tuple[Item, tuple[np.ndarray, np.ndarray]]:
+        """Item k decoded; if it fails, the next items of its bucket (cyclically)."""
+        same = self.by_bucket[self.index.items[k].bucket]
+        start = same.index(k)
+        for j in range(len(same)):
+            item = self.index.items[same[(start + j) % len(same)]]
+            size = self.index.buckets[item.bucket]
+            try:
+                return item, (load_image(item.source, size), load_image(item.target, size))
+            except Exception as e:  # noqa: BLE001 - a bad file is counted, never fatal
+                log.warning("skipping item %s: %s", item.id, e)
+                out["n_bad"] += 1
+        raise RuntimeError(f"every item of bucket {self.index.buckets[self.index.items[k].bucket]} fails to decode")
+
+
+def make_iterator(cfg: DataConfig, epochs: int = 10_000) -> tuple[grain.DatasetIterator, EditBatches]:
+    """A checkpointable grain iterator over this process's batch slices (`epochs` passes)."""
+    batches = EditBatches(cfg, index_manifest(cfg), jax.process_index(), jax.process_count())
+    ds = grain.MapDataset.range(batches.per_epoch * epochs).map(batches)
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=cfg.prefetch))
+    return iter(it), batches

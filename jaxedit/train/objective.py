@@ -1,0 +1,149 @@
+"""Flow-matching objective for Kontext-style editing on packed latents.
+
+Conventions (docs: /work/shared/reference/conventions.md, "Schedule and sampler"):
+  x_t = (1 - t) x0 + t noise on the TARGET tokens, regression target v = noise - x0
+  (the sampler integrates x <- x + (t_prev - t_curr) v, so the signs must agree);
+  reference tokens are concatenated after the target tokens with ids (ref_index, row, col)
+  (Kontext: ref_index 1) and are excluded from the loss; the model output is sliced to
+  the target tokens.
+
+Timestep sampling (`ObjectiveConfig.timestep`):
+  uniform              t ~ U(0, 1)
+  logit_normal         t = sigmoid(mean + std * N(0, 1)) (SD3)
+then an optional shift t' = s t / (1 + (s - 1) t) (Step1X-Edit uses s = 3.1582), or the
+resolution-dependent FLUX shift s = exp(flux_mu(L_target)) (`resolution_shift=True`,
+identical to `jaxedit.sampling.time_shift`). Loss weighting (diffusers
+`compute_loss_weighting_for_sd3`): none (1), sigma_sqrt (t^-2), cosmap
+(2 / (pi (1 - 2t + 2t^2))). Loss = mean over the batch of weight * mean over tokens and
+features of (pred - v)^2, in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxedit import sampling
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveConfig:
+    timestep: str = "logit_normal"  # uniform | logit_normal
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    shift: float = 1.0  # t' = s t / (1 + (s - 1) t); 1 = no shift
+    resolution_shift: bool = False  # s = exp(flux_mu(target tokens)); replaces `shift`
+    weighting: str = "none"  # none | sigma_sqrt | cosmap
+    guidance: float | tuple[float, float] = 1.0  # fixed value or U(lo, hi) per sample
+    prompt_dropout: float = 0.0  # probability of replacing (txt, y) by the empty prompt's
+    ref_index: float = 1.0  # first id coordinate of reference tokens (Kontext: 1)
+
+    def __post_init__(self):
+        if self.timestep not in ("uniform", "logit_normal"):
+            raise ValueError(f"timestep {self.timestep!r}: use 'uniform' or 'logit_normal'")
+        if self.weighting not in ("none", "sigma_sqrt", "cosmap"):
+            raise ValueError(f"weighting {self.weighting!r}: use 'none', 'sigma_sqrt' or 'cosmap'")
+        if not 0.0 <= self.prompt_dropout <= 1.0:
+            raise ValueError(f"prompt_dropout {self.prompt_dropout} is not a probability")
+        if self.shift <= 0:
+            raise ValueError(f"shift must be > 0, got {self.shift}")
+
+
+def shift_timesteps(t: jax.Array, s: float | jax.Array) -> jax.Array:
+    """t' = s t / (1 + (s - 1) t) (= sampling.time_shift(log s, t))."""
+    return s * t / (1.0 + (s - 1.0) * t)
+
+
+def sample_timesteps(cfg: ObjectiveConfig, key: jax.Array, batch: int, n_target_tokens: int) -> jax.Array:
+    """t [B] float32 in (0, 1) per `cfg` (sampling, then shift)."""
+    if cfg.timestep == "uniform":
+        t = jax.random.uniform(key, (batch,), jnp.float32)
+    else:
+        t = jax.nn.sigmoid(cfg.logit_mean + cfg.logit_std * jax.random.normal(key, (batch,), jnp.float32))
+    if cfg.resolution_shift:
+        t = shift_timesteps(t, math.exp(sampling.flux_mu(n_target_tokens)))
+    elif cfg.shift != 1.0:
+        t = shift_timesteps(t, cfg.shift)
+    return t
+
+
+def loss_weight(cfg: ObjectiveConfig, t: jax.Array) -> jax.Array:
+    """Per-sample weight [B] (diffusers compute_loss_weighting_for_sd3)."""
+    if cfg.weighting == "sigma_sqrt":
+        return t**-2.0
+    if cfg.weighting == "cosmap":
+        return 2.0 / (math.pi * (1.0 - 2.0 * t + 2.0 * t**2))
+    return jnp.ones_like(t)
+
+
+def sample_guidance(cfg: ObjectiveConfig, key: jax.Array, batch: int) -> jax.Array:
+    """Guidance [B] float32: the fixed value, or U(lo, hi)."""
+    if isinstance(cfg.guidance, tuple | list):
+        lo, hi = cfg.guidance
+        return jax.random.uniform(key, (batch,), jnp.float32, lo, hi)
+    return jnp.full((batch,), cfg.guidance, jnp.float32)
+
+
+def kontext_ids(h2: int, w2: int, rh2: int, rw2: int, ref_index: float = 1.0) -> np.ndarray:
+    """img ids [(h2 w2) + (rh2 rw2), 3]: target grid (index 0) then reference grid (ref_index)."""
+    return np.concatenate([sampling.image_ids(h2, w2, 0.0), sampling.image_ids(rh2, rw2, ref_index)])
+
+
+def draw(cfg: ObjectiveConfig, key: jax.Array, target_BhwC: jax.Array) -> dict[str, jax.Array]:
+    """The random quantities of one step: t [B], noise [B, h, w, C], guidance [B], drop [B] (bool)."""
+    b, h, w, _ = target_BhwC.shape
+    kt, kn, kg, kd = jax.random.split(key, 4)
+    return {
+        "t": sample_timesteps(cfg, kt, b, (h // 2) * (w // 2)),
+        "noise": jax.random.normal(kn, target_BhwC.shape, jnp.float32),
+        "guidance": sample_guidance(cfg, kg, b),
+        "drop": jax.random.bernoulli(kd, cfg.prompt_dropout, (b,)),
+    }
+
+
+def flow_matching_loss(
+    cfg: ObjectiveConfig,
+    apply_fn,
+    params: Any,
+    batch: dict[str, jax.Array],
+    key: jax.Array,
+    empty: tuple[jax.Array, jax.Array] | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Scalar loss and metrics for one batch.
+
+    apply_fn(params, img [B, Li, F], img_ids [B, Li, 3], txt, txt_ids, t [B], y, guidance [B]) -> [B, Li, F]
+    (e.g. `lambda p, *a: Flux(...).apply({"params": p}, *a)`).
+    batch: target [B, h, w, C] and reference [B, rh, rw, C] VAE latents (NHWC, float32),
+        txt [B, Lt, D_txt], y [B, D_y].
+    empty: (txt [Lt, D_txt], y [D_y]) of the empty prompt; required when prompt_dropout > 0.
+    """
+    x0 = batch["target"].astype(jnp.float32)
+    ref = batch["reference"]
+    b, h, w, _ = x0.shape
+    rh, rw = ref.shape[1:3]
+    r = draw(cfg, key, x0)
+    t = r["t"]
+    noise = r["noise"]
+    tb = t[:, None, None, None]
+    x_t = sampling.pack((1.0 - tb) * x0 + tb * noise)
+    v = sampling.pack(noise - x0)
+    txt, y = batch["txt"], batch["y"]
+    if cfg.prompt_dropout > 0:
+        if empty is None:
+            raise ValueError("prompt_dropout > 0 needs the empty prompt's embedding (`empty`)")
+        txt = jnp.where(r["drop"][:, None, None], empty[0][None].astype(txt.dtype), txt)
+        y = jnp.where(r["drop"][:, None], empty[1][None].astype(y.dtype), y)
+    ids = jnp.broadcast_to(
+        kontext_ids(h // 2, w // 2, rh // 2, rw // 2, cfg.ref_index), (b, x_t.shape[1] + rh * rw // 4, 3)
+    )
+    img = jnp.concatenate([x_t, sampling.pack(ref.astype(jnp.float32))], axis=1)
+    txt_ids = jnp.zeros((b, txt.shape[1], 3), jnp.float32)
+    pred = apply_fn(params, img, ids, txt, txt_ids, t, y, r["guidance"])[:, : x_t.shape[1]]
+    per_sample = jnp.mean(jnp.square(pred.astype(jnp.float32) - v), axis=(1, 2))
+    loss = jnp.mean(loss_weight(cfg, t) * per_sample)
+    return loss, {"loss": loss, "mse": jnp.mean(per_sample), "t_mean": jnp.mean(t)}

@@ -1,0 +1,1 @@
+"""`python -m train --config configs/<name>.py`: thin entry point over `jaxedit.train.loop`."""

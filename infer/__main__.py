@@ -23,7 +23,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help=f"jaxedit model folder (default: {DEFAULT_MODEL})")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the pipeline's)")
     p.add_argument("--guidance", type=float, default=None, help="guidance value (default: the pipeline's)")
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="transformer/text dtype")
+    p.add_argument(
+        "--dtype", choices=["bfloat16", "float32"], default=None, help="transformer/text dtype (default: the model's)"
+    )
     p.add_argument("--keep-size", action="store_true", help="keep the input size (floored to 16), do not resize it")
     p.add_argument("--qwen", default=None, help="Step1X-Edit: Qwen2.5-VL folder (default: the one the model records)")
     p.add_argument("--size-level", type=int, default=None, help="Step1X-Edit: working area size_level^2 (default 512)")
@@ -42,7 +44,10 @@ def _load(args):
     if read_options(folder).get("random_weights"):
         print(f"note: {folder} holds RANDOM weights (a placeholder model): the output shows the pipeline runs, "
               "it is not a real edit", file=sys.stderr)  # fmt: skip
-    dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
+    # the model folder's pipeline option "dtype" (e.g. float32 for a small model trained in float32), else bfloat16
+    dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[
+        args.dtype or read_options(folder).get("dtype", "bfloat16")
+    ]
     if read_description(folder).family == "step1x-edit":
         from jaxedit.step1x_pipeline import Step1XEditPipeline
 

@@ -43,3 +43,18 @@ def global_array(host_array, sharding: jax.sharding.Sharding) -> jax.Array:
     """A global jax.Array from a host array every process holds in full (each process
     contributes only its addressable shards)."""
     return jax.make_array_from_callback(host_array.shape, sharding, lambda idx: host_array[idx])
+
+
+def put_global(tree, shardings):
+    """`jax.device_put(tree, shardings)` for values every process holds in full (numpy or
+    single-device arrays, e.g. weights each process read from the model folder).
+
+    With several processes jax.device_put refuses a committed single-device array for a sharding
+    that spans processes; here each process contributes its addressable shards of its own copy."""
+
+    def put(x, sharding):
+        if jax.process_count() == 1 or (isinstance(x, jax.Array) and not x.is_fully_addressable):
+            return jax.device_put(x, sharding)
+        return global_array(x, sharding)
+
+    return jax.tree.map(put, tree, shardings)

@@ -105,10 +105,9 @@ class KontextPipeline:
         self._decode = jax.jit(lambda p, z: self.vae.apply({"params": p}, z, method="decode"))
 
     @classmethod
-    def load(
-        cls, folder: str | Path, *, dtype: Any = jnp.bfloat16, compile_cache: bool = True, **kw
-    ) -> KontextPipeline:
-        """Load a jaxedit model folder (see `jaxedit.model_folder`)."""
+    def load(cls, folder: str | Path, *, dtype: Any = None, compile_cache: bool = True, **kw) -> KontextPipeline:
+        """Load a jaxedit model folder (see `jaxedit.model_folder`). dtype (transformer and text
+        encoders): default the folder's pipeline option "dtype", else bfloat16."""
         from jaxedit.model_folder import TOKENIZERS, load_parts, read_description, read_options
         from jaxedit.text import FluxTextEncoder, load_tokenizer
 
@@ -116,6 +115,8 @@ class KontextPipeline:
             enable_compilation_cache()
         folder = Path(folder)
         preset = read_description(folder)
+        options = read_options(folder)
+        dtype = jnp.dtype(dtype or options.get("dtype", "bfloat16"))
         params = load_parts(folder, preset, dtypes={"transformer": dtype, "t5": dtype, "clip": dtype})
         text = FluxTextEncoder(
             preset.t5,
@@ -126,7 +127,6 @@ class KontextPipeline:
             load_tokenizer(folder / TOKENIZERS["clip"]),
             dtype=dtype,
         )
-        options = read_options(folder)
         kw.setdefault("auto_resize", options.get("auto_resize", True))
         pipe = cls(preset, params, text, dtype=dtype, **kw)
         pipe.default_steps = int(options.get("steps", DEFAULT_STEPS))
@@ -235,6 +235,12 @@ class KontextPipeline:
             return out[:, :n_target]
 
         return sampling.euler_sample(velocity, x, timesteps)
+
+    def set_transformer(self, params) -> None:
+        """Use other transformer parameters (e.g. the current ones of a training run)."""
+        dtype = self.flux.param_dtype
+        self.params = self.params | {"transformer": jax.tree.map(lambda p: jnp.asarray(p, dtype), params)}
+        self._placed = {}
 
     def _mesh(self, batch: int) -> jax.sharding.Mesh:
         """Data-parallel mesh over the largest number of local devices dividing the batch."""

@@ -16,6 +16,12 @@ SIGTERM finishes the current step, saves and exits.
 Text embeddings and VAE latents are computed inline on each process's local devices
 (text encoders and VAE from the model folder), then the global batch is assembled for
 the sharded train step.
+
+Step1X-Edit model folders (family "step1x-edit") train the DiT and its connector: the text
+conditioning is Qwen2.5-VL (PyTorch, `jaxedit.step1x_text`) of (instruction, source image),
+each item's output cached as .npz in `qwen_cache`, so later epochs never run Qwen; prompt
+dropout uses each item's ("", source image), the pipeline's negative prompt. The objective
+needs ref_index=0 (reference ids equal the target's), as configs/step1x_*.py set.
 """
 
 from __future__ import annotations
@@ -25,7 +31,6 @@ import json
 import logging
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +42,11 @@ import orbax.checkpoint as ocp
 
 from jaxedit import configs, model_folder
 from jaxedit import sharding as sh
+from jaxedit.distributed import put_global
 from jaxedit.models.autoencoder import AutoEncoder
 from jaxedit.train.data import DataConfig, make_iterator
 from jaxedit.train.lora import LoraConfig, export_peft
+from jaxedit.train.monitor import Monitor, SampleEdits
 from jaxedit.train.objective import ObjectiveConfig
 from jaxedit.train.optim import OptimConfig
 from jaxedit.train.step import Trainer
@@ -70,6 +77,11 @@ class TrainConfig:
     async_checkpointing: bool = True
     lora: LoraConfig | None = None  # train LoRA adapters only; written as <checkpoint_dir>/lora.safetensors
     export_model: bool = False  # at the end, write the trained transformer (EMA if kept) into the model folder
+    qwen: str = ""  # Step1X-Edit: Qwen2.5-VL folder ("": the one the model folder records)
+    qwen_cache: str = ""  # Step1X-Edit: folder of per-item Qwen outputs ("": <checkpoint_dir>/qwen_cache)
+    sample_every: int = 0  # every N steps, edit `sample_count` training items with the current (EMA) weights
+    sample_count: int = 4  # ... written as <checkpoint_dir>/samples/step_N.png (FLUX.1 Kontext family)
+    tensorboard: bool = True  # also write TensorBoard scalars when tensorboardX is installed
 
 
 def override(cfg: Any, assignments: list[str]) -> Any:
@@ -119,20 +131,66 @@ class Encoder:
             load_tokenizer(folder / tok["t5"]),
             load_tokenizer(folder / tok["clip"]),
         )
+        self._init_vae(preset, params, vae_sample)
+
+    def _init_vae(self, preset: configs.Preset, params: dict, vae_sample: bool) -> None:
         vae = AutoEncoder(preset.vae)
         self.vae_params, self.vae_sample = params["vae"], vae_sample
         self._encode = jax.jit(lambda p, x, k: vae.apply({"params": p}, x, k, method="encode"))
 
-    def __call__(self, batch: dict, key: jax.Array) -> dict[str, np.ndarray]:
-        """Host batch (images [b, H, W, 3], instructions) -> latents and text embeddings (numpy)."""
+    def latents(self, batch: dict, key: jax.Array) -> dict[str, np.ndarray]:
+        """VAE latents of the host batch's source (reference) and target images [b, H, W, 3]."""
         ks, kt = jax.random.split(key) if self.vae_sample else (None, None)
-        txt, y = self.text.encode(list(batch["instruction"]))
         return {
             "reference": np.asarray(self._encode(self.vae_params, batch["source"], ks)),
             "target": np.asarray(self._encode(self.vae_params, batch["target"], kt)),
-            "txt": np.asarray(txt, np.float32),
-            "y": np.asarray(y, np.float32),
         }
+
+    def __call__(self, batch: dict, key: jax.Array) -> dict[str, np.ndarray]:
+        """Host batch (images [b, H, W, 3], instructions) -> latents and text embeddings (numpy)."""
+        txt, y = self.text.encode(list(batch["instruction"]))
+        return self.latents(batch, key) | {"txt": np.asarray(txt, np.float32), "y": np.asarray(y, np.float32)}
+
+
+class Step1XEncoder(Encoder):
+    """Step1X-Edit: Qwen2.5-VL of (instruction, source image) + VAE. Each item's Qwen output is cached
+    in `cache_dir`; with `empties` each item's ("", source image) too (prompt dropout)."""
+
+    def __init__(
+        self,
+        folder: Path,
+        preset: configs.Preset,
+        params: dict,
+        vae_sample: bool,
+        *,
+        qwen: str = "",
+        cache_dir: str | Path | None = None,
+        empties: bool = False,
+    ):
+        from jaxedit.step1x_text import Step1XQwenEmbedder
+
+        recorded, qcfg = model_folder.read_qwen(folder)
+        path = Path(qwen) if qwen else recorded
+        if path is None:
+            raise FileNotFoundError(f"{folder}/jaxedit.json records no Qwen2.5-VL folder: set qwen=PATH")
+        if qcfg.hidden_size != preset.connector.in_channels:
+            raise ValueError(f"Qwen hidden size {qcfg.hidden_size} != connector in_channels")
+        self.text = Step1XQwenEmbedder.from_pretrained(path, qcfg)
+        self.cache_dir, self.empties = cache_dir, empties
+        self._init_vae(preset, params, vae_sample)
+
+    def __call__(self, batch: dict, key: jax.Array) -> dict[str, np.ndarray]:
+        """-> latents, txt [b, L, D_qwen], txt_mask [b, L] (and empty_txt, empty_mask)."""
+        from PIL import Image
+
+        pixels = np.clip(np.round((np.asarray(batch["source"]) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+        images = [Image.fromarray(x) for x in pixels]
+        txt, mask = self.text.encode(list(batch["instruction"]), images, cache_dir=self.cache_dir)
+        out = self.latents(batch, key) | {"txt": txt, "txt_mask": mask}
+        if self.empties:
+            txt, mask = self.text.encode([""] * len(images), images, cache_dir=self.cache_dir)
+            out |= {"empty_txt": txt, "empty_mask": mask}
+        return out
 
 
 def _load_model(cfg: TrainConfig):
@@ -141,19 +199,24 @@ def _load_model(cfg: TrainConfig):
     model_folder.check_complete(folder, preset)
     from jaxedit.checkpoint import load_params
 
-    parts = {p: load_params(folder / p) for p in ("vae", "t5", "clip")}
+    parts = {p: load_params(folder / p) for p in ("vae", "t5", "clip") if getattr(preset, p) is not None}
     if cfg.init == "folder":
         transformer = load_params(folder / "transformer", dtype=jnp.float32)
     elif cfg.init == "random":
-        from jaxedit.models.flux import Flux, abstract_params
+        from jaxedit.models.flux import Flux
+        from jaxedit.models.step1x import Step1XEdit
 
-        shapes = jax.tree.leaves(abstract_params(preset.transformer))
-        args = [jnp.zeros((1, 1, preset.transformer.in_channels)), jnp.zeros((1, 1, 3))]
-        args += [jnp.zeros((1, 1, preset.transformer.context_in_dim)), jnp.zeros((1, 1, 3)), jnp.zeros((1,))]
-        args += [jnp.zeros((1, preset.transformer.vec_in_dim)), jnp.zeros((1,))]
-        init = jax.jit(lambda k: Flux(preset.transformer).init(k, *args)["params"])
+        tcfg = preset.transformer
+        args = [jnp.zeros((1, 1, tcfg.in_channels)), jnp.zeros((1, 1, 3))]
+        if preset.connector is None:
+            args += [jnp.zeros((1, 1, tcfg.context_in_dim)), jnp.zeros((1, 1, 3)), jnp.zeros((1,))]
+            args += [jnp.zeros((1, tcfg.vec_in_dim)), jnp.zeros((1,)) if tcfg.guidance_embed else None]
+            model = Flux(tcfg)
+        else:  # Step1X-Edit: Qwen states and mask, t
+            args += [jnp.zeros((1, 1, preset.connector.in_channels)), jnp.ones((1, 1), jnp.int32), jnp.zeros((1,))]
+            model = Step1XEdit(tcfg, connector_cfg=preset.connector)
+        init = jax.jit(lambda k: model.init(k, *args)["params"])
         transformer = sh.unbox(init(jax.random.key(cfg.seed)))
-        assert len(jax.tree.leaves(transformer)) == len(shapes)
     else:
         raise ValueError(f"init {cfg.init!r}: use 'folder' or 'random'")
     return folder, preset, transformer, parts
@@ -189,6 +252,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     folder, preset, transformer, parts = _load_model(cfg)
     if cfg.data.batch_size % (cfg.grad_accum * jax.process_count()):
         raise ValueError(f"batch_size {cfg.data.batch_size} not divisible by grad_accum x processes")
+    step1x = preset.connector is not None
+    if step1x and cfg.lora is not None:
+        raise ValueError("LoRA training exports diffusers' FLUX.1 Kontext layout: train Step1X-Edit fully")
+    if step1x and cfg.data.cache:
+        raise ValueError("data.cache holds T5/CLIP embeddings; Step1X-Edit caches its Qwen outputs in qwen_cache")
     mesh = sh.make_mesh(configs.MeshConfig.parse(cfg.mesh))
     trainer = Trainer(
         preset.transformer,
@@ -201,10 +269,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         scan_layers=cfg.scan_layers,
         attention_impl=cfg.attention,
         lora=cfg.lora,
+        connector=preset.connector,
     )
     data_iter, batches = make_iterator(cfg.data)
     empty, encoder = None, None
-    if batches.cache is not None:  # latents and text embeddings precomputed: no encoder on this host
+    if step1x:  # prompt dropout: each item's ("", image), computed (and cached) by the encoder
+        qwen_cache = cfg.qwen_cache or Path(cfg.checkpoint_dir) / "qwen_cache"
+        encoder = Step1XEncoder(
+            folder, preset, parts, cfg.vae_sample, qwen=cfg.qwen, cache_dir=qwen_cache,
+            empties=cfg.objective.prompt_dropout > 0,
+        )  # fmt: skip
+    elif batches.cache is not None:  # latents and text embeddings precomputed: no encoder on this host
         if cfg.vae_sample:
             raise ValueError("vae_sample needs images; data.cache holds posterior means")
         if cfg.objective.prompt_dropout > 0:
@@ -241,7 +316,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         )
         state, start = restored["state"], int(restored["meta"]["step"])
         if cfg.lora is not None:
-            state["base"] = jax.device_put(transformer, trainer.param_shardings)
+            state["base"] = put_global(transformer, trainer.param_shardings)
         if restored["meta"]["seed"] != cfg.seed:
             raise ValueError(f"checkpoint seed {restored['meta']['seed']} != config seed {cfg.seed}")
         if lead:
@@ -260,27 +335,27 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             force=force,
         )
 
+    monitor = Monitor(ckpt_dir, cfg.steps, cfg.data.batch_size, start, lead, tb=cfg.tensorboard)
+    sampler = None
+    if cfg.sample_every and lead and not step1x:
+        sampler = SampleEdits(folder, batches.index.items[: cfg.sample_count], ckpt_dir)
     a = cfg.grad_accum
-    t0, last, metrics = time.perf_counter(), {}, {}
+    last, metrics = {}, {}
     for step in range(start, cfg.steps):
         host = next(data_iter)
         if encoder is None:
-            enc = {k: host[k] for k in ("reference", "target", "txt", "y")}
+            enc = {k: host[k] for k in trainer.batch_keys}
         else:
             enc = encoder(host, jax.random.fold_in(jax.random.fold_in(key, step), 1 << 20))
-        batch = {k: v.reshape(a, v.shape[0] // a, *v.shape[1:]) for k, v in enc.items()}
+        # micro-batch i = items i, i + a, i + 2a, ... of this process's slice, so of the global batch:
+        # the same micro-batches (and random draws) whatever the number of processes
+        batch = {k: np.swapaxes(v.reshape(v.shape[0] // a, a, *v.shape[1:]), 0, 1) for k, v in enc.items()}
         state, metrics = trainer.step(state, batch, key, empty)
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
-            m = {k: float(v) for k, v in metrics.items()}
-            elapsed = time.perf_counter() - t0
-            sps = (done - start) * cfg.data.batch_size / elapsed
-            eta = (cfg.steps - done) * elapsed / (done - start)
-            last = {"step": done, **m, "samples_per_s": sps, "n_bad": int(host["n_bad"])}
-            if lead:
-                print(f"step {done}/{cfg.steps} loss {m['loss']:.5f} {sps:.2f} samples/s ETA {eta:.0f}s", flush=True)
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps(last) + "\n")
+            last = monitor.log(done, metrics, {"n_bad": int(host["n_bad"])})
+        if sampler is not None and (done % cfg.sample_every == 0 or done == cfg.steps):
+            sampler(done, trainer.model_params(state, ema="ema" in state))
         if stop.requested:
             save(done, force=True)
             manager.wait_until_finished()
@@ -290,6 +365,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             save(done, force=done == cfg.steps)
     manager.wait_until_finished()
     manager.close()
+    monitor.close()
     if cfg.lora is not None and lead:
         export_peft(state["lora"], cfg.lora, preset.transformer, ckpt_dir / "lora.safetensors")
         if "ema" in state:

@@ -7,6 +7,11 @@ Conventions (docs: /work/shared/reference/conventions.md, "Schedule and sampler"
   (Kontext: ref_index 1) and are excluded from the loss; the model output is sliced to
   the target tokens.
 
+Step1X-Edit (a batch with `txt_mask`): reference ids equal the target ids (ref_index 0), the
+text conditioning is the Qwen2.5-VL states `txt` [B, L, D] with `txt_mask` [B, L] (the model's
+connector makes the pooled vector; no `y`, no guidance), and the model is called with t in
+[0, 1]: the connector scales it by 1000 itself (S1X issue #91: a 0..1000 t double-scales it).
+
 Timestep sampling (`ObjectiveConfig.timestep`):
   uniform              t ~ U(0, 1)
   logit_normal         t = sigmoid(mean + std * N(0, 1)) (SD3)
@@ -117,10 +122,14 @@ def flow_matching_loss(
     """Scalar loss and metrics for one batch.
 
     apply_fn(params, img [B, Li, F], img_ids [B, Li, 3], txt, txt_ids, t [B], y, guidance [B]) -> [B, Li, F]
-    (e.g. `lambda p, *a: Flux(...).apply({"params": p}, *a)`).
+    (e.g. `lambda p, *a: Flux(...).apply({"params": p}, *a)`); for a Step1X-Edit batch (with `txt_mask`)
+    apply_fn(params, img, img_ids, txt, txt_mask, t [B] in [0, 1]) (`Step1XEdit.apply`).
     batch: target [B, h, w, C] and reference [B, rh, rw, C] VAE latents (NHWC, float32),
-        txt [B, Lt, D_txt], y [B, D_y].
-    empty: (txt [Lt, D_txt], y [D_y]) of the empty prompt; required when prompt_dropout > 0.
+        txt [B, Lt, D_txt], y [B, D_y] (Kontext) or txt_mask [B, Lt] (Step1X-Edit); optionally
+        empty_txt [B, Lt, D_txt] and empty_mask [B, Lt]: each item's empty prompt (Step1X-Edit's
+        Qwen sees the item's image too), used by prompt dropout instead of `empty`.
+    empty: (txt [Lt, D_txt], y [D_y]) (Step1X-Edit: (txt, txt_mask [Lt])) of the empty prompt;
+        prompt_dropout > 0 needs it or the batch's empty_txt / empty_mask.
     """
     x0 = batch["target"].astype(jnp.float32)
     ref = batch["reference"]
@@ -132,18 +141,27 @@ def flow_matching_loss(
     tb = t[:, None, None, None]
     x_t = sampling.pack((1.0 - tb) * x0 + tb * noise)
     v = sampling.pack(noise - x0)
-    txt, y = batch["txt"], batch["y"]
+    step1x = "txt_mask" in batch
+    cond = [batch["txt"], batch["txt_mask" if step1x else "y"]]
     if cfg.prompt_dropout > 0:
-        if empty is None:
+        if "empty_txt" in batch:
+            empty = (batch["empty_txt"], batch["empty_mask"])
+        elif empty is None:
             raise ValueError("prompt_dropout > 0 needs the empty prompt's embedding (`empty`)")
-        txt = jnp.where(r["drop"][:, None, None], empty[0][None].astype(txt.dtype), txt)
-        y = jnp.where(r["drop"][:, None], empty[1][None].astype(y.dtype), y)
+        else:
+            empty = tuple(e[None] for e in empty)
+        drop = r["drop"]
+        cond = [jnp.where(drop.reshape(-1, *[1] * (c.ndim - 1)), e.astype(c.dtype), c) for c, e in zip(cond, empty)]
+    txt, y_or_mask = cond  # y (Kontext) or txt_mask (Step1X-Edit)
     ids = jnp.broadcast_to(
         kontext_ids(h // 2, w // 2, rh // 2, rw // 2, cfg.ref_index), (b, x_t.shape[1] + rh * rw // 4, 3)
     )
     img = jnp.concatenate([x_t, sampling.pack(ref.astype(jnp.float32))], axis=1)
     txt_ids = jnp.zeros((b, txt.shape[1], 3), jnp.float32)
-    pred = apply_fn(params, img, ids, txt, txt_ids, t, y, r["guidance"])[:, : x_t.shape[1]]
+    if step1x:  # t in [0, 1]: the connector multiplies it by 1000 once
+        pred = apply_fn(params, img, ids, txt, y_or_mask, t)[:, : x_t.shape[1]]
+    else:
+        pred = apply_fn(params, img, ids, txt, txt_ids, t, y_or_mask, r["guidance"])[:, : x_t.shape[1]]
     per_sample = jnp.mean(jnp.square(pred.astype(jnp.float32) - v), axis=(1, 2))
     loss = jnp.mean(loss_weight(cfg, t) * per_sample)
     return loss, {"loss": loss, "mse": jnp.mean(per_sample), "t_mean": jnp.mean(t)}

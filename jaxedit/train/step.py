@@ -13,6 +13,8 @@ is differentiated with respect to lora only.
 A batch is a dict of arrays with a leading gradient-accumulation axis:
   target [A, b, h, w, C], reference [A, b, rh, rw, C] (VAE latents, NHWC),
   txt [A, b, Lt, D_txt], y [A, b, D_y]
+Step1X-Edit (a Trainer built with `connector`): txt [A, b, L, D_qwen] and txt_mask [A, b, L] instead
+of y, plus empty_txt / empty_mask (each item's empty prompt) when prompt dropout is on.
 The step scans over the A micro-batches (summing gradients), then applies one update.
 Randomness of step s, micro-batch i: fold_in(fold_in(key, s), i); a run restored at step s
 draws exactly what the uninterrupted run drew.
@@ -28,7 +30,9 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxedit import sharding as sh
-from jaxedit.configs import FluxConfig
+from jaxedit.configs import ConnectorConfig, FluxConfig
+from jaxedit.distributed import put_global
+from jaxedit.models import step1x
 from jaxedit.models.flux import Flux, abstract_params
 from jaxedit.train.lora import LoraConfig, init_lora, merge
 from jaxedit.train.objective import ObjectiveConfig, flow_matching_loss
@@ -36,6 +40,7 @@ from jaxedit.train.optim import OptimConfig, learning_rate, make_optimizer
 
 State = dict[str, Any]
 BATCH_KEYS = ("target", "reference", "txt", "y")
+STEP1X_BATCH_KEYS = ("target", "reference", "txt", "txt_mask")
 
 
 class Trainer:
@@ -55,21 +60,28 @@ class Trainer:
         attention_impl: str = "auto",
         rules: sh.Rules = sh.DEFAULT_RULES,
         lora: LoraConfig | None = None,
+        connector: ConnectorConfig | None = None,
     ):
+        """connector: Step1X-Edit's (the model is then `Step1XEdit`, fed Qwen states and masks)."""
         self.cfg, self.objective, self.optim, self.mesh, self.rules = flux_cfg, objective, optim, mesh, rules
-        self.lora = lora
+        self.lora, self.connector = lora, connector
         self.trained = "params" if lora is None else "lora"  # the state entry the optimizer updates
-        self.model = Flux(
-            flux_cfg,
-            dtype=dtype,
-            param_dtype=jnp.float32,
-            scan_layers=scan_layers,
-            remat_policy=remat_policy,
-            attention_impl=attention_impl,
-        )
+        kw = dict(dtype=dtype, param_dtype=jnp.float32, scan_layers=scan_layers, remat_policy=remat_policy)
+        if connector is None:
+            self.model = Flux(flux_cfg, attention_impl=attention_impl, **kw)
+            boxed = abstract_params(flux_cfg, jnp.float32, boxed=True)
+            self.batch_keys = BATCH_KEYS
+        else:
+            if objective.ref_index != 0:
+                raise ValueError(
+                    f"Step1X-Edit's reference ids equal the target's: objective.ref_index=0, not {objective.ref_index}"
+                )
+            self.model = step1x.Step1XEdit(flux_cfg, connector_cfg=connector, attention_impl=attention_impl, **kw)
+            boxed = step1x.abstract_params(flux_cfg, connector, jnp.float32, boxed=True)
+            dropout = ("empty_txt", "empty_mask") if objective.prompt_dropout > 0 else ()
+            self.batch_keys = STEP1X_BATCH_KEYS + dropout
         self.tx = make_optimizer(optim, total_steps)
         self.lr_schedule = learning_rate(optim, total_steps)
-        boxed = abstract_params(flux_cfg, jnp.float32, boxed=True)
         self.param_shardings = sh.shardings(boxed, mesh, rules)
         self.replicated = NamedSharding(mesh, PartitionSpec())
         abstract = jax.eval_shape(self._state_from_params, sh.unbox(boxed), jax.random.key(0))
@@ -95,7 +107,7 @@ class Trainer:
     def batch_shardings(self) -> dict[str, NamedSharding]:
         """[A, b, ...] arrays: micro-batch axis b on the batch mesh axes (act_batch)."""
         spec = sh.batch_sharding(self.mesh, 1, self.rules).spec
-        return {k: NamedSharding(self.mesh, PartitionSpec(None, *spec)) for k in BATCH_KEYS}
+        return {k: NamedSharding(self.mesh, PartitionSpec(None, *spec)) for k in self.batch_keys}
 
     def _shardings_like_params(self, tree):
         """Param shardings on every subtree shaped like the parameters, replicated elsewhere."""
@@ -118,7 +130,7 @@ class Trainer:
 
     def init_state(self, params, key: jax.Array | None = None) -> State:
         """Sharded train state from (host or device) parameters; `key` draws the LoRA `a` factors."""
-        params = jax.device_put(params, self.param_shardings)
+        params = put_global(params, self.param_shardings)
         key = jax.random.key(0) if key is None else key
         with sh.activate(self.mesh, self.rules):
             return self._init(params, key)
@@ -137,9 +149,12 @@ class Trainer:
         return jax.lax.with_sharding_constraint(merge(base, lora, self.lora), self.param_shardings)
 
     # ------------------------------------------------------------------------------
-    def apply(self, params, img, img_ids, txt, txt_ids, t, y, guidance):
-        g = guidance if self.cfg.guidance_embed else None
-        return self.model.apply({"params": params}, img, img_ids, txt, txt_ids, t, y, g)
+    def apply(self, params, img, img_ids, *args):
+        """Flux: args = (txt, txt_ids, t, y, guidance); Step1X-Edit: (txt, txt_mask, t in [0, 1])."""
+        if self.connector is None:
+            txt, txt_ids, t, y, guidance = args
+            args = (txt, txt_ids, t, y, guidance if self.cfg.guidance_embed else None)
+        return self.model.apply({"params": params}, img, img_ids, *args)
 
     def loss(self, params, batch: dict[str, jax.Array], key: jax.Array, empty=None):
         """Loss of one micro-batch (dict of [b, ...] arrays) -> (loss, metrics)."""

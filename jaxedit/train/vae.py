@@ -2,7 +2,7 @@
 
     python -m train --config configs/shapes_vae.py
 
-Objective: MSE + L1 reconstruction of random crops (`crop` px; the VAE is convolutional, so a
+Objective: MSE (+ optional L1) reconstruction of random crops (`crop` px; the VAE is convolutional, so a
 small crop teaches the same local statistics as the whole image at a fraction of the
 cost) + `kl_weight` x KL(posterior || N(0, 1)), decoding the posterior mean (or a sample). At the end
 the latent statistics of `stats_images` full images give the folder's `shift_factor`
@@ -39,12 +39,14 @@ class VAETrainConfig:
     model: str = "build/model"  # model folder whose vae/ is trained (and rewritten at the end)
     data: DataConfig = DataConfig()  # manifest of edit pairs; source and target images are used
     init: str = "random"  # random | folder
+    decoder_only: bool = False  # fine-tune the decoder on the frozen encoder's latents (keeps shift/scale)
     steps: int = 1000
     batch_size: int = 16
     crop: int = 32  # training crop side in pixels (a multiple of 8)
     lr: float = 1e-3
     warmup_steps: int = 50
     kl_weight: float = 1e-6
+    l1_weight: float = 0.0  # + l1_weight x L1 (L1 alone pulls a small VAE towards the background colour)
     sample_posterior: bool = False  # decode a posterior sample (True) or its mean while training
     max_images: int = 4000  # images drawn from the manifest (first items)
     stats_images: int = 512  # full images whose latents set shift/scale
@@ -84,16 +86,20 @@ def batch_at(images: np.ndarray, cfg: VAETrainConfig, step: int) -> np.ndarray:
     return crops.astype(np.float32) / 127.5 - 1.0
 
 
-def vae_loss(model: AutoEncoder, params, x, key, kl_weight: float, sample: bool):
-    """MSE + L1 reconstruction (+ kl_weight x KL). sample=False decodes the posterior mean, as
+def vae_loss(
+    model: AutoEncoder, params, x, key, kl_weight: float, sample: bool, l1_weight: float = 0.0, frozen_encoder=False
+):
+    """MSE (+ l1_weight x L1) reconstruction (+ kl_weight x KL). sample=False decodes the posterior mean, as
     the pipelines encode: a small VAE trained on a posterior sample from the start collapses to
     the background (its noise swamps the few shape pixels before the encoder learns to shrink it)."""
     mean, logvar = model.apply({"params": params}, x, method="moments")
+    if frozen_encoder:  # no encoder backward pass at all
+        mean, logvar = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(logvar)
     z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape) if sample else mean
     recon = model.apply({"params": params}, z, method="decode")
     mse, l1 = jnp.mean((recon - x) ** 2), jnp.mean(jnp.abs(recon - x))
     kl = 0.5 * jnp.mean(jnp.sum(mean**2 + jnp.exp(logvar) - 1.0 - logvar, axis=(1, 2, 3)))
-    return mse + l1 + kl_weight * kl, {"mse": mse, "l1": l1, "kl": kl}
+    return mse + l1_weight * l1 + kl_weight * kl, {"mse": mse, "l1": l1, "kl": kl}
 
 
 def train_vae(cfg: VAETrainConfig) -> dict[str, Any]:
@@ -114,6 +120,11 @@ def train_vae(cfg: VAETrainConfig) -> dict[str, Any]:
         raise ValueError(f"init {cfg.init!r}: use 'folder' or 'random'")
     sched = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps, max(cfg.steps, cfg.warmup_steps + 1))
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(sched))
+    if cfg.decoder_only:  # the latents (and what was trained on them) stay valid
+        if cfg.init != "folder":
+            raise ValueError("decoder_only fine-tunes a trained VAE: set init='folder'")
+        trainable = {k: k == "decoder" for k in params}
+        tx = optax.multi_transform({True: tx, False: optax.set_to_zero()}, trainable)
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
     key = jax.random.key(cfg.seed)
 
@@ -121,7 +132,7 @@ def train_vae(cfg: VAETrainConfig) -> dict[str, Any]:
     def step_fn(state, x):
         k = jax.random.fold_in(key, state["step"])
         (loss, aux), grads = jax.value_and_grad(vae_loss, argnums=1, has_aux=True)(
-            model, state["params"], x, k, cfg.kl_weight, cfg.sample_posterior
+            model, state["params"], x, k, cfg.kl_weight, cfg.sample_posterior, cfg.l1_weight, cfg.decoder_only
         )
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         new = {
@@ -155,7 +166,10 @@ def train_vae(cfg: VAETrainConfig) -> dict[str, Any]:
     manager.wait_until_finished()
     manager.close()
 
-    shift, scale = latent_statistics(model, state["params"], images[: cfg.stats_images])
+    if cfg.decoder_only:
+        shift, scale = preset.vae.shift_factor, preset.vae.scale_factor
+    else:
+        shift, scale = latent_statistics(model, state["params"], images[: cfg.stats_images])
     write_vae(folder, jax.device_get(state["params"]), shift, scale)
     print(f"wrote {folder / 'vae'} (shift_factor {shift:.4f}, scale_factor {scale:.4f})", flush=True)
     return {k: float(v) for k, v in metrics.items()} | {"shift_factor": shift, "scale_factor": scale}

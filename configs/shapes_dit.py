@@ -1,0 +1,41 @@
+"""Stage 2 of the default model (models/default): the Kontext DiT on cached shapes latents.
+
+    python -m train --config configs/shapes_dit.py
+Needs the stage-1 VAE and the cache from `python -m train.precompute` (docs/default_model.md).
+Writes the EMA transformer into build/shapes/transformer at the end. float32 compute: on a CPU
+bfloat16 matmuls are slower than float32 ones.
+"""
+
+from jaxedit.train.data import DataConfig
+from jaxedit.train.loop import TrainConfig
+from jaxedit.train.objective import ObjectiveConfig
+from jaxedit.train.optim import OptimConfig
+
+
+def get_config() -> TrainConfig:
+    return TrainConfig(
+        model="build/shapes",
+        init="random",
+        data=DataConfig(
+            path="data/shapes/train",
+            cache="data/shapes/cache",
+            batch_size=32,
+            pixel_budget=64 * 64,
+            bucket_step=64,
+            seed=0,
+            num_threads=1,
+        ),
+        objective=ObjectiveConfig(timestep="logit_normal", resolution_shift=True, guidance=1.0),
+        optim=OptimConfig(
+            lr=1e-3, warmup_steps=100, schedule="cosine", final_lr_fraction=0.05, weight_decay=0.01, ema_decay=0.995
+        ),
+        steps=2000,
+        mesh="data=-1",
+        dtype="float32",
+        remat="none",
+        checkpoint_dir="checkpoints/shapes_dit",
+        checkpoint_every=200,
+        keep=2,
+        log_every=20,
+        export_model=True,
+    )

@@ -1,0 +1,107 @@
+"""Training observability: progress line, metrics JSONL, optional TensorBoard, sample edits.
+
+Only the main process (jax.process_index() == 0) prints and writes. TensorBoard event files
+(`<checkpoint_dir>/tensorboard`) are written when the optional `tensorboardX` is installed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+
+def _tensorboard_writer(logdir: Path):
+    """A tensorboardX SummaryWriter when tensorboardX is installed (optional), else None."""
+    try:
+        from tensorboardX import SummaryWriter  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    return SummaryWriter(str(logdir))
+
+
+def progress_line(step: int, total: int, metrics: dict[str, float], samples_per_s: float, eta_s: float) -> str:
+    """`step 450/1000 loss 0.41000 12.30 samples/s ETA 00:07:31 [#########...........]  45%`."""
+    width = 20
+    filled = int(width * step / max(total, 1))
+    eta = time.strftime("%H:%M:%S", time.gmtime(max(eta_s, 0.0)))
+    loss = f"loss {metrics['loss']:.5f} " if "loss" in metrics else ""
+    bar = "#" * filled + "." * (width - filled)
+    pct = 100 * step / max(total, 1)
+    return f"step {step}/{total} {loss}{samples_per_s:.2f} samples/s ETA {eta} [{bar}] {pct:3.0f}%"
+
+
+class Monitor:
+    """Progress on stdout, one JSON record a logged step in `metrics.jsonl`, TensorBoard scalars."""
+
+    def __init__(self, out_dir: Path, total_steps: int, batch_size: int, start_step: int, lead: bool, tb: bool = True):
+        self.out_dir, self.total, self.batch, self.start, self.lead = out_dir, total_steps, batch_size, start_step, lead
+        self.t0 = time.perf_counter()
+        self.writer = _tensorboard_writer(out_dir / "tensorboard") if (lead and tb) else None
+
+    def log(self, step: int, metrics: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Record step `step` (1-based, after the update); returns the record."""
+        m = {k: float(v) for k, v in metrics.items()}
+        elapsed = time.perf_counter() - self.t0
+        sps = (step - self.start) * self.batch / max(elapsed, 1e-9)
+        eta = (self.total - step) * elapsed / max(step - self.start, 1)
+        record = {"step": step, **m, "samples_per_s": sps, **(extra or {})}
+        if self.lead:
+            print(progress_line(step, self.total, m, sps, eta), flush=True)
+            with (self.out_dir / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            if self.writer is not None:
+                for k, v in record.items():
+                    if k != "step" and isinstance(v, int | float):
+                        self.writer.add_scalar(k, v, step)
+        return record
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class SampleEdits:
+    """Edits of a few fixed training items with the current weights, written as image grids.
+
+    Each row of `<out_dir>/samples/step_<step>.png` is source | edited | target for one item.
+    Needs the model folder's text encoders and VAE on this host; parameters sharded over
+    several processes are skipped (gathering a full-size model onto one host is not worth it).
+    """
+
+    def __init__(
+        self, folder: Path, items: list, out_dir: Path, steps: int | None = None, guidance: float | None = None
+    ):
+        from jaxedit.pipeline import KontextPipeline
+
+        self.pipe = KontextPipeline.load(folder, compile_cache=False)
+        self.items, self.steps, self.guidance = items, steps, guidance
+        self.dir = out_dir / "samples"
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, step: int, transformer_params) -> Path | None:
+        import jax
+
+        if not all(getattr(x, "is_fully_addressable", True) for x in jax.tree.leaves(transformer_params)):
+            log.warning("sample edits skipped: parameters span several processes")
+            return None
+        self.pipe.set_transformer(transformer_params)
+        sources = [Image.open(it.source).convert("RGB") for it in self.items]
+        seeds = list(range(len(self.items)))
+        outs = self.pipe(
+            sources, [it.instruction for it in self.items], seeds, steps=self.steps, guidance=self.guidance
+        )
+        rows = []
+        for src, out, it in zip(sources, outs, self.items):
+            tgt = Image.open(it.target).convert("RGB").resize(out.size)
+            rows.append(np.concatenate([np.asarray(src.resize(out.size)), np.asarray(out), np.asarray(tgt)], axis=1))
+        path = self.dir / f"step_{step:07d}.png"
+        Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+        return path

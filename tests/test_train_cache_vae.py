@@ -1,0 +1,101 @@
+"""`python -m train.precompute` caches exactly what the inline encoders feed the train step; the
+VAE training stage learns, resumes deterministically, and its decoder-only mode keeps the latents."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from jaxedit import model_folder
+from jaxedit.checkpoint import load_params
+from jaxedit.train.data import DataConfig, EditBatches, index_manifest
+from jaxedit.train.loop import Encoder
+from jaxedit.train.precompute import Cache, precompute
+from jaxedit.train.vae import VAETrainConfig, batch_at, load_images, train_vae
+from tests.test_train_data import write_dataset
+from tests.tiny_train import random_model_folder
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cache")
+    return random_model_folder(root / "model"), write_dataset(root / "data", n_square=6, n_wide=4, bad=False)
+
+
+def test_cached_batches_equal_the_inline_encoder(tiny, tmp_path):
+    model, data = tiny
+    cfg = DataConfig(path=str(data), batch_size=2, pixel_budget=64 * 64, bucket_step=16, num_threads=1)
+    precompute(model, cfg, tmp_path / "cache", batch=3)  # other batch sizes than training's
+    index = index_manifest(cfg)
+    plain = EditBatches(cfg, index, 0, 1)
+    cached = EditBatches(dataclasses.replace(cfg, cache=str(tmp_path / "cache")), index, 0, 1)
+    preset = model_folder.read_description(model)
+    parts = {p: load_params(model / p) for p in ("vae", "t5", "clip")}
+    encoder = Encoder(model, preset, parts, vae_sample=False)
+    buckets = set()
+    for i in range(plain.per_epoch):
+        host, got = plain(i), cached(i)
+        want = encoder(host, jax.random.key(0))
+        assert got["id"] == host["id"] and got["instruction"] == host["instruction"]
+        for k in ("reference", "target", "txt", "y"):
+            assert got[k].shape == want[k].shape, k
+            np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-5, err_msg=k)
+        buckets.add(got["target"].shape)
+    assert len(buckets) == 2  # square and wide buckets both cached
+    txt, y = encoder.text.encode([""])
+    np.testing.assert_array_equal(cached.cache.empty[0], np.asarray(txt[0], np.float32))
+    # a cache made for other items is refused, naming itself
+    other = write_dataset(tmp_path / "other", n_square=3, n_wide=0, bad=False)
+    with pytest.raises(ValueError, match="cache"):
+        Cache(tmp_path / "cache", index_manifest(dataclasses.replace(cfg, path=str(other))))
+
+
+def test_vae_stage_learns_resumes_and_decoder_only_keeps_latents(tiny, tmp_path):
+    model, data = tiny
+    folder = tmp_path / "model"
+    import shutil
+
+    shutil.copytree(model, folder)
+    cfg = VAETrainConfig(
+        model=str(folder),
+        data=DataConfig(path=str(data), pixel_budget=64 * 64, bucket_step=16),
+        init="folder",
+        steps=6,
+        batch_size=4,
+        crop=16,
+        lr=3e-3,
+        warmup_steps=1,
+        max_images=8,
+        stats_images=8,
+        checkpoint_dir=str(tmp_path / "ckpt"),
+        checkpoint_every=3,
+        log_every=1,
+    )
+    images = load_images(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(data))))
+    assert images.shape == (8, 64, 64, 3)
+    np.testing.assert_array_equal(batch_at(images, cfg, 4), batch_at(images, cfg, 4))  # a function of (seed, step)
+    assert not np.array_equal(batch_at(images, cfg, 4), batch_at(images, cfg, 5))
+
+    before = load_params(folder / "vae")
+    train_vae(cfg)
+    m = [json.loads(x) for x in (tmp_path / "ckpt-metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in m] == list(range(1, 7)) and m[-1]["mse"] < m[0]["mse"]
+    desc = json.loads((folder / "jaxedit.json").read_text())["config"]["vae"]
+    assert desc["shift_factor"] != model_folder.read_description(model).vae.shift_factor  # re-measured
+
+    # decoder only: encoder bit-exact, shift/scale kept, decoder changed
+    trained = load_params(folder / "vae")
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(trained)))
+    dec = dataclasses.replace(cfg, decoder_only=True, checkpoint_dir=str(tmp_path / "dec"), steps=3)
+    train_vae(dec)
+    after = load_params(folder / "vae")
+    for a, b in zip(jax.tree.leaves(trained["encoder"]), jax.tree.leaves(after["encoder"])):
+        np.testing.assert_array_equal(a, b)
+    assert any(
+        not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(trained["decoder"]), jax.tree.leaves(after["decoder"]))
+    )
+    assert json.loads((folder / "jaxedit.json").read_text())["config"]["vae"] == desc

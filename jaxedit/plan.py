@@ -145,6 +145,15 @@ def analytic_forward_flops(cfg, tokens: int) -> float:
     return 2.0 * n * (4 * d * d + 2 * d * m) * tokens + 4.0 * tokens * tokens * d * n
 
 
+def depth_scaled_flops(cfg, flops) -> float:
+    """XLA's FLOP count of a step at `cfg`'s depth, from `flops(depth, single)`: the count of the
+    same step with `depth` double and `single` single blocks, unrolled, with loop-free (xla)
+    attention. XLA counts a loop body once, so a scanned model's count misses all blocks but one;
+    the 2+1, 1+2 and 1+1 variants give one double and one single block, scaled by the real depth."""
+    c21, c12, c11 = flops(2, 1), flops(1, 2), flops(1, 1)
+    return c11 + (cfg.depth - 1) * (c21 - c11) + (cfg.depth_single_blocks - 1) * (c12 - c11)
+
+
 def plan(args, mesh_cfg) -> dict:
     import jax
 
@@ -156,14 +165,12 @@ def plan(args, mesh_cfg) -> dict:
     compiled, seconds, info = compile_step(cfg, args, mesh)
     mem = compiled.memory_analysis()
     flops_scan = compiled.cost_analysis()["flops"]
-    # XLA counts a loop body once: measure one double and one single block on unrolled
-    # variants, with loop-free (xla) attention so the chunked kernel's loops do not hide FLOPs
-    flops = lambda d, s: compile_step(cfg, args, mesh, depth=d, single=s, scan=False, attention="xla")[
-        0
-    ].cost_analysis()["flops"]  # noqa: E501, E731
-    c21, c12, c11 = flops(2, 1), flops(1, 2), flops(1, 1)
-    per_double, per_single = c21 - c11, c12 - c11
-    flops_dev = c11 + (cfg.depth - 1) * per_double + (cfg.depth_single_blocks - 1) * per_single
+
+    def unrolled_flops(depth: int, single: int) -> float:
+        compiled = compile_step(cfg, args, mesh, depth=depth, single=single, scan=False, attention="xla")[0]
+        return compiled.cost_analysis()["flops"]
+
+    flops_dev = depth_scaled_flops(cfg, unrolled_flops)
     n_dev = len(jax.devices())
     L, b = info["tokens"], info["batch"]
     analytic = b * analytic_forward_flops(cfg, L) * (3 if args.task == "train" else 1)

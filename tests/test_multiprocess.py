@@ -25,6 +25,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # over a minute on the 2-core CI machine
 @pytest.mark.parametrize("mesh_spec", ["fsdp=2,tensor=2"])
 def test_two_processes_match_single_process(tmp_path, mesh_spec):
     port = free_port()

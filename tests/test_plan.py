@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def run_plan(*args: str) -> dict:
     out = subprocess.run(
@@ -19,6 +21,7 @@ def run_plan(*args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # over a minute on the 2-core CI machine
 def test_plan_train_tiny_on_four_devices():
     r = run_plan("--preset", "flux-kontext-tiny", "--task", "train", "--mesh", "fsdp=2,tensor=2",
                  "--resolution", "128", "--batch", "4", "--text-tokens", "16")  # fmt: skip

@@ -54,6 +54,7 @@ def test_cached_batches_equal_the_inline_encoder(tiny, tmp_path):
         Cache(tmp_path / "cache", index_manifest(dataclasses.replace(cfg, path=str(other))))
 
 
+@pytest.mark.slow  # over a minute on the 2-core CI machine
 def test_vae_stage_learns_resumes_and_decoder_only_keeps_latents(tiny, tmp_path):
     model, data = tiny
     folder = tmp_path / "model"

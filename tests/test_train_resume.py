@@ -8,11 +8,13 @@ import subprocess
 import time
 
 import numpy as np
+import pytest
 
 from tests.test_train_data import write_dataset
 from tests.tiny_train import ROOT, command, env, losses, random_model_folder
 
 
+@pytest.mark.slow  # over a minute on the 2-core CI machine
 def test_sigkill_and_restart_reproduces_the_uninterrupted_losses(tmp_path):
     model = random_model_folder(tmp_path / "model")
     data = write_dataset(tmp_path / "data", n_square=12, n_wide=0)  # one bucket: one set of compilations

@@ -81,7 +81,8 @@ class SampleEdits:
     ):
         from jaxedit.pipeline import KontextPipeline
 
-        self.pipe = KontextPipeline.load(folder, compile_cache=False)
+        # the items' own sizes (floored to multiples of 16), as trained: no resizing to Kontext's preferred ones
+        self.pipe = KontextPipeline.load(folder, compile_cache=False, auto_resize=False)
         self.items, self.steps, self.guidance = items, steps, guidance
         self.dir = out_dir / "samples"
         self.dir.mkdir(parents=True, exist_ok=True)

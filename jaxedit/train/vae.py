@@ -60,15 +60,8 @@ class VAETrainConfig:
 def load_images(cfg: VAETrainConfig) -> np.ndarray:
     """The first max_images images (sources, then targets, item by item) as uint8 [N, H, W, 3]."""
     index = index_manifest(cfg.data)
-    out = []
-    for item in index.items:
-        for path in (item.source, item.target):
-            size = index.buckets[item.bucket]
-            out.append(np.round((load_image(path, size) + 1.0) * 127.5).astype(np.uint8))
-            if len(out) == cfg.max_images:
-                break
-        if len(out) == cfg.max_images:
-            break
+    paths = [(p, index.buckets[it.bucket]) for it in index.items for p in (it.source, it.target)]
+    out = [np.round((load_image(p, size) + 1.0) * 127.5).astype(np.uint8) for p, size in paths[: cfg.max_images]]
     shapes = {x.shape for x in out}
     if len(shapes) != 1:
         raise ValueError(f"{cfg.data.path}: VAE training needs one image size, found {sorted(shapes)}")

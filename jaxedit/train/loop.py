@@ -85,13 +85,14 @@ class TrainConfig:
 
 
 def override(cfg: Any, assignments: list[str]) -> Any:
-    """Apply `a.b=value` assignments (value parsed as JSON, else kept as a string)."""
+    """Apply `a.b=value` assignments (value parsed as JSON, Python's True/False/None accepted, else
+    kept as a string). A boolean field only takes a boolean: `--set x=False` must not become truthy."""
     for a in assignments:
         key, _, raw = a.partition("=")
         try:
             value = json.loads(raw)
         except json.JSONDecodeError:
-            value = raw
+            value = {"True": True, "False": False, "None": None}.get(raw, raw)
         cfg = _replace(cfg, key.split("."), value, a)
     return cfg
 
@@ -104,6 +105,8 @@ def _replace(obj, keys, value, where):
         value = _replace(getattr(obj, keys[0]), keys[1:], value, where)
     elif isinstance(value, list):
         value = tuple(value)
+    elif isinstance(getattr(obj, keys[0]), bool) and not isinstance(value, bool):
+        raise ValueError(f"--set {where}: {keys[0]} is a boolean (true or false), got {value!r}")
     return dataclasses.replace(obj, **{keys[0]: value})
 
 

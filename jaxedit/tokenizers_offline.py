@@ -71,7 +71,7 @@ def train_tokenizers(
     )
     bpe.train_from_iterator([s.lower() for s in sentences] * 3, trainer)
     model = json.loads(bpe.to_str())["model"]
-    clip_vocab = dict(model["vocab"])
+    clip_vocab = _canonical_alphabet_order(model["vocab"], model["merges"], len(pre_tokenizers.ByteLevel.alphabet()))
     for special in ("<|startoftext|>", "<|endoftext|>"):  # last ids, as in CLIP (EOS = largest id)
         clip_vocab[special] = len(clip_vocab)
     # FLUX's `tokenizer/` layout (files of the original CLIP release): vocab.json, merges.txt, tokenizer_config.json
@@ -82,6 +82,21 @@ def train_tokenizers(
     special = dict(bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>")
     config = dict(tokenizer_class="CLIPTokenizer", model_max_length=77, unk_token="<|endoftext|>", **special)
     (clip_dir / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+def _canonical_alphabet_order(vocab: dict[str, int], merges: list, alphabet: int) -> dict[str, int]:
+    """The BPE trainer adds the word-final characters ("e</w>", ...) after the byte alphabet in hash
+    order, which changes between runs; give that block of ids in sorted order, so the same
+    sentences always give the same vocab.json (merges.txt is already deterministic)."""
+    made = {a + b for a, b in (m.split(" ") if isinstance(m, str) else m for m in merges)}
+    block = sorted((i, t) for t, i in vocab.items() if i >= alphabet and t not in made)
+    ids = [i for i, _ in block]
+    if ids != list(range(alphabet, alphabet + len(ids))):
+        raise ValueError("unexpected BPE vocabulary layout: the word-final characters are not one block")
+    out = dict(vocab)
+    for i, t in zip(ids, sorted(t for _, t in block)):
+        out[t] = i
+    return dict(sorted(out.items(), key=lambda kv: kv[1]))
 
 
 QWEN_SPECIAL_TOKENS = (

@@ -8,6 +8,7 @@ Tokenizers are trained offline here on a few sentences (nothing is downloaded).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -339,3 +340,18 @@ def test_flux_text_encoder_matches_diffusers(tmp_path):
         assert convert_cli([part, str(root / src), str(dst), "--preset", "flux-kontext-tiny"]) == 0
         for k, v in flatten(load_params(dst)).items():
             np.testing.assert_array_equal(np.asarray(v), np.asarray(flatten(direct)[k]))
+
+
+def test_offline_tokenizers_are_reproducible(tmp_path):
+    """Training the tokenizers twice on the same sentences gives identical files (the BPE
+    trainer's word-final characters come in hash order; the ids are made canonical)."""
+    from jaxedit.data.shapes import vocabulary
+
+    for i in range(3):
+        train_tokenizers(tmp_path / str(i), vocabulary(), whole_words=True)
+    for sub in ("tokenizer", "tokenizer_2"):
+        for f in sorted((tmp_path / "0" / sub).iterdir()):
+            for i in (1, 2):
+                assert (tmp_path / str(i) / sub / f.name).read_bytes() == f.read_bytes(), f"{sub}/{f.name} differs"
+    vocab = json.loads((tmp_path / "0" / "tokenizer" / "vocab.json").read_text())
+    assert len(set(vocab.values())) == len(vocab) and sorted(vocab.values()) == list(range(len(vocab)))

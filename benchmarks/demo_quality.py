@@ -1,6 +1,10 @@
 """Quality of a shapes-editing model (default: the shipped models/default) on held-out test seeds.
 
     python benchmarks/demo_quality.py [--model models/default] [--count 240] [--markdown docs/x.md]
+    python benchmarks/demo_quality.py --model build/shapes --checkpoint checkpoints/shapes_dit --count 48
+
+(--checkpoint: the transformer of a training run's latest Orbax checkpoint, its EMA if it has one,
+in the model folder's pipeline; to watch a run's quality while it trains.)
 
 For each test-split sample (jaxedit.data.shapes, indices 0..count-1, never used in training):
 the model edits the source with the instruction (pipeline defaults of the model folder, seed =
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 from common import ROOT  # noqa: F401 - puts the repo root on sys.path
@@ -71,17 +76,36 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def checkpoint_transformer(run_dir: str) -> tuple[int, dict]:
+    """(step, transformer parameters) of the latest checkpoint of a `python -m train` run: EMA if kept."""
+    import orbax.checkpoint as ocp
+
+    with ocp.CheckpointManager(Path(run_dir).absolute()) as manager:
+        step = manager.latest_step()
+        if step is None:
+            raise SystemExit(f"{run_dir}: no checkpoint")
+        state = ocp.StandardCheckpointer().restore(Path(run_dir).absolute() / str(step) / "state")
+    if "lora" in state:
+        raise SystemExit(f"{run_dir}: a LoRA run; evaluate its exported adapters instead")
+    return step, state.get("ema", state["params"])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=str(ROOT / "models" / "default"))
     p.add_argument("--count", type=int, default=240, help="test-split samples (indices 0..count-1)")
     p.add_argument("--batch", type=int, default=48)
     p.add_argument("--markdown", help="also write the table to this file")
+    p.add_argument("--checkpoint", help="a training run's checkpoint_dir: use its latest transformer (EMA if any)")
     args = p.parse_args()
     from jaxedit.pipeline import KontextPipeline
 
     t0 = time.perf_counter()
     pipe = KontextPipeline.load(args.model)
+    if args.checkpoint:
+        step, params = checkpoint_transformer(args.checkpoint)
+        pipe.set_transformer(params)
+        print(f"transformer of {args.checkpoint} step {step}")
     rows = evaluate(pipe, range(args.count), args.batch)
     seconds = time.perf_counter() - t0
     out = table(rows)

@@ -4,9 +4,10 @@ The real `jaxedit.train.step.Trainer` step (flow-matching loss, AdamW, EMA, grad
 of two configs on synthetic VAE latents and text embeddings (no data loading, no encoders):
   tiny    flux-kontext-tiny (width 48, 2+2 blocks) trained as configs/kontext_tiny.py
   shapes  flux-kontext-shapes (width 128, 2+4 blocks), the default model, as configs/shapes_dit.py
-both on 64x64 images: 16 target + 16 reference tokens. FLOPs per step are XLA's cost analysis of
-the same step (all micro-batches as one batch, which does the same work), scaled by depth as
-`jaxedit.plan` does (XLA counts a loop body once); "% matmul" divides the achieved FLOP/s by
+both on 64x64 images (tiny: 16 target + 16 reference tokens; shapes, whose VAE downsamples by 4:
+64 + 64). FLOPs per step are XLA's cost analysis of the same step (all micro-batches as one
+batch, which does the same work), scaled by depth as `jaxedit.plan` does (XLA counts a loop
+body once); "% matmul" divides the achieved FLOP/s by
 that of a 1024^3 matmul of the same dtype timed right after the steps (the machine's attainable
 rate under the same load).
 
@@ -44,7 +45,7 @@ class Case:
     name: str
     preset: configs.Preset
     train: TrainConfig
-    side: int  # latent grid side (image side / 8)
+    side: int  # latent grid side (image side / the VAE's downsampling)
     text_tokens: int
 
     @property
@@ -56,7 +57,8 @@ def make_case(name: str) -> Case:
     preset_name, config = CASES[name]
     preset = configs.get(preset_name)
     train = load_config(ROOT / config)
-    return Case(name, preset, train, math.isqrt(train.data.pixel_budget) // 8, preset.t5.max_length)
+    side = math.isqrt(train.data.pixel_budget) // preset.vae.downsample
+    return Case(name, preset, train, side, preset.t5.max_length)
 
 
 def make_trainer(case: Case, dtype: str, *, depth=None, scan_layers=True, attention=None) -> Trainer:

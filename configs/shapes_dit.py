@@ -19,7 +19,7 @@ def get_config() -> TrainConfig:
         data=DataConfig(
             path="data/shapes/train",
             cache="data/shapes/cache",
-            batch_size=32,
+            batch_size=16,
             pixel_budget=64 * 64,
             bucket_step=64,
             seed=0,
@@ -27,14 +27,14 @@ def get_config() -> TrainConfig:
         ),
         objective=ObjectiveConfig(timestep="logit_normal", resolution_shift=True, guidance=1.0),
         optim=OptimConfig(
-            lr=1e-3, warmup_steps=100, schedule="cosine", final_lr_fraction=0.05, weight_decay=0.01, ema_decay=0.995
+            lr=2e-3, warmup_steps=200, schedule="cosine", final_lr_fraction=0.05, weight_decay=0.01, ema_decay=0.995
         ),
-        steps=2000,
+        steps=5000,
         mesh="data=-1",
         dtype="float32",
         remat="none",
         checkpoint_dir="checkpoints/shapes_dit",
-        checkpoint_every=200,
+        checkpoint_every=250,
         keep=2,
         log_every=20,
         export_model=True,

@@ -13,10 +13,10 @@ def get_config() -> VAETrainConfig:
     return VAETrainConfig(
         model="build/shapes",
         data=DataConfig(path="data/shapes/train", pixel_budget=64 * 64, bucket_step=64),
-        steps=3000,
+        steps=2500,
         batch_size=16,
         crop=32,
-        lr=2e-3,
+        lr=3e-3,
         warmup_steps=50,
         kl_weight=1e-6,
         max_images=4000,

@@ -2,7 +2,7 @@
 
     python -m train --config configs/shapes_vae_decoder.py
 Stage 1 trains on 32x32 crops (cheap); the decoder then adapts to whole images (GroupNorm
-statistics and mid-block attention over the full 8x8 latent). The encoder, hence the latents,
+statistics and mid-block attention over the full 16x16 latent). The encoder, hence the latents,
 shift/scale and everything trained on them, is unchanged: this can run beside stage 2.
 """
 

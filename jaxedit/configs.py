@@ -227,13 +227,14 @@ register(
             context_in_dim=64,
             vec_in_dim=64,
             hidden_size=128,
-            num_heads=2,
+            num_heads=4,
             depth=2,
             depth_single_blocks=4,
-            axes_dim=(16, 24, 24),
+            axes_dim=(8, 12, 12),
+            theta=30,  # 8x8 token grids: RoPE frequencies 1 .. 1/17 rad per cell (theta 10000: 1 .. 1/2154)
         ),
         AutoEncoderConfig(
-            ch=16, ch_mult=(1, 2, 4, 4), num_res_blocks=1, norm_groups=8, scale_factor=1.0, shift_factor=0.0
+            ch=16, ch_mult=(1, 2, 4), num_res_blocks=1, norm_groups=8, scale_factor=1.0, shift_factor=0.0
         ),
         T5Config(vocab_size=256, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, max_length=16),
         CLIPTextConfig(

@@ -343,7 +343,7 @@ def test_flux_text_encoder_matches_diffusers(tmp_path):
 
 
 def test_offline_tokenizers_are_reproducible(tmp_path):
-    """Training the tokenizers twice on the same sentences gives identical files (the BPE
+    """Training the tokenizers three times on the same sentences gives identical files (the BPE
     trainer's word-final characters come in hash order; the ids are made canonical)."""
     from jaxedit.data.shapes import vocabulary
 

@@ -80,11 +80,13 @@ def checkpoint_transformer(run_dir: str) -> tuple[int, dict]:
     """(step, transformer parameters) of the latest checkpoint of a `python -m train` run: EMA if kept."""
     import orbax.checkpoint as ocp
 
-    with ocp.CheckpointManager(Path(run_dir).absolute()) as manager:
+    root = Path(run_dir).absolute()
+    with ocp.CheckpointManager(root) as manager:
         step = manager.latest_step()
-        if step is None:
-            raise SystemExit(f"{run_dir}: no checkpoint")
-        state = ocp.StandardCheckpointer().restore(Path(run_dir).absolute() / str(step) / "state")
+    if step is None:
+        raise SystemExit(f"{run_dir}: no checkpoint")
+    with ocp.StandardCheckpointer() as ckptr:
+        state = ckptr.restore(root / str(step) / "state")
     if "lora" in state:
         raise SystemExit(f"{run_dir}: a LoRA run; evaluate its exported adapters instead")
     return step, state.get("ema", state["params"])

@@ -66,12 +66,11 @@ def train_tokenizers(
             pre_tokenizers.ByteLevel(add_prefix_space=False),
         ]
     )
-    trainer = trainers.BpeTrainer(
-        vocab_size=clip_vocab, end_of_word_suffix="</w>", initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=clip_vocab, end_of_word_suffix="</w>", initial_alphabet=alphabet)
     bpe.train_from_iterator([s.lower() for s in sentences] * 3, trainer)
     model = json.loads(bpe.to_str())["model"]
-    clip_vocab = _canonical_alphabet_order(model["vocab"], model["merges"], len(pre_tokenizers.ByteLevel.alphabet()))
+    clip_vocab = _canonical_alphabet_order(model["vocab"], model["merges"], len(alphabet))
     for special in ("<|startoftext|>", "<|endoftext|>"):  # last ids, as in CLIP (EOS = largest id)
         clip_vocab[special] = len(clip_vocab)
     # FLUX's `tokenizer/` layout (files of the original CLIP release): vocab.json, merges.txt, tokenizer_config.json

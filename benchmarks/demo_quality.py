@@ -99,6 +99,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=48)
     p.add_argument("--markdown", help="also write the table to this file")
     p.add_argument("--checkpoint", help="a training run's checkpoint_dir: use its latest transformer (EMA if any)")
+    p.add_argument("--true-cfg-scale", type=float, help='true CFG scale, negative prompt "" (default: the model\'s)')
+    p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
     args = p.parse_args()
     from jaxedit.pipeline import KontextPipeline
 
@@ -108,6 +110,11 @@ def main() -> None:
         step, params = checkpoint_transformer(args.checkpoint)
         pipe.set_transformer(params)
         print(f"transformer of {args.checkpoint} step {step}")
+    if args.true_cfg_scale is not None:
+        pipe.set_true_cfg(args.true_cfg_scale, pipe.negative_prompt)
+    if args.steps:
+        pipe.default_steps = args.steps
+    print(f"{pipe.default_steps} steps, guidance {pipe.default_guidance}, true CFG scale {pipe.true_cfg_scale}")
     rows = evaluate(pipe, range(args.count), args.batch)
     seconds = time.perf_counter() - t0
     out = table(rows)

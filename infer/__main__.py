@@ -24,6 +24,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the pipeline's)")
     p.add_argument("--guidance", type=float, default=None, help="guidance value (default: the pipeline's)")
     p.add_argument(
+        "--true-cfg-scale", type=float, default=None, help="FLUX Kontext: true CFG scale, 1 = off (default: model's)"
+    )
+    p.add_argument(
+        "--negative-prompt", default=None, help="FLUX Kontext: negative prompt of true CFG (default: the model's)"
+    )
+    p.add_argument(
         "--dtype", choices=["bfloat16", "float32"], default=None, help="transformer/text dtype (default: the model's)"
     )
     p.add_argument("--keep-size", action="store_true", help="keep the input size (floored to 16), do not resize it")
@@ -51,12 +57,22 @@ def _load(args):
     if read_description(folder).family == "step1x-edit":
         from jaxedit.step1x_pipeline import Step1XEditPipeline
 
+        if args.true_cfg_scale is not None or args.negative_prompt is not None:
+            raise SystemExit("error: --true-cfg-scale/--negative-prompt are for FLUX Kontext models; "
+                             "Step1X-Edit's classifier-free guidance is --guidance")  # fmt: skip
         kw = {"size_level": None} if args.keep_size else {"size_level": args.size_level} if args.size_level else {}
         try:
             return Step1XEditPipeline.load(folder, dtype=dtype, qwen=args.qwen, **kw)
         except FileNotFoundError as e:
             raise SystemExit(f"error: {e}") from None
-    return KontextPipeline.load(folder, dtype=dtype, **({"auto_resize": False} if args.keep_size else {}))
+    pipe = KontextPipeline.load(folder, dtype=dtype, **({"auto_resize": False} if args.keep_size else {}))
+    if args.true_cfg_scale is not None or args.negative_prompt is not None:
+        scale = pipe.true_cfg_scale if args.true_cfg_scale is None else args.true_cfg_scale
+        try:
+            pipe.set_true_cfg(scale, pipe.negative_prompt if args.negative_prompt is None else args.negative_prompt)
+        except ValueError as e:
+            raise SystemExit(f"error: --true-cfg-scale: {e}") from None
+    return pipe
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,10 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        out = pipe.generate(
-            [prepared], [args.prompt], [args.seed], guidance=[args.guidance or pipe.default_guidance],
-            steps=args.steps or pipe.default_steps,
-        )[0]  # fmt: skip
+        guidance = pipe.default_guidance if args.guidance is None else args.guidance
+        steps = args.steps or pipe.default_steps
+        out = pipe.generate([prepared], [args.prompt], [args.seed], guidance=[guidance], steps=steps)[0]
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         out.save(args.out)
         t2 = time.perf_counter()
@@ -120,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: manifest not found: {args.manifest}", file=sys.stderr)
         return 2
     pipe = _load(args)
-    defaults = {"steps": args.steps or pipe.default_steps, "guidance": args.guidance or pipe.default_guidance}
+    defaults = {"steps": args.steps or pipe.default_steps,
+                "guidance": pipe.default_guidance if args.guidance is None else args.guidance}  # fmt: skip
     counts = run_job(pipe, Path(args.manifest), Path(args.out), batch_size=args.batch_size, defaults=defaults,
                      progress=not args.no_progress)  # fmt: skip
     print(f"{counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped (already done); "

@@ -10,6 +10,12 @@ with first coordinate 1; the target (default: the reference's size) starts from 
 seeded noise; the shifted schedule uses mu from the target token count; the guidance value
 goes through the guidance embedding; Euler steps; decode. The whole denoising loop of a
 batch is one jitted XLA program; batches are split over the local devices (data parallel).
+
+True classifier-free guidance (diffusers `true_cfg_scale`, off by default): with a scale > 1
+every step also runs the transformer on the negative prompt (default "") and uses
+v = v_neg + scale (v - v_neg), as diffusers' FluxKontextPipeline does with a negative prompt.
+A model folder can make it its default (pipeline options "true_cfg_scale", "negative_prompt");
+it only helps a model trained with prompt dropout (`ObjectiveConfig.prompt_dropout`).
 """
 
 from __future__ import annotations
@@ -95,6 +101,7 @@ class KontextPipeline:
         self.preset, self.params, self.text_encoder = preset, params, text_encoder
         self.auto_resize = auto_resize
         self.default_steps, self.default_guidance = DEFAULT_STEPS, DEFAULT_GUIDANCE
+        self.true_cfg_scale, self.negative_prompt = 1.0, ""  # true CFG off
         self.devices = list(devices or jax.local_devices())
         self.flux = Flux(preset.transformer, dtype=dtype, param_dtype=dtype)
         self.vae = AutoEncoder(preset.vae, dtype=vae_dtype, param_dtype=vae_dtype)
@@ -131,7 +138,16 @@ class KontextPipeline:
         pipe = cls(preset, params, text, dtype=dtype, **kw)
         pipe.default_steps = int(options.get("steps", DEFAULT_STEPS))
         pipe.default_guidance = float(options.get("guidance", DEFAULT_GUIDANCE))
+        pipe.set_true_cfg(options.get("true_cfg_scale", 1.0), options.get("negative_prompt", ""))
         return pipe
+
+    def set_true_cfg(self, scale: float, negative_prompt: str = "") -> None:
+        """Default true-CFG scale (1: off) and negative prompt of later edits."""
+        if isinstance(scale, bool) or not isinstance(scale, int | float) or not np.isfinite(scale) or scale < 1:
+            raise ValueError(f"true_cfg_scale must be a number >= 1 (1: off), got {scale!r}")
+        if not isinstance(negative_prompt, str):
+            raise ValueError(f"negative_prompt must be a string, got {negative_prompt!r}")
+        self.true_cfg_scale, self.negative_prompt = float(scale), negative_prompt
 
     # ----------------------------------------------------------------------------------
     # the EditPipeline protocol of jaxedit.batch
@@ -172,9 +188,12 @@ class KontextPipeline:
         height: int | None = None,
         latents: np.ndarray | None = None,
         output: str = "pil",
+        true_cfg_scale: float | None = None,
+        negative_prompt: str | list[str] | None = None,
     ):
-        """Edit `images` (None: text-to-image) with `prompts`; one seed per item. steps and
-        guidance default to the model folder's pipeline defaults."""
+        """Edit `images` (None: text-to-image) with `prompts`; one seed per item. steps,
+        guidance, true_cfg_scale and negative_prompt default to the pipeline's defaults (the
+        model folder's options)."""
         steps = steps or self.default_steps
         guidance = self.default_guidance if guidance is None else guidance
         images = images if images is not None else [None] * len(prompts)
@@ -182,13 +201,24 @@ class KontextPipeline:
         if len({p.bucket for p in prepared}) != 1:
             raise ValueError("items of one call must share their sizes; use jaxedit.batch for mixed sizes")
         g = [guidance] * len(prompts) if np.isscalar(guidance) else list(guidance)
-        return self.generate(prepared, prompts, seeds, guidance=g, steps=steps, latents=latents, output=output)
+        return self.generate(prepared, prompts, seeds, guidance=g, steps=steps, latents=latents, output=output,
+                             true_cfg_scale=true_cfg_scale, negative_prompt=negative_prompt)  # fmt: skip
 
-    def generate(self, prepared, prompts, seeds, *, guidance, steps, latents=None, output="pil"):
+    def generate(
+        self, prepared, prompts, seeds, *, guidance, steps, latents=None, output="pil", true_cfg_scale=None,
+        negative_prompt=None,
+    ):  # fmt: skip
         """One batch of items sharing a bucket -> PIL images (or final packed latents, output="latents")."""
         b = len(prompts)
         if not (len(prepared) == len(seeds) == len(guidance) == b):
             raise ValueError(f"{len(prepared)} items, {b} prompts, {len(seeds)} seeds, {len(guidance)} guidance values")
+        scale = self.true_cfg_scale if true_cfg_scale is None else float(true_cfg_scale)
+        if not scale >= 1:
+            raise ValueError(f"true_cfg_scale must be >= 1 (1: off), got {scale}")
+        negative = self.negative_prompt if negative_prompt is None else negative_prompt
+        negative = [negative] * b if isinstance(negative, str) else list(negative)
+        if len(negative) != b:
+            raise ValueError(f"{b} prompts but {len(negative)} negative prompts")
         first = prepared[0]
         mesh = self._mesh(b)
         batch = lambda a: jax.device_put(a, sh.batch_sharding(mesh, np.ndim(a)))  # noqa: E731
@@ -196,6 +226,10 @@ class KontextPipeline:
         f = self.preset.vae.downsample
         h, w = first.height // f, first.width // f  # latent size
         txt, y = self.text_encoder.encode(list(prompts))
+        cfg = None
+        if scale > 1:
+            neg_txt, neg_y = self.text_encoder.encode(negative)
+            cfg = (batch(np.asarray(neg_txt)), batch(np.asarray(neg_y)), jnp.float32(scale))
         ids = [sampling.image_ids(h // 2, w // 2, 0.0)]
         ref_tokens = None
         with sh.activate(mesh):
@@ -218,21 +252,30 @@ class KontextPipeline:
                 batch(np.asarray(y)),
                 batch(np.asarray(guidance, np.float32)),
                 jnp.asarray(sampling.flux_schedule(steps, (h // 2) * (w // 2))),
+                cfg,
             )
             if output == "latents":
                 return np.asarray(x)
             images = self._decode(params["vae"], sampling.unpack(x, h, w))
         return to_pil(np.asarray(images))
 
-    def _denoise_impl(self, tparams, x, ref_tokens, img_ids, txt, txt_ids, y, guidance, timesteps):
-        """The whole Euler loop (one XLA program): packed target tokens -> final packed tokens."""
+    def _denoise_impl(self, tparams, x, ref_tokens, img_ids, txt, txt_ids, y, guidance, timesteps, cfg=None):
+        """The whole Euler loop (one XLA program): packed target tokens -> final packed tokens.
+        cfg: None, or (negative txt, negative y, true-CFG scale): a second transformer call per
+        step on the negative prompt (same batch sharding as the first)."""
         n_target = x.shape[1]
         dtype = self.flux.dtype
 
         def velocity(x_t, t):
             inp = x_t if ref_tokens is None else jnp.concatenate([x_t, ref_tokens.astype(x_t.dtype)], axis=1)
-            out = self.flux.apply({"params": tparams}, inp.astype(dtype), img_ids, txt, txt_ids, t, y, guidance)
-            return out[:, :n_target]
+            inp = inp.astype(dtype)
+            pos = self.flux.apply({"params": tparams}, inp, img_ids, txt, txt_ids, t, y, guidance)[:, :n_target]
+            if cfg is None:
+                return pos
+            neg_txt, neg_y, scale = cfg
+            neg = self.flux.apply({"params": tparams}, inp, img_ids, neg_txt, txt_ids, t, neg_y, guidance)
+            neg = neg[:, :n_target].astype(jnp.float32)
+            return neg + scale * (pos.astype(jnp.float32) - neg)
 
         return sampling.euler_sample(velocity, x, timesteps)
 

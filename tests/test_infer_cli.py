@@ -99,6 +99,21 @@ def test_single_edit_command(tmp_path, tiny_kontext, capsys):
     assert "nope.png" in capsys.readouterr().err
 
 
+def test_single_edit_true_cfg_flags(tmp_path, tiny_kontext, capsys):
+    _, model = tiny_kontext
+    write_png(tmp_path / "in.png", 64, 48)
+    base = ["edit", "--model", str(model), "--image", str(tmp_path / "in.png"), "--prompt", "make it red",
+            "--steps", "2", "--keep-size"]  # fmt: skip
+    outs = {}
+    for name, extra in {"plain": [], "cfg": ["--true-cfg-scale", "3", "--negative-prompt", "blurry"]}.items():
+        outs[name] = tmp_path / f"{name}.png"
+        assert infer_main(base + ["--out", str(outs[name])] + extra) == 0
+    plain, cfg = (np.asarray(Image.open(outs[k]), np.int32) for k in ("plain", "cfg"))
+    assert np.abs(plain - cfg).max() > 0  # the negative branch is used
+    with pytest.raises(SystemExit, match="true-cfg-scale"):
+        infer_main(base + ["--out", str(tmp_path / "x.png"), "--true-cfg-scale", "0.5"])
+
+
 def test_readme_main_job_with_shipped_default_model(tmp_path, capsys):
     """The README's first command: an edit of a shipped example with the default model folder."""
     from pathlib import Path

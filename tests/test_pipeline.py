@@ -64,6 +64,27 @@ def test_kontext_edit_matches_diffusers(pipes):
     compare(ref_lat, ref_img, our_lat, our_img, "Kontext edit")
 
 
+def test_kontext_true_cfg_matches_diffusers(pipes):
+    """true_cfg_scale > 1 with a negative prompt per item: diffusers runs the negative branch too."""
+    ref, ours, latents = pipes
+    negative = ["", "a blurry photo"]
+    kw = dict(height=H, width=W, num_inference_steps=STEPS, guidance_scale=GUIDANCE, max_sequence_length=64)
+    with torch.no_grad():
+        ref_lat = ref(image=images(), prompt=PROMPTS, negative_prompt=negative, true_cfg_scale=3.0,
+                      latents=torch.from_numpy(latents), _auto_resize=False, max_area=W * H, output_type="latent",
+                      **kw).images.numpy()  # fmt: skip
+    args = (images(), PROMPTS, [0, 1])
+    kw = dict(steps=STEPS, guidance=GUIDANCE, width=W, height=H, latents=latents, output="latents")
+    our_lat = ours(*args, true_cfg_scale=3.0, negative_prompt=negative, **kw)
+    plain = ours(*args, **kw)
+    err = rel_err(our_lat, ref_lat)
+    print(f"true CFG: final latents rel err {err:.2e}; vs no CFG {rel_err(plain, ref_lat):.2e}")
+    assert err <= 1e-4
+    assert rel_err(plain, ref_lat) > 100 * err  # the negative branch changed the result
+    with pytest.raises(ValueError, match="true_cfg_scale"):
+        ours(*args, true_cfg_scale=0.5, **kw)
+
+
 def test_text_to_image_matches_diffusers_flux_pipeline(pipes):
     ref, ours, latents = pipes
     t2i = diffusers.FluxPipeline(**{k: v for k, v in ref.components.items() if k in (

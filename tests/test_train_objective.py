@@ -13,6 +13,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxedit import configs, sampling
 from jaxedit import sharding as sh
@@ -154,6 +155,45 @@ def test_loss_and_gradient_match_reference():
     flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])  # noqa: E731
     assert np.linalg.norm(flat(ref_grads)) > 0
     assert rel_err(flat(grads), flat(ref_grads)) < 1e-5
+
+
+def test_changed_token_weighting_matches_reference():
+    """changed_weight: target tokens whose mean |target - reference| > threshold weigh more."""
+    cfg = ObjectiveConfig(changed_weight=3.0, changed_threshold=0.5)
+    params, batch = random_params(), make_batch()
+    rng = np.random.default_rng(7)
+    target = batch["target"]
+    # same-size reference: equal to the target except a few 2x2 patches (tokens) per item
+    reference = target + 0.05 * rng.standard_normal(target.shape).astype(np.float32)
+    for i in range(B):
+        for _ in range(i + 1):
+            y, x = 2 * rng.integers(H // 2), 2 * rng.integers(W // 2)
+            reference[i, y : y + 2, x : x + 2] += rng.standard_normal((2, 2, 16)).astype(np.float32) * 2
+    batch = batch | {"reference": reference}
+    key = jax.random.key(4)
+    apply = lambda p, *a: Flux(CFG).apply({"params": p}, *a)  # noqa: E731
+    loss = float(flow_matching_loss(cfg, apply, params, batch, key)[0])
+    plain = float(flow_matching_loss(ObjectiveConfig(), apply, params, batch, key)[0])
+
+    r = draw(cfg, key, jnp.asarray(target))
+    t, noise = np.asarray(r["t"]), np.asarray(r["noise"])
+    tb = t[:, None, None, None]
+    x_t, v = ref_pack((1 - tb) * target + tb * noise), ref_pack(noise - target)
+    img = np.concatenate([x_t, ref_pack(reference)], axis=1)
+    ids = np.concatenate([ref_ids(H // 2, W // 2, 0.0), ref_ids(H // 2, W // 2, 1.0)])
+    pred = apply(params, img, np.broadcast_to(ids, (B, *ids.shape)), batch["txt"], np.zeros((B, LT, 3), np.float32),
+                 t, batch["y"], np.asarray(r["guidance"]))[:, : v.shape[1]]  # fmt: skip
+    e = np.mean((np.asarray(pred) - v) ** 2, axis=2)  # [B, L]
+    changed = np.abs(ref_pack(target) - ref_pack(reference)).mean(axis=2) > 0.5
+    assert 0 < changed.sum() < changed.size
+    w = np.where(changed, 3.0, 1.0)
+    expected = np.mean((w * e).sum(1) / w.sum(1))
+    assert abs(loss - expected) <= 1e-5 * expected
+    assert abs(plain - np.mean(e)) <= 1e-5 * plain and abs(loss - plain) > 1e-3 * plain
+    with pytest.raises(ValueError, match="reference the size of the target"):
+        flow_matching_loss(cfg, apply, params, make_batch(), key)
+    with pytest.raises(ValueError, match="changed_weight"):
+        ObjectiveConfig(changed_weight=0.0)
 
 
 def test_learning_rate_schedule():

@@ -25,7 +25,9 @@ def get_config() -> TrainConfig:
             seed=0,
             num_threads=1,
         ),
-        objective=ObjectiveConfig(timestep="logit_normal", resolution_shift=True, guidance=1.0),
+        # prompt dropout: 10% of samples see the empty prompt, so the model also learns the
+        # unconditional edit that true CFG (models/default's "true_cfg_scale") steers away from
+        objective=ObjectiveConfig(timestep="logit_normal", resolution_shift=True, guidance=1.0, prompt_dropout=0.1),
         optim=OptimConfig(
             lr=2e-3, warmup_steps=200, schedule="cosine", final_lr_fraction=0.05, weight_decay=0.01, ema_decay=0.995
         ),
@@ -33,6 +35,7 @@ def get_config() -> TrainConfig:
         mesh="data=-1",
         dtype="float32",
         remat="none",
+        scan_layers=False,  # 6 blocks: unrolled is ~6% faster per step on this CPU than nn.scan
         checkpoint_dir="checkpoints/shapes_dit",
         checkpoint_every=250,
         keep=2,

@@ -227,11 +227,11 @@ register(
             context_in_dim=64,
             vec_in_dim=64,
             hidden_size=128,
-            num_heads=4,
+            num_heads=2,  # 2 heads of 64 trained faster (40 vs 47 min) and scored higher than 4 of 32 with theta 30
             depth=2,
             depth_single_blocks=4,
-            axes_dim=(8, 12, 12),
-            theta=30,  # 8x8 token grids: RoPE frequencies 1 .. 1/17 rad per cell (theta 10000: 1 .. 1/2154)
+            axes_dim=(16, 24, 24),
+            theta=10_000,
         ),
         AutoEncoderConfig(
             ch=16, ch_mult=(1, 2, 4), num_res_blocks=1, norm_groups=8, scale_factor=1.0, shift_factor=0.0

@@ -79,6 +79,12 @@ def to_pil(images_BHWC: np.ndarray) -> list[Image.Image]:
     return [Image.fromarray(a) for a in (x * 255).round().astype(np.uint8)]
 
 
+def _true_cfg_scale(scale) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not np.isfinite(scale) or scale < 1:
+        raise ValueError(f"true_cfg_scale must be a number >= 1 (1: off), got {scale!r}")
+    return float(scale)
+
+
 def _check_side(name: str, v: int) -> None:
     if not 16 <= v <= MAX_SIDE:
         raise ValueError(f"{name} {v} px is outside [16, {MAX_SIDE}] (after flooring to a multiple of 16)")
@@ -143,11 +149,9 @@ class KontextPipeline:
 
     def set_true_cfg(self, scale: float, negative_prompt: str = "") -> None:
         """Default true-CFG scale (1: off) and negative prompt of later edits."""
-        if isinstance(scale, bool) or not isinstance(scale, int | float) or not np.isfinite(scale) or scale < 1:
-            raise ValueError(f"true_cfg_scale must be a number >= 1 (1: off), got {scale!r}")
         if not isinstance(negative_prompt, str):
             raise ValueError(f"negative_prompt must be a string, got {negative_prompt!r}")
-        self.true_cfg_scale, self.negative_prompt = float(scale), negative_prompt
+        self.true_cfg_scale, self.negative_prompt = _true_cfg_scale(scale), negative_prompt
 
     # ----------------------------------------------------------------------------------
     # the EditPipeline protocol of jaxedit.batch
@@ -212,9 +216,7 @@ class KontextPipeline:
         b = len(prompts)
         if not (len(prepared) == len(seeds) == len(guidance) == b):
             raise ValueError(f"{len(prepared)} items, {b} prompts, {len(seeds)} seeds, {len(guidance)} guidance values")
-        scale = self.true_cfg_scale if true_cfg_scale is None else float(true_cfg_scale)
-        if not scale >= 1:
-            raise ValueError(f"true_cfg_scale must be >= 1 (1: off), got {scale}")
+        scale = self.true_cfg_scale if true_cfg_scale is None else _true_cfg_scale(true_cfg_scale)
         negative = self.negative_prompt if negative_prompt is None else negative_prompt
         negative = [negative] * b if isinstance(negative, str) else list(negative)
         if len(negative) != b:

@@ -100,10 +100,12 @@ def read_description(folder: str | Path) -> configs.Preset:
     return preset_from_dict(json.loads(desc.read_text()), str(desc))
 
 
-def check_complete(folder: str | Path, preset: configs.Preset) -> None:
-    """Raise FileNotFoundError naming every part of the folder that is missing."""
+def check_complete(folder: str | Path, preset: configs.Preset, *, skip: tuple[str, ...] = ()) -> None:
+    """Raise FileNotFoundError naming every part of the folder that is missing (parts in `skip` may be)."""
     folder = Path(folder)
-    missing = [p for p in PART_CONFIGS if getattr(preset, p) is not None and not (folder / p).is_dir()]
+    missing = [
+        p for p in PART_CONFIGS if p not in skip and getattr(preset, p) is not None and not (folder / p).is_dir()
+    ]
     missing += [d for p, d in TOKENIZERS.items() if getattr(preset, p) is not None and not (folder / d).is_dir()]
     if missing:
         raise FileNotFoundError(f"model folder {folder} is incomplete: missing {', '.join(missing)}")

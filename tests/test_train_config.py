@@ -36,3 +36,26 @@ def test_a_boolean_field_refuses_anything_but_a_boolean(bad):
 def test_unknown_field_names_the_config_class():
     with pytest.raises(KeyError, match="ObjectiveConfig has no field 'timesteps'"):
         load_config(CONFIGS / "shapes_dit.py", ["objective.timesteps=uniform"])
+
+
+def test_random_init_needs_no_transformer_in_the_model_folder(tmp_path):
+    import shutil
+
+    import jax
+
+    from jaxedit.checkpoint import load_params
+    from jaxedit.train.loop import TrainConfig, _load_model
+    from tests.tiny_train import random_model_folder
+
+    folder = random_model_folder(tmp_path / "model")
+    want = jax.tree.map(lambda a: a.shape, load_params(folder / "transformer"))
+    shutil.rmtree(folder / "transformer")
+    with pytest.raises(FileNotFoundError, match="missing transformer"):
+        _load_model(TrainConfig(model=str(folder), init="folder"))
+    shutil.move(folder / "vae", tmp_path / "vae")
+    with pytest.raises(FileNotFoundError, match="missing vae$"):  # the other parts are still required
+        _load_model(TrainConfig(model=str(folder), init="random"))
+    shutil.move(tmp_path / "vae", folder / "vae")
+    _, _, transformer, parts = _load_model(TrainConfig(model=str(folder), init="random"))
+    assert jax.tree.map(lambda a: a.shape, transformer) == want
+    assert set(parts) == {"vae", "t5", "clip"}

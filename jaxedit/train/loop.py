@@ -199,7 +199,8 @@ class Step1XEncoder(Encoder):
 def _load_model(cfg: TrainConfig):
     folder = Path(cfg.model)
     preset = model_folder.read_description(folder)
-    model_folder.check_complete(folder, preset)
+    # a random init does not read the folder's transformer: a folder without one is fine
+    model_folder.check_complete(folder, preset, skip=("transformer",) if cfg.init == "random" else ())
     from jaxedit.checkpoint import load_params
 
     parts = {p: load_params(folder / p) for p in ("vae", "t5", "clip") if getattr(preset, p) is not None}

@@ -3,7 +3,8 @@
     python benchmarks/demo_quality.py [--model models/default] [--count 240] [--markdown docs/x.md]
     python benchmarks/demo_quality.py --model build/shapes --checkpoint checkpoints/shapes_dit --count 48
 
-(--checkpoint: the transformer of a training run's latest Orbax checkpoint, its EMA if it has one,
+(--split train: the same on training pairs, to tell underfitting from overfitting.
+--checkpoint: the transformer of a training run's latest Orbax checkpoint, its EMA if it has one,
 in the model folder's pipeline; to watch a run's quality while it trains.)
 
 For each test-split sample (jaxedit.data.shapes, indices 0..count-1, never used in training):
@@ -95,12 +96,15 @@ def checkpoint_transformer(run_dir: str) -> tuple[int, dict]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=str(ROOT / "models" / "default"))
-    p.add_argument("--count", type=int, default=240, help="test-split samples (indices 0..count-1)")
+    p.add_argument("--count", type=int, default=240, help="samples of the split (indices 0..count-1)")
     p.add_argument("--batch", type=int, default=48)
     p.add_argument("--markdown", help="also write the table to this file")
     p.add_argument("--checkpoint", help="a training run's checkpoint_dir: use its latest transformer (EMA if any)")
     p.add_argument("--true-cfg-scale", type=float, help='true CFG scale, negative prompt "" (default: the model\'s)')
     p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    p.add_argument(
+        "--split", default="test", choices=list(shapes.SPLITS), help="samples to edit (train: does it underfit?)"
+    )
     args = p.parse_args()
     from jaxedit.pipeline import KontextPipeline
 
@@ -115,11 +119,11 @@ def main() -> None:
     if args.steps:
         pipe.default_steps = args.steps
     print(f"{pipe.default_steps} steps, guidance {pipe.default_guidance}, true CFG scale {pipe.true_cfg_scale}")
-    rows = evaluate(pipe, range(args.count), args.batch)
+    rows = evaluate(pipe, range(args.count), args.batch, split=args.split)
     seconds = time.perf_counter() - t0
     out = table(rows)
     print(out)
-    print(f"\n{args.count} test edits with {args.model} in {seconds:.0f} s (load + compile included)")
+    print(f"\n{args.count} {args.split} edits with {args.model} in {seconds:.0f} s (load + compile included)")
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(out + "\n")

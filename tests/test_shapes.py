@@ -235,3 +235,36 @@ def test_write_split_is_readable_by_training_data(tmp_path, capsys):
     manifest = S.write_split(tmp_path / "small", "train", count=3, size=32)
     with Image.open(manifest.parent / "tgt" / "2.png") as im:
         assert im.size == (32, 32)
+
+
+def test_edit_weights_choose_which_indices_are_written(tmp_path, capsys):
+    assert [S.edit_of("test", i) for i in range(60)] == [S.sample("test", i).edit for i in range(60)]
+    weights = {"remove": 3.0, "add": 0.0}
+    chosen = S.select_indices("train", 2400, start=100, edit_weights=weights)
+    assert chosen == S.select_indices("train", 2400, start=100, edit_weights=weights)
+    assert len(chosen) == len(set(chosen)) == 2400 and chosen == sorted(chosen) and chosen[0] >= 100
+    counts = Counter(S.edit_of("train", i) for i in chosen)
+    assert "add" not in counts
+    # expected share: remove 3/7, the four other edits 1/7 each (binomial sd ~1%)
+    assert abs(counts["remove"] / 2400 - 3 / 7) < 0.04, counts
+    assert all(abs(counts[e] / 2400 - 1 / 7) < 0.03 for e in ("recolour", "move", "bigger", "smaller")), counts
+    assert S.select_indices("train", 5, start=7) == [7, 8, 9, 10, 11]  # no weights: contiguous
+
+    out = tmp_path / "weighted"
+    only_moves = "move=1, recolour=0,add=0,remove=0,bigger=0,smaller=0"
+    assert S.main(["write", str(out), "--count", "8", "--edit-weights", only_moves]) == 0
+    assert "move 8" in capsys.readouterr().out
+    lines = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert {d["edit"] for d in lines} == {"move"} and len(lines) == 8
+    for d in lines[:2]:
+        s = S.sample("train", d["index"])
+        assert d["instruction"] == s.instruction
+        with Image.open(out / d["target"]) as b:
+            np.testing.assert_array_equal(np.asarray(b), s.target)
+    with pytest.raises(SystemExit):
+        S.main(["write", str(out), "--edit-weights", "rotate=2"])
+    assert "'rotate=2'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="'remove=x'"):
+        S.parse_edit_weights("remove=x")
+    with pytest.raises(ValueError, match=">= 0"):
+        S.select_indices("train", 3, edit_weights={"remove": -1.0})

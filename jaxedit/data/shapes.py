@@ -24,6 +24,8 @@ palette colour it is closest to, if it is saturated and close enough; an output 
 every colour of the target covers the same place (IoU >= 0.5) and no other colour shows.
 
 CLI: python -m jaxedit.data.shapes write OUT --split train --count 20000 [--size 64]
+         [--edit-weights remove=2,move=2]   (a training file with more of some edits: a
+         weighted choice of indices, `select_indices`; every pair is still `sample(split, i)`)
 """
 
 from __future__ import annotations
@@ -316,10 +318,19 @@ def seed_for(split: str, index: int) -> int:
     return SPLITS[split] + index
 
 
+def _draw_edit(rng: np.random.Generator) -> str:
+    return EDIT_TYPES[int(rng.integers(len(EDIT_TYPES)))]
+
+
+def edit_of(split: str, index: int) -> str:
+    """`sample(split, index).edit` without building the scene (the edit is the seed's first draw)."""
+    return _draw_edit(np.random.default_rng(seed_for(split, index)))
+
+
 def sample(split: str, index: int, size: int = 64) -> Sample:
     """Edit pair number `index` of `split`; a pure function of (split, index) (and `size`)."""
     rng = np.random.default_rng(seed_for(split, index))
-    edit = EDIT_TYPES[int(rng.integers(len(EDIT_TYPES)))]
+    edit = _draw_edit(rng)
     source = random_source(edit, rng)
     instruction, target = EDITS[edit](source, rng)
     return Sample(
@@ -435,20 +446,66 @@ def _write_one(args: tuple[str, str, int, int]) -> str:
     return json.dumps(rec)
 
 
+def parse_edit_weights(spec: str) -> dict[str, float]:
+    """`"remove=2,move=2"` -> {"remove": 2.0, "move": 2.0} (unlisted edits weigh 1)."""
+    weights = {}
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep or name not in EDIT_TYPES:
+            raise ValueError(f"edit weight {item!r}: expected <edit>=<weight> with <edit> one of {list(EDIT_TYPES)}")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise ValueError(f"edit weight {item!r}: {value!r} is not a number") from None
+    return weights
+
+
+def select_indices(split: str, count: int, start: int = 0, edit_weights: dict[str, float] | None = None) -> list[int]:
+    """`count` indices of `split` from `start` on. With `edit_weights` (edit -> relative weight,
+    default 1), index i is kept with probability weight(edit_of(i)) / max weight, decided by a hash
+    of (split, i): the same indices for the same arguments, and each kept pair is still `sample(split, i)`."""
+    if not edit_weights:
+        return list(range(start, start + count))
+    w = {e: float(edit_weights.get(e, 1.0)) for e in EDIT_TYPES}
+    if unknown := set(edit_weights) - set(EDIT_TYPES):
+        raise ValueError(f"edit weights name unknown edits {sorted(unknown)}; edits are {list(EDIT_TYPES)}")
+    if min(w.values()) < 0 or max(w.values()) <= 0:
+        raise ValueError(f"edit weights must be >= 0 with one > 0, got {w}")
+    top = max(w.values())
+    out, i = [], start
+    while len(out) < count:
+        seed = seed_for(split, i)  # also the range check
+        if np.random.default_rng([_KEEP_STREAM, seed]).random() < w[edit_of(split, i)] / top:
+            out.append(i)
+        i += 1
+    return out
+
+
+_KEEP_STREAM = 0x5E1EC7  # a second random stream per seed, independent of the sample's own
+
+
 def write_split(
-    out_dir: str | Path, split: str, count: int, size: int = 64, start: int = 0, processes: int = 1
+    out_dir: str | Path,
+    split: str,
+    count: int,
+    size: int = 64,
+    start: int = 0,
+    processes: int = 1,
+    edit_weights: dict[str, float] | None = None,
 ) -> Path:
-    """Write samples start .. start+count-1 of `split` as out_dir/{src,tgt}/{i}.png + manifest.jsonl.
+    """Write `count` samples of `split` (indices start.. ; with `edit_weights` a weighted choice of
+    them, `select_indices`) as out_dir/{src,tgt}/{i}.png + manifest.jsonl.
 
     The manifest (one JSON object a line: id, source, target, instruction, edit, split, index)
     is what `jaxedit.train.data` reads. Returns the manifest's path.
     """
     seed_for(split, start)  # range checks before writing anything
     seed_for(split, start + max(count, 1) - 1)
+    indices = select_indices(split, count, start, edit_weights)
     out = Path(out_dir)
     (out / "src").mkdir(parents=True, exist_ok=True)
     (out / "tgt").mkdir(parents=True, exist_ok=True)
-    jobs = [(str(out), split, i, size) for i in range(start, start + count)]
+    jobs = [(str(out), split, i, size) for i in indices]
     if processes > 1:
         with multiprocessing.get_context("spawn").Pool(processes) as pool:
             lines = list(pool.imap(_write_one, jobs, chunksize=256))
@@ -469,12 +526,23 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--size", type=int, default=64)
     w.add_argument("--start", type=int, default=0)
     w.add_argument("--processes", type=int, default=1)
+    w.add_argument(
+        "--edit-weights",
+        default="",
+        help="relative frequency of edit types, e.g. remove=2,move=2 (unlisted: 1); default uniform",
+    )
     a = p.parse_args(argv)
+    try:
+        weights = parse_edit_weights(a.edit_weights)
+    except ValueError as e:
+        p.error(f"--edit-weights: {e}")
     t0 = time.perf_counter()
-    manifest = write_split(a.out, a.split, a.count, a.size, a.start, a.processes)
+    manifest = write_split(a.out, a.split, a.count, a.size, a.start, a.processes, weights)
     dt = time.perf_counter() - t0
+    edits = [json.loads(line)["edit"] for line in manifest.read_text().splitlines()]
+    mix = ", ".join(f"{e} {edits.count(e)}" for e in EDIT_TYPES)
     print(
-        f"wrote {a.count} {a.split} pairs (indices {a.start}..{a.start + a.count - 1}, {a.size}x{a.size} px) "
+        f"wrote {a.count} {a.split} pairs (from index {a.start}, {a.size}x{a.size} px; {mix}) "
         f"to {manifest.parent} in {dt:.1f} s ({a.count / dt:.0f}/s); manifest {manifest}"
     )
     return 0

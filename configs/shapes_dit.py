@@ -26,8 +26,11 @@ def get_config() -> TrainConfig:
             num_threads=1,
         ),
         # prompt dropout: 10% of samples see the empty prompt, so the model also learns the
-        # unconditional edit that true CFG (models/default's "true_cfg_scale") steers away from
-        objective=ObjectiveConfig(timestep="logit_normal", resolution_shift=True, guidance=1.0, prompt_dropout=0.1),
+        # unconditional edit that true CFG (models/default's "true_cfg_scale") steers away from.
+        # Timesteps pushed toward noise (logit mean 0.5, shift 3: 45% of them above t = 0.85, where
+        # the noisy target does not yet show which shape the instruction names; FLUX's resolution
+        # shift at 64 tokens, e^mu = 1.6, puts 10% there): 64% judged correct instead of 42%.
+        objective=ObjectiveConfig(timestep="logit_normal", logit_mean=0.5, shift=3.0, guidance=1.0, prompt_dropout=0.1),
         optim=OptimConfig(
             lr=2e-3, warmup_steps=200, schedule="cosine", final_lr_fraction=0.05, weight_decay=0.01, ema_decay=0.995
         ),

@@ -39,19 +39,19 @@ def test_default_model_is_trained():
 
 
 def test_edits_are_judged_correct_more_often_than_chance(edits):
-    """What the shipped model achieves: on held-out seeds the judge accepts ~42% of its edits
-    (benchmarks/demo_quality.py, docs/default_model.md: 11 of these 24, with the folder's true
+    """What the shipped model achieves: on held-out seeds the judge accepts ~64% of its edits
+    (benchmarks/demo_quality.py, docs/default_model.md: 15 of these 24, with the folder's true
     CFG scale 3); an untrained model gets none. The issue's target (80%) is the xfail test below."""
     samples, outs = edits
     verdicts = [shapes.judge(o, s.target).ok for s, o in zip(samples, outs)]
     assert {s.edit for s in samples} == set(shapes.EDIT_TYPES)
-    assert sum(verdicts) >= 6, f"{sum(verdicts)}/{N} edits judged correct"
-    # "add" edits are the ones it has learnt best: most of them draw the shape where asked
-    adds = [ok for s, ok in zip(samples, verdicts) if s.edit == "add"]
-    assert sum(adds) >= 2 * len(adds) / 3, f"{sum(adds)}/{len(adds)} add edits judged correct"
+    assert sum(verdicts) >= 10, f"{sum(verdicts)}/{N} edits judged correct"
+    # enlarging is among what it has learnt best (82% on 240 test seeds; 7 of the 7 here)
+    bigger = [ok for s, ok in zip(samples, verdicts) if s.edit == "bigger"]
+    assert sum(bigger) >= 2 * len(bigger) / 3, f"{sum(bigger)}/{len(bigger)} 'bigger' edits judged correct"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9 target not reached yet: the shipped model scores ~42%, not 80%")
+@pytest.mark.xfail(strict=True, reason="issue 9 target not reached yet: the shipped model scores ~64%, not 80%")
 def test_edits_meet_the_issue_target(edits):
     samples, outs = edits
     verdicts = [shapes.judge(o, s.target).ok for s, o in zip(samples, outs)]

@@ -462,8 +462,9 @@ def parse_edit_weights(spec: str) -> dict[str, float]:
 
 def select_indices(split: str, count: int, start: int = 0, edit_weights: dict[str, float] | None = None) -> list[int]:
     """`count` indices of `split` from `start` on. With `edit_weights` (edit -> relative weight,
-    default 1), index i is kept with probability weight(edit_of(i)) / max weight, decided by a hash
-    of (split, i): the same indices for the same arguments, and each kept pair is still `sample(split, i)`."""
+    default 1), index i is kept with probability weight(edit_of(i)) / max weight, decided by a second
+    random stream seeded by (split, i): the same indices for the same arguments, and each kept pair
+    is still `sample(split, i)`."""
     if not edit_weights:
         return list(range(start, start + count))
     w = {e: float(edit_weights.get(e, 1.0)) for e in EDIT_TYPES}

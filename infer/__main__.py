@@ -75,6 +75,14 @@ def _load(args):
     return pipe
 
 
+def _defaults(args, pipe) -> dict:
+    """Steps and guidance of an edit: the flags, else the model's (--guidance 0 is kept)."""
+    return {
+        "steps": args.steps or pipe.default_steps,
+        "guidance": pipe.default_guidance if args.guidance is None else args.guidance,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
 
@@ -106,9 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        guidance = pipe.default_guidance if args.guidance is None else args.guidance
-        steps = args.steps or pipe.default_steps
-        out = pipe.generate([prepared], [args.prompt], [args.seed], guidance=[guidance], steps=steps)[0]
+        d = _defaults(args, pipe)
+        out = pipe.generate([prepared], [args.prompt], [args.seed], guidance=[d["guidance"]], steps=d["steps"])[0]
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         out.save(args.out)
         t2 = time.perf_counter()
@@ -135,10 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: manifest not found: {args.manifest}", file=sys.stderr)
         return 2
     pipe = _load(args)
-    defaults = {"steps": args.steps or pipe.default_steps,
-                "guidance": pipe.default_guidance if args.guidance is None else args.guidance}  # fmt: skip
-    counts = run_job(pipe, Path(args.manifest), Path(args.out), batch_size=args.batch_size, defaults=defaults,
-                     progress=not args.no_progress)  # fmt: skip
+    counts = run_job(pipe, Path(args.manifest), Path(args.out), batch_size=args.batch_size,
+                     defaults=_defaults(args, pipe), progress=not args.no_progress)  # fmt: skip
     print(f"{counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped (already done); "
           f"results in {Path(args.out) / 'results.jsonl'}")  # fmt: skip
     return 1 if counts["failed"] else 0

@@ -460,6 +460,9 @@ def parse_edit_weights(spec: str) -> dict[str, float]:
     return weights
 
 
+_KEEP_STREAM = 0x5E1EC7  # a second random stream per seed, independent of the sample's own
+
+
 def select_indices(split: str, count: int, start: int = 0, edit_weights: dict[str, float] | None = None) -> list[int]:
     """`count` indices of `split` from `start` on. With `edit_weights` (edit -> relative weight,
     default 1), index i is kept with probability weight(edit_of(i)) / max weight, decided by a second
@@ -480,9 +483,6 @@ def select_indices(split: str, count: int, start: int = 0, edit_weights: dict[st
             out.append(i)
         i += 1
     return out
-
-
-_KEEP_STREAM = 0x5E1EC7  # a second random stream per seed, independent of the sample's own
 
 
 def write_split(

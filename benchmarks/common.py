@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `python benchmarks/x.py` from anywhere: reach the tests' reference builders
+if str(ROOT) not in sys.path:  # `python benchmarks/x.py` from anywhere: reach `references` and `shapes`
     sys.path.insert(0, str(ROOT))
 
 

@@ -1,13 +1,13 @@
-"""Quality of a shapes-editing model (default: the shipped models/default) on held-out test seeds.
+"""Quality of a shapes-editing model (default: the shipped jaxedit/default_model) on held-out test seeds.
 
-    python benchmarks/demo_quality.py [--model models/default] [--count 240] [--markdown docs/x.md]
+    python benchmarks/demo_quality.py [--model jaxedit/default_model] [--count 240] [--markdown docs/x.md]
     python benchmarks/demo_quality.py --model build/shapes --checkpoint checkpoints/shapes_dit --count 48
 
 (--split train: the same on training pairs, to tell underfitting from overfitting.
 --checkpoint: the transformer of a training run's latest Orbax checkpoint, its EMA if it has one,
 in the model folder's pipeline; to watch a run's quality while it trains.)
 
-For each test-split sample (jaxedit.data.shapes, indices 0..count-1, never used in training):
+For each test-split sample (shapes, indices 0..count-1, never used in training):
 the model edits the source with the instruction (pipeline defaults of the model folder, seed =
 index); reported side by side, per edit type and overall:
   PSNR(edited, target)   vs   PSNR(source, target)  (the do-nothing baseline), and their gap;
@@ -25,7 +25,8 @@ import numpy as np
 from common import ROOT  # noqa: F401 - puts the repo root on sys.path
 from PIL import Image
 
-from jaxedit.data import shapes
+import shapes
+from jaxedit import DEFAULT_MODEL
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -95,7 +96,7 @@ def checkpoint_transformer(run_dir: str) -> tuple[int, dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=str(ROOT / "models" / "default"))
+    p.add_argument("--model", default=str(DEFAULT_MODEL))
     p.add_argument("--count", type=int, default=240, help="samples of the split (indices 0..count-1)")
     p.add_argument("--batch", type=int, default=48)
     p.add_argument("--markdown", help="also write the table to this file")
@@ -106,7 +107,7 @@ def main() -> None:
         "--split", default="test", choices=list(shapes.SPLITS), help="samples to edit (train: does it underfit?)"
     )
     args = p.parse_args()
-    from jaxedit.pipeline import KontextPipeline
+    from jaxedit.kontext.pipeline import KontextPipeline
 
     t0 = time.perf_counter()
     pipe = KontextPipeline.load(args.model)

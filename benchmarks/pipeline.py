@@ -29,7 +29,7 @@ import json, time
 t0 = time.perf_counter()
 import numpy as np
 from PIL import Image
-from jaxedit.pipeline import KontextPipeline, enable_compilation_cache
+from jaxedit.kontext.pipeline import KontextPipeline, enable_compilation_cache
 import jax.numpy as jnp
 enable_compilation_cache({cache!r})
 pipe = KontextPipeline.load({model!r}, dtype=jnp.float32, auto_resize=False, compile_cache=False)
@@ -57,11 +57,11 @@ def main() -> None:
     from PIL import Image
 
     from checkpoints_convert.__main__ import main as convert_cli
-    from jaxedit.pipeline import KontextPipeline
-    from tests.tiny_pipeline import build_diffusers_kontext
+    from jaxedit.kontext.pipeline import KontextPipeline
+    from references.models import kontext_pipeline
 
     tmp = Path(tempfile.mkdtemp(prefix="jaxedit-bench-"))
-    ref = build_diffusers_kontext(tmp)
+    ref = kontext_pipeline(tmp)
     ref.set_progress_bar_config(disable=True)
     assert convert_cli(["pipeline", str(tmp / "diffusers"), str(tmp / "jax"), "--preset", "flux-kontext-tiny"]) == 0
     ours = KontextPipeline.load(tmp / "jax", dtype=jnp.float32, auto_resize=False, compile_cache=False)

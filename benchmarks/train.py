@@ -27,10 +27,10 @@ import numpy as np
 from common import ROOT, timed  # benchmarks/common.py
 
 from jaxedit import configs
-from jaxedit import sharding as sh
 from jaxedit.models.flux import abstract_params
+from jaxedit.parallel import sharding as sh
 from jaxedit.plan import analytic_forward_flops, depth_scaled_flops
-from jaxedit.train.loop import TrainConfig, load_config
+from jaxedit.train.config import TrainConfig, load_config
 from jaxedit.train.step import Trainer
 
 CASES = {

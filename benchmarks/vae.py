@@ -88,7 +88,7 @@ def main() -> None:
     memory(cfg, args.memory_size)
 
     # 2. time, ours vs diffusers, same weights
-    from tests.test_vae import reference_model  # the parity tests' diffusers VAE, every parameter random
+    from references.models import autoencoder as reference_model  # the parity tests' diffusers VAE, all random
 
     ref = reference_model(cfg)
     with tempfile.TemporaryDirectory() as d:

@@ -28,6 +28,8 @@ __all__ = [
     "PARTS",
     "ConversionError",
     "ShapeSource",
+    "detect_part",
+    "flux_text_encoder",
     "load_clip",
     "load_part",
     "load_t5",
@@ -133,6 +135,20 @@ PARTS: dict[str, Part] = {
 }
 
 
+def detect_part(keys) -> str:
+    """Which model part a checkpoint holds, from its tensor names (ConversionError if none fits)."""
+    keys = set(keys)
+    if any(("double_blocks." in k or k.startswith("transformer_blocks.")) for k in keys):
+        return "transformer"
+    if any(k.endswith("encoder.conv_in.weight") or k.endswith("decoder.conv_out.weight") for k in keys):
+        return "vae"
+    if "shared.weight" in keys or any(k.startswith("encoder.block.") for k in keys):
+        return "t5"
+    if any(k.startswith("text_model.") or k.startswith("embeddings.token_embedding.") for k in keys):
+        return "clip"
+    raise ConversionError(f"cannot tell which model part the {len(keys)} tensors are (pass --part)")
+
+
 def part_config(preset, part: str):
     """The config `load_part(part, ...)` takes for a preset: the preset's attribute of that name,
     except a Step1X-Edit transformer: `Step1XSpec(DiT config, connector config)` (one file holds both)."""
@@ -209,9 +225,28 @@ def load_clip(path, cfg, fmt=None, **kw) -> dict:
     return load_part("clip", path, cfg, fmt, **kw)
 
 
+def flux_text_encoder(root: str | Path, preset: str = "flux-kontext-dev", *, dtype: Any = None, **kw):
+    """A `jaxedit.kontext.text.FluxTextEncoder` straight from a local FLUX release folder: `tokenizer/`,
+    `tokenizer_2/` and the safetensors of `text_encoder/` (CLIP) and `text_encoder_2/` (T5, maybe sharded).
+    dtype: compute dtype and the weights' dtype (default bfloat16); kw: FluxTextEncoder arguments."""
+    import jax.numpy as jnp
+
+    from jaxedit import configs
+    from jaxedit.kontext.text import FluxTextEncoder, load_tokenizer
+
+    p = configs.get(preset) if isinstance(preset, str) else preset
+    if p.t5 is None or p.clip is None:
+        raise ValueError(f"preset {p.name} has no T5/CLIP text encoders")
+    root, dtype = Path(root), dtype or jnp.bfloat16
+    t5 = load_t5(root / "text_encoder_2", p.t5, dtype=dtype)
+    clip = load_clip(root / "text_encoder", p.clip, dtype=dtype)
+    tokenizers = load_tokenizer(root / "tokenizer_2"), load_tokenizer(root / "tokenizer")
+    return FluxTextEncoder(p.t5, p.clip, t5, clip, *tokenizers, dtype=dtype, **kw)
+
+
 def mesh_placer(shardings_tree) -> Place:
     """A `place` for `load_part` that puts each parameter straight onto its sharding as it
-    streams (shardings_tree: e.g. `jaxedit.sharding.shardings(boxed_abstract, mesh)`), so
+    streams (shardings_tree: e.g. `jaxedit.parallel.sharding.shardings(boxed_abstract, mesh)`), so
     no device ever holds the whole parameter set."""
     flat = flatten(shardings_tree)
     return lambda path, a: jax.device_put(a, flat[path])

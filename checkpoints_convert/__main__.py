@@ -1,13 +1,21 @@
-"""CLI: python -m checkpoints_convert PART SRC DST --preset NAME [--dtype bfloat16] [--format F] [--ignore GLOB].
+"""Convert PyTorch safetensors checkpoints (BFL, diffusers, Step1X-Edit layouts) into jaxedit, or check them.
 
-PART is one of the model parts in `checkpoints_convert.PARTS` (transformer, vae, t5, clip)."""
+    python -m checkpoints_convert pipeline SRC DST --preset flux-kontext-dev   # a whole release -> model folder
+    python -m checkpoints_convert transformer FILE DST --preset flux-kontext-dev  # one part -> Orbax checkpoint
+    python -m checkpoints_convert check FILE --preset flux-kontext-dev         # names and shapes only
+
+Parts: transformer, vae, t5, clip. Nothing is downloaded: point at files on your disk. (Installed, the
+command is also `jaxedit-convert`.)
+"""
 
 from __future__ import annotations
 
 import argparse
 import fnmatch
+import json
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -20,22 +28,44 @@ def _dtype(name: str | None):
     return {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32, "float16": np.float16}[name]
 
 
-def main(argv: list[str] | None = None) -> int:
-    from checkpoints_convert import PARTS, ConversionError, load_part, part_config
+def parser() -> argparse.ArgumentParser:
+    from checkpoints_convert import PARTS
     from jaxedit import configs
 
-    parser = argparse.ArgumentParser(prog="python -m checkpoints_convert", description=__doc__)
-    sub = parser.add_subparsers(dest="part", required=True)
+    p = argparse.ArgumentParser(
+        prog="python -m checkpoints_convert",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="{pipeline,check," + ",".join(PARTS) + "}")
+    presets = f"model preset: {', '.join(configs.names())}"
+    dtypes = dict(choices=["bfloat16", "float32", "float16"], default=None, help="output dtype (default: the file's)")
+
+    pp = sub.add_parser("pipeline", help="a whole FLUX(.1 Kontext) or Step1X-Edit release -> a jaxedit model folder")
+    pp.add_argument("src", help="diffusers folder (model_index.json), or a folder with the BFL / Step1X files")
+    pp.add_argument("dst", help="output jaxedit model folder")
+    pp.add_argument("--preset", required=True, help=presets)
+    pp.add_argument("--dtype", **dtypes)
+    for name in ("transformer", "vae", "t5", "clip", "tokenizer", "tokenizer_2"):
+        pp.add_argument(f"--{name.replace('_', '-')}", dest=f"path_{name}", default=None, help=f"path of the {name}")
+    pp.add_argument("--qwen", default=None, help="Step1X-Edit: the Qwen2.5-VL-7B-Instruct folder to record")
+    pp.add_argument("--force", action="store_true", help="overwrite DST")
+
+    c = sub.add_parser("check", help="check a checkpoint against a preset and the published releases (no tensor read)")
+    c.add_argument("src", help=".safetensors file, sharded folder with its index, diffusers model folder, or a "
+                   "manifest JSON ({\"tensors\": {name: shape}})")  # fmt: skip
+    c.add_argument("--preset", required=True, help=presets)
+    c.add_argument("--part", choices=list(PARTS), default=None, help="model part (default: from the tensor names)")
+    c.add_argument("--format", default=None, help="source layout (default: from the tensor names)")
+
     for part, spec in PARTS.items():
-        formats = spec.formats
         t = sub.add_parser(part, help=f"a {part} checkpoint (safetensors) -> Orbax")
         t.add_argument("src", help=".safetensors file, sharded folder with its index, or a diffusers model folder")
         t.add_argument("dst", help="output Orbax checkpoint directory")
-        t.add_argument("--preset", required=True, help=f"model preset: {', '.join(configs.names())}")
-        t.add_argument("--format", choices=formats, default=None, help="source layout (default: detect from the keys)")
-        t.add_argument(
-            "--dtype", choices=["bfloat16", "float32", "float16"], default=None, help="default: keep the file's"
-        )
+        t.add_argument("--preset", required=True, help=presets)
+        t.add_argument("--format", choices=spec.formats, default=None, help="source layout (default: from the keys)")
+        t.add_argument("--dtype", **dtypes)
         t.add_argument(
             "--ignore",
             action="append",
@@ -44,58 +74,77 @@ def main(argv: list[str] | None = None) -> int:
             help="skip source tensors matching this glob on purpose (repeatable); anything else unknown is an error",
         )
         t.add_argument("--force", action="store_true", help="overwrite DST")
-    pp = sub.add_parser(
-        "pipeline", help="a whole FLUX / Kontext or Step1X-Edit release (diffusers or BFL layout) -> model folder"
-    )
-    pp.add_argument(
-        "src", help="diffusers folder (model_index.json) or folder with the BFL files + text encoder folders"
-    )
-    pp.add_argument("dst", help="output jaxedit model folder")
-    pp.add_argument("--preset", required=True, help=f"model preset: {', '.join(configs.names())}")
-    pp.add_argument(
-        "--dtype", choices=["bfloat16", "float32", "float16"], default=None, help="default: keep the files'"
-    )
-    for name in ("transformer", "vae", "t5", "clip", "tokenizer", "tokenizer_2"):
-        pp.add_argument(f"--{name.replace('_', '-')}", dest=f"path_{name}", default=None, help=f"path of the {name}")
-    pp.add_argument("--qwen", default=None, help="Step1X-Edit: the Qwen2.5-VL-7B-Instruct folder to record")
-    pp.add_argument("--force", action="store_true", help="overwrite DST")
-    args = parser.parse_args(argv)
+    return p
 
-    from jaxedit.checkpoint import save_params
 
-    preset = configs.get(args.preset)
-    if args.part == "pipeline":
-        from checkpoints_convert.pipeline import convert_pipeline
+def check(args, preset) -> int:
+    """Plan the part on names and shapes (file headers or a manifest), then compare with the published releases."""
+    from checkpoints_convert import ShapeSource, detect_part, part_config, plan_part
+    from checkpoints_convert.published import candidates, compare
+    from checkpoints_convert.source import SafetensorsSource
 
-        overrides = {k[5:]: v for k, v in vars(args).items() if k.startswith("path_") and v}
+    src = Path(args.src)
+    if src.suffix == ".json" and src.is_file():
         try:
+            source = ShapeSource(json.loads(src.read_text())["tensors"], str(src))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f'{src}: not a manifest ({{"tensors": {{name: shape}}}}): {e}') from None
+    else:
+        source = SafetensorsSource(src)
+    part = args.part or detect_part(source.shapes)
+    cfg = part_config(preset, part)
+    if cfg is None:
+        raise ValueError(f"preset {preset.name} has no {part}")
+    the_plan = plan_part(part, source, cfg, args.format)
+    n = sum(int(np.prod(s)) for s in source.shapes.values())
+    print(f"ok: {len(source.shapes)} tensors ({n / 1e9:.3f}B values) of {source.describe()} map onto the "
+          f"{preset.name} {part} ({the_plan.fmt} layout), every parameter filled once")  # fmt: skip
+    for pub in candidates(part, the_plan.fmt, preset.name):
+        diff = compare(source.shapes, pub.name)
+        print(f"  vs the published {pub.name}: {diff.describe()}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from checkpoints_convert import ConversionError, load_part, part_config
+    from jaxedit import configs
+
+    args = parser().parse_args(argv)
+    try:
+        preset = configs.get(args.preset)
+    except KeyError as e:
+        print(f"error: {e.args[0]}", file=sys.stderr)
+        return 2
+    try:
+        if args.command == "check":
+            return check(args, preset)
+        if args.command == "pipeline":
+            from checkpoints_convert.pipeline import convert_pipeline
+
+            overrides = {k[5:]: v for k, v in vars(args).items() if k.startswith("path_") and v}
             out = convert_pipeline(
                 args.src, args.dst, preset, dtype=_dtype(args.dtype), overrides=overrides, force=args.force,
                 qwen=args.qwen,
             )  # fmt: skip
-        except (ConversionError, FileNotFoundError, FileExistsError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        print(f"wrote model folder {out}")
-        return 0
-    cfg = part_config(preset, args.part)
-    if cfg is None:
-        print(f"error: preset {preset.name} has no {args.part}", file=sys.stderr)
-        return 2
-    ignore = (lambda k: any(fnmatch.fnmatch(k, p) for p in args.ignore)) if args.ignore else None
-    t0 = time.perf_counter()
-    try:
-        params = load_part(args.part, args.src, cfg, args.format, dtype=_dtype(args.dtype), ignore=ignore)
-    except (ConversionError, FileNotFoundError) as e:
+            print(f"wrote model folder {out}")
+            return 0
+        cfg = part_config(preset, args.command)
+        if cfg is None:
+            raise ValueError(f"preset {preset.name} has no {args.command}")
+        ignore = (lambda k: any(fnmatch.fnmatch(k, p) for p in args.ignore)) if args.ignore else None
+        t0 = time.perf_counter()
+        params = load_part(args.command, args.src, cfg, args.format, dtype=_dtype(args.dtype), ignore=ignore)
+    except (ConversionError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from jaxedit.checkpoint import save_params
+
     out = save_params(args.dst, params, force=args.force)
     import jax
 
     n = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
-    print(
-        f"wrote {args.part} {out} ({n / 1e9:.3f}B parameters, preset {preset.name}) in {time.perf_counter() - t0:.1f}s"
-    )
+    print(f"wrote {args.command} {out} ({n / 1e9:.3f}B parameters, preset {preset.name}) in "
+          f"{time.perf_counter() - t0:.1f}s")  # fmt: skip
     return 0
 
 

@@ -124,9 +124,9 @@ def convert_pipeline(
         if part in opened:
             shutil.copytree(paths[folder], dst / folder)
     if preset.connector is not None:
-        from jaxedit.step1x_text import QwenEmbedderConfig
+        from jaxedit.step1x.text import QwenEmbedderConfig, qwen_entry
 
-        write_description(dst, preset, qwen_path=qwen, qwen_config=QwenEmbedderConfig(preset.connector.in_channels))
+        write_description(dst, preset, extra=qwen_entry(qwen, QwenEmbedderConfig(preset.connector.in_channels)))
         if qwen is None:
             log("note: no Qwen2.5-VL folder recorded; give one at inference (python -m infer ... --qwen PATH)")
     else:

@@ -7,8 +7,8 @@ AdamW moments and EMA sharded FSDP over all devices; see docs/scaling.md for the
 The model folder comes from `python -m checkpoints_convert pipeline ... --preset flux-kontext-dev`.
 """
 
+from jaxedit.train.config import TrainConfig
 from jaxedit.train.data import DataConfig
-from jaxedit.train.loop import TrainConfig
 from jaxedit.train.objective import ObjectiveConfig
 from jaxedit.train.optim import OptimConfig
 

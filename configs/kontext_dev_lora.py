@@ -9,8 +9,8 @@ written as <checkpoint_dir>/lora.safetensors in the diffusers/PEFT layout
 The model folder comes from `python -m checkpoints_convert pipeline ... --preset flux-kontext-dev`.
 """
 
+from jaxedit.train.config import TrainConfig
 from jaxedit.train.data import DataConfig
-from jaxedit.train.loop import TrainConfig
 from jaxedit.train.lora import LoraConfig
 from jaxedit.train.objective import ObjectiveConfig
 from jaxedit.train.optim import OptimConfig

@@ -1,18 +1,18 @@
 """Tiny Kontext training run: the `flux-kontext-tiny` model, 64 px pairs, a minute on a CPU.
 
-    python -m train --config configs/kontext_tiny.py --set model=models/default \
+    python -m train --config configs/kontext_tiny.py --set model=jaxedit/default_model \
         --set data.path=/tmp/pairs --set checkpoint_dir=/tmp/ckpt
 """
 
+from jaxedit.train.config import TrainConfig
 from jaxedit.train.data import DataConfig
-from jaxedit.train.loop import TrainConfig
 from jaxedit.train.objective import ObjectiveConfig
 from jaxedit.train.optim import OptimConfig
 
 
 def get_config() -> TrainConfig:
     return TrainConfig(
-        model="models/default",
+        model="jaxedit/default_model",
         init="folder",
         data=DataConfig(path="data/tiny", batch_size=4, pixel_budget=64 * 64, bucket_step=16, seed=0, num_threads=1),
         objective=ObjectiveConfig(timestep="logit_normal", shift=3.1582, guidance=(1.0, 4.0), prompt_dropout=0.1),

@@ -1,4 +1,4 @@
-"""Stage 2 of the default model (models/default): the Kontext DiT on cached shapes latents.
+"""Stage 2 of the default model (jaxedit/default_model): the Kontext DiT on cached shapes latents.
 
     python -m train --config configs/shapes_dit.py
 Needs the stage-1 VAE and the cache from `python -m train.precompute` (docs/default_model.md).
@@ -6,8 +6,8 @@ Writes the EMA transformer into build/shapes/transformer at the end. float32 com
 bfloat16 matmuls are slower than float32 ones.
 """
 
+from jaxedit.train.config import TrainConfig
 from jaxedit.train.data import DataConfig
-from jaxedit.train.loop import TrainConfig
 from jaxedit.train.objective import ObjectiveConfig
 from jaxedit.train.optim import OptimConfig
 
@@ -26,7 +26,7 @@ def get_config() -> TrainConfig:
             num_threads=1,
         ),
         # prompt dropout: 10% of samples see the empty prompt, so the model also learns the
-        # unconditional edit that true CFG (models/default's "true_cfg_scale") steers away from.
+        # unconditional edit that true CFG (jaxedit/default_model's "true_cfg_scale") steers away from.
         # Timesteps pushed toward noise (logit mean 0.5, shift 3: 45% of them above t = 0.85, where
         # the noisy target does not yet show which shape the instruction names; FLUX's resolution
         # shift at 64 tokens, e^mu = 1.6, puts 10% there): 64% judged correct instead of 42%.

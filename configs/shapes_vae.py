@@ -1,4 +1,4 @@
-"""Stage 1 of the default model (models/default): the small VAE on synthetic shapes images.
+"""Stage 1 of the default model (jaxedit/default_model): the small VAE on synthetic shapes images.
 
     python -m train --config configs/shapes_vae.py
 Trains build/shapes/vae in place and writes its shift/scale factors into build/shapes/jaxedit.json.

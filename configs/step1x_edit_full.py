@@ -10,8 +10,8 @@ The model folder comes from `python -m checkpoints_convert pipeline SRC DST --pr
 --qwen QWEN_FOLDER` (it records the Qwen2.5-VL folder; `--set qwen=PATH` overrides it).
 """
 
+from jaxedit.train.config import TrainConfig
 from jaxedit.train.data import DataConfig
-from jaxedit.train.loop import TrainConfig
 from jaxedit.train.objective import ObjectiveConfig
 from jaxedit.train.optim import OptimConfig
 

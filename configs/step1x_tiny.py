@@ -9,8 +9,8 @@ from tests.tiny_step1x import make_tiny_step1x; make_tiny_step1x(Path('/tmp/s1x'
 (Any Step1X-Edit model folder that records its Qwen2.5-VL folder works; `--set qwen=PATH` overrides it.)
 """
 
+from jaxedit.train.config import TrainConfig
 from jaxedit.train.data import DataConfig
-from jaxedit.train.loop import TrainConfig
 from jaxedit.train.objective import ObjectiveConfig
 from jaxedit.train.optim import OptimConfig
 

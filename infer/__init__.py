@@ -1,1 +1,1 @@
-"""Inference entry points: `python -m infer` (batch manifest) and `python -m infer edit` (one image)."""
+"""`python -m infer` from a checkout: the `jaxedit edit` / `jaxedit batch` commands (jaxedit.cli)."""

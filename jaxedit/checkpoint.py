@@ -32,13 +32,15 @@ def load_params(path: str | Path, target: Any = None, *, dtype: Any = None) -> A
     target: a pytree of `jax.ShapeDtypeStruct` (with `.sharding` for sharded restore,
     e.g. from `jax.eval_shape` + the sharding rules); each array is restored straight
     into its sharding. None: restore onto the default device as stored.
-    dtype: cast every array to this dtype on restore (when no target is given), onto this
-    process's first device (each process of a multi-host run reads its own copy).
+    dtype: cast every array to this dtype on restore (the target's dtypes are replaced); without a
+    target, onto this process's first device (each process of a multi-host run reads its own copy).
     """
     path = _existing(path)
     if target is None and dtype is not None:
         dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype, sharding=dev), param_metadata(path))
+    elif target is not None and dtype is not None:
+        target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype, sharding=s.sharding), target)
     with ocp.StandardCheckpointer() as ckptr:
         return ckptr.restore(path, target)
 

@@ -216,8 +216,8 @@ register(
     )
 )
 
-# The shipped default model (models/default): a small FLUX.1 Kontext-architecture model trained
-# with jaxedit on the synthetic shapes-editing task (jaxedit.data.shapes, 64x64 images).
+# The shipped default model (jaxedit/default_model): a small FLUX.1 Kontext-architecture model trained
+# with jaxedit on the synthetic shapes-editing task (shapes, 64x64 images).
 # Text encoders keep their random initialisation (frozen, as FLUX's are); see docs/default_model.md.
 register(
     Preset(

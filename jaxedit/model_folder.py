@@ -11,7 +11,7 @@
 Step1X-Edit folders (family "step1x-edit") hold transformer/ (DiT + connector) and vae/; their
 description adds "connector": {...} to "config" and "qwen": {"path": ..., "config": {...}}, the
 Qwen2.5-VL folder (recorded, not converted; relative paths are relative to FOLDER) and the
-`jaxedit.step1x_text.QwenEmbedderConfig`.
+`jaxedit.step1x.text.QwenEmbedderConfig` (written and read by `jaxedit.step1x.text`).
 
 The architecture is stored in full (not only a preset name), so folders of models that
 have no registered preset (e.g. small models trained with jaxedit) load the same way.
@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 from jaxedit import configs
 
 FORMAT, VERSION = "jaxedit-model", 1
+FAMILIES = ("flux-kontext", "flux", "step1x-edit")
 PART_CONFIGS = {
     "transformer": configs.FluxConfig,
     "vae": configs.AutoEncoderConfig,
@@ -47,6 +49,8 @@ def preset_to_dict(preset: configs.Preset, options: dict | None = None) -> dict:
 def preset_from_dict(d: dict, where: str = "jaxedit.json") -> configs.Preset:
     if d.get("format") != FORMAT or d.get("version") != VERSION:
         raise ValueError(f"{where}: not a jaxedit model folder description (format {d.get('format')!r})")
+    if d.get("family") not in FAMILIES:
+        raise ValueError(f"{where}: field 'family' is {d.get('family')!r}; expected one of {', '.join(FAMILIES)}")
     parts = {}
     for part, cls in DESCRIBED_CONFIGS.items():
         raw = d.get("config", {}).get(part)
@@ -60,49 +64,110 @@ def preset_from_dict(d: dict, where: str = "jaxedit.json") -> configs.Preset:
         parts[part] = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
     if parts["transformer"] is None:
         raise ValueError(f"{where}: no transformer config")
-    return configs.Preset(d.get("preset", "custom"), d.get("family", "flux-kontext"), **parts)
+    return configs.Preset(d.get("preset", "custom"), d["family"], **parts)
 
 
-def write_description(
-    folder: Path, preset: configs.Preset, options: dict | None = None, *, qwen_path=None, qwen_config=None
-) -> None:
-    """options: pipeline defaults stored with the model (e.g. {"auto_resize": False}).
-    qwen_path / qwen_config: Step1X-Edit's Qwen2.5-VL folder and `QwenEmbedderConfig` (default config if None)."""
-    d = preset_to_dict(preset, options)
-    if qwen_path is not None or qwen_config is not None or preset.family == "step1x-edit":
-        from jaxedit.step1x_text import QwenEmbedderConfig
-
-        cfg = dataclasses.asdict(qwen_config or QwenEmbedderConfig())
-        d["qwen"] = {"path": None if qwen_path is None else str(qwen_path), "config": cfg}
-    (folder / "jaxedit.json").write_text(json.dumps(d, indent=1) + "\n")
+def write_description(folder: Path, preset: configs.Preset, options: dict | None = None, extra: dict | None = None):
+    """Write FOLDER/jaxedit.json (atomically). options: pipeline defaults stored with the model (e.g.
+    {"auto_resize": False}); extra: further top-level entries (Step1X-Edit: "qwen")."""
+    write_json(Path(folder) / "jaxedit.json", preset_to_dict(preset, options) | (extra or {}))
 
 
-def read_qwen(folder: str | Path):
-    """(Qwen2.5-VL folder or None if none is recorded, QwenEmbedderConfig) of a Step1X-Edit model folder."""
-    from jaxedit.step1x_text import QwenEmbedderConfig
+def write_json(path: Path, data: dict) -> None:
+    """Write `data` as indented JSON beside `path`, then rename it over `path`."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.replace(path)
 
-    folder = Path(folder)
-    q = json.loads((folder / "jaxedit.json").read_text()).get("qwen") or {}
-    path = q.get("path")
-    return (None if path is None else folder / Path(path)), QwenEmbedderConfig.from_dict(q.get("config", {}))
+
+def read_json(folder: str | Path) -> dict:
+    """FOLDER/jaxedit.json as a dict (FileNotFoundError naming the folder if it has none)."""
+    desc = Path(folder) / "jaxedit.json"
+    if not desc.is_file():
+        raise FileNotFoundError(f"{folder} is not a jaxedit model folder (no jaxedit.json)")
+    try:
+        return json.loads(desc.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{desc}: not valid JSON ({e})") from None
 
 
 def read_options(folder: str | Path) -> dict:
     """The pipeline defaults stored with a model (empty if none)."""
-    return dict(json.loads((Path(folder) / "jaxedit.json").read_text()).get("pipeline", {}))
+    return dict(read_json(folder).get("pipeline", {}))
 
 
 def read_description(folder: str | Path) -> configs.Preset:
+    """The preset (architecture of every part) a model folder describes."""
+    return preset_from_dict(read_json(folder), str(Path(folder) / "jaxedit.json"))
+
+
+def write_part(folder: str | Path, part: str, params: Any) -> Path:
+    """Replace FOLDER/<part> with `params` (an Orbax checkpoint) without ever leaving the folder without a
+    complete copy: written beside as .<part>.new, then the old part is moved aside and the new one renamed
+    into place (`recover_parts` finishes a swap cut between those two renames). Collective on several
+    processes (every process writes its shards; the main one renames)."""
+    import jax
+
+    from jaxedit.checkpoint import save_params
+    from jaxedit.parallel.distributed import sync
+
     folder = Path(folder)
-    desc = folder / "jaxedit.json"
-    if not desc.is_file():
-        raise FileNotFoundError(f"{folder} is not a jaxedit model folder (no jaxedit.json)")
-    return preset_from_dict(json.loads(desc.read_text()), str(desc))
+    dst, new, old = folder / part, folder / f".{part}.new", folder / f".{part}.old"
+    lead = jax.process_index() == 0
+    if lead:
+        for leftover in (new, old):
+            if leftover.exists():
+                shutil.rmtree(leftover)
+    sync(f"write_part {part}: clean")
+    save_params(new, params)
+    if lead:
+        if dst.exists():
+            dst.rename(old)
+        new.rename(dst)
+        if old.exists():
+            shutil.rmtree(old)
+    sync(f"write_part {part}: swapped")
+    return dst
+
+
+def recover_parts(folder: str | Path) -> None:
+    """Finish a `write_part` cut between its two renames: a missing part whose complete new copy
+    (.<part>.new) or old copy (.<part>.old) is beside it is put back in place."""
+    folder = Path(folder)
+    for part in PART_CONFIGS:
+        dst = folder / part
+        if dst.exists():
+            continue
+        for beside in (folder / f".{part}.new", folder / f".{part}.old"):
+            if (beside / "_CHECKPOINT_METADATA").is_file():
+                beside.rename(dst)
+                break
+
+
+def digest(folder: str | Path, parts: tuple[str, ...]) -> dict[str, str]:
+    """{part: sha256 hex} of the named parts (sub-folders: every file's relative path and bytes; a model
+    part's digest also covers its config in jaxedit.json): what a cache derived from them depends on."""
+    import hashlib
+
+    folder = Path(folder)
+    config = read_json(folder).get("config", {})
+    out = {}
+    for part in parts:
+        h = hashlib.sha256(json.dumps(config.get(part), sort_keys=True).encode())
+        root = folder / part
+        for f in sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []:
+            h.update(str(f.relative_to(root)).encode() + b"\0")
+            with open(f, "rb") as fh:
+                while chunk := fh.read(1 << 22):
+                    h.update(chunk)
+        out[part] = h.hexdigest()
+    return out
 
 
 def check_complete(folder: str | Path, preset: configs.Preset, *, skip: tuple[str, ...] = ()) -> None:
     """Raise FileNotFoundError naming every part of the folder that is missing (parts in `skip` may be)."""
     folder = Path(folder)
+    recover_parts(folder)
     missing = [
         p for p in PART_CONFIGS if p not in skip and getattr(preset, p) is not None and not (folder / p).is_dir()
     ]

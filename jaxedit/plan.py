@@ -23,8 +23,8 @@ import time
 ACCELERATORS = {"v5p": 95e9, "v6e": 32e9, "H100": 80e9}
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m jaxedit.plan", description=__doc__.split("\n\n")[0])
+def parser(prog: str = "python -m jaxedit.plan") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="flux-kontext-dev")
     p.add_argument("--task", choices=["infer", "train"], required=True)
     p.add_argument("--mesh", default="fsdp=8", help="e.g. fsdp=64 or fsdp=16,tensor=4 or data=2,fsdp=32")
@@ -35,15 +35,23 @@ def parse_args(argv=None):
     p.add_argument("--attention", default="auto", help="attention impl (auto = chunked for long sequences on CPU)")
     p.add_argument("--json", action="store_true", help="also print the report as one JSON line")
     p.add_argument("--no-reference", action="store_true", help="text-to-image: no Kontext reference tokens")
-    return p.parse_args(argv)
+    return p
 
 
-def main(argv=None) -> None:
+def main(argv=None, prog: str = "python -m jaxedit.plan") -> int:
     """Parse, set the fake device count, compile, print (and with --json, print a JSON line)."""
-    args = parse_args(argv)
+    p = parser(prog)
+    args = p.parse_args(argv)
     from jaxedit.configs import MeshConfig
 
-    mesh_cfg = MeshConfig.parse(args.mesh)
+    try:
+        mesh_cfg = MeshConfig.parse(args.mesh)
+    except ValueError as e:
+        p.error(str(e))
+    sizes = {k: v for k, v in vars(mesh_cfg).items()}
+    if any(v < 1 for v in sizes.values()):
+        p.error(f"--mesh {args.mesh}: every axis needs a size >= 1 (the planner simulates exactly the devices "
+                f"the mesh names; -1 'all devices' has no meaning here)")  # fmt: skip
     n = mesh_cfg.data * mesh_cfg.fsdp * mesh_cfg.tensor * mesh_cfg.dcn_data * mesh_cfg.dcn_fsdp
     if "jax" in sys.modules:
         raise RuntimeError("jaxedit.plan must set the device count before jax is imported")
@@ -55,6 +63,7 @@ def main(argv=None) -> None:
         import json
 
         print(json.dumps(report))
+    return 0
 
 
 def _step_fn(model, task: str, n_target: int):
@@ -86,9 +95,9 @@ def compile_step(cfg, args, mesh, *, depth=None, single=None, scan=True, attenti
     import jax
     import jax.numpy as jnp
 
-    from jaxedit import sharding as sh
     from jaxedit.models import Flux
     from jaxedit.models.flux import abstract_params
+    from jaxedit.parallel import sharding as sh
 
     if depth is not None:
         cfg = dataclasses.replace(cfg, depth=depth, depth_single_blocks=single)
@@ -158,7 +167,7 @@ def plan(args, mesh_cfg) -> dict:
     import jax
 
     from jaxedit import configs
-    from jaxedit.sharding import make_mesh
+    from jaxedit.parallel.sharding import make_mesh
 
     cfg = configs.get(args.preset).transformer
     mesh = make_mesh(mesh_cfg)

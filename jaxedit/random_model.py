@@ -1,6 +1,6 @@
 """Write a model folder with RANDOM weights for a preset (placeholder model, smoke tests).
 
-    python -m jaxedit.random_model models/default --preset flux-kontext-tiny
+    python -m jaxedit.random_model build/model --preset flux-kontext-tiny [--vocabulary sentences.txt --whole-words]
 
 Parameters come from each module's own initialiser (seeded), with the zero-initialised
 gates and output layers perturbed so the network is not an identity map; tokenizers are
@@ -20,31 +20,18 @@ import jax.numpy as jnp
 from jaxedit import configs
 from jaxedit.checkpoint import save_params
 from jaxedit.model_folder import write_description
+from jaxedit.step1x.text import qwen_entry
 from jaxedit.tokenizers_offline import train_tokenizers
 
 
 def random_params(preset: configs.Preset, seed: int = 0) -> dict:
-    from jaxedit.models import AutoEncoder, CLIPTextModel, Flux, T5Encoder
+    from jaxedit.models import AutoEncoder, CLIPTextModel, T5Encoder, transformer
 
-    cfg = preset.transformer
     key = jax.random.key(seed)
-    b, l = 1, 4
-    flux_args = (
-        jnp.zeros((b, l, cfg.in_channels)), jnp.zeros((b, l, 3)), jnp.zeros((b, l, cfg.context_in_dim)),
-        jnp.zeros((b, l, 3)), jnp.zeros((b,)), jnp.zeros((b, cfg.vec_in_dim)),
-        jnp.zeros((b,)) if cfg.guidance_embed else None,
-    )  # fmt: skip
-    ids = jnp.zeros((b, 8), jnp.int32)
-    if preset.connector is not None:  # Step1X-Edit: the DiT fed by the Qwen2 connector
-        from jaxedit.models.step1x import Step1XEdit
-
-        llm = (jnp.zeros((b, l, preset.connector.in_channels)), jnp.ones((b, l), jnp.int32))
-        transformer = (Step1XEdit(cfg, connector_cfg=preset.connector), (*flux_args[:2], *llm, flux_args[4]))
-    else:
-        transformer = (Flux(cfg), flux_args)
+    ids = jnp.zeros((1, 8), jnp.int32)
     modules = {
-        "transformer": transformer,
-        "vae": (AutoEncoder(preset.vae), (jnp.zeros((b, 16, 16, 3)),)),
+        "transformer": transformer(preset),  # Step1X-Edit: the DiT fed by the Qwen2 connector
+        "vae": (AutoEncoder(preset.vae), (jnp.zeros((1, 16, 16, 3)),)),
         "t5": (T5Encoder(preset.t5), (ids,)) if preset.t5 is not None else None,
         "clip": (CLIPTextModel(preset.clip), (ids,)) if preset.clip is not None else None,
     }
@@ -67,10 +54,12 @@ def make_random_model(
     preset_name: str = "flux-kontext-tiny",
     seed: int = 0,
     *,
-    vocabulary: str = "default",
+    sentences: list[str] | None = None,
+    whole_words: bool = False,
     options: dict | None = None,
 ) -> Path:
-    """A model folder with random weights; tokenizers trained on `vocabulary` (default | shapes).
+    """A model folder with random weights; its tokenizers are trained on `sentences` (default: a few built-in
+    ones; whole_words: one token per word, for a small closed vocabulary such as a synthetic task's).
 
     The starting point of a model trained with jaxedit: `python -m train` then trains its VAE
     and transformer in place (its text encoders stay random and frozen).
@@ -82,27 +71,33 @@ def make_random_model(
     preset = configs.get(preset_name)
     for part, params in random_params(preset, seed).items():
         save_params(out / part, params)
-    if vocabulary == "shapes":
-        from jaxedit.data.shapes import vocabulary as shapes_vocabulary
-
-        train_tokenizers(out, shapes_vocabulary(), whole_words=True)
-    elif vocabulary == "default":
+    if sentences is None:
         train_tokenizers(out)
     else:
-        raise ValueError(f"vocabulary {vocabulary!r}: use 'default' or 'shapes'")
-    write_description(out, preset, RANDOM_OPTIONS if options is None else options)
+        train_tokenizers(out, sentences, whole_words=whole_words)
+    extra = qwen_entry(None) if preset.family == "step1x-edit" else None  # the Qwen folder is given at load time
+    write_description(out, preset, RANDOM_OPTIONS if options is None else options, extra)
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m jaxedit.random_model", description=__doc__.split("\n\n")[0])
     p.add_argument("out")
     p.add_argument("--preset", default="flux-kontext-tiny", choices=configs.names())
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vocabulary", default="default", choices=["default", "shapes"], help="tokenizer training text")
+    p.add_argument("--vocabulary", default=None, help="text file whose lines train the tokenizers (default: built-in)")
+    p.add_argument("--whole-words", action="store_true", help="one token per word (a small closed vocabulary)")
     p.add_argument("--options", type=json.loads, default=None, help="pipeline defaults as JSON, e.g. '{\"steps\": 8}'")
-    args = p.parse_args()
-    folder = make_random_model(args.out, args.preset, args.seed, vocabulary=args.vocabulary, options=args.options)
+    args = p.parse_args(argv)
+    sentences = None
+    if args.vocabulary:
+        try:
+            sentences = [s for s in Path(args.vocabulary).read_text().splitlines() if s.strip()]
+        except OSError as e:
+            p.error(f"--vocabulary: {e}")
+    folder = make_random_model(
+        args.out, args.preset, args.seed, sentences=sentences, whole_words=args.whole_words, options=args.options
+    )
     print(f"wrote random-weight model folder {folder}")
 
 

@@ -6,20 +6,49 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # tests compile from scratch (the persistent compilation cache is tested explicitly)
 os.environ["JAXEDIT_CACHE_DIR"] = "off"
-# Make `tests.helpers` importable.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Make `tests.helpers`, `references` and `shapes` importable.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import tempfile  # noqa: E402
 
 import pytest  # noqa: E402
+
+# Nothing beside the checkout may be read (a user's clone has only the repository): every file this
+# process opens under the checkout's parent folder must be inside the checkout (or a temporary folder).
+_OUTSIDE: list[str] = []
+
+
+def _watch_opens(event: str, args: tuple) -> None:
+    if event != "open" or not args or not isinstance(args[0], str | bytes | os.PathLike):
+        return
+    path = os.path.abspath(os.fsdecode(args[0]))
+    parent, tmp = os.path.dirname(ROOT), os.path.realpath(tempfile.gettempdir())
+    inside = lambda p, d: p == d or p.startswith(d + os.sep)  # noqa: E731
+    if inside(path, parent) and not inside(path, ROOT) and not inside(os.path.realpath(path), tmp):
+        _OUTSIDE.append(path)
+
+
+sys.addaudithook(_watch_opens)
+
+
+@pytest.fixture(autouse=True)
+def nothing_read_outside_the_repository():
+    """Fails a test that opened a file beside the checkout (a sibling folder of the checkout)."""
+    before = len(_OUTSIDE)
+    yield
+    if len(_OUTSIDE) > before:
+        pytest.fail(f"read outside the repository: {sorted(set(_OUTSIDE[before:]))[:5]}")
 
 
 @pytest.fixture(scope="session")
 def tiny_kontext(tmp_path_factory):
     """(diffusers FluxKontextPipeline with random weights, jaxedit model folder converted from it)."""
     from checkpoints_convert.__main__ import main as convert_cli
-    from tests.tiny_pipeline import build_diffusers_kontext
+    from references.models import kontext_pipeline
 
     root = tmp_path_factory.mktemp("kontext")
-    ref = build_diffusers_kontext(root)
+    ref = kontext_pipeline(root)
     dst = root / "jax"
     assert convert_cli(["pipeline", str(root / "diffusers"), str(dst), "--preset", "flux-kontext-tiny"]) == 0
     return ref, dst

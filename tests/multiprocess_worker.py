@@ -12,8 +12,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
-from jaxedit import distributed  # noqa: E402
-from jaxedit import sharding as sh  # noqa: E402
+from jaxedit.parallel import distributed  # noqa: E402
+from jaxedit.parallel import sharding as sh  # noqa: E402
 
 
 def main(out_path: str, mesh_spec: str) -> None:

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxedit import sharding as sh
 from jaxedit.configs import FluxConfig
 from jaxedit.models import Flux
+from jaxedit.parallel import sharding as sh
 
 CFG = FluxConfig(
     context_in_dim=32, vec_in_dim=24, hidden_size=64, num_heads=4, depth=2, depth_single_blocks=2, axes_dim=(4, 6, 6)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxedit import attention as A
+from jaxedit.models import attention as A
 
 
 def qkv(b, l, h, d, s=None, dtype=jnp.float32, seed=0):

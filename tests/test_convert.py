@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -13,35 +12,27 @@ from safetensors.numpy import save_file
 from checkpoints_convert import ConversionError, ShapeSource, load_transformer, plan_part
 from checkpoints_convert.__main__ import main as convert_cli
 from checkpoints_convert.mapping import flatten
+from checkpoints_convert.published import manifest_shapes
 from jaxedit import configs
 from jaxedit.checkpoint import load_params
 from jaxedit.models.flux import abstract_params
-
-MANIFESTS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "checkpoint-manifests"
-
-
-def manifest(name: str) -> dict[str, tuple[int, ...]]:
-    path = MANIFESTS / name
-    if not path.exists():
-        pytest.fail(f"checkpoint manifest missing: {path} (shared/ must sit beside the project root)")
-    return {k: tuple(v) for k, v in json.loads(path.read_text())["tensors"].items()}
 
 
 @pytest.mark.parametrize(
     "name,prefix",
     [
-        ("bfl-flux1-kontext-dev.json", ""),
-        ("bfl-flux1-kontext-dev.json", "model.diffusion_model."),  # ComfyUI-style wrapper prefix
-        ("diffusers-flux-transformer.json", ""),
+        ("bfl-flux1-kontext-dev", ""),
+        ("bfl-flux1-kontext-dev", "model.diffusion_model."),  # ComfyUI-style wrapper prefix
+        ("diffusers-flux-transformer", ""),
     ],
 )
 def test_full_size_manifest_maps_every_tensor(name, prefix):
     cfg = configs.get("flux-kontext-dev").transformer
-    shapes = {prefix + k: v for k, v in manifest(name).items()}
+    shapes = {prefix + k: v for k, v in manifest_shapes(name).items()}
     source = ShapeSource(shapes, name)
     the_plan = plan_part("transformer", source, cfg)
     assert the_plan.fmt == ("bfl" if name.startswith("bfl") else "diffusers")
-    assert set(source.shapes) == set(manifest(name))  # the wrapper prefix was recognised and dropped
+    assert set(source.shapes) == set(manifest_shapes(name))  # the wrapper prefix was recognised and dropped
     # every source tensor used, every target element written exactly once (checked by plan);
     # and the totals agree: 11.9B parameters on both sides.
     targets = flatten(abstract_params(cfg))
@@ -57,10 +48,10 @@ def test_flux_dev_manifest_needs_guidance_in_config():
 
     no_guidance = dataclasses.replace(cfg, guidance_embed=False)
     with pytest.raises(ConversionError, match="guidance_in.in_layer.weight"):
-        plan_part("transformer", ShapeSource(manifest("bfl-flux1-kontext-dev.json")), no_guidance)
+        plan_part("transformer", ShapeSource(manifest_shapes("bfl-flux1-kontext-dev")), no_guidance)
 
 
-def _tiny_bfl_file(tmp_path, cfg, extra=None, drop=None, reshape=None):
+def tiny_bfl_file(tmp_path, cfg, extra=None, drop=None, reshape=None):
     """A random BFL-layout file for a small `cfg`: the real file's key set (from the full-size
     manifest, blocks beyond cfg's depth dropped) with every dimension scaled down."""
     import re
@@ -82,7 +73,7 @@ def _tiny_bfl_file(tmp_path, cfg, extra=None, drop=None, reshape=None):
     }
     rng = np.random.default_rng(0)
     tensors = {}
-    for k, shape in manifest("bfl-flux1-kontext-dev.json").items():
+    for k, shape in manifest_shapes("bfl-flux1-kontext-dev").items():
         blk = re.match(r"(double|single)_blocks\.(\d+)\.", k)
         if blk and int(blk.group(2)) >= (cfg.depth if blk.group(1) == "double" else cfg.depth_single_blocks):
             continue
@@ -101,7 +92,7 @@ TINY = configs.get("flux-kontext-tiny").transformer
 
 
 def test_unknown_key_is_named(tmp_path):
-    path = _tiny_bfl_file(tmp_path, TINY, extra={"double_blocks.0.lora_down.weight": np.zeros((2, 2), np.float32)})
+    path = tiny_bfl_file(tmp_path, TINY, extra={"double_blocks.0.lora_down.weight": np.zeros((2, 2), np.float32)})
     with pytest.raises(ConversionError, match=r"double_blocks\.0\.lora_down\.weight") as e:
         load_transformer(path, TINY)
     assert "flux.safetensors" in str(e.value)
@@ -111,13 +102,13 @@ def test_unknown_key_is_named(tmp_path):
 
 
 def test_missing_tensor_is_named(tmp_path):
-    path = _tiny_bfl_file(tmp_path, TINY, drop=["single_blocks.1.norm.key_norm.scale"])
+    path = tiny_bfl_file(tmp_path, TINY, drop=["single_blocks.1.norm.key_norm.scale"])
     with pytest.raises(ConversionError, match=r"single_blocks\.1\.norm\.key_norm\.scale"):
         load_transformer(path, TINY)
 
 
 def test_shape_mismatch_is_named(tmp_path):
-    path = _tiny_bfl_file(tmp_path, TINY, reshape={"double_blocks.1.txt_attn.proj.weight": (TINY.hidden_size, 7)})
+    path = tiny_bfl_file(tmp_path, TINY, reshape={"double_blocks.1.txt_attn.proj.weight": (TINY.hidden_size, 7)})
     with pytest.raises(
         ConversionError,
         match=r"shape mismatch for double_blocks\.1\.txt_attn\.proj\.weight",
@@ -127,7 +118,7 @@ def test_shape_mismatch_is_named(tmp_path):
 
 def test_sharded_index_and_cli_round_trip(tmp_path):
     """A two-shard checkpoint with its index converts through the CLI to Orbax and reads back equal."""
-    single = _tiny_bfl_file(tmp_path, TINY)
+    single = tiny_bfl_file(tmp_path, TINY)
     from safetensors.numpy import load_file
 
     tensors = load_file(str(single))
@@ -172,7 +163,7 @@ def test_cli_reports_bad_checkpoint(tmp_path, capsys):
 
 def test_jit_forward_of_converted_params(tmp_path):
     """Converted params are exactly the pytree Flux(cfg).init gives."""
-    path = _tiny_bfl_file(tmp_path, TINY)
+    path = tiny_bfl_file(tmp_path, TINY)
     params = load_transformer(path, TINY)
     abstract = abstract_params(TINY)
     assert jax.tree.structure(params) == jax.tree.structure(abstract)

@@ -1,4 +1,4 @@
-"""The shipped default model (models/default) really edits: a behavioural test of the whole stack.
+"""The shipped default model (jaxedit/default_model) really edits: a behavioural test of the whole stack.
 
 Loads the model folder with the pipeline the CLI uses, edits the first test-split samples of
 the synthetic shapes task (seeds never used in training) and asks the independent judge
@@ -8,21 +8,21 @@ the synthetic shapes task (seeds never used in training) and asks the independen
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from jaxedit.data import shapes
+import shapes
+from jaxedit import DEFAULT_MODEL
 
-DEFAULT = Path(__file__).resolve().parents[1] / "models" / "default"
+DEFAULT = DEFAULT_MODEL  # the shipped model (package data)
 N = 24  # test indices 0..23: every edit type several times
 
 
 @pytest.fixture(scope="module")
 def edits():
-    from jaxedit.pipeline import KontextPipeline
+    from jaxedit.kontext.pipeline import KontextPipeline
 
     pipe = KontextPipeline.load(DEFAULT, compile_cache=False)
     samples = [shapes.sample("test", i) for i in range(N)]
@@ -35,7 +35,7 @@ def test_default_model_is_trained():
     assert not desc.get("pipeline", {}).get("random_weights", False)
     assert desc["family"] == "flux-kontext"
     size = sum(f.stat().st_size for f in DEFAULT.rglob("*") if f.is_file())
-    assert size <= 25 * 2**20, f"models/default is {size / 2**20:.1f} MB"
+    assert size <= 25 * 2**20, f"jaxedit/default_model is {size / 2**20:.1f} MB"
 
 
 def test_edits_are_judged_correct_more_often_than_chance(edits):

@@ -19,7 +19,8 @@ diffusers = pytest.importorskip("diffusers")
 from checkpoints_convert import load_transformer  # noqa: E402
 from jaxedit.configs import FluxConfig  # noqa: E402
 from jaxedit.models import Flux  # noqa: E402
-from tests.helpers import randomize_, rel_err  # noqa: E402
+from references.models import flux_transformer as reference_model  # noqa: E402
+from tests.helpers import rel_err  # noqa: E402
 
 B, LT = 3, 7
 
@@ -45,24 +46,6 @@ def make_inputs(cfg: FluxConfig, seed=1):
         y=rng.standard_normal((B, cfg.vec_in_dim)).astype(np.float32),
         guidance=np.array([3.5, 2.5, 4.0], np.float32),
     )
-
-
-def reference_model(cfg: FluxConfig, seed=0):
-    model = diffusers.FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=cfg.in_channels,
-        out_channels=cfg.out_channels,
-        num_layers=cfg.depth,
-        num_single_layers=cfg.depth_single_blocks,
-        attention_head_dim=cfg.head_dim,
-        num_attention_heads=cfg.num_heads,
-        joint_attention_dim=cfg.context_in_dim,
-        pooled_projection_dim=cfg.vec_in_dim,
-        guidance_embeds=cfg.guidance_embed,
-        axes_dims_rope=cfg.axes_dim,
-    )
-    randomize_(model, seed)
-    return model.eval()
 
 
 def run_reference(model, x, dtype=torch.float32):
@@ -161,13 +144,13 @@ def test_bfl_layout_at_full_width(tmp_path):
     from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
     from safetensors.torch import save_file
 
+    from checkpoints_convert.published import manifest_shapes
     from jaxedit import configs
-    from tests.test_convert import manifest
 
     cfg = dataclasses.replace(configs.get("flux-kontext-dev").transformer, depth=1, depth_single_blocks=1)
     g = torch.Generator().manual_seed(0)
     state = {}
-    for k, shape in manifest("bfl-flux1-kontext-dev.json").items():
+    for k, shape in manifest_shapes("bfl-flux1-kontext-dev").items():
         m = re.match(r"(double|single)_blocks\.(\d+)\.", k)
         if m and int(m.group(2)) > 0:
             continue

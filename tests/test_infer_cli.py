@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from infer.__main__ import main as infer_main
+from jaxedit.cli import main as cli
 
 
 def write_png(path, w, h, seed=0):
@@ -57,7 +57,7 @@ def test_batch_job_isolates_bad_items_and_resumes(job, capsys):
     model, manifest, out = job
     argv = ["--model", str(model), "--manifest", str(manifest), "--out", str(out), "--batch-size", "2",
             "--steps", "2", "--dtype", "float32", "--keep-size"]  # fmt: skip
-    assert infer_main(argv) == 1  # some items failed
+    assert cli(["batch", *argv]) == 1  # some items failed
     r = results(out)
     for ok in ("a", "b", "c", "gray"):
         assert r[ok]["status"] == "ok", r[ok]
@@ -81,7 +81,7 @@ def test_batch_job_isolates_bad_items_and_resumes(job, capsys):
 
     # re-running skips what is done and does not rewrite it
     stamp = (out / "a.png").stat().st_mtime_ns
-    assert infer_main(argv) == 1  # the bad items still fail
+    assert cli(["batch", *argv]) == 1  # the bad items still fail
     assert (out / "a.png").stat().st_mtime_ns == stamp
     assert "0 ok, 9 failed, 4 skipped" in capsys.readouterr().out
 
@@ -90,11 +90,11 @@ def test_single_edit_command(tmp_path, tiny_kontext, capsys):
     _, model = tiny_kontext
     write_png(tmp_path / "in.png", 64, 48)
     out = tmp_path / "sub" / "edited.png"
-    code = infer_main(["edit", "--model", str(model), "--image", str(tmp_path / "in.png"), "--prompt", "make it red",
+    code = cli(["edit", "--model", str(model), "--image", str(tmp_path / "in.png"), "--prompt", "make it red",
                        "--out", str(out), "--steps", "2", "--keep-size"])  # fmt: skip
     assert code == 0 and Image.open(out).size == (64, 48)
     assert str(out) in capsys.readouterr().out
-    assert infer_main(["edit", "--model", str(model), "--image", str(tmp_path / "nope.png"), "--prompt", "x",
+    assert cli(["edit", "--model", str(model), "--image", str(tmp_path / "nope.png"), "--prompt", "x",
                        "--out", str(out)]) == 2  # fmt: skip
     assert "nope.png" in capsys.readouterr().err
 
@@ -107,11 +107,11 @@ def test_single_edit_true_cfg_flags(tmp_path, tiny_kontext, capsys):
     outs = {}
     for name, extra in {"plain": [], "cfg": ["--true-cfg-scale", "3", "--negative-prompt", "blurry"]}.items():
         outs[name] = tmp_path / f"{name}.png"
-        assert infer_main(base + ["--out", str(outs[name])] + extra) == 0
+        assert cli(base + ["--out", str(outs[name])] + extra) == 0
     plain, cfg = (np.asarray(Image.open(outs[k]), np.int32) for k in ("plain", "cfg"))
     assert np.abs(plain - cfg).max() > 0  # the negative branch is used
     with pytest.raises(SystemExit, match="true-cfg-scale"):
-        infer_main(base + ["--out", str(tmp_path / "x.png"), "--true-cfg-scale", "0.5"])
+        cli(base + ["--out", str(tmp_path / "x.png"), "--true-cfg-scale", "0.5"])
 
 
 def test_readme_main_job_with_shipped_default_model(tmp_path, capsys):
@@ -120,7 +120,20 @@ def test_readme_main_job_with_shipped_default_model(tmp_path, capsys):
 
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "edited.png"
-    assert infer_main(["edit", "--image", str(root / "examples" / "shapes.png"), "--prompt", "make the red circle blue",
+    assert cli(["edit", "--image", str(root / "examples" / "shapes.png"), "--prompt", "make the red circle blue",
                        "--out", str(out)]) == 0  # fmt: skip
     assert Image.open(out).size == Image.open(root / "examples" / "shapes.png").size
     assert f"wrote {out}" in capsys.readouterr().out
+
+
+def test_zero_steps_is_an_error_not_the_default(capsys):
+    """`--steps 0` is refused with one line (it used to become the model's default silently)."""
+    with pytest.raises(SystemExit) as e:
+        cli(["edit", "--image", "x.png", "--prompt", "p", "--out", "o.png", "--steps", "0"])
+    assert e.value.code == 2 and "--steps: 0 is not >= 1" in capsys.readouterr().err
+    from jaxedit.pipelines.base import check_steps
+
+    assert check_steps(None, 28) == 28 and check_steps(3, 28) == 3
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="steps must be a positive integer"):
+            check_steps(bad, 28)

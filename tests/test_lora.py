@@ -12,7 +12,7 @@ import pytest
 from flax import traverse_util
 
 from jaxedit import configs
-from jaxedit import sharding as sh
+from jaxedit.parallel import sharding as sh
 from jaxedit.train.lora import ALL_TARGETS, LoraConfig, export_peft, init_lora, merge
 from jaxedit.train.objective import ObjectiveConfig
 from jaxedit.train.optim import OptimConfig
@@ -122,7 +122,8 @@ def test_peft_export_loads_into_diffusers_kontext_pipeline(tmp_path):
     diffusers = pytest.importorskip("diffusers")
     pytest.importorskip("peft")
     from checkpoints_convert import load_transformer
-    from tests.test_flux_parity import TINY, make_inputs, reference_model, run_ours, run_reference
+    from references.models import flux_transformer as reference_model
+    from tests.test_flux_parity import TINY, make_inputs, run_ours, run_reference
 
     model = reference_model(TINY)
     model.save_pretrained(tmp_path / "transformer", safe_serialization=True)
@@ -166,7 +167,7 @@ def test_peft_export_loads_into_diffusers_kontext_pipeline(tmp_path):
 def test_checked_in_dev_configs_load():
     from pathlib import Path
 
-    from jaxedit.train.loop import load_config
+    from jaxedit.train.config import load_config
 
     root = Path(__file__).resolve().parents[1] / "configs"
     lora = load_config(root / "kontext_dev_lora.py", ["lora.rank=32", 'lora.targets=["linear1", "linear2"]'])

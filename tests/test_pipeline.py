@@ -15,7 +15,7 @@ from PIL import Image
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from jaxedit.pipeline import KontextPipeline  # noqa: E402
+from jaxedit.kontext.pipeline import KontextPipeline  # noqa: E402
 from tests.helpers import rel_err  # noqa: E402
 
 W, H, STEPS, GUIDANCE = 64, 48, 4, 3.5
@@ -114,7 +114,7 @@ def test_persistent_compilation_cache(tmp_path):
     import sys
 
     code = (
-        "import jax, jax.numpy as jnp; from jaxedit.pipeline import enable_compilation_cache; "
+        "import jax, jax.numpy as jnp; from jaxedit.kontext.pipeline import enable_compilation_cache; "
         f"enable_compilation_cache({str(tmp_path / 'cache')!r}); "
         "jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((64, 64))).block_until_ready()"
     )
@@ -136,7 +136,7 @@ def test_bfl_layout_release_converts(tmp_path, tiny_kontext):
     from checkpoints_convert.pipeline import convert_pipeline
     from jaxedit import configs
     from jaxedit.checkpoint import load_params
-    from tests.test_convert import _tiny_bfl_file
+    from tests.test_convert import tiny_bfl_file
     from tests.test_vae import SMALL, random_bfl_state_dict
 
     # the tiny preset with a VAE of the real BFL structure (full ch_mult, 2 blocks per level)
@@ -144,7 +144,7 @@ def test_bfl_layout_release_converts(tmp_path, tiny_kontext):
     _, converted = tiny_kontext
     src = tmp_path / "bfl"
     src.mkdir()
-    dit = _tiny_bfl_file(src, preset.transformer).rename(src / "flux1-kontext-tiny.safetensors")
+    dit = tiny_bfl_file(src, preset.transformer).rename(src / "flux1-kontext-tiny.safetensors")
     save_file(random_bfl_state_dict(preset.vae), str(src / "ae.safetensors"))
     diffusers_dir = converted.parent / "diffusers"
     for d in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):

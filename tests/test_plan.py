@@ -32,3 +32,13 @@ def test_plan_train_tiny_on_four_devices():
     # embedders and modulations: the same order, XLA a little above
     ratio = r["xla_flops_per_device"] * r["devices"] / r["analytic_flops"]
     assert 0.8 < ratio < 2.0, ratio
+
+
+def test_plan_refuses_an_open_mesh_axis(capsys):
+    """`--mesh fsdp=-1` ("all devices") means nothing to a planner that simulates the mesh's devices."""
+    from jaxedit.plan import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--task", "train", "--mesh", "fsdp=-1"])
+    assert e.value.code == 2
+    assert "every axis needs a size >= 1" in capsys.readouterr().err

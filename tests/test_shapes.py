@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxedit.data import shapes as S
+import shapes as S
 from jaxedit.train.data import DataConfig, index_manifest
 
 N_TEST = 300

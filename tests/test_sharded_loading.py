@@ -6,11 +6,11 @@ import numpy as np
 
 from checkpoints_convert import load_transformer, mesh_placer
 from checkpoints_convert.mapping import flatten
-from jaxedit import sharding as sh
 from jaxedit.checkpoint import load_params, save_params
 from jaxedit.configs import get
 from jaxedit.models.flux import abstract_params
-from tests.test_convert import _tiny_bfl_file
+from jaxedit.parallel import sharding as sh
+from tests.test_convert import tiny_bfl_file
 
 CFG = get("flux-kontext-tiny").transformer  # hidden 48: divisible by the 8-way fsdp axis
 
@@ -28,7 +28,7 @@ def assert_sharded_like(tree, shardings):
 def test_converter_places_each_tensor_on_the_mesh(tmp_path):
     mesh = sh.make_mesh(sh.MeshConfig.parse("fsdp=4,tensor=2"))
     shardings = sh.shardings(abstract_params(CFG, boxed=True), mesh)
-    path = _tiny_bfl_file(tmp_path, CFG)
+    path = tiny_bfl_file(tmp_path, CFG)
     placed = load_transformer(path, CFG, place=mesh_placer(shardings))
     assert_sharded_like(placed, shardings)
     plain = load_transformer(path, CFG)
@@ -38,7 +38,7 @@ def test_converter_places_each_tensor_on_the_mesh(tmp_path):
 
 
 def test_orbax_restore_into_target_shardings(tmp_path):
-    path = _tiny_bfl_file(tmp_path, CFG)
+    path = tiny_bfl_file(tmp_path, CFG)
     params = load_transformer(path, CFG)
     save_params(tmp_path / "ckpt", params)
     mesh = sh.make_mesh(sh.MeshConfig.parse("fsdp=8"))

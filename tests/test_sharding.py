@@ -9,9 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from jaxedit import sharding as sh
 from jaxedit.configs import get
 from jaxedit.models.flux import abstract_params
+from jaxedit.parallel import sharding as sh
 from tests.helpers import rel_err
 from tests.sharded_model import flat, model_and_data, train_step
 
@@ -109,3 +109,27 @@ def test_vae_round_trip_matches_unsharded(vae_setup, mesh_name):
     ref = np.concatenate([np.asarray(jax.jit(fn)(params, x[i : i + k])) for i in range(0, len(x), k)])
     assert rel_err(out, ref) <= 1e-6
     assert rel_err(out, ref_full) <= 5e-6
+
+
+def test_make_mesh_never_silently_ignores_the_topology(monkeypatch):
+    """When the topology-aware layout fails: CPU devices are reshaped (they have none), TPU devices raise
+    naming the mesh, other accelerators warn."""
+    import types
+
+    from jax.experimental import mesh_utils
+
+    from jaxedit.configs import MeshConfig
+
+    def refuse(*args, **kw):
+        raise ValueError("cannot tile the 2x2x1 torus")
+
+    monkeypatch.setattr(mesh_utils, "create_device_mesh", refuse)
+    mesh = sh.make_mesh(MeshConfig(fsdp=4), jax.devices()[:4])  # the fake CPU devices
+    assert mesh.devices.shape == (1, 4, 1)
+    tpus = [types.SimpleNamespace(platform="tpu", id=i) for i in range(4)]
+    with pytest.raises(ValueError, match=r"does not fit the topology of these 4 tpu devices: cannot tile"):
+        sh.make_mesh(MeshConfig(fsdp=2, tensor=2), tpus)
+    gpus = [types.SimpleNamespace(platform="gpu", id=i) for i in range(4)]
+    with pytest.warns(UserWarning, match="laying the devices out in id order"):
+        arr = sh.physical_mesh([1, 4, 1], gpus, MeshConfig(fsdp=4))
+    assert arr.shape == (1, 4, 1)

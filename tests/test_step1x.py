@@ -23,14 +23,15 @@ diffusers_hv = pytest.importorskip("diffusers.models.transformers.transformer_hu
 from checkpoints_convert import ConversionError, ShapeSource, load_transformer, part_config, plan_part  # noqa: E402
 from checkpoints_convert.__main__ import main as convert_cli  # noqa: E402
 from checkpoints_convert.mapping import flatten  # noqa: E402
+from checkpoints_convert.published import manifest_shapes  # noqa: E402
 from jaxedit import configs  # noqa: E402
 from jaxedit.checkpoint import load_params  # noqa: E402
 from jaxedit.models import Flux  # noqa: E402
 from jaxedit.models.connector import Qwen2Connector  # noqa: E402
 from jaxedit.models.step1x import Step1XEdit, abstract_params  # noqa: E402
-from jaxedit.step1x_sampling import denoise_cfg, edit_ids, model_fn  # noqa: E402
-from tests.helpers import randomize_, rel_err  # noqa: E402
-from tests.test_convert import manifest  # noqa: E402
+from jaxedit.step1x.sampling import denoise_cfg, edit_ids, model_fn  # noqa: E402
+from references.random import randomize_  # noqa: E402
+from tests.helpers import rel_err  # noqa: E402
 
 PRESET = configs.get("step1x-edit-tiny")
 DIT, CON = PRESET.transformer, PRESET.connector
@@ -44,7 +45,7 @@ VALID = (7, 4, 1)  # valid LLM tokens per batch row; the rest is padding
 
 def test_full_size_manifest_maps_every_tensor():
     preset = configs.get("step1x-edit")
-    shapes = manifest("step1x-edit.json")
+    shapes = manifest_shapes("step1x-edit")
     the_plan = plan_part("transformer", ShapeSource(shapes, "step1x-edit"), part_config(preset, "transformer"))
     assert the_plan.fmt == "step1x"
     targets = flatten(abstract_params(preset.transformer, preset.connector))
@@ -55,12 +56,12 @@ def test_full_size_manifest_maps_every_tensor():
 
 
 def test_wrong_preset_or_missing_tensor_is_named():
-    shapes = manifest("step1x-edit.json")
+    shapes = manifest_shapes("step1x-edit")
     with pytest.raises(ConversionError, match=r"connector\.S\."):  # a FLUX preset has no place for the connector
         plan_part("transformer", ShapeSource(shapes), configs.get("flux-kontext-dev").transformer)
     spec = part_config(configs.get("step1x-edit"), "transformer")
     with pytest.raises(ConversionError, match=r"guidance_in\.in_layer\.weight"):  # Kontext file, Step1X preset
-        plan_part("transformer", ShapeSource(manifest("bfl-flux1-kontext-dev.json")), spec)
+        plan_part("transformer", ShapeSource(manifest_shapes("bfl-flux1-kontext-dev")), spec)
     key = "connector.S.individual_token_refiner.blocks.1.adaLN_modulation.1.bias"
     with pytest.raises(ConversionError, match=re.escape(key)):
         plan_part("transformer", ShapeSource({k: v for k, v in shapes.items() if k != key}), spec)
@@ -116,7 +117,7 @@ def _random_dit_tensors(rng) -> dict[str, np.ndarray]:
     dims = {3072: h, 12288: m, 9216: 3 * h, 18432: 6 * h, 21504: 3 * h + m, 15360: h + m, 6144: 2 * h}
     dims |= {128: DIT.head_dim, 4096: DIT.context_in_dim, 768: DIT.vec_in_dim, 64: DIT.in_channels, 256: 256}
     out = {}
-    for k, shape in manifest("step1x-edit.json").items():
+    for k, shape in manifest_shapes("step1x-edit").items():
         blk = re.match(r"(double|single)_blocks\.(\d+)\.", k)
         if k.startswith("connector.") or (
             blk and int(blk.group(2)) >= (DIT.depth if blk.group(1) == "double" else DIT.depth_single_blocks)

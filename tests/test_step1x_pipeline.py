@@ -21,9 +21,9 @@ from safetensors.numpy import save_file
 
 torch = pytest.importorskip("torch")
 
-from infer.__main__ import main as infer_main  # noqa: E402
+from jaxedit.cli import main as cli  # noqa: E402
 from jaxedit.models.step1x import Step1XEdit  # noqa: E402
-from jaxedit.step1x_pipeline import Step1XEditPipeline  # noqa: E402
+from jaxedit.step1x.pipeline import Step1XEditPipeline  # noqa: E402
 from tests.helpers import rel_err  # noqa: E402
 from tests.tiny_step1x import PRESET, make_tiny_step1x  # noqa: E402
 
@@ -96,12 +96,12 @@ DIT = jax.jit(Step1XEdit(PRESET.transformer, connector_cfg=PRESET.connector).app
 
 def vae_call(pipe, method, x):
     """jaxedit's VAE, through the pipeline's compiled programs (same placement, so no recompile)."""
-    from jaxedit import sharding as sh
+    from jaxedit.parallel import sharding as sh
 
-    mesh = pipe._mesh(len(x))
-    fn = pipe._encode if method == "encode" else pipe._decode
+    mesh = pipe.mesh_for(len(x))
+    fn = pipe.encode_images if method == "encode" else pipe.decode_latents
     with sh.activate(mesh):
-        return fn(pipe._params_on(mesh)["vae"], jax.device_put(x, sh.batch_sharding(mesh, x.ndim)))
+        return fn(pipe.params_on(mesh)["vae"], pipe.put_batch(mesh, x))
 
 
 def test_edit_matches_reference_loop(model):
@@ -149,8 +149,8 @@ def test_cli_detects_step1x_folder(model, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(Step1XEditPipeline, "load", load)
     argv = ["--model", str(folder), "--manifest", str(manifest), "--out", str(tmp_path / "out"), "--batch-size", "2",
             "--steps", str(STEPS), "--size-level", str(SIZE_LEVEL), "--qwen", "/elsewhere/qwen"]  # fmt: skip
-    assert infer_main(argv) == 0
-    assert calls == [(folder, {"dtype": jnp.bfloat16, "qwen": "/elsewhere/qwen", "size_level": SIZE_LEVEL})]
+    assert cli(["batch", *argv]) == 0
+    assert calls == [(folder, {"dtype": None, "qwen": "/elsewhere/qwen", "size_level": SIZE_LEVEL})]
     results = [json.loads(x) for x in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
     assert [(r["status"], r["width"], r["height"], r["guidance"]) for r in results] == [("ok", W, H, 6.0)] * 2
     assert Image.open(tmp_path / "out" / "e0.png").size == (W, H)
@@ -165,14 +165,14 @@ def test_cli_detects_step1x_folder(model, tmp_path, monkeypatch, capsys):
     edit = ["edit", "--model", str(broken), "--image", str(tmp_path / "0.png"), "--prompt", "x", "--out",
             str(tmp_path / "x.png")]  # fmt: skip
     with pytest.raises(SystemExit, match="no-such-qwen"):
-        infer_main(edit)
+        cli(edit)
     with pytest.raises(SystemExit, match="other-qwen"):
-        infer_main([*edit, "--qwen", str(tmp_path / "other-qwen")])
+        cli([*edit, "--qwen", str(tmp_path / "other-qwen")])
 
 
 def _release_tensors(rng) -> dict[str, np.ndarray]:
     """A tiny `step1x-edit-i1258.safetensors`: the real key set (manifest), dims scaled to the preset."""
-    from tests.test_convert import manifest
+    from checkpoints_convert.published import manifest_shapes
 
     dit, con = PRESET.transformer, PRESET.connector
     h, m = dit.hidden_size, dit.mlp_hidden_dim
@@ -183,7 +183,7 @@ def _release_tensors(rng) -> dict[str, np.ndarray]:
     con_dims = {4096: hc, 3584: con.in_channels, 16384: con.mlp_hidden_dim, 12288: 3 * hc, 8192: 2 * hc,
                 768: con.pooled_dim, 256: 256, 1: 1}  # fmt: skip
     out = {}
-    for k, shape in manifest("step1x-edit.json").items():
+    for k, shape in manifest_shapes("step1x-edit").items():
         block = k.split(".")[:2]
         if block[0] in ("double_blocks", "single_blocks"):
             depth = dit.depth if block[0] == "double_blocks" else dit.depth_single_blocks
@@ -195,11 +195,13 @@ def _release_tensors(rng) -> dict[str, np.ndarray]:
 
 
 def _vae_tensors(cfg, rng) -> dict[str, np.ndarray]:
-    from tests.test_convert import manifest
+    from checkpoints_convert.published import manifest_shapes
 
     full = 128
     dims = {full * mult: cfg.ch * mult for mult in (1, 2, 4)} | {32: 2 * cfg.z_channels, 16: cfg.z_channels, 3: 3, 1: 1}
-    return {k: rng.standard_normal([dims[d] for d in s]).astype(np.float32) for k, s in manifest("bfl-ae.json").items()}
+    return {
+        k: rng.standard_normal([dims[d] for d in s]).astype(np.float32) for k, s in manifest_shapes("bfl-ae").items()
+    }
 
 
 def test_release_converts_to_a_model_folder(tmp_path, tiny_qwen, capsys):
@@ -210,7 +212,8 @@ def test_release_converts_to_a_model_folder(tmp_path, tiny_qwen, capsys):
     from checkpoints_convert.pipeline import convert_pipeline
     from jaxedit import configs
     from jaxedit.checkpoint import load_params
-    from jaxedit.model_folder import read_description, read_qwen
+    from jaxedit.model_folder import read_description
+    from jaxedit.step1x.text import read_qwen
 
     vae_cfg = configs.AutoEncoderConfig(ch=16, ch_mult=(1, 2, 4, 4), num_res_blocks=2, norm_groups=8)  # BFL structure
     preset = dataclasses.replace(PRESET, vae=vae_cfg)
@@ -244,3 +247,36 @@ def test_release_converts_to_a_model_folder(tmp_path, tiny_qwen, capsys):
     assert desc.family == "step1x-edit" and desc.connector == PRESET.connector and desc.vae == vae_cfg
     path, qcfg = read_qwen(dst)
     assert path == qwen.resolve() and qcfg.hidden_size == PRESET.connector.in_channels
+
+
+def test_load_honours_the_folders_dtype_option(tmp_path):
+    """The folder's pipeline option "dtype" sets the DiT's dtype unless the caller names one (as for Kontext)."""
+    plain = make_tiny_step1x(tmp_path / "plain")
+    f32 = make_tiny_step1x(tmp_path / "f32", options={"dtype": "float32"})
+    load = lambda f, **kw: Step1XEditPipeline.load(f, text_encoder=False, compile_cache=False, **kw)  # noqa: E731
+    assert load(plain).model.dtype == jnp.bfloat16
+    assert load(f32).model.dtype == jnp.float32
+    assert load(f32, dtype=jnp.bfloat16).model.dtype == jnp.bfloat16
+    leaves = jax.tree.leaves(load(f32).params["transformer"])
+    assert {x.dtype for x in leaves} == {jnp.dtype(jnp.float32)}
+
+
+def test_sample_edits_of_a_step1x_run(model, tmp_path):
+    """Training's sample edits (`sample_every`) work for Step1X-Edit too: the grid follows the weights."""
+    import types
+
+    from jaxedit.train.monitor import SampleEdits
+
+    folder, pipe = model
+    items = []
+    for i, im in enumerate(images()):
+        im.save(tmp_path / f"{i}.png")
+        items.append(types.SimpleNamespace(source=tmp_path / f"{i}.png", target=tmp_path / f"{i}.png",
+                                           instruction=PROMPTS[i]))  # fmt: skip
+    sampler = SampleEdits(pipe, items, tmp_path / "run", steps=STEPS)
+    base = jax.tree.map(np.asarray, pipe.params["transformer"])
+    first = np.asarray(Image.open(sampler(1, base)))
+    assert first.shape == (2 * H, 3 * W, 3)
+    second = np.asarray(Image.open(sampler(2, jax.tree.map(lambda p: p * 1.5, base))))
+    assert np.abs(second[:, W : 2 * W].astype(int) - first[:, W : 2 * W]).max() > 10
+    pipe.set_transformer(base)

@@ -1,4 +1,4 @@
-"""Step1X-Edit's Qwen2.5-VL conditioning (jaxedit.step1x_text) with a tiny random Qwen2.5-VL.
+"""Step1X-Edit's Qwen2.5-VL conditioning (jaxedit.step1x.text) with a tiny random Qwen2.5-VL.
 
 The reference for the numbers is the transformers model run directly on the same token ids
 with the 3-D rope positions of the reference's transformers (4.49: text positions count up,
@@ -18,7 +18,7 @@ from PIL import Image
 
 torch = pytest.importorskip("torch")
 
-from jaxedit.step1x_text import (  # noqa: E402
+from jaxedit.step1x.text import (  # noqa: E402
     CLOSE_QUOTE,
     OPEN_QUOTE,
     PREFIX,
@@ -178,8 +178,8 @@ def test_cache_files(embedder, tmp_path, monkeypatch):
 
 def test_library_imports_no_torch():
     code = (
-        "import sys, jaxedit.text, jaxedit.step1x_text, jaxedit.pipeline, jaxedit.step1x_pipeline, "
-        "jaxedit.model_folder; from jaxedit.pipeline import Step1XEditPipeline; "
-        "from jaxedit.text import Step1XQwenEmbedder; assert 'torch' not in sys.modules, 'torch imported'"
+        "import sys, jaxedit.kontext.text, jaxedit.step1x.text, jaxedit.kontext.pipeline, jaxedit.step1x.pipeline, "
+        "jaxedit.model_folder, jaxedit.pipelines.auto, jaxedit.cli, jaxedit.train.loop; "
+        "from jaxedit.step1x.text import Step1XQwenEmbedder; assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, env={"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"})

@@ -154,6 +154,7 @@ def test_tiny_training_run(tmp_path, tiny_qwen):
     data = write_dataset(tmp_path / "data", n_square=8, n_wide=0, bad=False)
     ckpt = tmp_path / "ckpt"
     sets = [f"model={model}", f"data.path={data}", f"checkpoint_dir={ckpt}", "steps=4", "checkpoint_every=2"]
+    sets += ["sample_every=4", "sample_count=2"]
     cmd = [sys.executable, "-m", "train", "--config", str(ROOT / "configs" / "step1x_tiny.py")]
     flags = ["--xla_force_host_platform_device_count=2"] + [f"--{k}={str(v).lower()}" for k, v in FAST_COMPILE.items()]
     env = os.environ | {"XLA_FLAGS": " ".join(flags), "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
@@ -170,6 +171,7 @@ def test_tiny_training_run(tmp_path, tiny_qwen):
     assert sorted(int(d.name) for d in ckpt.iterdir() if d.name.isdigit()) == [2, 4]
     # each item's instruction and its ("", image) went through Qwen2.5-VL once
     assert len(list((ckpt / "qwen_cache").glob("*.npz"))) == 16
+    assert (ckpt / "samples" / "step_0000004.png").is_file()  # sample edits with the run's Qwen and weights
     after = load_params(model / "transformer")  # the EMA of the trained weights
     moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), before, after)
     assert min(jax.tree.leaves(moved["connector"])) > 0 and min(jax.tree.leaves(moved["double_blocks"])) > 0

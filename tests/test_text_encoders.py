@@ -24,9 +24,10 @@ from safetensors.numpy import load_file, save_file
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from checkpoints_convert import ConversionError, ShapeSource, load_clip, load_t5, plan_part  # noqa: E402
+from checkpoints_convert import ConversionError, ShapeSource, flux_text_encoder, load_clip, load_t5, plan_part  # noqa: E402
 from checkpoints_convert.__main__ import main as convert_cli  # noqa: E402
 from checkpoints_convert.mapping import flatten  # noqa: E402
+from checkpoints_convert.published import manifest_shapes  # noqa: E402
 from jaxedit import configs  # noqa: E402
 from jaxedit.checkpoint import load_params  # noqa: E402
 from jaxedit.configs import CLIPTextConfig, T5Config  # noqa: E402
@@ -34,9 +35,10 @@ from jaxedit.models import CLIPTextModel, T5Encoder  # noqa: E402
 from jaxedit.models import clip as clip_model  # noqa: E402
 from jaxedit.models import t5 as t5_model  # noqa: E402
 from jaxedit.models.t5 import relative_position_buckets  # noqa: E402
-from jaxedit.text import FluxTextEncoder  # noqa: E402
-from tests.helpers import randomize_, rel_err  # noqa: E402
-from tests.test_convert import manifest  # noqa: E402
+from references.models import clip_text as hf_clip  # noqa: E402
+from references.models import save_randomized as saved  # noqa: E402
+from references.models import t5_encoder as hf_t5  # noqa: E402
+from tests.helpers import rel_err  # noqa: E402
 
 B, L = 3, 37
 LENGTHS = (37, 20, 9)  # valid tokens per row; the rest is padding
@@ -57,7 +59,7 @@ CLIP_TINY = CLIPTextConfig(
 @pytest.mark.parametrize("variant", ["both-embeddings", "shared-only", "embed-tokens-only"])
 def test_t5_manifest_maps_every_tensor(variant):
     cfg = configs.get("flux-kontext-dev").t5
-    shapes = manifest("hf-t5-v1_1-xxl-encoder.json")
+    shapes = manifest_shapes("hf-t5-v1_1-xxl-encoder")
     embedding = 32128 * 4096
     if variant == "shared-only":
         del shapes["encoder.embed_tokens.weight"]
@@ -79,7 +81,7 @@ def test_t5_manifest_maps_every_tensor(variant):
 @pytest.mark.parametrize("prefix,position_ids", [("", False), ("text_model.", True)])
 def test_clip_manifest_maps_every_tensor(prefix, position_ids):
     cfg = configs.get("flux-kontext-dev").clip
-    shapes = {prefix + k: v for k, v in manifest("hf-clip-vit-large-patch14-text.json").items()}
+    shapes = {prefix + k: v for k, v in manifest_shapes("hf-clip-vit-large-patch14-text").items()}
     if position_ids:  # older transformers saved this buffer
         shapes[prefix + "embeddings.position_ids"] = (1, 77)
     the_plan = plan_part("clip", ShapeSource(shapes), cfg)
@@ -91,7 +93,7 @@ def test_clip_manifest_maps_every_tensor(prefix, position_ids):
 
 
 def test_unknown_tensor_is_named():
-    shapes = manifest("hf-t5-v1_1-xxl-encoder.json")
+    shapes = manifest_shapes("hf-t5-v1_1-xxl-encoder")
     shapes["decoder.final_layer_norm.weight"] = (4096,)
     cfg = configs.get("flux-kontext-dev").t5
     with pytest.raises(ConversionError, match="decoder.final_layer_norm.weight"):
@@ -110,48 +112,6 @@ def test_relative_position_buckets_match_transformers():
 
 # ---------------------------------------------------------------------------------------
 # Parity against transformers
-
-
-def hf_t5(cfg: T5Config):
-    c = transformers.T5Config(
-        vocab_size=cfg.vocab_size,
-        d_model=cfg.d_model,
-        d_kv=cfg.d_kv,
-        d_ff=cfg.d_ff,
-        num_layers=cfg.num_layers,
-        num_heads=cfg.num_heads,
-        relative_attention_num_buckets=cfg.relative_attention_num_buckets,
-        relative_attention_max_distance=cfg.relative_attention_max_distance,
-        layer_norm_epsilon=cfg.layer_norm_epsilon,
-        feed_forward_proj="gated-gelu",
-        dropout_rate=0.0,
-    )
-    return transformers.T5EncoderModel(c)
-
-
-def hf_clip(cfg: CLIPTextConfig):
-    c = transformers.CLIPTextConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        max_position_embeddings=cfg.max_position_embeddings,
-        layer_norm_eps=cfg.layer_norm_eps,
-        hidden_act="quick_gelu",
-        eos_token_id=cfg.eos_token_id,
-        bos_token_id=0,
-        pad_token_id=1,
-    )
-    return transformers.CLIPTextModel(c)
-
-
-def saved(model, path: Path, seed: int, bf16_weights: bool = False) -> Path:
-    randomize_(model, seed)
-    if bf16_weights:  # weights exactly representable in bfloat16 (as the published files are)
-        model.to(torch.bfloat16).to(torch.float32)
-    model.eval().save_pretrained(path)
-    return path
 
 
 def token_ids(vocab: int, eos: int, pad: int, seed: int = 3) -> tuple[np.ndarray, np.ndarray]:
@@ -296,7 +256,7 @@ def test_flux_text_encoder_matches_diffusers(tmp_path):
     saved(t5_ref, root / "text_encoder_2", seed=5)
     saved(clip_ref, root / "text_encoder", seed=6)
 
-    enc = FluxTextEncoder.from_pretrained(root, preset, dtype=jnp.float32)
+    enc = flux_text_encoder(root, preset, dtype=jnp.float32)
     txt, y = enc.encode(PROMPTS)
     assert txt.shape == (3, preset.t5.max_length, preset.t5.d_model) and y.shape == (3, preset.clip.hidden_size)
     assert preset.transformer.context_in_dim == txt.shape[-1] and preset.transformer.vec_in_dim == y.shape[-1]
@@ -327,7 +287,7 @@ def test_flux_text_encoder_matches_diffusers(tmp_path):
 
     # the library reads both tokenizer folders without importing torch
     code = (
-        "import sys; from jaxedit.text import load_tokenizer; "
+        "import sys; from jaxedit.kontext.text import load_tokenizer; "
         f"load_tokenizer({str(root / 'tokenizer')!r}); load_tokenizer({str(root / 'tokenizer_2')!r}); "
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )
@@ -345,7 +305,7 @@ def test_flux_text_encoder_matches_diffusers(tmp_path):
 def test_offline_tokenizers_are_reproducible(tmp_path):
     """Training the tokenizers three times on the same sentences gives identical files (the BPE
     trainer's word-final characters come in hash order; the ids are made canonical)."""
-    from jaxedit.data.shapes import vocabulary
+    from shapes import vocabulary
 
     for i in range(3):
         train_tokenizers(tmp_path / str(i), vocabulary(), whole_words=True)

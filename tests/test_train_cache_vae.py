@@ -12,9 +12,9 @@ import pytest
 
 from jaxedit import model_folder
 from jaxedit.checkpoint import load_params
-from jaxedit.train.data import DataConfig, EditBatches, index_manifest
-from jaxedit.train.loop import Encoder
-from jaxedit.train.precompute import Cache, precompute
+from jaxedit.train.data import Cache, DataConfig, EditBatches, index_manifest
+from jaxedit.train.encoders import Encoder
+from jaxedit.train.precompute import precompute
 from jaxedit.train.vae import VAETrainConfig, batch_at, load_images, train_vae
 from tests.test_train_data import write_dataset
 from tests.tiny_train import random_model_folder
@@ -52,6 +52,31 @@ def test_cached_batches_equal_the_inline_encoder(tiny, tmp_path):
     other = write_dataset(tmp_path / "other", n_square=3, n_wide=0, bad=False)
     with pytest.raises(ValueError, match="cache"):
         Cache(tmp_path / "cache", index_manifest(dataclasses.replace(cfg, path=str(other))))
+
+
+def test_a_cache_is_refused_once_its_vae_changed(tiny, tmp_path):
+    """The cache records what computed it (by content); a model folder whose VAE was retrained since, or
+    whose latent shift/scale moved, no longer matches it, and the error names the part."""
+    import shutil
+
+    from jaxedit.train.vae import write_vae
+
+    src, data = tiny
+    model = tmp_path / "model"
+    shutil.copytree(src, model)  # a copy is the same model: same contents
+    cfg = DataConfig(path=str(data), batch_size=2, pixel_budget=64 * 64, bucket_step=16, num_threads=1)
+    precompute(src, cfg, tmp_path / "cache", batch=8)
+    index = index_manifest(cfg)
+    cached = dataclasses.replace(cfg, cache=str(tmp_path / "cache"))
+    assert EditBatches(cached, index, 0, 1, model=model).cache is not None
+    vae = load_params(model / "vae")
+    scale = model_folder.read_description(model).vae.scale_factor
+    write_vae(model, jax.tree.map(lambda a: a * 1.01, vae), 0.0, scale)  # as train_vae ends
+    with pytest.raises(ValueError, match=r"with other vae than model folder"):
+        EditBatches(cached, index, 0, 1, model=model)
+    write_vae(model, vae, 0.5, scale)  # the same weights, another latent shift: still another VAE
+    with pytest.raises(ValueError, match=r"with other vae than model folder"):
+        EditBatches(cached, index, 0, 1, model=model)
 
 
 @pytest.mark.slow  # over a minute on the 2-core CI machine

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 from PIL import Image
 
+from jaxedit.kontext.pipeline import KontextPipeline
 from jaxedit.train.monitor import Monitor, SampleEdits, progress_line
 
 
@@ -38,7 +39,8 @@ def test_sample_edits_use_the_current_weights(tiny_kontext, tmp_path):
         Image.fromarray(rng.integers(0, 255, (32, 48, 3), np.uint8)).save(src)
         Image.fromarray(rng.integers(0, 255, (32, 48, 3), np.uint8)).save(tgt)
         items.append(types.SimpleNamespace(source=src, target=tgt, instruction=f"make it red {i}"))
-    sampler = SampleEdits(folder, items, tmp_path / "run", steps=2, guidance=2.5)
+    pipe = KontextPipeline.load(folder, compile_cache=False, auto_resize=False)
+    sampler = SampleEdits(pipe, items, tmp_path / "run", steps=2, guidance=2.5)
     base = jax.tree.map(np.asarray, sampler.pipe.params["transformer"])
     first = np.asarray(Image.open(sampler(10, base)))
     assert first.shape == (2 * 32, 3 * 48, 3)

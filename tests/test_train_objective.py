@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from jaxedit import configs, sampling
-from jaxedit import sharding as sh
 from jaxedit.models import Flux
+from jaxedit.parallel import sharding as sh
 from jaxedit.train.objective import ObjectiveConfig, draw, flow_matching_loss, loss_weight, sample_timesteps
 from jaxedit.train.optim import OptimConfig, learning_rate
 from jaxedit.train.step import Trainer

@@ -9,7 +9,6 @@ saved with `save_pretrained` and converted with `load_vae`. Inputs: batch 3, 48x
 from __future__ import annotations
 
 import functools
-import json
 
 import jax
 import jax.numpy as jnp
@@ -23,12 +22,13 @@ diffusers = pytest.importorskip("diffusers")
 from checkpoints_convert import ConversionError, ShapeSource, load_vae, plan_part, shapes_of  # noqa: E402
 from checkpoints_convert.__main__ import main as convert_cli  # noqa: E402
 from checkpoints_convert.mapping import flatten  # noqa: E402
+from checkpoints_convert.published import manifest_shapes, read_manifest  # noqa: E402
 from jaxedit import configs  # noqa: E402
 from jaxedit.checkpoint import load_params  # noqa: E402
 from jaxedit.configs import AutoEncoderConfig  # noqa: E402
-from jaxedit.models.autoencoder import AutoEncoder, _tiled, abstract_params, decode_tiled, encode_tiled  # noqa: E402
-from tests.helpers import randomize_, rel_err  # noqa: E402
-from tests.test_convert import MANIFESTS, manifest  # noqa: E402
+from jaxedit.models.autoencoder import AutoEncoder, abstract_params, decode_tiled, encode_tiled, tiled  # noqa: E402
+from references.models import autoencoder as reference_model  # noqa: E402
+from tests.helpers import rel_err  # noqa: E402
 
 SMALL = AutoEncoderConfig(ch=16, ch_mult=(1, 2, 4, 4), num_res_blocks=2, norm_groups=8)
 B, H, W = 3, 48, 80
@@ -39,42 +39,22 @@ SCALE, SHIFT = SMALL.scale_factor, SMALL.shift_factor
 # Full-size manifests (shapes only)
 
 
-@pytest.mark.parametrize("name", ["bfl-ae.json", "step1x-ae.json", "diffusers-flux-vae.json"])
+@pytest.mark.parametrize("name", ["bfl-ae", "step1x-ae", "diffusers-flux-vae"])
 def test_full_size_manifest_maps_every_tensor(name):
     cfg = configs.get("flux-kontext-dev").vae
-    shapes = manifest(name)
+    shapes = manifest_shapes(name)
     the_plan = plan_part("vae", ShapeSource(shapes, name), cfg)
     assert the_plan.fmt == ("diffusers" if name.startswith("diffusers") else "bfl")
     # every source tensor used, every target element written exactly once (checked by plan)
     targets = shapes_of(abstract_params(cfg))
     assert set(the_plan.by_target) == set(targets)
-    num_params = json.loads((MANIFESTS / name).read_text())["num_params"]
+    num_params = read_manifest(name)["num_params"]
     n_target = sum(int(np.prod(s)) for s in targets.values())
     assert n_target == sum(int(np.prod(s)) for s in shapes.values()) == num_params == 83_819_683
 
 
 # ---------------------------------------------------------------------------------------
 # Reference model and our jitted functions
-
-
-def reference_model(cfg: AutoEncoderConfig, seed: int = 0):
-    model = diffusers.AutoencoderKL(
-        in_channels=cfg.in_channels,
-        out_channels=cfg.out_ch,
-        latent_channels=cfg.z_channels,
-        down_block_types=("DownEncoderBlock2D",) * len(cfg.ch_mult),
-        up_block_types=("UpDecoderBlock2D",) * len(cfg.ch_mult),
-        block_out_channels=tuple(cfg.ch * m for m in cfg.ch_mult),
-        layers_per_block=cfg.num_res_blocks,
-        norm_num_groups=cfg.norm_groups,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        scaling_factor=cfg.scale_factor,
-        shift_factor=cfg.shift_factor,
-        mid_block_add_attention=True,
-    )
-    randomize_(model, seed)
-    return model.eval()
 
 
 @functools.cache
@@ -194,7 +174,7 @@ def random_bfl_state_dict(cfg: AutoEncoderConfig, seed: int = 2) -> dict[str, np
     dims |= {full.z_channels: cfg.z_channels, 3: 3, 1: 1}
     rng = np.random.default_rng(seed)
     tensors = {}
-    for k, shape in manifest("bfl-ae.json").items():
+    for k, shape in manifest_shapes("bfl-ae").items():
         shape = [dims[d] for d in shape]
         if len(shape) > 1:
             a = rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))
@@ -335,8 +315,19 @@ def test_tiling_bookkeeping_is_exact_for_a_local_function(up, down):
         return t.reshape(b, h // down, down, w // down, down, c).mean((2, 4))
 
     tile, overlap = 8 * down, 3 * down
-    tiled = jax.jit(lambda x: _tiled(local, x, tile, overlap, up, down))(x)
-    np.testing.assert_allclose(tiled, local(x), rtol=1e-6, atol=1e-6)
+    out_tiled = jax.jit(lambda x: tiled(local, x, tile, overlap, up, down))(x)
+    np.testing.assert_allclose(out_tiled, local(x), rtol=1e-6, atol=1e-6)
+
+
+def test_decode_tiled_follows_the_vae_downsampling():
+    """A VAE that downsamples by 4 (the shipped default model's) decodes tiles to 4x their latent size."""
+    cfg = configs.get("flux-kontext-shapes").vae
+    assert cfg.downsample == 4
+    m, params = AutoEncoder(cfg), abstract_params(cfg)
+    z = jax.ShapeDtypeStruct((1, 12, 20, cfg.z_channels), jnp.float32)
+    full = jax.eval_shape(lambda p, z: m.apply({"params": p}, z, method="decode"), params, z)
+    out = jax.eval_shape(functools.partial(decode_tiled, m, tile=8, overlap=4), params, z)  # 2 x 4 tiles
+    assert out.shape == full.shape == (1, 48, 80, 3)
 
 
 def test_one_tile_is_the_untiled_program(converted, data):

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from jaxedit import configs
-from jaxedit.step1x_text import PREFIX, QwenEmbedderConfig
+from jaxedit.step1x.text import PREFIX, QwenEmbedderConfig
 from jaxedit.tokenizers_offline import SENTENCES, train_qwen_tokenizer
 
 HIDDEN = configs.get("step1x-edit-tiny").connector.in_channels
@@ -17,7 +17,7 @@ def build_tiny_qwen(root: Path, seed: int = 0) -> tuple[Path, QwenEmbedderConfig
     """Write the folder (config.json, model.safetensors, tokenizer, preprocessor_config.json)."""
     import transformers
 
-    from tests.helpers import randomize_
+    from references.random import randomize_
 
     ids = train_qwen_tokenizer(root, [PREFIX, *SENTENCES])
     tok = transformers.AutoTokenizer.from_pretrained(root)

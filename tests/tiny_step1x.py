@@ -13,6 +13,7 @@ import numpy as np
 from jaxedit import configs
 from jaxedit.checkpoint import save_params
 from jaxedit.model_folder import write_description
+from jaxedit.step1x.text import qwen_entry
 
 PRESET = configs.get("step1x-edit-tiny")
 
@@ -49,5 +50,5 @@ def make_tiny_step1x(folder: Path, qwen_path=None, qwen_config=None, seed: int =
     folder.mkdir(parents=True)
     for part, params in random_params(PRESET, seed).items():
         save_params(folder / part, params)
-    write_description(folder, PRESET, options, qwen_path=qwen_path, qwen_config=qwen_config)
+    write_description(folder, PRESET, options, extra=qwen_entry(qwen_path, qwen_config))
     return folder

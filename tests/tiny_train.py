@@ -12,10 +12,11 @@ import jax
 import numpy as np
 
 from jaxedit import configs
-from jaxedit import sharding as sh
 from jaxedit.checkpoint import save_params
 from jaxedit.model_folder import write_description
 from jaxedit.models import AutoEncoder, CLIPTextModel, Flux, T5Encoder
+from jaxedit.models.flux import example_inputs
+from jaxedit.parallel import sharding as sh
 from jaxedit.tokenizers_offline import train_tokenizers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +29,7 @@ def random_model_folder(dst: Path, seed: int = 0) -> Path:
     cfg = preset.transformer
     z = np.zeros
     modules = {
-        "transformer": (Flux(cfg), (z((1, 4, 64)), z((1, 4, 3)), z((1, 2, 32)), z((1, 2, 3)), z(1), z((1, 24)), z(1))),
+        "transformer": (Flux(cfg), example_inputs(cfg, img_tokens=4, txt_tokens=2)),
         "vae": (AutoEncoder(preset.vae), (z((1, 16, 16, 3)),)),
         "t5": (T5Encoder(preset.t5), (z((1, 8), np.int32),)),
         "clip": (CLIPTextModel(preset.clip), (z((1, 8), np.int32),)),

@@ -1,1 +1,1 @@
-"""`python -m train --config configs/<name>.py`: thin entry point over `jaxedit.train.loop`."""
+"""`python -m train` / `python -m train.precompute` from a checkout: `jaxedit train` / `jaxedit precompute`."""

@@ -1,8 +1,7 @@
-"""`python -m train --config configs/<name>.py [--set key=value ...]` (see jaxedit.train.loop)."""
+"""`python -m train --config NAME_OR_FILE [--set key=value ...]` = `jaxedit train ...` (jaxedit.cli)."""
 
 import sys
 
-from jaxedit.train.loop import main
+from jaxedit.cli import main
 
-if __name__ == "__main__":
-    sys.exit(main())
+sys.exit(main(["train", *sys.argv[1:]]))

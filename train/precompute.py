@@ -1,8 +1,8 @@
-"""`python -m train.precompute --model FOLDER --data DATA --out CACHE` (see jaxedit.train.precompute)."""
+"""`python -m train.precompute --model FOLDER --data DATA --out CACHE` = `jaxedit precompute ...`."""
 
 import sys
 
-from jaxedit.train.precompute import main
+from jaxedit.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["precompute", *sys.argv[1:]]))

@@ -21,10 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxedit.attention import dot_product_attention
 from jaxedit.configs import AutoEncoderConfig
+from jaxedit.models.attention import dot_product_attention
 from jaxedit.models.layers import default_kernel_init, dense, ones, zeros
-from jaxedit.sharding import param_init
+from jaxedit.parallel.sharding import param_init
 
 Dtype = Any
 
@@ -235,7 +235,7 @@ class AutoEncoder(nn.Module):
     cfg: AutoEncoderConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: str = "auto"  # mid-block attention kernel (jaxedit.attention); long sequences use "chunked"
+    attention_impl: str = "auto"  # mid-block attention kernel (jaxedit.models.attention); long sequences use "chunked"
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl)
@@ -302,7 +302,7 @@ def _blend_weights(start: int, size: int, n: int, ramp: int) -> np.ndarray:
     return w
 
 
-def _tiled(fn, x_BHWC, tile: int, overlap: int, up: int, down: int):
+def tiled(fn, x_BHWC, tile: int, overlap: int, up: int, down: int):
     """Run `fn` on overlapping tiles of x one at a time (`lax.map`) and blend the outputs.
 
     fn maps [B, t, t', C] to a pytree of [B, t*up/down, t'*up/down, C'] arrays. Each output
@@ -334,7 +334,8 @@ def _tiled(fn, x_BHWC, tile: int, overlap: int, up: int, down: int):
 
 
 def decode_tiled(model: AutoEncoder, params, z_BHWC: jax.Array, *, tile: int = 64, overlap: int = 16) -> jax.Array:
-    """`model.decode` of latents [B, h, w, 16] in overlapping tiles of tile x tile latent cells -> [B, 8h, 8w, 3].
+    """`model.decode` of latents [B, h, w, 16] in overlapping tiles of tile x tile latent cells -> [B, f h, f w, 3]
+    (f = the VAE's downsampling factor, `cfg.downsample`: 8 for FLUX's).
 
     Peak memory is that of one tile (XLA CPU buffer assignment, full-width FLUX VAE, float32,
     1024x1024: 0.65 GiB of temporaries at tile 64 = 512 px, against 2.50 GiB untiled; the
@@ -349,7 +350,8 @@ def decode_tiled(model: AutoEncoder, params, z_BHWC: jax.Array, *, tile: int = 6
     """
     if not 0 <= overlap < tile:
         raise ValueError(f"decode_tiled: overlap {overlap} must be in [0, tile={tile})")
-    return _tiled(lambda t: model.apply({"params": params}, t, method="decode"), z_BHWC, tile, overlap, 8, 1)
+    up = model.cfg.downsample
+    return tiled(lambda t: model.apply({"params": params}, t, method="decode"), z_BHWC, tile, overlap, up, 1)
 
 
 def encode_tiled(
@@ -376,7 +378,7 @@ def encode_tiled(
     if h % f or w % f:
         raise ValueError(f"AutoEncoder.encode: image size {h}x{w} (HxW) is not a multiple of {f}")
     fn = lambda t: model.apply({"params": params}, t, method="moments")  # noqa: E731
-    mean, logvar = _tiled(fn, x_BHWC, tile, overlap, 1, f)
+    mean, logvar = tiled(fn, x_BHWC, tile, overlap, 1, f)
     return latent_from_moments(model.cfg, mean, logvar, key)
 
 

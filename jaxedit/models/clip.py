@@ -16,11 +16,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxedit.attention import dot_product_attention
 from jaxedit.configs import CLIPTextConfig
+from jaxedit.models.attention import dot_product_attention
 from jaxedit.models.flux import stacked
 from jaxedit.models.layers import dense
-from jaxedit.sharding import constrain, param_init
+from jaxedit.parallel.sharding import constrain, param_init
 
 Dtype = Any
 

@@ -22,11 +22,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxedit.attention import dot_product_attention
 from jaxedit.configs import ConnectorConfig
+from jaxedit.models.attention import dot_product_attention
 from jaxedit.models.flux import ACT, ACT_HEADS, ACT_MLP, stacked
 from jaxedit.models.layers import dense, layer_norm, ones, timestep_embedding, zeros
-from jaxedit.sharding import constrain, param_init
+from jaxedit.parallel.sharding import constrain, param_init
 
 Dtype = Any
 

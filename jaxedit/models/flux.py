@@ -18,8 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxedit.attention import dot_product_attention
 from jaxedit.configs import FluxConfig
+from jaxedit.models.attention import dot_product_attention
 from jaxedit.models.layers import (
     MLPEmbedder,
     Modulation,
@@ -31,7 +31,7 @@ from jaxedit.models.layers import (
     rope_frequencies,
     timestep_embedding,
 )
-from jaxedit.sharding import constrain
+from jaxedit.parallel.sharding import constrain
 
 ACT = ("act_batch", "act_length", "act_embed")
 ACT_HEADS = ("act_batch", "act_length", "act_heads", None)
@@ -279,21 +279,25 @@ class Flux(nn.Module):
         return self.final_layer(x[:, txt.shape[1] :], vec)
 
 
+def example_inputs(cfg: FluxConfig, batch: int = 1, img_tokens: int = 1, txt_tokens: int = 1) -> tuple:
+    """Zero inputs of `Flux(cfg)` (img, img_ids, txt, txt_ids, timesteps, y, guidance or None), e.g. for `init`."""
+    b = batch
+    return (
+        jnp.zeros((b, img_tokens, cfg.in_channels)),
+        jnp.zeros((b, img_tokens, 3)),
+        jnp.zeros((b, txt_tokens, cfg.context_in_dim)),
+        jnp.zeros((b, txt_tokens, 3)),
+        jnp.zeros((b,)),
+        jnp.zeros((b, cfg.vec_in_dim)),
+        jnp.zeros((b,)) if cfg.guidance_embed else None,
+    )
+
+
 def abstract_params(cfg: FluxConfig, param_dtype: Dtype = jnp.float32, *, boxed: bool = False):
     """The parameter tree of `Flux(cfg)` as ShapeDtypeStructs (nothing allocated).
 
     boxed=True keeps the logical-partitioning metadata (for sharding rules).
     """
     model = Flux(cfg, param_dtype=param_dtype)
-    b, l = 1, 1
-    args = (
-        jnp.zeros((b, l, cfg.in_channels)),
-        jnp.zeros((b, l, 3)),
-        jnp.zeros((b, l, cfg.context_in_dim)),
-        jnp.zeros((b, l, 3)),
-        jnp.zeros((b,)),
-        jnp.zeros((b, cfg.vec_in_dim)),
-        jnp.zeros((b,)) if cfg.guidance_embed else None,
-    )
-    tree = jax.eval_shape(lambda: model.init(jax.random.key(0), *args))["params"]
+    tree = jax.eval_shape(lambda: model.init(jax.random.key(0), *example_inputs(cfg)))["params"]
     return tree if boxed else nn.meta.unbox(tree)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxedit.sharding import param_init
+from jaxedit.parallel.sharding import param_init
 
 Dtype = Any
 

@@ -57,6 +57,20 @@ class Step1XEdit(Flux):
         return super().__call__(img, img_ids, txt, txt_ids, timesteps, y)
 
 
+def example_inputs(
+    cfg: FluxConfig, connector_cfg: ConnectorConfig, batch: int = 1, img_tokens: int = 1, llm_tokens: int = 2
+) -> tuple:
+    """Inputs of `Step1XEdit` (img, img_ids, llm_embeds, llm_mask, timesteps): zeros, every LLM token valid."""
+    b = batch
+    return (
+        jnp.zeros((b, img_tokens, cfg.in_channels)),
+        jnp.zeros((b, img_tokens, 3)),
+        jnp.zeros((b, llm_tokens, connector_cfg.in_channels)),
+        jnp.ones((b, llm_tokens), jnp.int32),
+        jnp.zeros((b,)),
+    )
+
+
 def abstract_params(
     cfg: FluxConfig, connector_cfg: ConnectorConfig, param_dtype: Dtype = jnp.float32, *, boxed: bool = False
 ):
@@ -65,13 +79,5 @@ def abstract_params(
     boxed=True keeps the logical-partitioning metadata (for sharding rules).
     """
     model = Step1XEdit(cfg, param_dtype=param_dtype, connector_cfg=connector_cfg)
-    b, li, lt = 1, 1, 2
-    args = (
-        jnp.zeros((b, li, cfg.in_channels)),
-        jnp.zeros((b, li, 3)),
-        jnp.zeros((b, lt, connector_cfg.in_channels)),
-        jnp.ones((b, lt), jnp.int32),
-        jnp.zeros((b,)),
-    )
-    tree = jax.eval_shape(lambda: model.init(jax.random.key(0), *args))["params"]
+    tree = jax.eval_shape(lambda: model.init(jax.random.key(0), *example_inputs(cfg, connector_cfg)))["params"]
     return tree if boxed else nn.meta.unbox(tree)

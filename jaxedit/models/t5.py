@@ -24,11 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxedit.attention import dot_product_attention
 from jaxedit.configs import T5Config
+from jaxedit.models.attention import dot_product_attention
 from jaxedit.models.flux import stacked
 from jaxedit.models.layers import dense
-from jaxedit.sharding import constrain, param_init
+from jaxedit.parallel.sharding import constrain, param_init
 
 Dtype = Any
 

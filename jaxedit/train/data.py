@@ -36,6 +36,9 @@ from PIL import Image
 
 log = logging.getLogger(__name__)
 
+CACHE_FILE = "cache.json"  # the description of a `python -m train.precompute` cache
+CACHED_PARTS = ("vae", "t5", "clip", "tokenizer", "tokenizer_2")  # what its arrays were computed with
+
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
@@ -138,18 +141,58 @@ def load_image(path: Path, size: tuple[int, int]) -> np.ndarray:
         return np.asarray(im, np.float32) / 127.5 - 1.0
 
 
+class Cache:
+    """Memory-mapped cache arrays, checked against the current index."""
+
+    def __init__(self, path: str | Path, index: Index, model: str | Path | None = None):
+        """model: the run's model folder; its encoders and tokenizers must be the ones the cache was computed
+        with (`model_folder.digest` of CACHED_PARTS), else ValueError naming the part that changed."""
+        self.path = Path(path)
+        meta_path = self.path / CACHE_FILE
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"data.cache {self.path}: no {CACHE_FILE} (run python -m train.precompute)")
+        meta = json.loads(meta_path.read_text())
+        ids = [it.id for it in index.items]
+        if meta["ids"] != ids or meta["buckets"] != [list(b) for b in index.buckets]:
+            raise ValueError(
+                f"data.cache {self.path} was computed for other items or buckets than data.path now indexes "
+                f"({len(meta['ids'])} cached vs {len(ids)} items): recompute it"
+            )
+        if model is not None:
+            from jaxedit import model_folder
+
+            now = model_folder.digest(model, CACHED_PARTS)
+            changed = [p for p in CACHED_PARTS if (meta.get("parts") or {}).get(p) != now[p]]
+            if changed:
+                raise ValueError(
+                    f"data.cache {self.path} was computed with other {', '.join(changed)} than model folder {model} "
+                    f"holds now (cached from {meta.get('model')}): recompute it with python -m train.precompute"
+                )
+        load = lambda name: np.load(self.path / name, mmap_mode="r")  # noqa: E731
+        self.txt, self.y, self.rows = load("txt.npy"), load("y.npy"), load("rows.npy")
+        self.empty = (np.asarray(load("empty_txt.npy")), np.asarray(load("empty_y.npy")))
+        self.latents = {}
+        for b, (w, h) in enumerate(index.buckets):
+            if (self.path / f"target_{w}x{h}.npy").is_file():
+                self.latents[b] = (load(f"reference_{w}x{h}.npy"), load(f"target_{w}x{h}.npy"))
+
+    def item(self, k: int, bucket: int) -> dict[str, np.ndarray]:
+        ref, tgt = self.latents[bucket]
+        r = int(self.rows[k])
+        return {"reference": ref[r], "target": tgt[r], "txt": self.txt[k], "y": self.y[k]}
+
+
 class EditBatches:
     """Global batch index -> this process's part of that batch (a dict of numpy arrays and lists)."""
 
-    def __init__(self, cfg: DataConfig, index: Index, process_index: int, process_count: int):
+    def __init__(
+        self, cfg: DataConfig, index: Index, process_index: int, process_count: int, model: str | Path | None = None
+    ):
+        """model: the run's model folder, checked against data.cache (see `Cache`)."""
         if cfg.batch_size % process_count:
             raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {process_count} processes")
         self.cfg, self.index = cfg, index
-        self.cache = None
-        if cfg.cache:
-            from jaxedit.train.precompute import Cache
-
-            self.cache = Cache(cfg.cache, index)
+        self.cache = Cache(cfg.cache, index, model) if cfg.cache else None
         self.local = cfg.batch_size // process_count
         self.lo = process_index * self.local
         self.by_bucket: dict[int, list[int]] = {}
@@ -208,9 +251,12 @@ class EditBatches:
         raise RuntimeError(f"every item of bucket {self.index.buckets[self.index.items[k].bucket]} fails to decode")
 
 
-def make_iterator(cfg: DataConfig, epochs: int = 10_000) -> tuple[grain.DatasetIterator, EditBatches]:
-    """A checkpointable grain iterator over this process's batch slices (`epochs` passes)."""
-    batches = EditBatches(cfg, index_manifest(cfg), jax.process_index(), jax.process_count())
+def make_iterator(
+    cfg: DataConfig, epochs: int = 10_000, model: str | Path | None = None
+) -> tuple[grain.DatasetIterator, EditBatches]:
+    """A checkpointable grain iterator over this process's batch slices (`epochs` passes); model: the run's
+    model folder (a data.cache must have been computed with its encoders)."""
+    batches = EditBatches(cfg, index_manifest(cfg), jax.process_index(), jax.process_count(), model)
     ds = grain.MapDataset.range(batches.per_epoch * epochs).map(batches)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=cfg.prefetch))
     return iter(it), batches

@@ -76,13 +76,10 @@ class SampleEdits:
     several processes are skipped (gathering a full-size model onto one host is not worth it).
     """
 
-    def __init__(
-        self, folder: Path, items: list, out_dir: Path, steps: int | None = None, guidance: float | None = None
-    ):
-        from jaxedit.pipeline import KontextPipeline
-
-        # the items' own sizes (floored to multiples of 16), as trained: no resizing to Kontext's preferred ones
-        self.pipe = KontextPipeline.load(folder, compile_cache=False, auto_resize=False)
+    def __init__(self, pipe, items: list, out_dir: Path, steps: int | None = None, guidance: float | None = None):
+        """pipe: the model folder's editing pipeline (`jaxedit.pipelines.auto.load_pipeline`), whose
+        transformer parameters are replaced by the run's at each call."""
+        self.pipe = pipe
         self.items, self.steps, self.guidance = items, steps, guidance
         self.dir = out_dir / "samples"
         self.dir.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """Flow-matching objective for Kontext-style editing on packed latents.
 
-Conventions (docs: /work/shared/reference/conventions.md, "Schedule and sampler"):
+Conventions (docs/conventions.md, "Schedule and sampler"):
   x_t = (1 - t) x0 + t noise on the TARGET tokens, regression target v = noise - x0
   (the sampler integrates x <- x + (t_prev - t_curr) v, so the signs must agree);
   reference tokens are concatenated after the target tokens with ids (ref_index, row, col)
@@ -26,7 +26,7 @@ Edit-region weighting (`changed_weight` != 1, for a reference the size of the ta
 tokens whose mean |target - reference| latent difference exceeds `changed_threshold` (the
 tokens the edit changes) weigh `changed_weight`, the others 1, and the token mean becomes
 sum(w e) / sum(w) per sample. When the target is a function of (reference, instruction), as in
-jaxedit.data.shapes, this leaves the optimum unchanged and spends more of the gradient on the
+shapes, this leaves the optimum unchanged and spends more of the gradient on the
 edit than on copying the reference, which a model learns first. (On the shapes task a weight
 of 4 lowered the default model's score: docs/default_model.md.)
 """

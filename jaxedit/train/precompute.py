@@ -14,6 +14,7 @@ the cache is keyed by the indexed items and checked against them). CACHE holds
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -21,14 +22,11 @@ import numpy as np
 
 from jaxedit import model_folder
 from jaxedit.checkpoint import load_params
-from jaxedit.train.data import DataConfig, Index, index_manifest, load_image
-
-CACHE_FILE = "cache.json"
+from jaxedit.train.data import CACHE_FILE, CACHED_PARTS, DataConfig, index_manifest, load_image
+from jaxedit.train.encoders import Encoder
 
 
 def precompute(model: str | Path, data: DataConfig, out: str | Path, batch: int = 64) -> Path:
-    from jaxedit.train.loop import Encoder
-
     folder, out = Path(model), Path(out)
     preset = model_folder.read_description(folder)
     model_folder.check_complete(folder, preset)
@@ -62,13 +60,14 @@ def precompute(model: str | Path, data: DataConfig, out: str | Path, batch: int 
             chunk = [index.items[k] for k in members[i : i + batch]]
             for name, attr in (("reference", "source"), ("target", "target")):
                 x = np.stack([load_image(getattr(it, attr), (w, h)) for it in chunk])
-                lat[name].append(np.asarray(encoder._encode(encoder.vae_params, x, None), np.float32))
+                lat[name].append(encoder.images(x))
         for name, arrays in lat.items():
             np.save(out / f"{name}_{w}x{h}.npy", np.concatenate(arrays))
         rows[members] = np.arange(len(members))
     np.save(out / "rows.npy", rows)
     meta = {
         "model": str(folder.absolute()),
+        "parts": model_folder.digest(folder, CACHED_PARTS),
         "manifest": str(Path(data.path).absolute()),
         "ids": [it.id for it in index.items],
         "buckets": [list(b) for b in index.buckets],
@@ -79,48 +78,23 @@ def precompute(model: str | Path, data: DataConfig, out: str | Path, batch: int 
     return out
 
 
-class Cache:
-    """Memory-mapped cache arrays, checked against the current index."""
-
-    def __init__(self, path: str | Path, index: Index):
-        self.path = Path(path)
-        meta_path = self.path / CACHE_FILE
-        if not meta_path.is_file():
-            raise FileNotFoundError(f"data.cache {self.path}: no {CACHE_FILE} (run python -m train.precompute)")
-        meta = json.loads(meta_path.read_text())
-        ids = [it.id for it in index.items]
-        if meta["ids"] != ids or meta["buckets"] != [list(b) for b in index.buckets]:
-            raise ValueError(
-                f"data.cache {self.path} was computed for other items or buckets than data.path now indexes "
-                f"({len(meta['ids'])} cached vs {len(ids)} items): recompute it"
-            )
-        load = lambda name: np.load(self.path / name, mmap_mode="r")  # noqa: E731
-        self.txt, self.y, self.rows = load("txt.npy"), load("y.npy"), load("rows.npy")
-        self.empty = (np.asarray(load("empty_txt.npy")), np.asarray(load("empty_y.npy")))
-        self.latents = {}
-        for b, (w, h) in enumerate(index.buckets):
-            if (self.path / f"target_{w}x{h}.npy").is_file():
-                self.latents[b] = (load(f"reference_{w}x{h}.npy"), load(f"target_{w}x{h}.npy"))
-
-    def item(self, k: int, bucket: int) -> dict[str, np.ndarray]:
-        ref, tgt = self.latents[bucket]
-        r = int(self.rows[k])
-        return {"reference": ref[r], "target": tgt[r], "txt": self.txt[k], "y": self.y[k]}
-
-
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m train.precompute") -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m train.precompute", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="jaxedit model folder (text encoders + VAE)")
     p.add_argument("--data", required=True, help="dataset folder with manifest.jsonl (or the manifest)")
     p.add_argument("--out", required=True, help="cache folder to write")
-    p.add_argument("--pixel-budget", type=int, default=DataConfig.pixel_budget)
-    p.add_argument("--bucket-step", type=int, default=DataConfig.bucket_step)
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--pixel-budget", type=int, default=DataConfig.pixel_budget, help="max bucket area in pixels")
+    p.add_argument("--bucket-step", type=int, default=DataConfig.bucket_step, help="bucket widths: multiples of this")
+    p.add_argument("--batch", type=int, default=64, help="items encoded at once")
     args = p.parse_args(argv)
     data = DataConfig(path=args.data, pixel_budget=args.pixel_budget, bucket_step=args.bucket_step)
-    out = precompute(args.model, data, args.out, args.batch)
+    try:
+        out = precompute(args.model, data, args.out, args.batch)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     meta = json.loads((out / CACHE_FILE).read_text())
     print(f"cached {len(meta['ids'])} items in {out} ({meta['seconds']:.0f} s)", flush=True)
     return 0

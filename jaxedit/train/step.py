@@ -2,7 +2,7 @@
 
 State (a plain dict, what Orbax stores): {"step": int32 [], "params": float32 master weights,
 "opt_state": optax state, "ema": EMA params (only with ema_decay)}. Parameters, optimizer
-moments and EMA are sharded by the logical rules of `jaxedit.sharding` (the same layout
+moments and EMA are sharded by the logical rules of `jaxedit.parallel.sharding` (the same layout
 as the parameters); the batch is sharded on `act_batch` along its micro-batch axis.
 
 With a `LoraConfig` only LoRA adapters train (`jaxedit.train.lora`): the state holds
@@ -29,11 +29,11 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxedit import sharding as sh
 from jaxedit.configs import ConnectorConfig, FluxConfig
-from jaxedit.distributed import put_global
 from jaxedit.models import step1x
 from jaxedit.models.flux import Flux, abstract_params
+from jaxedit.parallel import sharding as sh
+from jaxedit.parallel.distributed import put_global
 from jaxedit.train.lora import LoraConfig, init_lora, merge
 from jaxedit.train.objective import ObjectiveConfig, flow_matching_loss
 from jaxedit.train.optim import OptimConfig, learning_rate, make_optimizer

@@ -28,9 +28,9 @@ import optax
 import orbax.checkpoint as ocp
 
 from jaxedit import model_folder
-from jaxedit import sharding as sh
-from jaxedit.checkpoint import load_params, save_params
+from jaxedit.checkpoint import load_params
 from jaxedit.models.autoencoder import AutoEncoder
+from jaxedit.parallel import sharding as sh
 from jaxedit.train.data import DataConfig, index_manifest, load_image
 
 
@@ -180,9 +180,9 @@ def latent_statistics(model: AutoEncoder, params, images: np.ndarray, batch: int
 
 
 def write_vae(folder: Path, params, shift: float, scale: float) -> None:
-    """Replace the folder's vae/ checkpoint and its scale/shift factors in jaxedit.json."""
-    save_params(folder / "vae", params, force=True)
-    desc_path = folder / "jaxedit.json"
-    desc = json.loads(desc_path.read_text())
+    """Replace the folder's vae/ checkpoint and its scale/shift factors in jaxedit.json (each written beside,
+    then renamed into place)."""
+    model_folder.write_part(folder, "vae", params)
+    desc = model_folder.read_json(folder)
     desc["config"]["vae"] |= {"shift_factor": shift, "scale_factor": scale}
-    desc_path.write_text(json.dumps(desc, indent=1) + "\n")
+    model_folder.write_json(folder / "jaxedit.json", desc)

@@ -21,7 +21,6 @@ it only helps a model trained with prompt dropout (`ObjectiveConfig.prompt_dropo
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 from typing import Any
 
@@ -31,27 +30,19 @@ import numpy as np
 from PIL import Image
 
 from jaxedit import configs, sampling
-from jaxedit import sharding as sh
 from jaxedit.models import Flux
-from jaxedit.models.autoencoder import AutoEncoder
+from jaxedit.parallel import sharding as sh
+from jaxedit.pipelines.base import (
+    EditPipelineBase,
+    check_side,
+    check_steps,
+    enable_compilation_cache,
+    read_folder,
+    to_model_input,
+)
 
-MAX_SIDE = 4096
+FAMILIES = ("flux-kontext", "flux")
 DEFAULT_STEPS, DEFAULT_GUIDANCE = 28, 2.5  # BFL's Kontext guidance; 28 steps as diffusers
-
-
-def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path | None:
-    """Turn on JAX's persistent compilation cache (default ~/.cache/jaxedit/xla, or
-    $JAXEDIT_CACHE_DIR); JAXEDIT_CACHE_DIR=off disables it. A second run of the same
-    shapes then skips XLA compilation."""
-    path = path or os.environ.get("JAXEDIT_CACHE_DIR") or Path.home() / ".cache" / "jaxedit" / "xla"
-    if str(path).lower() == "off":
-        return None
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    return path
 
 
 @dataclasses.dataclass
@@ -68,11 +59,6 @@ class Prepared:
         return (self.width, self.height, ref)
 
 
-def to_model_input(image: Image.Image) -> np.ndarray:
-    """PIL RGB -> [H, W, 3] float32 in [-1, 1] (as diffusers' VaeImageProcessor)."""
-    return np.asarray(image.convert("RGB"), np.float32) / 255.0 * 2.0 - 1.0
-
-
 def to_pil(images_BHWC: np.ndarray) -> list[Image.Image]:
     """[-1, 1] float images -> PIL, rounding as diffusers' postprocess does."""
     x = np.clip(np.asarray(images_BHWC, np.float32) / 2 + 0.5, 0, 1)
@@ -85,12 +71,7 @@ def _true_cfg_scale(scale) -> float:
     return float(scale)
 
 
-def _check_side(name: str, v: int) -> None:
-    if not 16 <= v <= MAX_SIDE:
-        raise ValueError(f"{name} {v} px is outside [16, {MAX_SIDE}] (after flooring to a multiple of 16)")
-
-
-class KontextPipeline:
+class KontextPipeline(EditPipelineBase):
     """Editing (Kontext) or text-to-image (no image) with a FLUX-family model folder."""
 
     def __init__(
@@ -104,32 +85,24 @@ class KontextPipeline:
         auto_resize: bool = True,
         devices: list | None = None,
     ):
-        self.preset, self.params, self.text_encoder = preset, params, text_encoder
-        self.auto_resize = auto_resize
+        super().__init__(preset, params, vae_dtype=vae_dtype, devices=devices)
+        self.text_encoder, self.auto_resize = text_encoder, auto_resize
         self.default_steps, self.default_guidance = DEFAULT_STEPS, DEFAULT_GUIDANCE
         self.true_cfg_scale, self.negative_prompt = 1.0, ""  # true CFG off
-        self.devices = list(devices or jax.local_devices())
-        self.flux = Flux(preset.transformer, dtype=dtype, param_dtype=dtype)
-        self.vae = AutoEncoder(preset.vae, dtype=vae_dtype, param_dtype=vae_dtype)
-        self._meshes: dict[int, jax.sharding.Mesh] = {}
-        self._placed: dict[int, dict] = {}
-        self._denoise = jax.jit(self._denoise_impl)
-        self._encode = jax.jit(lambda p, x: self.vae.apply({"params": p}, x, method="encode"))
-        self._decode = jax.jit(lambda p, z: self.vae.apply({"params": p}, z, method="decode"))
+        self.model = Flux(preset.transformer, dtype=dtype, param_dtype=dtype)
+        self.denoise = jax.jit(self.denoise_loop)
 
     @classmethod
     def load(cls, folder: str | Path, *, dtype: Any = None, compile_cache: bool = True, **kw) -> KontextPipeline:
         """Load a jaxedit model folder (see `jaxedit.model_folder`). dtype (transformer and text
         encoders): default the folder's pipeline option "dtype", else bfloat16."""
-        from jaxedit.model_folder import TOKENIZERS, load_parts, read_description, read_options
-        from jaxedit.text import FluxTextEncoder, load_tokenizer
+        from jaxedit.kontext.text import FluxTextEncoder, load_tokenizer
+        from jaxedit.model_folder import TOKENIZERS, load_parts
 
+        folder = Path(folder)
+        preset, options, dtype = read_folder(folder, FAMILIES, dtype)
         if compile_cache:
             enable_compilation_cache()
-        folder = Path(folder)
-        preset = read_description(folder)
-        options = read_options(folder)
-        dtype = jnp.dtype(dtype or options.get("dtype", "bfloat16"))
         params = load_parts(folder, preset, dtypes={"transformer": dtype, "t5": dtype, "clip": dtype})
         text = FluxTextEncoder(
             preset.t5,
@@ -154,7 +127,7 @@ class KontextPipeline:
         self.true_cfg_scale, self.negative_prompt = _true_cfg_scale(scale), negative_prompt
 
     # ----------------------------------------------------------------------------------
-    # the EditPipeline protocol of jaxedit.batch
+    # the EditPipeline protocol of jaxedit.pipelines.batch
 
     def prepare(self, image: Image.Image | None, width: int | None = None, height: int | None = None) -> Prepared:
         """Resize the reference image and fix the target size. Raises ValueError on bad sizes."""
@@ -164,15 +137,15 @@ class KontextPipeline:
             if w0 < 16 or h0 < 16:
                 raise ValueError(f"image {image.size[0]}x{image.size[1]} is smaller than 16x16")
             rw, rh = sampling.preferred_kontext_size(w0, h0) if self.auto_resize else (w0, h0)
-            _check_side("reference width", rw)
-            _check_side("reference height", rh)
+            check_side("reference width", rw)
+            check_side("reference height", rh)
             if image.size != (rw, rh):
                 image = image.resize((rw, rh), resample=Image.Resampling.LANCZOS)
             ref = to_model_input(image)
             width, height = width or rw, height or rh
         width, height = sampling.floor_size(width or 1024, height or 1024)
-        _check_side("width", width)
-        _check_side("height", height)
+        check_side("width", width)
+        check_side("height", height)
         return Prepared(ref, width, height)
 
     def edit(self, prepared, prompts, seeds, guidance, steps) -> list[Image.Image]:
@@ -198,12 +171,12 @@ class KontextPipeline:
         """Edit `images` (None: text-to-image) with `prompts`; one seed per item. steps,
         guidance, true_cfg_scale and negative_prompt default to the pipeline's defaults (the
         model folder's options)."""
-        steps = steps or self.default_steps
+        steps = check_steps(steps, self.default_steps)
         guidance = self.default_guidance if guidance is None else guidance
         images = images if images is not None else [None] * len(prompts)
         prepared = [self.prepare(im, width, height) for im in images]
         if len({p.bucket for p in prepared}) != 1:
-            raise ValueError("items of one call must share their sizes; use jaxedit.batch for mixed sizes")
+            raise ValueError("items of one call must share their sizes; use jaxedit.pipelines.batch for mixed sizes")
         g = [guidance] * len(prompts) if np.isscalar(guidance) else list(guidance)
         return self.generate(prepared, prompts, seeds, guidance=g, steps=steps, latents=latents, output=output,
                              true_cfg_scale=true_cfg_scale, negative_prompt=negative_prompt)  # fmt: skip
@@ -221,10 +194,11 @@ class KontextPipeline:
         negative = [negative] * b if isinstance(negative, str) else list(negative)
         if len(negative) != b:
             raise ValueError(f"{b} prompts but {len(negative)} negative prompts")
+        steps = check_steps(steps, self.default_steps)
         first = prepared[0]
-        mesh = self._mesh(b)
-        batch = lambda a: jax.device_put(a, sh.batch_sharding(mesh, np.ndim(a)))  # noqa: E731
-        params = self._params_on(mesh)
+        mesh = self.mesh_for(b)
+        batch = lambda a: self.put_batch(mesh, a)  # noqa: E731
+        params = self.params_on(mesh)
         f = self.preset.vae.downsample
         h, w = first.height // f, first.width // f  # latent size
         txt, y = self.text_encoder.encode(list(prompts))
@@ -236,7 +210,7 @@ class KontextPipeline:
         ref_tokens = None
         with sh.activate(mesh):
             if first.reference is not None:
-                ref_lat = self._encode(params["vae"], batch(np.stack([p.reference for p in prepared])))
+                ref_lat = self.encode_images(params["vae"], batch(np.stack([p.reference for p in prepared])))
                 ref_tokens = sampling.pack(ref_lat)
                 rh, rw = ref_lat.shape[1:3]
                 ids.append(sampling.image_ids(rh // 2, rw // 2, 1.0))
@@ -244,7 +218,7 @@ class KontextPipeline:
                 noise = sampling.noise_for_seeds(jnp.asarray(seeds), (h, w, self.preset.vae.z_channels))
                 latents = sampling.pack(noise)
             img_ids = np.broadcast_to(np.concatenate(ids), (b, sum(len(i) for i in ids), 3))
-            x = self._denoise(
+            x = self.denoise(
                 params["transformer"],
                 batch(np.asarray(latents, np.float32)),
                 ref_tokens,
@@ -258,54 +232,25 @@ class KontextPipeline:
             )
             if output == "latents":
                 return np.asarray(x)
-            images = self._decode(params["vae"], sampling.unpack(x, h, w))
+            images = self.decode_latents(params["vae"], sampling.unpack(x, h, w))
         return to_pil(np.asarray(images))
 
-    def _denoise_impl(self, tparams, x, ref_tokens, img_ids, txt, txt_ids, y, guidance, timesteps, cfg=None):
+    def denoise_loop(self, tparams, x, ref_tokens, img_ids, txt, txt_ids, y, guidance, timesteps, cfg=None):
         """The whole Euler loop (one XLA program): packed target tokens -> final packed tokens.
         cfg: None, or (negative txt, negative y, true-CFG scale): a second transformer call per
         step on the negative prompt (same batch sharding as the first)."""
         n_target = x.shape[1]
-        dtype = self.flux.dtype
+        dtype = self.model.dtype
 
         def velocity(x_t, t):
             inp = x_t if ref_tokens is None else jnp.concatenate([x_t, ref_tokens.astype(x_t.dtype)], axis=1)
             inp = inp.astype(dtype)
-            pos = self.flux.apply({"params": tparams}, inp, img_ids, txt, txt_ids, t, y, guidance)[:, :n_target]
+            pos = self.model.apply({"params": tparams}, inp, img_ids, txt, txt_ids, t, y, guidance)[:, :n_target]
             if cfg is None:
                 return pos
             neg_txt, neg_y, scale = cfg
-            neg = self.flux.apply({"params": tparams}, inp, img_ids, neg_txt, txt_ids, t, neg_y, guidance)
+            neg = self.model.apply({"params": tparams}, inp, img_ids, neg_txt, txt_ids, t, neg_y, guidance)
             neg = neg[:, :n_target].astype(jnp.float32)
             return neg + scale * (pos.astype(jnp.float32) - neg)
 
         return sampling.euler_sample(velocity, x, timesteps)
-
-    def set_transformer(self, params) -> None:
-        """Use other transformer parameters (e.g. the current ones of a training run)."""
-        dtype = self.flux.param_dtype
-        self.params = self.params | {"transformer": jax.tree.map(lambda p: jnp.asarray(p, dtype), params)}
-        self._placed = {}
-
-    def _mesh(self, batch: int) -> jax.sharding.Mesh:
-        """Data-parallel mesh over the largest number of local devices dividing the batch."""
-        n = max(d for d in range(1, len(self.devices) + 1) if batch % d == 0)
-        if n not in self._meshes:
-            self._meshes[n] = sh.make_mesh(configs.MeshConfig(data=n, fsdp=1), self.devices[:n])
-        return self._meshes[n]
-
-    def _params_on(self, mesh) -> dict:
-        """Parameters replicated on the mesh's devices (cached per device count)."""
-        n = mesh.devices.size
-        if n not in self._placed:
-            rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-            self._placed = {n: jax.device_put(self.params, rep)}  # keep one placement at a time
-        return self._placed[n]
-
-
-def __getattr__(name: str):
-    if name == "Step1XEditPipeline":  # defined in jaxedit.step1x_pipeline, which imports this module
-        from jaxedit.step1x_pipeline import Step1XEditPipeline
-
-        return Step1XEditPipeline
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,10 +6,10 @@
 Steps: the reference image is resized to about size_level^2 pixels (aspect kept, sides
 floored to 16; PIL bicubic), scaled to [-1, 1] and VAE-encoded (float32, the latent mean;
 the reference samples the posterior); Qwen2.5-VL embeds (instruction, image) and ("", image)
-(`jaxedit.step1x_text`); the target starts from per-item seeded noise of the same size, its
+(`jaxedit.step1x.text`); the target starts from per-item seeded noise of the same size, its
 ids equal the reference's (index 0); one jitted program runs the whole Euler loop with
 classifier-free guidance on the batch [prompts | negative prompts], w = 6.0 by default,
-reference tokens held fixed (`jaxedit.step1x_sampling.denoise_cfg`); decode, clip, truncate
+reference tokens held fixed (`jaxedit.step1x.sampling.denoise_cfg`); decode, clip, truncate
 to uint8 as torchvision's to_pil_image, and resize back to the input's size (bicubic).
 
 The Qwen model runs in PyTorch; without it (`load(..., text_encoder=False)`) pass the
@@ -30,11 +30,17 @@ import numpy as np
 from PIL import Image
 
 from jaxedit import configs, sampling
-from jaxedit import sharding as sh
-from jaxedit.models.autoencoder import AutoEncoder
 from jaxedit.models.step1x import Step1XEdit
-from jaxedit.pipeline import KontextPipeline, _check_side, enable_compilation_cache, to_model_input
-from jaxedit.step1x_sampling import denoise_cfg, edit_ids, model_fn, step1x_size
+from jaxedit.parallel import sharding as sh
+from jaxedit.pipelines.base import (
+    EditPipelineBase,
+    check_side,
+    check_steps,
+    enable_compilation_cache,
+    read_folder,
+    to_model_input,
+)
+from jaxedit.step1x.sampling import denoise_cfg, edit_ids, model_fn, step1x_size
 
 DEFAULT_STEPS, DEFAULT_GUIDANCE, DEFAULT_SIZE_LEVEL = 28, 6.0, 512  # S1X inference.py defaults
 FAMILY = "step1x-edit"
@@ -61,10 +67,10 @@ def to_pil_truncated(images_BHWC: np.ndarray) -> list[Image.Image]:
     return [Image.fromarray(a) for a in (x * 255).astype(np.uint8)]
 
 
-class Step1XEditPipeline:
+class Step1XEditPipeline(EditPipelineBase):
     """Step1X-Edit editing with a jaxedit model folder of family "step1x-edit".
 
-    text_encoder: a `jaxedit.step1x_text.Step1XQwenEmbedder` (or None: pass `llm=`).
+    text_encoder: a `jaxedit.step1x.text.Step1XQwenEmbedder` (or None: pass `llm=`).
     size_level: working area size_level^2 (None: the input size floored to 16).
     cache_dir: where the embedder caches each item's Qwen output (None: no cache).
     """
@@ -83,45 +89,37 @@ class Step1XEditPipeline:
     ):
         if preset.connector is None:
             raise ValueError(f"preset {preset.name} has no connector: not a Step1X-Edit model")
-        self.preset, self.params, self.text_encoder = preset, params, text_encoder
-        self.size_level, self.cache_dir = size_level, cache_dir
+        super().__init__(preset, params, vae_dtype=vae_dtype, devices=devices)
+        self.text_encoder, self.size_level, self.cache_dir = text_encoder, size_level, cache_dir
         self.default_steps, self.default_guidance = DEFAULT_STEPS, DEFAULT_GUIDANCE
-        self.devices = list(devices or jax.local_devices())
         self.model = Step1XEdit(preset.transformer, connector_cfg=preset.connector, dtype=dtype, param_dtype=dtype)
-        self.vae = AutoEncoder(preset.vae, dtype=vae_dtype, param_dtype=vae_dtype)
-        self._meshes: dict[int, jax.sharding.Mesh] = {}
-        self._placed: dict[int, dict] = {}
-        self._denoise = jax.jit(self._denoise_impl)
-        self._encode = jax.jit(lambda p, x: self.vae.apply({"params": p}, x, method="encode"))
-        self._decode = jax.jit(lambda p, z: self.vae.apply({"params": p}, z, method="decode"))
-
-    # device placement and meshes exactly as the Kontext pipeline
-    _mesh = KontextPipeline._mesh
-    _params_on = KontextPipeline._params_on
+        self.denoise = jax.jit(self.denoise_loop)
 
     @classmethod
     def load(
         cls,
         folder: str | Path,
         *,
-        dtype: Any = jnp.bfloat16,
+        dtype: Any = None,
         compile_cache: bool = True,
         qwen: str | Path | None = None,
-        text_encoder: bool = True,
+        text_encoder: Any = True,
         qwen_dtype: str = "bfloat16",
         **kw,
     ) -> Step1XEditPipeline:
-        """Load a model folder; `qwen` overrides the Qwen2.5-VL folder recorded in it.
-        text_encoder=False skips Qwen (then every call needs `llm=`)."""
-        from jaxedit.model_folder import load_parts, read_description, read_options, read_qwen
+        """Load a model folder; `qwen` overrides the Qwen2.5-VL folder recorded in it. dtype (DiT and
+        connector): default the folder's pipeline option "dtype", else bfloat16. text_encoder: True loads
+        the Qwen2.5-VL embedder, False skips it (then every call needs `llm=`), or an embedder to use."""
+        from jaxedit.model_folder import load_parts
+        from jaxedit.step1x.text import read_qwen
 
         folder = Path(folder)
-        preset = read_description(folder)
-        if preset.family != FAMILY or preset.connector is None:
-            raise ValueError(f"{folder} holds a {preset.family!r} model, not {FAMILY!r}")
-        embedder = None
-        if text_encoder:
-            from jaxedit.step1x_text import Step1XQwenEmbedder
+        preset, options, dtype = read_folder(folder, (FAMILY,), dtype)
+        if preset.connector is None:
+            raise ValueError(f"{folder}: a {FAMILY!r} model folder without a connector config")
+        embedder = None if text_encoder is False else text_encoder
+        if text_encoder is True:
+            from jaxedit.step1x.text import Step1XQwenEmbedder
 
             recorded, qcfg = read_qwen(folder)
             path = Path(qwen) if qwen else recorded
@@ -135,7 +133,6 @@ class Step1XEditPipeline:
         if compile_cache:
             enable_compilation_cache()
         params = load_parts(folder, preset, dtypes={"transformer": dtype})
-        options = read_options(folder)
         kw.setdefault("size_level", options.get("size_level", DEFAULT_SIZE_LEVEL))
         pipe = cls(preset, params, embedder, dtype=dtype, **kw)
         pipe.default_steps = int(options.get("steps", DEFAULT_STEPS))
@@ -143,7 +140,7 @@ class Step1XEditPipeline:
         return pipe
 
     # ----------------------------------------------------------------------------------
-    # the EditPipeline protocol of jaxedit.batch
+    # the EditPipeline protocol of jaxedit.pipelines.batch
 
     def prepare(self, image: Image.Image | None, width: int | None = None, height: int | None = None):
         """Resize the reference image to the working size. Explicit width/height (floored to 16)
@@ -160,8 +157,8 @@ class Step1XEditPipeline:
         else:
             w, h = sampling.floor_size(*image.size)
             out_size = image.size
-        _check_side("width", w)
-        _check_side("height", h)
+        check_side("width", w)
+        check_side("height", h)
         if image.size != (w, h):
             image = image.resize((w, h), resample=Image.Resampling.BICUBIC)
         return Step1XPrepared(to_model_input(image), image, w, h, None if out_size == (w, h) else out_size)
@@ -188,11 +185,11 @@ class Step1XEditPipeline:
     ):
         """Edit `images` with `prompts` (one seed per item); steps and guidance default to the
         model folder's pipeline defaults (28, 6.0)."""
-        steps = steps or self.default_steps
+        steps = check_steps(steps, self.default_steps)
         guidance = self.default_guidance if guidance is None else guidance
         prepared = [self.prepare(im, width, height) for im in images]
         if len({p.bucket for p in prepared}) != 1:
-            raise ValueError("items of one call must share their sizes; use jaxedit.batch for mixed sizes")
+            raise ValueError("items of one call must share their sizes; use jaxedit.pipelines.batch for mixed sizes")
         g = [guidance] * len(prompts) if np.isscalar(guidance) else list(guidance)
         return self.generate(
             prepared, prompts, seeds, guidance=g, steps=steps, negative_prompt=negative_prompt, latents=latents,
@@ -222,19 +219,22 @@ class Step1XEditPipeline:
             raise ValueError(
                 f"llm embeddings {emb.shape} / mask {mask.shape}: expected [{2 * b}, L, {c}] / [{2 * b}, L]"
             )
+        steps = check_steps(steps, self.default_steps)
         first = prepared[0]
-        mesh = self._mesh(b)
-        batch = lambda a: jax.device_put(a, sh.batch_sharding(mesh, np.ndim(a)))  # noqa: E731
-        params = self._params_on(mesh)
+        mesh = self.mesh_for(b)
+        batch = lambda a: self.put_batch(mesh, a)  # noqa: E731
+        params = self.params_on(mesh)
         f = self.preset.vae.downsample
         h, w = first.height // f, first.width // f  # latent size
         emb, mask = np.asarray(emb, np.float32), np.asarray(mask, np.int32)
         with sh.activate(mesh):
-            ref_tokens = sampling.pack(self._encode(params["vae"], batch(np.stack([p.reference for p in prepared]))))
+            ref_tokens = sampling.pack(
+                self.encode_images(params["vae"], batch(np.stack([p.reference for p in prepared])))
+            )
             if latents is None:
                 noise = sampling.noise_for_seeds(jnp.asarray(seeds), (h, w, self.preset.vae.z_channels))
                 latents = sampling.pack(noise)
-            x = self._denoise(
+            x = self.denoise(
                 params["transformer"],
                 batch(np.asarray(latents, np.float32)),
                 ref_tokens,
@@ -248,11 +248,11 @@ class Step1XEditPipeline:
             )
             if output == "latents":
                 return np.asarray(x)
-            images = self._decode(params["vae"], batch(sampling.unpack(x, h, w)))
+            images = self.decode_latents(params["vae"], batch(sampling.unpack(x, h, w)))
         out = to_pil_truncated(np.asarray(images))
         return [im.resize(p.out_size, Image.Resampling.BICUBIC) if p.out_size else im for im, p in zip(out, prepared)]
 
-    def _denoise_impl(self, tparams, x, ref_tokens, img_ids, llm_c, mask_c, llm_u, mask_u, guidance, timesteps):
+    def denoise_loop(self, tparams, x, ref_tokens, img_ids, llm_c, mask_c, llm_u, mask_u, guidance, timesteps):
         """The whole CFG Euler loop (one XLA program): packed target tokens -> final packed tokens."""
         return denoise_cfg(
             model_fn(self.model, tparams), x, ref_tokens, img_ids, llm_c, mask_c, llm_u, mask_u, timesteps,

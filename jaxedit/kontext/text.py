@@ -5,8 +5,6 @@ Mirrors diffusers' `FluxPipeline._get_t5_prompt_embeds` / `_get_clip_prompt_embe
 truncates (T5: `max_sequence_length`, 512 by default; CLIP: 77), no attention mask is
 passed to either encoder; `txt` is T5's last hidden state, `y` is CLIP's pooled output.
 
-Step1X-Edit's Qwen2.5-VL conditioning is `Step1XQwenEmbedder` (jaxedit.step1x_text, re-exported here).
-
 Tokenizers are read from local folders only (FLUX repo layout: `tokenizer/` is CLIP's,
 `tokenizer_2/` is T5's), never from the hub.
 """
@@ -15,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,11 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxedit.configs import CLIPTextConfig, Preset, T5Config
-from jaxedit.configs import get as get_preset
+from jaxedit.configs import CLIPTextConfig, T5Config
 from jaxedit.models.clip import CLIPTextModel
 from jaxedit.models.t5 import T5Encoder
-from jaxedit.step1x_text import Step1XQwenEmbedder  # noqa: F401  (Step1X-Edit's Qwen2.5-VL conditioning)
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +43,8 @@ def load_tokenizer(path: str | Path):
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"tokenizer folder not found: {path} (tokenizers are only read from local folders)")
+    # jaxedit uses transformers' tokenizers only: its notice that PyTorch is absent is noise here
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     import transformers
 
     config = path / "tokenizer_config.json"
@@ -93,37 +92,6 @@ class FluxTextEncoder:
         self.clip = CLIPTextModel(clip_cfg, dtype=dtype, param_dtype=dtype, scan_layers=scan_layers)
         self._t5_fn = jax.jit(lambda p, ids: self.t5.apply({"params": p}, ids))
         self._clip_fn = jax.jit(lambda p, ids: self.clip.apply({"params": p}, ids)[1])
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        root: str | Path,
-        preset: str | Preset = "flux-kontext-dev",
-        *,
-        dtype: Any = jnp.bfloat16,
-        param_dtype: Any = None,
-        scan_layers: bool = True,
-    ) -> FluxTextEncoder:
-        """Read a local FLUX repo folder: `tokenizer/`, `tokenizer_2/` and the safetensors of
-        `text_encoder/` (CLIP) and `text_encoder_2/` (T5, maybe sharded). param_dtype: dtype the
-        weights are stored in (default: `dtype`)."""
-        from checkpoints_convert import load_clip, load_t5
-
-        preset = get_preset(preset) if isinstance(preset, str) else preset
-        if preset.t5 is None or preset.clip is None:
-            raise ValueError(f"preset {preset.name} has no T5/CLIP text encoders")
-        root = Path(root)
-        pdt = param_dtype or dtype
-        return cls(
-            preset.t5,
-            preset.clip,
-            load_t5(root / "text_encoder_2", preset.t5, dtype=pdt),
-            load_clip(root / "text_encoder", preset.clip, dtype=pdt),
-            load_tokenizer(root / "tokenizer_2"),
-            load_tokenizer(root / "tokenizer"),
-            dtype=dtype,
-            scan_layers=scan_layers,
-        )
 
     def tokenize(
         self, prompts: Sequence[str], prompts_2: Sequence[str] | None = None, max_sequence_length: int | None = None

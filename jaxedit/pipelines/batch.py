@@ -3,9 +3,11 @@
 Each manifest line: {"image": path, "prompt": str, optional "id", "seed", "steps",
 "guidance", "width", "height"}. A bad item (unreadable line, missing or corrupt image,
 empty prompt, absurd size, an id that would write outside DIR) is recorded as failed with
-its reason and the rest of the job completes. Items with equal shapes (bucket) are
-batched; a results line is appended (and flushed) as each item finishes, so a killed job
-loses nothing finished, and re-running the same command skips items already done.
+its reason and the rest of the job completes; a fault of the program itself (out of memory,
+a compile error) stops the job with `ProgramFault` and records nothing against the items.
+Items with equal shapes (bucket) are batched; a results line is appended (and flushed) as
+each item finishes, so a killed job loses nothing finished, and re-running the same command
+skips items already done.
 
 The model side is any object with the `EditPipeline` methods below.
 """
@@ -34,6 +36,11 @@ _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 class ItemError(ValueError):
     """An item that cannot be processed; its message is the recorded reason."""
+
+
+class ProgramFault(RuntimeError):
+    """Generation failed for a reason that is not the items' (out of memory, a compile or runtime error):
+    the job stops without recording those items as failed, so a rerun retries them."""
 
 
 @dataclasses.dataclass
@@ -253,12 +260,19 @@ def run_job(
                     [p for _, p in pad], [it.prompt for it, _ in pad], [it.seed for it, _ in pad],
                     [it.guidance for it, _ in pad], steps,
                 )[: len(its)]  # fmt: skip
-            except Exception as e:  # a failing batch fails its items, the job goes on
+            except ValueError as e:  # the items' inputs (ItemError is one): they fail, the job goes on
                 for it in its:
                     results.write(_failure(it.id, f"generation failed: {type(e).__name__}: {e}", seed=it.seed))
                 counts["failed"] += len(its)
                 bar.update(len(its), counts["failed"])
                 continue
+            except Exception as e:  # the program's fault (e.g. out of memory): stop, record nothing against items
+                ids, first_line = ", ".join(it.id for it in its), (str(e).splitlines() or [""])[0]
+                raise ProgramFault(
+                    f"generation failed on item(s) {ids}: {type(e).__name__}: {first_line}"
+                    f" (a fault of the program, not of the items; {counts['ok']} item(s) done this run are kept, "
+                    "rerun to continue)"
+                ) from e
             per_item = (time.perf_counter() - t0) / len(its)
             for it, img in zip(its, images):
                 dst = out_dir / f"{it.id}.png"

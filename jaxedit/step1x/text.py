@@ -83,6 +83,22 @@ class QwenEmbedderConfig:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
+def qwen_entry(path: str | Path | None, config: QwenEmbedderConfig | None = None) -> dict:
+    """The "qwen" entry of a Step1X-Edit model folder's description (`model_folder.write_description(...,
+    extra=...)`): the Qwen2.5-VL folder (absolute, or None: given at load time) and the embedder config."""
+    cfg = dataclasses.asdict(config or QwenEmbedderConfig())
+    return {"qwen": {"path": None if path is None else str(path), "config": cfg}}
+
+
+def read_qwen(folder: str | Path) -> tuple[Path | None, QwenEmbedderConfig]:
+    """(Qwen2.5-VL folder or None if none is recorded, QwenEmbedderConfig) of a Step1X-Edit model folder."""
+    from jaxedit.model_folder import read_json
+
+    q = read_json(folder).get("qwen") or {}
+    path = q.get("path")
+    return (None if path is None else Path(folder) / Path(path)), QwenEmbedderConfig.from_dict(q.get("config", {}))
+
+
 def split_quoted(text: str, quote_after: int = 155) -> list[str]:
     """Pieces to tokenise one by one: outside quotes, runs of text (an opening quote closes its
     run, a closing quote starts the next); inside, each character alone as “c”.

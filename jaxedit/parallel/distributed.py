@@ -58,3 +58,11 @@ def put_global(tree, shardings):
         return global_array(x, sharding)
 
     return jax.tree.map(put, tree, shardings)
+
+
+def sync(name: str) -> None:
+    """A barrier across processes (nothing with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -84,11 +85,31 @@ def make_mesh(cfg: MeshConfig | None = None, devices: Sequence[jax.Device] | Non
     if math.prod(dcn) > 1:
         arr = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
     else:
-        try:
-            arr = mesh_utils.create_device_mesh(ici, devices)
-        except (ValueError, NotImplementedError, AssertionError):
-            arr = np.asarray(devices).reshape(ici)  # CPU / unknown topologies
+        arr = physical_mesh(ici, devices, cfg)
     return Mesh(arr, MESH_AXES)
+
+
+def physical_mesh(shape: list[int], devices: list, cfg: MeshConfig) -> np.ndarray:
+    """The devices laid out in `shape` following their physical topology (ICI rings on TPU). If that
+    fails: CPU devices have no topology, so a plain reshape; TPU devices raise (a mesh that ignores
+    the torus runs its collectives over far links); other accelerators warn and reshape."""
+    try:
+        return mesh_utils.create_device_mesh(shape, devices)
+    except (ValueError, NotImplementedError, AssertionError) as e:
+        platforms = {d.platform for d in devices}
+        if platforms == {"cpu"}:
+            return np.asarray(devices).reshape(shape)
+        problem = (
+            f"mesh {cfg} ({shape}) does not fit the topology of these {len(devices)} {'/'.join(platforms)} devices"
+        )
+        if "tpu" in platforms:
+            try:
+                return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+            except (ValueError, NotImplementedError, AssertionError):
+                pass
+            raise ValueError(f"{problem}: {e}; choose axis sizes that tile the slice's physical axes") from None
+        warnings.warn(f"{problem} ({e}); laying the devices out in id order instead", stacklevel=3)
+        return np.asarray(devices).reshape(shape)
 
 
 def param_init(init: nn.initializers.Initializer, names: tuple[str | None, ...]):

@@ -19,30 +19,16 @@ Everything else (background, other shapes) is identical in the target.
 `sample(split, index)` is a pure function of (split, index): `numpy.random.default_rng`
 seeded with the split's base + index (train 0, validation 10M, test 20M; 10M per split).
 
-The judge (`segment`, `judge`) only looks at pixels: each pixel is background or the
-palette colour it is closest to, if it is saturated and close enough; an output passes when
-every colour of the target covers the same place (IoU >= 0.5) and no other colour shows.
-
-CLI: python -m jaxedit.data.shapes write OUT --split train --count 20000 [--size 64]
-         [--edit-weights remove=2,move=2]   (a training file with more of some edits: a
-         weighted choice of indices, `select_indices`; every pair is still `sample(split, i)`)
+The judge is `shapes.judge`, the dataset files `shapes.dataset`, the command line `python -m shapes`.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import itertools
-import json
 import math
-import multiprocessing
-import struct
-import sys
-import time
-import zlib
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -67,13 +53,6 @@ _COLOUR_NAMES, _SIZE_NAMES = tuple(COLOURS), tuple(SIZES)
 SPLITS = {"train": 0, "validation": 10_000_000, "test": 20_000_000}
 SPLIT_SIZE = 10_000_000
 SUPERSAMPLE = 4  # shapes are drawn at 4x and box-filtered down
-
-# Judge thresholds (see `segment` and `judge`); pixel counts are for 64x64 and scale with area.
-MIN_SATURATION = 60  # max - min channel; backgrounds have < 30
-MAX_DISTANCE = 80  # RGB distance to the nearest palette colour
-MIN_PRESENT_AREA = 8  # a colour with fewer pixels in the target counts as absent
-MAX_ABSENT_AREA = 12  # an absent colour may show on at most this many output pixels
-MIN_IOU = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,12 +109,6 @@ class Sample:
     target_scene: dict[str, Any]
     split: str
     index: int
-
-
-@dataclasses.dataclass(frozen=True)
-class Verdict:
-    ok: bool
-    details: dict[str, dict[str, Any]]  # colour -> {target_area, output_area, iou, ok}
 
 
 # ----------------------------------------------------------------------------- scenes
@@ -346,208 +319,3 @@ def vocabulary() -> list[str]:
     out += [f"add a {c} {k} at the {p}" for c in COLOURS for k in KINDS for p in POSITIONS]
     out += [f"make the {c} {k} {n}" for c, n in itertools.permutations(COLOURS, 2) for k in KINDS]
     return out
-
-
-# ----------------------------------------------------------------------------- judge
-
-
-_PALETTE = np.asarray(list(COLOURS.values()), np.int32)  # [6, 3]
-_PALETTE_HUE = (_PALETTE - _PALETTE.min(1, keepdims=True)) / np.ptp(_PALETTE, 1, keepdims=True)  # [6, 3]
-
-
-def _scale(shape: tuple[int, ...]) -> float:
-    return shape[0] * shape[1] / (64 * 64)
-
-
-def segment(image: Image.Image | np.ndarray) -> np.ndarray:
-    """[H, W] int: 0 for background, i + 1 for pixels of palette colour i (list(COLOURS)[i]).
-
-    A pixel is a shape pixel when it is saturated (max - min channel > MIN_SATURATION) and
-    within MAX_DISTANCE (RGB) of some palette colour. Its label is the palette colour of
-    nearest hue, compared as chroma (rgb - min) / (max - min): blending a colour with a grey
-    background keeps that ratio, so antialiased edges (a blue edge on light grey is nearer
-    purple in RGB; a yellow edge on dark grey nearer orange) keep their shape's colour.
-    """
-    x = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)[..., :3]
-    lo, hi = x.min(-1), x.max(-1)
-    out = np.zeros(x.shape[:2], np.int64)
-    ys, xs = np.nonzero(hi.astype(np.int32) - lo > MIN_SATURATION)  # only saturated pixels need a look
-    if len(ys):
-        px = x[ys, xs].astype(np.float32)  # [N, 3]
-        close = ((px[:, None] - _PALETTE) ** 2).sum(-1).min(-1) < MAX_DISTANCE**2
-        lo_, hi_ = lo[ys, xs, None].astype(np.float32), hi[ys, xs, None].astype(np.float32)
-        hue = (px - lo_) / (hi_ - lo_)  # [N, 3]
-        nearest = ((hue[:, None] - _PALETTE_HUE) ** 2).sum(-1).argmin(-1)
-        out[ys, xs] = np.where(close, nearest + 1, 0)
-    return out
-
-
-def judge(output: Image.Image | np.ndarray, target: Image.Image | np.ndarray) -> Verdict:
-    """Does `output` show the same coloured shapes, in the same places, as `target`?
-
-    Every colour present in the target (>= MIN_PRESENT_AREA px) needs IoU >= MIN_IOU between
-    the output's and the target's masks; every other colour may cover <= MAX_ABSENT_AREA output
-    pixels. Pixel counts are for 64x64 images and scale with the image area.
-    """
-    seg_t, seg_o = segment(target), segment(output)
-    if seg_t.shape != seg_o.shape:
-        raise ValueError(f"output size {seg_o.shape[::-1]} differs from target size {seg_t.shape[::-1]}")
-    scale = _scale(seg_t.shape)
-    details = {}
-    for i, name in enumerate(COLOURS, start=1):
-        t, o = seg_t == i, seg_o == i
-        ta, oa = int(t.sum()), int(o.sum())
-        if ta >= MIN_PRESENT_AREA * scale:
-            iou = float((t & o).sum() / (t | o).sum())
-            details[name] = {"target_area": ta, "output_area": oa, "iou": iou, "ok": iou >= MIN_IOU}
-        else:
-            details[name] = {"target_area": ta, "output_area": oa, "iou": None, "ok": oa <= MAX_ABSENT_AREA * scale}
-    return Verdict(all(d["ok"] for d in details.values()), details)
-
-
-# ----------------------------------------------------------------------------- dataset files
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    """[H, W, 3] uint8 -> PNG file bytes (8-bit RGB, no filter, zlib level 1).
-
-    Five times faster than Pillow's encoder on 64x64 images, where its per-call overhead dominates.
-    """
-    h, w, _ = image.shape
-    raw = np.zeros((h, 1 + 3 * w), np.uint8)  # each row: filter type 0, then the pixels
-    raw[:, 1:] = image.reshape(h, 3 * w)
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)  # 8 bits, truecolour, deflate, no filter, no interlace
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(raw.tobytes(), 1))
-        + chunk(b"IEND", b"")
-    )
-
-
-def _write_one(args: tuple[str, str, int, int]) -> str:
-    out_dir, split, i, size = args
-    s = sample(split, i, size)
-    Path(f"{out_dir}/src/{i}.png").write_bytes(png_bytes(s.source))
-    Path(f"{out_dir}/tgt/{i}.png").write_bytes(png_bytes(s.target))
-    rec = {
-        "id": f"{split}-{i}",
-        "source": f"src/{i}.png",
-        "target": f"tgt/{i}.png",
-        "instruction": s.instruction,
-        "edit": s.edit,
-        "split": split,
-        "index": i,
-    }
-    return json.dumps(rec)
-
-
-def parse_edit_weights(spec: str) -> dict[str, float]:
-    """`"remove=2,move=2"` -> {"remove": 2.0, "move": 2.0} (unlisted edits weigh 1)."""
-    weights = {}
-    for item in filter(None, (x.strip() for x in spec.split(","))):
-        name, sep, value = item.partition("=")
-        if not sep or name not in EDIT_TYPES:
-            raise ValueError(f"edit weight {item!r}: expected <edit>=<weight> with <edit> one of {list(EDIT_TYPES)}")
-        try:
-            weights[name] = float(value)
-        except ValueError:
-            raise ValueError(f"edit weight {item!r}: {value!r} is not a number") from None
-    return weights
-
-
-_KEEP_STREAM = 0x5E1EC7  # a second random stream per seed, independent of the sample's own
-
-
-def select_indices(split: str, count: int, start: int = 0, edit_weights: dict[str, float] | None = None) -> list[int]:
-    """`count` indices of `split` from `start` on. With `edit_weights` (edit -> relative weight,
-    default 1), index i is kept with probability weight(edit_of(i)) / max weight, decided by a second
-    random stream seeded by (split, i): the same indices for the same arguments, and each kept pair
-    is still `sample(split, i)`."""
-    if not edit_weights:
-        return list(range(start, start + count))
-    w = {e: float(edit_weights.get(e, 1.0)) for e in EDIT_TYPES}
-    if unknown := set(edit_weights) - set(EDIT_TYPES):
-        raise ValueError(f"edit weights name unknown edits {sorted(unknown)}; edits are {list(EDIT_TYPES)}")
-    if min(w.values()) < 0 or max(w.values()) <= 0:
-        raise ValueError(f"edit weights must be >= 0 with one > 0, got {w}")
-    top = max(w.values())
-    out, i = [], start
-    while len(out) < count:
-        seed = seed_for(split, i)  # also the range check
-        if np.random.default_rng([_KEEP_STREAM, seed]).random() < w[edit_of(split, i)] / top:
-            out.append(i)
-        i += 1
-    return out
-
-
-def write_split(
-    out_dir: str | Path,
-    split: str,
-    count: int,
-    size: int = 64,
-    start: int = 0,
-    processes: int = 1,
-    edit_weights: dict[str, float] | None = None,
-) -> Path:
-    """Write `count` samples of `split` (indices start.. ; with `edit_weights` a weighted choice of
-    them, `select_indices`) as out_dir/{src,tgt}/{i}.png + manifest.jsonl.
-
-    The manifest (one JSON object a line: id, source, target, instruction, edit, split, index)
-    is what `jaxedit.train.data` reads. Returns the manifest's path.
-    """
-    seed_for(split, start)  # range checks before writing anything
-    seed_for(split, start + max(count, 1) - 1)
-    indices = select_indices(split, count, start, edit_weights)
-    out = Path(out_dir)
-    (out / "src").mkdir(parents=True, exist_ok=True)
-    (out / "tgt").mkdir(parents=True, exist_ok=True)
-    jobs = [(str(out), split, i, size) for i in indices]
-    if processes > 1:
-        with multiprocessing.get_context("spawn").Pool(processes) as pool:
-            lines = list(pool.imap(_write_one, jobs, chunksize=256))
-    else:
-        lines = [_write_one(j) for j in jobs]
-    manifest = out / "manifest.jsonl"
-    manifest.write_text("".join(line + "\n" for line in lines))
-    return manifest
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jaxedit.data.shapes", description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
-    w = sub.add_parser("write", help="write a split as PNG pairs + manifest.jsonl")
-    w.add_argument("out")
-    w.add_argument("--split", default="train", choices=list(SPLITS))
-    w.add_argument("--count", type=int, default=20_000)
-    w.add_argument("--size", type=int, default=64)
-    w.add_argument("--start", type=int, default=0)
-    w.add_argument("--processes", type=int, default=1)
-    w.add_argument(
-        "--edit-weights",
-        default="",
-        help="relative frequency of edit types, e.g. remove=2,move=2 (unlisted: 1); default uniform",
-    )
-    a = p.parse_args(argv)
-    try:
-        weights = parse_edit_weights(a.edit_weights)
-    except ValueError as e:
-        p.error(f"--edit-weights: {e}")
-    t0 = time.perf_counter()
-    manifest = write_split(a.out, a.split, a.count, a.size, a.start, a.processes, weights)
-    dt = time.perf_counter() - t0
-    edits = [json.loads(line)["edit"] for line in manifest.read_text().splitlines()]
-    mix = ", ".join(f"{e} {edits.count(e)}" for e in EDIT_TYPES)
-    print(
-        f"wrote {a.count} {a.split} pairs (from index {a.start}, {a.size}x{a.size} px; {mix}) "
-        f"to {manifest.parent} in {dt:.1f} s ({a.count / dt:.0f}/s); manifest {manifest}"
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

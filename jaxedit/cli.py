@@ -1,0 +1,236 @@
+"""The `jaxedit` command (also `python -m jaxedit`): edit images, run batch jobs, train, plan.
+
+    jaxedit edit --image in.png --prompt "make it snow" --out out.png [--model FOLDER]
+    jaxedit batch --manifest edits.jsonl --out DIR [--model FOLDER] [--batch-size 4]
+    jaxedit train --config kontext_dev_lora --set model=FOLDER --set data.path=DATA
+    jaxedit precompute --model FOLDER --data DATA --out CACHE
+    jaxedit plan --task train --target v5p-8 --resolution 1024
+
+Without --model the shipped default model is used. Real checkpoints are converted into model
+folders with `jaxedit-convert` (`python -m checkpoints_convert`). Bad input (a missing image, an
+empty prompt, a folder that is not a model) stops with one line naming it, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from jaxedit import DEFAULT_MODEL
+
+COMMANDS = {
+    "edit": "edit one image",
+    "batch": "edit every line of a JSONL manifest (resumable; bad items fail alone)",
+    "train": "train or fine-tune from a config (a name of the shipped configs or a file)",
+    "precompute": "cache a dataset's text embeddings and VAE latents for training",
+    "plan": "compile a full-size step ahead of time: per-device memory, FLOPs, time estimates",
+}
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
+    return value
+
+
+def model_options(p: argparse.ArgumentParser) -> None:
+    """The options `edit` and `batch` share: which model, and its sampling settings."""
+    p.add_argument("--model", default=None, help="jaxedit model folder (default: the shipped default model)")
+    p.add_argument("--steps", type=positive_int, default=None, help="denoising steps (default: the model's)")
+    p.add_argument(
+        "--guidance", type=float, default=None, help="guidance value: FLUX's embedded guidance, Step1X's CFG weight"
+    )
+    p.add_argument(
+        "--true-cfg-scale",
+        type=float,
+        default=None,
+        help="FLUX Kontext: true CFG scale, 1 = off (default: the model's)",
+    )
+    p.add_argument(
+        "--negative-prompt", default=None, help="FLUX Kontext: true CFG's negative prompt (default: the model's)"
+    )
+    p.add_argument(
+        "--dtype", choices=["bfloat16", "float32"], default=None, help="transformer/text dtype (default: the model's)"
+    )
+    p.add_argument("--keep-size", action="store_true", help="keep the input size (floored to 16), do not resize it")
+    p.add_argument("--qwen", default=None, help="Step1X-Edit: Qwen2.5-VL folder (default: the one the model records)")
+    p.add_argument("--size-level", type=positive_int, default=None, help="Step1X-Edit: working area size_level^2 (512)")
+
+
+def load_pipeline(args):
+    """The model folder's pipeline with the command line's settings; SystemExit (one line) on bad input."""
+    from jaxedit import model_folder
+    from jaxedit.pipelines.auto import load_pipeline as load
+
+    folder = Path(args.model) if args.model else DEFAULT_MODEL
+    try:
+        preset, options = model_folder.read_description(folder), model_folder.read_options(folder)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    if options.get("random_weights"):
+        print(f"note: {folder} holds RANDOM weights (a placeholder model): the output shows the pipeline runs, "
+              "it is not a real edit", file=sys.stderr)  # fmt: skip
+    step1x = preset.family == "step1x-edit"
+    if step1x and (args.true_cfg_scale is not None or args.negative_prompt is not None):
+        raise SystemExit("error: --true-cfg-scale/--negative-prompt are for FLUX Kontext models; "
+                         "Step1X-Edit's classifier-free guidance is --guidance")  # fmt: skip
+    if step1x:
+        kw = {"size_level": None} if args.keep_size else {"size_level": args.size_level} if args.size_level else {}
+        kw["qwen"] = args.qwen
+    else:
+        kw = {"auto_resize": False} if args.keep_size else {}
+    try:
+        pipe = load(folder, dtype=args.dtype, **kw)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    if not step1x and (args.true_cfg_scale is not None or args.negative_prompt is not None):
+        scale = pipe.true_cfg_scale if args.true_cfg_scale is None else args.true_cfg_scale
+        try:
+            pipe.set_true_cfg(scale, pipe.negative_prompt if args.negative_prompt is None else args.negative_prompt)
+        except ValueError as e:
+            raise SystemExit(f"error: --true-cfg-scale: {e}") from None
+    return pipe
+
+
+def sampling_defaults(args, pipe) -> dict:
+    """Steps and guidance of an edit: the flags, else the model's (--guidance 0 is kept)."""
+    return {
+        "steps": pipe.default_steps if args.steps is None else args.steps,
+        "guidance": pipe.default_guidance if args.guidance is None else args.guidance,
+    }
+
+
+def edit_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="jaxedit edit", description="Edit one image with a jaxedit model folder.")
+    p.add_argument("--image", required=True, help="input image (any format Pillow reads)")
+    p.add_argument("--prompt", required=True, help="the edit instruction")
+    p.add_argument("--out", required=True, help="output PNG path")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    p.add_argument("--width", type=positive_int, default=None, help="output width (default: the reference's)")
+    p.add_argument("--height", type=positive_int, default=None, help="output height (default: the reference's)")
+    model_options(p)
+    args = p.parse_args(argv)
+    from jaxedit.pipelines.batch import ItemError, load_image
+
+    if not args.prompt.strip():
+        print("error: --prompt is empty", file=sys.stderr)
+        return 2
+    try:
+        image = load_image(args.image)
+    except ItemError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    pipe = load_pipeline(args)
+    t1 = time.perf_counter()
+    try:
+        prepared = pipe.prepare(image, args.width, args.height)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    d = sampling_defaults(args, pipe)
+    out = pipe.generate([prepared], [args.prompt], [args.seed], guidance=[d["guidance"]], steps=d["steps"])[0]
+    dst = Path(args.out)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".tmp")
+    out.save(tmp, format="PNG")
+    tmp.replace(dst)
+    t2 = time.perf_counter()
+    print(f"wrote {dst} ({out.width}x{out.height}); load {t1 - t0:.1f}s, edit {t2 - t1:.1f}s (compile included)")
+    return 0
+
+
+def batch_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="jaxedit batch",
+        description='Edit every line of a JSONL manifest: {"image": path, "prompt": str, optional "id", '
+        '"seed", "steps", "guidance", "width", "height"}. Writes DIR/<id>.png and DIR/results.jsonl; '
+        "a bad item fails alone, a rerun skips what is done; exit code 1 if any item failed.",
+    )
+    p.add_argument("--manifest", required=True, help="JSONL file, one edit per line")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="items per generated batch (default 1)")
+    p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    model_options(p)
+    args = p.parse_args(argv)
+    from jaxedit.pipelines.batch import ProgramFault, run_job
+
+    if not Path(args.manifest).is_file():
+        print(f"error: manifest not found: {args.manifest}", file=sys.stderr)
+        return 2
+    pipe = load_pipeline(args)
+    try:
+        counts = run_job(pipe, Path(args.manifest), Path(args.out), batch_size=args.batch_size,
+                         defaults=sampling_defaults(args, pipe), progress=not args.no_progress)  # fmt: skip
+    except ProgramFault as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped (already done); "
+          f"results in {Path(args.out) / 'results.jsonl'}")  # fmt: skip
+    return 1 if counts["failed"] else 0
+
+
+def train_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="jaxedit train", description="Train a FLUX.1 Kontext / Step1X-Edit editing model (or its VAE)."
+    )
+    p.add_argument("--config", required=True, help="a config file defining get_config(), or a shipped config's name")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. data.path=/d")
+    args = p.parse_args(argv)
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    from jaxedit.parallel.distributed import initialize_from_env
+    from jaxedit.train.config import load_config
+
+    initialize_from_env()
+    try:
+        cfg = load_config(args.config, args.set)
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from jaxedit.train.vae import VAETrainConfig, train_vae
+
+    if isinstance(cfg, VAETrainConfig):
+        train_vae(cfg)
+    else:
+        from jaxedit.train.loop import train
+
+        train(cfg)
+    return 0
+
+
+def precompute_main(argv: list[str]) -> int:
+    from jaxedit.train.precompute import main
+
+    return main(argv, prog="jaxedit precompute")
+
+
+def plan_main(argv: list[str]) -> int:
+    from jaxedit.plan import main
+
+    return main(argv, prog="jaxedit plan")
+
+
+MAINS = {"edit": edit_main, "batch": batch_main, "train": train_main, "precompute": precompute_main, "plan": plan_main}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in MAINS:
+        lines = [__doc__.split("\n\n")[0], "", "commands:"]
+        lines += [f"  {name:<11} {what}" for name, what in COMMANDS.items()]
+        lines += ["", "`jaxedit <command> --help` for a command's options; `jaxedit-convert --help` to convert "
+                  "real checkpoints (FLUX.1 Kontext, Step1X-Edit) into model folders."]  # fmt: skip
+        known = not argv or argv[0] in ("-h", "--help")
+        print("\n".join(lines), file=sys.stdout if known else sys.stderr)
+        if not known:
+            print(f"error: unknown command {argv[0]!r}", file=sys.stderr)
+        return 0 if known else 2
+    return MAINS[argv[0]](argv[1:])

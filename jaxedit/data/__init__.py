@@ -1,1 +1,0 @@
-"""Training and evaluation data generators (`shapes`: the synthetic coloured-shapes editing task)."""

@@ -1,0 +1,122 @@
+"""What the editing pipelines of every family share.
+
+`EditPipelineBase` holds the preset, the parameters of every part, the devices and the VAE
+programs; it places the parameters on data-parallel meshes (one mesh per device count, so a batch
+is split over as many local devices as divide it) and puts batches on them. Module functions
+read a model folder's description and options, convert images, check sizes and step counts, and
+turn on JAX's persistent compilation cache.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from jaxedit import configs, model_folder
+from jaxedit.models.autoencoder import AutoEncoder
+from jaxedit.parallel import sharding as sh
+
+MAX_SIDE = 4096  # pixels; larger requests are refused
+
+
+def cache_dir() -> Path | None:
+    """Where compiled programs are kept: $JAXEDIT_CACHE_DIR ("off" disables the cache), else
+    $XDG_CACHE_HOME/jaxedit/xla, else ~/.cache/jaxedit/xla."""
+    path = os.environ.get("JAXEDIT_CACHE_DIR")
+    if path:
+        return None if path.lower() == "off" else Path(path)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "jaxedit" / "xla"
+
+
+def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path | None:
+    """Turn on JAX's persistent compilation cache at `path` (default `cache_dir()`): a second run of
+    the same shapes then skips XLA compilation. Returns the folder (None: disabled)."""
+    path = Path(path) if path is not None else cache_dir()
+    if path is None:
+        return None
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
+
+
+def to_model_input(image: Image.Image) -> np.ndarray:
+    """PIL RGB -> [H, W, 3] float32 in [-1, 1] (as diffusers' VaeImageProcessor)."""
+    return np.asarray(image.convert("RGB"), np.float32) / 255.0 * 2.0 - 1.0
+
+
+def check_side(name: str, v: int) -> None:
+    """ValueError unless 16 <= v <= MAX_SIDE (v in pixels, after flooring to a multiple of 16)."""
+    if not 16 <= v <= MAX_SIDE:
+        raise ValueError(f"{name} {v} px is outside [16, {MAX_SIDE}] (after flooring to a multiple of 16)")
+
+
+def check_steps(steps: Any, default: int) -> int:
+    """The number of denoising steps: `default` when None, else a positive integer (0 is an error, not
+    the default)."""
+    if steps is None:
+        return int(default)
+    if isinstance(steps, bool) or not isinstance(steps, int | np.integer) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    return int(steps)
+
+
+def read_folder(folder: str | Path, families: tuple[str, ...], dtype: Any = None):
+    """(preset, pipeline options, compute dtype) of a model folder whose family is one of `families`.
+    dtype: default the folder's option "dtype", else bfloat16."""
+    preset = model_folder.read_description(folder)
+    if preset.family not in families:
+        raise ValueError(f"{folder} holds a {preset.family!r} model, not {' or '.join(map(repr, families))}")
+    options = model_folder.read_options(folder)
+    return preset, options, jnp.dtype(dtype or options.get("dtype", "bfloat16"))
+
+
+class EditPipelineBase:
+    """Preset, parameters ({part: params}), devices, VAE programs and data-parallel placement.
+
+    Subclasses set `self.model`, the transformer module whose parameters are `params["transformer"]`."""
+
+    model: Any
+
+    def __init__(self, preset: configs.Preset, params: dict[str, Any], *, vae_dtype: Any, devices: list | None):
+        self.preset, self.params = preset, params
+        self.devices = list(devices or jax.local_devices())
+        self.vae = AutoEncoder(preset.vae, dtype=vae_dtype, param_dtype=vae_dtype)
+        self.encode_images = jax.jit(lambda p, x: self.vae.apply({"params": p}, x, method="encode"))
+        self.decode_latents = jax.jit(lambda p, z: self.vae.apply({"params": p}, z, method="decode"))
+        self._meshes: dict[int, jax.sharding.Mesh] = {}
+        self._placed: dict[int, dict] = {}
+
+    def mesh_for(self, batch: int) -> jax.sharding.Mesh:
+        """Data-parallel mesh over the largest number of local devices dividing the batch."""
+        n = max(d for d in range(1, len(self.devices) + 1) if batch % d == 0)
+        if n not in self._meshes:
+            self._meshes[n] = sh.make_mesh(configs.MeshConfig(data=n, fsdp=1), self.devices[:n])
+        return self._meshes[n]
+
+    def params_on(self, mesh: jax.sharding.Mesh) -> dict:
+        """The parameters replicated on the mesh's devices (one placement kept at a time)."""
+        n = mesh.devices.size
+        if n not in self._placed:
+            rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+            self._placed = {n: jax.device_put(self.params, rep)}
+        return self._placed[n]
+
+    @staticmethod
+    def put_batch(mesh: jax.sharding.Mesh, a) -> jax.Array:
+        """An array whose first axis is the batch, split over the mesh's batch axes."""
+        return jax.device_put(a, sh.batch_sharding(mesh, np.ndim(a)))
+
+    def set_transformer(self, params) -> None:
+        """Use other transformer parameters (e.g. the current ones of a training run)."""
+        dtype = self.model.param_dtype
+        self.params = self.params | {"transformer": jax.tree.map(lambda p: jnp.asarray(p, dtype), params)}
+        self._placed = {}

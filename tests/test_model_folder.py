@@ -1,0 +1,57 @@
+"""Model folders: the description must name its family, parts are replaced atomically, and restoring a
+checkpoint into a given target honours the requested dtype."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxedit import configs, model_folder
+from jaxedit.checkpoint import load_params, param_metadata, save_params
+
+
+def test_a_description_without_a_family_is_refused():
+    d = model_folder.preset_to_dict(configs.get("flux-kontext-tiny"))
+    model_folder.preset_from_dict(d)
+    del d["family"]
+    with pytest.raises(ValueError, match="field 'family' is None; expected one of flux-kontext, flux, step1x-edit"):
+        model_folder.preset_from_dict(d, "x/jaxedit.json")
+
+
+def test_write_part_replaces_atomically_and_recovers_a_cut_swap(tmp_path):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    old, new = {"w": np.zeros((2, 3), np.float32)}, {"w": np.ones((2, 3), np.float32)}
+    model_folder.write_part(folder, "vae", old)
+    model_folder.write_part(folder, "vae", new)
+    np.testing.assert_array_equal(load_params(folder / "vae")["w"], new["w"])
+    assert sorted(p.name for p in folder.iterdir()) == ["vae"]  # nothing left beside it
+    # a swap cut after the old part was moved aside and before the new one was renamed in
+    save_params(folder / ".vae.new", old)
+    (folder / "vae").rename(folder / ".vae.old")
+    preset = configs.get("flux-kontext-tiny")
+    with pytest.raises(FileNotFoundError, match="missing transformer, t5, clip"):  # vae is recovered, not missing
+        model_folder.check_complete(folder, preset)
+    np.testing.assert_array_equal(load_params(folder / "vae")["w"], old["w"])  # the complete new copy won
+
+
+def test_load_params_into_a_target_honours_dtype(tmp_path):
+    save_params(tmp_path / "p", {"a": np.arange(6, dtype=np.float32).reshape(2, 3)})
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev), param_metadata(tmp_path / "p")
+    )
+    got = load_params(tmp_path / "p", target, dtype=jnp.bfloat16)
+    assert got["a"].dtype == jnp.bfloat16 and got["a"].sharding == dev
+    np.testing.assert_array_equal(np.asarray(got["a"], np.float32), np.arange(6).reshape(2, 3))
+
+
+def test_description_is_written_atomically(tmp_path):
+    preset = configs.get("flux-kontext-tiny")
+    model_folder.write_description(tmp_path, preset, {"steps": 8})
+    assert json.loads((tmp_path / "jaxedit.json").read_text())["pipeline"] == {"steps": 8}
+    assert [p.name for p in tmp_path.iterdir()] == ["jaxedit.json"]

@@ -1,150 +1,251 @@
-"""AOT planner: compile a full-size step on abstract inputs over simulated devices.
+"""Ahead-of-time planner: compile a full-size program on abstract inputs for a TPU slice (the TPU
+compiler, libtpu) or for simulated CPU devices; report per-chip memory, FLOPs and time estimates.
 
-    python -m jaxedit.plan --preset flux-kontext-dev --task train --mesh fsdp=64 --resolution 1024 --batch 64
+    jaxedit plan --task train --target v5p-8 --resolution 1024 --batch 8
+    jaxedit plan --task sample --target v6e-4 --mesh fsdp=4 --steps 28
+    jaxedit plan --task train --mesh fsdp=64          # no --target: 64 simulated CPU devices
 
-No weights are allocated: parameters, optimizer state and inputs are ShapeDtypeStructs
-carrying their shardings; XLA compiles the SPMD program for N fake CPU devices and
-reports per-device memory. FLOPs come from XLA's cost analysis; because XLA counts a
-loop body once, the per-block cost is measured on small unrolled variants (2+1 and 1+2
-blocks, same width, attention without loops) and scaled by the real depth. The analytic count is
-2 x 6.455e9 x L + 4 x L^2 x 3072 x 57 per sample per forward (x3 for a train step,
-rematerialisation not counted).
-Memory is that of the CPU compilation of the program; on TPU/GPU the attention kernel
-(splash/cuDNN) and XLA's memory scheduler differ, so treat it as an estimate.
+Tasks (the programs jaxedit runs; --preset picks FLUX.1 Kontext or Step1X-Edit, whose DiT includes
+its connector):
+  train       the real train step (`jaxedit.train.step.Trainer`): flow-matching loss, gradients,
+              AdamW, float32 master weights and Adam state, bf16 compute, donated state
+  lora        the same with LoRA adapters (rank --lora-rank) on a frozen base
+  infer       one transformer call on [target | reference] tokens (bf16)
+  sample      the pipeline's whole jitted denoising loop, --steps Euler steps (Step1X: with CFG)
+  vae-decode  the VAE decoder at the resolution (float32, as the pipelines run it)
+  text        T5 + CLIP text encoders (bf16; FLUX presets)
+
+Memory is per chip from the compiled program's `memory_analysis()`: arguments + outputs +
+temporaries - aliased (donated) buffers. Time, two ways: the compiler's own estimate (the
+`estimated_cycles` the TPU compiler writes on each instruction, loops counted as often as they run:
+`jaxedit.parallel.hlo_cost`; Mosaic kernels, which carry no estimate, at the chip's peak), converted
+with the compiler's own seconds per cycle (an 8192^3 bf16 matmul's `optimal_seconds` over its
+`estimated_cycles` on the same chip); and the MFU bound, the model FLOPs (analytic) at the chip's
+published peak. On CPU devices only memory and FLOPs are reported.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
 
-ACCELERATORS = {"v5p": 95e9, "v6e": 32e9, "H100": 80e9}
+TASKS = ("train", "lora", "infer", "sample", "vae-decode", "text")
 
 
 def parser(prog: str = "python -m jaxedit.plan") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="flux-kontext-dev")
-    p.add_argument("--task", choices=["infer", "train"], required=True)
-    p.add_argument("--mesh", default="fsdp=8", help="e.g. fsdp=64 or fsdp=16,tensor=4 or data=2,fsdp=32")
+    p = argparse.ArgumentParser(
+        prog=prog, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+    )  # fmt: skip
+    p.add_argument("--preset", default="flux-kontext-dev", help="model preset (default flux-kontext-dev)")
+    p.add_argument("--task", choices=TASKS, required=True, help="the program to compile")
+    p.add_argument("--target", default=None, help="TPU slice: v5p-8, v5p-64, v6e-4, v6e-64, v5e-16, v5e-256, ... "
+                   "or a topology such as v5p:2x2x1 (needs libtpu); default: simulated CPU devices")  # fmt: skip
+    p.add_argument("--mesh", default=None, help="e.g. fsdp=64, fsdp=16,tensor=4, data=2,fsdp=32 (default: every "
+                   "device on fsdp; with --target one axis may be -1: the remaining chips)")  # fmt: skip
     p.add_argument("--resolution", type=int, default=1024, help="square image side in pixels")
     p.add_argument("--batch", type=int, default=None, help="global batch (default: one per data-parallel device)")
-    p.add_argument("--text-tokens", type=int, default=512)
-    p.add_argument("--remat", default="full", help="train: remat policy (none, full, dots, dots_no_batch)")
-    p.add_argument("--attention", default="auto", help="attention impl (auto = chunked for long sequences on CPU)")
-    p.add_argument("--json", action="store_true", help="also print the report as one JSON line")
+    p.add_argument("--text-tokens", type=int, default=None, help="text tokens (default: T5's 512 / Qwen's 640)")
+    p.add_argument("--steps", type=int, default=28, help="sample: denoising steps")
+    p.add_argument("--remat", default="full", help="train/lora: remat policy (none, full, dots, dots_no_batch)")
+    p.add_argument("--attention", default="auto", help="attention impl (auto: splash on TPU, chunked on CPU)")
+    p.add_argument("--lora-rank", type=int, default=16, help="lora: adapter rank")
     p.add_argument("--no-reference", action="store_true", help="text-to-image: no Kontext reference tokens")
+    p.add_argument("--json", action="store_true", help="also print the report as one JSON line")
     return p
 
 
 def main(argv=None, prog: str = "python -m jaxedit.plan") -> int:
-    """Parse, set the fake device count, compile, print (and with --json, print a JSON line)."""
+    """Parse, set the simulated device count (CPU), compile, print (and with --json, a JSON line)."""
     p = parser(prog)
     args = p.parse_args(argv)
     from jaxedit.configs import MeshConfig
 
     try:
-        mesh_cfg = MeshConfig.parse(args.mesh)
+        mesh_cfg = MeshConfig.parse(args.mesh or "fsdp=-1" if args.target else args.mesh or "fsdp=8")
     except ValueError as e:
         p.error(str(e))
-    sizes = {k: v for k, v in vars(mesh_cfg).items()}
-    if any(v < 1 for v in sizes.values()):
-        p.error(f"--mesh {args.mesh}: every axis needs a size >= 1 (the planner simulates exactly the devices "
-                f"the mesh names; -1 'all devices' has no meaning here)")  # fmt: skip
-    n = mesh_cfg.data * mesh_cfg.fsdp * mesh_cfg.tensor * mesh_cfg.dcn_data * mesh_cfg.dcn_fsdp
-    if "jax" in sys.modules:
-        raise RuntimeError("jaxedit.plan must set the device count before jax is imported")
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}"
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    report = plan(args, mesh_cfg)
+    sizes = dataclasses_values(mesh_cfg)
+    if args.target is None:
+        if any(v < 1 for v in sizes):
+            p.error(f"--mesh {args.mesh}: every axis needs a size >= 1 (the planner simulates exactly the devices "
+                    f"the mesh names; -1 'all devices' has meaning only with --target)")  # fmt: skip
+        n = 1
+        for v in sizes:
+            n *= v
+        if "jax" in sys.modules:
+            raise RuntimeError("jaxedit.plan must set the simulated device count before jax is imported")
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}"
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    else:
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host's own backend: TPU chips come from libtpu
+        from jaxedit.parallel.targets import parse_target
+
+        try:
+            parse_target(args.target)
+        except ValueError as e:
+            p.error(str(e))
+    try:
+        report = plan(args, mesh_cfg)
+    except (RuntimeError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(format_report(report))
     if args.json:
-        import json
-
         print(json.dumps(report))
     return 0
 
 
-def _step_fn(model, task: str, n_target: int):
-    import jax
-    import jax.numpy as jnp
-    import optax
-
-    if task == "infer":
-        return lambda params, batch: model.apply({"params": params}, *batch)[:, :n_target], None
-
-    opt = optax.adamw(1e-5, weight_decay=0.0)
-
-    def train_step(params, opt_state, batch, target):
-        def loss_fn(p):
-            out = model.apply({"params": p}, *batch)[:, :n_target]
-            return jnp.mean(jnp.square(out.astype(jnp.float32) - target))
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    return train_step, opt
-
-
-def compile_step(cfg, args, mesh, *, depth=None, single=None, scan=True, attention=None):
-    """Lower + compile the step for `cfg` (optionally at another depth); returns (compiled, seconds)."""
+def dataclasses_values(cfg) -> list[int]:
     import dataclasses
 
+    return [getattr(cfg, f.name) for f in dataclasses.fields(cfg)]
+
+
+# --------------------------------------------------------------------------------------------------
+# the programs
+
+
+def shapes_of(preset, args) -> dict:
+    """Token counts of a Kontext / Step1X-Edit program at the requested resolution."""
+    f = preset.vae.downsample
+    h = w = args.resolution // f  # latent cells
+    n_target = (h // 2) * (w // 2)
+    n_ref = 0 if args.no_reference else n_target
+    if preset.connector is not None:
+        from jaxedit.step1x.text import QwenEmbedderConfig
+
+        lt = args.text_tokens or QwenEmbedderConfig().max_length
+    else:
+        lt = args.text_tokens or preset.t5.max_length
+    return dict(latent=(h, w), target_tokens=n_target, reference_tokens=n_ref, text_tokens=lt,
+                tokens=lt + n_target + n_ref)  # fmt: skip
+
+
+def lower(preset, args, mesh, batch: int):
+    """The task's program lowered on abstract, sharded inputs: (jax.stages.Lowered, info)."""
     import jax
     import jax.numpy as jnp
 
-    from jaxedit.models import Flux
-    from jaxedit.models.flux import abstract_params
     from jaxedit.parallel import sharding as sh
 
-    if depth is not None:
-        cfg = dataclasses.replace(cfg, depth=depth, depth_single_blocks=single)
-    train = args.task == "train"
-    g = args.resolution // 16
-    n_target = g * g
-    li = n_target * (1 if args.no_reference else 2)
-    lt = args.text_tokens
-    b = args.batch or mesh.shape["data"] * mesh.shape["fsdp"]
-    model = Flux(
-        cfg,
-        dtype=jnp.bfloat16,
-        param_dtype=jnp.float32 if train else jnp.bfloat16,
-        scan_layers=scan,
-        remat_policy=args.remat if train else "none",
-        attention_impl=attention or args.attention,
+    s = shapes_of(preset, args)
+    h, w = s["latent"]
+    z = preset.vae.z_channels
+    bsd = lambda shape, dt=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dt, sharding=sh.batch_sharding(mesh, len(shape)))  # noqa: E731
+    rep = lambda shape, dt=jnp.float32: jax.ShapeDtypeStruct(  # noqa: E731
+        shape, dt, sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     )
-    boxed = abstract_params(cfg, jnp.float32 if train else jnp.bfloat16, boxed=True)
-    params = sh.abstract_with_shardings(boxed, mesh)
-    bsh = lambda nd: sh.batch_sharding(mesh, nd)  # noqa: E731
-    sds = lambda shape, dt=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dt, sharding=bsh(len(shape)))  # noqa: E731
-    batch = (
-        sds((b, li, cfg.in_channels)),
-        sds((b, li, 3), jnp.float32),
-        sds((b, lt, cfg.context_in_dim)),
-        sds((b, lt, 3), jnp.float32),
-        sds((b,), jnp.float32),
-        sds((b, cfg.vec_in_dim)),
-        sds((b,), jnp.float32) if cfg.guidance_embed else None,
-    )
-    fn, opt = _step_fn(model, args.task, n_target)
-    t0 = time.perf_counter()
-    with sh.activate(mesh):
-        if train:
-            opt_state = jax.eval_shape(opt.init, params)
-            opt_shard = jax.tree.map(lambda s: s.sharding if hasattr(s, "sharding") else None, opt_state)
-            opt_state = jax.tree.map(
-                lambda s, p: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=p) if p is not None else s,
-                opt_state,
-                opt_shard,
-            )
-            target = sds((b, n_target, cfg.in_channels), jnp.float32)
-            jitted = jax.jit(fn, donate_argnums=(0, 1))
-            compiled = jitted.lower(params, opt_state, batch, target).compile()
+    cfg, ccfg, step1x = preset.transformer, preset.connector, preset.connector is not None
+    if args.task in ("train", "lora"):
+        from jaxedit.train.lora import LoraConfig
+        from jaxedit.train.objective import ObjectiveConfig
+        from jaxedit.train.optim import OptimConfig
+        from jaxedit.train.step import Trainer
+
+        trainer = Trainer(
+            cfg, ObjectiveConfig(ref_index=0.0 if step1x else 1.0), OptimConfig(), 1000, mesh, dtype=jnp.bfloat16,
+            remat_policy=args.remat, attention_impl=args.attention, connector=ccfg,
+            lora=LoraConfig(rank=args.lora_rank) if args.task == "lora" else None,
+        )  # fmt: skip
+        rh, rw = (h, w) if s["reference_tokens"] else (2, 2)  # the objective always has a reference
+        lt = s["text_tokens"]
+        batch_in = {"target": (batch, h, w, z), "reference": (batch, rh, rw, z)}
+        if step1x:
+            batch_in |= {"txt": (batch, lt, ccfg.in_channels), "txt_mask": (batch, lt)}
         else:
-            compiled = jax.jit(fn).lower(params, batch).compile()
-    return compiled, time.perf_counter() - t0, dict(batch=b, tokens=lt + li, target_tokens=n_target)
+            batch_in |= {"txt": (batch, lt, cfg.context_in_dim), "y": (batch, cfg.vec_in_dim)}
+        dtypes = {"txt_mask": jnp.int32}
+        structs = {k: jax.ShapeDtypeStruct((1, *v), dtypes.get(k, jnp.float32)) for k, v in batch_in.items()}
+        return trainer.lower(structs), s
+    if args.task in ("infer", "sample"):
+        from jaxedit.models.flux import abstract_params as flux_params
+        from jaxedit.models.step1x import abstract_params as step1x_params
+
+        boxed = (
+            step1x_params(cfg, ccfg, jnp.bfloat16, boxed=True) if step1x else flux_params(cfg, jnp.bfloat16, boxed=True)
+        )
+        params = sh.abstract_with_shardings(boxed, mesh)
+        lt, nt, nr = s["text_tokens"], s["target_tokens"], s["reference_tokens"]
+        txt_dim = ccfg.in_channels if step1x else cfg.context_in_dim
+        # the modules outside the mesh context: building them creates (host) example arrays
+        from jaxedit.models import transformer
+
+        model = transformer(preset, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, attention_impl=args.attention)[0]
+        pipe = sample_pipeline(preset, mesh, args.attention) if args.task == "sample" else None
+        with sh.activate(mesh):
+            if args.task == "infer":
+                img = (bsd((batch, nt + nr, cfg.in_channels)), bsd((batch, nt + nr, 3), jnp.float32))
+                if step1x:
+                    rest = (bsd((batch, lt, txt_dim)), bsd((batch, lt), jnp.int32), bsd((batch,), jnp.float32))
+                else:
+                    guidance = bsd((batch,), jnp.float32) if cfg.guidance_embed else None
+                    rest = (bsd((batch, lt, txt_dim)), bsd((batch, lt, 3), jnp.float32), bsd((batch,), jnp.float32),
+                            bsd((batch, cfg.vec_in_dim)), guidance)  # fmt: skip
+                fn = lambda p, *a: model.apply({"params": p}, *a)[:, :nt]  # noqa: E731
+                return jax.jit(fn).lower(params, *img, *rest), s
+            x, timesteps = bsd((batch, nt, cfg.in_channels), jnp.float32), rep((args.steps + 1,))
+            ref = bsd((batch, nr, cfg.in_channels), jnp.float32) if nr else None
+            ids = bsd((batch, nt + nr, 3), jnp.float32)
+            if step1x:
+                llm = (bsd((batch, lt, txt_dim), jnp.float32), bsd((batch, lt), jnp.int32))
+                args_ = (params, x, ref, ids, *llm, *llm, bsd((batch,), jnp.float32), timesteps)
+            else:
+                args_ = (params, x, ref, ids, bsd((batch, lt, txt_dim)), bsd((batch, lt, 3), jnp.float32),
+                         bsd((batch, cfg.vec_in_dim)), bsd((batch,), jnp.float32), timesteps)  # fmt: skip
+            return pipe.denoise.lower(*args_), s
+    if args.task == "vae-decode":
+        from jaxedit.models.autoencoder import AutoEncoder
+        from jaxedit.models.autoencoder import abstract_params as vae_params
+
+        vae = AutoEncoder(preset.vae)
+        params = sh.abstract_with_shardings(vae_params(preset.vae, jnp.float32, boxed=True), mesh)
+        with sh.activate(mesh):
+            fn = lambda p, z: vae.apply({"params": p}, z, method="decode")  # noqa: E731
+            return jax.jit(fn).lower(params, bsd((batch, h, w, z), jnp.float32)), s
+    if args.task == "text":
+        if preset.t5 is None:
+            raise ValueError(
+                f"preset {preset.name} has no T5/CLIP text encoders (Step1X-Edit's Qwen2.5-VL runs in torch)"
+            )
+        from jaxedit.models import CLIPTextModel, T5Encoder
+        from jaxedit.models import clip as clip_model
+        from jaxedit.models import t5 as t5_model
+
+        t5 = T5Encoder(preset.t5, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+        clip = CLIPTextModel(preset.clip, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+        pt5 = sh.abstract_with_shardings(t5_model.abstract_params(preset.t5, jnp.bfloat16, boxed=True), mesh)
+        pclip = sh.abstract_with_shardings(clip_model.abstract_params(preset.clip, jnp.bfloat16, boxed=True), mesh)
+        ids_t5 = bsd((batch, s["text_tokens"]), jnp.int32)
+        ids_clip = bsd((batch, preset.clip.max_length), jnp.int32)
+        with sh.activate(mesh):
+            fn = lambda a, b, i, j: (t5.apply({"params": a}, i), clip.apply({"params": b}, j)[1])  # noqa: E731
+            return jax.jit(fn).lower(pt5, pclip, ids_t5, ids_clip), s
+    raise ValueError(f"unknown task {args.task!r}")
+
+
+def sample_pipeline(preset, mesh, attention: str):
+    """The family's pipeline object (no weights loaded): its `denoise` is the jitted sampling loop."""
+    import jax.numpy as jnp
+
+    devices = list(mesh.devices.flat)
+    if preset.connector is not None:
+        from jaxedit.step1x.pipeline import Step1XEditPipeline
+
+        pipe = Step1XEditPipeline(preset, {}, dtype=jnp.bfloat16, devices=devices)
+    else:
+        from jaxedit.kontext.pipeline import KontextPipeline
+
+        pipe = KontextPipeline(preset, {}, None, dtype=jnp.bfloat16, devices=devices)
+    pipe.model = pipe.model.clone(attention_impl=attention)
+    return pipe
+
+
+# --------------------------------------------------------------------------------------------------
+# figures
 
 
 def analytic_forward_flops(cfg, tokens: int) -> float:
@@ -154,13 +255,43 @@ def analytic_forward_flops(cfg, tokens: int) -> float:
     return 2.0 * n * (4 * d * d + 2 * d * m) * tokens + 4.0 * tokens * tokens * d * n
 
 
-def depth_scaled_flops(cfg, flops) -> float:
-    """XLA's FLOP count of a step at `cfg`'s depth, from `flops(depth, single)`: the count of the
-    same step with `depth` double and `single` single blocks, unrolled, with loop-free (xla)
-    attention. XLA counts a loop body once, so a scanned model's count misses all blocks but one;
-    the 2+1, 1+2 and 1+1 variants give one double and one single block, scaled by the real depth."""
-    c21, c12, c11 = flops(2, 1), flops(1, 2), flops(1, 1)
-    return c11 + (cfg.depth - 1) * (c21 - c11) + (cfg.depth_single_blocks - 1) * (c12 - c11)
+def model_flops(preset, args, info: dict, batch: int) -> float | None:
+    """The task's model FLOPs per program run (the MFU convention: a train step is 3 forwards, the remat
+    recompute is not counted); None for the VAE and text encoders."""
+    f = analytic_forward_flops(preset.transformer, info["tokens"]) * batch
+    if args.task in ("train", "lora"):
+        return 3 * f
+    if args.task == "infer":
+        return f
+    if args.task == "sample":
+        cfg_passes = 2 if preset.connector is not None else 1  # Step1X-Edit's CFG doubles the batch
+        return f * args.steps * cfg_passes
+    return None
+
+
+_SECONDS_PER_CYCLE: dict[str, float] = {}
+
+
+def seconds_per_cycle(device) -> float:
+    """The TPU compiler's own seconds per estimated cycle on this kind of chip: an 8192^3 bf16 matmul's
+    `optimal_seconds` (its FLOPs at the compiler's peak) over its `estimated_cycles`."""
+    if device.device_kind not in _SECONDS_PER_CYCLE:
+        _SECONDS_PER_CYCLE[device.device_kind] = _matmul_seconds_per_cycle(device)
+    return _SECONDS_PER_CYCLE[device.device_kind]
+
+
+def _matmul_seconds_per_cycle(device) -> float:
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from jaxedit.parallel.hlo_cost import program_cycles
+
+    s = jax.ShapeDtypeStruct(
+        (8192, 8192), jnp.bfloat16, sharding=NamedSharding(Mesh([device], ("x",)), PartitionSpec())
+    )
+    compiled = jax.jit(lambda a, b: a @ b).lower(s, s).compile()
+    return compiled.cost_analysis()["optimal_seconds"] / program_cycles(compiled.as_text()).cycles
 
 
 def plan(args, mesh_cfg) -> dict:
@@ -169,58 +300,76 @@ def plan(args, mesh_cfg) -> dict:
     from jaxedit import configs
     from jaxedit.parallel.sharding import make_mesh
 
-    cfg = configs.get(args.preset).transformer
-    mesh = make_mesh(mesh_cfg)
-    compiled, seconds, info = compile_step(cfg, args, mesh)
+    preset = configs.get(args.preset)
+    target = None
+    if args.target:
+        from jaxedit.parallel.targets import parse_target
+
+        target = parse_target(args.target)
+        devices = target.devices()
+    else:
+        devices = jax.devices()
+    mesh = make_mesh(mesh_cfg, devices)
+    batch = args.batch or mesh.shape["data"] * mesh.shape["fsdp"]
+    t0 = time.perf_counter()
+    lowered, info = lower(preset, args, mesh, batch)
+    compiled = lowered.compile()
+    seconds = time.perf_counter() - t0
     mem = compiled.memory_analysis()
-    flops_scan = compiled.cost_analysis()["flops"]
-
-    def unrolled_flops(depth: int, single: int) -> float:
-        compiled = compile_step(cfg, args, mesh, depth=depth, single=single, scan=False, attention="xla")[0]
-        return compiled.cost_analysis()["flops"]
-
-    flops_dev = depth_scaled_flops(cfg, unrolled_flops)
-    n_dev = len(jax.devices())
-    L, b = info["tokens"], info["batch"]
-    analytic = b * analytic_forward_flops(cfg, L) * (3 if args.task == "train" else 1)
     total = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
-    return dict(
-        preset=args.preset,
-        task=args.task,
-        mesh=args.mesh,
-        devices=n_dev,
-        resolution=args.resolution,
-        remat=args.remat if args.task == "train" else "-",
-        compile_s=seconds,
-        arguments=mem.argument_size_in_bytes,
-        outputs=mem.output_size_in_bytes,
-        aliased=mem.alias_size_in_bytes,
-        temporaries=mem.temp_size_in_bytes,
-        total=total,
-        xla_flops_per_device=flops_dev,
-        xla_flops_scan_body_once=flops_scan,
-        analytic_flops=analytic,
-        **info,
-    )
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    report = dict(
+        preset=args.preset, task=args.task, target=target.name if target else "cpu", mesh=args.mesh or
+        ",".join(f"{k}={v}" for k, v in mesh.shape.items() if v > 1), chips=mesh.devices.size,
+        resolution=args.resolution, batch=batch, remat=args.remat if args.task in ("train", "lora") else "-",
+        attention=args.attention, compile_s=seconds, arguments=mem.argument_size_in_bytes,
+        outputs=mem.output_size_in_bytes, aliased=mem.alias_size_in_bytes, temporaries=mem.temp_size_in_bytes,
+        total=total, xla_flops_loop_bodies_once=cost.get("flops"), **info,
+    )  # fmt: skip
+    flops = model_flops(preset, args, info, batch)
+    report["model_flops"] = flops
+    if target is not None:
+        from jaxedit.parallel.hlo_cost import program_cycles
+
+        walk = program_cycles(compiled.as_text())
+        spc = seconds_per_cycle(devices[0])
+        kernel_s = walk.kernel_flops / target.generation.peak_bf16_flops
+        report |= dict(
+            hbm=target.hbm_bytes, fits=total <= target.hbm_bytes, cycles=walk.cycles,
+            cycles_loop_bodies_once=walk.cycles_body_once, seconds_per_cycle=spc, kernel_runs=dict(walk.kernels),
+            kernel_flops_per_chip=walk.kernel_flops, unknown_trip_counts=walk.unknown_loops,
+            compiler_seconds=walk.cycles * spc + kernel_s, kernel_seconds=kernel_s,
+            mfu_bound_seconds=None if flops is None else flops / target.peak_flops,
+        )  # fmt: skip
+    return report
 
 
 def format_report(r: dict) -> str:
     gb = lambda x: f"{x / 1e9:.2f} GB"  # noqa: E731
-    fits = ", ".join(f"{k} ({v / 1e9:.0f} GB): {'yes' if r['total'] <= v else 'NO'}" for k, v in ACCELERATORS.items())
-    xla_total = r["xla_flops_per_device"] * r["devices"]
-    return "\n".join(
-        [
-            f"{r['preset']} {r['task']} @ {r['resolution']}px, batch {r['batch']} ({r['tokens']} tokens/sample, "
-            f"{r['target_tokens']} target), mesh {r['mesh']} = {r['devices']} devices, remat {r['remat']}",
-            f"  compile: {r['compile_s']:.1f}s",
-            f"  per-device memory: arguments {gb(r['arguments'])}, outputs {gb(r['outputs'])} "
-            f"(aliased {gb(r['aliased'])}), temporaries {gb(r['temporaries'])}, total {gb(r['total'])}",
-            f"  FLOPs per step: XLA {xla_total / 1e12:.1f} TFLOP ({r['xla_flops_per_device'] / 1e12:.2f} per device), "
-            f"analytic {r['analytic_flops'] / 1e12:.1f} TFLOP, XLA/analytic {xla_total / r['analytic_flops']:.3f}",
-            f"  fits: {fits}",
-        ]
-    )
+    lines = [
+        f"{r['preset']} {r['task']} @ {r['resolution']}px, batch {r['batch']} ({r['tokens']} tokens/sample: "
+        f"{r['text_tokens']} text + {r['target_tokens']} target + {r['reference_tokens']} reference), "
+        f"{r['target']} mesh {r['mesh']} = {r['chips']} {'chips' if r['target'] != 'cpu' else 'devices'}, "
+        f"remat {r['remat']}, attention {r['attention']}",
+        f"  compile: {r['compile_s']:.1f}s",
+        f"  per-chip memory: arguments {gb(r['arguments'])}, outputs {gb(r['outputs'])} (aliased "
+        f"{gb(r['aliased'])}), temporaries {gb(r['temporaries'])}, total {gb(r['total'])}"
+        + (f" of {gb(r['hbm'])} HBM: {'fits' if r['fits'] else 'DOES NOT FIT'}" if "hbm" in r else ""),
+    ]
+    if r["model_flops"]:
+        lines.append(f"  model FLOPs per run: {r['model_flops'] / 1e12:.1f} TFLOP (analytic)")
+    if "compiler_seconds" in r:
+        k = ", ".join(f"{n} x{c}" for n, c in r["kernel_runs"].items()) or "none"
+        lines.append(
+            f"  time per run: compiler estimate {r['compiler_seconds']:.3f} s ({r['cycles'] / 1e6:.1f}M cycles "
+            f"x {r['seconds_per_cycle'] * 1e9:.3f} ns + Mosaic kernels {r['kernel_seconds']:.3f} s at peak: {k})"
+            + (f"; MFU bound {r['mfu_bound_seconds']:.3f} s (model FLOPs at peak)" if r["mfu_bound_seconds"] else "")
+        )
+        if r["unknown_trip_counts"]:
+            lines.append(f"  note: loops counted once (trip count unknown): {', '.join(r['unknown_trip_counts'])}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -64,6 +64,45 @@ def test_splash_kernel_in_interpreter_matches_xla():
     np.testing.assert_allclose(np.asarray(out), np.asarray(A.dot_product_attention(q, k, v, impl="xla")), atol=2e-6)
 
 
+def test_splash_pads_any_length_and_masks_the_padding():
+    """A length that is no multiple of the 128-token blocks (a Kontext edit at 880x1184 has 512 + 2 x 4,070
+    tokens) is padded; the padded keys are masked by segment ids: forward and gradients equal XLA's."""
+    q, k, v = qkv(2, 150, 2, 16, seed=3)
+    f = lambda impl: lambda q, k, v: (A.dot_product_attention(q, k, v, impl=impl) ** 2).sum()  # noqa: E731
+    np.testing.assert_allclose(
+        np.asarray(A.dot_product_attention(q, k, v, impl="splash_interpret")),
+        np.asarray(A.dot_product_attention(q, k, v, impl="xla")),
+        atol=2e-6,
+    )
+    for a, b in zip(jax.grad(f("splash_interpret"), (0, 1, 2))(q, k, v), jax.grad(f("xla"), (0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
+
+
+@pytest.mark.parametrize("mesh_shape,batch", [((1, 2, 2), 2), ((1, 4, 1), 1)], ids=["fsdp2xtp2", "fsdp4-batch1"])
+def test_splash_runs_per_device_under_shard_map(mesh_shape, batch):
+    """Under a mesh the kernel runs inside shard_map (a Mosaic kernel cannot be partitioned): batch over
+    data/fsdp, heads over tensor; a batch too small for fsdp splits the heads instead. Equal to XLA's on
+    fake CPU devices (the kernel in the Pallas interpreter), forward and gradients."""
+    from jax.sharding import Mesh
+
+    from jaxedit.parallel import sharding as sh
+
+    mesh = Mesh(np.asarray(jax.devices()[: np.prod(mesh_shape)]).reshape(mesh_shape), sh.MESH_AXES)
+    q, k, v = qkv(batch, 130, 4, 16, seed=5)
+    loss = lambda impl: lambda q, k, v: (A.dot_product_attention(q, k, v, impl=impl) ** 2).sum()  # noqa: E731
+    f = lambda impl: jax.jit(jax.value_and_grad(loss(impl), (0, 1, 2)))  # noqa: E731  (as a train step takes it)
+    with sh.activate(mesh):
+        axes = A.mesh_axes_for(batch, 4)
+        jaxpr = str(jax.make_jaxpr(f("splash_interpret"))(q, k, v))
+        got = f("splash_interpret")(q, k, v)
+    want = f("xla")(q, k, v)
+    assert "shard_map" in jaxpr
+    assert axes == ((("fsdp",), ("tensor",)) if batch == 2 else ((), ("fsdp",)))
+    np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-5)
+    for a, b in zip(got[1], want[1]):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
+
+
 def test_splash_lowers_for_tpu_without_hardware():
     s = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16)
     exported = jax.export.export(jax.jit(lambda q, k, v: A.splash_attention(q, k, v)), platforms=["tpu"])(s, s, s)
@@ -79,8 +118,10 @@ def test_dispatch_and_fallbacks():
     assert A.resolve("auto", bf, bf, platform="tpu") == "splash"
     assert A.resolve("auto", bf, bf, platform="gpu") == "cudnn"
     # kernels that cannot take the input fall back with a warning naming the reason
-    with pytest.warns(UserWarning, match="not multiples of 128"):
-        assert A.resolve("splash", *short[:2]) == "xla"
+    mask = jnp.ones((1, 1, 64, 64), bool)
+    with pytest.warns(UserWarning, match="dense mask is not supported by the splash path"):
+        assert A.resolve("splash", *short[:2], mask) == "xla"
+    assert A.splash_problem(*short[:2]) is None  # any length: padded to the kernel's blocks
     with pytest.warns(UserWarning, match="bfloat16 or float16"):
         assert A.resolve("cudnn", long, long) == "chunked"
     odd = jax.ShapeDtypeStruct((1, 64, 2, 20), jnp.bfloat16)

@@ -10,16 +10,23 @@ input dtype; the output has the input dtype. Implementations (`impl`):
            Every platform; rematerialised in the backward pass.
   cudnn    jax.nn.dot_product_attention(implementation="cudnn"): fused flash attention
            on NVIDIA GPUs (bfloat16/float16, head_dim a multiple of 8 up to 128).
-  splash   Pallas splash attention on TPU (jax.experimental.pallas.ops.tpu), lengths a
-           multiple of its 128-token blocks; `splash_interpret` runs the same kernel in
-           the Pallas interpreter (any platform; slow; used by the tests on CPU).
+  splash   Pallas splash attention on TPU (jax.experimental.pallas.ops.tpu); lengths are
+           padded to its 128-token blocks, the padded keys masked out by segment ids;
+           `splash_interpret` runs the same kernel in the Pallas interpreter (any platform;
+           slow; used by the tests on CPU).
   auto     splash on TPU, cudnn on GPU, otherwise xla for short sequences and chunked
-           from `AUTO_CHUNK_FROM` tokens on.
+           from `AUTO_CHUNK_FROM` tokens on. The platform is that of the devices the program
+           is compiled for (the mesh set with `jax.set_mesh`), else the default backend: a
+           program compiled ahead of time for TPU chips from a CPU host gets splash.
 
-A kernel that cannot take the shapes, dtype or mask falls back to `chunked` (or `xla`
-for short sequences) with a warning naming the reason. The cudnn and splash paths are
-not executed on this project's CPU CI: their shape checks and dispatch are tested, and
-splash's numerics are tested through the Pallas interpreter.
+The kernels (splash, cudnn) cannot be partitioned by XLA (a Mosaic kernel is opaque), so under
+a mesh they run per device inside `jax.shard_map`: batch split over the mesh axes the logical
+rules give `act_batch` (data, fsdp), heads over those of `act_heads` (tensor); an axis that
+does not divide its dimension is used for the other one if it can, else the data is replicated
+along it. A kernel that cannot take the shapes, dtype or mask falls back to `chunked` (or
+`xla` for short sequences) with a warning naming the reason. On this project's CPU CI the
+kernels are compiled for TPU targets (libtpu, ahead of time) and splash's numerics are tested
+through the Pallas interpreter, also under shard_map on fake devices.
 """
 
 from __future__ import annotations
@@ -28,8 +35,10 @@ import functools
 import math
 import warnings
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn", "splash", "splash_interpret")
 AUTO_CHUNK_FROM = 4096  # sequence length from which `auto` avoids the full score matrix
@@ -64,15 +73,22 @@ def dot_product_attention(
     if impl == "chunked":
         return chunked_attention(q_BLHD, k_BSHD, v_BSHD, mask_BHLS=mask_BHLS)
     if impl == "cudnn":
-        return jax.nn.dot_product_attention(q_BLHD, k_BSHD, v_BSHD, implementation="cudnn")
-    return splash_attention(q_BLHD, k_BSHD, v_BSHD, interpret=impl == "splash_interpret")
+        return per_device(cudnn_attention, q_BLHD, k_BSHD, v_BSHD)
+    return per_device(functools.partial(splash_attention, interpret=impl == "splash_interpret"), q_BLHD, k_BSHD, v_BSHD)
+
+
+def target_platform() -> str:
+    """The platform of the devices being compiled for: the mesh set with `jax.set_mesh` (also an ahead-of-
+    time target such as TPU chips from `jax.experimental.topologies`), else the default backend."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
 
 
 def resolve(impl: str, q, k, mask=None, platform: str | None = None) -> str:
     """The implementation actually used for these shapes (warns when falling back)."""
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"attention impl {impl!r} is not one of {IMPLEMENTATIONS}")
-    platform = platform or jax.default_backend()
+    platform = platform or target_platform()
     long = max(q.shape[1], k.shape[1]) >= AUTO_CHUNK_FROM
     fallback = "chunked" if long else "xla"
     if impl == "auto":
@@ -108,9 +124,6 @@ def splash_problem(q, k, mask=None) -> str | None:
     """Why splash attention cannot take these inputs (None if it can)."""
     if mask is not None:
         return "a dense mask is not supported by the splash path"
-    lq, lk = q.shape[1], k.shape[1]
-    if lq % SPLASH_BLOCK or lk % SPLASH_BLOCK:
-        return f"lengths {lq}, {lk} are not multiples of {SPLASH_BLOCK}"
     return None
 
 
@@ -170,19 +183,74 @@ def chunked_attention(q, k, v, *, mask_BHLS=None, q_chunk: int = Q_CHUNK, k_chun
     return out.swapaxes(0, 1).reshape(b, nq * cq, h, d)[:, :lq]
 
 
+def mesh_axes_for(batch: int, heads: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(batch axes, head axes) of the current mesh for a kernel run per device: the mesh axes the logical
+    rules give act_batch and act_heads, each kept only while it divides its dimension; a batch axis that
+    cannot split the batch splits the heads instead when it divides them (the devices share the work
+    either way). Axes of size 1 are left out."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return (), ()
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+
+    def rule_axes(name):
+        spec = nn.logical_to_mesh_axes((name,))[0]
+        names = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+        return [a for a in names if sizes.get(a, 1) > 1]
+
+    batch_axes, head_axes, left = [], [], []
+    for a in rule_axes("act_batch"):
+        if batch % (math.prod(sizes[x] for x in batch_axes) * sizes[a]) == 0:
+            batch_axes.append(a)
+        else:
+            left.append(a)
+    for a in rule_axes("act_heads") + left:
+        if a not in batch_axes and heads % (math.prod(sizes[x] for x in head_axes) * sizes[a]) == 0:
+            head_axes.append(a)
+    return tuple(batch_axes), tuple(head_axes)
+
+
+def per_device(kernel, q, k, v):
+    """`kernel(q, k, v)` ([B, L, H, D] each) run on every device's shard inside `jax.shard_map` when a mesh
+    is set (see `mesh_axes_for`), else directly."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return kernel(q, k, v)
+    batch_axes, head_axes = mesh_axes_for(q.shape[0], q.shape[2])
+    spec = PartitionSpec(batch_axes or None, None, head_axes or None, None)
+    return jax.shard_map(kernel, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)
+
+
+def cudnn_attention(q, k, v):
+    """cuDNN fused flash attention (NVIDIA GPUs), [B, L, H, D]."""
+    return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+
+
 def splash_attention(q, k, v, *, interpret: bool = False):
-    """Pallas splash attention (TPU kernel; `interpret=True` runs it anywhere), [B, L, H, D]."""
+    """Pallas splash attention (TPU kernel; `interpret=True` runs it anywhere), [B, L, H, D] (one device's
+    shard: `dot_product_attention` runs it under `per_device`). Lengths are padded to the kernel's
+    128-token blocks; padded keys get another segment id than every query, so nothing attends them."""
     _, lq, h, d = q.shape
     lk = k.shape[1]
-    kernel = _splash_kernel(lq, lk, h, interpret)
+    pq, pk = -lq % SPLASH_BLOCK, -lk % SPLASH_BLOCK
+    kernel = _splash_kernel(lq + pq, lk + pk, h, interpret)
     scale = 1.0 / math.sqrt(d)
-    qt = (q.astype(jnp.float32) * scale).astype(q.dtype).transpose(0, 2, 1, 3)  # [B, H, L, D]
-    out = jax.vmap(kernel)(qt, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
-    return out.transpose(0, 2, 1, 3).astype(q.dtype)
+    pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, 0))) if n else x  # noqa: E731
+    qt = pad((q.astype(jnp.float32) * scale).astype(q.dtype), pq).transpose(0, 2, 1, 3)  # [B, H, L, D]
+    kt, vt = (pad(x, pk).transpose(0, 2, 1, 3) for x in (k, v))
+    if pk:  # padded queries keep segment 0: their rows attend the real keys, never an empty row
+        from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
+
+        seg = SegmentIds(jnp.zeros((lq + pq,), jnp.int32), (jnp.arange(lk + pk) >= lk).astype(jnp.int32))
+        out = jax.vmap(lambda q, k, v: kernel(q, k, v, segment_ids=seg))(qt, kt, vt)
+    else:
+        out = jax.vmap(kernel)(qt, kt, vt)
+    return out.transpose(0, 2, 1, 3)[:, :lq].astype(q.dtype)
 
 
-@functools.lru_cache(maxsize=32)
 def _splash_kernel(lq: int, lk: int, heads: int, interpret: bool):
+    """The kernel for these sizes, built in the trace that calls it (its mask tables become constants of
+    that program; a kernel cached across traces would leak their tracers). About 0.3 s at 8,704 tokens."""
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
     mask = sa.MultiHeadMask([sa.FullMask((lq, lk)) for _ in range(heads)])

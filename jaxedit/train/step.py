@@ -192,6 +192,17 @@ class Trainer:
         metrics |= {"grad_norm": optax.global_norm(grads), "lr": self.lr_schedule(state["step"])}
         return new, metrics
 
+    def lower(self, batch: dict[str, jax.ShapeDtypeStruct], empty=None) -> jax.stages.Lowered:
+        """The train step lowered on abstract inputs (the state as `abstract_state`, the batch [A, b, ...]
+        shapes): `.compile()` it for the mesh's devices ahead of time (e.g. TPU chips from a CPU host)."""
+        shardings = self.batch_shardings()
+        batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in batch.items()}
+        key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=self.replicated)
+        if empty is not None:
+            empty = tuple(jax.ShapeDtypeStruct(e.shape, e.dtype, sharding=self.replicated) for e in empty)
+        with sh.activate(self.mesh, self.rules):
+            return self._step.lower(self.abstract_state, batch, key, empty)
+
     def step(self, state: State, batch: dict[str, Any], key: jax.Array, empty=None) -> tuple[State, dict]:
         """One optimizer step (state is donated). batch: host or device arrays [A, b, ...]."""
         batch = {k: _global(batch[k], s) for k, s in self.batch_shardings().items()}

@@ -1,0 +1,167 @@
+"""The TPU compiler's own time estimate of a compiled program, with loops counted as often as they run.
+
+`compiled.cost_analysis()` counts a while-loop body once (a 57-block scan costs as one block), and its
+`optimal_seconds` is a roofline of that count. The TPU compiler also writes, into the optimized HLO
+(`compiled.as_text()`), an `estimated_cycles` figure on every instruction it schedules (fusions,
+copies, collective pieces). `program_cycles` walks the HLO from its entry computation:
+
+    cycles(computation) = sum of its instructions' estimated_cycles
+                        + sum over its `while` ops of trips x (cycles(body) + cycles(condition))
+                        + the largest branch of each `conditional`, the callee of each `call`
+
+where `trips` is the while op's `known_trip_count` when the compiler recorded one, else read from
+its condition computation: `compare(counter, constant(N))` with direction LT (N trips; LE: N + 1),
+the form `lax.scan` / `fori_loop` lower to (a counter from 0). A loop whose count cannot be read
+is counted once and reported. Fused computations are not entered (the fusion op carries their cost).
+
+Mosaic kernels (custom calls such as splash attention) carry no estimate; they are listed with how
+often they run, and their FLOPs are estimated from their operand shapes (`kernel_flops`), to be
+timed at the chip's peak.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections import Counter
+
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.\-]+) \(.*\{\s*$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.+?) ([a-z][\w\-]*)\((.*)$", re.DOTALL)
+_CYCLES = re.compile(r'"estimated_cycles":"(\d+)"')
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_SHAPE = re.compile(r"([a-z]+\d*)\[([\d,]*)\]")
+
+
+@dataclasses.dataclass
+class Instruction:
+    name: str
+    shape: str  # the result type text, e.g. "bf16[2,128,64]{...}" or a tuple
+    opcode: str
+    rest: str  # operands and attributes
+
+    def attr(self, key: str) -> str | None:
+        m = re.search(rf"{key}=%?([\w.\-]+)", self.rest)
+        return m[1] if m else None
+
+
+def parse(hlo_text: str) -> tuple[dict[str, list[Instruction]], str]:
+    """({computation name: instructions}, entry computation name) of an HLO module's text."""
+    comps: dict[str, list[Instruction]] = {}
+    entry, current, lines = "", None, []
+
+    def flush():
+        for text in lines:  # an instruction may span lines (attributes holding JSON with newlines)
+            m = _INSTRUCTION.match(text)
+            if m:
+                comps[current].append(Instruction(m[1], m[2], m[3], m[4]))
+        lines.clear()
+
+    for line in hlo_text.splitlines():
+        if current is None:
+            m = _COMPUTATION.match(line)
+            if m:
+                current = m[1]
+                comps[current] = []
+                entry = current if line.startswith("ENTRY") else entry
+            continue
+        if line.rstrip() == "}":
+            flush()
+            current = None
+        elif re.match(r"^\s*(?:ROOT )?%", line) or not lines:
+            lines.append(line)
+        else:
+            lines[-1] += "\n" + line
+    if not entry:
+        raise ValueError("no ENTRY computation in the HLO text")
+    return comps, entry
+
+
+def trip_count(loop: Instruction, comps: dict[str, list[Instruction]]) -> int | None:
+    """How often a while op runs its body (None: unknown)."""
+    m = _TRIP.search(loop.rest)
+    if m:
+        return int(m[1])
+    cond = comps.get(loop.attr("condition") or "", [])
+    constants = {}
+    for ins in cond:
+        c = re.match(r"(-?\d+)\)", ins.rest) if ins.opcode == "constant" else None
+        if c:
+            constants[ins.name] = int(c[1])
+    for ins in cond:
+        if ins.opcode != "compare":
+            continue
+        operands = re.findall(r"%([\w.\-]+)", ins.rest.split(")")[0])
+        direction = re.search(r"direction=(\w+)", ins.rest)
+        bound = [constants[o] for o in operands if o in constants]
+        if len(bound) == 1 and direction and operands[-1] in constants:
+            return {"LT": bound[0], "LE": bound[0] + 1}.get(direction[1])
+    return None
+
+
+@dataclasses.dataclass
+class ProgramCycles:
+    cycles: int  # estimated cycles of one run of the program, loops counted as often as they run
+    cycles_body_once: int  # the same with every loop body counted once
+    kernels: Counter  # Mosaic kernel name -> times it runs
+    kernel_flops: float  # estimated FLOPs of those runs (per device)
+    unknown_loops: list[str]
+
+
+def program_cycles(hlo_text: str) -> ProgramCycles:
+    """Walk the compiled program's HLO (see the module docstring)."""
+    comps, entry = parse(hlo_text)
+    shapes = {ins.name: ins.shape for body in comps.values() for ins in body}
+    kernels: Counter = Counter()
+    flops = [0.0]
+    unknown: list[str] = []
+
+    def walk(name: str, times: int, once: bool) -> int:
+        total = 0
+        for ins in comps.get(name, []):
+            m = _CYCLES.search(ins.rest)
+            total += int(m[1]) if m else 0
+            if ins.opcode == "while":
+                n = trip_count(ins, comps)
+                if n is None:
+                    n = 1
+                    if not once:
+                        unknown.append(ins.name)
+                n = 1 if once else n
+                for part in ("body", "condition"):
+                    total += n * walk(ins.attr(part) or "", times * n, once)
+            elif ins.opcode == "call":
+                total += walk(ins.attr("to_apply") or "", times, once)
+            elif ins.opcode == "conditional":
+                branches = re.findall(r"%([\w.\-]+)", ins.rest.split("branch_computations={")[-1].split("}")[0])
+                total += max((walk(b, times, once) for b in branches), default=0)
+            elif ins.opcode == "custom-call" and 'custom_call_target="tpu_custom_call"' in ins.rest and not once:
+                kernel = re.sub(r"\.\d+$", "", ins.name)
+                kernels[kernel] += times
+                flops[0] += times * kernel_flops(kernel, ins, shapes)
+        return total
+
+    cycles = walk(entry, 1, once=False)
+    return ProgramCycles(cycles, walk(entry, 1, once=True), kernels, flops[0], unknown)
+
+
+def kernel_flops(kernel: str, ins: Instruction, shapes: dict[str, str]) -> float:
+    """FLOPs of one run of a splash attention kernel from its q, k operands [b, h, L, D] (0 for other
+    kernels): forward 4 b h Lq Lk D (q k^T and p v), backward dq 6 and dkv 8 (logits recomputed, then
+    the products each gradient needs)."""
+    mult = 8 if "dkv" in kernel else 6 if "_dq" in kernel else 4 if "fwd" in kernel else 0
+    if not mult or "splash" not in kernel:
+        return 0.0
+    operands = re.findall(r"%([\w.\-]+)", ins.rest.split("),")[0])
+    dims = []
+    for o in operands:
+        m = _SHAPE.match(shapes.get(o, ""))
+        d = [int(x) for x in m[2].split(",")] if m and m[2] else []
+        if len(d) >= 3 and m[1] in ("bf16", "f32", "f16"):
+            dims.append(d)
+    if len(dims) < 2:
+        return 0.0
+    q, k = dims[0], dims[1]
+    lead = 1
+    for x in q[:-2]:
+        lead *= x
+    return float(mult * lead * q[-2] * k[-2] * q[-1])

@@ -1,0 +1,101 @@
+"""Compiled for TPU with no TPU attached: libtpu's compiler, ahead of time, over the chips of a topology
+description (`jaxedit.parallel.targets`), tiny presets on a v5e:2x2 slice. The programs are the ones
+jaxedit runs (the planner builds them: `jaxedit.plan.lower`), and splash attention must really be in
+them as Mosaic kernels (no silent fallback), sharded over FSDP and FSDP x tensor meshes."""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import numpy as np
+import pytest
+
+from jaxedit import configs, plan
+from jaxedit.configs import MeshConfig
+from jaxedit.models import attention as A
+from jaxedit.parallel import sharding as sh
+from jaxedit.parallel.targets import parse_target, torus
+
+pytest.importorskip("libtpu", reason='no libtpu: pip install "jax[tpu]==<jax version>" (the test extra has it)')
+
+MESHES = {"fsdp4": MeshConfig(fsdp=4), "fsdp2_tp2": MeshConfig(fsdp=2, tensor=2)}
+
+
+@pytest.fixture(scope="module")
+def chips():
+    return parse_target("v5e-4").devices()
+
+
+def args_for(task: str, **kw) -> argparse.Namespace:
+    return plan.parser().parse_args(["--task", task, "--resolution", "128", "--text-tokens", "16"] + [
+        x for k, v in kw.items() for x in (f"--{k.replace('_', '-')}", str(v))
+    ])  # fmt: skip
+
+
+def compile_task(task: str, chips, mesh_cfg: MeshConfig, preset="flux-kontext-tiny", batch=4, **kw):
+    mesh = sh.make_mesh(mesh_cfg, chips)
+    lowered, info = plan.lower(configs.get(preset), args_for(task, **kw), mesh, batch)
+    return lowered.compile()
+
+
+def test_slice_names_map_to_topologies():
+    assert [parse_target(n).topology for n in ("v5p-8", "v5p-64", "v6e-4", "v6e-64", "v5e-16", "v5e-256")] == [
+        "v5p:2x2x1", "v5p:2x4x4", "v6e:2x2", "v6e:8x8", "v5e:4x4", "v5e:16x16",
+    ]  # fmt: skip
+    assert parse_target("v5p-8").chips == 4 and parse_target("v6e-64").hbm_bytes == 32e9
+    assert torus(512, 3) == (8, 8, 8) and torus(1, 2) == (1, 1)
+    with pytest.raises(ValueError, match="expected a TPU slice such as v5p-8"):
+        parse_target("h100-8")
+
+
+def test_auto_picks_splash_for_a_tpu_target(chips):
+    """`auto` follows the devices compiled for (the mesh), not the host's CPU backend."""
+    mesh = sh.make_mesh(MeshConfig(fsdp=4), chips)
+    q = jax.ShapeDtypeStruct((4, 256, 2, 64), np.dtype("bfloat16"))
+    assert A.target_platform() == "cpu" and A.resolve("auto", q, q) == "xla"
+    with sh.activate(mesh):
+        assert A.target_platform() == "tpu" and A.resolve("auto", q, q) == "splash"
+
+
+@pytest.mark.parametrize(
+    "task,mesh",
+    # the train step on fsdp2_tp2 is the planner's test below
+    [("infer", "fsdp4"), ("infer", "fsdp2_tp2"), ("train", "fsdp4"), ("sample", "fsdp4"), ("sample", "fsdp2_tp2")],
+)
+def test_programs_compile_for_tpu_with_splash_sharded(chips, task, mesh):
+    compiled = compile_task(task, chips, MESHES[mesh], steps=2)
+    text = compiled.as_text()
+    kernels = {name for name in ("splash_mha_fwd", "splash_mha_dq", "splash_mha_dkv") if name in text}
+    assert kernels == ({"splash_mha_fwd", "splash_mha_dq", "splash_mha_dkv"} if task == "train" else {"splash_mha_fwd"})
+    assert 'custom_call_target="tpu_custom_call"' in text  # the Mosaic kernel itself, per device
+    mem = compiled.memory_analysis()
+    assert mem.argument_size_in_bytes > 0 and mem.temp_size_in_bytes > 0
+
+
+def test_step1x_dit_and_connector_compile_for_tpu(chips):
+    """Step1X-Edit: splash in the DiT; the connector's padded-token mask keeps XLA attention there."""
+    text = compile_task("infer", chips, MESHES["fsdp2_tp2"], preset="step1x-edit-tiny").as_text()
+    assert "splash_mha_fwd" in text and 'custom_call_target="tpu_custom_call"' in text
+
+
+def test_planner_reports_compiler_time_and_kernels_for_a_tpu_target():
+    """The planner on a TPU target (the train step, FSDP x tensor): per-chip memory against HBM, the
+    compiler's cycles with loops counted as often as they run, the splash kernels of the forward, the
+    remat recompute and the backward with their run counts, and the MFU bound."""
+    args = plan.parser().parse_args(["--preset", "flux-kontext-tiny", "--task", "train", "--target", "v5e-4",
+                                     "--mesh", "fsdp=2,tensor=2", "--resolution", "128", "--batch", "4",
+                                     "--text-tokens", "16"])  # fmt: skip
+    r = plan.plan(args, MeshConfig.parse(args.mesh))
+    assert r["chips"] == 4 and r["hbm"] == 16e9 and r["fits"] and 0 < r["total"] < 1e9
+    cfg = configs.get("flux-kontext-tiny").transformer
+    blocks = cfg.depth + cfg.depth_single_blocks
+    # forward + the remat recompute, then each block's backward kernels: the loops counted as they run
+    assert r["kernel_runs"] == {
+        "splash_mha_fwd_segmented_residuals": 2 * blocks,
+        "splash_mha_dq_segmented_no_residuals": blocks,
+        "splash_mha_dkv_segmented_no_residuals": blocks,
+    }
+    assert r["cycles"] > r["cycles_loop_bodies_once"] > 0 and not r["unknown_trip_counts"]
+    assert r["compiler_seconds"] > r["kernel_seconds"] > 0 and r["mfu_bound_seconds"] > 0
+    assert "time per run: compiler estimate" in plan.format_report(r)

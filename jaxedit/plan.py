@@ -1,8 +1,10 @@
 """Ahead-of-time planner: compile a full-size program on abstract inputs for a TPU slice (the TPU
-compiler, libtpu) or for simulated CPU devices; report per-chip memory, FLOPs and time estimates.
+compiler, libtpu), NVIDIA GPUs (deviceless, the CUDA plugin) or simulated CPU devices; report per-chip
+memory, FLOPs and time estimates.
 
     jaxedit plan --task train --target v5p-8 --resolution 1024 --batch 8
     jaxedit plan --task sample --target v6e-4 --mesh fsdp=4 --steps 28
+    jaxedit plan --task train --target h100-8 --batch 8
     jaxedit plan --task train --mesh fsdp=64          # no --target: 64 simulated CPU devices
 
 Tasks (the programs jaxedit runs; --preset picks FLUX.1 Kontext or Step1X-Edit, whose DiT includes
@@ -21,7 +23,8 @@ temporaries - aliased (donated) buffers. Time, two ways: the compiler's own esti
 `jaxedit.parallel.hlo_cost`; Mosaic kernels, which carry no estimate, at the chip's peak), converted
 with the compiler's own seconds per cycle (an 8192^3 bf16 matmul's `optimal_seconds` over its
 `estimated_cycles` on the same chip); and the MFU bound, the model FLOPs (analytic) at the chip's
-published peak. On CPU devices only memory and FLOPs are reported.
+published peak. GPU targets get memory and the MFU bound (their compiler gives no cost estimate); CPU
+devices memory and FLOPs.
 """
 
 from __future__ import annotations
@@ -43,7 +46,8 @@ def parser(prog: str = "python -m jaxedit.plan") -> argparse.ArgumentParser:
     p.add_argument("--preset", default="flux-kontext-dev", help="model preset (default flux-kontext-dev)")
     p.add_argument("--task", choices=TASKS, required=True, help="the program to compile")
     p.add_argument("--target", default=None, help="TPU slice: v5p-8, v5p-64, v6e-4, v6e-64, v5e-16, v5e-256, ... "
-                   "or a topology such as v5p:2x2x1 (needs libtpu); default: simulated CPU devices")  # fmt: skip
+                   "or a topology such as v5p:2x2x1 (needs libtpu), or GPUs: h100-8 (needs the gpu-plan extra); "
+                   "default: simulated CPU devices")  # fmt: skip
     p.add_argument("--mesh", default=None, help="e.g. fsdp=64, fsdp=16,tensor=4, data=2,fsdp=32 (default: every "
                    "device on fsdp; with --target one axis may be -1: the remaining chips)")  # fmt: skip
     p.add_argument("--resolution", type=int, default=1024, help="square image side in pixels")
@@ -317,7 +321,7 @@ def plan(args, mesh_cfg) -> dict:
     seconds = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     total = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
-    cost = compiled.cost_analysis()
+    cost = compiled.cost_analysis() or {}  # None for GPU targets
     cost = cost[0] if isinstance(cost, list | tuple) else cost
     report = dict(
         preset=args.preset, task=args.task, target=target.name if target else "cpu", mesh=args.mesh or
@@ -330,17 +334,21 @@ def plan(args, mesh_cfg) -> dict:
     flops = model_flops(preset, args, info, batch)
     report["model_flops"] = flops
     if target is not None:
+        report |= dict(
+            hbm=target.hbm_bytes, fits=total <= target.hbm_bytes,
+            mfu_bound_seconds=None if flops is None else flops / target.peak_flops,
+        )  # fmt: skip
+    if target is not None and target.generation.platform == "tpu":
         from jaxedit.parallel.hlo_cost import program_cycles
 
         walk = program_cycles(compiled.as_text())
         spc = seconds_per_cycle(devices[0])
         kernel_s = walk.kernel_flops / target.generation.peak_bf16_flops
         report |= dict(
-            hbm=target.hbm_bytes, fits=total <= target.hbm_bytes, cycles=walk.cycles,
+            cycles=walk.cycles,
             cycles_loop_bodies_once=walk.cycles_body_once, seconds_per_cycle=spc, kernel_runs=dict(walk.kernels),
             kernel_flops_per_chip=walk.kernel_flops, unknown_trip_counts=walk.unknown_loops,
             compiler_seconds=walk.cycles * spc + kernel_s, kernel_seconds=kernel_s,
-            mfu_bound_seconds=None if flops is None else flops / target.peak_flops,
         )  # fmt: skip
     return report
 
@@ -355,10 +363,12 @@ def format_report(r: dict) -> str:
         f"  compile: {r['compile_s']:.1f}s",
         f"  per-chip memory: arguments {gb(r['arguments'])}, outputs {gb(r['outputs'])} (aliased "
         f"{gb(r['aliased'])}), temporaries {gb(r['temporaries'])}, total {gb(r['total'])}"
-        + (f" of {gb(r['hbm'])} HBM: {'fits' if r['fits'] else 'DOES NOT FIT'}" if "hbm" in r else ""),
+        + (f" of {gb(r['hbm'])}: {'fits' if r['fits'] else 'DOES NOT FIT'}" if "hbm" in r else ""),
     ]
     if r["model_flops"]:
         lines.append(f"  model FLOPs per run: {r['model_flops'] / 1e12:.1f} TFLOP (analytic)")
+    if r.get("mfu_bound_seconds") and "compiler_seconds" not in r:
+        lines.append(f"  time per run: MFU bound {r['mfu_bound_seconds']:.3f} s (model FLOPs at peak)")
     if "compiler_seconds" in r:
         k = ", ".join(f"{n} x{c}" for n, c in r["kernel_runs"].items()) or "none"
         lines.append(

@@ -66,3 +66,10 @@ def tiny_qwen(tmp_path_factory):
     from tests.tiny_qwen import build_tiny_qwen
 
     return build_tiny_qwen(tmp_path_factory.mktemp("qwen"))
+
+
+def pytest_collection_modifyitems(items):
+    """`full_depth_slow`: slow only in its full-depth (19+38 blocks) parametrisation."""
+    for item in items:
+        if item.get_closest_marker("full_depth_slow") and "depth19+38" in item.name:
+            item.add_marker(pytest.mark.slow)

@@ -28,25 +28,28 @@ def test_wheel_runs_the_main_job_from_another_folder(tmp_path):
     run([sys.executable, "-m", "pip", "wheel", src, "--no-deps", "--no-build-isolation", "-w", dist, "-q"], tmp_path)
     (wheel,) = dist.glob("jaxedit-*.whl")
     # a fresh environment that takes jax, flax, ... from this one but jaxedit only from the wheel
-    run([sys.executable, "-m", "venv", "--system-site-packages", venv], tmp_path)
+    # (no pip of its own: this environment's pip, run by the venv's python, installs into the venv)
+    run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv], tmp_path)
     bin_ = venv / "bin"
     run([bin_ / "python", "-m", "pip", "install", "--no-deps", "--no-index", "-q", wheel], tmp_path)
     env = {"PATH": f"{bin_}:/usr/bin:/bin", "HOME": str(tmp_path), "JAXEDIT_CACHE_DIR": "off", "JAX_PLATFORMS": "cpu"}
     env |= {k: os.environ[k] for k in ("LANG",) if k in os.environ}
 
-    code = "import jaxedit, checkpoints_convert as c; print(jaxedit.__file__, c.__file__)"
+    # the wheel's copies (not the checkout's), and the shipped configs by name
+    code = (
+        "import jaxedit, checkpoints_convert as c; from jaxedit.train.config import find_config as f; "
+        "print(jaxedit.__file__, c.__file__, f('kontext_dev_lora'))"
+    )
     where = run([bin_ / "python", "-c", code], elsewhere, env).split()
-    assert all(Path(w).is_relative_to(venv) for w in where), where  # the wheel's copy, not the checkout's
+    assert all(Path(w).is_relative_to(venv) for w in where), where
+    assert Path(where[2]).name == "kontext_dev_lora.py"
 
     image = ROOT / "examples" / "shapes.png"
     out = run([bin_ / "jaxedit", "edit", "--image", image, "--prompt", "make the red circle blue", "--out", "e.png"],
               elsewhere, env)  # fmt: skip
     assert "wrote e.png (64x64)" in out and (elsewhere / "e.png").is_file()
 
-    # the shipped configs by name, and the converter's check against the packaged manifests
-    code = "from jaxedit.train.config import find_config as f; print(f('kontext_dev_lora'))"
-    cfg = run([bin_ / "python", "-c", code], elsewhere, env).strip()
-    assert Path(cfg).is_relative_to(venv) and Path(cfg).name == "kontext_dev_lora.py"
+    # the converter's check against the packaged manifests
     manifest = Path(where[1]).parent / "manifests" / "bfl-ae.json"
     out = run([bin_ / "jaxedit-convert", "check", manifest, "--preset", "flux-kontext-dev"], elsewhere, env)
     assert "vs the published bfl-ae: same tensor names and shapes" in out

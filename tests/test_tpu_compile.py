@@ -45,8 +45,9 @@ def test_slice_names_map_to_topologies():
     ]  # fmt: skip
     assert parse_target("v5p-8").chips == 4 and parse_target("v6e-64").hbm_bytes == 32e9
     assert torus(512, 3) == (8, 8, 8) and torus(1, 2) == (1, 1)
+    assert (parse_target("h100-8").topology, parse_target("h100-16").topology) == ("1x1x8", "1x2x8")
     with pytest.raises(ValueError, match="expected a TPU slice such as v5p-8"):
-        parse_target("h100-8")
+        parse_target("v9x-8")
 
 
 def test_auto_picks_splash_for_a_tpu_target(chips):

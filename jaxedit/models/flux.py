@@ -17,6 +17,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxedit.configs import FluxConfig
 from jaxedit.models.attention import dot_product_attention
@@ -44,6 +45,13 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_saveable,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # full remat with each block's input kept in host memory (pinned) instead of on the accelerator
+    "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[],
+        names_which_can_be_offloaded=["block_input"],
+        offload_src="device",
+        offload_dst="pinned_host",
+    ),
 }
 
 
@@ -117,7 +125,7 @@ class DoubleStreamBlock(_BlockBase):
         self.txt_mlp = Mlp(cfg, **kw)
 
     def __call__(self, carry, vec_BD, rope):
-        img, txt = constrain(carry[0], ACT), constrain(carry[1], ACT)
+        img, txt = (checkpoint_name(constrain(x, ACT), "block_input") for x in carry)
         (img_shift1, img_scale1, img_gate1), (img_shift2, img_scale2, img_gate2) = self.img_mod(vec_BD)
         (txt_shift1, txt_scale1, txt_gate1), (txt_shift2, txt_scale2, txt_gate2) = self.txt_mod(vec_BD)
 
@@ -146,7 +154,7 @@ class SingleStreamBlock(_BlockBase):
     def __call__(self, x_BLD, vec_BD, rope):
         cfg, kw = self.cfg, self.kw
         b, l, _ = x_BLD.shape
-        x_BLD = constrain(x_BLD, ACT)
+        x_BLD = checkpoint_name(constrain(x_BLD, ACT), "block_input")
         ((shift, scale, gate),) = Modulation(1, name="modulation", **kw)(vec_BD)
         x_mod = modulate(layer_norm(x_BLD), shift, scale)
 

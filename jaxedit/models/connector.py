@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jaxedit.configs import ConnectorConfig
 from jaxedit.models.attention import dot_product_attention
 from jaxedit.models.flux import ACT, ACT_HEADS, ACT_MLP, stacked
-from jaxedit.models.layers import dense, layer_norm, ones, timestep_embedding, zeros
+from jaxedit.models.layers import TwoLayerMLP, dense, layer_norm, ones, timestep_embedding, zeros
 from jaxedit.parallel.sharding import constrain, param_init
 
 Dtype = Any
@@ -58,22 +58,6 @@ class AffineLayerNorm(nn.Module):
         scale = self.param("scale", param_init(ones, ("embed",)), (d,), self.param_dtype)
         bias = self.param("bias", param_init(zeros, ("embed",)), (d,), self.param_dtype)
         return layer_norm(x.astype(self.dtype), self.eps) * scale.astype(self.dtype) + bias.astype(self.dtype)
-
-
-class TwoLayerMLP(nn.Module):
-    """Linear -> SiLU -> Linear, [..., in] -> [..., hidden]; `names` are the reference's
-    (`("0", "2")` for an nn.Sequential, `("linear_1", "linear_2")` for TextProjection)."""
-
-    hidden_size: int
-    names: tuple[str, str]
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = dense(self.hidden_size, ("in", "embed"), name=self.names[0], **kw)(x)
-        return dense(self.hidden_size, ("embed", "embed_out"), name=self.names[1], **kw)(nn.silu(x))
 
 
 class RefinerMlp(nn.Module):

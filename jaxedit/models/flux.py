@@ -22,9 +22,9 @@ from jax.ad_checkpoint import checkpoint_name
 from jaxedit.configs import FluxConfig
 from jaxedit.models.attention import dot_product_attention
 from jaxedit.models.layers import (
-    MLPEmbedder,
     Modulation,
     QKNorm,
+    TwoLayerMLP,
     apply_rope,
     dense,
     layer_norm,
@@ -244,10 +244,10 @@ class Flux(nn.Module):
         cfg = self.cfg
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.img_in = dense(cfg.hidden_size, ("in", "embed"), name="img_in", **kw)
-        self.time_in = MLPEmbedder(cfg.hidden_size, **kw)
+        self.time_in = TwoLayerMLP(cfg.hidden_size, **kw)  # BFL MLPEmbedder
         if cfg.guidance_embed:
-            self.guidance_in = MLPEmbedder(cfg.hidden_size, **kw)
-        self.vector_in = MLPEmbedder(cfg.hidden_size, **kw)
+            self.guidance_in = TwoLayerMLP(cfg.hidden_size, **kw)
+        self.vector_in = TwoLayerMLP(cfg.hidden_size, **kw)
         self.txt_in = dense(cfg.hidden_size, ("in", "embed"), name="txt_in", **kw)
         common = dict(
             scan=self.scan_layers, remat_policy=self.remat_policy, cfg=cfg, attention_impl=self.attention_impl, **kw

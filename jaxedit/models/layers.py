@@ -91,18 +91,21 @@ def timestep_embedding(t_B: jax.Array, dim: int, max_period: float = 10000.0, ti
     return emb
 
 
-class MLPEmbedder(nn.Module):
-    """Linear -> SiLU -> Linear (BFL MLPEmbedder: `in_layer`, `out_layer`)."""
+class TwoLayerMLP(nn.Module):
+    """Linear -> SiLU -> Linear, [..., in] -> [..., hidden]; `names` are the reference's: ("in_layer",
+    "out_layer") for BFL's MLPEmbedder, ("0", "2") for an nn.Sequential, ("linear_1", "linear_2") for
+    a TextProjection."""
 
-    hidden_dim: int
+    hidden_size: int
+    names: tuple[str, str] = ("in_layer", "out_layer")
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = dense(self.hidden_dim, ("in", "embed"), name="in_layer", **kw)(x)
-        return dense(self.hidden_dim, ("embed", "embed_out"), name="out_layer", **kw)(nn.silu(x))
+        x = dense(self.hidden_size, ("in", "embed"), name=self.names[0], **kw)(x)
+        return dense(self.hidden_size, ("embed", "embed_out"), name=self.names[1], **kw)(nn.silu(x))
 
 
 def rms_normalize(x, eps: float = 1e-6):

@@ -48,6 +48,8 @@ def parser(prog: str = "python -m jaxedit.plan") -> argparse.ArgumentParser:
     p.add_argument("--target", default=None, help="TPU slice: v5p-8, v5p-64, v6e-4, v6e-64, v5e-16, v5e-256, ... "
                    "or a topology such as v5p:2x2x1 (needs libtpu), or GPUs: h100-8 (needs the gpu-plan extra); "
                    "default: simulated CPU devices")  # fmt: skip
+    p.add_argument("--slices", type=int, default=1, help="TPU: this many slices of --target over the data-center "
+                   "network (multi-slice; the default mesh is then dcn_data=SLICES,fsdp=-1)")  # fmt: skip
     p.add_argument("--mesh", default=None, help="e.g. fsdp=64, fsdp=16,tensor=4, data=2,fsdp=32 (default: every "
                    "device on fsdp; with --target one axis may be -1: the remaining chips)")  # fmt: skip
     p.add_argument("--resolution", type=int, default=1024, help="square image side in pixels")
@@ -69,7 +71,8 @@ def main(argv=None, prog: str = "python -m jaxedit.plan") -> int:
     from jaxedit.configs import MeshConfig
 
     try:
-        mesh_cfg = MeshConfig.parse(args.mesh or "fsdp=-1" if args.target else args.mesh or "fsdp=8")
+        default = "fsdp=-1" if args.slices == 1 else f"dcn_data={args.slices},fsdp=-1"
+        mesh_cfg = MeshConfig.parse(args.mesh or default if args.target else args.mesh or "fsdp=8")
     except ValueError as e:
         p.error(str(e))
     sizes = dataclasses_values(mesh_cfg)
@@ -299,6 +302,8 @@ def _matmul_seconds_per_cycle(device) -> float:
 
 
 def plan(args, mesh_cfg) -> dict:
+    import dataclasses
+
     import jax
 
     from jaxedit import configs
@@ -309,7 +314,7 @@ def plan(args, mesh_cfg) -> dict:
     if args.target:
         from jaxedit.parallel.targets import parse_target
 
-        target = parse_target(args.target)
+        target = dataclasses.replace(parse_target(args.target), slices=args.slices)
         devices = target.devices()
     else:
         devices = jax.devices()
@@ -323,9 +328,10 @@ def plan(args, mesh_cfg) -> dict:
     total = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
     cost = compiled.cost_analysis() or {}  # None for GPU targets
     cost = cost[0] if isinstance(cost, list | tuple) else cost
+    where = "cpu" if target is None else target.name + (f" x{target.slices}" if target.slices > 1 else "")
+    mesh_text = args.mesh or ",".join(f"{k}={v}" for k, v in mesh.shape.items() if v > 1)
     report = dict(
-        preset=args.preset, task=args.task, target=target.name if target else "cpu", mesh=args.mesh or
-        ",".join(f"{k}={v}" for k, v in mesh.shape.items() if v > 1), chips=mesh.devices.size,
+        preset=args.preset, task=args.task, target=where, mesh=mesh_text, chips=mesh.devices.size,
         resolution=args.resolution, batch=batch, remat=args.remat if args.task in ("train", "lora") else "-",
         attention=args.attention, compile_s=seconds, arguments=mem.argument_size_in_bytes,
         outputs=mem.output_size_in_bytes, aliased=mem.alias_size_in_bytes, temporaries=mem.temp_size_in_bytes,

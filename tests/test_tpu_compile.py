@@ -100,3 +100,13 @@ def test_planner_reports_compiler_time_and_kernels_for_a_tpu_target():
     assert r["cycles"] > r["cycles_loop_bodies_once"] > 0 and not r["unknown_trip_counts"]
     assert r["compiler_seconds"] > r["kernel_seconds"] > 0 and r["mfu_bound_seconds"] > 0
     assert "time per run: compiler estimate" in plan.format_report(r)
+
+
+def test_multi_slice_plan_compiles():
+    """Two v5e-4 slices over the data-center network (`--slices 2`: mesh dcn_data=2, fsdp=4): the slice a
+    chip belongs to comes from libtpu's topology (num_slices), and the program compiles across both."""
+    args = plan.parser().parse_args(["--preset", "flux-kontext-tiny", "--task", "infer", "--target", "v5e-4",
+                                     "--slices", "2", "--resolution", "128", "--text-tokens", "16"])  # fmt: skip
+    r = plan.plan(args, MeshConfig(dcn_data=2, fsdp=-1))
+    assert r["chips"] == 8 and r["target"] == "v5e-4 x2" and r["batch"] == 8 and r["fits"]
+    assert r["kernel_runs"]  # splash, per device, across the slices

@@ -66,9 +66,14 @@ class Target:
     """A TPU slice or a set of GPUs: generation, chip count and topology (as `get_topology_desc` takes it)."""
 
     generation: Generation
-    chips: int
+    chips: int  # per slice
     topology: str
     name: str
+    slices: int = 1  # TPU slices joined by the data-center network (multi-slice: mesh axes dcn_*)
+
+    @property
+    def total_chips(self) -> int:
+        return self.chips * self.slices
 
     @property
     def hbm_bytes(self) -> float:
@@ -76,8 +81,8 @@ class Target:
 
     @property
     def peak_flops(self) -> float:
-        """Dense bf16 FLOP/s of the whole slice."""
-        return self.generation.peak_bf16_flops * self.chips
+        """Dense bf16 FLOP/s of all the chips."""
+        return self.generation.peak_bf16_flops * self.total_chips
 
     def devices(self) -> list:
         """The slice's chips as device descriptions to compile for (libtpu, or the CUDA plugin; nothing runs)."""
@@ -97,6 +102,8 @@ class Target:
         # compile-only: nothing touches a TPU, so other processes (tests, another planner) may load libtpu too
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
         kw = {"chips_per_host_bounds": [1, 1, 1]} if self.chips == 1 else {}
+        if self.slices > 1:
+            kw["num_slices"] = self.slices
         try:
             return list(topologies.get_topology_desc(platform="tpu", topology_name=self.topology, **kw).devices)
         except Exception as e:  # noqa: BLE001 - missing libtpu surfaces as various error types

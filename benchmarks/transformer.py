@@ -21,6 +21,7 @@ from common import timed  # benchmarks/common.py
 
 from jaxedit.configs import FluxConfig
 from jaxedit.models import Flux
+from references.models import flux_transformer
 
 
 def kontext_inputs(cfg: FluxConfig, batch: int, image: int, text_tokens: int, seed: int = 0):
@@ -55,7 +56,6 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
 
-    import diffusers
     import torch
 
     from checkpoints_convert import load_transformer
@@ -89,17 +89,7 @@ def main() -> None:
     )
 
     # 2. forward time, ours vs diffusers, same weights
-    ref = diffusers.FluxTransformer2DModel(
-        in_channels=cfg.in_channels,
-        num_layers=cfg.depth,
-        num_single_layers=cfg.depth_single_blocks,
-        attention_head_dim=cfg.head_dim,
-        num_attention_heads=cfg.num_heads,
-        joint_attention_dim=cfg.context_in_dim,
-        pooled_projection_dim=cfg.vec_in_dim,
-        guidance_embeds=True,
-        axes_dims_rope=cfg.axes_dim,
-    ).eval()
+    ref = flux_transformer(cfg)  # references/models.py: diffusers' model, every parameter random
     with tempfile.TemporaryDirectory() as d:
         ref.save_pretrained(d)
         params = load_transformer(d, cfg)

@@ -194,13 +194,9 @@ class KontextPipeline(EditPipelineBase):
         negative = [negative] * b if isinstance(negative, str) else list(negative)
         if len(negative) != b:
             raise ValueError(f"{b} prompts but {len(negative)} negative prompts")
-        steps = check_steps(steps, self.default_steps)
+        bp = self.batch_plan(prepared, steps)
+        mesh, batch, params, h, w = bp.mesh, bp.put, bp.params, bp.h, bp.w
         first = prepared[0]
-        mesh = self.mesh_for(b)
-        batch = lambda a: self.put_batch(mesh, a)  # noqa: E731
-        params = self.params_on(mesh)
-        f = self.preset.vae.downsample
-        h, w = first.height // f, first.width // f  # latent size
         txt, y = self.text_encoder.encode(list(prompts))
         cfg = None
         if scale > 1:
@@ -227,7 +223,7 @@ class KontextPipeline(EditPipelineBase):
                 batch(np.zeros((b, txt.shape[1], 3), np.float32)),
                 batch(np.asarray(y)),
                 batch(np.asarray(guidance, np.float32)),
-                jnp.asarray(sampling.flux_schedule(steps, (h // 2) * (w // 2))),
+                jnp.asarray(sampling.flux_schedule(bp.steps, (h // 2) * (w // 2))),
                 cfg,
             )
             if output == "latents":

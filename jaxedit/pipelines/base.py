@@ -9,6 +9,7 @@ turn on JAX's persistent compilation cache.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -79,12 +80,26 @@ def read_folder(folder: str | Path, families: tuple[str, ...], dtype: Any = None
     return preset, options, jnp.dtype(dtype or options.get("dtype", "bfloat16"))
 
 
+@dataclasses.dataclass
+class BatchPlan:
+    steps: int
+    mesh: jax.sharding.Mesh
+    params: dict  # every part's parameters on `mesh`
+    h: int  # latent cells
+    w: int
+
+    def put(self, a) -> jax.Array:
+        """An array whose first axis is the batch, split over the mesh's batch axes."""
+        return EditPipelineBase.put_batch(self.mesh, a)
+
+
 class EditPipelineBase:
     """Preset, parameters ({part: params}), devices, VAE programs and data-parallel placement.
 
     Subclasses set `self.model`, the transformer module whose parameters are `params["transformer"]`."""
 
     model: Any
+    default_steps: int
 
     def __init__(self, preset: configs.Preset, params: dict[str, Any], *, vae_dtype: Any, devices: list | None):
         self.preset, self.params = preset, params
@@ -114,6 +129,14 @@ class EditPipelineBase:
     def put_batch(mesh: jax.sharding.Mesh, a) -> jax.Array:
         """An array whose first axis is the batch, split over the mesh's batch axes."""
         return jax.device_put(a, sh.batch_sharding(mesh, np.ndim(a)))
+
+    def batch_plan(self, prepared: list, steps: int | None) -> BatchPlan:
+        """Where one batch of prepared items (sharing a bucket) runs: its step count, mesh, parameters on the
+        mesh and latent size."""
+        mesh = self.mesh_for(len(prepared))
+        f = self.preset.vae.downsample
+        h, w = prepared[0].height // f, prepared[0].width // f
+        return BatchPlan(check_steps(steps, self.default_steps), mesh, self.params_on(mesh), h, w)
 
     def set_transformer(self, params) -> None:
         """Use other transformer parameters (e.g. the current ones of a training run)."""

@@ -219,13 +219,8 @@ class Step1XEditPipeline(EditPipelineBase):
             raise ValueError(
                 f"llm embeddings {emb.shape} / mask {mask.shape}: expected [{2 * b}, L, {c}] / [{2 * b}, L]"
             )
-        steps = check_steps(steps, self.default_steps)
-        first = prepared[0]
-        mesh = self.mesh_for(b)
-        batch = lambda a: self.put_batch(mesh, a)  # noqa: E731
-        params = self.params_on(mesh)
-        f = self.preset.vae.downsample
-        h, w = first.height // f, first.width // f  # latent size
+        bp = self.batch_plan(prepared, steps)
+        mesh, batch, params, h, w = bp.mesh, bp.put, bp.params, bp.h, bp.w
         emb, mask = np.asarray(emb, np.float32), np.asarray(mask, np.int32)
         with sh.activate(mesh):
             ref_tokens = sampling.pack(
@@ -244,7 +239,7 @@ class Step1XEditPipeline(EditPipelineBase):
                 batch(emb[b:]),
                 batch(mask[b:]),
                 batch(np.asarray(guidance, np.float32)),
-                jnp.asarray(sampling.flux_schedule(steps, (h // 2) * (w // 2))),
+                jnp.asarray(sampling.flux_schedule(bp.steps, (h // 2) * (w // 2))),
             )
             if output == "latents":
                 return np.asarray(x)

@@ -335,6 +335,7 @@ def plan(args, mesh_cfg) -> dict:
         resolution=args.resolution, batch=batch, remat=args.remat if args.task in ("train", "lora") else "-",
         attention=args.attention, compile_s=seconds, arguments=mem.argument_size_in_bytes,
         outputs=mem.output_size_in_bytes, aliased=mem.alias_size_in_bytes, temporaries=mem.temp_size_in_bytes,
+        host_temporaries=mem.host_temp_size_in_bytes,
         total=total, xla_flops_loop_bodies_once=cost.get("flops"), **info,
     )  # fmt: skip
     flops = model_flops(preset, args, info, batch)
@@ -369,7 +370,8 @@ def format_report(r: dict) -> str:
         f"  compile: {r['compile_s']:.1f}s",
         f"  per-chip memory: arguments {gb(r['arguments'])}, outputs {gb(r['outputs'])} (aliased "
         f"{gb(r['aliased'])}), temporaries {gb(r['temporaries'])}, total {gb(r['total'])}"
-        + (f" of {gb(r['hbm'])}: {'fits' if r['fits'] else 'DOES NOT FIT'}" if "hbm" in r else ""),
+        + (f" of {gb(r['hbm'])}: {'fits' if r['fits'] else 'DOES NOT FIT'}" if "hbm" in r else "")
+        + (f"; host memory {gb(r['host_temporaries'])} (offloaded)" if r.get("host_temporaries") else ""),
     ]
     if r["model_flops"]:
         lines.append(f"  model FLOPs per run: {r['model_flops'] / 1e12:.1f} TFLOP (analytic)")

@@ -81,17 +81,20 @@ def test_step1x_dit_and_connector_compile_for_tpu(chips):
 
 
 def test_planner_reports_compiler_time_and_kernels_for_a_tpu_target():
-    """The planner on a TPU target (the train step, FSDP x tensor): per-chip memory against HBM, the
-    compiler's cycles with loops counted as often as they run, the splash kernels of the forward, the
-    remat recompute and the backward with their run counts, and the MFU bound."""
+    """The planner on a TPU target (the train step, FSDP x tensor, remat `offload`): per-chip memory against
+    HBM with the block inputs in host memory, the compiler's cycles with loops counted as often as they run,
+    the splash kernels of the forward, the remat recompute and the backward with their run counts, and the
+    MFU bound."""
     args = plan.parser().parse_args(["--preset", "flux-kontext-tiny", "--task", "train", "--target", "v5e-4",
                                      "--mesh", "fsdp=2,tensor=2", "--resolution", "128", "--batch", "4",
-                                     "--text-tokens", "16"])  # fmt: skip
+                                     "--text-tokens", "16", "--remat", "offload"])  # fmt: skip
     r = plan.plan(args, MeshConfig.parse(args.mesh))
     assert r["chips"] == 4 and r["hbm"] == 16e9 and r["fits"] and 0 < r["total"] < 1e9
     cfg = configs.get("flux-kontext-tiny").transformer
-    blocks = cfg.depth + cfg.depth_single_blocks
+    tokens, width = 16 + 2 * 64, cfg.hidden_size
+    assert r["host_temporaries"] >= (cfg.depth + cfg.depth_single_blocks) * tokens * width * 2  # bf16 inputs
     # forward + the remat recompute, then each block's backward kernels: the loops counted as they run
+    blocks = cfg.depth + cfg.depth_single_blocks
     assert r["kernel_runs"] == {
         "splash_mha_fwd_segmented_residuals": 2 * blocks,
         "splash_mha_dq_segmented_no_residuals": blocks,
@@ -99,7 +102,7 @@ def test_planner_reports_compiler_time_and_kernels_for_a_tpu_target():
     }
     assert r["cycles"] > r["cycles_loop_bodies_once"] > 0 and not r["unknown_trip_counts"]
     assert r["compiler_seconds"] > r["kernel_seconds"] > 0 and r["mfu_bound_seconds"] > 0
-    assert "time per run: compiler estimate" in plan.format_report(r)
+    assert "time per run: compiler estimate" in plan.format_report(r) and "(offloaded)" in plan.format_report(r)
 
 
 def test_multi_slice_plan_compiles():

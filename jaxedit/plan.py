@@ -329,7 +329,7 @@ def plan(args, mesh_cfg) -> dict:
     cost = compiled.cost_analysis() or {}  # None for GPU targets
     cost = cost[0] if isinstance(cost, list | tuple) else cost
     where = "cpu" if target is None else target.name + (f" x{target.slices}" if target.slices > 1 else "")
-    mesh_text = args.mesh or ",".join(f"{k}={v}" for k, v in mesh.shape.items() if v > 1)
+    mesh_text = args.mesh or ",".join(f"{k}={v}" for k, v in mesh.shape.items() if v > 1) or "single device"
     report = dict(
         preset=args.preset, task=args.task, target=where, mesh=mesh_text, chips=mesh.devices.size,
         resolution=args.resolution, batch=batch, remat=args.remat if args.task in ("train", "lora") else "-",
@@ -363,9 +363,14 @@ def plan(args, mesh_cfg) -> dict:
 def format_report(r: dict) -> str:
     gb = lambda x: f"{x / 1e9:.2f} GB"  # noqa: E731
     lines = [
-        f"{r['preset']} {r['task']} @ {r['resolution']}px, batch {r['batch']} ({r['tokens']} tokens/sample: "
-        f"{r['text_tokens']} text + {r['target_tokens']} target + {r['reference_tokens']} reference), "
-        f"{r['target']} mesh {r['mesh']} = {r['chips']} {'chips' if r['target'] != 'cpu' else 'devices'}, "
+        f"{r['preset']} {r['task']} @ {r['resolution']}px, batch {r['batch']} "
+        + (
+            ""
+            if r["task"] in ("vae-decode", "text")
+            else f"({r['tokens']} tokens/sample: {r['text_tokens']} text + "
+            f"{r['target_tokens']} target + {r['reference_tokens']} reference), "
+        )  # fmt: skip
+        + f"{r['target']} mesh {r['mesh']} = {r['chips']} {'chips' if r['target'] != 'cpu' else 'devices'}, "
         f"remat {r['remat']}, attention {r['attention']}",
         f"  compile: {r['compile_s']:.1f}s",
         f"  per-chip memory: arguments {gb(r['arguments'])}, outputs {gb(r['outputs'])} (aliased "

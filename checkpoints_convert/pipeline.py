@@ -128,7 +128,7 @@ def convert_pipeline(
 
         write_description(dst, preset, extra=qwen_entry(qwen, QwenEmbedderConfig(preset.connector.in_channels)))
         if qwen is None:
-            log("note: no Qwen2.5-VL folder recorded; give one at inference (python -m infer ... --qwen PATH)")
+            log("note: no Qwen2.5-VL folder recorded; give one at inference (jaxedit edit ... --qwen PATH)")
     else:
         write_description(dst, preset)
     return dst

@@ -30,7 +30,9 @@ devices memory and FLOPs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -75,14 +77,12 @@ def main(argv=None, prog: str = "python -m jaxedit.plan") -> int:
         mesh_cfg = MeshConfig.parse(args.mesh or default if args.target else args.mesh or "fsdp=8")
     except ValueError as e:
         p.error(str(e))
-    sizes = dataclasses_values(mesh_cfg)
+    sizes = dataclasses.astuple(mesh_cfg)
     if args.target is None:
         if any(v < 1 for v in sizes):
             p.error(f"--mesh {args.mesh}: every axis needs a size >= 1 (the planner simulates exactly the devices "
                     f"the mesh names; -1 'all devices' has meaning only with --target)")  # fmt: skip
-        n = 1
-        for v in sizes:
-            n *= v
+        n = math.prod(sizes)
         if "jax" in sys.modules:
             raise RuntimeError("jaxedit.plan must set the simulated device count before jax is imported")
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}"
@@ -104,12 +104,6 @@ def main(argv=None, prog: str = "python -m jaxedit.plan") -> int:
     if args.json:
         print(json.dumps(report))
     return 0
-
-
-def dataclasses_values(cfg) -> list[int]:
-    import dataclasses
-
-    return [getattr(cfg, f.name) for f in dataclasses.fields(cfg)]
 
 
 # --------------------------------------------------------------------------------------------------

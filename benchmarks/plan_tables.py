@@ -1,8 +1,8 @@
 """Run `jaxedit plan` for a list of programs and targets, and render docs/scaling.md's tables from the reports.
 
     python benchmarks/plan_tables.py run docs/scaling_plans.txt docs/scaling_results.jsonl   # hours: one
-        # full-size TPU compile after another (3-14 min each on a 2-core machine); appends JSON reports,
-        # skips lines already reported, so a killed run continues where it stopped
+        # full-size TPU compile after another (3-25 min each on a 2-core machine); appends JSON reports,
+        # skips lines already reported or claimed by another runner, so runs can share the work
     python benchmarks/plan_tables.py render docs/scaling_results.jsonl                        # markdown tables
 
 Each line of the plans file is the arguments of one `jaxedit plan` (without --json).
@@ -18,11 +18,17 @@ from pathlib import Path
 
 
 def run(plans: Path, results: Path) -> None:
-    done = {json.loads(x).get("args") for x in results.read_text().splitlines()} if results.exists() else set()
+    """Each plan not yet in `results` nor claimed (RESULTS.claims: several runners may share the files; a
+    killed runner's claim stays, delete the line to retry it)."""
+    claims = results.with_name(results.name + ".claims")
     for line in plans.read_text().splitlines():
         args = line.split("#")[0].strip()
-        if not args or args in done:
+        done = {json.loads(x).get("args") for x in results.read_text().splitlines()} if results.exists() else set()
+        claimed = set(claims.read_text().splitlines()) if claims.exists() else set()
+        if not args or args in done | claimed:
             continue
+        with claims.open("a") as f:
+            f.write(args + "\n")
         print(f"plan {args}", flush=True)
         env = os.environ | {"JAX_PLATFORMS": "cpu"}
         out = subprocess.run(

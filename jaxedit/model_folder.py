@@ -115,6 +115,7 @@ def write_part(folder: str | Path, part: str, params: Any) -> Path:
     dst, new, old = folder / part, folder / f".{part}.new", folder / f".{part}.old"
     lead = jax.process_index() == 0
     if lead:
+        recover_parts(folder)  # a swap cut earlier is finished before its leftovers are cleared
         for leftover in (new, old):
             if leftover.exists():
                 shutil.rmtree(leftover)
@@ -138,9 +139,11 @@ def recover_parts(folder: str | Path) -> None:
         dst = folder / part
         if dst.exists():
             continue
-        for beside in (folder / f".{part}.new", folder / f".{part}.old"):
+        new, old = folder / f".{part}.new", folder / f".{part}.old"
+        for beside, other in ((new, old), (old, new)):
             if (beside / "_CHECKPOINT_METADATA").is_file():
                 beside.rename(dst)
+                shutil.rmtree(other, ignore_errors=True)
                 break
 
 

@@ -37,6 +37,13 @@ def test_write_part_replaces_atomically_and_recovers_a_cut_swap(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing transformer, t5, clip"):  # vae is recovered, not missing
         model_folder.check_complete(folder, preset)
     np.testing.assert_array_equal(load_params(folder / "vae")["w"], old["w"])  # the complete new copy won
+    assert sorted(p.name for p in folder.iterdir()) == ["vae"]
+    # a later write after another cut swap first puts the complete copy back, then replaces it
+    save_params(folder / ".vae.new", new)
+    (folder / "vae").rename(folder / ".vae.old")
+    model_folder.write_part(folder, "vae", new)
+    np.testing.assert_array_equal(load_params(folder / "vae")["w"], new["w"])
+    assert sorted(p.name for p in folder.iterdir()) == ["vae"]
 
 
 def test_load_params_into_a_target_honours_dtype(tmp_path):

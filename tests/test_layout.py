@@ -160,9 +160,10 @@ def test_library_never_imports_torch():
 
 
 def test_nothing_names_a_folder_outside_the_repository():
-    """No source file reaches beside the checkout (`../shared`, `parents[2]`, ...): a user's clone has
+    """No source file reaches beside the checkout (a sibling folder, `parents[2]`, ...): a user's clone has
     only the repository. (tests/conftest.py also fails any test that opens such a file.)"""
-    pattern = re.compile(r"\.\./shared|shared/reference|parents\[[2-9]\]|parent\.parent\.parent")
+    sibling = "shared"  # the folder beside our checkouts that a user's clone does not have
+    pattern = re.compile(rf"\.\./{sibling}|{sibling}/reference|parents\[[2-9]\]|parent\.parent\.parent")
     folders = [ROOT / d for d in (*PACKAGES, "configs", "benchmarks", ".ci")]
     files = [
         ROOT / "pyproject.toml",

@@ -14,6 +14,7 @@ empty prompt, a folder that is not a model) stops with one line naming it, exit 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -106,6 +107,19 @@ def sampling_defaults(args, pipe) -> dict:
     }
 
 
+def check_output(dst: Path) -> None:
+    """ItemError unless an image can be written at `dst` (checked before the model is loaded and run)."""
+    from jaxedit.pipelines.batch import ItemError
+
+    if dst.is_dir():
+        raise ItemError(f"--out {dst} is a folder: give a file path ending in .png")
+    if dst.suffix.lower() != ".png":
+        raise ItemError(f"--out {dst}: the output is a PNG file, end its name with .png")
+    parent = next((p for p in dst.absolute().parents if p.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise ItemError(f"--out {dst}: cannot write in {parent}")
+
+
 def edit_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="jaxedit edit", description="Edit one image with a jaxedit model folder.")
     p.add_argument("--image", required=True, help="input image (any format Pillow reads)")
@@ -116,12 +130,15 @@ def edit_main(argv: list[str]) -> int:
     p.add_argument("--height", type=positive_int, default=None, help="output height (default: the reference's)")
     model_options(p)
     args = p.parse_args(argv)
-    from jaxedit.pipelines.batch import ItemError, load_image
+    from jaxedit.pipelines.batch import ItemError, load_image, parse_item
 
-    if not args.prompt.strip():
-        print("error: --prompt is empty", file=sys.stderr)
-        return 2
+    # the batch path's validation of an item (prompt, seed, steps, guidance, sizes), before any work
+    fields = {"image": args.image, "prompt": args.prompt, "seed": args.seed, "width": args.width, "height": args.height}
+    fields |= {k: v for k, v in (("steps", args.steps), ("guidance", args.guidance)) if v is not None}
+    dst = Path(args.out)
     try:
+        parse_item(fields, 0, {"steps": 1, "guidance": 0.0}, Path.cwd())
+        check_output(dst)
         image = load_image(args.image)
     except ItemError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -136,7 +153,6 @@ def edit_main(argv: list[str]) -> int:
         return 2
     d = sampling_defaults(args, pipe)
     out = pipe.generate([prepared], [args.prompt], [args.seed], guidance=[d["guidance"]], steps=d["steps"])[0]
-    dst = Path(args.out)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(dst.name + ".tmp")
     out.save(tmp, format="PNG")

@@ -137,3 +137,25 @@ def test_zero_steps_is_an_error_not_the_default(capsys):
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match="steps must be a positive integer"):
             check_steps(bad, 28)
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--guidance", "nan"], "field 'guidance' must be a finite number"),
+        (["--seed", str(2**40)], "field 'seed'=1099511627776 is outside"),
+        (["--steps", "100000"], "field 'steps'=100000 is outside [1, 1000]"),
+        (["--out", "."], "is a folder"),
+        (["--out", "edited.jpg"], "end its name with .png"),
+        (["--prompt", " "], "field 'prompt' is missing or empty"),
+    ],
+)
+def test_single_edit_validates_like_a_batch_item_before_loading(flags, message, tmp_path, capsys):
+    """One line, exit 2, before the model is loaded: the batch path's item validation and the output path."""
+    image = tmp_path / "in.png"
+    Image.new("RGB", (32, 32)).save(image)
+    base = {"--image": str(image), "--prompt": "make it red", "--out": str(tmp_path / "o.png")}
+    base |= dict(zip(flags[::2], flags[1::2]))
+    assert cli(["edit", *[x for kv in base.items() for x in kv], "--model", str(tmp_path / "no-model")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "no-model" not in err

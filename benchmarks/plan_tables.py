@@ -63,9 +63,10 @@ def render(results: Path) -> str:
         mfu = f"{r['mfu_bound_seconds']:.2f}" if r.get("mfu_bound_seconds") else "-"
         program = r["task"] + (" (Step1X)" if r["preset"].startswith("step1x") else "")
         program += " t2i" if r["reference_tokens"] == 0 and r["task"] not in ("vae-decode", "text") else ""
+        remat = r["remat"] + (f" + MLP in {r['mlp_chunks']}" if r.get("mlp_chunks", 1) > 1 else "")
         out.append(
             f"| {program} | {r['target']} | {r['chips']} | {r['mesh']} | {r['batch']} ({per:g}) | {r['resolution']} | "
-            f"{r['tokens']} | {r['remat']} | {gb(r['total'])} | {gb(r['hbm']) if 'hbm' in r else '-'} | "
+            f"{r['tokens']} | {remat} | {gb(r['total'])} | {gb(r['hbm']) if 'hbm' in r else '-'} | "
             f"{'yes' if r.get('fits') else 'NO'} | {est} | {mfu} | {r['compile_s']:.0f} |"
         )
     return "\n".join(out)

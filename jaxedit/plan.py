@@ -58,7 +58,10 @@ def parser(prog: str = "python -m jaxedit.plan") -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=None, help="global batch (default: one per data-parallel device)")
     p.add_argument("--text-tokens", type=int, default=None, help="text tokens (default: T5's 512 / Qwen's 640)")
     p.add_argument("--steps", type=int, default=28, help="sample: denoising steps")
-    p.add_argument("--remat", default="full", help="train/lora: remat policy (none, full, dots, dots_no_batch)")
+    p.add_argument(
+        "--remat", default="full", help="train/lora: remat policy (none, full, dots, dots_no_batch, offload)"
+    )
+    p.add_argument("--mlp-chunks", type=int, default=1, help="train/lora: the MLPs on this many token slices")
     p.add_argument("--attention", default="auto", help="attention impl (auto: splash on TPU, chunked on CPU)")
     p.add_argument("--lora-rank", type=int, default=16, help="lora: adapter rank")
     p.add_argument("--no-reference", action="store_true", help="text-to-image: no Kontext reference tokens")
@@ -149,7 +152,7 @@ def lower(preset, args, mesh, batch: int):
 
         trainer = Trainer(
             cfg, ObjectiveConfig(ref_index=0.0 if step1x else 1.0), OptimConfig(), 1000, mesh, dtype=jnp.bfloat16,
-            remat_policy=args.remat, attention_impl=args.attention, connector=ccfg,
+            remat_policy=args.remat, mlp_chunks=args.mlp_chunks, attention_impl=args.attention, connector=ccfg,
             lora=LoraConfig(rank=args.lora_rank) if args.task == "lora" else None,
         )  # fmt: skip
         rh, rw = (h, w) if s["reference_tokens"] else (2, 2)  # the objective always has a reference
@@ -327,6 +330,7 @@ def plan(args, mesh_cfg) -> dict:
     report = dict(
         preset=args.preset, task=args.task, target=where, mesh=mesh_text, chips=mesh.devices.size,
         resolution=args.resolution, batch=batch, remat=args.remat if args.task in ("train", "lora") else "-",
+        mlp_chunks=args.mlp_chunks,
         attention=args.attention, compile_s=seconds, arguments=mem.argument_size_in_bytes,
         outputs=mem.output_size_in_bytes, aliased=mem.alias_size_in_bytes, temporaries=mem.temp_size_in_bytes,
         host_temporaries=mem.host_temp_size_in_bytes,

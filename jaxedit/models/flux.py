@@ -60,6 +60,7 @@ class _BlockBase(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "auto"
+    mlp_chunks: int = 1  # run the MLPs on this many slices of the tokens (`token_chunked`)
 
     @property
     def kw(self):
@@ -98,18 +99,41 @@ class SelfAttention(nn.Module):
         return self.proj(self.qkv_heads(x_BLD)[2].reshape(x_BLD.shape))
 
 
+def token_chunked(fn, module: nn.Module, x_BLD: jax.Array, chunks: int) -> jax.Array:
+    """fn(module, x) on `chunks` slices of x along the tokens, one after another (a lifted `nn.scan`, the
+    module's parameters broadcast, each slice rematerialised), so only one slice's intermediates are alive
+    at a time: a per-token function gives the same result as on the whole of x."""
+    if chunks <= 1:
+        return fn(module, x_BLD)
+    b, l, d = x_BLD.shape
+    pad = -l % chunks
+    x = jnp.pad(x_BLD, ((0, 0), (0, pad), (0, 0))) if pad else x_BLD
+    x_CBld = x.reshape(b, chunks, (l + pad) // chunks, d).swapaxes(0, 1)
+    body = nn.remat(lambda mdl, carry, xs: (carry, fn(mdl, xs)), prevent_cse=False)
+    scan = nn.scan(body, variable_broadcast="params", split_rngs={"params": False}, length=chunks)
+    _, y = scan(module, None, x_CBld)
+    return y.swapaxes(0, 1).reshape(b, l + pad, -1)[:, :l]
+
+
 class Mlp(nn.Module):
-    """Linear -> GELU(tanh) -> Linear with BFL's Sequential names `0` and `2`."""
+    """Linear -> GELU(tanh) -> Linear with BFL's Sequential names `0` and `2`; `chunks` > 1 runs it on
+    slices of the tokens (`token_chunked`: the same result, a smaller working set)."""
 
     cfg: FluxConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    chunks: int = 1
 
-    @nn.compact
-    def __call__(self, x):
+    def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = constrain(dense(self.cfg.mlp_hidden_dim, ("embed", "mlp"), name="0", **kw)(x), ACT_MLP)
-        return dense(self.cfg.hidden_size, ("mlp", "embed"), name="2", **kw)(nn.gelu(x, approximate=True))
+        self.fc_in = dense(self.cfg.mlp_hidden_dim, ("embed", "mlp"), name="0", **kw)
+        self.fc_out = dense(self.cfg.hidden_size, ("mlp", "embed"), name="2", **kw)
+
+    def apply_mlp(self, x):
+        return self.fc_out(nn.gelu(constrain(self.fc_in(x), ACT_MLP), approximate=True))
+
+    def __call__(self, x):
+        return token_chunked(type(self).apply_mlp, self, x, self.chunks)
 
 
 class DoubleStreamBlock(_BlockBase):
@@ -119,10 +143,10 @@ class DoubleStreamBlock(_BlockBase):
         cfg, kw = self.cfg, self.kw
         self.img_mod = Modulation(2, **kw)
         self.img_attn = SelfAttention(cfg, **kw)
-        self.img_mlp = Mlp(cfg, **kw)
+        self.img_mlp = Mlp(cfg, chunks=self.mlp_chunks, **kw)
         self.txt_mod = Modulation(2, **kw)
         self.txt_attn = SelfAttention(cfg, **kw)
-        self.txt_mlp = Mlp(cfg, **kw)
+        self.txt_mlp = Mlp(cfg, chunks=self.mlp_chunks, **kw)
 
     def __call__(self, carry, vec_BD, rope):
         img, txt = (checkpoint_name(constrain(x, ACT), "block_input") for x in carry)
@@ -150,24 +174,32 @@ class DoubleStreamBlock(_BlockBase):
 class SingleStreamBlock(_BlockBase):
     """Parallel attention + MLP over the joint sequence (BFL SingleStreamBlock)."""
 
-    @nn.compact
-    def __call__(self, x_BLD, vec_BD, rope):
+    def setup(self):
         cfg, kw = self.cfg, self.kw
+        self.modulation = Modulation(1, **kw)
+        self.linear1_qkv = dense((3, cfg.hidden_size), ("embed", "qkv", "heads"), name="linear1_qkv",
+                                 use_bias=cfg.qkv_bias, **kw)  # fmt: skip
+        self.linear1_mlp = dense(cfg.mlp_hidden_dim, ("embed", "mlp"), name="linear1_mlp", **kw)
+        self.norm = QKNorm(**kw)
+        self.linear2_attn = dense(cfg.hidden_size, ("heads", "embed"), name="linear2_attn", **kw)
+        self.linear2_mlp = dense(cfg.hidden_size, ("mlp", "embed"), name="linear2_mlp", use_bias=False, **kw)
+
+    def mlp(self, x_mod):
+        """The MLP half of the block, linear2's share included: [B, L, D] -> [B, L, D]."""
+        return self.linear2_mlp(nn.gelu(constrain(self.linear1_mlp(x_mod), ACT_MLP), approximate=True))
+
+    def __call__(self, x_BLD, vec_BD, rope):
+        cfg = self.cfg
         b, l, _ = x_BLD.shape
         x_BLD = checkpoint_name(constrain(x_BLD, ACT), "block_input")
-        ((shift, scale, gate),) = Modulation(1, name="modulation", **kw)(vec_BD)
+        ((shift, scale, gate),) = self.modulation(vec_BD)
         x_mod = modulate(layer_norm(x_BLD), shift, scale)
 
-        qkv = dense((3, cfg.hidden_size), ("embed", "qkv", "heads"), name="linear1_qkv", use_bias=cfg.qkv_bias, **kw)
-        mlp_in = dense(cfg.mlp_hidden_dim, ("embed", "mlp"), name="linear1_mlp", **kw)
-        qkv = qkv(x_mod).reshape(b, l, 3, cfg.num_heads, cfg.head_dim)
+        qkv = self.linear1_qkv(x_mod).reshape(b, l, 3, cfg.num_heads, cfg.head_dim)
         q, k, v = (constrain(qkv[:, :, i], ACT_HEADS) for i in range(3))
-        q, k = QKNorm(name="norm", **kw)(q, k)
-        attn = self.attend(q, k, v, rope)
-        mlp = nn.gelu(constrain(mlp_in(x_mod), ACT_MLP), approximate=True)
-
-        out = dense(cfg.hidden_size, ("heads", "embed"), name="linear2_attn", **kw)(attn)
-        out = out + dense(cfg.hidden_size, ("mlp", "embed"), name="linear2_mlp", use_bias=False, **kw)(mlp)
+        q, k = self.norm(q, k)
+        out = self.linear2_attn(self.attend(q, k, v, rope))
+        out = out + token_chunked(type(self).mlp, self, x_mod, self.mlp_chunks)
         return x_BLD + gate * out, None
 
 
@@ -239,6 +271,7 @@ class Flux(nn.Module):
     scan_layers: bool = True
     remat_policy: str = "none"
     attention_impl: str = "auto"
+    mlp_chunks: int = 1  # the blocks' MLPs on this many slices of the tokens (a smaller working set)
 
     def setup(self):
         cfg = self.cfg
@@ -250,7 +283,12 @@ class Flux(nn.Module):
         self.vector_in = TwoLayerMLP(cfg.hidden_size, **kw)
         self.txt_in = dense(cfg.hidden_size, ("in", "embed"), name="txt_in", **kw)
         common = dict(
-            scan=self.scan_layers, remat_policy=self.remat_policy, cfg=cfg, attention_impl=self.attention_impl, **kw
+            scan=self.scan_layers,
+            remat_policy=self.remat_policy,
+            cfg=cfg,
+            attention_impl=self.attention_impl,
+            mlp_chunks=self.mlp_chunks,
+            **kw,
         )
         self.double_blocks = stacked(DoubleStreamBlock, cfg.depth, name="double_blocks", **common)
         self.single_blocks = stacked(SingleStreamBlock, cfg.depth_single_blocks, name="single_blocks", **common)

@@ -34,7 +34,8 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per step (data.batch_size is split into them)
     mesh: str = "fsdp=-1"  # jaxedit.configs.MeshConfig.parse spec
     dtype: str = "bfloat16"  # compute dtype (master weights are float32)
-    remat: str = "none"  # none | full | dots | dots_no_batch
+    remat: str = "none"  # none | full | dots | dots_no_batch | offload (full, block inputs in host memory)
+    mlp_chunks: int = 1  # the DiT's MLPs on this many slices of the tokens: a smaller working set, same result
     scan_layers: bool = True
     attention: str = "auto"
     seed: int = 0

@@ -143,6 +143,7 @@ def build(cfg: TrainConfig, folder: Path, preset: configs.Preset, parts: dict) -
         mesh,
         dtype=jnp.dtype(cfg.dtype),
         remat_policy=cfg.remat,
+        mlp_chunks=cfg.mlp_chunks,
         scan_layers=cfg.scan_layers,
         attention_impl=cfg.attention,
         lora=cfg.lora,

@@ -56,6 +56,7 @@ class Trainer:
         *,
         dtype: Any = jnp.bfloat16,
         remat_policy: str = "none",
+        mlp_chunks: int = 1,
         scan_layers: bool = True,
         attention_impl: str = "auto",
         rules: sh.Rules = sh.DEFAULT_RULES,
@@ -66,7 +67,13 @@ class Trainer:
         self.cfg, self.objective, self.optim, self.mesh, self.rules = flux_cfg, objective, optim, mesh, rules
         self.lora, self.connector = lora, connector
         self.trained = "params" if lora is None else "lora"  # the state entry the optimizer updates
-        kw = dict(dtype=dtype, param_dtype=jnp.float32, scan_layers=scan_layers, remat_policy=remat_policy)
+        kw = dict(
+            dtype=dtype,
+            param_dtype=jnp.float32,
+            scan_layers=scan_layers,
+            remat_policy=remat_policy,
+            mlp_chunks=mlp_chunks,
+        )
         if connector is None:
             self.model = Flux(flux_cfg, attention_impl=attention_impl, **kw)
             boxed = abstract_params(flux_cfg, jnp.float32, boxed=True)

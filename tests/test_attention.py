@@ -131,3 +131,56 @@ def test_dispatch_and_fallbacks():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert A.resolve("chunked", *short[:2]) == "chunked"
+
+
+def numpy_attention(q, k, v, q_seg, kv_seg, causal):
+    """The definition, in float64: each query attends the keys of its segment (at positions <= its own when
+    causal); a query with no such key gets 0."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    b, lq, h, d = q.shape
+    out = np.zeros_like(q)
+    for i in range(b):
+        for t in range(lq):
+            keep = kv_seg[i] == q_seg[i, t]
+            if causal:
+                keep &= np.arange(k.shape[1]) <= t
+            if not keep.any():
+                continue
+            s = np.einsum("hd,khd->hk", q[i, t], k[i, keep]) / np.sqrt(d)
+            p = np.exp(s - s.max(-1, keepdims=True))
+            out[i, t] = np.einsum("hk,khd->hd", p / p.sum(-1, keepdims=True), v[i, keep])
+    return out
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["windows", "causal+masked-keys"])
+def test_segment_ids_and_causal_on_every_path(causal):
+    """Segment ids (Qwen2.5-VL's vision windows and packed images; a language model's masked keys) and
+    causality, as xla, chunked (blocks smaller than the segments and across them) and splash (in the
+    interpreter; 150 tokens pad to two blocks) compute them: forward against the definition, gradients
+    against xla's."""
+    q, k, v = qkv(2, 150, 2, 16, seed=7)
+    rng = np.random.default_rng(8)
+    if causal:  # one segment, some keys masked out with an id no query has
+        q_seg = np.zeros((2, 150), np.int32)
+        kv_seg = np.where(rng.random((2, 150)) < 0.2, -1, 0).astype(np.int32)
+        kv_seg[:, 0] = 0
+    else:  # windows of uneven lengths, different per row
+        q_seg = np.stack([np.repeat(np.arange(5), [40, 7, 64, 1, 38]), np.repeat(np.arange(3), [100, 20, 30])])
+        kv_seg = q_seg.copy()
+    seg = (jnp.asarray(q_seg, jnp.int32), jnp.asarray(kv_seg, jnp.int32))
+    want = numpy_attention(q, k, v, q_seg, kv_seg, causal)
+    loss = lambda impl: lambda q, k, v: (A.dot_product_attention(q, k, v, impl=impl, segment_ids=seg, causal=causal) ** 2).sum()  # noqa: E731
+    grads = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(A, "Q_CHUNK", 32)
+        mp.setattr(A, "K_CHUNK", 48)
+        for impl in ("xla", "chunked", "splash_interpret"):
+            out = A.dot_product_attention(q, k, v, impl=impl, segment_ids=seg, causal=causal)
+            np.testing.assert_allclose(np.asarray(out), want, atol=3e-6, err_msg=impl)
+            grads[impl] = jax.grad(loss(impl), (0, 1, 2))(q, k, v)
+    for impl in ("chunked", "splash_interpret"):
+        for a, b in zip(grads[impl], grads["xla"]):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, err_msg=impl)
+    with pytest.warns(UserWarning, match="segment ids / causal masks are not wired to the cudnn path"):
+        bf = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16)
+        assert A.resolve("cudnn", bf, bf, segments=True) == "xla"

@@ -14,6 +14,12 @@ input dtype; the output has the input dtype. Implementations (`impl`):
            padded to its 128-token blocks, the padded keys masked out by segment ids;
            `splash_interpret` runs the same kernel in the Pallas interpreter (any platform;
            slow; used by the tests on CPU).
+Masks: `mask_BHLS` (a dense boolean mask: xla and chunked only), `segment_ids` = (q [B, L],
+kv [B, S]) int32 (a query attends only keys of its own segment id: windows, packed images, keys
+masked out by an id no query has) and `causal` (keys at positions <= the query's; L == S). Segment
+ids and causality are never expanded to an [L, S] array except on the xla path: chunked builds
+each block's mask from them, splash takes them as its SegmentIds / CausalMask; cudnn falls back.
+
   auto     splash on TPU, cudnn on GPU, otherwise xla for short sequences and chunked
            from `AUTO_CHUNK_FROM` tokens on. The platform is that of the devices the program
            is compiled for (the mesh set with `jax.set_mesh`), else the default backend: a
@@ -55,26 +61,47 @@ def dot_product_attention(
     impl: str = "auto",
     bias_BHLS: jax.Array | None = None,
     scale: float | None = None,
+    segment_ids: tuple[jax.Array, jax.Array] | None = None,
+    causal: bool = False,
 ) -> jax.Array:
     """softmax(q k^T * scale [+ bias] [masked]) v  ->  [B, L, H, D]; scale defaults to 1/sqrt(D).
 
     bias_BHLS (added to the float32 logits, broadcastable to [B, H, L, S]) and an explicit
     `scale` (T5: relative position bias, no scaling) run on the xla path whatever `impl` says.
+    segment_ids = (q_seg [B, L], kv_seg [B, S]) and `causal`: see the module docstring.
     """
+    if causal and q_BLHD.shape[1] != k_BSHD.shape[1]:
+        raise ValueError(f"causal attention needs as many queries as keys, got {q_BLHD.shape[1]} and {k_BSHD.shape[1]}")
     if bias_BHLS is not None or scale is not None:
         if impl not in IMPLEMENTATIONS:
             raise ValueError(f"attention impl {impl!r} is not one of {IMPLEMENTATIONS}")
+        mask = dense_mask(mask_BHLS, segment_ids, causal, q_BLHD.shape[1], k_BSHD.shape[1])
         return jax.nn.dot_product_attention(
-            q_BLHD, k_BSHD, v_BSHD, bias=bias_BHLS, mask=mask_BHLS, scale=scale, implementation="xla"
+            q_BLHD, k_BSHD, v_BSHD, bias=bias_BHLS, mask=mask, scale=scale, implementation="xla"
         )
-    impl = resolve(impl, q_BLHD, k_BSHD, mask_BHLS)
+    impl = resolve(impl, q_BLHD, k_BSHD, mask_BHLS, segments=segment_ids is not None or causal)
     if impl == "xla":
-        return jax.nn.dot_product_attention(q_BLHD, k_BSHD, v_BSHD, mask=mask_BHLS, implementation="xla")
+        mask = dense_mask(mask_BHLS, segment_ids, causal, q_BLHD.shape[1], k_BSHD.shape[1])
+        return jax.nn.dot_product_attention(q_BLHD, k_BSHD, v_BSHD, mask=mask, implementation="xla")
     if impl == "chunked":
-        return chunked_attention(q_BLHD, k_BSHD, v_BSHD, mask_BHLS=mask_BHLS)
+        return chunked_attention(q_BLHD, k_BSHD, v_BSHD, mask_BHLS=mask_BHLS, segment_ids=segment_ids, causal=causal)
     if impl == "cudnn":
         return per_device(cudnn_attention, q_BLHD, k_BSHD, v_BSHD)
-    return per_device(functools.partial(splash_attention, interpret=impl == "splash_interpret"), q_BLHD, k_BSHD, v_BSHD)
+    kernel = functools.partial(splash_attention, causal=causal, interpret=impl == "splash_interpret")
+    return per_device(kernel, q_BLHD, k_BSHD, v_BSHD, *(segment_ids or ()))
+
+
+def dense_mask(mask_BHLS, segment_ids, causal: bool, lq: int, lk: int):
+    """The boolean mask [B or 1, H or 1, L, S] of a dense mask, segment ids and causality (None if none)."""
+    mask = mask_BHLS
+    if segment_ids is not None:
+        q_seg, kv_seg = segment_ids
+        same = q_seg[:, None, :, None] == kv_seg[:, None, None, :]
+        mask = same if mask is None else mask & same
+    if causal:
+        tri = (jnp.arange(lq)[:, None] >= jnp.arange(lk)[None, :])[None, None]
+        mask = tri if mask is None else mask & tri
+    return mask
 
 
 def target_platform() -> str:
@@ -84,8 +111,9 @@ def target_platform() -> str:
     return device.platform if device is not None else jax.default_backend()
 
 
-def resolve(impl: str, q, k, mask=None, platform: str | None = None) -> str:
-    """The implementation actually used for these shapes (warns when falling back)."""
+def resolve(impl: str, q, k, mask=None, platform: str | None = None, segments: bool = False) -> str:
+    """The implementation actually used for these shapes (warns when falling back); `segments`: segment ids
+    or causality are asked for."""
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"attention impl {impl!r} is not one of {IMPLEMENTATIONS}")
     platform = platform or target_platform()
@@ -94,12 +122,12 @@ def resolve(impl: str, q, k, mask=None, platform: str | None = None) -> str:
     if impl == "auto":
         if platform == "tpu" and splash_problem(q, k, mask) is None:
             return "splash"
-        if platform in ("gpu", "cuda") and cudnn_problem(q, k, mask) is None:
+        if platform in ("gpu", "cuda") and cudnn_problem(q, k, mask, segments) is None:
             return "cudnn"
         return fallback
     problem = None
     if impl == "cudnn":
-        problem = cudnn_problem(q, k, mask)
+        problem = cudnn_problem(q, k, mask, segments)
     elif impl in ("splash", "splash_interpret"):
         problem = splash_problem(q, k, mask)
     if problem:
@@ -108,10 +136,12 @@ def resolve(impl: str, q, k, mask=None, platform: str | None = None) -> str:
     return impl
 
 
-def cudnn_problem(q, k, mask=None) -> str | None:
+def cudnn_problem(q, k, mask=None, segments: bool = False) -> str | None:
     """Why cuDNN flash attention cannot take these inputs (None if it can)."""
     if mask is not None:
         return "a dense mask is not supported by the cudnn path"
+    if segments:
+        return "segment ids / causal masks are not wired to the cudnn path"
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         return f"dtype {q.dtype} (cudnn needs bfloat16 or float16)"
     d = q.shape[-1]
@@ -127,11 +157,14 @@ def splash_problem(q, k, mask=None) -> str | None:
     return None
 
 
-def chunked_attention(q, k, v, *, mask_BHLS=None, q_chunk: int = Q_CHUNK, k_chunk: int = K_CHUNK):
+def chunked_attention(
+    q, k, v, *, mask_BHLS=None, segment_ids=None, causal=False, q_chunk: int = Q_CHUNK, k_chunk: int = K_CHUNK
+):
     """Flash-style attention in pure JAX (online softmax over key chunks), [B, L, H, D].
 
     mask_BHLS: optional boolean mask broadcastable to [B, H, L, S] (True = attend).
-    Without a mask no [L, S]-sized array is built at all.
+    segment_ids (q [B, L], kv [B, S]) and `causal` are applied per block (see the module docstring).
+    Without a dense mask no [L, S]-sized array is built at all. A query with no key to attend gets 0.
     """
     b, lq, h, d = q.shape
     lk = k.shape[1]
@@ -144,6 +177,12 @@ def chunked_attention(q, k, v, *, mask_BHLS=None, q_chunk: int = Q_CHUNK, k_chun
     k_chunks = pad(k, pk).reshape(b, nk, ck, h, d).swapaxes(0, 1)
     v_chunks = pad(v, pk).reshape(b, nk, ck, h, d).swapaxes(0, 1)
     key_valid = (jnp.arange(nk * ck) < lk).reshape(nk, ck)
+    q_pos, k_pos = jnp.arange(nq * cq).reshape(nq, cq), jnp.arange(nk * ck).reshape(nk, ck)
+    if segment_ids is None:
+        q_seg, kv_seg = jnp.zeros((nq, b, cq), jnp.int32), jnp.zeros((nk, b, ck), jnp.int32)
+    else:
+        q_seg = jnp.pad(segment_ids[0].astype(jnp.int32), ((0, 0), (0, pq))).reshape(b, nq, cq).swapaxes(0, 1)
+        kv_seg = jnp.pad(segment_ids[1].astype(jnp.int32), ((0, 0), (0, pk))).reshape(b, nk, ck).swapaxes(0, 1)
     if mask_BHLS is None:
         mask_q = jnp.zeros((nq,), bool)  # placeholder scanned alongside the query chunks
     else:
@@ -153,13 +192,17 @@ def chunked_attention(q, k, v, *, mask_BHLS=None, q_chunk: int = Q_CHUNK, k_chun
 
     @jax.checkpoint
     def one_query_chunk(args):
-        q_c, mask_c = args  # [B, cq, H, D], [nk, B, M, cq, ck] or a placeholder
+        q_c, mask_c, qs_c, qp_c = args  # [B, cq, H, D], [nk, B, M, cq, ck] or a placeholder, [B, cq], [cq]
 
         def body(carry, kv):
             m_run, l_run, acc = carry
-            k_c, v_c, valid_c, user_c = kv
+            k_c, v_c, valid_c, user_c, ks_c, kp_c = kv
             s = jnp.einsum("bqhd,bkhd->bhqk", q_c, k_c, preferred_element_type=jnp.float32) * scale
             keep = valid_c[None, None, None, :] if mask_BHLS is None else valid_c[None, None, None, :] & user_c
+            if segment_ids is not None:
+                keep = keep & (qs_c[:, None, :, None] == ks_c[:, None, None, :])
+            if causal:
+                keep = keep & (qp_c[:, None] >= kp_c[None, :])[None, None]
             s = jnp.where(keep, s, -jnp.inf)
             m_new = jnp.maximum(m_run, s.max(-1))
             m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
@@ -175,11 +218,11 @@ def chunked_attention(q, k, v, *, mask_BHLS=None, q_chunk: int = Q_CHUNK, k_chun
             jnp.zeros((b, h, cq, d), jnp.float32),
         )
         user = jnp.zeros((nk,), bool) if mask_BHLS is None else mask_c
-        (_, l_run, acc), _ = jax.lax.scan(body, init, (k_chunks, v_chunks, key_valid, user))
+        (_, l_run, acc), _ = jax.lax.scan(body, init, (k_chunks, v_chunks, key_valid, user, kv_seg, k_pos))
         out = acc / jnp.where(l_run > 0, l_run, 1.0)[..., None]
         return out.transpose(0, 2, 1, 3).astype(q.dtype)  # [B, cq, H, D]
 
-    out = jax.lax.map(one_query_chunk, (q_chunks, mask_q))  # [nq, B, cq, H, D]
+    out = jax.lax.map(one_query_chunk, (q_chunks, mask_q, q_seg, q_pos))  # [nq, B, cq, H, D]
     return out.swapaxes(0, 1).reshape(b, nq * cq, h, d)[:, :lq]
 
 
@@ -210,15 +253,18 @@ def mesh_axes_for(batch: int, heads: int) -> tuple[tuple[str, ...], tuple[str, .
     return tuple(batch_axes), tuple(head_axes)
 
 
-def per_device(kernel, q, k, v):
-    """`kernel(q, k, v)` ([B, L, H, D] each) run on every device's shard inside `jax.shard_map` when a mesh
-    is set (see `mesh_axes_for`), else directly."""
+def per_device(kernel, q, k, v, *per_row):
+    """`kernel(q, k, v, *per_row)` ([B, L, H, D] each; per_row: [B, ...] arrays such as segment ids) run on
+    every device's shard inside `jax.shard_map` when a mesh is set (see `mesh_axes_for`), else directly."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
-        return kernel(q, k, v)
+        return kernel(q, k, v, *per_row)
     batch_axes, head_axes = mesh_axes_for(q.shape[0], q.shape[2])
     spec = PartitionSpec(batch_axes or None, None, head_axes or None, None)
-    return jax.shard_map(kernel, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)
+    row_specs = tuple(PartitionSpec(batch_axes or None, *([None] * (x.ndim - 1))) for x in per_row)
+    return jax.shard_map(kernel, in_specs=(spec, spec, spec, *row_specs), out_specs=spec, check_vma=False)(
+        q, k, v, *per_row
+    )
 
 
 def cudnn_attention(q, k, v):
@@ -226,34 +272,44 @@ def cudnn_attention(q, k, v):
     return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
 
 
-def splash_attention(q, k, v, *, interpret: bool = False):
+PAD_SEGMENT = -(2**30)  # the segment id of keys padded to splash's blocks: no query has it
+
+
+def splash_attention(q, k, v, q_seg=None, kv_seg=None, *, causal: bool = False, interpret: bool = False):
     """Pallas splash attention (TPU kernel; `interpret=True` runs it anywhere), [B, L, H, D] (one device's
-    shard: `dot_product_attention` runs it under `per_device`). Lengths are padded to the kernel's
-    128-token blocks; padded keys get another segment id than every query, so nothing attends them."""
-    _, lq, h, d = q.shape
+    shard: `dot_product_attention` runs it under `per_device`); q_seg [B, L], kv_seg [B, S]: segment ids.
+    Lengths are padded to the kernel's 128-token blocks; padded keys get a segment id no query has, so
+    nothing attends them; padded queries repeat the last query's segment (their rows are dropped)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
+
+    b, lq, h, d = q.shape
     lk = k.shape[1]
     pq, pk = -lq % SPLASH_BLOCK, -lk % SPLASH_BLOCK
-    kernel = _splash_kernel(lq + pq, lk + pk, h, interpret)
+    kernel = _splash_kernel(lq + pq, lk + pk, h, interpret, causal)
     scale = 1.0 / math.sqrt(d)
     pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, 0))) if n else x  # noqa: E731
     qt = pad((q.astype(jnp.float32) * scale).astype(q.dtype), pq).transpose(0, 2, 1, 3)  # [B, H, L, D]
     kt, vt = (pad(x, pk).transpose(0, 2, 1, 3) for x in (k, v))
-    if pk:  # padded queries keep segment 0: their rows attend the real keys, never an empty row
-        from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
-
-        seg = SegmentIds(jnp.zeros((lq + pq,), jnp.int32), (jnp.arange(lk + pk) >= lk).astype(jnp.int32))
-        out = jax.vmap(lambda q, k, v: kernel(q, k, v, segment_ids=seg))(qt, kt, vt)
-    else:
+    if q_seg is None and not pk:
         out = jax.vmap(kernel)(qt, kt, vt)
+    else:
+        if q_seg is None:  # padded queries keep segment 0: their rows attend the real keys, never an empty row
+            q_seg, kv_seg = jnp.zeros((b, lq), jnp.int32), jnp.zeros((b, lk), jnp.int32)
+        q_seg = jnp.pad(q_seg.astype(jnp.int32), ((0, 0), (0, pq)), mode="edge")
+        kv_seg = jnp.pad(kv_seg.astype(jnp.int32), ((0, 0), (0, pk)), constant_values=PAD_SEGMENT)
+        out = jax.vmap(lambda q, k, v, qs, ks: kernel(q, k, v, segment_ids=SegmentIds(qs, ks)))(
+            qt, kt, vt, q_seg, kv_seg
+        )
     return out.transpose(0, 2, 1, 3)[:, :lq].astype(q.dtype)
 
 
-def _splash_kernel(lq: int, lk: int, heads: int, interpret: bool):
+def _splash_kernel(lq: int, lk: int, heads: int, interpret: bool, causal: bool = False):
     """The kernel for these sizes, built in the trace that calls it (its mask tables become constants of
     that program; a kernel cached across traces would leak their tracers). About 0.3 s at 8,704 tokens."""
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
-    mask = sa.MultiHeadMask([sa.FullMask((lq, lk)) for _ in range(heads)])
+    one = (lambda: sa.CausalMask((lq, lk))) if causal else (lambda: sa.FullMask((lq, lk)))
+    mask = sa.MultiHeadMask([one() for _ in range(heads)])
     bq = next(b for b in (512, 256, SPLASH_BLOCK) if lq % b == 0)
     bk = next(b for b in (512, 256, SPLASH_BLOCK) if lk % b == 0)
     blocks = sa.BlockSizes(

@@ -169,13 +169,17 @@ def test_segment_ids_and_causal_on_every_path(causal):
         kv_seg = q_seg.copy()
     seg = (jnp.asarray(q_seg, jnp.int32), jnp.asarray(kv_seg, jnp.int32))
     want = numpy_attention(q, k, v, q_seg, kv_seg, causal)
-    loss = lambda impl: lambda q, k, v: (A.dot_product_attention(q, k, v, impl=impl, segment_ids=seg, causal=causal) ** 2).sum()  # noqa: E731
+
+    def attend(impl, q, k, v):
+        return A.dot_product_attention(q, k, v, impl=impl, segment_ids=seg, causal=causal)
+
+    loss = lambda impl: lambda q, k, v: (attend(impl, q, k, v) ** 2).sum()  # noqa: E731
     grads = {}
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(A, "Q_CHUNK", 32)
         mp.setattr(A, "K_CHUNK", 48)
         for impl in ("xla", "chunked", "splash_interpret"):
-            out = A.dot_product_attention(q, k, v, impl=impl, segment_ids=seg, causal=causal)
+            out = attend(impl, q, k, v)
             np.testing.assert_allclose(np.asarray(out), want, atol=3e-6, err_msg=impl)
             grads[impl] = jax.grad(loss(impl), (0, 1, 2))(q, k, v)
     for impl in ("chunked", "splash_interpret"):

@@ -24,11 +24,16 @@ import pytest  # noqa: E402
 _OUTSIDE: list[str] = []
 
 
+# resolved before the hook is installed: gettempdir's first call opens probe files under its lock, and a
+# hook calling it from inside that open would wait on the lock forever (seen with `pytest -s`)
+_TMP = os.path.realpath(tempfile.gettempdir())
+
+
 def _watch_opens(event: str, args: tuple) -> None:
     if event != "open" or not args or not isinstance(args[0], str | bytes | os.PathLike):
         return
     path = os.path.abspath(os.fsdecode(args[0]))
-    parent, tmp = os.path.dirname(ROOT), os.path.realpath(tempfile.gettempdir())
+    parent, tmp = os.path.dirname(ROOT), _TMP
     inside = lambda p, d: p == d or p.startswith(d + os.sep)  # noqa: E731
     if inside(path, parent) and not inside(path, ROOT) and not inside(os.path.realpath(path), tmp):
         _OUTSIDE.append(path)

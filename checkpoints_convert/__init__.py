@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from checkpoints_convert import flux as flux_tables
+from checkpoints_convert import qwen as qwen_tables
 from checkpoints_convert import step1x as step1x_tables
 from checkpoints_convert import text as text_tables
 from checkpoints_convert import vae as vae_tables
@@ -102,6 +103,10 @@ def _clip_rules(source, cfg, fmt):
     return text_tables.clip_rules(cfg, source.shapes, fmt), "transformers"
 
 
+def _qwen_rules(source, cfg, fmt):
+    return qwen_tables.qwen_rules(cfg, source.shapes, fmt), "transformers"
+
+
 def _targets(module: str):
     def targets(cfg):
         import importlib
@@ -132,6 +137,7 @@ PARTS: dict[str, Part] = {
     "vae": Part(_vae_rules, _targets("autoencoder"), vae_tables.FORMATS),
     "t5": Part(_t5_rules, _targets("t5"), text_tables.FORMATS),
     "clip": Part(_clip_rules, _targets("clip"), text_tables.FORMATS),
+    "qwen": Part(_qwen_rules, _targets("qwen2_5_vl"), qwen_tables.FORMATS),
 }
 
 
@@ -146,6 +152,8 @@ def detect_part(keys) -> str:
         return "t5"
     if any(k.startswith("text_model.") or k.startswith("embeddings.token_embedding.") for k in keys):
         return "clip"
+    if any(k.startswith(("model.visual.", "visual.", "model.language_model.")) for k in keys):
+        return "qwen"
     raise ConversionError(f"cannot tell which model part the {len(keys)} tensors are (pass --part)")
 
 

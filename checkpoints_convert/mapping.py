@@ -39,6 +39,12 @@ def _conv_to_hwio(a: np.ndarray) -> np.ndarray:
     return a.transpose(2, 3, 1, 0)
 
 
+def _patch_to_linear(a: np.ndarray) -> np.ndarray:
+    if a.ndim < 3:
+        raise ValueError(f"a patch-embedding conv weight must be [O, I, *kernel], got shape {a.shape}")
+    return a.reshape(a.shape[0], -1).T
+
+
 def _conv1x1_to_linear(a: np.ndarray) -> np.ndarray:
     if a.ndim != 4 or a.shape[2:] != (1, 1):
         raise ValueError(f"a 1x1 conv weight must be [O, I, 1, 1], got shape {a.shape}")
@@ -50,6 +56,7 @@ TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "linear": _transpose_linear,  # torch Linear [out, in] -> kernel [in, out]
     "conv": _conv_to_hwio,  # torch Conv2d [O, I, kh, kw] -> [kh, kw, I, O]
     "conv1x1_linear": _conv1x1_to_linear,  # 1x1 Conv2d [O, I, 1, 1] -> Dense kernel [I, O]
+    "patch_linear": _patch_to_linear,  # a conv with stride = kernel on flattened patches -> [I * prod(kernel), O]
 }
 
 _TRANSFORM_SHAPES: dict[str, Callable[[tuple[int, ...]], tuple[int, ...]]] = {
@@ -57,6 +64,7 @@ _TRANSFORM_SHAPES: dict[str, Callable[[tuple[int, ...]], tuple[int, ...]]] = {
     "linear": lambda s: s[::-1] if len(s) == 2 else None,
     "conv": lambda s: (s[2], s[3], s[1], s[0]) if len(s) == 4 else None,
     "conv1x1_linear": lambda s: (s[1], s[0]) if len(s) == 4 and s[2:] == (1, 1) else None,
+    "patch_linear": lambda s: (int(np.prod(s[1:])), s[0]) if len(s) >= 3 else None,
 }
 
 

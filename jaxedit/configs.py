@@ -162,6 +162,112 @@ class MeshConfig:
 
 
 @dataclass(frozen=True)
+class QwenVisionConfig:
+    """Qwen2.5-VL's vision tower (transformers `Qwen2_5_VisionTransformerPretrainedModel`); defaults: 7B."""
+
+    depth: int = 32
+    hidden_size: int = 1280
+    intermediate_size: int = 3420
+    num_heads: int = 16
+    in_channels: int = 3
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    window_size: int = 112  # pixels: windows of (112 / 14 / 2)^2 = 16 merged patches
+    out_hidden_size: int = 3584  # the language model's width
+    fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
+    hidden_act: str = "silu"
+    rope_theta: float = 10000.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:  # one flattened patch: channels x temporal x patch x patch
+        return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+
+@dataclass(frozen=True)
+class QwenTextConfig:
+    """Qwen2.5-VL's language model (`Qwen2_5_VLTextModel`); defaults: 7B."""
+
+    vocab_size: int = 152064
+    hidden_size: int = 3584
+    intermediate_size: int = 18944
+    num_layers: int = 28
+    num_heads: int = 28
+    num_kv_heads: int = 4
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    mrope_section: tuple[int, ...] = (16, 24, 24)  # rotary pairs for (temporal, height, width)
+    hidden_act: str = "silu"
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError(f"{self}: hidden_size % num_heads and num_heads % num_kv_heads must be 0")
+        if sum(self.mrope_section) * 2 != self.head_dim:
+            raise ValueError(f"mrope_section {self.mrope_section} does not cover head_dim {self.head_dim} / 2")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass(frozen=True)
+class QwenVLConfig:
+    """Qwen2.5-VL (vision tower + language model + lm_head) and its special token ids; defaults: 7B-Instruct."""
+
+    vision: QwenVisionConfig = QwenVisionConfig()
+    text: QwenTextConfig = QwenTextConfig()
+    image_token_id: int = 151655
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+    tie_word_embeddings: bool = False
+
+    @classmethod
+    def from_hf(cls, d: dict) -> QwenVLConfig:
+        """From a transformers config.json: the 4.x layout (text fields at the top, `rope_scaling`) or the
+        5.x one (`text_config`, `rope_parameters`)."""
+        t = {**{k: v for k, v in d.items() if k != "text_config"}, **(d.get("text_config") or {})}
+        v = d.get("vision_config") or {}
+        rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
+        try:
+            text = QwenTextConfig(
+                vocab_size=t["vocab_size"], hidden_size=t["hidden_size"], intermediate_size=t["intermediate_size"],
+                num_layers=t["num_hidden_layers"], num_heads=t["num_attention_heads"],
+                num_kv_heads=t.get("num_key_value_heads", t["num_attention_heads"]),
+                rms_norm_eps=t.get("rms_norm_eps", 1e-6), rope_theta=rope.get("rope_theta", t.get("rope_theta", 1e6)),
+                mrope_section=tuple(rope["mrope_section"]), hidden_act=t.get("hidden_act", "silu"),
+            )  # fmt: skip
+            vision = QwenVisionConfig(
+                depth=v["depth"], hidden_size=v["hidden_size"], intermediate_size=v["intermediate_size"],
+                num_heads=v["num_heads"], in_channels=v.get("in_channels", v.get("in_chans", 3)),
+                patch_size=v["patch_size"], temporal_patch_size=v["temporal_patch_size"],
+                spatial_merge_size=v["spatial_merge_size"], window_size=v["window_size"],
+                out_hidden_size=v["out_hidden_size"], fullatt_block_indexes=tuple(v["fullatt_block_indexes"]),
+                hidden_act=v.get("hidden_act", "silu"),
+                rope_theta=(v.get("rope_parameters") or {}).get("rope_theta", 10000.0),
+            )  # fmt: skip
+        except KeyError as e:
+            raise ValueError(f"Qwen2.5-VL config.json: missing field {e.args[0]!r}") from None
+        ids = {k: d.get(k, t.get(k)) for k in ("image_token_id", "vision_start_token_id", "vision_end_token_id")}
+        missing = [k for k, x in ids.items() if x is None]
+        if missing:
+            raise ValueError(f"Qwen2.5-VL config.json: missing field {missing[0]!r}")
+        return cls(vision, text, **ids, tie_word_embeddings=bool(t.get("tie_word_embeddings", False)))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> QwenVLConfig:
+        tup = lambda sub: {k: tuple(x) if isinstance(x, list) else x for k, x in sub.items()}  # noqa: E731
+        rest = {k: x for k, x in d.items() if k not in ("vision", "text")}
+        return cls(QwenVisionConfig(**tup(d["vision"])), QwenTextConfig(**tup(d["text"])), **rest)
+
+
+@dataclass(frozen=True)
 class Preset:
     """A named model: its family and the config of each part (None where a part is absent)."""
 
@@ -172,6 +278,7 @@ class Preset:
     t5: T5Config | None = None
     clip: CLIPTextConfig | None = None
     connector: ConnectorConfig | None = None  # Step1X-Edit: stored in the transformer checkpoint
+    qwen: QwenVLConfig | None = None  # Step1X-Edit: the Qwen2.5-VL conditioner
 
 
 FLUX_DEV = FluxConfig()
@@ -257,6 +364,7 @@ register(
         dataclasses.replace(FLUX_DEV, guidance_embed=False),
         FLUX_VAE,
         connector=ConnectorConfig(),
+        qwen=QwenVLConfig(),
     )
 )
 register(

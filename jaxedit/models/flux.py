@@ -234,8 +234,11 @@ class LastLayer(nn.Module):
         return dense(self.cfg.out_channels, ("embed", "in"), name="linear", zero_init=True, **kw)(x)
 
 
-def stacked(block_cls, length: int, *, scan: bool, remat_policy: str, name: str, **kw):
+def stacked(block_cls, length: int, *, scan: bool, remat_policy: str, name: str, in_axes=None, **kw):
     """`length` copies of `block_cls` with parameters stacked on a leading "layers" axis.
+
+    in_axes: how the block's arguments after the carry are scanned (default: two broadcast ones;
+    0 = a per-layer value with a leading layer axis).
 
     scan=True runs them under `nn.scan` (one compiled block body); scan=False unrolls the
     same loop (`unroll=length`), which is a plain sequence of blocks in the compiled
@@ -249,7 +252,7 @@ def stacked(block_cls, length: int, *, scan: bool, remat_policy: str, name: str,
         block_cls,
         variable_axes={"params": 0},
         split_rngs={"params": True},
-        in_axes=(nn.broadcast, nn.broadcast),
+        in_axes=(nn.broadcast, nn.broadcast) if in_axes is None else in_axes,
         length=length,
         unroll=1 if scan else length,
         metadata_params={nn.PARTITION_NAME: "layers"},

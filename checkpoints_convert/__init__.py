@@ -39,6 +39,7 @@ __all__ = [
     "open_part",
     "part_config",
     "plan_part",
+    "qwen_embedder",
     "shapes_of",
 ]
 
@@ -250,6 +251,28 @@ def flux_text_encoder(root: str | Path, preset: str = "flux-kontext-dev", *, dty
     clip = load_clip(root / "text_encoder", p.clip, dtype=dtype)
     tokenizers = load_tokenizer(root / "tokenizer_2"), load_tokenizer(root / "tokenizer")
     return FluxTextEncoder(p.t5, p.clip, t5, clip, *tokenizers, dtype=dtype, **kw)
+
+
+def qwen_embedder(path: str | Path, config=None, *, dtype: Any = "bfloat16", **kw):
+    """A `jaxedit.step1x.text.Step1XQwenEmbedder` straight from a transformers Qwen2.5-VL folder (config.json,
+    safetensors, tokenizer, preprocessor_config.json), its weights converted as they are read (no torch).
+    config: the `QwenEmbedderConfig` (default: the released 7B setup); kw: Step1XQwenEmbedder arguments."""
+    import json
+
+    import jax.numpy as jnp
+
+    from jaxedit.configs import QwenVLConfig
+    from jaxedit.step1x.text import QwenEmbedderConfig, Step1XQwenEmbedder, check_hidden
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"Qwen2.5-VL folder not found: {path} (no config.json)")
+    config = config or QwenEmbedderConfig()
+    qwen_cfg = QwenVLConfig.from_hf(json.loads((path / "config.json").read_text()))
+    check_hidden(qwen_cfg, config, path)
+    params = load_part("qwen", path, qwen_cfg, dtype=jnp.dtype(dtype))
+    processor = Step1XQwenEmbedder.load_processor(path, config)
+    return Step1XQwenEmbedder(params, qwen_cfg, *processor, config, dtype=dtype, name=path.resolve(), **kw)
 
 
 def mesh_placer(shardings_tree) -> Place:

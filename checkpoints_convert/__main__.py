@@ -3,8 +3,10 @@
     python -m checkpoints_convert pipeline SRC DST --preset flux-kontext-dev   # a whole release -> model folder
     python -m checkpoints_convert transformer FILE DST --preset flux-kontext-dev  # one part -> Orbax checkpoint
     python -m checkpoints_convert check FILE --preset flux-kontext-dev         # names and shapes only
+    python -m checkpoints_convert pipeline SRC DST --preset step1x-edit --qwen QWEN_FOLDER  # with Qwen2.5-VL
+    python -m checkpoints_convert add-qwen MODEL_FOLDER QWEN_FOLDER  # Qwen2.5-VL into a Step1X-Edit folder
 
-Parts: transformer, vae, t5, clip. Nothing is downloaded: point at files on your disk. (Installed, the
+Parts: transformer, vae, t5, clip, qwen. Nothing is downloaded: point at files on your disk. (Installed, the
 command is also `jaxedit-convert`.)
 """
 
@@ -38,7 +40,7 @@ def parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = p.add_subparsers(dest="command", required=True, metavar="{pipeline,check," + ",".join(PARTS) + "}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{pipeline,add-qwen,check," + ",".join(PARTS) + "}")
     presets = f"model preset: {', '.join(configs.names())}"
     dtypes = dict(choices=["bfloat16", "float32", "float16"], default=None, help="output dtype (default: the file's)")
 
@@ -49,8 +51,13 @@ def parser() -> argparse.ArgumentParser:
     pp.add_argument("--dtype", **dtypes)
     for name in ("transformer", "vae", "t5", "clip", "tokenizer", "tokenizer_2"):
         pp.add_argument(f"--{name.replace('_', '-')}", dest=f"path_{name}", default=None, help=f"path of the {name}")
-    pp.add_argument("--qwen", default=None, help="Step1X-Edit: the Qwen2.5-VL-7B-Instruct folder to record")
+    pp.add_argument("--qwen", default=None, help="Step1X-Edit: the Qwen2.5-VL-7B-Instruct folder to convert")
     pp.add_argument("--force", action="store_true", help="overwrite DST")
+
+    q = sub.add_parser("add-qwen", help="convert a Qwen2.5-VL folder into a Step1X-Edit model folder (qwen/)")
+    q.add_argument("folder", help="the jaxedit Step1X-Edit model folder")
+    q.add_argument("qwen", help="the transformers Qwen2.5-VL folder (config.json, safetensors, tokenizer, ...)")
+    q.add_argument("--dtype", **dtypes)
 
     c = sub.add_parser("check", help="check a checkpoint against a preset and the published releases (no tensor read)")
     c.add_argument("src", help=".safetensors file, sharded folder with its index, diffusers model folder, or a "
@@ -110,6 +117,15 @@ def main(argv: list[str] | None = None) -> int:
     from jaxedit import configs
 
     args = parser().parse_args(argv)
+    if args.command == "add-qwen":
+        from checkpoints_convert.pipeline import add_qwen
+
+        try:
+            print(f"wrote {add_qwen(args.folder, args.qwen, dtype=_dtype(args.dtype)) / 'qwen'}")
+            return 0
+        except (ConversionError, FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     try:
         preset = configs.get(args.preset)
     except KeyError as e:

@@ -7,8 +7,9 @@ Sources:
     at the top, plus text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/ folders;
   - either, with any part pointed at explicitly (`overrides`);
   - a Step1X-Edit release: `step1x-edit-i1258.safetensors` (DiT + connector) and
-    `vae.safetensors` at the top; its Qwen2.5-VL-7B-Instruct folder is recorded in the model
-    folder's description (`qwen`), not converted.
+    `vae.safetensors` at the top; its Qwen2.5-VL-7B-Instruct folder (`qwen=`, a transformers folder:
+    config.json, safetensors, tokenizer, preprocessor_config.json) is converted too, into `qwen/`
+    (weights) and `qwen_processor/` (tokenizer, image processor and chat template files).
 Every part is located and checked against the preset (names and shapes, from the file
 headers) before any tensor is converted: a missing or inconsistent part fails first,
 naming what is wrong. See `jaxedit.model_folder` for the output layout.
@@ -28,6 +29,12 @@ from checkpoints_convert.source import SafetensorsSource
 from jaxedit.configs import Preset
 from jaxedit.model_folder import TOKENIZERS, write_description
 
+QWEN_PROCESSOR = "qwen_processor"  # in a model folder: the Qwen2.5-VL tokenizer, image processor, chat template
+QWEN_PROCESSOR_NEEDED = ("config.json", "tokenizer_config.json", "preprocessor_config.json")
+QWEN_PROCESSOR_FILES = QWEN_PROCESSOR_NEEDED + (
+    "tokenizer.json", "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
+    "chat_template.json", "chat_template.jinja", "generation_config.json",
+)  # fmt: skip
 DIFFUSERS_DIRS = {"transformer": "transformer", "vae": "vae", "clip": "text_encoder", "t5": "text_encoder_2"}
 
 
@@ -57,7 +64,7 @@ def locate(src: str | Path, preset: Preset, overrides: dict[str, str | Path] | N
     if not src.is_dir():
         raise FileNotFoundError(f"source folder not found: {src}")
     overrides = {k: Path(v) for k, v in (overrides or {}).items() if v}
-    needed = [p for p in PARTS if getattr(preset, p) is not None]
+    needed = [p for p in PARTS if p != "qwen" and getattr(preset, p) is not None]  # qwen: its own folder
     if (src / "model_index.json").is_file():
         paths = {p: src / DIFFUSERS_DIRS[p] for p in needed}
     else:
@@ -86,30 +93,21 @@ def convert_pipeline(
 ) -> Path:
     """Check every part, then convert them one by one into the model folder `dst`.
 
-    qwen: Step1X-Edit's Qwen2.5-VL folder, recorded (absolute path) in the description."""
+    qwen: Step1X-Edit's Qwen2.5-VL folder (transformers layout), converted into qwen/ + qwen_processor/."""
     from jaxedit.checkpoint import save_params
 
     dst = Path(dst)
     if dst.exists() and any(dst.iterdir()) and not force:
         raise FileExistsError(f"{dst} exists and is not empty (use force=True / --force)")
     if qwen is not None:
-        if preset.connector is None:
-            raise ConversionError(f"preset {preset.name} takes no Qwen2.5-VL folder (not Step1X-Edit)")
         qwen = Path(qwen).resolve()
-        if not (qwen / "config.json").is_file():
-            raise FileNotFoundError(f"Qwen2.5-VL folder not found: {qwen} (no config.json)")
-        qcfg = json.loads((qwen / "config.json").read_text())
-        hidden = qcfg.get("text_config", {}).get("hidden_size", qcfg.get("hidden_size"))
-        if hidden != preset.connector.in_channels:
-            raise ConversionError(
-                f"{qwen}: hidden size {hidden} != the connector's in_channels {preset.connector.in_channels}"
-            )
+        qwen_cfg = check_qwen(qwen, preset)
     paths = locate(src, preset, overrides)
     opened = {}
     for part in PARTS:
-        cfg = part_config(preset, part)
+        cfg = part_config(preset, part) if part != "qwen" else (qwen_cfg if qwen is not None else None)
         if cfg is not None:
-            opened[part] = open_part(part, paths[part], cfg)  # raises before anything is converted
+            opened[part] = open_part(part, qwen if part == "qwen" else paths[part], cfg)  # raises before converting
     log(f"checked {', '.join(f'{p} ({o[1].fmt})' for p, o in opened.items())} against preset {preset.name}")
     if dst.exists():
         shutil.rmtree(dst)
@@ -126,9 +124,74 @@ def convert_pipeline(
     if preset.connector is not None:
         from jaxedit.step1x.text import QwenEmbedderConfig, qwen_entry
 
-        write_description(dst, preset, extra=qwen_entry(qwen, QwenEmbedderConfig(preset.connector.in_channels)))
+        if qwen is not None:
+            copy_qwen_processor(qwen, dst / QWEN_PROCESSOR)
+        embed_cfg = QwenEmbedderConfig(preset.connector.in_channels)
+        extra = qwen_entry(None, embed_cfg, qwen_cfg if qwen is not None else None)
+        write_description(dst, preset, extra=extra)
         if qwen is None:
-            log("note: no Qwen2.5-VL folder recorded; give one at inference (jaxedit edit ... --qwen PATH)")
+            log("note: no Qwen2.5-VL converted; give its folder at inference (jaxedit edit ... --qwen PATH)")
     else:
         write_description(dst, preset)
     return dst
+
+
+def check_qwen(qwen: Path, preset: Preset):
+    """The `QwenVLConfig` of a transformers Qwen2.5-VL folder, checked against a Step1X-Edit preset (width =
+    the connector's in_channels) and for its tokenizer / image processor files; nothing is read but those."""
+    from jaxedit.configs import QwenVLConfig
+
+    if preset.connector is None:
+        raise ConversionError(f"preset {preset.name} takes no Qwen2.5-VL folder (not Step1X-Edit)")
+    if not (qwen / "config.json").is_file():
+        raise FileNotFoundError(f"Qwen2.5-VL folder not found: {qwen} (no config.json)")
+    try:
+        qwen_cfg = QwenVLConfig.from_hf(json.loads((qwen / "config.json").read_text()))
+    except (json.JSONDecodeError, ValueError) as e:
+        raise ConversionError(f"{qwen / 'config.json'}: {e}") from None
+    if qwen_cfg.text.hidden_size != preset.connector.in_channels:
+        raise ConversionError(
+            f"{qwen}: hidden size {qwen_cfg.text.hidden_size} != the connector's in_channels "
+            f"{preset.connector.in_channels}"
+        )
+    missing = [f for f in QWEN_PROCESSOR_NEEDED if not (qwen / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{qwen}: missing {', '.join(missing)} (Qwen2.5-VL tokenizer / image processor)")
+    return qwen_cfg
+
+
+def copy_qwen_processor(qwen: Path, dst: Path) -> None:
+    """The tokenizer, image processor and chat template files of `qwen` into `dst` (written beside, renamed)."""
+    tmp = dst.with_name(f".{dst.name}.new")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    for f in QWEN_PROCESSOR_FILES:
+        if (qwen / f).is_file():
+            shutil.copy2(qwen / f, tmp / f)
+    if dst.exists():
+        shutil.rmtree(dst)
+    tmp.rename(dst)
+
+
+def add_qwen(folder: str | Path, qwen: str | Path, *, dtype: Any = None, log=print) -> Path:
+    """Convert a transformers Qwen2.5-VL folder into an existing Step1X-Edit model folder (qwen/ weights,
+    qwen_processor/ files, the architecture in jaxedit.json), replacing any Qwen it held: everything is
+    checked on headers first, each part is written beside and renamed into place."""
+    from jaxedit.model_folder import read_description, read_json, write_json, write_part
+    from jaxedit.step1x.text import QwenEmbedderConfig, qwen_entry
+
+    folder, qwen = Path(folder), Path(qwen).resolve()
+    preset = read_description(folder)
+    qwen_cfg = check_qwen(qwen, preset)
+    source, the_plan = open_part("qwen", qwen, qwen_cfg)  # raises before anything is written
+    t0 = time.perf_counter()
+    write_part(folder, "qwen", unflatten(convert(the_plan, source.read, dtype=dtype, source_dtype=source.dtype)))
+    copy_qwen_processor(qwen, folder / QWEN_PROCESSOR)
+    desc = read_json(folder)
+    old = desc.get("qwen") or {}
+    config = QwenEmbedderConfig.from_dict(old.get("config", {})) if old.get("config") else None
+    config = config or QwenEmbedderConfig(preset.connector.in_channels)
+    write_json(folder / "jaxedit.json", desc | qwen_entry(None, config, qwen_cfg))
+    log(f"  qwen: {source.describe()} -> {folder / 'qwen'} ({time.perf_counter() - t0:.1f}s)")
+    return folder

@@ -60,7 +60,9 @@ def model_options(p: argparse.ArgumentParser) -> None:
         "--dtype", choices=["bfloat16", "float32"], default=None, help="transformer/text dtype (default: the model's)"
     )
     p.add_argument("--keep-size", action="store_true", help="keep the input size (floored to 16), do not resize it")
-    p.add_argument("--qwen", default=None, help="Step1X-Edit: Qwen2.5-VL folder (default: the one the model records)")
+    p.add_argument(
+        "--qwen", default=None, help="Step1X-Edit: a model folder whose converted Qwen2.5-VL to use (default: its own)"
+    )
     p.add_argument("--size-level", type=positive_int, default=None, help="Step1X-Edit: working area size_level^2 (512)")
 
 

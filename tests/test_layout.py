@@ -146,13 +146,11 @@ def _private(name: str) -> bool:
 
 
 def test_library_never_imports_torch():
-    """torch is a test-time reference only (Step1X-Edit's Qwen2.5-VL embedder is the one exception until
-    its JAX port lands)."""
-    allowed = {"jaxedit.step1x.text"}
+    """torch is a test-time reference only: no exception (Step1X-Edit's Qwen2.5-VL runs in JAX)."""
     bad = [
         f"{path.relative_to(ROOT)}:{line}"
         for module, path in MODULES.items()
-        if module.split(".")[0] in ("jaxedit", "checkpoints_convert", "infer", "train") and module not in allowed
+        if module.split(".")[0] in ("jaxedit", "checkpoints_convert", "infer", "train")
         for target, _, line in imported(module, path)
         if target.split(".")[0] == "torch"
     ]

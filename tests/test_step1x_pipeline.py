@@ -11,6 +11,9 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -156,15 +159,13 @@ def test_cli_detects_step1x_folder(model, tmp_path, monkeypatch, capsys):
     assert Image.open(tmp_path / "out" / "e0.png").size == (W, H)
     monkeypatch.undo()
 
-    # a missing Qwen2.5-VL folder is named
+    # a folder without a converted Qwen2.5-VL names the way to add one; so does a transformers folder
     broken = tmp_path / "broken"
     shutil.copytree(folder, broken)
-    desc = json.loads((broken / "jaxedit.json").read_text())
-    desc["qwen"]["path"] = str(tmp_path / "no-such-qwen")
-    (broken / "jaxedit.json").write_text(json.dumps(desc))
+    shutil.rmtree(broken / "qwen")
     edit = ["edit", "--model", str(broken), "--image", str(tmp_path / "0.png"), "--prompt", "x", "--out",
             str(tmp_path / "x.png")]  # fmt: skip
-    with pytest.raises(SystemExit, match="no-such-qwen"):
+    with pytest.raises(SystemExit, match="no converted Qwen2.5-VL.*add-qwen"):
         cli(edit)
     with pytest.raises(SystemExit, match="other-qwen"):
         cli([*edit, "--qwen", str(tmp_path / "other-qwen")])
@@ -246,7 +247,22 @@ def test_release_converts_to_a_model_folder(tmp_path, tiny_qwen, capsys):
     desc = read_description(dst)
     assert desc.family == "step1x-edit" and desc.connector == PRESET.connector and desc.vae == vae_cfg
     path, qcfg = read_qwen(dst)
-    assert path == qwen.resolve() and qcfg.hidden_size == PRESET.connector.in_channels
+    assert path is None and qcfg.hidden_size == PRESET.connector.in_channels
+    # the Qwen2.5-VL converted into qwen/ (every tensor, exact; transformers saves the published `visual.` /
+    # `model.` names), its processor files beside
+    from safetensors.numpy import load_file
+
+    from checkpoints_convert.pipeline import QWEN_PROCESSOR_NEEDED
+    from jaxedit.configs import QwenVLConfig
+    from jaxedit.models.qwen2_5_vl import abstract_params as qwen_abstract
+
+    hf = load_file(str(qwen / "model.safetensors"))
+    got = flatten(load_params(dst / "qwen"))
+    qwen_cfg = QwenVLConfig.from_dict(json.loads((dst / "jaxedit.json").read_text())["qwen"]["model"])
+    assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in flatten(qwen_abstract(qwen_cfg)).items()}
+    np.testing.assert_array_equal(got["language_model/embed_tokens/embedding"], hf["model.embed_tokens.weight"])
+    np.testing.assert_array_equal(got["visual/blocks/qkv/kernel"][1], hf["visual.blocks.1.attn.qkv.weight"].T)
+    assert all((dst / "qwen_processor" / f).is_file() for f in QWEN_PROCESSOR_NEEDED)
 
 
 def test_load_honours_the_folders_dtype_option(tmp_path):
@@ -280,3 +296,31 @@ def test_sample_edits_of_a_step1x_run(model, tmp_path):
     second = np.asarray(Image.open(sampler(2, jax.tree.map(lambda p: p * 1.5, base))))
     assert np.abs(second[:, W : 2 * W].astype(int) - first[:, W : 2 * W]).max() > 10
     pipe.set_transformer(base)
+
+
+def test_edit_runs_with_no_torch_installed(model, tmp_path):
+    """A fresh process where `import torch` fails loads the model folder (its converted Qwen2.5-VL included)
+    and edits: the same latents as this process' pipeline, and torch never imported."""
+    folder, pipe = model
+    imgs = images()[:1]
+    imgs[0].save(tmp_path / "in.png")
+    latents = np.random.default_rng(1).standard_normal((1, 6, 64)).astype(np.float32)
+    np.save(tmp_path / "noise.npy", latents)
+    kw = dict(steps=STEPS, guidance=GUIDANCE[:1])
+    want = pipe(imgs, PROMPTS[:1], SEEDS[:1], output="latents", latents=latents, **kw)
+    code = f"""
+import sys
+sys.modules["torch"] = None  # as if torch were not installed: `import torch` raises ImportError
+import jax.numpy as jnp, numpy as np
+from PIL import Image
+from jaxedit.step1x.pipeline import Step1XEditPipeline
+pipe = Step1XEditPipeline.load({str(folder)!r}, dtype=jnp.float32, compile_cache=False, qwen_dtype="float32",
+                               size_level={SIZE_LEVEL})
+out = pipe([Image.open({str(tmp_path / "in.png")!r})], {PROMPTS[:1]!r}, {SEEDS[:1]!r}, output="latents",
+           latents=np.load({str(tmp_path / "noise.npy")!r}), steps={STEPS}, guidance={GUIDANCE[:1]!r})
+assert sys.modules.get("torch") is None, "torch was imported"
+np.save({str(tmp_path / "out.npy")!r}, np.asarray(out))
+"""
+    root = Path(__file__).resolve().parent.parent  # this process' XLA flags and devices; the checkout's jaxedit
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), np.asarray(want), rtol=1e-5, atol=1e-6)

@@ -50,5 +50,9 @@ def make_tiny_step1x(folder: Path, qwen_path=None, qwen_config=None, seed: int =
     folder.mkdir(parents=True)
     for part, params in random_params(PRESET, seed).items():
         save_params(folder / part, params)
-    write_description(folder, PRESET, options, extra=qwen_entry(qwen_path, qwen_config))
+    write_description(folder, PRESET, options, extra=qwen_entry(None, qwen_config))
+    if qwen_path is not None:  # the Qwen2.5-VL converted into the folder, as a user's would be
+        from checkpoints_convert.pipeline import add_qwen
+
+        add_qwen(folder, qwen_path, log=lambda *a: None)
     return folder

@@ -1,6 +1,6 @@
 """Step1X-Edit editing pipeline (S1X `inference.py` ImageGenerator.generate_image).
 
-    pipe = Step1XEditPipeline.load("/models/jax/step1x-edit")          # Qwen2.5-VL folder recorded there
+    pipe = Step1XEditPipeline.load("/models/jax/step1x-edit")          # its qwen/ holds the JAX Qwen2.5-VL
     images = pipe([Image.open("cat.png")], ["make the cat wear a hat"], seeds=[0])
 
 Steps: the reference image is resized to about size_level^2 pixels (aspect kept, sides
@@ -12,10 +12,10 @@ classifier-free guidance on the batch [prompts | negative prompts], w = 6.0 by d
 reference tokens held fixed (`jaxedit.step1x.sampling.denoise_cfg`); decode, clip, truncate
 to uint8 as torchvision's to_pil_image, and resize back to the input's size (bicubic).
 
-The Qwen model runs in PyTorch; without it (`load(..., text_encoder=False)`) pass the
-embeddings yourself: `llm=(embeddings [2B, L, C], mask [2B, L])`, rows 0..B-1 for the
-prompts and B..2B-1 for the negative prompts (e.g. from `Step1XQwenEmbedder.encode` or
-its cache files).
+Qwen2.5-VL runs in JAX (`jaxedit.step1x.text.Step1XQwenEmbedder` on the folder's qwen/; no
+torch); without it (`load(..., text_encoder=False)`) pass the embeddings yourself:
+`llm=(embeddings [2B, L, C], mask [2B, L])`, rows 0..B-1 for the prompts and B..2B-1 for the
+negative prompts (e.g. from `Step1XQwenEmbedder.encode` or its cache files).
 """
 
 from __future__ import annotations
@@ -107,11 +107,11 @@ class Step1XEditPipeline(EditPipelineBase):
         qwen_dtype: str = "bfloat16",
         **kw,
     ) -> Step1XEditPipeline:
-        """Load a model folder; `qwen` overrides the Qwen2.5-VL folder recorded in it. dtype (DiT and
-        connector): default the folder's pipeline option "dtype", else bfloat16. text_encoder: True loads
-        the Qwen2.5-VL embedder, False skips it (then every call needs `llm=`), or an embedder to use."""
+        """Load a model folder; `qwen`: another model folder whose converted Qwen2.5-VL to use. dtype (DiT
+        and connector): default the folder's pipeline option "dtype", else bfloat16. text_encoder: True loads
+        the Qwen2.5-VL embedder (JAX, `qwen_dtype`), False skips it (then every call needs `llm=`), or an
+        embedder to use."""
         from jaxedit.model_folder import load_parts
-        from jaxedit.step1x.text import read_qwen
 
         folder = Path(folder)
         preset, options, dtype = read_folder(folder, (FAMILY,), dtype)
@@ -119,17 +119,14 @@ class Step1XEditPipeline(EditPipelineBase):
             raise ValueError(f"{folder}: a {FAMILY!r} model folder without a connector config")
         embedder = None if text_encoder is False else text_encoder
         if text_encoder is True:
-            from jaxedit.step1x.text import Step1XQwenEmbedder
+            from jaxedit.step1x.text import load_qwen_embedder
 
-            recorded, qcfg = read_qwen(folder)
-            path = Path(qwen) if qwen else recorded
-            if path is None:
-                raise FileNotFoundError(f"{folder}/jaxedit.json records no Qwen2.5-VL folder; pass one (--qwen PATH)")
-            if not path.is_dir():
-                raise FileNotFoundError(f"Qwen2.5-VL folder not found: {path} (pass another one with --qwen PATH)")
-            if qcfg.hidden_size != preset.connector.in_channels:
-                raise ValueError(f"Qwen hidden size {qcfg.hidden_size} != connector in_channels")
-            embedder = Step1XQwenEmbedder.from_pretrained(path, qcfg, dtype=qwen_dtype)
+            embedder = load_qwen_embedder(folder, qwen, dtype=qwen_dtype)
+        if embedder is not None and embedder.config.hidden_size != preset.connector.in_channels:
+            raise ValueError(
+                f"{folder}: Qwen2.5-VL hidden size {embedder.config.hidden_size} != the connector's in_channels "
+                f"{preset.connector.in_channels}"
+            )
         if compile_cache:
             enable_compilation_cache()
         params = load_parts(folder, preset, dtypes={"transformer": dtype})

@@ -1,6 +1,6 @@
 """Step1X-Edit text conditioning: Qwen2.5-VL-7B last hidden states of (instruction, reference image).
 
-Follows S1X `modules/conditioner.py` (Qwen25VL_7b_Embedder), one item at a time:
+Follows S1X `modules/conditioner.py` (Qwen25VL_7b_Embedder):
 
 1. messages = [user: PREFIX text, the reference image, the instruction]; the chat template is
    rendered with add_generation_prompt and add_vision_id ("Picture 1: " before the image).
@@ -16,12 +16,16 @@ Follows S1X `modules/conditioner.py` (Qwen25VL_7b_Embedder), one item at a time:
    last hidden state; the first `drop_tokens` (217: system prompt + PREFIX) are dropped,
    the rest truncated to `max_length` (640) and zero-padded; mask 1 on kept tokens.
 
-The model runs in PyTorch (transformers) until a JAX port exists: torch is imported only
-inside `Step1XQwenEmbedder` (extra `jaxedit[step1x]`). Outputs are numpy and can be cached
-per item (`save_embedding` / `load_embedding`, or `encode(..., cache_dir=...)`).
+The model is the JAX Qwen2.5-VL (`jaxedit.models.qwen2_5_vl`, no torch): `Step1XQwenEmbedder` runs
+several items at once, padded to shape buckets, one jitted program per bucket. `QwenConditioner` holds
+everything but the model (the PyTorch reference of the tests subclasses it too). A model folder holds
+the converted weights in qwen/ and the tokenizer / image processor / chat template in qwen_processor/
+(`load_qwen_embedder`). Outputs are numpy and can be cached per item (`save_embedding` /
+`load_embedding`, or `encode(..., cache_dir=...)`).
 
 Known difference: rows of tokens masked out by `ids > 0` (each "!") depend on the attention
-kernel; the reference's flash-attention zeroes their attention output, SDPA does not.
+kernel; the reference's flash-attention zeroes their attention output, SDPA does not (ours
+attends their earlier unmasked keys, as SDPA).
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ PREFIX = (
     "User Prompt:"
 )
 OPEN_QUOTE, CLOSE_QUOTE = "\u201c", "\u201d"  # “ ”
+QWEN_PROCESSOR = "qwen_processor"  # a model folder's Qwen2.5-VL tokenizer / image processor / chat template
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,11 +88,13 @@ class QwenEmbedderConfig:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
-def qwen_entry(path: str | Path | None, config: QwenEmbedderConfig | None = None) -> dict:
+def qwen_entry(path: str | Path | None, config: QwenEmbedderConfig | None = None, model=None) -> dict:
     """The "qwen" entry of a Step1X-Edit model folder's description (`model_folder.write_description(...,
-    extra=...)`): the Qwen2.5-VL folder (absolute, or None: given at load time) and the embedder config."""
+    extra=...)`): a transformers Qwen2.5-VL folder (absolute, or None), the embedder config and the
+    architecture (a `QwenVLConfig`) of the Qwen2.5-VL converted into the folder's qwen/ (None: none)."""
     cfg = dataclasses.asdict(config or QwenEmbedderConfig())
-    return {"qwen": {"path": None if path is None else str(path), "config": cfg}}
+    entry = {"path": None if path is None else str(path), "config": cfg}
+    return {"qwen": entry | ({"model": model.to_dict()} if model is not None else {})}
 
 
 def read_qwen(folder: str | Path) -> tuple[Path | None, QwenEmbedderConfig]:
@@ -208,22 +215,23 @@ def _chat_template(path: Path, tokenizer) -> str:
     raise FileNotFoundError(f"{path}: no chat template (chat_template.json, chat_template.jinja or the tokenizer's)")
 
 
-class Step1XQwenEmbedder:
-    """`encode(prompts, images)` -> (embeddings [B, max_length, hidden] float32, mask [B, max_length] int32).
+class QwenConditioner:
+    """Everything of Step1X-Edit's conditioning but the model: prompt rendering, image resizing, quoted-text
+    re-tokenisation (`prepare_inputs`), the 217-token drop and the padding to `max_length`, the per-item
+    cache. Subclasses give the model: `hidden_states(inputs)` for one item, or `embed_items` for a batch.
 
-    model: a transformers `Qwen2_5_VLForConditionalGeneration`; tokenizer, image_processor:
-    its tokenizer and `Qwen2VLImageProcessor` (min/max pixels set); chat_template: the
-    processor's template. Build from a local folder with `from_pretrained`.
-    """
+    tokenizer, image_processor: the Qwen2.5-VL tokenizer and `Qwen2VLImageProcessorPil` (min/max pixels
+    set); chat_template: the processor's template."""
 
-    def __init__(self, model, tokenizer, image_processor, chat_template: str, config: QwenEmbedderConfig, name=""):
-        self.model, self.tokenizer, self.image_processor = model, tokenizer, image_processor
+    def __init__(
+        self, tokenizer, image_processor, chat_template: str, config: QwenEmbedderConfig, *,
+        image_token_id: int, vision_end_id: int, hidden_size: int, name="",
+    ):  # fmt: skip
+        self.tokenizer, self.image_processor = tokenizer, image_processor
         self.chat_template, self.config, self.name = chat_template, config, str(name)
-        mcfg = model.config
-        hidden = getattr(getattr(mcfg, "text_config", mcfg), "hidden_size", None)
-        if hidden != config.hidden_size:
-            raise ValueError(f"Qwen model hidden size {hidden} != embedder config hidden_size {config.hidden_size}")
-        self.vision_end_id, self.image_token_id = mcfg.vision_end_token_id, mcfg.image_token_id
+        if hidden_size != config.hidden_size:
+            raise ValueError(f"Qwen hidden size {hidden_size} != embedder config hidden_size {config.hidden_size}")
+        self.vision_end_id, self.image_token_id = vision_end_id, image_token_id
         self.image_token = tokenizer.convert_ids_to_tokens(self.image_token_id)
         self.merge_size = image_processor.merge_size
         for q, want in zip((OPEN_QUOTE, CLOSE_QUOTE), config.quote_ids):
@@ -231,36 +239,18 @@ class Step1XQwenEmbedder:
             if len(got) == 1 and got[0] != want:
                 log.warning("tokenizer encodes %s as %d but the embedder config says %d", q, got[0], want)
 
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | Path,
-        config: QwenEmbedderConfig | None = None,
-        *,
-        dtype: str = "bfloat16",
-        device: str | None = None,
-        attn_implementation: str = "sdpa",
-    ) -> Step1XQwenEmbedder:
-        """Load a local Qwen2.5-VL folder (config.json, safetensors, tokenizer, preprocessor_config.json)."""
-        import torch
+    @staticmethod
+    def load_processor(path: Path, config: QwenEmbedderConfig):
+        """(tokenizer, image processor, chat template) of a folder (no torch: the PIL image processor)."""
         import transformers
 
-        path = Path(path)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"Qwen2.5-VL folder not found: {path} (no config.json)")
-        config = config or QwenEmbedderConfig()
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            path, dtype=getattr(torch, dtype), attn_implementation=attn_implementation, local_files_only=True
-        )
-        model = model.to(device).eval().requires_grad_(False)
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
         # the PIL backend (transformers 5) = the slow processor the reference's transformers 4.49 used
         processor_cls = getattr(transformers, "Qwen2VLImageProcessorPil", transformers.Qwen2VLImageProcessor)
         image_processor = processor_cls.from_pretrained(
             path, min_pixels=config.min_pixels, max_pixels=config.max_pixels, local_files_only=True
         )
-        return cls(model, tokenizer, image_processor, _chat_template(path, tokenizer), config, name=path.resolve())
+        return tokenizer, image_processor, _chat_template(path, tokenizer)
 
     # ------------------------------------------------------------------------------------
 
@@ -279,10 +269,10 @@ class Step1XQwenEmbedder:
         return list(self.tokenizer(text)["input_ids"])
 
     def prepare_inputs(self, prompt: str, image: Image.Image) -> dict[str, Any]:
-        """Model inputs of one item: input_ids [L] (int64 numpy), pixel_values, image_grid_thw."""
+        """Model inputs of one item (numpy): input_ids [L] int64, pixel_values [N, patch_dim], image_grid_thw [1, 3]."""
         cfg, factor = self.config, self.image_processor.patch_size * self.merge_size
         image = vision_input_image(image, factor, cfg.vision_min_tokens, cfg.vision_max_tokens)
-        vision = self.image_processor(images=[image], return_tensors="pt")
+        vision = self.image_processor(images=[image], return_tensors="np")
         n_image = int(vision["image_grid_thw"][0].prod()) // self.merge_size**2
         text = self.chat_text(prompt)
         plain = self._ids(text.replace(self.image_token, self.image_token * n_image, 1))
@@ -296,38 +286,17 @@ class Step1XQwenEmbedder:
         input_ids = np.asarray(plain[:cut_plain] + pieces[cut_pieces:], np.int64)
         return {
             "input_ids": input_ids,
-            "pixel_values": vision["pixel_values"],
-            "image_grid_thw": vision["image_grid_thw"],
+            "pixel_values": np.asarray(vision["pixel_values"], np.float32),
+            "image_grid_thw": np.asarray(vision["image_grid_thw"], np.int64),
         }
 
     def hidden_states(self, inputs: dict[str, Any]) -> np.ndarray:
-        """Last hidden state [L, hidden] (float32 numpy) of `prepare_inputs`' output."""
-        import inspect
+        """Last hidden state [L, hidden] (float32 numpy) of one item's `prepare_inputs` output."""
+        raise NotImplementedError
 
-        import torch
-
-        dev = self.model.device
-        ids = torch.from_numpy(inputs["input_ids"])[None].to(dev)
-        kw = {}
-        if "mm_token_type_ids" in inspect.signature(self.model.forward).parameters:  # transformers 5: 3-D rope
-            kw["mm_token_type_ids"] = (ids == self.image_token_id).int()
-        with torch.no_grad():
-            out = self.model(
-                input_ids=ids,
-                attention_mask=(ids > 0).long(),
-                pixel_values=inputs["pixel_values"].to(dev),
-                image_grid_thw=inputs["image_grid_thw"].to(dev),
-                output_hidden_states=True,
-                logits_to_keep=1,
-                use_cache=False,
-                **kw,
-            )
-        return out.hidden_states[-1][0].float().cpu().numpy()
-
-    def embed_one(self, prompt: str, image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
-        """(embeddings [max_length, hidden], mask [max_length]) of one (instruction, image)."""
+    def crop(self, hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(embeddings [max_length, hidden], mask [max_length]): the rows after `drop_tokens`, zero-padded."""
         cfg = self.config
-        hidden = self.hidden_states(self.prepare_inputs(prompt, image))
         n = min(cfg.max_length, len(hidden) - cfg.drop_tokens)
         if n <= 0:
             raise ValueError(f"{len(hidden)} tokens, not more than drop_tokens={cfg.drop_tokens}")
@@ -336,6 +305,14 @@ class Step1XQwenEmbedder:
         mask = np.zeros(cfg.max_length, np.int32)
         mask[:n] = 1
         return emb, mask
+
+    def embed_one(self, prompt: str, image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+        """(embeddings [max_length, hidden], mask [max_length]) of one (instruction, image)."""
+        return self.crop(self.hidden_states(self.prepare_inputs(prompt, image)))
+
+    def embed_items(self, items: Sequence[tuple[str, Image.Image]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """`embed_one` of each (prompt, image); subclasses batch them."""
+        return [self.embed_one(p, im) for p, im in items]
 
     def cache_key(self, prompt: str, image: Image.Image) -> str:
         """A file name for one item's output: hash of model name, config, prompt and image pixels."""
@@ -350,20 +327,136 @@ class Step1XQwenEmbedder:
         """Items (prompt_i, image_i) -> (embeddings [B, max_length, hidden], mask [B, max_length]).
 
         cache_dir: read each item from `<cache_dir>/<cache_key>.npz` when present, else compute
-        and write it there."""
+        (the missing ones together, `embed_items`) and write it there."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if len(prompts) != len(images):
             raise ValueError(f"{len(prompts)} prompts but {len(images)} images")
-        out = []
-        for prompt, image in zip(prompts, images):
-            path = Path(cache_dir) / f"{self.cache_key(prompt, image)}.npz" if cache_dir else None
-            if path is not None and path.is_file():
-                out.append(load_embedding(path))
-                continue
-            item = self.embed_one(prompt, image)
-            if path is not None:
-                save_embedding(path, *item)
-            out.append(item)
+        paths = [
+            Path(cache_dir) / f"{self.cache_key(p, im)}.npz" if cache_dir else None for p, im in zip(prompts, images)
+        ]
+        out: list[Any] = [load_embedding(path) if path is not None and path.is_file() else None for path in paths]
+        todo = [i for i, o in enumerate(out) if o is None]
+        for i, item in zip(todo, self.embed_items([(prompts[i], images[i]) for i in todo]) if todo else []):
+            if paths[i] is not None:
+                save_embedding(paths[i], *item)
+            out[i] = item
         return np.stack([e for e, _ in out]), np.stack([m for _, m in out])
 
     __call__ = encode
+
+
+def bucket(n: int, step: int) -> int:
+    """n rounded up to a multiple of `step` (shapes in buckets: one compiled program per bucket)."""
+    return -(-n // step) * step
+
+
+class Step1XQwenEmbedder(QwenConditioner):
+    """Step1X-Edit's conditioning on the JAX Qwen2.5-VL: `encode(prompts, images)` -> (embeddings
+    [B, max_length, hidden] float32, mask [B, max_length] int32), items run `batch_size` at a time through
+    one jitted program per (items, tokens, image patches) bucket.
+
+    params: `QwenVL(qwen_cfg)` parameters (a model folder's qwen/: `from_model_folder`; a transformers folder
+    converted as it is read: `checkpoints_convert.qwen_embedder`); dtype: compute dtype (bfloat16 as the
+    reference runs it)."""
+
+    TOKEN_BUCKET, UNIT_BUCKET = 64, 64  # text tokens; merged image patches (x4 patches)
+
+    def __init__(
+        self, params, qwen_cfg, tokenizer, image_processor, chat_template: str, config: QwenEmbedderConfig, *,
+        dtype="bfloat16", attention_impl: str = "auto", batch_size: int = 4, name="",
+    ):  # fmt: skip
+        import jax
+        import jax.numpy as jnp
+
+        from jaxedit.models.qwen2_5_vl import QwenVL
+
+        super().__init__(
+            tokenizer, image_processor, chat_template, config, image_token_id=qwen_cfg.image_token_id,
+            vision_end_id=qwen_cfg.vision_end_token_id, hidden_size=qwen_cfg.text.hidden_size, name=name,
+        )  # fmt: skip
+        self.params, self.qwen_cfg, self.batch_size = params, qwen_cfg, max(1, int(batch_size))
+        model = QwenVL(qwen_cfg, dtype=jnp.dtype(dtype), attention_impl=attention_impl)
+        self._apply = jax.jit(lambda p, *a: model.apply({"params": p}, *a).astype(jnp.float32))
+
+    @classmethod
+    def from_model_folder(cls, folder: str | Path, *, dtype: str = "bfloat16", **kw) -> Step1XQwenEmbedder:
+        """The converted Qwen2.5-VL of a Step1X-Edit model folder (qwen/ weights, qwen_processor/ files)."""
+        import jax.numpy as jnp
+
+        from jaxedit.checkpoint import load_params
+        from jaxedit.configs import QwenVLConfig
+        from jaxedit.model_folder import read_json
+
+        folder = Path(folder)
+        entry = read_json(folder).get("qwen") or {}
+        if not entry.get("model"):
+            raise FileNotFoundError(f"{folder}/jaxedit.json describes no converted Qwen2.5-VL")
+        qwen_cfg, config = QwenVLConfig.from_dict(entry["model"]), QwenEmbedderConfig.from_dict(entry.get("config", {}))
+        check_hidden(qwen_cfg, config, folder)
+        params = load_params(folder / "qwen", dtype=jnp.dtype(dtype))
+        processor = cls.load_processor(folder / QWEN_PROCESSOR, config)
+        return cls(params, qwen_cfg, *processor, config, dtype=dtype, name=folder.resolve(), **kw)
+
+    def batch_arrays(self, prepared: Sequence[dict[str, Any]]) -> tuple[tuple, list[int]]:
+        """The model's inputs for several items' `prepare_inputs` (padded to the buckets) and their lengths."""
+        from jaxedit.models.qwen2_5_vl import prepare_vision, rope_positions
+
+        cfg = self.qwen_cfg
+        lens = [len(x["input_ids"]) for x in prepared]
+        b, length = len(prepared), bucket(max(lens), self.TOKEN_BUCKET)
+        ids, mask = np.zeros((b, length), np.int32), np.zeros((b, length), np.int32)
+        pos = np.zeros((3, b, length), np.int32)
+        for i, x in enumerate(prepared):
+            ids[i, : lens[i]] = x["input_ids"]
+            mask[i, : lens[i]] = x["input_ids"] > 0  # as the reference: attention_mask = ids > 0
+            pos[:, i] = rope_positions(ids[i], mask[i], x["image_grid_thw"], cfg)
+        grids = np.concatenate([x["image_grid_thw"] for x in prepared])
+        units = int(sum(np.prod(g) for g in grids)) // cfg.vision.spatial_merge_size**2
+        vision = prepare_vision(
+            np.concatenate([x["pixel_values"] for x in prepared]), grids, cfg.vision,
+            pad_to=bucket(units, self.UNIT_BUCKET) if units else 1,
+        )  # fmt: skip
+        pads = ids == cfg.image_token_id
+        if int(pads.sum()) != units:
+            raise ValueError(f"{int(pads.sum())} image-pad tokens for {units} image features")
+        feature_index = np.full((b, length), -1, np.int32)
+        feature_index[pads] = vision.pop("inverse")
+        return (ids, pos, mask, vision, feature_index), lens
+
+    def hidden_states(self, inputs: dict[str, Any]) -> np.ndarray:
+        arrays, lens = self.batch_arrays([inputs])
+        return np.asarray(self._apply(self.params, *arrays))[0, : lens[0]]
+
+    def embed_items(self, items):
+        out = []
+        for start in range(0, len(items), self.batch_size):
+            chunk = [self.prepare_inputs(p, im) for p, im in items[start : start + self.batch_size]]
+            arrays, lens = self.batch_arrays(chunk)
+            hidden = np.asarray(self._apply(self.params, *arrays))
+            out += [self.crop(hidden[i, :n]) for i, n in enumerate(lens)]
+        return out
+
+
+def check_hidden(qwen_cfg, config: QwenEmbedderConfig, where) -> None:
+    if qwen_cfg.text.hidden_size != config.hidden_size:
+        raise ValueError(
+            f"{where}: Qwen2.5-VL hidden size {qwen_cfg.text.hidden_size} != the embedder's (the connector's "
+            f"in_channels) {config.hidden_size}"
+        )
+
+
+def load_qwen_embedder(folder: str | Path, qwen: str | Path | None = None, **kw) -> Step1XQwenEmbedder:
+    """The Qwen2.5-VL embedder of a Step1X-Edit model folder (its qwen/ and qwen_processor/), or of the model
+    folder `qwen` when given (one converted Qwen2.5-VL shared by several folders). A transformers Qwen2.5-VL
+    folder is converted first: `python -m checkpoints_convert add-qwen FOLDER QWEN` (no torch either way)."""
+    folder = Path(qwen) if qwen else Path(folder)
+    if (folder / "config.json").is_file() and not (folder / "jaxedit.json").is_file():
+        raise ValueError(
+            f"{folder} is a transformers Qwen2.5-VL folder: convert it into the model folder first "
+            f"(python -m checkpoints_convert add-qwen MODEL_FOLDER {folder})"
+        )
+    if not (folder / "qwen").is_dir():
+        recorded, _ = read_qwen(folder)
+        hint = f"python -m checkpoints_convert add-qwen {folder} {recorded or 'QWEN_FOLDER'}"
+        raise FileNotFoundError(f"{folder} holds no converted Qwen2.5-VL (no qwen/); add one: {hint}")
+    return Step1XQwenEmbedder.from_model_folder(folder, **kw)

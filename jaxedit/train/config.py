@@ -47,7 +47,7 @@ class TrainConfig:
     async_checkpointing: bool = True
     lora: LoraConfig | None = None  # train LoRA adapters only; written as <checkpoint_dir>/lora.safetensors
     export_model: bool = False  # at the end, write the trained transformer (EMA if kept) into the model folder
-    qwen: str = ""  # Step1X-Edit: Qwen2.5-VL folder ("": the one the model folder records)
+    qwen: str = ""  # Step1X-Edit: a model folder whose converted Qwen2.5-VL to use ("": the model folder's own)
     qwen_cache: str = ""  # Step1X-Edit: folder of per-item Qwen outputs ("": <checkpoint_dir>/qwen_cache)
     sample_every: int = 0  # every N steps, edit `sample_count` training items with the current (EMA) weights
     sample_count: int = 4  # ... written as <checkpoint_dir>/samples/step_N.png (every model family)

@@ -76,15 +76,14 @@ class Step1XEncoder(Encoder):
         cache_dir: str | Path | None = None,
         empties: bool = False,
     ):
-        from jaxedit.step1x.text import Step1XQwenEmbedder, read_qwen
+        from jaxedit.step1x.text import load_qwen_embedder
 
-        recorded, qcfg = read_qwen(folder)
-        path = Path(qwen) if qwen else recorded
-        if path is None:
-            raise FileNotFoundError(f"{folder}/jaxedit.json records no Qwen2.5-VL folder: set qwen=PATH")
-        if qcfg.hidden_size != preset.connector.in_channels:
-            raise ValueError(f"Qwen hidden size {qcfg.hidden_size} != connector in_channels")
-        self.text = Step1XQwenEmbedder.from_pretrained(path, qcfg)
+        self.text = load_qwen_embedder(folder, qwen or None)
+        if self.text.config.hidden_size != preset.connector.in_channels:
+            raise ValueError(
+                f"Qwen2.5-VL hidden size {self.text.config.hidden_size} != connector in_channels "
+                f"{preset.connector.in_channels}"
+            )
         self.cache_dir, self.empties = cache_dir, empties
         self.images = ImageEncoder(preset, params["vae"], vae_sample)
 

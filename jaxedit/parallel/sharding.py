@@ -48,6 +48,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("embed", "fsdp"),
     ("embed_out", "tensor"),
     ("heads", "tensor"),
+    ("kv_heads", None),  # GQA's few key/value heads (Qwen2.5-VL-7B: 4): replicated over tensor, split by fsdp
     ("head_dim", None),
     ("qkv", None),
     ("mlp", "tensor"),

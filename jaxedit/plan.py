@@ -210,11 +210,11 @@ def lower(preset, args, mesh, batch: int):
         with sh.activate(mesh):
             fn = lambda p, z: vae.apply({"params": p}, z, method="decode")  # noqa: E731
             return jax.jit(fn).lower(params, bsd((batch, h, w, z), jnp.float32)), s
+    if args.task == "text" and preset.qwen is not None:
+        return lower_qwen(preset, args, mesh, batch, bsd), s | qwen_shapes(preset, args)
     if args.task == "text":
         if preset.t5 is None:
-            raise ValueError(
-                f"preset {preset.name} has no T5/CLIP text encoders (Step1X-Edit's Qwen2.5-VL runs in torch)"
-            )
+            raise ValueError(f"preset {preset.name} has neither T5/CLIP text encoders nor a Qwen2.5-VL config")
         from jaxedit.models import CLIPTextModel, T5Encoder
         from jaxedit.models import clip as clip_model
         from jaxedit.models import t5 as t5_model
@@ -229,6 +229,48 @@ def lower(preset, args, mesh, batch: int):
             fn = lambda a, b, i, j: (t5.apply({"params": a}, i), clip.apply({"params": b}, j)[1])  # noqa: E731
             return jax.jit(fn).lower(pt5, pclip, ids_t5, ids_clip), s
     raise ValueError(f"unknown task {args.task!r}")
+
+
+def qwen_shapes(preset, args) -> dict:
+    """Step1X-Edit's Qwen2.5-VL program per item: the reference image resized as the embedder does (at most
+    max_pixels: 324 merged patches), the prompt's tokens (system prompt + PREFIX + instruction + image)."""
+    from jaxedit.step1x.text import QwenEmbedderConfig, bucket, smart_resize
+
+    e, v = QwenEmbedderConfig(), preset.qwen.vision
+    factor = v.patch_size * v.spatial_merge_size
+    h, w = smart_resize(args.resolution, args.resolution, factor, e.min_pixels, e.max_pixels)
+    units = (h // factor) * (w // factor)
+    tokens = args.text_tokens or bucket(e.drop_tokens + units + 64, 64)  # 64: the instruction and chat tail
+    return dict(image_px=(h, w), image_features=units, qwen_tokens=tokens)
+
+
+def lower_qwen(preset, args, mesh, batch: int, bsd):
+    """Step1X-Edit's conditioning: `batch` items through the Qwen2.5-VL vision tower and language model
+    (bfloat16 weights and compute, as the embedder runs it). The images' patches are one packed row
+    (replicated; their attention heads split over tensor), the prompts are split over the batch axes."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxedit.models import qwen2_5_vl as Q
+    from jaxedit.parallel import sharding as sh
+
+    q = qwen_shapes(preset, args)
+    patches = batch * q["image_features"] * preset.qwen.vision.spatial_merge_size**2
+    model = Q.QwenVL(preset.qwen, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, attention_impl=args.attention)
+    params = sh.abstract_with_shardings(Q.abstract_params(preset.qwen, jnp.bfloat16, boxed=True), mesh)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    rep = lambda shape, dtype=jnp.int32: jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)  # noqa: E731
+    vision = {
+        "patches": rep((1, patches, preset.qwen.vision.patch_dim), jnp.bfloat16),
+        "pos": rep((1, patches, 2)), "seg_image": rep((1, patches)), "seg_window": rep((1, patches)),
+    }  # fmt: skip
+    lt = q["qwen_tokens"]
+    ids, mask, index = (bsd((batch, lt), jnp.int32) for _ in range(3))
+    row_spec = jax.sharding.PartitionSpec(None, *sh.batch_sharding(mesh, 2).spec)  # [3, B, L]: batch second
+    pos = jax.ShapeDtypeStruct((3, batch, lt), jnp.int32, sharding=jax.sharding.NamedSharding(mesh, row_spec))
+    with sh.activate(mesh):
+        fn = lambda p, *a: model.apply({"params": p}, *a)  # noqa: E731
+        return jax.jit(fn).lower(params, ids, pos, mask, vision, index)
 
 
 def sample_pipeline(preset, mesh, attention: str):

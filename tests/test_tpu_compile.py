@@ -80,6 +80,19 @@ def test_step1x_dit_and_connector_compile_for_tpu(chips):
     assert "splash_mha_fwd" in text and 'custom_call_target="tpu_custom_call"' in text
 
 
+def test_qwen_embedder_compiles_for_tpu_with_segment_masks():
+    """Step1X-Edit's Qwen2.5-VL (tiny preset) planned for a v5e-4 (FSDP x tensor): the vision windows, the
+    per-image full attention and the language model's causal mask over unmasked keys all run as splash
+    kernels with segment ids, once per layer and block as the scans run them."""
+    args = plan.parser().parse_args(["--preset", "step1x-edit-tiny", "--task", "text", "--target", "v5e-4",
+                                     "--mesh", "fsdp=2,tensor=2", "--resolution", "112", "--batch", "2"])  # fmt: skip
+    r = plan.plan(args, MeshConfig.parse(args.mesh))
+    q = configs.get("step1x-edit-tiny").qwen
+    # 112 px is enlarged to the embedder's minimum (min_pixels: 256 merged patches); 217 + 256 + 64 -> 576
+    assert r["fits"] and r["image_features"] == 256 and r["qwen_tokens"] == 576
+    assert r["kernel_runs"] == {"splash_mha_fwd_segmented_no_residuals": q.vision.depth + q.text.num_layers}
+
+
 def test_planner_reports_compiler_time_and_kernels_for_a_tpu_target():
     """The planner on a TPU target (the train step, FSDP x tensor, remat `offload`): per-chip memory against
     HBM with the block inputs in host memory, the compiler's cycles with loops counted as often as they run,

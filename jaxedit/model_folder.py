@@ -8,10 +8,12 @@
     (jaxedit.json may also hold "pipeline": {...}, the model's pipeline defaults, e.g.
     {"auto_resize": false, "steps": 8, "guidance": 1.0} for a small model trained at its own sizes.)
 
-Step1X-Edit folders (family "step1x-edit") hold transformer/ (DiT + connector) and vae/; their
-description adds "connector": {...} to "config" and "qwen": {"path": ..., "config": {...}}, the
-Qwen2.5-VL folder (recorded, not converted; relative paths are relative to FOLDER) and the
-`jaxedit.step1x.text.QwenEmbedderConfig` (written and read by `jaxedit.step1x.text`).
+Step1X-Edit folders (family "step1x-edit") hold transformer/ (DiT + connector), vae/, qwen/ (the
+converted Qwen2.5-VL) and qwen_processor/ (its tokenizer, image processor and chat template files);
+their description adds "connector": {...} to "config" and "qwen": {"config": {...}, "model": {...}},
+the `jaxedit.step1x.text.QwenEmbedderConfig` and the Qwen2.5-VL architecture (`configs.QwenVLConfig`),
+written and read by `jaxedit.step1x.text` (older folders recorded a transformers folder as "path"
+instead: `python -m checkpoints_convert add-qwen` converts it in).
 
 The architecture is stored in full (not only a preset name), so folders of models that
 have no registered preset (e.g. small models trained with jaxedit) load the same way.

@@ -115,6 +115,7 @@ def test_float32_parity(converted, scan_layers):
     assert err <= 1e-5
 
 
+@pytest.mark.full_depth_slow
 def test_bfloat16_within_twice_reference_error(converted):
     cfg, model, params = converted
     x = make_inputs(cfg)

@@ -61,8 +61,15 @@ def test_auto_picks_splash_for_a_tpu_target(chips):
 
 @pytest.mark.parametrize(
     "task,mesh",
-    # the train step on fsdp2_tp2 is the planner's test below
-    [("infer", "fsdp4"), ("infer", "fsdp2_tp2"), ("train", "fsdp4"), ("sample", "fsdp4"), ("sample", "fsdp2_tp2")],
+    # the train step on fsdp2_tp2 is the planner's test below; one forward (infer) is inside every sampling
+    # loop, so the infer programs run with -m slow only
+    [
+        pytest.param("infer", "fsdp4", marks=pytest.mark.slow),
+        pytest.param("infer", "fsdp2_tp2", marks=pytest.mark.slow),
+        ("train", "fsdp4"),
+        ("sample", "fsdp4"),
+        ("sample", "fsdp2_tp2"),
+    ],  # fmt: skip
 )
 def test_programs_compile_for_tpu_with_splash_sharded(chips, task, mesh):
     compiled = compile_task(task, chips, MESHES[mesh], steps=2)

@@ -28,8 +28,8 @@ from checkpoints_convert.mapping import convert, unflatten
 from checkpoints_convert.source import SafetensorsSource
 from jaxedit.configs import Preset
 from jaxedit.model_folder import TOKENIZERS, write_description
+from jaxedit.step1x.text import QWEN_PROCESSOR
 
-QWEN_PROCESSOR = "qwen_processor"  # in a model folder: the Qwen2.5-VL tokenizer, image processor, chat template
 QWEN_PROCESSOR_NEEDED = ("config.json", "tokenizer_config.json", "preprocessor_config.json")
 QWEN_PROCESSOR_FILES = QWEN_PROCESSOR_NEEDED + (
     "tokenizer.json", "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
@@ -130,7 +130,7 @@ def convert_pipeline(
         extra = qwen_entry(None, embed_cfg, qwen_cfg if qwen is not None else None)
         write_description(dst, preset, extra=extra)
         if qwen is None:
-            log("note: no Qwen2.5-VL converted; give its folder at inference (jaxedit edit ... --qwen PATH)")
+            log(f"note: no Qwen2.5-VL converted; add one: python -m checkpoints_convert add-qwen {dst} QWEN_FOLDER")
     else:
         write_description(dst, preset)
     return dst
@@ -169,9 +169,14 @@ def copy_qwen_processor(qwen: Path, dst: Path) -> None:
     for f in QWEN_PROCESSOR_FILES:
         if (qwen / f).is_file():
             shutil.copy2(qwen / f, tmp / f)
+    old = dst.with_name(f".{dst.name}.old")
+    if old.exists() and dst.exists():  # left by a cut swap whose new copy was complete
+        shutil.rmtree(old)
     if dst.exists():
-        shutil.rmtree(dst)
+        dst.rename(old)
     tmp.rename(dst)
+    if old.exists():
+        shutil.rmtree(old)
 
 
 def add_qwen(folder: str | Path, qwen: str | Path, *, dtype: Any = None, log=print) -> Path:

@@ -375,6 +375,7 @@ class Step1XQwenEmbedder(QwenConditioner):
             vision_end_id=qwen_cfg.vision_end_token_id, hidden_size=qwen_cfg.text.hidden_size, name=name,
         )  # fmt: skip
         self.params, self.qwen_cfg, self.batch_size = params, qwen_cfg, max(1, int(batch_size))
+        self.name = f"{self.name} ({jnp.dtype(dtype).name})"  # the cache key: a bfloat16 run is another result
         model = QwenVL(qwen_cfg, dtype=jnp.dtype(dtype), attention_impl=attention_impl)
         self._apply = jax.jit(lambda p, *a: model.apply({"params": p}, *a).astype(jnp.float32))
 

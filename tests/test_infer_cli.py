@@ -86,32 +86,25 @@ def test_batch_job_isolates_bad_items_and_resumes(job, capsys):
     assert "0 ok, 9 failed, 4 skipped" in capsys.readouterr().out
 
 
-def test_single_edit_command(tmp_path, tiny_kontext, capsys):
-    _, model = tiny_kontext
-    write_png(tmp_path / "in.png", 64, 48)
-    out = tmp_path / "sub" / "edited.png"
-    code = cli(["edit", "--model", str(model), "--image", str(tmp_path / "in.png"), "--prompt", "make it red",
-                       "--out", str(out), "--steps", "2", "--keep-size"])  # fmt: skip
-    assert code == 0 and Image.open(out).size == (64, 48)
-    assert str(out) in capsys.readouterr().out
-    assert cli(["edit", "--model", str(model), "--image", str(tmp_path / "nope.png"), "--prompt", "x",
-                       "--out", str(out)]) == 2  # fmt: skip
-    assert "nope.png" in capsys.readouterr().err
-
-
-def test_single_edit_true_cfg_flags(tmp_path, tiny_kontext, capsys):
+def test_single_edit_command_and_true_cfg_flags(tmp_path, tiny_kontext, capsys):
+    """An edit, then the same with true CFG (the negative branch changes the output); a missing image and a
+    true-cfg-scale below 1 are one-line errors."""
     _, model = tiny_kontext
     write_png(tmp_path / "in.png", 64, 48)
     base = ["edit", "--model", str(model), "--image", str(tmp_path / "in.png"), "--prompt", "make it red",
             "--steps", "2", "--keep-size"]  # fmt: skip
-    outs = {}
-    for name, extra in {"plain": [], "cfg": ["--true-cfg-scale", "3", "--negative-prompt", "blurry"]}.items():
-        outs[name] = tmp_path / f"{name}.png"
-        assert cli(base + ["--out", str(outs[name])] + extra) == 0
-    plain, cfg = (np.asarray(Image.open(outs[k]), np.int32) for k in ("plain", "cfg"))
+    out = tmp_path / "sub" / "edited.png"
+    assert cli(base + ["--out", str(out)]) == 0 and Image.open(out).size == (64, 48)
+    assert str(out) in capsys.readouterr().out
+    cfg_out = tmp_path / "cfg.png"
+    assert cli(base + ["--out", str(cfg_out), "--true-cfg-scale", "3", "--negative-prompt", "blurry"]) == 0
+    plain, cfg = (np.asarray(Image.open(p), np.int32) for p in (out, cfg_out))
     assert np.abs(plain - cfg).max() > 0  # the negative branch is used
     with pytest.raises(SystemExit, match="true-cfg-scale"):
         cli(base + ["--out", str(tmp_path / "x.png"), "--true-cfg-scale", "0.5"])
+    assert cli(["edit", "--model", str(model), "--image", str(tmp_path / "nope.png"), "--prompt", "x",
+                "--out", str(out)]) == 2  # fmt: skip
+    assert "nope.png" in capsys.readouterr().err
 
 
 def test_readme_main_job_with_shipped_default_model(tmp_path, capsys):

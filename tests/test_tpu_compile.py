@@ -62,12 +62,12 @@ def test_auto_picks_splash_for_a_tpu_target(chips):
 @pytest.mark.parametrize(
     "task,mesh",
     # the train step on fsdp2_tp2 is the planner's test below; one forward (infer) is inside every sampling
-    # loop, so the infer programs run with -m slow only
+    # loop, and FSDP alone is the train step's mesh: the infer programs and sampling on fsdp4 are -m slow
     [
         pytest.param("infer", "fsdp4", marks=pytest.mark.slow),
         pytest.param("infer", "fsdp2_tp2", marks=pytest.mark.slow),
         ("train", "fsdp4"),
-        ("sample", "fsdp4"),
+        pytest.param("sample", "fsdp4", marks=pytest.mark.slow),
         ("sample", "fsdp2_tp2"),
     ],  # fmt: skip
 )

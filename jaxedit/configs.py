@@ -251,6 +251,9 @@ class QwenVLConfig:
             )  # fmt: skip
         except KeyError as e:
             raise ValueError(f"Qwen2.5-VL config.json: missing field {e.args[0]!r}") from None
+        for where, act in (("hidden_act", text.hidden_act), ("vision_config.hidden_act", vision.hidden_act)):
+            if act not in ("silu", "gelu"):
+                raise ValueError(f"Qwen2.5-VL config.json: {where} {act!r} is not supported (silu, gelu)")
         ids = {k: d.get(k, t.get(k)) for k in ("image_token_id", "vision_start_token_id", "vision_end_token_id")}
         missing = [k for k, x in ids.items() if x is None]
         if missing:

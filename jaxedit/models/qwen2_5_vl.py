@@ -42,8 +42,8 @@ Dtype = Any
 ACT = ("act_batch", "act_length", "act_embed")
 ACT_HEADS = ("act_batch", "act_length", "act_heads", None)
 ACT_MLP = ("act_batch", "act_length", "act_mlp")
-ACTIVATIONS = {"silu": nn.silu, "gelu": lambda x: nn.gelu(x, approximate=False), "quick_gelu": nn.gelu}
-PAD_SEGMENT = -1  # segment id of padding patches (they attend only each other)
+ACTIVATIONS = {"silu": nn.silu, "gelu": lambda x: nn.gelu(x, approximate=False)}
+PAD_PATCH_SEGMENT = -1  # segment id of padding patches (they attend only each other)
 
 
 class QwenRMSNorm(nn.Module):
@@ -334,8 +334,8 @@ def prepare_vision(pixel_values: np.ndarray, grid_thw, cfg: QwenVisionConfig, pa
     return {
         "patches": rows(order(pixel_values))[None],
         "pos": rows(order(patch_positions(grid_thw, cfg.spatial_merge_size)).astype(np.int32))[None],
-        "seg_image": rows(np.repeat(per_frame[index], unit).astype(np.int32), PAD_SEGMENT)[None],
-        "seg_window": rows(np.repeat(windows, unit).astype(np.int32), PAD_SEGMENT)[None],
+        "seg_image": rows(np.repeat(per_frame[index], unit).astype(np.int32), PAD_PATCH_SEGMENT)[None],
+        "seg_window": rows(np.repeat(windows, unit).astype(np.int32), PAD_PATCH_SEGMENT)[None],
         "inverse": np.argsort(index).astype(np.int32),
     }
 

@@ -34,7 +34,7 @@ from jaxedit.configs import QwenTextConfig, QwenVisionConfig, QwenVLConfig
 from jaxedit.models.attention import dot_product_attention
 from jaxedit.models.flux import stacked
 from jaxedit.models.layers import dense
-from jaxedit.models.t5 import t5_rms_norm
+from jaxedit.models.t5 import T5LayerNorm
 from jaxedit.parallel.sharding import constrain, param_init
 
 Dtype = Any
@@ -46,17 +46,8 @@ ACTIVATIONS = {"silu": nn.silu, "gelu": lambda x: nn.gelu(x, approximate=False)}
 PAD_PATCH_SEGMENT = -1  # segment id of padding patches (they attend only each other)
 
 
-class QwenRMSNorm(nn.Module):
-    """weight * (x / rms(x) in float32, cast to the compute dtype)."""
-
-    eps: float = 1e-6
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        w = self.param("weight", param_init(nn.initializers.ones_init(), ("embed",)), (x.shape[-1],), self.param_dtype)
-        return t5_rms_norm(x, w, self.eps, self.dtype)
+# transformers' Qwen2_5_VLRMSNorm "is equivalent to T5LayerNorm": weight * (x / rms(x) in float32, cast)
+QwenRMSNorm = T5LayerNorm
 
 
 def rotate_half(x):

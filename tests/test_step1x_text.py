@@ -209,3 +209,23 @@ def test_jax_embedder_matches_the_torch_path(embedder, tiny_qwen):
     print(f"bfloat16 vs float32: ours {ours_err:.2e}, transformers {their_err:.2e}")
     np.testing.assert_array_equal(m16, want_mask)
     assert 0 < ours_err <= 2 * their_err
+
+
+def test_sharded_jax_embedder_equals_one_device(tiny_qwen):
+    """On a data=2 x fsdp=2 mesh (weights split by fsdp, the three items padded to four rows and split over
+    the batch axes): the same embeddings and masks as on one device."""
+    import jax
+
+    from checkpoints_convert import qwen_embedder
+    from jaxedit.parallel import sharding as sh
+
+    path, cfg = tiny_qwen
+    imgs, prompts = [image(0), image(1, 64, 80), image(2, 40, 40)], [*PROMPTS, "x"]
+    one = qwen_embedder(path, cfg, dtype="float32", attention_impl="xla")
+    mesh = sh.make_mesh(sh.MeshConfig(data=2, fsdp=2), jax.devices()[:4])
+    sharded = qwen_embedder(path, cfg, dtype="float32", attention_impl="xla", mesh=mesh)
+    leaf = sharded.params["language_model"]["layers"]["q_proj"]["kernel"]
+    assert leaf.sharding.spec[1] == "fsdp"
+    (emb, mask), (want, want_mask) = sharded.encode(prompts, imgs), one.encode(prompts, imgs)
+    np.testing.assert_array_equal(mask, want_mask)
+    assert rel_err(emb, want) <= 1e-6

@@ -357,13 +357,14 @@ class Step1XQwenEmbedder(QwenConditioner):
 
     params: `QwenVL(qwen_cfg)` parameters (a model folder's qwen/: `from_model_folder`; a transformers folder
     converted as it is read: `checkpoints_convert.qwen_embedder`); dtype: compute dtype (bfloat16 as the
-    reference runs it)."""
+    reference runs it); mesh: shard the weights by the logical rules (FSDP, tensor) and split the items
+    over the batch axes (a batch is padded with empty rows to a multiple of them)."""
 
     TOKEN_BUCKET, UNIT_BUCKET = 64, 64  # text tokens; merged image patches (x4 patches)
 
     def __init__(
         self, params, qwen_cfg, tokenizer, image_processor, chat_template: str, config: QwenEmbedderConfig, *,
-        dtype="bfloat16", attention_impl: str = "auto", batch_size: int = 4, name="",
+        dtype="bfloat16", attention_impl: str = "auto", batch_size: int = 4, name="", mesh=None,
     ):  # fmt: skip
         import jax
         import jax.numpy as jnp
@@ -378,6 +379,13 @@ class Step1XQwenEmbedder(QwenConditioner):
         self.name = f"{self.name} ({jnp.dtype(dtype).name})"  # the cache key: a bfloat16 run is another result
         model = QwenVL(qwen_cfg, dtype=jnp.dtype(dtype), attention_impl=attention_impl)
         self._apply = jax.jit(lambda p, *a: model.apply({"params": p}, *a).astype(jnp.float32))
+        self.mesh, self.rows = mesh, 1
+        if mesh is not None:
+            from jaxedit.models.qwen2_5_vl import abstract_params
+            from jaxedit.parallel import sharding as sh
+
+            self.params = jax.device_put(params, sh.shardings(abstract_params(qwen_cfg, boxed=True), mesh))
+            self.rows = mesh.shape["data"] * mesh.shape["fsdp"]
 
     @classmethod
     def from_model_folder(cls, folder: str | Path, *, dtype: str = "bfloat16", **kw) -> Step1XQwenEmbedder:
@@ -404,7 +412,7 @@ class Step1XQwenEmbedder(QwenConditioner):
 
         cfg = self.qwen_cfg
         lens = [len(x["input_ids"]) for x in prepared]
-        b, length = len(prepared), bucket(max(lens), self.TOKEN_BUCKET)
+        b, length = bucket(len(prepared), self.rows), bucket(max(lens), self.TOKEN_BUCKET)  # empty rows: no keys
         ids, mask = np.zeros((b, length), np.int32), np.zeros((b, length), np.int32)
         pos = np.zeros((3, b, length), np.int32)
         for i, x in enumerate(prepared):
@@ -424,16 +432,34 @@ class Step1XQwenEmbedder(QwenConditioner):
         feature_index[pads] = vision.pop("inverse")
         return (ids, pos, mask, vision, feature_index), lens
 
+    def run(self, arrays) -> np.ndarray:
+        """The jitted model on `batch_arrays`' output: last hidden states [B, L, hidden] float32. On a mesh the
+        prompts' rows are split over the batch axes (positions [3, B, L]: its second axis), the packed
+        images replicated."""
+        if self.mesh is None:
+            return np.asarray(self._apply(self.params, *arrays))
+        import jax
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        from jaxedit.parallel import sharding as sh
+
+        ids, pos, mask, vision, index = arrays
+        batch = sh.batch_sharding(self.mesh, 2)
+        by_row = NamedSharding(self.mesh, PartitionSpec(None, *batch.spec))
+        ids, mask, index = (jax.device_put(x, batch) for x in (ids, mask, index))
+        with sh.activate(self.mesh):
+            return np.asarray(self._apply(self.params, ids, jax.device_put(pos, by_row), mask, vision, index))
+
     def hidden_states(self, inputs: dict[str, Any]) -> np.ndarray:
         arrays, lens = self.batch_arrays([inputs])
-        return np.asarray(self._apply(self.params, *arrays))[0, : lens[0]]
+        return self.run(arrays)[0, : lens[0]]
 
     def embed_items(self, items):
         out = []
         for start in range(0, len(items), self.batch_size):
             chunk = [self.prepare_inputs(p, im) for p, im in items[start : start + self.batch_size]]
             arrays, lens = self.batch_arrays(chunk)
-            hidden = np.asarray(self._apply(self.params, *arrays))
+            hidden = self.run(arrays)
             out += [self.crop(hidden[i, :n]) for i, n in enumerate(lens)]
         return out
 

@@ -63,7 +63,9 @@ class Encoder:
 
 class Step1XEncoder(Encoder):
     """Step1X-Edit: Qwen2.5-VL of (instruction, source image) + VAE. Each item's Qwen output is cached
-    in `cache_dir`; with `empties` each item's ("", source image) too (prompt dropout)."""
+    in `cache_dir`; with `empties` each item's ("", source image) too (prompt dropout). mesh: the Qwen
+    weights sharded over it and the items split over its batch axes (a single-process mesh: every process
+    encodes its own items)."""
 
     def __init__(
         self,
@@ -75,10 +77,11 @@ class Step1XEncoder(Encoder):
         qwen: str = "",
         cache_dir: str | Path | None = None,
         empties: bool = False,
+        mesh=None,
     ):
         from jaxedit.step1x.text import load_qwen_embedder
 
-        self.text = load_qwen_embedder(folder, qwen or None)
+        self.text = load_qwen_embedder(folder, qwen or None, mesh=mesh)
         if self.text.config.hidden_size != preset.connector.in_channels:
             raise ValueError(
                 f"Qwen2.5-VL hidden size {self.text.config.hidden_size} != connector in_channels "

@@ -155,7 +155,7 @@ def build(cfg: TrainConfig, folder: Path, preset: configs.Preset, parts: dict) -
     if preset.connector is not None:  # prompt dropout: each item's ("", image), computed (and cached) by the encoder
         encoder = Step1XEncoder(
             folder, preset, parts, cfg.vae_sample, qwen=cfg.qwen, cache_dir=cfg.qwen_cache or ckpt_dir / "qwen_cache",
-            empties=cfg.objective.prompt_dropout > 0,
+            empties=cfg.objective.prompt_dropout > 0, mesh=mesh if jax.process_count() == 1 else None,
         )  # fmt: skip
     elif batches.cache is not None:  # latents and text embeddings precomputed: no encoder on this host
         if cfg.objective.prompt_dropout > 0:

@@ -175,3 +175,32 @@ def test_tiny_training_run(tmp_path, tiny_qwen):
     after = load_params(model / "transformer")  # the EMA of the trained weights
     moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), before, after)
     assert min(jax.tree.leaves(moved["connector"])) > 0 and min(jax.tree.leaves(moved["double_blocks"])) > 0
+
+
+def test_precompute_fills_the_qwen_cache_training_reads(tmp_path, tiny_qwen):
+    """`train.precompute` on a Step1X-Edit folder: the JAX Qwen2.5-VL (weights sharded data=4 x fsdp=2, items
+    in batches of 4) writes one file per item and per item's empty prompt, under the names training's encoder
+    looks up (its bucket-sized source image), each as the unsharded embedder computes it."""
+    from PIL import Image
+
+    from jaxedit.step1x.text import load_embedding, load_qwen_embedder
+    from jaxedit.train.data import DataConfig, index_manifest, load_image
+    from jaxedit.train.precompute import main
+    from tests.tiny_step1x import make_tiny_step1x
+
+    model = make_tiny_step1x(tmp_path / "model", *tiny_qwen)
+    data = write_dataset(tmp_path / "data", n_square=3, n_wide=2, bad=False)
+    cache = tmp_path / "cache"
+    args = ["--model", str(model), "--data", str(data), "--out", str(cache), "--batch", "4", "--mesh", "data=4,fsdp=2"]
+    assert main(args) == 0
+    one = load_qwen_embedder(model)
+    index = index_manifest(DataConfig(path=str(data)))
+    assert len(list(cache.glob("*.npz"))) == 2 * len(index.items)
+    for it in index.items[:2]:
+        pixels = np.round((load_image(it.source, index.buckets[it.bucket]) + 1.0) * 127.5).astype(np.uint8)
+        image = Image.fromarray(pixels)  # as training's Step1XEncoder turns its batch back into images
+        for prompt in (it.instruction, ""):
+            emb, mask = load_embedding(cache / f"{one.cache_key(prompt, image)}.npz")
+            want, want_mask = one.encode([prompt], [image])
+            np.testing.assert_array_equal(mask, want_mask[0])
+            assert rel_err(emb, want[0]) <= 2e-2  # bfloat16 both, sharded sums reordered

@@ -9,6 +9,11 @@ the cache is keyed by the indexed items and checked against them). CACHE holds
   empty_txt.npy empty_y.npy               the empty prompt's (prompt dropout)
   reference_WxH.npy target_WxH.npy        VAE latents (posterior mean) per bucket [n_b, H/8, W/8, C]
   rows.npy [N]                            each item's row in its bucket's arrays
+
+Step1X-Edit folders: CACHE gets each item's Qwen2.5-VL output of (instruction, source image at its
+bucket size) and of ("", source image), one .npz per (prompt, image) as training's per-item cache
+names them: train with `--set qwen_cache=CACHE`. The JAX Qwen2.5-VL runs `--batch` items at once,
+its weights sharded over the local devices (`--mesh`, default every device on fsdp).
 """
 
 from __future__ import annotations
@@ -26,9 +31,11 @@ from jaxedit.train.data import CACHE_FILE, CACHED_PARTS, DataConfig, index_manif
 from jaxedit.train.encoders import Encoder
 
 
-def precompute(model: str | Path, data: DataConfig, out: str | Path, batch: int = 64) -> Path:
+def precompute(model: str | Path, data: DataConfig, out: str | Path, batch: int = 64, mesh: str = "") -> Path:
     folder, out = Path(model), Path(out)
     preset = model_folder.read_description(folder)
+    if preset.connector is not None:
+        return precompute_qwen(folder, data, out, batch, mesh)
     model_folder.check_complete(folder, preset)
     parts = {p: load_params(folder / p) for p in ("vae", "t5", "clip")}
     encoder = Encoder(folder, preset, parts, vae_sample=False)
@@ -78,6 +85,37 @@ def precompute(model: str | Path, data: DataConfig, out: str | Path, batch: int 
     return out
 
 
+QWEN_CACHE_FILE = "qwen_cache.json"  # a Step1X-Edit cache's summary (not a data.cache: training reads the .npz)
+
+
+def precompute_qwen(folder: Path, data: DataConfig, out: Path, batch: int = 8, mesh: str = "") -> Path:
+    """Step1X-Edit: the Qwen2.5-VL cache of every item (and its empty prompt), as training reads it."""
+    from PIL import Image
+
+    from jaxedit import configs
+    from jaxedit.parallel import sharding as sh
+    from jaxedit.step1x.text import load_qwen_embedder
+
+    the_mesh = sh.make_mesh(configs.MeshConfig.parse(mesh or "fsdp=-1"))
+    embedder = load_qwen_embedder(folder, mesh=the_mesh, batch_size=batch)
+    index = index_manifest(data)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    for b, size in enumerate(index.buckets):
+        members = [it for it in index.items if it.bucket == b]
+        for i in range(0, len(members), batch):
+            chunk = members[i : i + batch]
+            # the pixels training's encoder sees: the bucket-sized source, back to uint8
+            pixels = [np.clip(np.round((load_image(it.source, size) + 1.0) * 127.5), 0, 255) for it in chunk]
+            images = [Image.fromarray(x.astype(np.uint8)) for x in pixels]
+            embedder.encode([it.instruction for it in chunk], images, cache_dir=out)
+            embedder.encode([""] * len(chunk), images, cache_dir=out)
+    meta = {"model": str(folder.absolute()), "manifest": str(Path(data.path).absolute()),
+            "ids": [it.id for it in index.items], "seconds": time.perf_counter() - t0}  # fmt: skip
+    (out / QWEN_CACHE_FILE).write_text(json.dumps(meta))
+    return out
+
+
 def main(argv: list[str] | None = None, prog: str = "python -m train.precompute") -> int:
     import argparse
 
@@ -87,15 +125,16 @@ def main(argv: list[str] | None = None, prog: str = "python -m train.precompute"
     p.add_argument("--out", required=True, help="cache folder to write")
     p.add_argument("--pixel-budget", type=int, default=DataConfig.pixel_budget, help="max bucket area in pixels")
     p.add_argument("--bucket-step", type=int, default=DataConfig.bucket_step, help="bucket widths: multiples of this")
-    p.add_argument("--batch", type=int, default=64, help="items encoded at once")
+    p.add_argument("--batch", type=int, default=64, help="items encoded at once (Step1X-Edit: try 8)")
+    p.add_argument("--mesh", default="", help="Step1X-Edit: mesh of the Qwen2.5-VL (default: every device on fsdp)")
     args = p.parse_args(argv)
     data = DataConfig(path=args.data, pixel_budget=args.pixel_budget, bucket_step=args.bucket_step)
     try:
-        out = precompute(args.model, data, args.out, args.batch)
+        out = precompute(args.model, data, args.out, args.batch, args.mesh)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    meta = json.loads((out / CACHE_FILE).read_text())
+    meta = json.loads(((out / CACHE_FILE) if (out / CACHE_FILE).is_file() else (out / QWEN_CACHE_FILE)).read_text())
     print(f"cached {len(meta['ids'])} items in {out} ({meta['seconds']:.0f} s)", flush=True)
     return 0
 

@@ -324,3 +324,33 @@ np.save({str(tmp_path / "out.npy")!r}, np.asarray(out))
     root = Path(__file__).resolve().parent.parent  # this process' XLA flags and devices; the checkout's jaxedit
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
     np.testing.assert_allclose(np.load(tmp_path / "out.npy"), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+def test_add_qwen_refuses_a_mismatched_or_incomplete_folder(tmp_path, tiny_qwen, capsys):
+    """`add-qwen` checks before writing: a Qwen2.5-VL whose width is not the connector's in_channels, or one
+    without its image processor, is named in one line and the model folder is left as it was."""
+    from checkpoints_convert.__main__ import main as convert_cli
+
+    qwen, qcfg = tiny_qwen
+    folder = make_tiny_step1x(tmp_path / "model", None, qcfg)
+    before = sorted(p.name for p in folder.iterdir())
+    wide = tmp_path / "wide"
+    shutil.copytree(qwen, wide)
+    cfg = json.loads((wide / "config.json").read_text())
+    cfg["text_config"]["hidden_size"] = 32  # head_dim 16: rotary sections of 8 pairs
+    for d in (cfg, cfg["text_config"]):
+        for key in ("rope_parameters", "rope_scaling"):
+            if isinstance(d.get(key), dict) and "mrope_section" in d[key]:
+                d[key]["mrope_section"] = [2, 3, 3]
+    (wide / "config.json").write_text(json.dumps(cfg))
+    no_processor = tmp_path / "no_processor"
+    shutil.copytree(qwen, no_processor)
+    (no_processor / "preprocessor_config.json").unlink()
+    for src, message in ((wide, "hidden size 32 != the connector's in_channels 28"),
+                         (no_processor, "missing preprocessor_config.json")):  # fmt: skip
+        assert convert_cli(["add-qwen", str(folder), str(src)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
+        assert sorted(p.name for p in folder.iterdir()) == before
+    assert convert_cli(["add-qwen", str(folder), str(qwen)]) == 0
+    assert {"qwen", "qwen_processor"} <= {p.name for p in folder.iterdir()}

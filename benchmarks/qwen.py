@@ -22,15 +22,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from common import ROOT  # noqa: F401  (benchmarks/common.py: the checkout on sys.path)
+from common import rel  # benchmarks/common.py (also puts the checkout on sys.path)
 
 from jaxedit.configs import QwenTextConfig, QwenVisionConfig, QwenVLConfig
 from jaxedit.models import qwen2_5_vl as Q
-
-
-def rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def main() -> None:

@@ -17,15 +17,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from common import timed  # benchmarks/common.py
+from common import rel, timed  # benchmarks/common.py
 
 from jaxedit.configs import CLIPTextConfig, T5Config
 from jaxedit.models import CLIPTextModel, T5Encoder
-
-
-def rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def main() -> None:

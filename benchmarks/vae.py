@@ -18,10 +18,10 @@ import statistics
 import tempfile
 import time
 
-import common  # noqa: F401  (benchmarks/common.py: puts the repo root on sys.path)
 import jax
 import jax.numpy as jnp
 import numpy as np
+from common import rel  # benchmarks/common.py (also puts the repo root on sys.path)
 
 from jaxedit.configs import AutoEncoderConfig
 from jaxedit.models.autoencoder import AutoEncoder, abstract_params, decode_tiled, encode_tiled
@@ -38,11 +38,6 @@ def timed_pair(fn_a, fn_b, repeats: int) -> tuple[float, float]:
             fn()
             ts.append(time.perf_counter() - t0)
     return statistics.median(times[0]), statistics.median(times[1])
-
-
-def rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def memory(cfg: AutoEncoderConfig, size: int) -> None:

@@ -211,7 +211,7 @@ def lower(preset, args, mesh, batch: int):
             fn = lambda p, z: vae.apply({"params": p}, z, method="decode")  # noqa: E731
             return jax.jit(fn).lower(params, bsd((batch, h, w, z), jnp.float32)), s
     if args.task == "text" and preset.qwen is not None:
-        return lower_qwen(preset, args, mesh, batch, bsd), s | qwen_shapes(preset, args)
+        return lower_qwen(preset, args, mesh, batch, bsd, rep), s | qwen_shapes(preset, args)
     if args.task == "text":
         if preset.t5 is None:
             raise ValueError(f"preset {preset.name} has neither T5/CLIP text encoders nor a Qwen2.5-VL config")
@@ -244,7 +244,7 @@ def qwen_shapes(preset, args) -> dict:
     return dict(image_px=(h, w), image_features=units, qwen_tokens=tokens)
 
 
-def lower_qwen(preset, args, mesh, batch: int, bsd):
+def lower_qwen(preset, args, mesh, batch: int, bsd, rep):
     """Step1X-Edit's conditioning: `batch` items through the Qwen2.5-VL vision tower and language model
     (bfloat16 weights and compute, as the embedder runs it). The images' patches are one packed row
     (replicated; their attention heads split over tensor), the prompts are split over the batch axes."""
@@ -258,11 +258,10 @@ def lower_qwen(preset, args, mesh, batch: int, bsd):
     patches = batch * q["image_features"] * preset.qwen.vision.spatial_merge_size**2
     model = Q.QwenVL(preset.qwen, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, attention_impl=args.attention)
     params = sh.abstract_with_shardings(Q.abstract_params(preset.qwen, jnp.bfloat16, boxed=True), mesh)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    rep = lambda shape, dtype=jnp.int32: jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)  # noqa: E731
-    vision = {
+    i32 = jnp.int32
+    vision = {  # bsd / rep: lower()'s batch-sharded and replicated abstract arrays
         "patches": rep((1, patches, preset.qwen.vision.patch_dim), jnp.bfloat16),
-        "pos": rep((1, patches, 2)), "seg_image": rep((1, patches)), "seg_window": rep((1, patches)),
+        "pos": rep((1, patches, 2), i32), "seg_image": rep((1, patches), i32), "seg_window": rep((1, patches), i32),
     }  # fmt: skip
     lt = q["qwen_tokens"]
     ids, mask, index = (bsd((batch, lt), jnp.int32) for _ in range(3))

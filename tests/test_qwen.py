@@ -23,6 +23,7 @@ torch = pytest.importorskip("torch")
 
 
 def rel_err(a, b):
+    """max |a - b| / max |b| (stricter than tests.helpers' norm ratio: one bad row cannot hide)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.abs(a - b).max() / np.abs(b).max())
 

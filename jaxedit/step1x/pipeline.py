@@ -118,11 +118,11 @@ class Step1XEditPipeline(EditPipelineBase):
         if preset.connector is None:
             raise ValueError(f"{folder}: a {FAMILY!r} model folder without a connector config")
         embedder = None if text_encoder is False else text_encoder
-        if text_encoder is True:
+        if text_encoder is True:  # checked against the connector as it loads
             from jaxedit.step1x.text import load_qwen_embedder
 
             embedder = load_qwen_embedder(folder, qwen, dtype=qwen_dtype)
-        if embedder is not None and embedder.config.hidden_size != preset.connector.in_channels:
+        elif embedder is not None and embedder.config.hidden_size != preset.connector.in_channels:
             raise ValueError(
                 f"{folder}: Qwen2.5-VL hidden size {embedder.config.hidden_size} != the connector's in_channels "
                 f"{preset.connector.in_channels}"

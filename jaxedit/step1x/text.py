@@ -475,8 +475,11 @@ def check_hidden(qwen_cfg, config: QwenEmbedderConfig, where) -> None:
 def load_qwen_embedder(folder: str | Path, qwen: str | Path | None = None, **kw) -> Step1XQwenEmbedder:
     """The Qwen2.5-VL embedder of a Step1X-Edit model folder (its qwen/ and qwen_processor/), or of the model
     folder `qwen` when given (one converted Qwen2.5-VL shared by several folders). A transformers Qwen2.5-VL
-    folder is converted first: `python -m checkpoints_convert add-qwen FOLDER QWEN` (no torch either way)."""
-    folder = Path(qwen) if qwen else Path(folder)
+    folder is converted first: `python -m checkpoints_convert add-qwen FOLDER QWEN` (no torch either way).
+    Its width must be the model folder's connector's in_channels."""
+    from jaxedit.model_folder import read_description
+
+    model, folder = Path(folder), Path(qwen) if qwen else Path(folder)
     if (folder / "config.json").is_file() and not (folder / "jaxedit.json").is_file():
         raise ValueError(
             f"{folder} is a transformers Qwen2.5-VL folder: convert it into the model folder first "
@@ -486,4 +489,11 @@ def load_qwen_embedder(folder: str | Path, qwen: str | Path | None = None, **kw)
         recorded, _ = read_qwen(folder)
         hint = f"python -m checkpoints_convert add-qwen {folder} {recorded or 'QWEN_FOLDER'}"
         raise FileNotFoundError(f"{folder} holds no converted Qwen2.5-VL (no qwen/); add one: {hint}")
-    return Step1XQwenEmbedder.from_model_folder(folder, **kw)
+    embedder = Step1XQwenEmbedder.from_model_folder(folder, **kw)
+    connector = read_description(model).connector
+    if connector is not None and embedder.config.hidden_size != connector.in_channels:
+        raise ValueError(
+            f"{folder}: Qwen2.5-VL hidden size {embedder.config.hidden_size} != the connector's in_channels "
+            f"{connector.in_channels} of {model}"
+        )
+    return embedder

@@ -82,11 +82,6 @@ class Step1XEncoder(Encoder):
         from jaxedit.step1x.text import load_qwen_embedder
 
         self.text = load_qwen_embedder(folder, qwen or None, mesh=mesh)
-        if self.text.config.hidden_size != preset.connector.in_channels:
-            raise ValueError(
-                f"Qwen2.5-VL hidden size {self.text.config.hidden_size} != connector in_channels "
-                f"{preset.connector.in_channels}"
-            )
         self.cache_dir, self.empties = cache_dir, empties
         self.images = ImageEncoder(preset, params["vae"], vae_sample)
 

@@ -22,7 +22,7 @@ from checkpoints_convert import qwen as qwen_tables
 from checkpoints_convert import step1x as step1x_tables
 from checkpoints_convert import text as text_tables
 from checkpoints_convert import vae as vae_tables
-from checkpoints_convert.mapping import ConversionError, Plan, convert, flatten, plan, unflatten
+from checkpoints_convert.mapping import ConversionError, Plan, convert, flatten, plan, run_check, unflatten
 from checkpoints_convert.source import SafetensorsSource
 
 __all__ = [
@@ -181,9 +181,17 @@ def plan_part(part: str, source, cfg, fmt: str | None = None, *, ignore: Ignore 
 
 
 def open_part(part: str, path: str | Path, cfg, fmt: str | None = None, *, ignore: Ignore | None = None):
-    """(source, plan) for a checkpoint on disk: headers read and checked, no tensor read yet."""
+    """(source, plan) for a checkpoint on disk, checked as far as it can be before converting anything:
+    names and shapes (headers), every tensor's dtype, and the plan's checks (tied weights saved twice, fixed
+    buffers such as CLIP's position ids: the only tensors read here)."""
     source = SafetensorsSource(path)
-    return source, plan_part(part, source, cfg, fmt, ignore=ignore)
+    the_plan = plan_part(part, source, cfg, fmt, ignore=ignore)
+    for key in {r.src for r in the_plan.rules} | {c.src for c in the_plan.checks}:
+        source.dtype(key)  # ConversionError naming the file for an unsupported dtype
+    for c in the_plan.checks:
+        run_check(c, the_plan.check_shapes[c.src], source.read)
+    the_plan.checked = True
+    return source, the_plan
 
 
 def load_part(

@@ -5,6 +5,7 @@
     python -m checkpoints_convert check FILE --preset flux-kontext-dev         # names and shapes only
     python -m checkpoints_convert pipeline SRC DST --preset step1x-edit --qwen QWEN_FOLDER  # with Qwen2.5-VL
     python -m checkpoints_convert add-qwen MODEL_FOLDER QWEN_FOLDER  # Qwen2.5-VL into a Step1X-Edit folder
+    python -m checkpoints_convert seal MODEL_FOLDER   # record checksums in a folder written before they existed
 
 Parts: transformer, vae, t5, clip, qwen. Nothing is downloaded: point at files on your disk. (Installed, the
 command is also `jaxedit-convert`.)
@@ -40,7 +41,8 @@ def parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = p.add_subparsers(dest="command", required=True, metavar="{pipeline,add-qwen,check," + ",".join(PARTS) + "}")
+    commands = "{pipeline,add-qwen,seal,check," + ",".join(PARTS) + "}"
+    sub = p.add_subparsers(dest="command", required=True, metavar=commands)
     presets = f"model preset: {', '.join(configs.names())}"
     dtypes = dict(choices=["bfloat16", "float32", "float16"], default=None, help="output dtype (default: the file's)")
 
@@ -58,6 +60,9 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("folder", help="the jaxedit Step1X-Edit model folder")
     q.add_argument("qwen", help="the transformers Qwen2.5-VL folder (config.json, safetensors, tokenizer, ...)")
     q.add_argument("--dtype", **dtypes)
+
+    sl = sub.add_parser("seal", help="record the checksums of a model folder's parts (or of one checkpoint)")
+    sl.add_argument("folder", help="a jaxedit model folder or Orbax checkpoint written without checksums")
 
     c = sub.add_parser("check", help="check a checkpoint against a preset and the published releases (no tensor read)")
     c.add_argument("src", help=".safetensors file, sharded folder with its index, diffusers model folder, or a "
@@ -112,6 +117,32 @@ def check(args, preset) -> int:
     return 0
 
 
+def seal(folder: Path) -> int:
+    """Seal every sub-folder of a model folder (or one checkpoint) that has no checksums yet."""
+    from jaxedit import checkpoint, model_folder
+
+    if checkpoint.is_checkpoint(folder):
+        targets = [folder]
+    elif model_folder.is_model_folder(folder):
+        targets = [folder / d for d in model_folder.SUBFOLDERS if (folder / d).is_dir()]
+    else:
+        print(f"error: {folder} is neither a jaxedit model folder nor an Orbax checkpoint", file=sys.stderr)
+        return 2
+    for t in targets:
+        if (t / checkpoint.CHECKSUMS).is_file():
+            print(f"  {t}: already sealed, verifying")
+            try:
+                checkpoint.verify(t)
+            except checkpoint.CheckpointError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+            continue
+        t0 = time.perf_counter()
+        n = len(checkpoint.seal(t))
+        print(f"  {t}: {n} files sealed ({time.perf_counter() - t0:.1f}s)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from checkpoints_convert import ConversionError, load_part, part_config
     from jaxedit import configs
@@ -126,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         except (ConversionError, FileNotFoundError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+    if args.command == "seal":
+        return seal(Path(args.folder))
     try:
         preset = configs.get(args.preset)
     except KeyError as e:
@@ -147,10 +180,14 @@ def main(argv: list[str] | None = None) -> int:
         cfg = part_config(preset, args.command)
         if cfg is None:
             raise ValueError(f"preset {preset.name} has no {args.command}")
+        from jaxedit.checkpoint import is_checkpoint, prepare_destination
+
+        what = "jaxedit (Orbax) checkpoint"
+        prepare_destination(Path(args.dst).absolute(), force=args.force, replaceable=is_checkpoint, what=what)
         ignore = (lambda k: any(fnmatch.fnmatch(k, p) for p in args.ignore)) if args.ignore else None
         t0 = time.perf_counter()
         params = load_part(args.command, args.src, cfg, args.format, dtype=_dtype(args.dtype), ignore=ignore)
-    except (ConversionError, FileNotFoundError, FileExistsError, ValueError) as e:
+    except (ConversionError, FileNotFoundError, FileExistsError, PermissionError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from jaxedit.checkpoint import save_params

@@ -93,12 +93,17 @@ def convert_pipeline(
 ) -> Path:
     """Check every part, then convert them one by one into the model folder `dst`.
 
+    Nothing at `dst` is touched until the new folder is complete: the destination is checked first (exists
+    without force, not a model folder, not writable: one line in a second), then every part's headers,
+    dtypes and tied/fixed tensors; the folder is written beside as .DST.new (each part sealed with its
+    checksums) and renamed over `dst` at the end (a cut swap is finished by the next run).
     qwen: Step1X-Edit's Qwen2.5-VL folder (transformers layout), converted into qwen/ + qwen_processor/."""
-    from jaxedit.checkpoint import save_params
+    from jaxedit.checkpoint import prepare_destination, recover_dir, replace_dir, save_params, seal
+    from jaxedit.model_folder import is_model_folder
 
-    dst = Path(dst)
-    if dst.exists() and any(dst.iterdir()) and not force:
-        raise FileExistsError(f"{dst} exists and is not empty (use force=True / --force)")
+    dst = Path(dst).absolute()
+    recover_dir(dst, complete="jaxedit.json")
+    prepare_destination(dst, force=force, replaceable=is_model_folder, what="jaxedit model folder")
     if qwen is not None:
         qwen = Path(qwen).resolve()
         qwen_cfg = check_qwen(qwen, preset)
@@ -109,30 +114,33 @@ def convert_pipeline(
         if cfg is not None:
             opened[part] = open_part(part, qwen if part == "qwen" else paths[part], cfg)  # raises before converting
     log(f"checked {', '.join(f'{p} ({o[1].fmt})' for p, o in opened.items())} against preset {preset.name}")
-    if dst.exists():
-        shutil.rmtree(dst)
-    dst.mkdir(parents=True)
+    new = dst.with_name(f".{dst.name}.new")
+    if new.exists():
+        shutil.rmtree(new)
+    new.mkdir()
     for part, (source, the_plan) in opened.items():
         t0 = time.perf_counter()
         flat = convert(the_plan, source.read, dtype=dtype, source_dtype=source.dtype)
-        save_params(dst / part, unflatten(flat))
+        save_params(new / part, unflatten(flat))
         del flat
         log(f"  {part}: {source.describe()} -> {dst / part} ({time.perf_counter() - t0:.1f}s)")
     for part, folder in TOKENIZERS.items():
         if part in opened:
-            shutil.copytree(paths[folder], dst / folder)
+            shutil.copytree(paths[folder], new / folder)
+            seal(new / folder)
     if preset.connector is not None:
         from jaxedit.step1x.text import QwenEmbedderConfig, qwen_entry
 
         if qwen is not None:
-            copy_qwen_processor(qwen, dst / QWEN_PROCESSOR)
+            copy_qwen_processor(qwen, new / QWEN_PROCESSOR)
         embed_cfg = QwenEmbedderConfig(preset.connector.in_channels)
         extra = qwen_entry(None, embed_cfg, qwen_cfg if qwen is not None else None)
-        write_description(dst, preset, extra=extra)
-        if qwen is None:
-            log(f"note: no Qwen2.5-VL converted; add one: python -m checkpoints_convert add-qwen {dst} QWEN_FOLDER")
+        write_description(new, preset, extra=extra)
     else:
-        write_description(dst, preset)
+        write_description(new, preset)
+    replace_dir(new, dst)
+    if preset.connector is not None and qwen is None:
+        log(f"note: no Qwen2.5-VL converted; add one: python -m checkpoints_convert add-qwen {dst} QWEN_FOLDER")
     return dst
 
 
@@ -161,7 +169,11 @@ def check_qwen(qwen: Path, preset: Preset):
 
 
 def copy_qwen_processor(qwen: Path, dst: Path) -> None:
-    """The tokenizer, image processor and chat template files of `qwen` into `dst` (written beside, renamed)."""
+    """The tokenizer, image processor and chat template files of `qwen` into `dst` (written beside, sealed,
+    renamed)."""
+    from jaxedit.checkpoint import recover_dir, replace_dir, seal
+
+    recover_dir(dst)  # a cut earlier replacement first: then the leftovers can go
     tmp = dst.with_name(f".{dst.name}.new")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -169,14 +181,8 @@ def copy_qwen_processor(qwen: Path, dst: Path) -> None:
     for f in QWEN_PROCESSOR_FILES:
         if (qwen / f).is_file():
             shutil.copy2(qwen / f, tmp / f)
-    old = dst.with_name(f".{dst.name}.old")
-    if old.exists() and dst.exists():  # left by a cut swap whose new copy was complete
-        shutil.rmtree(old)
-    if dst.exists():
-        dst.rename(old)
-    tmp.rename(dst)
-    if old.exists():
-        shutil.rmtree(old)
+    seal(tmp)
+    replace_dir(tmp, dst)
 
 
 def add_qwen(folder: str | Path, qwen: str | Path, *, dtype: Any = None, log=print) -> Path:

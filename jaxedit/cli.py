@@ -18,6 +18,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from jaxedit import DEFAULT_MODEL
 
@@ -28,6 +29,12 @@ COMMANDS = {
     "precompute": "cache a dataset's text embeddings and VAE latents for training",
     "plan": "compile a full-size step ahead of time: per-device memory, FLOPs, time estimates",
 }
+
+
+def fail(message: str) -> NoReturn:
+    """Stop with one line on stderr, exit code 2 (bad input: nothing was done)."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def positive_int(text: str) -> int:
@@ -75,13 +82,13 @@ def load_pipeline(args):
     try:
         preset, options = model_folder.read_description(folder), model_folder.read_options(folder)
     except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
+        fail(str(e))
     if options.get("random_weights"):
         print(f"note: {folder} holds RANDOM weights (a placeholder model): the output shows the pipeline runs, "
               "it is not a real edit", file=sys.stderr)  # fmt: skip
     step1x = preset.family == "step1x-edit"
     if step1x and (args.true_cfg_scale is not None or args.negative_prompt is not None):
-        raise SystemExit("error: --true-cfg-scale/--negative-prompt are for FLUX Kontext models; "
+        fail("--true-cfg-scale/--negative-prompt are for FLUX Kontext models; "
                          "Step1X-Edit's classifier-free guidance is --guidance")  # fmt: skip
     if step1x:
         kw = {"size_level": None} if args.keep_size else {"size_level": args.size_level} if args.size_level else {}
@@ -91,13 +98,13 @@ def load_pipeline(args):
     try:
         pipe = load(folder, dtype=args.dtype, **kw)
     except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
+        fail(str(e))
     if not step1x and (args.true_cfg_scale is not None or args.negative_prompt is not None):
         scale = pipe.true_cfg_scale if args.true_cfg_scale is None else args.true_cfg_scale
         try:
             pipe.set_true_cfg(scale, pipe.negative_prompt if args.negative_prompt is None else args.negative_prompt)
         except ValueError as e:
-            raise SystemExit(f"error: --true-cfg-scale: {e}") from None
+            fail(f"--true-cfg-scale: {e}")
     return pipe
 
 

@@ -9,7 +9,10 @@ attention kernel) are module arguments, not part of a preset.
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -414,3 +417,35 @@ def get(name: str) -> Preset:
 
 def names() -> list[str]:
     return sorted(_PRESETS)
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is tuple:
+        args = typing.get_args(hint)
+        return isinstance(value, list | tuple) and all(_matches(v, args[0]) for v in value)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def field_errors(cls: type, raw: dict) -> list[str]:
+    """What is wrong with `raw` as the fields of dataclass `cls`: unknown names and values of the wrong type
+    (ints are not floats' strings, a bool is not an int), one entry each."""
+    hints = typing.get_type_hints(cls)
+    out = [f"unknown field {k!r}" for k in raw if k not in hints]
+    for k, v in raw.items():
+        if k in hints and not _matches(v, hints[k]):
+            want = getattr(hints[k], "__name__", None) or str(hints[k]).replace("typing.", "")
+            out.append(f"field {k!r} is {v!r}; expected {want}")
+    return out

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,8 @@ PART_CONFIGS = {
     "clip": configs.CLIPTextConfig,
 }
 TOKENIZERS = {"clip": "tokenizer", "t5": "tokenizer_2"}
+# every sub-folder a model folder may hold (checkpoints, tokenizer and processor files), each sealed
+SUBFOLDERS = (*PART_CONFIGS, "qwen", *TOKENIZERS.values(), "qwen_processor")
 # configs in the description: the parts (one folder each) and the connector (inside transformer/)
 DESCRIBED_CONFIGS = PART_CONFIGS | {"connector": configs.ConnectorConfig}
 
@@ -55,14 +56,15 @@ def preset_from_dict(d: dict, where: str = "jaxedit.json") -> configs.Preset:
         raise ValueError(f"{where}: field 'family' is {d.get('family')!r}; expected one of {', '.join(FAMILIES)}")
     parts = {}
     for part, cls in DESCRIBED_CONFIGS.items():
-        raw = d.get("config", {}).get(part)
+        raw = d.get("config", {}).get(part) if isinstance(d.get("config"), dict) else None
+        if raw is not None and not isinstance(raw, dict):
+            raise ValueError(f"{where}: config.{part} is {type(raw).__name__}; expected an object of fields")
         if raw is None:
             parts[part] = None
             continue
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(raw) - fields
-        if unknown:
-            raise ValueError(f"{where}: unknown {part} config field(s) {sorted(unknown)}")
+        wrong = configs.field_errors(cls, raw)
+        if wrong:
+            raise ValueError(f"{where}: {part} config: {'; '.join(wrong)}")
         parts[part] = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
     if parts["transformer"] is None:
         raise ValueError(f"{where}: no transformer config")
@@ -85,12 +87,21 @@ def write_json(path: Path, data: dict) -> None:
 def read_json(folder: str | Path) -> dict:
     """FOLDER/jaxedit.json as a dict (FileNotFoundError naming the folder if it has none)."""
     desc = Path(folder) / "jaxedit.json"
+    recover_folder(folder)
     if not desc.is_file():
         raise FileNotFoundError(f"{folder} is not a jaxedit model folder (no jaxedit.json)")
     try:
         return json.loads(desc.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{desc}: not valid JSON ({e})") from None
+
+
+def is_model_folder(folder: str | Path) -> bool:
+    """A folder whose jaxedit.json says it is a jaxedit model folder."""
+    try:
+        return read_json(folder).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def read_options(folder: str | Path) -> dict:
@@ -104,49 +115,30 @@ def read_description(folder: str | Path) -> configs.Preset:
 
 
 def write_part(folder: str | Path, part: str, params: Any) -> Path:
-    """Replace FOLDER/<part> with `params` (an Orbax checkpoint) without ever leaving the folder without a
-    complete copy: written beside as .<part>.new, then the old part is moved aside and the new one renamed
+    """Replace FOLDER/<part> with `params` (a sealed Orbax checkpoint) without ever leaving the folder without
+    a complete copy: written beside as .<part>.new, then the old part is moved aside and the new one renamed
     into place (`recover_parts` finishes a swap cut between those two renames). Collective on several
     processes (every process writes its shards; the main one renames)."""
-    import jax
-
     from jaxedit.checkpoint import save_params
-    from jaxedit.parallel.distributed import sync
 
-    folder = Path(folder)
-    dst, new, old = folder / part, folder / f".{part}.new", folder / f".{part}.old"
-    lead = jax.process_index() == 0
-    if lead:
-        recover_parts(folder)  # a swap cut earlier is finished before its leftovers are cleared
-        for leftover in (new, old):
-            if leftover.exists():
-                shutil.rmtree(leftover)
-    sync(f"write_part {part}: clean")
-    save_params(new, params)
-    if lead:
-        if dst.exists():
-            dst.rename(old)
-        new.rename(dst)
-        if old.exists():
-            shutil.rmtree(old)
-    sync(f"write_part {part}: swapped")
-    return dst
+    return save_params(Path(folder) / part, params, force=True)
+
+
+def recover_folder(folder: str | Path) -> None:
+    """Finish a replacement of the whole folder (a conversion with --force) cut between its two renames."""
+    if not Path(folder).exists():
+        from jaxedit.checkpoint import recover_dir
+
+        recover_dir(Path(folder), complete="jaxedit.json")
 
 
 def recover_parts(folder: str | Path) -> None:
-    """Finish a `write_part` cut between its two renames: a missing part whose complete new copy
-    (.<part>.new) or old copy (.<part>.old) is beside it is put back in place."""
-    folder = Path(folder)
-    for part in PART_CONFIGS:
-        dst = folder / part
-        if dst.exists():
-            continue
-        new, old = folder / f".{part}.new", folder / f".{part}.old"
-        for beside, other in ((new, old), (old, new)):
-            if (beside / "_CHECKPOINT_METADATA").is_file():
-                beside.rename(dst)
-                shutil.rmtree(other, ignore_errors=True)
-                break
+    """Finish a `write_part` (or a sub-folder copy) cut between its two renames: a missing part whose
+    complete new copy (.<part>.new) or old copy (.<part>.old) is beside it is put back in place."""
+    from jaxedit.checkpoint import recover_dir
+
+    for name in SUBFOLDERS:
+        recover_dir(Path(folder) / name)
 
 
 def digest(folder: str | Path, parts: tuple[str, ...]) -> dict[str, str]:
@@ -170,8 +162,12 @@ def digest(folder: str | Path, parts: tuple[str, ...]) -> dict[str, str]:
 
 
 def check_complete(folder: str | Path, preset: configs.Preset, *, skip: tuple[str, ...] = ()) -> None:
-    """Raise FileNotFoundError naming every part of the folder that is missing (parts in `skip` may be)."""
+    """Raise FileNotFoundError naming every part of the folder that is missing (parts in `skip` may be), and
+    CheckpointError naming a damaged tokenizer file (their seals are verified; the parts' at load)."""
+    from jaxedit.checkpoint import verify, verify_enabled
+
     folder = Path(folder)
+    recover_folder(folder)
     recover_parts(folder)
     missing = [
         p for p in PART_CONFIGS if p not in skip and getattr(preset, p) is not None and not (folder / p).is_dir()
@@ -179,13 +175,52 @@ def check_complete(folder: str | Path, preset: configs.Preset, *, skip: tuple[st
     missing += [d for p, d in TOKENIZERS.items() if getattr(preset, p) is not None and not (folder / d).is_dir()]
     if missing:
         raise FileNotFoundError(f"model folder {folder} is incomplete: missing {', '.join(missing)}")
+    if verify_enabled():
+        for d in (*TOKENIZERS.values(), "qwen_processor"):
+            if (folder / d).is_dir():
+                verify(folder / d)
+
+
+def expected_params(preset: configs.Preset, part: str) -> Any:
+    """The parameter tree (ShapeDtypeStructs) the preset's `part` has."""
+    from jaxedit.models import autoencoder, clip, flux, step1x, t5
+
+    cfg = getattr(preset, part)
+    if part == "transformer" and preset.connector is not None:
+        return step1x.abstract_params(cfg, preset.connector)
+    return {"transformer": flux, "vae": autoencoder, "t5": t5, "clip": clip}[part].abstract_params(cfg)
+
+
+def check_part(path: Path, stored: Any, expected: Any) -> None:
+    """ValueError naming the checkpoint at `path` unless its stored tree has the expected names and shapes
+    (e.g. a transformer checkpoint copied in as vae/)."""
+    import jax
+
+    def flat(tree):
+        return {jax.tree_util.keystr(k, simple=True, separator="/"): tuple(v.shape)
+                for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}  # fmt: skip
+
+    got, want = flat(stored), flat(expected)
+    problems = [f"{len(m)} missing (e.g. {m[0]})" for m in [sorted(set(want) - set(got))] if m]
+    problems += [f"{len(x)} unexpected (e.g. {x[0]})" for x in [sorted(set(got) - set(want))] if x]
+    problems += [f"{len(r)} of other shapes (e.g. {r[0]} {got[r[0]]}, expected {want[r[0]]})"
+                 for r in [sorted(k for k in set(got) & set(want) if got[k] != want[k])] if r]  # fmt: skip
+    if problems:
+        raise ValueError(f"{path}: not the {path.name} this folder's jaxedit.json describes: parameters "
+                         f"{'; '.join(problems)}")  # fmt: skip
 
 
 def load_parts(folder: str | Path, preset: configs.Preset, *, dtypes: dict[str, Any] | None = None) -> dict[str, Any]:
-    """{part: params} for every part the preset has, restored from the folder's Orbax checkpoints."""
-    from jaxedit.checkpoint import load_params
+    """{part: params} for every part the preset has, restored from the folder's Orbax checkpoints (each
+    verified against its seal and against the parameter names and shapes the description implies)."""
+    from jaxedit.checkpoint import load_params, param_metadata, verify_enabled, verify_or_note
 
     folder = Path(folder)
     check_complete(folder, preset)
     dtypes = dtypes or {}
-    return {p: load_params(folder / p, dtype=dtypes.get(p)) for p in PART_CONFIGS if getattr(preset, p) is not None}
+    parts = [p for p in PART_CONFIGS if getattr(preset, p) is not None]
+    for p in parts:
+        if verify_enabled():
+            verify_or_note(folder / p)
+        check_part(folder / p, param_metadata(folder / p), expected_params(preset, p))
+    return {p: load_params(folder / p, dtype=dtypes.get(p), verify_checksums=False) for p in parts}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -165,10 +166,15 @@ def test_cli_detects_step1x_folder(model, tmp_path, monkeypatch, capsys):
     shutil.rmtree(broken / "qwen")
     edit = ["edit", "--model", str(broken), "--image", str(tmp_path / "0.png"), "--prompt", "x", "--out",
             str(tmp_path / "x.png")]  # fmt: skip
-    with pytest.raises(SystemExit, match="no converted Qwen2.5-VL.*add-qwen"):
-        cli(edit)
-    with pytest.raises(SystemExit, match="other-qwen"):
-        cli([*edit, "--qwen", str(tmp_path / "other-qwen")])
+    capsys.readouterr()
+    for argv, message in (
+        (edit, "no converted Qwen2.5-VL.*add-qwen"),
+        ([*edit, "--qwen", str(tmp_path / "other-qwen")], "other-qwen"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            cli(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and re.search(message, err) and len(err.strip().splitlines()) == 1, err
 
 
 def _release_tensors(rng) -> dict[str, np.ndarray]:

@@ -1,12 +1,13 @@
 """Batch editing jobs: a JSONL manifest in, `DIR/<id>.png` + `DIR/results.jsonl` out.
 
 Each manifest line: {"image": path, "prompt": str, optional "id", "seed", "steps",
-"guidance", "width", "height"}. A bad item (unreadable line, missing or corrupt image,
-empty prompt, absurd size, an id that would write outside DIR) is recorded as failed with
-its reason and the rest of the job completes; a fault of the program itself (out of memory,
-a compile error) stops the job with `ProgramFault` and records nothing against the items.
-Items with equal shapes (bucket) are batched; a results line is appended (and flushed) as
-each item finishes, so a killed job loses nothing finished, and re-running the same command
+"guidance", "width", "height"}. A bad item (a line that is not UTF-8 or not JSON, a missing
+or corrupt image, a prompt that is empty, not a string or not valid Unicode, absurd
+sizes, an id that would write outside DIR or is used twice) is recorded as failed with its
+reason and the rest of the job completes; a fault of the program itself (out of memory, a
+compile error) stops the job with `ProgramFault` and records nothing against the items.
+Items with equal shapes (bucket) are batched. A results line is appended (and flushed) as each
+item finishes, so a killed job loses nothing finished, and re-running the same command
 skips items already done.
 
 The model side is any object with the `EditPipeline` methods below.
@@ -27,6 +28,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from PIL import Image
+
+from jaxedit import jsonl
 
 MAX_SIDE = 4096  # pixels; larger requests are refused as absurd
 MIN_SIDE = 16
@@ -83,15 +86,16 @@ def _int_field(d: dict, name: str, lo: int, hi: int, default=None):
 def parse_item(d: Any, line: int, defaults: dict, base_dir: Path) -> EditItem:
     """Validate one manifest entry. Raises ItemError with the reason."""
     if not isinstance(d, dict):
-        raise ItemError(f"line {line}: expected a JSON object, got {type(d).__name__}")
+        raise ItemError(f"expected a JSON object, got {type(d).__name__}")
     item_id = d.get("id", f"line{line:05d}")
-    if not isinstance(item_id, str) or not _ID_RE.match(item_id) or ".." in item_id:
+    if not safe_id(item_id):
         raise ItemError(
             f"id {item_id!r} is not a safe file name (letters, digits, '.', '_', '-'; no path separators or '..')"
         )
-    prompt = d.get("prompt")
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise ItemError("field 'prompt' is missing or empty")
+    try:
+        prompt = jsonl.check_text(d.get("prompt"), "prompt")
+    except ValueError as e:
+        raise ItemError(str(e)) from None
     image = d.get("image", defaults.get("image"))
     if image is not None:
         if not isinstance(image, str) or not image:
@@ -117,32 +121,37 @@ def parse_item(d: Any, line: int, defaults: dict, base_dir: Path) -> EditItem:
     )
 
 
+def safe_id(item_id: Any) -> bool:
+    """Whether `item_id` can name a file in the output folder."""
+    return isinstance(item_id, str) and bool(_ID_RE.match(item_id)) and ".." not in item_id
+
+
 def read_manifest(path: Path, defaults: dict) -> tuple[list[EditItem], list[dict]]:
-    """Items and failure records (unparseable lines, duplicate ids) of a JSONL manifest."""
-    items, failed, seen = [], [], {}
-    with open(path, encoding="utf-8") as f:
-        for line_no, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                d = json.loads(raw)
-            except json.JSONDecodeError as e:
-                failed.append(_failure(f"line{line_no:05d}", f"{path}:{line_no}: invalid JSON ({e.msg})"))
-                continue
-            try:
-                item = parse_item(d, line_no, defaults, path.parent)
-            except ItemError as e:
-                fallback = d.get("id") if isinstance(d, dict) and isinstance(d.get("id"), str) else None
-                safe = (
-                    fallback if fallback and _ID_RE.match(fallback) and ".." not in fallback else f"line{line_no:05d}"
-                )
-                failed.append(_failure(safe, f"{path}:{line_no}: {e}"))
-                continue
-            if item.id in seen:  # recorded under its line, so the first item's record stands
-                msg = f"{path}:{line_no}: duplicate id {item.id!r} (first used on line {seen[item.id]})"
-                failed.append(_failure(f"line{line_no:05d}", msg))
-                continue
-            seen[item.id] = line_no
+    """Items and failure records (lines that are not UTF-8, not JSON or not a valid item; duplicate ids) of a
+    JSONL manifest. The first line naming an id owns it: a later line naming it again (valid or not) fails
+    under its own line's id, so no failure ever stands in the results for another line's item."""
+    items, failed, first = [], [], {}
+    for line_no, d, bad in jsonl.read_lines(path):
+        where, line_id = f"{path}:{line_no}", f"line{line_no:05d}"
+        if bad is not None:
+            failed.append(_failure(line_id, f"{where}: {bad}"))
+            continue
+        claimed = d.get("id", line_id) if isinstance(d, dict) else None
+        claimed = claimed if safe_id(claimed) else None
+        try:
+            item, error = parse_item(d, line_no, defaults, path.parent), None
+        except ItemError as e:
+            item, error = None, str(e)
+        if claimed in first:
+            also = f"; also {error}" if error else ""
+            msg = f"{where}: duplicate id {claimed!r} (first used on line {first[claimed]}){also}"
+            failed.append(_failure(line_id, msg))
+            continue
+        if claimed is not None:
+            first[claimed] = line_no
+        if error is not None:
+            failed.append(_failure(claimed or line_id, f"{where}: {error}"))
+        else:
             items.append(item)
     return items, failed
 

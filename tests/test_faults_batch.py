@@ -1,0 +1,94 @@
+"""Batch jobs' faults (issue #23) with a stand-in pipeline: non-UTF-8 manifests, bad prompts, duplicate ids."""
+
+from __future__ import annotations
+
+import json
+import types
+
+from PIL import Image
+
+from jaxedit.pipelines.batch import run_job
+
+DEFAULTS = {"steps": 2, "guidance": 1.0}
+
+
+class Pipeline:
+    """Edits are the input image; prompts are encoded as a tokenizer would (a lone surrogate fails the batch)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def prepare(self, image, width, height):
+        if image.size[0] > 100:
+            raise ValueError(f"image {image.size[0]} px wide is too wide for this stand-in")
+        return types.SimpleNamespace(bucket=image.size, image=image)
+
+    def edit(self, prepared, prompts, seeds, guidance, steps):
+        self.calls.append(list(prompts))
+        for p in prompts:
+            p.encode("utf-8")  # as a tokenizer does: a lone surrogate raises UnicodeEncodeError, a ValueError
+        return [p.image for p in prepared]
+
+
+def write_job(tmp_path, lines, n=4):
+    """Images 0.png .. n-1.png and a manifest of `lines` (dicts, or bytes written as they are)."""
+    for i in range(n):
+        Image.new("RGB", (32, 16), (10 * i, 0, 0)).save(tmp_path / f"{i}.png")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_bytes(b"".join((x if isinstance(x, bytes) else json.dumps(x).encode()) + b"\n" for x in lines))
+    return manifest, tmp_path / "out"
+
+
+def items(n=4):
+    return [{"id": f"i{i}", "image": f"{i}.png", "prompt": f"p{i}"} for i in range(n)]
+
+
+def latest(out):
+    recs = {}
+    for line in (out / "results.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        recs[r["id"]] = r
+    return recs
+
+
+def run(manifest, out, pipe=None, **kw):
+    kw = {"batch_size": 2, "defaults": DEFAULTS, "progress": False, **kw}
+    return run_job(pipe or Pipeline(), manifest, out, **kw)
+
+
+# item 7
+def test_a_non_utf8_manifest_line_fails_alone_named_by_its_line(tmp_path):
+    lines = items(3)
+    lines.insert(1, b'{"id": "latin1", "image": "0.png", "prompt": "caf\xe9"}')
+    manifest, out = write_job(tmp_path, lines)
+    assert run(manifest, out) == {"ok": 3, "failed": 1, "skipped": 0}
+    (bad,) = [r for r in latest(out).values() if r["status"] == "failed"]
+    assert bad["id"] == "line00002" and f"{manifest}:2: not UTF-8" in bad["error"] and "0xe9" in bad["error"]
+
+
+# item 8
+def test_a_bad_prompt_fails_alone_before_batching(tmp_path):
+    lines = items(4)
+    lines[1]["prompt"] = "lone \ud800 surrogate"
+    lines[3]["prompt"] = ["a", "list"]
+    manifest, out = write_job(tmp_path, lines + [{"id": "n", "image": "0.png", "prompt": 5}])
+    pipe = Pipeline()
+    assert run(manifest, out, pipe) == {"ok": 2, "failed": 3, "skipped": 0}
+    r = latest(out)
+    assert r["i0"]["status"] == r["i2"]["status"] == "ok"  # the bad prompts' batch-mates
+    assert "m.jsonl:2: field 'prompt'" in r["i1"]["error"] and "surrogate" in r["i1"]["error"]
+    assert "m.jsonl:4: field 'prompt' must be a string, got list" in r["i3"]["error"]
+    assert "must be a string, got int" in r["n"]["error"]
+    assert all(isinstance(p, str) and p.encode() for c in pipe.calls for p in c)
+
+
+# item 13b
+def test_a_failing_line_reusing_a_valid_id_is_reported_and_does_not_rerun_the_valid_item(tmp_path):
+    lines = items(2) + [{"id": "i0", "image": "1.png", "prompt": "x", "seed": "seven"}]
+    manifest, out = write_job(tmp_path, lines)
+    assert run(manifest, out) == {"ok": 2, "failed": 1, "skipped": 0}
+    r = latest(out)
+    assert r["i0"]["status"] == "ok"
+    assert "duplicate id 'i0' (first used on line 1)" in r["line00003"]["error"] and "seed" in r["line00003"]["error"]
+    pipe = Pipeline()
+    assert run(manifest, out, pipe) == {"ok": 0, "failed": 1, "skipped": 2} and pipe.calls == []

@@ -1,4 +1,5 @@
-"""Batch jobs' faults (issue #23) with a stand-in pipeline: non-UTF-8 manifests, bad prompts, duplicate ids."""
+"""Batch jobs' faults (issue #23) with a stand-in pipeline: a torn results file, non-UTF-8 manifests, bad
+prompts, duplicate ids."""
 
 from __future__ import annotations
 
@@ -54,6 +55,25 @@ def latest(out):
 def run(manifest, out, pipe=None, **kw):
     kw = {"batch_size": 2, "defaults": DEFAULTS, "progress": False, **kw}
     return run_job(pipe or Pipeline(), manifest, out, **kw)
+
+
+# item 5a
+def test_a_torn_last_results_line_is_cut_off_once_and_bad_middle_lines_are_skipped(tmp_path):
+    manifest, out = write_job(tmp_path, items())
+    run(manifest, out)
+    with open(out / "results.jsonl", "ab") as f:
+        f.write(b"not json\n\xff\xfe garbage\n" + json.dumps({"id": "i9", "status": "ok"}).encode()[:-7])
+    (out / "i3.png").unlink()
+    logged = []
+    assert run(manifest, out, log=logged.append) == {"ok": 1, "failed": 0, "skipped": 3}
+    torn = [s for s in logged if "torn last line" in s]
+    assert len(torn) == 1 and "results.jsonl" in torn[0]
+    assert any("lines 5, 6" in s for s in logged)  # the unreadable middle lines, by number
+    lines = (out / "results.jsonl").read_bytes().split(b"\n")
+    assert lines[-1] == b"" and json.loads(lines[-2])["id"] == "i3"  # appended on a line of its own
+    logged.clear()
+    assert run(manifest, out, log=logged.append)["skipped"] == 4
+    assert not [s for s in logged if "torn last line" in s]
 
 
 # item 7

@@ -173,19 +173,51 @@ def _failure(item_id: str, error: str, **extra) -> dict:
     return {"id": item_id, "status": "failed", "error": error, **extra}
 
 
-class Results:
-    """`DIR/results.jsonl`: one line per finished item (latest line per id wins)."""
+def _record(raw: bytes) -> dict | None:
+    """A results line's record, None if it is not one (not UTF-8, not JSON, no string id)."""
+    try:
+        rec = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return rec if isinstance(rec, dict) and isinstance(rec.get("id"), str) else None
 
-    def __init__(self, out_dir: Path):
+
+def _line_numbers(ns: list[int], most: int = 10) -> str:
+    head = ", ".join(map(str, ns[:most])) + (", ..." if len(ns) > most else "")
+    return f"line{'s' if len(ns) > 1 else ''} {head}"
+
+
+class Results:
+    """`DIR/results.jsonl`: one line per finished item (latest line per id wins). A last line torn by a killed
+    writer (no newline, unreadable) is cut off when the file is opened, reported once; unreadable lines
+    elsewhere are skipped with a warning. Their items run again."""
+
+    def __init__(self, out_dir: Path, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)):
         self.path = out_dir / "results.jsonl"
         self.latest: dict[str, dict] = {}
-        if self.path.exists():
-            for raw in self.path.read_text(encoding="utf-8").splitlines():
-                try:
-                    rec = json.loads(raw)
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        lines = data.split(b"\n")
+        tail = lines.pop()  # b"" when the file ends with a newline
+        if tail.strip() and _record(tail) is None:  # only a killed writer leaves one: cut it off in place
+            with open(self.path, "r+b") as f:
+                f.truncate(len(data) - len(tail))
+            log(f"{self.path}: cut off a torn last line ({len(tail)} bytes, left by a killed run)")
+        elif tail.strip():  # complete but for its newline
+            with open(self.path, "ab") as f:
+                f.write(b"\n")
+            lines.append(tail)
+        bad = []
+        for n, raw in enumerate(lines, start=1):
+            if raw.strip():
+                rec = _record(raw)
+                if rec is None:
+                    bad.append(n)
+                else:
                     self.latest[rec["id"]] = rec
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    continue  # a line cut by a kill: the item simply runs again
+        if bad:
+            log(f"{self.path}: skipped {len(bad)} unreadable {_line_numbers(bad)}")
 
     def done(self, item_id: str, out_dir: Path) -> bool:
         rec = self.latest.get(item_id)
@@ -235,7 +267,7 @@ def run_job(
     """Run every item of `manifest`; returns counts {"ok", "failed", "skipped"}."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = Results(out_dir)
+    results = Results(out_dir, log)
     items, failures = read_manifest(Path(manifest), defaults)
     for rec in failures:
         results.write(rec)

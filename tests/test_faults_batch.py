@@ -1,13 +1,15 @@
-"""Batch jobs' faults (issue #23) with a stand-in pipeline: a torn results file, non-UTF-8 manifests, bad
-prompts, duplicate ids."""
+"""Batch jobs' faults (issue #23) with a stand-in pipeline: resume keyed by what produced a result, a torn
+results file, non-UTF-8 manifests, bad prompts, duplicate ids."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import types
 
 from PIL import Image
 
+from jaxedit.cli import model_identity
 from jaxedit.pipelines.batch import run_job
 
 DEFAULTS = {"steps": 2, "guidance": 1.0}
@@ -55,6 +57,44 @@ def latest(out):
 def run(manifest, out, pipe=None, **kw):
     kw = {"batch_size": 2, "defaults": DEFAULTS, "progress": False, **kw}
     return run_job(pipe or Pipeline(), manifest, out, **kw)
+
+
+# item 4
+def test_resume_reruns_items_whose_inputs_or_model_changed(tmp_path):
+    manifest, out = write_job(tmp_path, items())
+    assert run(manifest, out, model="m1") == {"ok": 4, "failed": 0, "skipped": 0}
+    assert all(len(r["key"]) == 16 for r in latest(out).values())
+    changed = items()
+    changed[0]["prompt"] = "another prompt"
+    changed[1]["seed"] = 7
+    manifest.write_text("".join(json.dumps(x) + "\n" for x in changed))
+    Image.new("RGB", (32, 16), (0, 0, 99)).save(tmp_path / "2.png")  # same path and size, other pixels
+    pipe = Pipeline()
+    assert run(manifest, out, pipe, model="m1") == {"ok": 3, "failed": 0, "skipped": 1}
+    assert pipe.calls == [["another prompt", "p1"], ["p2", "p2"]]  # a short last batch is padded
+    assert Image.open(out / "i2.png").getpixel((0, 0)) == (0, 0, 99)
+    assert run(manifest, out, model="m1")["skipped"] == 4
+    assert run(manifest, out, model="m2") == {"ok": 4, "failed": 0, "skipped": 0}  # another model: all again
+    # a record of an older version (no key) is stale
+    recs = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    (out / "results.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "key"}) + "\n"
+                                               for r in recs))  # fmt: skip
+    assert run(manifest, out, model="m2")["ok"] == 4
+
+
+def test_the_batch_commands_model_identity_changes_with_the_folder_and_the_sampling_options(tmp_path):
+    folder = tmp_path / "model"
+    (folder / "transformer").mkdir(parents=True)
+    (folder / "jaxedit.json").write_text("{}")
+    (folder / "transformer" / "weights").write_bytes(b"1")
+    args = argparse.Namespace(model=str(folder), qwen=None, dtype=None, keep_size=False, size_level=None)
+    pipe = types.SimpleNamespace(true_cfg_scale=1.0, negative_prompt="")
+    identity = model_identity(args, pipe)
+    assert model_identity(args, pipe) == identity
+    assert model_identity(args, types.SimpleNamespace(true_cfg_scale=3.0, negative_prompt="")) != identity
+    assert model_identity(argparse.Namespace(**{**vars(args), "keep_size": True}), pipe) != identity
+    (folder / "transformer" / "weights").write_bytes(b"22")  # a part rewritten
+    assert model_identity(args, pipe) != identity
 
 
 # item 5a

@@ -7,8 +7,9 @@ sizes, an id that would write outside DIR or is used twice) is recorded as faile
 reason and the rest of the job completes; a fault of the program itself (out of memory, a
 compile error) stops the job with `ProgramFault` and records nothing against the items.
 Items with equal shapes (bucket) are batched. A results line is appended (and flushed) as each
-item finishes, so a killed job loses nothing finished, and re-running the same command
-skips items already done.
+item finishes, so a killed job loses nothing finished; each carries a key of what produced
+it (the item's inputs, its image's bytes, the model), and a rerun skips an item only if its
+latest result is ok, has the same key and its PNG exists, so what changed runs again.
 
 The model side is any object with the `EditPipeline` methods below.
 """
@@ -16,6 +17,7 @@ The model side is any object with the `EditPipeline` methods below.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import re
@@ -169,6 +171,25 @@ def load_image(path: str) -> Image.Image:
         raise ItemError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
 
 
+def file_digest(path: str) -> str:
+    """sha256 hex of a file's bytes (read in chunks); ItemError naming the file if it cannot be read."""
+    if not Path(path).is_file():
+        raise ItemError(f"image not found: {path}")
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError as e:
+        raise ItemError(f"cannot read image {path}: {e}") from None
+
+
+def item_key(item: EditItem, model: str) -> str:
+    """What produces an item's output, as 16 hex digits of sha256: its resolved fields, its image's bytes and
+    `model` (the caller's identity of the model and its sampling options). ItemError if the image is unreadable."""
+    image = None if item.image is None else file_digest(item.image)
+    inputs = [item.prompt, item.seed, item.steps, item.guidance, item.width, item.height, image, model]
+    return hashlib.sha256(json.dumps(inputs).encode()).hexdigest()[:16]
+
+
 def _failure(item_id: str, error: str, **extra) -> dict:
     return {"id": item_id, "status": "failed", "error": error, **extra}
 
@@ -219,9 +240,12 @@ class Results:
         if bad:
             log(f"{self.path}: skipped {len(bad)} unreadable {_line_numbers(bad)}")
 
-    def done(self, item_id: str, out_dir: Path) -> bool:
+    def done(self, item_id: str, key: str, out_dir: Path) -> bool:
+        """Whether the item's latest result is ok, was produced from the same inputs (`key`) and its PNG exists."""
         rec = self.latest.get(item_id)
-        return bool(rec and rec.get("status") == "ok" and (out_dir / f"{item_id}.png").exists())
+        return bool(
+            rec and rec.get("status") == "ok" and rec.get("key") == key and (out_dir / f"{item_id}.png").exists()
+        )
 
     def write(self, rec: dict) -> None:
         self.latest[rec["id"]] = rec
@@ -261,51 +285,66 @@ def run_job(
     *,
     batch_size: int = 1,
     defaults: dict,
+    model: str = "",
     progress: bool = True,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
 ) -> dict:
-    """Run every item of `manifest`; returns counts {"ok", "failed", "skipped"}."""
+    """Run every item of `manifest`; returns counts {"ok", "failed", "skipped"}. model: an identity of the model
+    and its sampling options (`jaxedit.cli.model_identity`), part of each result's key: change it, all rerun."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = Results(out_dir, log)
     items, failures = read_manifest(Path(manifest), defaults)
     for rec in failures:
         results.write(rec)
-    todo = [it for it in items if not results.done(it.id, out_dir)]
-    skipped = len(items) - len(todo)
-    if skipped:
-        log(f"skipping {skipped} item(s) already done in {results.path}")
+    counts = {"ok": 0, "failed": len(failures), "skipped": 0}
+    bar = None
 
-    counts = {"ok": 0, "failed": len(failures), "skipped": skipped}
+    def fail(it: EditItem, error: str) -> None:
+        results.write(_failure(it.id, error, seed=it.seed))
+        counts["failed"] += 1
+        if bar is not None:
+            bar.update(1, counts["failed"])
+
+    todo = []
+    for it in items:
+        try:
+            key = item_key(it, model)
+        except ItemError as e:
+            fail(it, str(e))
+            continue
+        if results.done(it.id, key, out_dir):
+            counts["skipped"] += 1
+        else:
+            todo.append((it, key))
+    if counts["skipped"]:
+        log(f"skipping {counts['skipped']} item(s) already done in {results.path}")
+
     bar = Progress(len(todo), progress)
-    buckets: dict[Any, list[tuple[EditItem, Any]]] = defaultdict(list)
-    for it in todo:
+    buckets: dict[Any, list[tuple[EditItem, str, Any]]] = defaultdict(list)
+    for it, key in todo:
         try:
             image = load_image(it.image) if it.image is not None else None
             prepared = pipeline.prepare(image, it.width, it.height)
         except (ItemError, ValueError) as e:
-            results.write(_failure(it.id, str(e), seed=it.seed))
-            counts["failed"] += 1
-            bar.update(1, counts["failed"])
+            fail(it, str(e))
             continue
-        buckets[(prepared.bucket, it.steps)].append((it, prepared))
+        buckets[(prepared.bucket, it.steps)].append((it, key, prepared))
 
     for (_, steps), members in buckets.items():
         for batch in _chunks(members, batch_size):
             t0 = time.perf_counter()
-            its = [it for it, _ in batch]
+            its = [it for it, _, _ in batch]
             # pad a short last batch with copies of its last item: one compiled shape per bucket
             pad = batch + [batch[-1]] * (batch_size - len(batch))
             try:
                 images = pipeline.edit(
-                    [p for _, p in pad], [it.prompt for it, _ in pad], [it.seed for it, _ in pad],
-                    [it.guidance for it, _ in pad], steps,
+                    [p for _, _, p in pad], [it.prompt for it, _, _ in pad], [it.seed for it, _, _ in pad],
+                    [it.guidance for it, _, _ in pad], steps,
                 )[: len(its)]  # fmt: skip
             except ValueError as e:  # the items' inputs (ItemError is one): they fail, the job goes on
                 for it in its:
-                    results.write(_failure(it.id, f"generation failed: {type(e).__name__}: {e}", seed=it.seed))
-                counts["failed"] += len(its)
-                bar.update(len(its), counts["failed"])
+                    fail(it, f"generation failed: {type(e).__name__}: {e}")
                 continue
             except Exception as e:  # the program's fault (e.g. out of memory): stop, record nothing against items
                 ids, first_line = ", ".join(it.id for it in its), (str(e).splitlines() or [""])[0]
@@ -315,13 +354,13 @@ def run_job(
                     "rerun to continue)"
                 ) from e
             per_item = (time.perf_counter() - t0) / len(its)
-            for it, img in zip(its, images):
+            for (it, key, _), img in zip(batch, images):
                 dst = out_dir / f"{it.id}.png"
                 tmp = dst.with_suffix(".png.tmp")
                 img.save(tmp, format="PNG")
                 tmp.replace(dst)
                 results.write({
-                    "id": it.id, "status": "ok", "output": str(dst), "seed": it.seed, "steps": steps,
+                    "id": it.id, "status": "ok", "output": str(dst), "key": key, "seed": it.seed, "steps": steps,
                     "guidance": it.guidance, "width": img.width, "height": img.height,
                     "seconds": round(per_item, 3), "error": None,
                 })  # fmt: skip

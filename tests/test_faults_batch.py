@@ -1,16 +1,20 @@
 """Batch jobs' faults (issue #23) with a stand-in pipeline: resume keyed by what produced a result, a torn
-results file, non-UTF-8 manifests, bad prompts, duplicate ids."""
+results file, non-UTF-8 manifests, bad prompts, lazy decoding, duplicate ids."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import struct
 import types
+import zlib
 
-from PIL import Image
+from PIL import Image, ImageFile
 
 from jaxedit.cli import model_identity
+from jaxedit.kontext.pipeline import KontextPipeline
 from jaxedit.pipelines.batch import run_job
+from jaxedit.step1x.pipeline import Step1XEditPipeline
 
 DEFAULTS = {"steps": 2, "guidance": 1.0}
 
@@ -18,8 +22,13 @@ DEFAULTS = {"steps": 2, "guidance": 1.0}
 class Pipeline:
     """Edits are the input image; prompts are encoded as a tokenizer would (a lone surrogate fails the batch)."""
 
-    def __init__(self):
-        self.calls = []
+    def __init__(self, decodes=None):
+        self.calls, self.decodes, self.decoded_at_first_edit = [], decodes, None
+
+    def bucket_for(self, size, width, height):
+        if size[0] > 100:
+            raise ValueError(f"image {size[0]} px wide is too wide for this stand-in")
+        return size
 
     def prepare(self, image, width, height):
         if image.size[0] > 100:
@@ -27,6 +36,8 @@ class Pipeline:
         return types.SimpleNamespace(bucket=image.size, image=image)
 
     def edit(self, prepared, prompts, seeds, guidance, steps):
+        if self.decoded_at_first_edit is None and self.decodes is not None:
+            self.decoded_at_first_edit = len(self.decodes)
         self.calls.append(list(prompts))
         for p in prompts:
             p.encode("utf-8")  # as a tokenizer does: a lone surrogate raises UnicodeEncodeError, a ValueError
@@ -140,6 +151,57 @@ def test_a_bad_prompt_fails_alone_before_batching(tmp_path):
     assert "m.jsonl:4: field 'prompt' must be a string, got list" in r["i3"]["error"]
     assert "must be a string, got int" in r["n"]["error"]
     assert all(isinstance(p, str) and p.encode() for c in pipe.calls for p in c)
+
+
+def huge_png(path, w, h):
+    """A valid 1-bit PNG of w x h zeros: a few KB on disk, w*h bytes once decoded."""
+    chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))
+    z = zlib.compressobj(9)
+    row = bytes(1 + (w + 7) // 8)
+    idat = b"".join(z.compress(row) for _ in range(h)) + z.flush()
+    ihdr = struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+# item 9
+def test_images_are_decoded_per_batch_and_huge_ones_refused_from_the_header(tmp_path, monkeypatch):
+    decodes = []
+    load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda im: (im.tile and decodes.append(im.filename)) or load(im))
+    huge_png(tmp_path / "huge.png", 13000, 13000)
+    lines = items(6) + [{"id": "huge", "image": "huge.png", "prompt": "x"}]
+    manifest, out = write_job(tmp_path, lines, n=6)
+    pipe = Pipeline(decodes)
+    assert run(manifest, out, pipe) == {"ok": 6, "failed": 1, "skipped": 0}
+    assert pipe.decoded_at_first_edit <= 2 and len(decodes) == 6  # one batch before the first edit, each once
+    error = latest(out)["huge"]["error"]
+    assert "huge.png" in error and "13000x13000" in error and not any(f.endswith("huge.png") for f in decodes)
+
+
+def outcome(f, *args):
+    """f(*args), or the message of the ValueError it raises."""
+    try:
+        return f(*args)
+    except ValueError as e:
+        return str(e)
+
+
+def test_the_pipelines_bucket_from_an_images_size_as_prepare_does():
+    """`bucket_for` (the header's size) and `prepare` (the decoded image) agree, also on refusals, on pipelines
+    built without a model (only the attribute their sizes depend on)."""
+    cases = [((100, 77), None, None), ((300, 40), None, None), ((64, 48), 80, None), ((64, 48), None, 32)]
+    cases += [((8, 8), None, None), ((64, 48), 8000, None)]
+    pipelines = [(KontextPipeline, "auto_resize", v) for v in (True, False)]
+    pipelines += [(Step1XEditPipeline, "size_level", v) for v in (512, None)]
+    for cls, attr, value in pipelines:
+        pipe = object.__new__(cls)
+        setattr(pipe, attr, value)
+        for size, w, h in cases:
+            prepared = outcome(pipe.prepare, Image.new("RGB", size), w, h)
+            assert outcome(pipe.bucket_for, size, w, h) == getattr(prepared, "bucket", prepared)
+        assert "outside" in outcome(pipe.bucket_for, (64, 48), 8000, None)
+    kontext = object.__new__(KontextPipeline)
+    assert kontext.bucket_for(None, 64, 48) == kontext.prepare(None, 64, 48).bucket == (64, 48, None)
 
 
 # item 13b

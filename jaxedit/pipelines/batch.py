@@ -1,12 +1,13 @@
 """Batch editing jobs: a JSONL manifest in, `DIR/<id>.png` + `DIR/results.jsonl` out.
 
 Each manifest line: {"image": path, "prompt": str, optional "id", "seed", "steps",
-"guidance", "width", "height"}. A bad item (a line that is not UTF-8 or not JSON, a missing
-or corrupt image, a prompt that is empty, not a string or not valid Unicode, absurd
+"guidance", "width", "height"}. A bad item (a line that is not UTF-8 or not JSON, a missing,
+corrupt or huge image, a prompt that is empty, not a string or not valid Unicode, absurd
 sizes, an id that would write outside DIR or is used twice) is recorded as failed with its
 reason and the rest of the job completes; a fault of the program itself (out of memory, a
 compile error) stops the job with `ProgramFault` and records nothing against the items.
-Items with equal shapes (bucket) are batched. A results line is appended (and flushed) as each
+Items with equal shapes (bucket, found from the images' headers) are batched; images are
+decoded only for the batch about to run. A results line is appended (and flushed) as each
 item finishes, so a killed job loses nothing finished; each carries a key of what produced
 it (the item's inputs, its image's bytes, the model), and a rerun skips an item only if its
 latest result is ok, has the same key and its PNG exists, so what changed runs again.
@@ -23,9 +24,11 @@ import math
 import re
 import sys
 import time
+import warnings
 import zlib
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from itertools import islice
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -35,6 +38,7 @@ from jaxedit import jsonl
 
 MAX_SIDE = 4096  # pixels; larger requests are refused as absurd
 MIN_SIDE = 16
+MAX_IMAGE_PIXELS = 8192 * 8192  # input images above this are refused from their header, before decoding
 MAX_STEPS = 1000
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -62,6 +66,10 @@ class EditItem:
 
 
 class EditPipeline(Protocol):
+    def bucket_for(self, size: tuple[int, int] | None, width: int | None, height: int | None) -> Any:
+        """The `.bucket` `prepare` gives an image of `size` (w, h; None: no image), from the size alone.
+        Raises ValueError."""
+
     def prepare(self, image: Image.Image | None, width: int | None, height: int | None) -> Any:
         """Preprocess one item; returns an object with `.bucket` (hashable shape key). Raises ValueError."""
 
@@ -158,13 +166,32 @@ def read_manifest(path: Path, defaults: dict) -> tuple[list[EditItem], list[dict
     return items, failed
 
 
-def load_image(path: str) -> Image.Image:
-    """Open and fully decode an image as RGB; ItemError naming the file otherwise."""
+def image_size(path: str) -> tuple[int, int]:
+    """(width, height) from an image file's header, nothing decoded; ItemError naming the file if it is
+    missing, not an image or over MAX_IMAGE_PIXELS."""
     p = Path(path)
     if not p.is_file():
         raise ItemError(f"image not found: {path}")
     try:
-        with Image.open(p) as im:
+        with warnings.catch_warnings():  # PIL's decompression-bomb warning: the cap below is lower
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(p) as im:
+                w, h = im.size
+    except Exception as e:  # PIL raises many types for corrupt or unknown formats (and DecompressionBombError)
+        raise ItemError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+    if w * h > MAX_IMAGE_PIXELS:
+        raise ItemError(
+            f"image {path} is {w}x{h} ({w * h / 1e6:.0f} MP), over the {MAX_IMAGE_PIXELS / 1e6:.0f} MP an input "
+            "may have: not decoded"
+        )
+    return w, h
+
+
+def load_image(path: str) -> Image.Image:
+    """Check the header (`image_size`), then fully decode the image as RGB; ItemError naming the file otherwise."""
+    image_size(path)
+    try:
+        with Image.open(path) as im:
             im.load()
             return im.convert("RGB")
     except Exception as e:  # PIL raises many types for corrupt or unknown formats
@@ -320,19 +347,18 @@ def run_job(
     if counts["skipped"]:
         log(f"skipping {counts['skipped']} item(s) already done in {results.path}")
 
+    # bucket by the images' headers; decode only for the batch about to run
     bar = Progress(len(todo), progress)
-    buckets: dict[Any, list[tuple[EditItem, str, Any]]] = defaultdict(list)
+    buckets: dict[Any, list[tuple[EditItem, str]]] = defaultdict(list)
     for it, key in todo:
         try:
-            image = load_image(it.image) if it.image is not None else None
-            prepared = pipeline.prepare(image, it.width, it.height)
+            size = image_size(it.image) if it.image is not None else None
+            buckets[(pipeline.bucket_for(size, it.width, it.height), it.steps)].append((it, key))
         except (ItemError, ValueError) as e:
             fail(it, str(e))
-            continue
-        buckets[(prepared.bucket, it.steps)].append((it, key, prepared))
 
-    for (_, steps), members in buckets.items():
-        for batch in _chunks(members, batch_size):
+    for (bucket, steps), members in buckets.items():
+        for batch in _chunks(_prepared(pipeline, bucket, members, fail), batch_size):
             t0 = time.perf_counter()
             its = [it for it, _, _ in batch]
             # pad a short last batch with copies of its last item: one compiled shape per bucket
@@ -345,7 +371,7 @@ def run_job(
             except ValueError as e:  # the items' inputs (ItemError is one): they fail, the job goes on
                 for it in its:
                     fail(it, f"generation failed: {type(e).__name__}: {e}")
-                continue
+                images = []
             except Exception as e:  # the program's fault (e.g. out of memory): stop, record nothing against items
                 ids, first_line = ", ".join(it.id for it in its), (str(e).splitlines() or [""])[0]
                 raise ProgramFault(
@@ -365,10 +391,33 @@ def run_job(
                     "seconds": round(per_item, 3), "error": None,
                 })  # fmt: skip
                 counts["ok"] += 1
-            bar.update(len(its), counts["failed"])
+            if images:  # (failed items counted themselves)
+                bar.update(len(images), counts["failed"])
+            del batch, pad, images  # the next batch is decoded without this one's arrays
     return counts
 
 
-def _chunks(seq: list, n: int) -> Iterable[list]:
-    for i in range(0, len(seq), n):
-        yield seq[i : i + n]
+def _prepared(
+    pipeline: EditPipeline, bucket: Any, members: list[tuple[EditItem, str]], fail: Callable[[EditItem, str], None]
+) -> Iterator[tuple[EditItem, str, Any]]:
+    """(item, key, prepared) of `members`, each decoded and prepared only when asked for; a failing item is
+    recorded and left out."""
+    for it, key in members:
+        try:
+            image = load_image(it.image) if it.image is not None else None
+            prepared = pipeline.prepare(image, it.width, it.height)
+        except (ItemError, ValueError) as e:
+            fail(it, str(e))
+            continue
+        if prepared.bucket != bucket:
+            raise ProgramFault(
+                f"item {it.id}: {type(pipeline).__name__}.prepare gave bucket {prepared.bucket}, its bucket_for "
+                f"{bucket} (a fault of the pipeline)"
+            )
+        yield it, key, prepared
+
+
+def _chunks(seq: Iterable, n: int) -> Iterator[list]:
+    it = iter(seq)
+    while chunk := list(islice(it, n)):
+        yield chunk

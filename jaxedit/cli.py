@@ -116,6 +116,20 @@ def sampling_defaults(args, pipe) -> dict:
     }
 
 
+def model_identity(args, pipe) -> str:
+    """What, besides an item's own inputs, decides a batch item's output: the model folder (`fingerprint`:
+    no weights read) and the sampling options. Part of each result's key: a rerun with another model reruns."""
+    import json
+
+    from jaxedit.model_folder import fingerprint
+
+    options = {k: getattr(args, k) for k in ("dtype", "keep_size", "size_level")}
+    options |= {k: getattr(pipe, k, None) for k in ("true_cfg_scale", "negative_prompt")}  # flags or the folder's
+    model = fingerprint(Path(args.model) if args.model else DEFAULT_MODEL)
+    qwen = fingerprint(args.qwen) if args.qwen else None
+    return json.dumps({"model": model, "qwen": qwen, **options}, sort_keys=True)
+
+
 def check_output(dst: Path) -> None:
     """ItemError unless an image can be written at `dst` (checked before the model is loaded and run)."""
     from jaxedit.pipelines.batch import ItemError
@@ -176,7 +190,8 @@ def batch_main(argv: list[str]) -> int:
         prog="jaxedit batch",
         description='Edit every line of a JSONL manifest: {"image": path, "prompt": str, optional "id", '
         '"seed", "steps", "guidance", "width", "height"}. Writes DIR/<id>.png and DIR/results.jsonl; '
-        "a bad item fails alone, a rerun skips what is done; exit code 1 if any item failed.",
+        "a bad item fails alone, a rerun skips what is done (same inputs, same model) and redoes what changed; "
+        "exit code 1 if any item failed.",
     )
     p.add_argument("--manifest", required=True, help="JSONL file, one edit per line")
     p.add_argument("--out", required=True, help="output directory")
@@ -192,7 +207,8 @@ def batch_main(argv: list[str]) -> int:
     pipe = load_pipeline(args)
     try:
         counts = run_job(pipe, Path(args.manifest), Path(args.out), batch_size=args.batch_size,
-                         defaults=sampling_defaults(args, pipe), progress=not args.no_progress)  # fmt: skip
+                         defaults=sampling_defaults(args, pipe), model=model_identity(args, pipe),
+                         progress=not args.no_progress)  # fmt: skip
     except ProgramFault as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

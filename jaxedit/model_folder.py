@@ -161,6 +161,21 @@ def digest(folder: str | Path, parts: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
+def fingerprint(folder: str | Path) -> str:
+    """A cheap identity of a model folder (sha256 hex), no weights read: its resolved path, jaxedit.json's
+    bytes and every file's relative path, size and modification time, so it changes when a part is rewritten."""
+    import hashlib
+
+    folder = Path(folder).resolve()
+    h = hashlib.sha256(str(folder).encode() + b"\0")
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []:
+        st = f.stat()
+        h.update(f"{f.relative_to(folder)}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    if (folder / "jaxedit.json").is_file():
+        h.update((folder / "jaxedit.json").read_bytes())
+    return h.hexdigest()
+
+
 def check_complete(folder: str | Path, preset: configs.Preset, *, skip: tuple[str, ...] = ()) -> None:
     """Raise FileNotFoundError naming every part of the folder that is missing (parts in `skip` may be), and
     CheckpointError naming a damaged tokenizer file (their seals are verified; the parts' at load)."""

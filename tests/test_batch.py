@@ -20,6 +20,11 @@ class Pipeline:
     def __init__(self, fault=None, fault_on=None):
         self.fault, self.fault_on, self.calls = fault, fault_on, []
 
+    def bucket_for(self, size, width, height):
+        if size[0] > 100:
+            raise ValueError(f"image {size[0]} px wide is too wide for this stand-in")
+        return size
+
     def prepare(self, image, width, height):
         if image.size[0] > 100:
             raise ValueError(f"image {image.size[0]} px wide is too wide for this stand-in")

@@ -96,3 +96,32 @@ def test_iterator_state_restores_the_continuation(tmp_path):
     it2, _ = make_iterator(cfg)
     it2.set_state(json.loads(json.dumps(state)))
     assert [next(it2)["id"] for _ in range(6)] == expected
+
+
+def manifest_with(root: Path, bad: bytes) -> DataConfig:
+    """Two good pairs around one `bad` manifest line (line 2)."""
+    (root / "img").mkdir()
+    for i in range(2):
+        Image.new("RGB", (64, 64), (i, 0, 0)).save(root / "img" / f"{i}.png")
+    good = [json.dumps({"source": f"img/{i}.png", "target": f"img/{i}.png", "instruction": f"x{i}"}).encode()
+            for i in range(2)]  # fmt: skip
+    (root / "manifest.jsonl").write_bytes(b"\n".join([good[0], bad, good[1]]) + b"\n")
+    return DataConfig(path=str(root), batch_size=1, pixel_budget=64 * 64, bucket_step=16)
+
+
+def test_a_non_utf8_manifest_line_is_skipped_alone_and_named_by_its_line(tmp_path):
+    bad = b'{"source": "img/0.png", "target": "img/0.png", "instruction": "caf\xe9"}'
+    index = index_manifest(manifest_with(tmp_path, bad))
+    assert [it.instruction for it in index.items] == ["x0", "x1"] and [it.id for it in index.items] == ["0", "2"]
+    assert dict(index.skipped) == {"bad manifest line": 1}
+    (line,) = index.skipped_lines
+    assert line.startswith(f"{tmp_path / 'manifest.jsonl'}:2: not UTF-8") and "0xe9" in line
+
+
+def test_an_instruction_that_is_not_a_string_is_refused_not_trained_on_as_its_repr(tmp_path):
+    bad = json.dumps({"source": "img/0.png", "target": "img/0.png", "instruction": ["a", "list"]}).encode()
+    index = index_manifest(manifest_with(tmp_path, bad))
+    assert [it.instruction for it in index.items] == ["x0", "x1"]
+    assert dict(index.skipped) == {"bad instruction": 1}
+    (line,) = index.skipped_lines
+    assert line == f"{tmp_path / 'manifest.jsonl'}:2: field 'instruction' must be a string, got list"

@@ -129,24 +129,38 @@ class KontextPipeline(EditPipelineBase):
     # ----------------------------------------------------------------------------------
     # the EditPipeline protocol of jaxedit.pipelines.batch
 
-    def prepare(self, image: Image.Image | None, width: int | None = None, height: int | None = None) -> Prepared:
-        """Resize the reference image and fix the target size. Raises ValueError on bad sizes."""
+    def sizes(
+        self, size: tuple[int, int] | None, width: int | None = None, height: int | None = None
+    ) -> tuple[tuple[int, int] | None, int, int]:
+        """(reference (w, h) or None, target width, target height) for an image of `size` (None: no image).
+        Raises ValueError on bad sizes."""
         ref = None
-        if image is not None:
-            w0, h0 = sampling.floor_size(*image.size)
+        if size is not None:
+            w0, h0 = sampling.floor_size(*size)
             if w0 < 16 or h0 < 16:
-                raise ValueError(f"image {image.size[0]}x{image.size[1]} is smaller than 16x16")
-            rw, rh = sampling.preferred_kontext_size(w0, h0) if self.auto_resize else (w0, h0)
-            check_side("reference width", rw)
-            check_side("reference height", rh)
-            if image.size != (rw, rh):
-                image = image.resize((rw, rh), resample=Image.Resampling.LANCZOS)
-            ref = to_model_input(image)
-            width, height = width or rw, height or rh
+                raise ValueError(f"image {size[0]}x{size[1]} is smaller than 16x16")
+            ref = sampling.preferred_kontext_size(w0, h0) if self.auto_resize else (w0, h0)
+            check_side("reference width", ref[0])
+            check_side("reference height", ref[1])
+            width, height = width or ref[0], height or ref[1]
         width, height = sampling.floor_size(width or 1024, height or 1024)
         check_side("width", width)
         check_side("height", height)
-        return Prepared(ref, width, height)
+        return ref, width, height
+
+    def bucket_for(self, size: tuple[int, int] | None, width: int | None = None, height: int | None = None) -> tuple:
+        """The `Prepared.bucket` of an image of `size`, from the size alone (nothing decoded)."""
+        ref, width, height = self.sizes(size, width, height)
+        return (width, height, None if ref is None else (ref[1], ref[0]))
+
+    def prepare(self, image: Image.Image | None, width: int | None = None, height: int | None = None) -> Prepared:
+        """Resize the reference image and fix the target size. Raises ValueError on bad sizes."""
+        ref, width, height = self.sizes(None if image is None else image.size, width, height)
+        if image is None:
+            return Prepared(None, width, height)
+        if image.size != ref:
+            image = image.resize(ref, resample=Image.Resampling.LANCZOS)
+        return Prepared(to_model_input(image), width, height)
 
     def edit(self, prepared, prompts, seeds, guidance, steps) -> list[Image.Image]:
         return self.generate(prepared, prompts, seeds, guidance=guidance, steps=steps)

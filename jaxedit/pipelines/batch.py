@@ -1,13 +1,16 @@
 """Batch editing jobs: a JSONL manifest in, `DIR/<id>.png` + `DIR/results.jsonl` out.
 
 Each manifest line: {"image": path, "prompt": str, optional "id", "seed", "steps",
-"guidance", "width", "height"}. A bad item (unreadable line, missing or corrupt image,
-empty prompt, absurd size, an id that would write outside DIR) is recorded as failed with
-its reason and the rest of the job completes; a fault of the program itself (out of memory,
-a compile error) stops the job with `ProgramFault` and records nothing against the items.
-Items with equal shapes (bucket) are batched; a results line is appended (and flushed) as
-each item finishes, so a killed job loses nothing finished, and re-running the same command
-skips items already done.
+"guidance", "width", "height"}. A bad item (a line that is not UTF-8 or not JSON, a missing,
+corrupt or huge image, a prompt that is empty, not a string or not valid Unicode, absurd
+sizes, an id that would write outside DIR or is used twice) is recorded as failed with its
+reason and the rest of the job completes; a fault of the program itself (out of memory, a
+compile error) stops the job with `ProgramFault` and records nothing against the items.
+Items with equal shapes (bucket, found from the images' headers) are batched; images are
+decoded only for the batch about to run. A results line is appended (and flushed) as each
+item finishes, so a killed job loses nothing finished; each carries a key of what produced
+it (the item's inputs, its image's bytes, the model), and a rerun skips an item only if its
+latest result is ok, has the same key and its PNG exists, so what changed runs again.
 
 The model side is any object with the `EditPipeline` methods below.
 """
@@ -15,21 +18,27 @@ The model side is any object with the `EditPipeline` methods below.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import re
 import sys
 import time
+import warnings
 import zlib
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from itertools import islice
 from pathlib import Path
 from typing import Any, Protocol
 
 from PIL import Image
 
+from jaxedit import jsonl
+
 MAX_SIDE = 4096  # pixels; larger requests are refused as absurd
 MIN_SIDE = 16
+MAX_IMAGE_PIXELS = 8192 * 8192  # input images above this are refused from their header, before decoding
 MAX_STEPS = 1000
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -57,6 +66,10 @@ class EditItem:
 
 
 class EditPipeline(Protocol):
+    def bucket_for(self, size: tuple[int, int] | None, width: int | None, height: int | None) -> Any:
+        """The `.bucket` `prepare` gives an image of `size` (w, h; None: no image), from the size alone.
+        Raises ValueError."""
+
     def prepare(self, image: Image.Image | None, width: int | None, height: int | None) -> Any:
         """Preprocess one item; returns an object with `.bucket` (hashable shape key). Raises ValueError."""
 
@@ -83,15 +96,16 @@ def _int_field(d: dict, name: str, lo: int, hi: int, default=None):
 def parse_item(d: Any, line: int, defaults: dict, base_dir: Path) -> EditItem:
     """Validate one manifest entry. Raises ItemError with the reason."""
     if not isinstance(d, dict):
-        raise ItemError(f"line {line}: expected a JSON object, got {type(d).__name__}")
+        raise ItemError(f"expected a JSON object, got {type(d).__name__}")
     item_id = d.get("id", f"line{line:05d}")
-    if not isinstance(item_id, str) or not _ID_RE.match(item_id) or ".." in item_id:
+    if not safe_id(item_id):
         raise ItemError(
             f"id {item_id!r} is not a safe file name (letters, digits, '.', '_', '-'; no path separators or '..')"
         )
-    prompt = d.get("prompt")
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise ItemError("field 'prompt' is missing or empty")
+    try:
+        prompt = jsonl.check_text(d.get("prompt"), "prompt")
+    except ValueError as e:
+        raise ItemError(str(e)) from None
     image = d.get("image", defaults.get("image"))
     if image is not None:
         if not isinstance(image, str) or not image:
@@ -117,70 +131,148 @@ def parse_item(d: Any, line: int, defaults: dict, base_dir: Path) -> EditItem:
     )
 
 
+def safe_id(item_id: Any) -> bool:
+    """Whether `item_id` can name a file in the output folder."""
+    return isinstance(item_id, str) and bool(_ID_RE.match(item_id)) and ".." not in item_id
+
+
 def read_manifest(path: Path, defaults: dict) -> tuple[list[EditItem], list[dict]]:
-    """Items and failure records (unparseable lines, duplicate ids) of a JSONL manifest."""
-    items, failed, seen = [], [], {}
-    with open(path, encoding="utf-8") as f:
-        for line_no, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                d = json.loads(raw)
-            except json.JSONDecodeError as e:
-                failed.append(_failure(f"line{line_no:05d}", f"{path}:{line_no}: invalid JSON ({e.msg})"))
-                continue
-            try:
-                item = parse_item(d, line_no, defaults, path.parent)
-            except ItemError as e:
-                fallback = d.get("id") if isinstance(d, dict) and isinstance(d.get("id"), str) else None
-                safe = (
-                    fallback if fallback and _ID_RE.match(fallback) and ".." not in fallback else f"line{line_no:05d}"
-                )
-                failed.append(_failure(safe, f"{path}:{line_no}: {e}"))
-                continue
-            if item.id in seen:  # recorded under its line, so the first item's record stands
-                msg = f"{path}:{line_no}: duplicate id {item.id!r} (first used on line {seen[item.id]})"
-                failed.append(_failure(f"line{line_no:05d}", msg))
-                continue
-            seen[item.id] = line_no
+    """Items and failure records (lines that are not UTF-8, not JSON or not a valid item; duplicate ids) of a
+    JSONL manifest. The first line naming an id owns it: a later line naming it again (valid or not) fails
+    under its own line's id, so no failure ever stands in the results for another line's item."""
+    items, failed, first = [], [], {}
+    for line_no, d, bad in jsonl.read_lines(path):
+        where, line_id = f"{path}:{line_no}", f"line{line_no:05d}"
+        if bad is not None:
+            failed.append(_failure(line_id, f"{where}: {bad}"))
+            continue
+        claimed = d.get("id", line_id) if isinstance(d, dict) else None
+        claimed = claimed if safe_id(claimed) else None
+        try:
+            item, error = parse_item(d, line_no, defaults, path.parent), None
+        except ItemError as e:
+            item, error = None, str(e)
+        if claimed in first:
+            also = f"; also {error}" if error else ""
+            msg = f"{where}: duplicate id {claimed!r} (first used on line {first[claimed]}){also}"
+            failed.append(_failure(line_id, msg))
+            continue
+        if claimed is not None:
+            first[claimed] = line_no
+        if error is not None:
+            failed.append(_failure(claimed or line_id, f"{where}: {error}"))
+        else:
             items.append(item)
     return items, failed
 
 
-def load_image(path: str) -> Image.Image:
-    """Open and fully decode an image as RGB; ItemError naming the file otherwise."""
+def image_size(path: str) -> tuple[int, int]:
+    """(width, height) from an image file's header, nothing decoded; ItemError naming the file if it is
+    missing, not an image or over MAX_IMAGE_PIXELS."""
     p = Path(path)
     if not p.is_file():
         raise ItemError(f"image not found: {path}")
     try:
-        with Image.open(p) as im:
+        with warnings.catch_warnings():  # PIL's decompression-bomb warning: the cap below is lower
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(p) as im:
+                w, h = im.size
+    except Exception as e:  # PIL raises many types for corrupt or unknown formats (and DecompressionBombError)
+        raise ItemError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+    if w * h > MAX_IMAGE_PIXELS:
+        raise ItemError(
+            f"image {path} is {w}x{h} ({w * h / 1e6:.0f} MP), over the {MAX_IMAGE_PIXELS / 1e6:.0f} MP an input "
+            "may have: not decoded"
+        )
+    return w, h
+
+
+def load_image(path: str) -> Image.Image:
+    """Check the header (`image_size`), then fully decode the image as RGB; ItemError naming the file otherwise."""
+    image_size(path)
+    try:
+        with Image.open(path) as im:
             im.load()
             return im.convert("RGB")
     except Exception as e:  # PIL raises many types for corrupt or unknown formats
         raise ItemError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
 
 
+def file_digest(path: str) -> str:
+    """sha256 hex of a file's bytes (read in chunks); ItemError naming the file if it cannot be read."""
+    if not Path(path).is_file():
+        raise ItemError(f"image not found: {path}")
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError as e:
+        raise ItemError(f"cannot read image {path}: {e}") from None
+
+
+def item_key(item: EditItem, model: str) -> str:
+    """What produces an item's output, as 16 hex digits of sha256: its resolved fields, its image's bytes and
+    `model` (the caller's identity of the model and its sampling options). ItemError if the image is unreadable."""
+    image = None if item.image is None else file_digest(item.image)
+    inputs = [item.prompt, item.seed, item.steps, item.guidance, item.width, item.height, image, model]
+    return hashlib.sha256(json.dumps(inputs).encode()).hexdigest()[:16]
+
+
 def _failure(item_id: str, error: str, **extra) -> dict:
     return {"id": item_id, "status": "failed", "error": error, **extra}
 
 
-class Results:
-    """`DIR/results.jsonl`: one line per finished item (latest line per id wins)."""
+def _record(raw: bytes) -> dict | None:
+    """A results line's record, None if it is not one (not UTF-8, not JSON, no string id)."""
+    try:
+        rec = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return rec if isinstance(rec, dict) and isinstance(rec.get("id"), str) else None
 
-    def __init__(self, out_dir: Path):
+
+def _line_numbers(ns: list[int], most: int = 10) -> str:
+    head = ", ".join(map(str, ns[:most])) + (", ..." if len(ns) > most else "")
+    return f"line{'s' if len(ns) > 1 else ''} {head}"
+
+
+class Results:
+    """`DIR/results.jsonl`: one line per finished item (latest line per id wins). A last line torn by a killed
+    writer (no newline, unreadable) is cut off when the file is opened, reported once; unreadable lines
+    elsewhere are skipped with a warning. Their items run again."""
+
+    def __init__(self, out_dir: Path, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)):
         self.path = out_dir / "results.jsonl"
         self.latest: dict[str, dict] = {}
-        if self.path.exists():
-            for raw in self.path.read_text(encoding="utf-8").splitlines():
-                try:
-                    rec = json.loads(raw)
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        lines = data.split(b"\n")
+        tail = lines.pop()  # b"" when the file ends with a newline
+        if tail.strip() and _record(tail) is None:  # only a killed writer leaves one: cut it off in place
+            with open(self.path, "r+b") as f:
+                f.truncate(len(data) - len(tail))
+            log(f"{self.path}: cut off a torn last line ({len(tail)} bytes, left by a killed run)")
+        elif tail.strip():  # complete but for its newline
+            with open(self.path, "ab") as f:
+                f.write(b"\n")
+            lines.append(tail)
+        bad = []
+        for n, raw in enumerate(lines, start=1):
+            if raw.strip():
+                rec = _record(raw)
+                if rec is None:
+                    bad.append(n)
+                else:
                     self.latest[rec["id"]] = rec
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    continue  # a line cut by a kill: the item simply runs again
+        if bad:
+            log(f"{self.path}: skipped {len(bad)} unreadable {_line_numbers(bad)}")
 
-    def done(self, item_id: str, out_dir: Path) -> bool:
+    def done(self, item_id: str, key: str, out_dir: Path) -> bool:
+        """Whether the item's latest result is ok, was produced from the same inputs (`key`) and its PNG exists."""
         rec = self.latest.get(item_id)
-        return bool(rec and rec.get("status") == "ok" and (out_dir / f"{item_id}.png").exists())
+        return bool(
+            rec and rec.get("status") == "ok" and rec.get("key") == key and (out_dir / f"{item_id}.png").exists()
+        )
 
     def write(self, rec: dict) -> None:
         self.latest[rec["id"]] = rec
@@ -220,52 +312,66 @@ def run_job(
     *,
     batch_size: int = 1,
     defaults: dict,
+    model: str = "",
     progress: bool = True,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
 ) -> dict:
-    """Run every item of `manifest`; returns counts {"ok", "failed", "skipped"}."""
+    """Run every item of `manifest`; returns counts {"ok", "failed", "skipped"}. model: an identity of the model
+    and its sampling options (`jaxedit.cli.model_identity`), part of each result's key: change it, all rerun."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = Results(out_dir)
+    results = Results(out_dir, log)
     items, failures = read_manifest(Path(manifest), defaults)
     for rec in failures:
         results.write(rec)
-    todo = [it for it in items if not results.done(it.id, out_dir)]
-    skipped = len(items) - len(todo)
-    if skipped:
-        log(f"skipping {skipped} item(s) already done in {results.path}")
+    counts = {"ok": 0, "failed": len(failures), "skipped": 0}
+    bar = None
 
-    counts = {"ok": 0, "failed": len(failures), "skipped": skipped}
-    bar = Progress(len(todo), progress)
-    buckets: dict[Any, list[tuple[EditItem, Any]]] = defaultdict(list)
-    for it in todo:
-        try:
-            image = load_image(it.image) if it.image is not None else None
-            prepared = pipeline.prepare(image, it.width, it.height)
-        except (ItemError, ValueError) as e:
-            results.write(_failure(it.id, str(e), seed=it.seed))
-            counts["failed"] += 1
+    def fail(it: EditItem, error: str) -> None:
+        results.write(_failure(it.id, error, seed=it.seed))
+        counts["failed"] += 1
+        if bar is not None:
             bar.update(1, counts["failed"])
-            continue
-        buckets[(prepared.bucket, it.steps)].append((it, prepared))
 
-    for (_, steps), members in buckets.items():
-        for batch in _chunks(members, batch_size):
+    todo = []
+    for it in items:
+        try:
+            key = item_key(it, model)
+        except ItemError as e:
+            fail(it, str(e))
+            continue
+        if results.done(it.id, key, out_dir):
+            counts["skipped"] += 1
+        else:
+            todo.append((it, key))
+    if counts["skipped"]:
+        log(f"skipping {counts['skipped']} item(s) already done in {results.path}")
+
+    # bucket by the images' headers; decode only for the batch about to run
+    bar = Progress(len(todo), progress)
+    buckets: dict[Any, list[tuple[EditItem, str]]] = defaultdict(list)
+    for it, key in todo:
+        try:
+            size = image_size(it.image) if it.image is not None else None
+            buckets[(pipeline.bucket_for(size, it.width, it.height), it.steps)].append((it, key))
+        except (ItemError, ValueError) as e:
+            fail(it, str(e))
+
+    for (bucket, steps), members in buckets.items():
+        for batch in _chunks(_prepared(pipeline, bucket, members, fail), batch_size):
             t0 = time.perf_counter()
-            its = [it for it, _ in batch]
+            its = [it for it, _, _ in batch]
             # pad a short last batch with copies of its last item: one compiled shape per bucket
             pad = batch + [batch[-1]] * (batch_size - len(batch))
             try:
                 images = pipeline.edit(
-                    [p for _, p in pad], [it.prompt for it, _ in pad], [it.seed for it, _ in pad],
-                    [it.guidance for it, _ in pad], steps,
+                    [p for _, _, p in pad], [it.prompt for it, _, _ in pad], [it.seed for it, _, _ in pad],
+                    [it.guidance for it, _, _ in pad], steps,
                 )[: len(its)]  # fmt: skip
             except ValueError as e:  # the items' inputs (ItemError is one): they fail, the job goes on
                 for it in its:
-                    results.write(_failure(it.id, f"generation failed: {type(e).__name__}: {e}", seed=it.seed))
-                counts["failed"] += len(its)
-                bar.update(len(its), counts["failed"])
-                continue
+                    fail(it, f"generation failed: {type(e).__name__}: {e}")
+                images = []
             except Exception as e:  # the program's fault (e.g. out of memory): stop, record nothing against items
                 ids, first_line = ", ".join(it.id for it in its), (str(e).splitlines() or [""])[0]
                 raise ProgramFault(
@@ -274,21 +380,44 @@ def run_job(
                     "rerun to continue)"
                 ) from e
             per_item = (time.perf_counter() - t0) / len(its)
-            for it, img in zip(its, images):
+            for (it, key, _), img in zip(batch, images):
                 dst = out_dir / f"{it.id}.png"
                 tmp = dst.with_suffix(".png.tmp")
                 img.save(tmp, format="PNG")
                 tmp.replace(dst)
                 results.write({
-                    "id": it.id, "status": "ok", "output": str(dst), "seed": it.seed, "steps": steps,
+                    "id": it.id, "status": "ok", "output": str(dst), "key": key, "seed": it.seed, "steps": steps,
                     "guidance": it.guidance, "width": img.width, "height": img.height,
                     "seconds": round(per_item, 3), "error": None,
                 })  # fmt: skip
                 counts["ok"] += 1
-            bar.update(len(its), counts["failed"])
+            if images:  # (failed items counted themselves)
+                bar.update(len(images), counts["failed"])
+            del batch, pad, images  # the next batch is decoded without this one's arrays
     return counts
 
 
-def _chunks(seq: list, n: int) -> Iterable[list]:
-    for i in range(0, len(seq), n):
-        yield seq[i : i + n]
+def _prepared(
+    pipeline: EditPipeline, bucket: Any, members: list[tuple[EditItem, str]], fail: Callable[[EditItem, str], None]
+) -> Iterator[tuple[EditItem, str, Any]]:
+    """(item, key, prepared) of `members`, each decoded and prepared only when asked for; a failing item is
+    recorded and left out."""
+    for it, key in members:
+        try:
+            image = load_image(it.image) if it.image is not None else None
+            prepared = pipeline.prepare(image, it.width, it.height)
+        except (ItemError, ValueError) as e:
+            fail(it, str(e))
+            continue
+        if prepared.bucket != bucket:
+            raise ProgramFault(
+                f"item {it.id}: {type(pipeline).__name__}.prepare gave bucket {prepared.bucket}, its bucket_for "
+                f"{bucket} (a fault of the pipeline)"
+            )
+        yield it, key, prepared
+
+
+def _chunks(seq: Iterable, n: int) -> Iterator[list]:
+    it = iter(seq)
+    while chunk := list(islice(it, n)):
+        yield chunk

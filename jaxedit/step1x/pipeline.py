@@ -139,26 +139,39 @@ class Step1XEditPipeline(EditPipelineBase):
     # ----------------------------------------------------------------------------------
     # the EditPipeline protocol of jaxedit.pipelines.batch
 
+    def sizes(
+        self, size: tuple[int, int] | None, width: int | None = None, height: int | None = None
+    ) -> tuple[int, int, tuple[int, int] | None]:
+        """(working width, height, output size or None: the working size) for an image of `size`. Raises
+        ValueError on bad sizes."""
+        if size is None:
+            raise ValueError("Step1X-Edit edits an input image (no text-to-image)")
+        out_size = None
+        if width or height:
+            w, h = sampling.floor_size(width or size[0], height or size[1])
+        elif self.size_level:
+            w, h = step1x_size(size[0], size[1], self.size_level)
+            out_size = tuple(size)
+        else:
+            w, h = sampling.floor_size(*size)
+            out_size = tuple(size)
+        check_side("width", w)
+        check_side("height", h)
+        return w, h, None if out_size == (w, h) else out_size
+
+    def bucket_for(self, size: tuple[int, int] | None, width: int | None = None, height: int | None = None) -> tuple:
+        """The `Step1XPrepared.bucket` of an image of `size`, from the size alone (nothing decoded)."""
+        w, h, _ = self.sizes(size, width, height)
+        return (w, h)
+
     def prepare(self, image: Image.Image | None, width: int | None = None, height: int | None = None):
         """Resize the reference image to the working size. Explicit width/height (floored to 16)
         set it and the output size; otherwise the output is resized back to the input's size."""
-        if image is None:
-            raise ValueError("Step1X-Edit edits an input image (no text-to-image)")
+        w, h, out_size = self.sizes(None if image is None else image.size, width, height)
         image = image.convert("RGB")
-        out_size = None
-        if width or height:
-            w, h = sampling.floor_size(width or image.width, height or image.height)
-        elif self.size_level:
-            w, h = step1x_size(image.width, image.height, self.size_level)
-            out_size = image.size
-        else:
-            w, h = sampling.floor_size(*image.size)
-            out_size = image.size
-        check_side("width", w)
-        check_side("height", h)
         if image.size != (w, h):
             image = image.resize((w, h), resample=Image.Resampling.BICUBIC)
-        return Step1XPrepared(to_model_input(image), image, w, h, None if out_size == (w, h) else out_size)
+        return Step1XPrepared(to_model_input(image), image, w, h, out_size)
 
     def edit(self, prepared, prompts, seeds, guidance, steps) -> list[Image.Image]:
         return self.generate(prepared, prompts, seeds, guidance=guidance, steps=steps)

@@ -12,10 +12,11 @@ their bucket, cut into global batches of one bucket, batch order shuffled. A gra
 P takes items [p*B/P, (p+1)*B/P)), decoded with Pillow (resize to cover, centre crop,
 LANCZOS, [-1, 1]). The iterator's state (next batch index) is what a checkpoint stores.
 
-Bad samples never crash the run: at indexing, a missing/unreadable image, source and
-target of different sizes or an empty instruction skips the item (counted per reason in
-`index.skipped`); an image that fails to DECODE later is replaced by the next good item
-of the same bucket (counted in each batch's `n_bad`).
+Bad samples never crash the run: at indexing, a line that is not UTF-8 or not JSON, a
+missing/unreadable image, source and target of different sizes, an empty instruction or one
+that is not a string skips the item (counted per reason in `index.skipped`, named by its line
+in `index.skipped_lines`); an image that fails to DECODE later is replaced by the next good
+item of the same bucket (counted in each batch's `n_bad`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ import grain
 import jax
 import numpy as np
 from PIL import Image
+
+from jaxedit import jsonl
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +71,7 @@ class Index:
     items: list[Item]
     buckets: list[tuple[int, int]]  # (width, height)
     skipped: Counter
+    skipped_lines: list[str] = dataclasses.field(default_factory=list)  # "MANIFEST:LINE: reason" of each
 
 
 def make_buckets(pixel_budget: int, step: int = 64, max_aspect: float = 3.0) -> list[tuple[int, int]]:
@@ -97,35 +101,46 @@ def index_manifest(cfg: DataConfig) -> Index:
         raise FileNotFoundError(f"no manifest at {manifest}")
     base = manifest.parent
     buckets = make_buckets(cfg.pixel_budget, cfg.bucket_step, cfg.max_aspect)
-    items, skipped = [], Counter()
-    for n, line in enumerate(manifest.read_text().splitlines()):
-        if not line.strip():
+    items, skipped, lines = [], Counter(), []
+
+    def skip(n: int, reason: str, detail: str = "") -> None:
+        skipped[reason] += 1
+        lines.append(f"{manifest}:{n}: {detail or reason}")
+
+    for n, d, bad in jsonl.read_lines(manifest):
+        if bad is not None:
+            skip(n, "bad manifest line", bad)
             continue
         try:
-            d = json.loads(line)
-            src, tgt, instr = base / d["source"], base / d["target"], str(d.get("instruction") or "").strip()
-        except (json.JSONDecodeError, KeyError, TypeError):
-            skipped["bad manifest line"] += 1
+            src, tgt, instr = base / d["source"], base / d["target"], d.get("instruction")
+        except (KeyError, TypeError, AttributeError) as e:
+            skip(n, "bad manifest line", f"not an object with string 'source' and 'target' ({type(e).__name__}: {e})")
             continue
-        if not instr:
-            skipped["empty instruction"] += 1
+        if instr is None or isinstance(instr, str) and not instr.strip():
+            skip(n, "empty instruction")
+            continue
+        try:
+            instr = jsonl.check_text(instr, "instruction").strip()
+        except ValueError as e:  # a list is refused, never trained on as its repr
+            skip(n, "bad instruction", str(e))
             continue
         try:
             with Image.open(src) as a, Image.open(tgt) as b:
                 sa, sb = a.size, b.size
-        except Exception:  # noqa: BLE001 - any unreadable file is skipped, never fatal
-            skipped["unreadable image"] += 1
+        except Exception as e:  # noqa: BLE001 - any unreadable file is skipped, never fatal
+            skip(n, "unreadable image", f"unreadable image ({type(e).__name__}: {e})")
             continue
         if sa != sb:
-            skipped["source/target sizes differ"] += 1
+            skip(n, "source/target sizes differ", f"source {sa} and target {sb} sizes differ")
             continue
         if min(sa) < 16:
-            skipped["image smaller than 16 px"] += 1
+            skip(n, "image smaller than 16 px")
             continue
-        items.append(Item(str(d.get("id", n)), src, tgt, instr, nearest_bucket(buckets, *sa)))
+        items.append(Item(str(d.get("id", n - 1)), src, tgt, instr, nearest_bucket(buckets, *sa)))
     if skipped:
-        log.warning("skipped %d manifest item(s): %s", sum(skipped.values()), dict(skipped))
-    return Index(items, buckets, skipped)
+        more = f"; and {len(lines) - 5} more" if len(lines) > 5 else ""
+        log.warning("skipped %d manifest item(s) %s: %s%s", len(lines), dict(skipped), "; ".join(lines[:5]), more)
+    return Index(items, buckets, skipped, lines)
 
 
 def load_image(path: Path, size: tuple[int, int]) -> np.ndarray:

@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 
 from checkpoints_convert.__main__ import main as convert_cli
+from jaxedit.cli import main as jaxedit_cli
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 # ------------------------------------------------------------------------------------------------
 # malformed safetensors files: 8-byte little-endian header length N, N bytes of JSON, then the data
@@ -110,3 +113,89 @@ def test_pipeline_stops_on_a_broken_file_before_replacing_anything(tmp_path, cap
     assert convert_cli(args) == 2
     one_line_error(capsys, "flux1-kontext-tiny.safetensors")
     assert (dst / "keep.txt").read_text() == "old model folder"
+
+
+# ------------------------------------------------------------------------------------------------
+# `--set` overrides: checked against the config dataclasses' field types and ranges before any work
+
+
+def nowhere(tmp_path) -> list[str]:
+    """Overrides that make a run fail at once if a bad value got through (no model, no data)."""
+    return [f"--set=model={tmp_path / 'none'}", f"--set=data.path={tmp_path / 'none'}",
+            f"--set=checkpoint_dir={tmp_path / 'ckpt'}"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "bad, names",
+    [
+        ("steps=abc", ["steps", "integer", "'abc'"]),
+        ("steps=2.5", ["steps", "integer", "2.5"]),
+        ("steps=true", ["steps", "integer"]),
+        ("steps=0", ["steps", ">= 1"]),
+        ("data.batch_size=0", ["data.batch_size", ">= 1"]),
+        ("data=5", ["data", "DataConfig"]),
+        ("data=null", ["data", "DataConfig"]),
+        ("checkpoint_every=0", ["checkpoint_every", ">= 1"]),
+        ("log_every=0", ["log_every", ">= 1"]),
+        ("keep=0", ["keep", ">= 1"]),
+        ("grad_accum=0", ["grad_accum", ">= 1"]),
+        ("sample_every=-1", ["sample_every", ">= 0"]),
+        ("optim.lr=fast", ["optim.lr", "number"]),
+        ("optim.lr=-1e-4", ["optim.lr", "> 0"]),
+        ("optim.b2=1.5", ["optim.b2", "[0, 1)"]),
+        ("optim.clip_norm=0", ["optim.clip_norm", "> 0"]),
+        ("objective.prompt_dropout=2", ["prompt_dropout"]),
+        ("objective.guidance=[1, 2, 3]", ["objective.guidance"]),
+        ("lora.rank=4", ["lora", "lora={}"]),
+        ('lora={"rank": 0}', ["lora", "rank", ">= 1"]),
+        ('lora={"rank": 2.5}', ["rank", "integer"]),
+        ("nope=1", ["nope", "TrainConfig"]),
+        ("steps", ["steps", "KEY=VALUE"]),
+    ],
+)
+def test_a_bad_override_fails_in_one_line_naming_the_field(tmp_path, capsys, bad, names):
+    assert jaxedit_cli(["train", "--config", str(CONFIGS / "kontext_tiny.py"), *nowhere(tmp_path), "--set", bad]) == 2
+    one_line_error(capsys, *names)
+
+
+@pytest.mark.parametrize("bad", ["crop=abc", "batch_size=0", "data=5", "checkpoint_every=0", "lr=0"])
+def test_a_bad_vae_override_fails_in_one_line(tmp_path, capsys, bad):
+    assert jaxedit_cli(["train", "--config", str(CONFIGS / "shapes_vae.py"), *nowhere(tmp_path), "--set", bad]) == 2
+    one_line_error(capsys, bad.partition("=")[0])
+
+
+def test_a_run_that_cannot_start_fails_in_one_line(tmp_path, capsys):
+    """The model folder and the settings against it are checked before any work, not after the model is loaded."""
+    from jaxedit import DEFAULT_MODEL
+
+    model = f"--set=model={DEFAULT_MODEL}"
+    for config, more, names in [
+        ("kontext_tiny.py", [], ["none", "not a jaxedit model folder"]),
+        ("shapes_vae.py", [], ["none", "not a jaxedit model folder"]),
+        ("kontext_tiny.py", [model, "--set=data.batch_size=3"], ["batch_size 3", "grad_accum"]),
+        ("kontext_tiny.py", [model, "--set=mesh=fsdp=x"], ["mesh", "'x'"]),
+        ("kontext_tiny.py", [model, "--set=remat=most"], ["remat", "'most'"]),
+        ("shapes_vae.py", [model, "--set=crop=13"], ["crop 13"]),
+    ]:
+        assert jaxedit_cli(["train", "--config", str(CONFIGS / config), *nowhere(tmp_path), *more]) == 2
+        one_line_error(capsys, *names)
+
+
+def test_good_overrides_take_the_field_type():
+    from jaxedit.train.config import load_config
+    from jaxedit.train.lora import LoraConfig
+
+    cfg = load_config(
+        CONFIGS / "kontext_tiny.py",
+        ["model=2024", "optim.lr=1", "objective.guidance=[1, 4]", 'lora={"rank": 4}', "optim.ema_decay=None"],
+    )
+    assert cfg.model == "2024" and cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+    assert cfg.objective.guidance == (1.0, 4.0) and cfg.lora == LoraConfig(rank=4) and cfg.optim.ema_decay is None
+    assert load_config(CONFIGS / "kontext_tiny.py", ["lora={}", "lora.rank=8"]).lora == LoraConfig(rank=8)
+
+
+def test_every_shipped_config_passes_the_checks():
+    from jaxedit.train.config import load_config
+
+    for path in sorted(CONFIGS.glob("*.py")):
+        load_config(path)

@@ -40,6 +40,7 @@ import orbax.checkpoint as ocp
 
 from jaxedit import configs, model_folder
 from jaxedit.checkpoint import load_params
+from jaxedit.models.flux import REMAT_POLICIES
 from jaxedit.parallel import sharding as sh
 from jaxedit.parallel.distributed import put_global
 from jaxedit.train.config import TrainConfig
@@ -51,9 +52,8 @@ from jaxedit.train.objective import ObjectiveConfig
 from jaxedit.train.step import Trainer
 
 
-def load_model(cfg: TrainConfig):
-    """(folder, preset, transformer params (float32), {vae, t5, clip params}) of the run's model folder;
-    init="random" re-initialises the transformer (seeded by cfg.seed) instead of reading it."""
+def model_of(cfg: TrainConfig) -> tuple[Path, configs.Preset]:
+    """(folder, preset) of the run's model folder, checked complete (no weights read)."""
     if not cfg.model:
         raise ValueError("TrainConfig.model is empty: set model=FOLDER (a jaxedit model folder)")
     folder = Path(cfg.model)
@@ -62,6 +62,19 @@ def load_model(cfg: TrainConfig):
         raise ValueError(f"init {cfg.init!r}: use 'folder' or 'random'")
     # a random init does not read the folder's transformer: a folder without one is fine
     model_folder.check_complete(folder, preset, skip=("transformer",) if cfg.init == "random" else ())
+    return folder, preset
+
+
+def check_run(cfg: TrainConfig) -> None:
+    """Every check a run makes before any work (model folder, settings against it): ValueError or
+    FileNotFoundError naming what is wrong (`jaxedit train` prints it in one line)."""
+    check_config(cfg, model_of(cfg)[1])
+
+
+def load_model(cfg: TrainConfig):
+    """(folder, preset, transformer params (float32), {vae, t5, clip params}) of the run's model folder;
+    init="random" re-initialises the transformer (seeded by cfg.seed) instead of reading it."""
+    folder, preset = model_of(cfg)
     parts = {p: load_params(folder / p) for p in ("vae", "t5", "clip") if getattr(preset, p) is not None}
     if cfg.init == "folder":
         transformer = load_params(folder / "transformer", dtype=jnp.float32)
@@ -78,6 +91,12 @@ def check_config(cfg: TrainConfig, preset: configs.Preset) -> None:
     """Refuse settings the run could not honour (instead of ignoring them)."""
     if cfg.steps < 1:
         raise ValueError(f"steps must be >= 1, got {cfg.steps}")
+    try:
+        configs.MeshConfig.parse(cfg.mesh)
+    except ValueError as e:
+        raise ValueError(f"mesh: {e}") from None
+    if cfg.remat not in REMAT_POLICIES:
+        raise ValueError(f"remat {cfg.remat!r}: use one of {', '.join(REMAT_POLICIES)}")
     if cfg.data.batch_size % (cfg.grad_accum * jax.process_count()):
         raise ValueError(f"batch_size {cfg.data.batch_size} not divisible by grad_accum x processes")
     if not preset.transformer.guidance_embed and cfg.objective.guidance != ObjectiveConfig.guidance:

@@ -12,6 +12,7 @@ import pytest
 
 from checkpoints_convert.__main__ import main as convert_cli
 from jaxedit.cli import main as jaxedit_cli
+from jaxedit.plan import main as plan_cli
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -199,3 +200,17 @@ def test_every_shipped_config_passes_the_checks():
 
     for path in sorted(CONFIGS.glob("*.py")):
         load_config(path)
+
+
+# ------------------------------------------------------------------------------------------------
+# unknown presets
+
+
+def test_an_unknown_preset_fails_in_one_line_listing_the_known_ones(tmp_path, capsys):
+    f = tmp_path / "x.safetensors"
+    f.write_bytes(safetensors_bytes(GOOD))
+    assert convert_cli(["check", str(f), "--preset", "flux-kontext-nope"]) == 2
+    one_line_error(capsys, "flux-kontext-nope", "flux-kontext-tiny", "step1x-edit")
+    for cli in (lambda a: jaxedit_cli(["plan", *a]), plan_cli):
+        assert cli(["--preset", "flux-kontext-nope", "--task", "train"]) == 2  # before jax's device count matters
+        one_line_error(capsys, "flux-kontext-nope", "flux-kontext-tiny", "step1x-edit")

@@ -5,6 +5,7 @@ torn last line of a run's metrics.jsonl (cut off on restart, not fatal)."""
 from __future__ import annotations
 
 import json
+import logging
 import struct
 from pathlib import Path
 
@@ -214,3 +215,20 @@ def test_an_unknown_preset_fails_in_one_line_listing_the_known_ones(tmp_path, ca
     for cli in (lambda a: jaxedit_cli(["plan", *a]), plan_cli):
         assert cli(["--preset", "flux-kontext-nope", "--task", "train"]) == 2  # before jax's device count matters
         one_line_error(capsys, "flux-kontext-nope", "flux-kontext-tiny", "step1x-edit")
+
+
+# ------------------------------------------------------------------------------------------------
+# a torn last line of metrics.jsonl (a kill mid-write) is cut off when the run restarts
+
+
+def test_a_torn_last_metrics_line_is_cut_off_on_restart(tmp_path, caplog):
+    from jaxedit.train.monitor import Monitor
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 0.5}) + "\n" for s in (1, 2, 3)) + '{"step": 4, "lo')
+    with caplog.at_level(logging.WARNING):
+        m = Monitor(tmp_path, total_steps=10, batch_size=4, start_step=2, lead=True, tb=False)
+    assert [r.getMessage() for r in caplog.records if str(path) in r.getMessage()], caplog.text
+    m.log(3, {"loss": 0.25})
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3] and records[-1]["loss"] == 0.25

@@ -27,7 +27,6 @@ needs ref_index=0 (reference ids equal the target's), as configs/step1x_*.py set
 from __future__ import annotations
 
 import dataclasses
-import json
 import signal
 from pathlib import Path
 from typing import Any
@@ -123,13 +122,6 @@ class _Stop:
         self.requested = True
 
 
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop records after `step` (a restarted run re-logs the steps after its checkpoint)."""
-    if path.is_file():
-        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        path.write_text("".join(ln + "\n" for ln in keep))
-
-
 def _stored(state: dict) -> dict:
     """What a checkpoint holds: the state less a LoRA run's frozen base (the model folder's weights)."""
     return {k: v for k, v in state.items() if k != "base"}
@@ -214,8 +206,7 @@ def restore_or_init(run: Run, transformer, key: jax.Array) -> tuple[dict, int]:
         state["base"] = put_global(transformer, trainer.param_shardings)
     if restored["meta"]["seed"] != cfg.seed:
         raise ValueError(f"checkpoint seed {restored['meta']['seed']} != config seed {cfg.seed}")
-    if lead:
-        truncate_metrics(run.ckpt_dir / "metrics.jsonl", start)
+    if lead:  # (the Monitor drops metrics.jsonl's records after `start`)
         print(f"resumed from step {start} ({run.ckpt_dir / str(latest)})", flush=True)
     return state, start
 

@@ -32,6 +32,7 @@ from jaxedit.checkpoint import load_params
 from jaxedit.models.autoencoder import AutoEncoder
 from jaxedit.parallel import sharding as sh
 from jaxedit.train.data import DataConfig, index_manifest, load_image
+from jaxedit.train.monitor import truncate_metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +152,7 @@ def train_vae(cfg: VAETrainConfig) -> dict[str, Any]:
         start = int(state["step"])
         print(f"resumed VAE training from step {start} ({ckpt_dir})", flush=True)
     t0, metrics = time.perf_counter(), {}
+    truncate_metrics(ckpt_dir.parent / (ckpt_dir.name + "-metrics.jsonl"), start)
     with (ckpt_dir.parent / (ckpt_dir.name + "-metrics.jsonl")).open("a") as log_file:
         for s in range(start, cfg.steps):
             state, metrics = step_fn(state, batch_at(images, cfg, s))

@@ -231,19 +231,18 @@ def train_main(argv: list[str]) -> int:
     from jaxedit.train.config import load_config
 
     initialize_from_env()
-    try:
+    from jaxedit.train import loop, vae
+
+    try:  # the config, the model folder and the settings against it: before any work
         cfg = load_config(args.config, args.set)
+        (vae if isinstance(cfg, vae.VAETrainConfig) else loop).check_run(cfg)
     except (FileNotFoundError, KeyError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 2
-    from jaxedit.train.vae import VAETrainConfig, train_vae
-
-    if isinstance(cfg, VAETrainConfig):
-        train_vae(cfg)
+    if isinstance(cfg, vae.VAETrainConfig):
+        vae.train_vae(cfg)
     else:
-        from jaxedit.train.loop import train
-
-        train(cfg)
+        loop.train(cfg)
     return 0
 
 

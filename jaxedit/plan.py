@@ -73,7 +73,14 @@ def main(argv=None, prog: str = "python -m jaxedit.plan") -> int:
     """Parse, set the simulated device count (CPU), compile, print (and with --json, a JSON line)."""
     p = parser(prog)
     args = p.parse_args(argv)
+    from jaxedit import configs
     from jaxedit.configs import MeshConfig
+
+    try:
+        configs.get(args.preset)  # before the device count is set and jax imported
+    except KeyError as e:
+        print(f"error: {e.args[0]}", file=sys.stderr)
+        return 2
 
     try:
         default = "fsdp=-1" if args.slices == 1 else f"dcn_data={args.slices},fsdp=-1"

@@ -35,7 +35,11 @@ class TorchQwenEmbedder(QwenConditioner):
 
         path, config = Path(path), config or QwenEmbedderConfig()
         model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            path, dtype=getattr(torch, dtype), attn_implementation=attn_implementation, local_files_only=True
+            path,
+            dtype=getattr(torch, dtype),
+            attn_implementation=attn_implementation,
+            local_files_only=True,
+            use_safetensors=True,
         )
         model = model.eval().requires_grad_(False)
         return cls(model, *cls.load_processor(path, config), config, name=path.resolve())

@@ -175,3 +175,29 @@ def test_nothing_names_a_folder_outside_the_repository():
         if pattern.search(line)
     ]
     assert not bad, f"paths outside the repository: {bad}"
+
+
+def test_weights_are_loaded_from_safetensors_only():
+    """Every `from_pretrained` / `load_lora_weights` call that loads weights through transformers or diffusers
+    passes `use_safetensors=True`: a folder holding only a pickled `.bin` is refused, never unpickled.
+    (Tokenizers, image processors and our own wrappers, which pass it themselves, load no pickled weights.)"""
+    not_weights = re.compile(r"tokenizer|processor|TorchQwenEmbedder", re.IGNORECASE)
+    files = [p for d in (*PACKAGES, "benchmarks") for p in sorted((ROOT / d).rglob("*.py"))]
+    sources = {p: p.read_text() for p in files}
+    bad, seen = [], 0
+    for path, text in sources.items():
+        if "from_pretrained" not in text and "load_lora_weights" not in text:
+            continue
+        for node in ast.walk(ast.parse(text, str(path))):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+                continue
+            if node.func.attr not in ("from_pretrained", "load_lora_weights"):
+                continue
+            if not_weights.search(ast.unparse(node.func.value)):
+                continue
+            seen += 1
+            flag = next((k.value for k in node.keywords if k.arg == "use_safetensors"), None)
+            if not (isinstance(flag, ast.Constant) and flag.value is True):
+                bad.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node.func)}")
+    assert seen >= 3, "the check found no weight loads: did the calls move?"
+    assert not bad, f"weights loaded without use_safetensors=True: {bad}"

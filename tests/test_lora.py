@@ -144,7 +144,7 @@ def test_peft_export_loads_into_diffusers_kontext_pipeline(tmp_path):
         tokenizer_2=None,
         transformer=model,
     )
-    pipe.load_lora_weights(path)
+    pipe.load_lora_weights(path, use_safetensors=True)
     ref = run_reference(pipe.transformer, x)
 
     # every exported tensor landed in a PEFT layer (none dropped as unexpected)

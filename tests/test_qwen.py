@@ -33,7 +33,9 @@ def qwen(tiny_qwen):
     import transformers
 
     path, _ = tiny_qwen
-    ref = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    ref = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        path, dtype=torch.float32, use_safetensors=True
+    ).eval()
     cfg = QwenVLConfig.from_hf(json.loads((path / "config.json").read_text()))
     params = load_part("qwen", path, cfg, dtype=jnp.float32)
     processor = transformers.Qwen2VLImageProcessorPil.from_pretrained(path)

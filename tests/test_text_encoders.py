@@ -155,7 +155,7 @@ def test_t5_bfloat16_close_to_float32(tmp_path):
     with torch.no_grad():
         truth = model(torch.from_numpy(ids)).last_hidden_state.numpy()
         # transformers 5 keeps `wo` in float32 for float16 loads only: in bfloat16 every weight is bfloat16
-        hf_bf16 = transformers.T5EncoderModel.from_pretrained(path, dtype=torch.bfloat16).eval()
+        hf_bf16 = transformers.T5EncoderModel.from_pretrained(path, dtype=torch.bfloat16, use_safetensors=True).eval()
         ref = hf_bf16(torch.from_numpy(ids)).last_hidden_state.float().numpy()
     params = load_t5(path, T5_TINY, dtype=jnp.bfloat16)
     out = jax.jit(T5Encoder(T5_TINY, dtype=jnp.bfloat16).apply)({"params": params}, jnp.asarray(ids))

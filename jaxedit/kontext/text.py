@@ -49,8 +49,8 @@ def load_tokenizer(path: str | Path):
 
     config = path / "tokenizer_config.json"
     name = json.loads(config.read_text()).get("tokenizer_class") if config.is_file() else None
-    cls = getattr(transformers, _DIRECT_CLASSES[name]) if name in _DIRECT_CLASSES else transformers.AutoTokenizer
-    return cls.from_pretrained(str(path), local_files_only=True)
+    tokenizer_cls = getattr(transformers, _DIRECT_CLASSES.get(name, "AutoTokenizer"))
+    return tokenizer_cls.from_pretrained(str(path), local_files_only=True)
 
 
 def tokenize(tokenizer, prompts: Sequence[str], max_length: int, what: str = "text") -> np.ndarray:

@@ -3,12 +3,18 @@
 A config file defines `get_config()` returning a `TrainConfig` (or `jaxedit.train.vae.VAETrainConfig`);
 `python -m train --config NAME_OR_FILE --set data.path=/d` loads it and applies the overrides. The
 project's configs (the `configs/` folder of a checkout) ship inside the package and can be named.
+An override takes the field's type (an int field takes integers only, a float field numbers, a sub-config
+only its own fields) and the loaded config is checked against `RANGES`, so a bad value stops the command
+in one line naming the field, before any work.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,30 +60,137 @@ class TrainConfig:
     tensorboard: bool = True  # also write TensorBoard scalars when tensorboardX is installed
 
 
+Range = tuple[str, Callable[[Any], bool]]
+AT_LEAST_0: Range = (">= 0", lambda v: v >= 0)
+AT_LEAST_1: Range = (">= 1", lambda v: v >= 1)
+POSITIVE: Range = ("> 0", lambda v: v > 0)
+FRACTION: Range = ("in [0, 1]", lambda v: 0 <= v <= 1)
+DECAY: Range = ("in [0, 1)", lambda v: 0 <= v < 1)
+EVERY = {"checkpoint_every": AT_LEAST_1, "keep": AT_LEAST_1, "log_every": AT_LEAST_1, "seed": AT_LEAST_0}
+# config class name -> {field: (what it must be, test)}; None (an optional setting left off) is not tested
+RANGES: dict[str, dict[str, Range]] = {
+    "TrainConfig": EVERY | {"steps": AT_LEAST_1, "grad_accum": AT_LEAST_1, "mlp_chunks": AT_LEAST_1,
+                            "sample_every": AT_LEAST_0, "sample_count": AT_LEAST_1},
+    "VAETrainConfig": EVERY | {"steps": AT_LEAST_1, "batch_size": AT_LEAST_1, "crop": AT_LEAST_1, "lr": POSITIVE,
+                               "warmup_steps": AT_LEAST_0, "kl_weight": AT_LEAST_0, "l1_weight": AT_LEAST_0,
+                               "max_images": AT_LEAST_1, "stats_images": AT_LEAST_1},
+    "DataConfig": {"batch_size": AT_LEAST_1, "pixel_budget": (">= 256", lambda v: v >= 256),
+                   "bucket_step": (">= 16", lambda v: v >= 16), "max_aspect": AT_LEAST_1, "seed": AT_LEAST_0,
+                   "num_threads": AT_LEAST_0, "prefetch": AT_LEAST_0},
+    "OptimConfig": {"lr": POSITIVE, "warmup_steps": AT_LEAST_0, "decay_steps": AT_LEAST_0,
+                    "final_lr_fraction": FRACTION, "b1": DECAY, "b2": DECAY, "eps": POSITIVE,
+                    "weight_decay": AT_LEAST_0, "clip_norm": POSITIVE, "ema_decay": DECAY},
+    "ObjectiveConfig": {"logit_std": POSITIVE},  # the rest: its own __post_init__
+    "LoraConfig": {"rank": AT_LEAST_1, "alpha": POSITIVE},
+}  # fmt: skip
+
+
 def override(cfg: Any, assignments: list[str]) -> Any:
-    """Apply `a.b=value` assignments (value parsed as JSON, Python's True/False/None accepted, else
-    kept as a string). A boolean field only takes a boolean: `--set x=False` must not become truthy."""
+    """Apply `a.b=value` assignments (value parsed as JSON, Python's True/False/None accepted, else kept as a
+    string), each converted to the field's type or refused: ValueError (KeyError for an unknown field)
+    naming the assignment and what the field takes. A string field takes the text as written; an optional
+    sub-config that is off (None) is turned on with a JSON object (`lora={}`, `lora={"rank": 8}`)."""
     for a in assignments:
-        key, _, raw = a.partition("=")
+        key, eq, raw = a.partition("=")
+        if not eq or not key:
+            raise ValueError(f"--set {a}: expected KEY=VALUE")
         try:
             value = json.loads(raw)
         except json.JSONDecodeError:
             value = {"True": True, "False": False, "None": None}.get(raw, raw)
-        cfg = _replace(cfg, key.split("."), value, a)
+        try:
+            cfg = _replace(cfg, key.split("."), value, raw)
+        except KeyError as e:
+            raise KeyError(f"--set {a}: {e.args[0]}") from None
+        except ValueError as e:
+            raise ValueError(f"--set {a}: {e}") from None
     return cfg
 
 
-def _replace(obj, keys, value, where):
+def _replace(obj, keys: list[str], value, raw: str | None, path: str = ""):
     names = {f.name for f in dataclasses.fields(obj)}
-    if keys[0] not in names:
-        raise KeyError(f"--set {where}: {type(obj).__name__} has no field {keys[0]!r} (fields: {sorted(names)})")
+    name, field = keys[0], path + keys[0]
+    if name not in names:
+        raise KeyError(f"{type(obj).__name__} has no field {name!r} (fields: {sorted(names)})")
+    hint, current = typing.get_type_hints(type(obj))[name], getattr(obj, name)
     if len(keys) > 1:
-        value = _replace(getattr(obj, keys[0]), keys[1:], value, where)
-    elif isinstance(value, list):
-        value = tuple(value)
-    elif isinstance(getattr(obj, keys[0]), bool) and not isinstance(value, bool):
-        raise ValueError(f"--set {where}: {keys[0]} is a boolean (true or false), got {value!r}")
-    return dataclasses.replace(obj, **{keys[0]: value})
+        if not dataclasses.is_dataclass(current):
+            on = f"; turn it on first: --set {field}={{}}" if current is None and _config_class(hint) else ""
+            raise ValueError(f"{field} is {current!r}, it has no field {keys[1]!r}{on}")
+        value = _replace(current, keys[1:], value, raw, field + ".")
+    elif isinstance(value, dict) and current is None and (cls := _config_class(hint)):
+        new = cls()
+        for k, v in value.items():
+            new = _replace(new, [k], v, None, field + ".")
+        value = new
+    else:
+        value = _typed(value, raw, hint, field)
+    return dataclasses.replace(obj, **{name: value})  # the class's own checks (__post_init__) run here
+
+
+def _config_class(hint) -> type | None:
+    """The dataclass a field holds (also when optional), else None."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    return next((h for h in options if dataclasses.is_dataclass(h)), None)
+
+
+def _typed(value, raw: str | None, hint, field: str):
+    """`value` as a value of the annotation `hint` (ints stay ints, floats take ints, tuples from lists), or
+    ValueError naming `field` and what it takes. raw: the text of a string field as written."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if isinstance(hint, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [h for h in args if h is not type(None)]
+        if len(options) == 1:
+            return _typed(value, raw, options[0], field)
+        for h in options:
+            try:
+                return _typed(value, raw, h, field)
+            except ValueError:
+                pass
+    elif (hint is bool and isinstance(value, bool)) or (hint is int and type(value) is int):
+        return value
+    elif hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    elif hint is str and (isinstance(value, str) or raw is not None):
+        return value if isinstance(value, str) else raw
+    elif origin is tuple and isinstance(value, list | tuple):
+        items = args[:1] * len(value) if args[1:] == (...,) else args
+        if len(items) == len(value):
+            return tuple(_typed(v, None, h, f"{field}[{i}]") for i, (v, h) in enumerate(zip(value, items)))
+    elif dataclasses.is_dataclass(hint) and isinstance(value, hint):
+        return value
+    raise ValueError(f"{field} is {_expected(hint, field)}, got {value!r}")
+
+
+def _expected(hint, field: str) -> str:
+    if isinstance(hint, types.UnionType):
+        return " or ".join(_expected(h, field) for h in typing.get_args(hint))
+    if dataclasses.is_dataclass(hint):
+        return f"a {hint.__name__} (set its fields: --set {field}.NAME=VALUE)"
+    if typing.get_origin(hint) is tuple:
+        args = typing.get_args(hint)
+        if args[1:] == (...,):
+            return f"a list of {_expected(args[0], field)}s"
+        return f"a list of {len(args)}: [{', '.join(_expected(h, field) for h in args)}]"
+    names = {bool: "a boolean (true or false)", int: "an integer", float: "a number", str: "a string"}
+    return names.get(hint, "None" if hint is type(None) else getattr(hint, "__name__", str(hint)))
+
+
+def check(cfg: Any, path: str = "") -> None:
+    """Every field of a config (and of its sub-configs) has its annotated type and lies in `RANGES`;
+    ValueError naming the first field that does not."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value, field = getattr(cfg, f.name), path + f.name
+        _typed(value, None, hints[f.name], field)
+        if dataclasses.is_dataclass(value):
+            check(value, field + ".")
+        elif value is not None and f.name in RANGES.get(type(cfg).__name__, {}):
+            what, ok = RANGES[type(cfg).__name__][f.name]
+            if not ok(value):
+                raise ValueError(f"{field} must be {what}, got {value!r}")
 
 
 def find_config(name: str | Path) -> Path:
@@ -96,10 +209,13 @@ def find_config(name: str | Path) -> Path:
 
 
 def load_config(path: str | Path, assignments: list[str] = ()) -> TrainConfig:
-    """Run a Python config file (`find_config`) exposing `get_config() -> TrainConfig`, then apply overrides."""
+    """Run a Python config file (`find_config`) exposing `get_config() -> TrainConfig`, apply the overrides, then
+    `check` the result (ValueError / KeyError naming the field)."""
     path = find_config(path)
     ns: dict[str, Any] = {"__file__": str(path), "__name__": "train_config"}
     exec(compile(Path(path).read_text(), str(path), "exec"), ns)  # noqa: S102 - configs are code
     if "get_config" not in ns:
         raise ValueError(f"{path}: a config file must define get_config()")
-    return override(ns["get_config"](), list(assignments))
+    cfg = override(ns["get_config"](), list(assignments))
+    check(cfg)
+    return cfg

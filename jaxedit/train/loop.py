@@ -27,7 +27,6 @@ needs ref_index=0 (reference ids equal the target's), as configs/step1x_*.py set
 from __future__ import annotations
 
 import dataclasses
-import json
 import signal
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ import orbax.checkpoint as ocp
 
 from jaxedit import configs, model_folder
 from jaxedit.checkpoint import load_params
+from jaxedit.models.flux import REMAT_POLICIES
 from jaxedit.parallel import sharding as sh
 from jaxedit.parallel.distributed import put_global
 from jaxedit.train.config import TrainConfig
@@ -51,9 +51,8 @@ from jaxedit.train.objective import ObjectiveConfig
 from jaxedit.train.step import Trainer
 
 
-def load_model(cfg: TrainConfig):
-    """(folder, preset, transformer params (float32), {vae, t5, clip params}) of the run's model folder;
-    init="random" re-initialises the transformer (seeded by cfg.seed) instead of reading it."""
+def model_of(cfg: TrainConfig) -> tuple[Path, configs.Preset]:
+    """(folder, preset) of the run's model folder, checked complete (no weights read)."""
     if not cfg.model:
         raise ValueError("TrainConfig.model is empty: set model=FOLDER (a jaxedit model folder)")
     folder = Path(cfg.model)
@@ -62,6 +61,19 @@ def load_model(cfg: TrainConfig):
         raise ValueError(f"init {cfg.init!r}: use 'folder' or 'random'")
     # a random init does not read the folder's transformer: a folder without one is fine
     model_folder.check_complete(folder, preset, skip=("transformer",) if cfg.init == "random" else ())
+    return folder, preset
+
+
+def check_run(cfg: TrainConfig) -> None:
+    """Every check a run makes before any work (model folder, settings against it): ValueError or
+    FileNotFoundError naming what is wrong (`jaxedit train` prints it in one line)."""
+    check_config(cfg, model_of(cfg)[1])
+
+
+def load_model(cfg: TrainConfig):
+    """(folder, preset, transformer params (float32), {vae, t5, clip params}) of the run's model folder;
+    init="random" re-initialises the transformer (seeded by cfg.seed) instead of reading it."""
+    folder, preset = model_of(cfg)
     parts = {p: load_params(folder / p) for p in ("vae", "t5", "clip") if getattr(preset, p) is not None}
     if cfg.init == "folder":
         transformer = load_params(folder / "transformer", dtype=jnp.float32)
@@ -78,6 +90,12 @@ def check_config(cfg: TrainConfig, preset: configs.Preset) -> None:
     """Refuse settings the run could not honour (instead of ignoring them)."""
     if cfg.steps < 1:
         raise ValueError(f"steps must be >= 1, got {cfg.steps}")
+    try:
+        configs.MeshConfig.parse(cfg.mesh)
+    except ValueError as e:
+        raise ValueError(f"mesh: {e}") from None
+    if cfg.remat not in REMAT_POLICIES:
+        raise ValueError(f"remat {cfg.remat!r}: use one of {', '.join(REMAT_POLICIES)}")
     if cfg.data.batch_size % (cfg.grad_accum * jax.process_count()):
         raise ValueError(f"batch_size {cfg.data.batch_size} not divisible by grad_accum x processes")
     if not preset.transformer.guidance_embed and cfg.objective.guidance != ObjectiveConfig.guidance:
@@ -102,13 +120,6 @@ class _Stop:
 
     def _handler(self, *_):
         self.requested = True
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop records after `step` (a restarted run re-logs the steps after its checkpoint)."""
-    if path.is_file():
-        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        path.write_text("".join(ln + "\n" for ln in keep))
 
 
 def _stored(state: dict) -> dict:
@@ -195,8 +206,7 @@ def restore_or_init(run: Run, transformer, key: jax.Array) -> tuple[dict, int]:
         state["base"] = put_global(transformer, trainer.param_shardings)
     if restored["meta"]["seed"] != cfg.seed:
         raise ValueError(f"checkpoint seed {restored['meta']['seed']} != config seed {cfg.seed}")
-    if lead:
-        truncate_metrics(run.ckpt_dir / "metrics.jsonl", start)
+    if lead:  # (the Monitor drops metrics.jsonl's records after `start`)
         print(f"resumed from step {start} ({run.ckpt_dir / str(latest)})", flush=True)
     return state, start
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -38,11 +39,40 @@ def progress_line(step: int, total: int, metrics: dict[str, float], samples_per_
     return f"step {step}/{total} {loss}{samples_per_s:.2f} samples/s ETA {eta} [{bar}] {pct:3.0f}%"
 
 
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop the records after `step` (a restarted run re-logs the steps after its checkpoint) and a torn last
+    line (a write cut by a kill: no newline, not JSON; one warning). Other lines that are not JSON are kept."""
+    if not path.is_file():
+        return
+    lines = path.read_text(errors="replace").splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n") and _record(lines[-1]) is None:
+        log.warning("%s: cut off a torn last line (%d characters) left by an interrupted write", path, len(lines[-1]))
+        lines.pop()
+    keep = [ln.rstrip("\n") + "\n" for ln in lines if ln.strip() and not _after(_record(ln), step)]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
+
+
+def _record(line: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
+
+
+def _after(record, step: int) -> bool:
+    return isinstance(record, dict) and isinstance(record.get("step"), int | float) and record["step"] > step
+
+
 class Monitor:
-    """Progress on stdout, one JSON record a logged step in `metrics.jsonl`, TensorBoard scalars."""
+    """Progress on stdout, one JSON record a logged step in `metrics.jsonl`, TensorBoard scalars. Opening it
+    (main process) drops the file's records after `start_step` and a torn last line (`truncate_metrics`)."""
 
     def __init__(self, out_dir: Path, total_steps: int, batch_size: int, start_step: int, lead: bool, tb: bool = True):
         self.out_dir, self.total, self.batch, self.start, self.lead = out_dir, total_steps, batch_size, start_step, lead
+        if lead:
+            truncate_metrics(out_dir / "metrics.jsonl", start_step)
         self.t0 = time.perf_counter()
         self.writer = _tensorboard_writer(out_dir / "tensorboard") if (lead and tb) else None
 

@@ -27,11 +27,12 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from jaxedit import model_folder
+from jaxedit import configs, model_folder
 from jaxedit.checkpoint import load_params
 from jaxedit.models.autoencoder import AutoEncoder
 from jaxedit.parallel import sharding as sh
 from jaxedit.train.data import DataConfig, index_manifest, load_image
+from jaxedit.train.monitor import truncate_metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,27 +96,33 @@ def vae_loss(
     return mse + l1_weight * l1 + kl_weight * kl, {"mse": mse, "l1": l1, "kl": kl}
 
 
-def train_vae(cfg: VAETrainConfig) -> dict[str, Any]:
-    folder = Path(cfg.model)
-    preset = model_folder.read_description(folder)
+def check_run(cfg: VAETrainConfig) -> configs.Preset:
+    """The model folder's preset, after every check made before any work (ValueError / FileNotFoundError)."""
+    preset = model_folder.read_description(Path(cfg.model))
     if cfg.crop % preset.vae.downsample:
         raise ValueError(f"crop {cfg.crop} is not a multiple of {preset.vae.downsample}")
+    if cfg.init not in ("random", "folder"):
+        raise ValueError(f"init {cfg.init!r}: use 'folder' or 'random'")
+    if cfg.decoder_only and cfg.init != "folder":
+        raise ValueError("decoder_only fine-tunes a trained VAE: set init='folder'")
+    return preset
+
+
+def train_vae(cfg: VAETrainConfig) -> dict[str, Any]:
+    folder = Path(cfg.model)
+    preset = check_run(cfg)
     # train in raw latent units: decode(z) must see z itself while training
     train_cfg = dataclasses.replace(preset.vae, scale_factor=1.0, shift_factor=0.0)
     model = AutoEncoder(train_cfg)
     images = load_images(cfg)
     if cfg.init == "folder":
         params = load_params(folder / "vae", dtype=jnp.float32)
-    elif cfg.init == "random":
+    else:
         params = jax.jit(model.init)(jax.random.key(cfg.seed), jnp.zeros((1, cfg.crop, cfg.crop, 3)))["params"]
         params = sh.unbox(params)  # plain arrays, as every part of a model folder stores them
-    else:
-        raise ValueError(f"init {cfg.init!r}: use 'folder' or 'random'")
     sched = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps, max(cfg.steps, cfg.warmup_steps + 1))
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(sched))
     if cfg.decoder_only:  # the latents (and what was trained on them) stay valid
-        if cfg.init != "folder":
-            raise ValueError("decoder_only fine-tunes a trained VAE: set init='folder'")
         trainable = {k: k == "decoder" for k in params}
         tx = optax.multi_transform({True: tx, False: optax.set_to_zero()}, trainable)
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
@@ -145,6 +152,7 @@ def train_vae(cfg: VAETrainConfig) -> dict[str, Any]:
         start = int(state["step"])
         print(f"resumed VAE training from step {start} ({ckpt_dir})", flush=True)
     t0, metrics = time.perf_counter(), {}
+    truncate_metrics(ckpt_dir.parent / (ckpt_dir.name + "-metrics.jsonl"), start)
     with (ckpt_dir.parent / (ckpt_dir.name + "-metrics.jsonl")).open("a") as log_file:
         for s in range(start, cfg.steps):
             state, metrics = step_fn(state, batch_at(images, cfg, s))

@@ -162,17 +162,29 @@ def digest(folder: str | Path, parts: tuple[str, ...]) -> dict[str, str]:
 
 
 def fingerprint(folder: str | Path) -> str:
-    """A cheap identity of a model folder (sha256 hex), no weights read: its resolved path, jaxedit.json's
-    bytes and every file's relative path, size and modification time, so it changes when a part is rewritten."""
+    """A cheap identity of a model folder's contents (sha256 hex), no weights read: jaxedit.json's bytes and
+    each sub-folder's seal (the sha256 of its files, `jaxedit.checkpoint.seal`), so a copied or moved folder
+    keeps it and a rewritten part changes it; an unsealed sub-folder counts by its path, files' sizes and
+    modification times instead."""
     import hashlib
 
+    from jaxedit.checkpoint import CHECKSUMS
+
     folder = Path(folder).resolve()
-    h = hashlib.sha256(str(folder).encode() + b"\0")
-    for f in sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []:
-        st = f.stat()
-        h.update(f"{f.relative_to(folder)}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    h = hashlib.sha256()
     if (folder / "jaxedit.json").is_file():
         h.update((folder / "jaxedit.json").read_bytes())
+    for sub in (
+        sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")) if folder.is_dir() else []
+    ):
+        h.update(f"\0{sub.name}\0".encode())
+        if (sub / CHECKSUMS).is_file():
+            h.update((sub / CHECKSUMS).read_bytes())
+            continue
+        h.update(str(sub).encode())
+        for f in sorted(p for p in sub.rglob("*") if p.is_file()):
+            st = f.stat()
+            h.update(f"{f.relative_to(sub)}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
     return h.hexdigest()
 
 

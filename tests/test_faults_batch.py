@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import struct
 import types
 import zlib
@@ -15,33 +16,25 @@ from jaxedit.cli import model_identity
 from jaxedit.kontext.pipeline import KontextPipeline
 from jaxedit.pipelines.batch import run_job
 from jaxedit.step1x.pipeline import Step1XEditPipeline
+from tests.test_batch import Pipeline as BatchPipeline
 
 DEFAULTS = {"steps": 2, "guidance": 1.0}
 
 
-class Pipeline:
-    """Edits are the input image; prompts are encoded as a tokenizer would (a lone surrogate fails the batch)."""
+class Pipeline(BatchPipeline):
+    """test_batch's stand-in; prompts are encoded as a tokenizer would (a lone surrogate fails the batch), and
+    the number of images decoded by the first edit is kept."""
 
     def __init__(self, decodes=None):
-        self.calls, self.decodes, self.decoded_at_first_edit = [], decodes, None
-
-    def bucket_for(self, size, width, height):
-        if size[0] > 100:
-            raise ValueError(f"image {size[0]} px wide is too wide for this stand-in")
-        return size
-
-    def prepare(self, image, width, height):
-        if image.size[0] > 100:
-            raise ValueError(f"image {image.size[0]} px wide is too wide for this stand-in")
-        return types.SimpleNamespace(bucket=image.size, image=image)
+        super().__init__()
+        self.decodes, self.decoded_at_first_edit = decodes, None
 
     def edit(self, prepared, prompts, seeds, guidance, steps):
         if self.decoded_at_first_edit is None and self.decodes is not None:
             self.decoded_at_first_edit = len(self.decodes)
-        self.calls.append(list(prompts))
         for p in prompts:
             p.encode("utf-8")  # as a tokenizer does: a lone surrogate raises UnicodeEncodeError, a ValueError
-        return [p.image for p in prepared]
+        return super().edit(prepared, prompts, seeds, guidance, steps)
 
 
 def write_job(tmp_path, lines, n=4):
@@ -105,6 +98,16 @@ def test_the_batch_commands_model_identity_changes_with_the_folder_and_the_sampl
     assert model_identity(args, types.SimpleNamespace(true_cfg_scale=3.0, negative_prompt="")) != identity
     assert model_identity(argparse.Namespace(**{**vars(args), "keep_size": True}), pipe) != identity
     (folder / "transformer" / "weights").write_bytes(b"22")  # a part rewritten
+    assert model_identity(args, pipe) != identity
+    # sealed parts count by content: a copy of the folder is the same model, a rewritten part is not
+    from jaxedit.checkpoint import seal
+
+    seal(folder / "transformer")
+    identity = model_identity(args, pipe)
+    shutil.copytree(folder, tmp_path / "copy")
+    assert model_identity(argparse.Namespace(**{**vars(args), "model": str(tmp_path / "copy")}), pipe) == identity
+    (folder / "transformer" / "weights").write_bytes(b"33")
+    seal(folder / "transformer")
     assert model_identity(args, pipe) != identity
 
 

@@ -110,6 +110,7 @@ def test_pipeline_stops_on_a_broken_file_before_replacing_anything(tmp_path, cap
     src.mkdir()
     (src / "flux1-kontext-tiny.safetensors").write_bytes(BAD_FILES["truncated data"])
     dst.mkdir()
+    (dst / "jaxedit.json").write_text('{"format": "jaxedit-model", "version": 1}')  # --force may replace it
     (dst / "keep.txt").write_text("old model folder")
     args = ["pipeline", str(src), str(dst), "--preset", "flux-kontext-tiny", "--force"]
     assert convert_cli(args) == 2

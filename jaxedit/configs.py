@@ -12,7 +12,6 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any
 
 
 @dataclass(frozen=True)
@@ -419,33 +418,59 @@ def names() -> list[str]:
     return sorted(_PRESETS)
 
 
-def _matches(value: Any, hint: Any) -> bool:
-    origin = typing.get_origin(hint)
-    if hint is Any:
-        return True
-    if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, h) for h in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if origin is tuple:
+def typed(value, raw: str | None, hint, field: str):
+    """`value` as a value of the annotation `hint` (ints stay ints, floats take ints, tuples from lists), or
+    ValueError naming `field` and what it takes. raw: the text of a string field as written."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if isinstance(hint, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [h for h in args if h is not type(None)]
+        if len(options) == 1:
+            return typed(value, raw, options[0], field)
+        for h in options:
+            try:
+                return typed(value, raw, h, field)
+            except ValueError:
+                pass
+    elif (hint is bool and isinstance(value, bool)) or (hint is int and type(value) is int):
+        return value
+    elif hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    elif hint is str and (isinstance(value, str) or raw is not None):
+        return value if isinstance(value, str) else raw
+    elif origin is tuple and isinstance(value, list | tuple):
+        items = args[:1] * len(value) if args[1:] == (...,) else args
+        if len(items) == len(value):
+            return tuple(typed(v, None, h, f"{field}[{i}]") for i, (v, h) in enumerate(zip(value, items)))
+    elif dataclasses.is_dataclass(hint) and isinstance(value, hint):
+        return value
+    raise ValueError(f"{field} is {describe_type(hint, field)}, got {value!r}")
+
+
+def describe_type(hint, field: str) -> str:
+    if isinstance(hint, types.UnionType):
+        return " or ".join(describe_type(h, field) for h in typing.get_args(hint))
+    if dataclasses.is_dataclass(hint):
+        return f"a {hint.__name__} (set its fields: --set {field}.NAME=VALUE)"
+    if typing.get_origin(hint) is tuple:
         args = typing.get_args(hint)
-        return isinstance(value, list | tuple) and all(_matches(v, args[0]) for v in value)
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    return isinstance(value, hint) if isinstance(hint, type) else True
+        if args[1:] == (...,):
+            return f"a list of {describe_type(args[0], field)}s"
+        return f"a list of {len(args)}: [{', '.join(describe_type(h, field) for h in args)}]"
+    names = {bool: "a boolean (true or false)", int: "an integer", float: "a number", str: "a string"}
+    return names.get(hint, "None" if hint is type(None) else getattr(hint, "__name__", str(hint)))
 
 
 def field_errors(cls: type, raw: dict) -> list[str]:
-    """What is wrong with `raw` as the fields of dataclass `cls`: unknown names and values of the wrong type
-    (ints are not floats' strings, a bool is not an int), one entry each."""
+    """What is wrong with `raw` (e.g. parsed JSON) as the fields of dataclass `cls`: unknown names and values
+    of the wrong type (`typed`), one entry each."""
     hints = typing.get_type_hints(cls)
     out = [f"unknown field {k!r}" for k in raw if k not in hints]
     for k, v in raw.items():
-        if k in hints and not _matches(v, hints[k]):
-            want = getattr(hints[k], "__name__", None) or str(hints[k]).replace("typing.", "")
-            out.append(f"field {k!r} is {v!r}; expected {want}")
+        try:
+            if k in hints:
+                typed(v, None, hints[k], k)
+        except ValueError as e:
+            out.append(str(e))
     return out

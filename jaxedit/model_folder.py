@@ -22,6 +22,7 @@ have no registered preset (e.g. small models trained with jaxedit) load the same
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -209,12 +210,16 @@ def check_complete(folder: str | Path, preset: configs.Preset, *, skip: tuple[st
 
 
 def expected_params(preset: configs.Preset, part: str) -> Any:
-    """The parameter tree (ShapeDtypeStructs) the preset's `part` has."""
+    """The parameter tree (ShapeDtypeStructs) the preset's `part` has (traced once per config and process)."""
+    return _expected_params(part, getattr(preset, part), preset.connector if part == "transformer" else None)
+
+
+@functools.lru_cache(maxsize=32)
+def _expected_params(part: str, cfg: Any, connector: configs.ConnectorConfig | None) -> Any:
     from jaxedit.models import autoencoder, clip, flux, step1x, t5
 
-    cfg = getattr(preset, part)
-    if part == "transformer" and preset.connector is not None:
-        return step1x.abstract_params(cfg, preset.connector)
+    if connector is not None:
+        return step1x.abstract_params(cfg, connector)
     return {"transformer": flux, "vae": autoencoder, "t5": t5, "clip": clip}[part].abstract_params(cfg)
 
 

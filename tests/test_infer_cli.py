@@ -142,7 +142,7 @@ def test_zero_steps_is_an_error_not_the_default(capsys):
         (["--steps", "100000"], "field 'steps'=100000 is outside [1, 1000]"),
         (["--out", "."], "is a folder"),
         (["--out", "edited.jpg"], "end its name with .png"),
-        (["--prompt", " "], "field 'prompt' is missing or empty"),
+        (["--prompt", " "], "field 'prompt' is empty"),
     ],
 )
 def test_single_edit_validates_like_a_batch_item_before_loading(flags, message, tmp_path, capsys):

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import jaxedit
+from jaxedit.configs import typed
 from jaxedit.train.data import DataConfig
 from jaxedit.train.lora import LoraConfig
 from jaxedit.train.objective import ObjectiveConfig
@@ -124,7 +125,7 @@ def _replace(obj, keys: list[str], value, raw: str | None, path: str = ""):
             new = _replace(new, [k], v, None, field + ".")
         value = new
     else:
-        value = _typed(value, raw, hint, field)
+        value = typed(value, raw, hint, field)
     return dataclasses.replace(obj, **{name: value})  # the class's own checks (__post_init__) run here
 
 
@@ -134,57 +135,13 @@ def _config_class(hint) -> type | None:
     return next((h for h in options if dataclasses.is_dataclass(h)), None)
 
 
-def _typed(value, raw: str | None, hint, field: str):
-    """`value` as a value of the annotation `hint` (ints stay ints, floats take ints, tuples from lists), or
-    ValueError naming `field` and what it takes. raw: the text of a string field as written."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if isinstance(hint, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        options = [h for h in args if h is not type(None)]
-        if len(options) == 1:
-            return _typed(value, raw, options[0], field)
-        for h in options:
-            try:
-                return _typed(value, raw, h, field)
-            except ValueError:
-                pass
-    elif (hint is bool and isinstance(value, bool)) or (hint is int and type(value) is int):
-        return value
-    elif hint is float and isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    elif hint is str and (isinstance(value, str) or raw is not None):
-        return value if isinstance(value, str) else raw
-    elif origin is tuple and isinstance(value, list | tuple):
-        items = args[:1] * len(value) if args[1:] == (...,) else args
-        if len(items) == len(value):
-            return tuple(_typed(v, None, h, f"{field}[{i}]") for i, (v, h) in enumerate(zip(value, items)))
-    elif dataclasses.is_dataclass(hint) and isinstance(value, hint):
-        return value
-    raise ValueError(f"{field} is {_expected(hint, field)}, got {value!r}")
-
-
-def _expected(hint, field: str) -> str:
-    if isinstance(hint, types.UnionType):
-        return " or ".join(_expected(h, field) for h in typing.get_args(hint))
-    if dataclasses.is_dataclass(hint):
-        return f"a {hint.__name__} (set its fields: --set {field}.NAME=VALUE)"
-    if typing.get_origin(hint) is tuple:
-        args = typing.get_args(hint)
-        if args[1:] == (...,):
-            return f"a list of {_expected(args[0], field)}s"
-        return f"a list of {len(args)}: [{', '.join(_expected(h, field) for h in args)}]"
-    names = {bool: "a boolean (true or false)", int: "an integer", float: "a number", str: "a string"}
-    return names.get(hint, "None" if hint is type(None) else getattr(hint, "__name__", str(hint)))
-
-
 def check(cfg: Any, path: str = "") -> None:
     """Every field of a config (and of its sub-configs) has its annotated type and lies in `RANGES`;
     ValueError naming the first field that does not."""
     hints = typing.get_type_hints(type(cfg))
     for f in dataclasses.fields(cfg):
         value, field = getattr(cfg, f.name), path + f.name
-        _typed(value, None, hints[f.name], field)
+        typed(value, None, hints[f.name], field)
         if dataclasses.is_dataclass(value):
             check(value, field + ".")
         elif value is not None and f.name in RANGES.get(type(cfg).__name__, {}):

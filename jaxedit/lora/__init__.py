@@ -1,0 +1,113 @@
+"""Community LoRAs for FLUX models: read any layout diffusers' `load_lora_weights` reads, apply them merged
+into the weights or at run time.
+
+    lora = read_lora("style.safetensors", preset)  # LoraError names the file and the key of any problem
+    merged = merge(params["transformer"], [lora.updates["transformer"]], [0.8])
+
+`formats` reads a file's keys into terms (module name, factors, alpha / r), `targets` maps them onto our
+parameters as `Update`s, `apply.merge` adds several LoRAs with their own scales. The pipeline
+(`jaxedit.kontext.pipeline.KontextPipeline.add_lora`) merges at load, or keeps the factors and merges
+inside its jitted program with the scales as traced arguments (a new scale does not recompile).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from pathlib import Path
+
+from flax import traverse_util
+
+from jaxedit import configs
+from jaxedit.lora import targets
+from jaxedit.lora.apply import Update, merge, merge_now
+from jaxedit.lora.formats import LoraError, read_terms
+
+__all__ = [
+    "PARTS",
+    "Lora",
+    "LoraError",
+    "Update",
+    "check_scale",
+    "merge",
+    "merge_now",
+    "parse_lora_arg",
+    "part_shapes",
+    "read_lora",
+]
+
+PARTS = ("transformer", "clip", "t5")
+
+
+@dataclasses.dataclass(frozen=True)
+class Lora:
+    """A LoRA file read for one model: its updates of each part it changes (numpy float32 factors)."""
+
+    path: Path
+    formats: tuple[str, ...]  # the layout(s) of its keys: "diffusers", "kohya", "bfl", "xlabs"
+    sha256: str
+    updates: dict[str, tuple[Update, ...]]  # part -> updates
+
+    def describe(self) -> str:
+        counts = ", ".join(f"{part}: {len({x.param for x in u})} kernels" for part, u in self.updates.items())
+        return f"{self.path.name} ({'+'.join(self.formats)}; {counts})"
+
+
+@functools.lru_cache(maxsize=8)
+def part_shapes(preset: configs.Preset) -> dict[str, dict[str, tuple[int, ...]]]:
+    """{part: {kernel path: shape}} of the parts a LoRA can change."""
+    from jaxedit.models import clip, flux, t5
+
+    modules = {"transformer": flux, "clip": clip, "t5": t5}
+    out = {}
+    for part, module in modules.items():
+        cfg = getattr(preset, part)
+        if cfg is not None:
+            tree = traverse_util.flatten_dict(module.abstract_params(cfg), sep="/")
+            out[part] = {k: tuple(v.shape) for k, v in tree.items()}
+    return out
+
+
+def read_lora(path: str | Path, preset: configs.Preset) -> Lora:
+    """A LoRA file (any layout of `jaxedit.lora.formats`) as updates of the preset's parts; LoraError naming the
+    file and key if a key is of no known layout, a module is not in the model or a factor's shape does not fit."""
+    if preset.connector is not None:
+        raise LoraError(f"{path}: LoRAs are applied to FLUX / FLUX.1 Kontext models; {preset.name} is Step1X-Edit")
+    shapes = part_shapes(preset)
+
+    def kohya_names(part: str, naming: str) -> dict[str, str]:
+        return targets.kohya_table(part, naming, shapes[part]) if part in shapes else {}
+
+    read = read_terms(path, kohya_names)
+    cfg = preset.transformer
+    by_part = {}
+    for part in PARTS:
+        terms = [t for t in read.terms if t.part == part]
+        if not terms:
+            continue
+        if part not in shapes:
+            raise LoraError(f"{read.path}: key {terms[0].key}: the model has no {part}")
+        by_part[part] = targets.updates(
+            terms, part, shapes[part], read.path, hidden=cfg.hidden_size, mlp=cfg.mlp_hidden_dim
+        )
+    return Lora(read.path, read.formats, read.sha256, by_part)
+
+
+def check_scale(scale, what: str = "LoRA scale") -> float:
+    """A finite number (ValueError naming `what` otherwise)."""
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
+        raise ValueError(f"{what} must be a finite number, got {scale!r}")
+    return float(scale)
+
+
+def parse_lora_arg(text: str) -> tuple[Path, float]:
+    """`FILE[:SCALE]` -> (FILE, SCALE or 1.0); a tail after the last ":" that is not a number is part of FILE."""
+    head, sep, tail = text.rpartition(":")
+    if sep and head:
+        try:
+            scale = float(tail)
+        except ValueError:
+            return Path(text), 1.0
+        return Path(head), check_scale(scale, f"--lora {text}: the scale")
+    return Path(text), 1.0

@@ -6,7 +6,9 @@
     FOLDER/vae/  FOLDER/t5/  FOLDER/clip/
     FOLDER/tokenizer/      CLIP tokenizer files    FOLDER/tokenizer_2/  T5 tokenizer files
     (jaxedit.json may also hold "pipeline": {...}, the model's pipeline defaults, e.g.
-    {"auto_resize": false, "steps": 8, "guidance": 1.0} for a small model trained at its own sizes.)
+    {"auto_resize": false, "steps": 8, "guidance": 1.0} for a small model trained at its own sizes, or
+    {"loras": [{"path": "style.safetensors", "scale": 0.8}]}: LoRA files applied at load, paths relative to
+    the folder; see jaxedit.kontext.pipeline.)
 
 Step1X-Edit folders (family "step1x-edit") hold transformer/ (DiT + connector), vae/, qwen/ (the
 converted Qwen2.5-VL) and qwen_processor/ (its tokenizer, image processor and chat template files);

@@ -16,6 +16,14 @@ every step also runs the transformer on the negative prompt (default "") and use
 v = v_neg + scale (v - v_neg), as diffusers' FluxKontextPipeline does with a negative prompt.
 A model folder can make it its default (pipeline options "true_cfg_scale", "negative_prompt");
 it only helps a model trained with prompt dropout (`ObjectiveConfig.prompt_dropout`).
+
+LoRAs (`jaxedit.lora`: diffusers/PEFT, kohya, BFL/ai-toolkit and XLabs files, on the transformer,
+CLIP and T5): `add_lora(file, scale, merge=True)` merges one into the weights (no cost per call);
+merge=False keeps its factors apart and merges them inside each jitted call, with the scales as
+traced arguments, so `generate(..., lora_scales=[...])` changes them per call without recompiling
+(the changed kernels are then held twice during a call). A model folder can name default LoRAs:
+pipeline option "loras": [{"path": "style.safetensors", "scale": 0.8, "merge": true}], paths relative
+to the folder.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import numpy as np
 from PIL import Image
 
 from jaxedit import configs, sampling
+from jaxedit.lora import Lora, check_scale, merge, merge_now, read_lora
 from jaxedit.models import Flux
 from jaxedit.parallel import sharding as sh
 from jaxedit.pipelines.base import (
@@ -65,6 +74,25 @@ def to_pil(images_BHWC: np.ndarray) -> list[Image.Image]:
     return [Image.fromarray(a) for a in (x * 255).round().astype(np.uint8)]
 
 
+def folder_loras(folder: Path, options: dict) -> list[tuple[Path, float, bool]]:
+    """(file, scale, merge) of each default LoRA a model folder's pipeline option "loras" names; ValueError
+    naming jaxedit.json and the entry otherwise."""
+    entries, where = options.get("loras", []), f"{folder / 'jaxedit.json'}: pipeline.loras"
+    if not isinstance(entries, list):
+        raise ValueError(f"{where} is {type(entries).__name__}, not a list of {{path, scale, merge}}")
+    out = []
+    for i, e in enumerate(entries):
+        if not isinstance(e, dict) or not isinstance(e.get("path"), str) or set(e) - {"path", "scale", "merge"}:
+            raise ValueError(f'{where}[{i}] is {e!r}, not {{"path": file, "scale": number, "merge": bool}}')
+        if not isinstance(e.get("merge", True), bool):
+            raise ValueError(f"{where}[{i}].merge is {e['merge']!r}, not true or false")
+        path = folder / e["path"]
+        if not path.is_file():
+            raise ValueError(f"{where}[{i}].path: LoRA file {path} not found")
+        out.append((path, check_scale(e.get("scale", 1.0), f"{where}[{i}].scale"), e.get("merge", True)))
+    return out
+
+
 def _true_cfg_scale(scale) -> float:
     if isinstance(scale, bool) or not isinstance(scale, int | float) or not np.isfinite(scale) or scale < 1:
         raise ValueError(f"true_cfg_scale must be a number >= 1 (1: off), got {scale!r}")
@@ -91,11 +119,22 @@ class KontextPipeline(EditPipelineBase):
         self.true_cfg_scale, self.negative_prompt = 1.0, ""  # true CFG off
         self.model = Flux(preset.transformer, dtype=dtype, param_dtype=dtype)
         self.denoise = jax.jit(self.denoise_loop)
+        self.loras: list[tuple[Lora, float, bool]] = []  # (LoRA, scale, merged) in the order they were added
 
     @classmethod
-    def load(cls, folder: str | Path, *, dtype: Any = None, compile_cache: bool = True, **kw) -> KontextPipeline:
+    def load(
+        cls,
+        folder: str | Path,
+        *,
+        dtype: Any = None,
+        compile_cache: bool = True,
+        loras: list[tuple[Lora | str | Path, float]] = (),
+        merge_loras: bool = True,
+        **kw,
+    ) -> KontextPipeline:
         """Load a jaxedit model folder (see `jaxedit.model_folder`). dtype (transformer and text
-        encoders): default the folder's pipeline option "dtype", else bfloat16."""
+        encoders): default the folder's pipeline option "dtype", else bfloat16. loras: (file or read LoRA,
+        scale) added after the folder's own, merged into the weights unless merge_loras is False."""
         from jaxedit.kontext.text import FluxTextEncoder, load_tokenizer
         from jaxedit.model_folder import TOKENIZERS, load_parts
 
@@ -118,7 +157,54 @@ class KontextPipeline(EditPipelineBase):
         pipe.default_steps = int(options.get("steps", DEFAULT_STEPS))
         pipe.default_guidance = float(options.get("guidance", DEFAULT_GUIDANCE))
         pipe.set_true_cfg(options.get("true_cfg_scale", 1.0), options.get("negative_prompt", ""))
+        for path, scale, merged in folder_loras(folder, options):
+            pipe.add_lora(path, scale, merge=merged)
+        for lora, scale in loras:
+            pipe.add_lora(lora, scale, merge=merge_loras)
         return pipe
+
+    def add_lora(self, lora: Lora | str | Path, scale: float = 1.0, *, merge: bool = True) -> Lora:
+        """Apply a LoRA file (any layout `jaxedit.lora` reads; LoraError naming the file and key if it does not
+        fit the model) with `scale`: merged into the weights now (for good), or, merge=False, kept apart and
+        merged inside each call, where `generate(lora_scales=...)` can change its scale. Returns the LoRA."""
+        lora = lora if isinstance(lora, Lora) else read_lora(lora, self.preset)
+        scale = check_scale(scale)
+        if merge:
+            for part, updates in lora.updates.items():
+                if part == "transformer":
+                    self.params = self.params | {"transformer": merge_now(self.params[part], [updates], [scale])}
+                else:
+                    attr = f"{part}_params"
+                    setattr(self.text_encoder, attr, merge_now(getattr(self.text_encoder, attr), [updates], [scale]))
+        self.loras.append((lora, scale, merge))
+        runtime = tuple(lo.updates.get("transformer", ()) for lo, _, merged in self.loras if not merged)
+        self.params = self.params | {"transformer_loras": runtime}
+        self._placed = {}
+        return lora
+
+    @property
+    def lora_scales(self) -> list[float]:
+        """The default scales of the run-time (unmerged) LoRAs, in the order they were added."""
+        return [scale for _, scale, merged in self.loras if not merged]
+
+    def lora_identity(self) -> list[dict]:
+        """What the LoRAs make of the model: each file's sha256, scale and whether it is merged."""
+        return [{"sha256": lo.sha256, "scale": s, "merged": m} for lo, s, m in self.loras]
+
+    def _runtime_loras(self, scales) -> tuple[dict, tuple | None]:
+        """(text encoders' run-time LoRAs for `encode`, the transformer's (updates, scales) or None)."""
+        runtime = [lo for lo, _, merged in self.loras if not merged]
+        if not runtime:
+            if scales:
+                raise ValueError(f"lora_scales {scales} given, but the pipeline has no run-time (unmerged) LoRA")
+            return {}, None
+        scales = self.lora_scales if scales is None else [check_scale(s, "lora_scales item") for s in scales]
+        if len(scales) != len(runtime):
+            raise ValueError(f"{len(scales)} lora_scales for {len(runtime)} run-time LoRAs")
+        scales = np.asarray(scales, np.float32)
+        text = {p: (tuple(lo.updates.get(p, ()) for lo in runtime), scales) for p in ("t5", "clip")
+                if any(p in lo.updates for lo in runtime)}  # fmt: skip
+        return text, (scales if any("transformer" in lo.updates for lo in runtime) else None)
 
     def set_true_cfg(self, scale: float, negative_prompt: str = "") -> None:
         """Default true-CFG scale (1: off) and negative prompt of later edits."""
@@ -181,10 +267,11 @@ class KontextPipeline(EditPipelineBase):
         output: str = "pil",
         true_cfg_scale: float | None = None,
         negative_prompt: str | list[str] | None = None,
+        lora_scales: list[float] | None = None,
     ):
         """Edit `images` (None: text-to-image) with `prompts`; one seed per item. steps,
         guidance, true_cfg_scale and negative_prompt default to the pipeline's defaults (the
-        model folder's options)."""
+        model folder's options); lora_scales: one per run-time LoRA (default: their own)."""
         steps = check_steps(steps, self.default_steps)
         guidance = self.default_guidance if guidance is None else guidance
         images = images if images is not None else [None] * len(prompts)
@@ -193,13 +280,15 @@ class KontextPipeline(EditPipelineBase):
             raise ValueError("items of one call must share their sizes; use jaxedit.pipelines.batch for mixed sizes")
         g = [guidance] * len(prompts) if np.isscalar(guidance) else list(guidance)
         return self.generate(prepared, prompts, seeds, guidance=g, steps=steps, latents=latents, output=output,
-                             true_cfg_scale=true_cfg_scale, negative_prompt=negative_prompt)  # fmt: skip
+                             true_cfg_scale=true_cfg_scale, negative_prompt=negative_prompt,
+                             lora_scales=lora_scales)  # fmt: skip
 
     def generate(
         self, prepared, prompts, seeds, *, guidance, steps, latents=None, output="pil", true_cfg_scale=None,
-        negative_prompt=None,
+        negative_prompt=None, lora_scales=None,
     ):  # fmt: skip
-        """One batch of items sharing a bucket -> PIL images (or final packed latents, output="latents")."""
+        """One batch of items sharing a bucket -> PIL images (or final packed latents, output="latents").
+        lora_scales: the scale of each run-time LoRA for this call (default: the scales they were added with)."""
         b = len(prompts)
         if not (len(prepared) == len(seeds) == len(guidance) == b):
             raise ValueError(f"{len(prepared)} items, {b} prompts, {len(seeds)} seeds, {len(guidance)} guidance values")
@@ -208,13 +297,14 @@ class KontextPipeline(EditPipelineBase):
         negative = [negative] * b if isinstance(negative, str) else list(negative)
         if len(negative) != b:
             raise ValueError(f"{b} prompts but {len(negative)} negative prompts")
+        text_loras, lora_scales = self._runtime_loras(lora_scales)
         bp = self.batch_plan(prepared, steps)
         mesh, batch, params, h, w = bp.mesh, bp.put, bp.params, bp.h, bp.w
         first = prepared[0]
-        txt, y = self.text_encoder.encode(list(prompts))
+        txt, y = self.text_encoder.encode(list(prompts), loras=text_loras)
         cfg = None
         if scale > 1:
-            neg_txt, neg_y = self.text_encoder.encode(negative)
+            neg_txt, neg_y = self.text_encoder.encode(negative, loras=text_loras)
             cfg = (batch(np.asarray(neg_txt)), batch(np.asarray(neg_y)), jnp.float32(scale))
         ids = [sampling.image_ids(h // 2, w // 2, 0.0)]
         ref_tokens = None
@@ -239,16 +329,20 @@ class KontextPipeline(EditPipelineBase):
                 batch(np.asarray(guidance, np.float32)),
                 jnp.asarray(sampling.flux_schedule(bp.steps, (h // 2) * (w // 2))),
                 cfg,
+                None if lora_scales is None else (params["transformer_loras"], jnp.asarray(lora_scales)),
             )
             if output == "latents":
                 return np.asarray(x)
             images = self.decode_latents(params["vae"], sampling.unpack(x, h, w))
         return to_pil(np.asarray(images))
 
-    def denoise_loop(self, tparams, x, ref_tokens, img_ids, txt, txt_ids, y, guidance, timesteps, cfg=None):
+    def denoise_loop(self, tparams, x, ref_tokens, img_ids, txt, txt_ids, y, guidance, timesteps, cfg=None, lora=None):
         """The whole Euler loop (one XLA program): packed target tokens -> final packed tokens.
         cfg: None, or (negative txt, negative y, true-CFG scale): a second transformer call per
-        step on the negative prompt (same batch sharding as the first)."""
+        step on the negative prompt (same batch sharding as the first). lora: None, or (each run-time
+        LoRA's transformer updates, their scales [n]): merged into the weights once, before the loop."""
+        if lora is not None:
+            tparams = merge(tparams, *lora)
         n_target = x.shape[1]
         dtype = self.model.dtype
 

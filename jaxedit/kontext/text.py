@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxedit.configs import CLIPTextConfig, T5Config
+from jaxedit.lora.apply import merge
 from jaxedit.models.clip import CLIPTextModel
 from jaxedit.models.t5 import T5Encoder
 
@@ -71,6 +72,8 @@ class FluxTextEncoder:
     t5_params / clip_params: the parameter pytrees of `T5Encoder(t5_cfg)` and
     `CLIPTextModel(clip_cfg)` (e.g. from `checkpoints_convert.load_t5` / `load_clip`).
     dtype: compute dtype of both encoders (outputs have it).
+    Run-time LoRAs (`jaxedit.lora`): `encode(..., loras={"t5": (updates of each LoRA, scales), "clip": ...})`
+    merges them into a copy of the weights inside the jitted encoder (new scales reuse the program).
     """
 
     def __init__(
@@ -90,8 +93,8 @@ class FluxTextEncoder:
         self.t5_tokenizer, self.clip_tokenizer = t5_tokenizer, clip_tokenizer
         self.t5 = T5Encoder(t5_cfg, dtype=dtype, param_dtype=dtype, scan_layers=scan_layers)
         self.clip = CLIPTextModel(clip_cfg, dtype=dtype, param_dtype=dtype, scan_layers=scan_layers)
-        self._t5_fn = jax.jit(lambda p, ids: self.t5.apply({"params": p}, ids))
-        self._clip_fn = jax.jit(lambda p, ids: self.clip.apply({"params": p}, ids)[1])
+        self._t5_fn = jax.jit(lambda p, ids, lora=None: self.t5.apply({"params": _with(p, lora)}, ids))
+        self._clip_fn = jax.jit(lambda p, ids, lora=None: self.clip.apply({"params": _with(p, lora)}, ids)[1])
 
     def tokenize(
         self, prompts: Sequence[str], prompts_2: Sequence[str] | None = None, max_sequence_length: int | None = None
@@ -110,16 +113,29 @@ class FluxTextEncoder:
             tokenize(self.clip_tokenizer, prompts, clip_len, "CLIP"),
         )
 
-    def encode_ids(self, t5_ids_BL: np.ndarray, clip_ids_BL: np.ndarray) -> tuple[jax.Array, jax.Array]:
-        """(txt [B, L, d_model], y [B, D_clip]) from token ids (no attention masks, as FLUX)."""
-        txt = self._t5_fn(self.t5_params, jnp.asarray(t5_ids_BL, jnp.int32))
-        y = self._clip_fn(self.clip_params, jnp.asarray(clip_ids_BL, jnp.int32))
+    def encode_ids(
+        self, t5_ids_BL: np.ndarray, clip_ids_BL: np.ndarray, loras: dict | None = None
+    ) -> tuple[jax.Array, jax.Array]:
+        """(txt [B, L, d_model], y [B, D_clip]) from token ids (no attention masks, as FLUX); loras: run-time
+        LoRAs of "t5" / "clip", each (per LoRA its tuple of `Update`s, scales [n])."""
+        loras = loras or {}
+        txt = self._t5_fn(self.t5_params, jnp.asarray(t5_ids_BL, jnp.int32), loras.get("t5"))
+        y = self._clip_fn(self.clip_params, jnp.asarray(clip_ids_BL, jnp.int32), loras.get("clip"))
         return txt, y
 
     def encode(
-        self, prompts: Sequence[str], prompts_2: Sequence[str] | None = None, max_sequence_length: int | None = None
+        self,
+        prompts: Sequence[str],
+        prompts_2: Sequence[str] | None = None,
+        max_sequence_length: int | None = None,
+        loras: dict | None = None,
     ) -> tuple[jax.Array, jax.Array]:
         """Prompts -> (txt [B, max_sequence_length, d_model], y [B, D_clip]), as diffusers' FluxPipeline."""
-        return self.encode_ids(*self.tokenize(prompts, prompts_2, max_sequence_length))
+        return self.encode_ids(*self.tokenize(prompts, prompts_2, max_sequence_length), loras)
 
     __call__ = encode
+
+
+def _with(params, lora):
+    """params with run-time LoRAs (updates of each, scales) merged in (None: params)."""
+    return params if lora is None else merge(params, *lora)

@@ -117,6 +117,8 @@ class Step1XEditPipeline(EditPipelineBase):
         preset, options, dtype = read_folder(folder, (FAMILY,), dtype)
         if preset.connector is None:
             raise ValueError(f"{folder}: a {FAMILY!r} model folder without a connector config")
+        if options.get("loras"):
+            raise ValueError(f"{folder / 'jaxedit.json'}: pipeline.loras: LoRAs apply to FLUX models, not Step1X-Edit")
         embedder = None if text_encoder is False else text_encoder
         if text_encoder is True:  # checked against the connector as it loads
             from jaxedit.step1x.text import load_qwen_embedder

@@ -66,6 +66,14 @@ def model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dtype", choices=["bfloat16", "float32"], default=None, help="transformer/text dtype (default: the model's)"
     )
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE[:SCALE]",
+        help="FLUX Kontext: merge a LoRA (diffusers/PEFT, kohya, BFL/ai-toolkit or XLabs .safetensors) into the "
+        "weights with SCALE (default 1); repeatable; applied after the model folder's own (pipeline.loras)",
+    )
     p.add_argument("--keep-size", action="store_true", help="keep the input size (floored to 16), do not resize it")
     p.add_argument(
         "--qwen", default=None, help="Step1X-Edit: a model folder whose converted Qwen2.5-VL to use (default: its own)"
@@ -90,15 +98,21 @@ def load_pipeline(args):
     if step1x and (args.true_cfg_scale is not None or args.negative_prompt is not None):
         fail("--true-cfg-scale/--negative-prompt are for FLUX Kontext models; "
                          "Step1X-Edit's classifier-free guidance is --guidance")  # fmt: skip
+    if step1x and args.lora:
+        fail("--lora: LoRAs are applied to FLUX / FLUX.1 Kontext model folders, not Step1X-Edit")
     if step1x:
         kw = {"size_level": None} if args.keep_size else {"size_level": args.size_level} if args.size_level else {}
         kw["qwen"] = args.qwen
     else:
         kw = {"auto_resize": False} if args.keep_size else {}
+        kw["loras"] = read_loras(args.lora, preset)
     try:
         pipe = load(folder, dtype=args.dtype, **kw)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
+    for lora, scale, merged in getattr(pipe, "loras", []):
+        print(f"note: LoRA {lora.describe()} at scale {scale:g}{'' if merged else ', applied per call'}",
+              file=sys.stderr)  # fmt: skip
     if not step1x and (args.true_cfg_scale is not None or args.negative_prompt is not None):
         scale = pipe.true_cfg_scale if args.true_cfg_scale is None else args.true_cfg_scale
         try:
@@ -106,6 +120,23 @@ def load_pipeline(args):
         except ValueError as e:
             fail(f"--true-cfg-scale: {e}")
     return pipe
+
+
+def read_loras(specs: list[str], preset) -> list:
+    """(LoRA, scale) of each --lora FILE[:SCALE], read and checked against the model before it is loaded."""
+    from jaxedit.lora import parse_lora_arg, read_lora
+
+    out = []
+    for spec in specs:
+        try:
+            path, scale = parse_lora_arg(spec)
+        except ValueError as e:
+            fail(str(e))
+        try:
+            out.append((read_lora(path, preset), scale))
+        except ValueError as e:  # LoraError: names the file and the key
+            fail(f"--lora: {e}")
+    return out
 
 
 def sampling_defaults(args, pipe) -> dict:
@@ -125,6 +156,8 @@ def model_identity(args, pipe) -> str:
 
     options = {k: getattr(args, k) for k in ("dtype", "keep_size", "size_level")}
     options |= {k: getattr(pipe, k, None) for k in ("true_cfg_scale", "negative_prompt")}  # flags or the folder's
+    loras = pipe.lora_identity() if hasattr(pipe, "lora_identity") else []  # the folder's and --lora
+    options |= {"loras": loras} if loras else {}  # (absent without LoRAs: earlier results keep their keys)
     model = fingerprint(Path(args.model) if args.model else DEFAULT_MODEL)
     qwen = fingerprint(args.qwen) if args.qwen else None
     return json.dumps({"model": model, "qwen": qwen, **options}, sort_keys=True)

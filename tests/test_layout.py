@@ -15,7 +15,7 @@ PACKAGES = ("jaxedit", "checkpoints_convert", "infer", "train", "shapes", "refer
 LIBRARY = ("jaxedit",)
 # attributes with a leading underscore that are public APIs of other libraries, and the reference
 # implementations' own helpers the parity tests call on purpose (diffusers, transformers)
-FOREIGN_UNDERSCORE = {"_replace", "_asdict", "_fields", "_make", "_value_"} | {
+FOREIGN_UNDERSCORE = {"_replace", "_asdict", "_fields", "_make", "_value_", "_cache_size"} | {
     "_pack_latents",
     "_unpack_latents",
     "_prepare_latent_image_ids",

@@ -1,5 +1,5 @@
-"""LoRA (jaxedit.train.lora): merge and its gradient, adapter-only training, and the PEFT export
-loaded by diffusers' FluxKontextPipeline.load_lora_weights against our merge."""
+"""LoRA training (jaxedit.train.lora): merge and its gradient, adapter-only training. Its PEFT export loaded
+by diffusers' FluxKontextPipeline.load_lora_weights and by our own LoRA reader: tests/test_lora_formats.py."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from flax import traverse_util
 
 from jaxedit import configs
 from jaxedit.parallel import sharding as sh
-from jaxedit.train.lora import ALL_TARGETS, LoraConfig, export_peft, init_lora, merge
+from jaxedit.train.lora import ALL_TARGETS, LoraConfig, init_lora, merge
 from jaxedit.train.objective import ObjectiveConfig
 from jaxedit.train.optim import OptimConfig
 from jaxedit.train.step import Trainer
@@ -114,54 +114,6 @@ def test_trainer_step_trains_only_the_adapters():
         merged["single_blocks"]["linear2_mlp"]["kernel"], params["single_blocks"]["linear2_mlp"]["kernel"]
     )
     assert np.array_equal(merged["img_in"]["kernel"], params["img_in"]["kernel"])
-
-
-def test_peft_export_loads_into_diffusers_kontext_pipeline(tmp_path):
-    """export_peft -> FluxKontextPipeline.load_lora_weights on a tiny random pipeline == our merge."""
-    pytest.importorskip("torch")
-    diffusers = pytest.importorskip("diffusers")
-    pytest.importorskip("peft")
-    from checkpoints_convert import load_transformer
-    from references.models import flux_transformer as reference_model
-    from tests.test_flux_parity import TINY, make_inputs, run_ours, run_reference
-
-    model = reference_model(TINY)
-    model.save_pretrained(tmp_path / "transformer", safe_serialization=True)
-    params = load_transformer(tmp_path / "transformer", TINY)
-    cfg = LoraConfig(rank=3, alpha=5.0)  # scale 5/3: not a power of two
-    lora = random_lora(params, cfg, seed=5, b_scale=0.5)
-    path = export_peft(lora, cfg, TINY, tmp_path / "lora.safetensors")
-
-    x = make_inputs(TINY)
-    ref_base = run_reference(model, x)
-    # only the transformer matters to load_lora_weights; the other components are left out
-    pipe = diffusers.FluxKontextPipeline(
-        scheduler=None,
-        vae=None,
-        text_encoder=None,
-        tokenizer=None,
-        text_encoder_2=None,
-        tokenizer_2=None,
-        transformer=model,
-    )
-    pipe.load_lora_weights(path, use_safetensors=True)
-    ref = run_reference(pipe.transformer, x)
-
-    # every exported tensor landed in a PEFT layer (none dropped as unexpected)
-    from safetensors.numpy import load_file
-
-    exported = load_file(path)
-    loaded = {k: v for k, v in pipe.transformer.state_dict().items() if ".lora_" in k}
-    assert len(loaded) == len(exported) == 2 * (TINY.depth * 12 + TINY.depth_single_blocks * 5)
-    for k, v in exported.items():
-        theirs = k.removeprefix("transformer.").replace(".weight", ".default_0.weight")
-        assert np.array_equal(loaded[theirs].numpy(), v), k
-
-    ours = run_ours(merge(params, lora, cfg), TINY, x)
-    err, effect = rel_err(ours, ref), rel_err(ref, ref_base)
-    print(f"LoRA via diffusers load_lora_weights vs our merge: float32 rel err {err:.2e}; LoRA effect {effect:.2e}")
-    assert err <= 1e-5
-    assert effect > 1e-2
 
 
 def test_checked_in_dev_configs_load():

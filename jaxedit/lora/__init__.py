@@ -76,6 +76,7 @@ def read_lora(path: str | Path, preset: configs.Preset) -> Lora:
         raise LoraError(f"{path}: LoRAs are applied to FLUX / FLUX.1 Kontext models; {preset.name} is Step1X-Edit")
     shapes = part_shapes(preset)
 
+    @functools.cache
     def kohya_names(part: str, naming: str) -> dict[str, str]:
         return targets.kohya_table(part, naming, shapes[part]) if part in shapes else {}
 

@@ -205,7 +205,7 @@ def read_terms(path: str | Path, kohya_names: KohyaNames) -> LoraTerms:
 
     if not header:
         raise LoraError(f"{path}: holds no tensors")
-    factors: dict[tuple[str, str], dict[str, str]] = {}  # (format-specific stem) -> {kind: key}
+    factors: dict[str, dict[str, str]] = {}  # stem (the key without its suffix) -> {kind: key}
     xlabs: dict[tuple[str, ...], dict[str, str]] = {}
     for key in header:
         m = _XLABS.fullmatch(key)
@@ -223,7 +223,15 @@ def read_terms(path: str | Path, kohya_names: KohyaNames) -> LoraTerms:
             raise LoraError(f"{path}: key {key}: a second {kind} factor for {stem} (also {slot[kind]})")
         slot[kind] = key
 
-    peft = _peft_alphas(json.loads(meta[PEFT_METADATA]), path) if meta.get(PEFT_METADATA) else {}
+    peft = {}
+    if meta.get(PEFT_METADATA):
+        try:
+            config = json.loads(meta[PEFT_METADATA])
+        except ValueError:
+            config = None
+        if not isinstance(config, dict):
+            raise LoraError(f"{path}: header {PEFT_METADATA} is not a JSON object of PEFT LoraConfig fields")
+        peft = _peft_alphas(config, path)
     has_alpha = {_classify(s)[0] for s, kinds in factors.items() if "alpha" in kinds}
     if peft and has_alpha:
         raise LoraError(f"{path}: both .alpha keys and a {PEFT_METADATA} header (diffusers refuses such files too)")

@@ -10,8 +10,8 @@ along the inputs. diffusers' module names map onto BFL's, with the rows they cov
 to_v are the thirds of BFL's fused qkv, proj_mlp the MLP rows of linear1, and norm_out.linear is
 final_layer.adaLN_modulation.1 with its two halves swapped). This is the correspondence of
 checkpoints_convert's key tables (`flux.bfl_rules`, `flux.diffusers_rules`, `text.clip_rules`,
-`text.t5_rules`), which the library cannot import; tests/test_lora_formats.py checks the two agree
-rule by rule.
+`text.t5_rules`), which the library cannot import (imports run one way): tests/test_lora_formats.py
+checks that a LoRA on every Linear lands where those tables put the same weights, kernel by kernel.
 """
 
 from __future__ import annotations
@@ -116,6 +116,8 @@ def bfl_pieces(shapes: dict, module: str) -> list[Piece] | None:
     """Our kernels holding BFL's transformer module `module` (e.g. `single_blocks.3.linear1`), None if none."""
     m = _BLOCK.fullmatch(module)
     block, layer, rest = (m[1], int(m[2]), m[3]) if m else (None, None, module)
+    if block is None and rest.split(".")[0] in ("double_blocks", "single_blocks"):
+        return None  # a stacked kernel named without its layer
     axis, names = FUSED[rest] if block == "single_blocks" and rest in FUSED else ("out", (rest.replace(".", "/"),))
     return _pieces(shapes, block, layer, names, axis)
 

@@ -22,6 +22,8 @@ FOREIGN_UNDERSCORE = {"_replace", "_asdict", "_fields", "_make", "_value_", "_ca
     "_get_t5_prompt_embeds",
     "_get_clip_prompt_embeds",
     "_relative_position_bucket",
+    "_convert_kohya_flux_lora_to_diffusers",
+    "_convert_fal_kontext_lora_to_diffusers",
 }
 
 

@@ -558,3 +558,53 @@ def test_pipeline_merges_at_load_or_per_call_and_cli(tmp_path, capsys):
             main([*argv, "--lora", spec])
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and message in err and "\n" not in err, err
+
+
+@pytest.mark.slow
+def test_full_size_kohya_and_fal_files_read_as_diffusers_converts_them(tmp_path):
+    """At FLUX.1 Kontext [dev]'s sizes, where diffusers' converters work (their widths are hard-coded): a kohya
+    file (every module, alpha 3 / rank 2) and a fal-Kontext `base_model.model.` file read as diffusers' own
+    conversions of them to diffusers/PEFT names do, compared through each kernel's delta times a random vector.
+    The final layer's kohya alpha is the one difference: diffusers drops it (scale 1), we apply alpha / r."""
+    torch = pytest.importorskip("torch")
+    from diffusers.loaders import lora_conversion_utils as conversion
+
+    from jaxedit.lora import part_shapes
+
+    preset, rng = configs.get("flux-kontext-dev"), np.random.default_rng(0)
+    shapes = part_shapes(preset)["transformer"]
+
+    def probe(lora) -> dict:
+        out = {}
+        for u in lora.updates["transformer"]:
+            outs = shapes[u.param][1 + u.stacked :]
+            v = np.random.default_rng(1).standard_normal(outs)[tuple(slice(lo, hi) for lo, hi in u.box)]
+            bv = np.tensordot(u.b.astype(np.float64), v, axes=len(outs))
+            out[u.param] = out.get(u.param, 0) + np.einsum("...ir,...r->...i", u.a.astype(np.float64), bv)
+        return out
+
+    def compare(ours: dict, convert) -> dict:
+        save_file(ours, str(tmp_path / "ours.safetensors"))
+        theirs = convert({k: torch.from_numpy(v) for k, v in ours.items()})
+        save_file({k if k.startswith("transformer.") else f"transformer.{k}": v.numpy() for k, v in theirs.items()},
+                  str(tmp_path / "theirs.safetensors"))  # fmt: skip
+        a, b = (probe(read_lora(tmp_path / f, preset)) for f in ("ours.safetensors", "theirs.safetensors"))
+        assert set(a) == set(b)
+        return {k: float(np.abs(a[k] - b[k]).max() / np.abs(b[k]).max()) for k in a}
+
+    kohya, fal = {}, {}
+    for module, (n_out, n_in) in bfl_linears(preset.transformer).items():
+        down, up = rng.standard_normal((2, n_in)).astype(np.float32), rng.standard_normal((n_out, 2)).astype(np.float32)
+        stem = "lora_unet_" + module.replace(".", "_")
+        kohya |= {
+            f"{stem}.lora_down.weight": down,
+            f"{stem}.lora_up.weight": up,
+            f"{stem}.alpha": np.array(3.0, np.float32),
+        }
+        if module.startswith(("double_blocks", "single_blocks", "final_layer.linear")):  # what its converter reads
+            fal |= {f"base_model.model.{module}.lora_A.weight": down, f"base_model.model.{module}.lora_B.weight": up}
+    errs = compare(kohya, conversion._convert_kohya_flux_lora_to_diffusers)
+    assert {k: round(v, 6) for k, v in errs.items() if k.startswith("final_layer")} == {
+        "final_layer/linear/kernel": 0.5, "final_layer/adaLN_modulation/1/kernel": 0.5}  # fmt: skip
+    assert max(v for k, v in errs.items() if not k.startswith("final_layer")) <= 1e-6
+    assert max(compare(fal, conversion._convert_fal_kontext_lora_to_diffusers).values()) <= 1e-6

@@ -81,7 +81,7 @@ FILE_SECONDS = {
     "test_train_objective.py": 92, "test_step1x_pipeline.py": 71, "test_pipeline.py": 58, "test_qwen.py": 55,
     "test_install.py": 51, "test_attention.py": 47, "test_train_cache_vae.py": 41, "test_vae.py": 38,
     "test_step1x_train.py": 38, "test_step1x.py": 37, "test_text_encoders.py": 32, "test_default_model.py": 31,
-    "test_faults.py": 40, "test_lora_formats.py": 40, "test_lora.py": 22, "test_train_monitor.py": 17,
+    "test_faults.py": 40, "test_lora_formats.py": 30, "test_lora.py": 25, "test_train_monitor.py": 17,
     "test_step1x_text.py": 13,
 }  # fmt: skip
 

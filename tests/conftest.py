@@ -11,6 +11,9 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + FLAGS).strip(
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # tests compile from scratch (the persistent compilation cache is tested explicitly)
 os.environ["JAXEDIT_CACHE_DIR"] = "off"
+# torch (the references only) runs one thread in each of the two xdist workers: two workers on 2 cores, each
+# torch taking 2 threads, oversubscribe the machine (a tiny diffusers forward took 0.8 s instead of 0.015 s)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Make `tests.helpers`, `references` and `shapes` importable.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)

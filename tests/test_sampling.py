@@ -37,6 +37,9 @@ def test_ids_match_diffusers():
 def test_reference_ids_conventions():
     """One reference: (1, row, col) in every convention. Several (3x2, 2x2, 3x3 token grids): community shifts
     reference i's columns by i x its rows; offset tiles a canvas (no two tokens share an id); index counts."""
+    from jaxedit.cli import REFERENCE_IDS
+
+    assert REFERENCE_IDS == sampling.REFERENCE_IDS  # the CLI's copy (it imports no jax)
     for c in sampling.REFERENCE_IDS:
         np.testing.assert_array_equal(sampling.reference_ids([(3, 5)], c), sampling.image_ids(3, 5, 1.0))
     grids = [(3, 2), (2, 2), (3, 3)]

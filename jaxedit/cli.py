@@ -1,6 +1,7 @@
 """The `jaxedit` command (also `python -m jaxedit`): edit images, run batch jobs, train, plan.
 
     jaxedit edit --image in.png --prompt "make it snow" --out out.png [--model FOLDER]
+    jaxedit edit --image person.png --image scene.png --prompt "put the person into the scene" --out out.png
     jaxedit batch --manifest edits.jsonl --out DIR [--model FOLDER] [--batch-size 4]
     jaxedit train --config kontext_dev_lora --set model=FOLDER --set data.path=DATA
     jaxedit precompute --model FOLDER --data DATA --out CACHE
@@ -29,6 +30,7 @@ COMMANDS = {
     "precompute": "cache a dataset's text embeddings and VAE latents for training",
     "plan": "compile a full-size step ahead of time: per-device memory, FLOPs, time estimates",
 }
+REFERENCE_IDS = ("community", "offset", "index")  # jaxedit.sampling.REFERENCE_IDS (not imported: no jax here)
 
 
 def fail(message: str) -> NoReturn:
@@ -75,6 +77,14 @@ def model_options(p: argparse.ArgumentParser) -> None:
         "weights with SCALE (default 1); repeatable; applied after the model folder's own (pipeline.loras)",
     )
     p.add_argument("--keep-size", action="store_true", help="keep the input size (floored to 16), do not resize it")
+    p.add_argument("--reference-ids", choices=REFERENCE_IDS, default=None,
+                   help="FLUX Kontext, several images: their position ids (default community: diffusers' community "
+                   "multi-image pipeline; offset, index: ComfyUI's)")  # fmt: skip
+    p.add_argument("--reference-tokens", type=positive_int, default=None,
+                   help="FLUX Kontext: scale an item's reference images together to at most this many tokens "
+                   "(4096: one 1024x1024 image; default: each resized as a single one is)")  # fmt: skip
+    p.add_argument("--max-tokens", type=positive_int, default=None,
+                   help="FLUX Kontext: refuse an item whose target + reference tokens exceed this")  # fmt: skip
     p.add_argument(
         "--qwen", default=None, help="Step1X-Edit: a model folder whose converted Qwen2.5-VL to use (default: its own)"
     )
@@ -100,12 +110,17 @@ def load_pipeline(args):
                          "Step1X-Edit's classifier-free guidance is --guidance")  # fmt: skip
     if step1x and args.lora:
         fail("--lora: LoRAs are applied to FLUX / FLUX.1 Kontext model folders, not Step1X-Edit")
+    references = {"reference_ids": args.reference_ids, "reference_tokens": args.reference_tokens,
+                  "max_image_tokens": args.max_tokens}  # fmt: skip
+    if step1x and any(v is not None for v in references.values()):
+        fail("--reference-ids/--reference-tokens/--max-tokens are for FLUX Kontext models")
     if step1x:
         kw = {"size_level": None} if args.keep_size else {"size_level": args.size_level} if args.size_level else {}
         kw["qwen"] = args.qwen
     else:
         kw = {"auto_resize": False} if args.keep_size else {}
         kw["loras"] = read_loras(args.lora, preset)
+        kw |= {k: v for k, v in references.items() if v is not None}
     try:
         pipe = load(folder, dtype=args.dtype, **kw)
     except (FileNotFoundError, ValueError) as e:
@@ -155,6 +170,8 @@ def model_identity(args, pipe) -> str:
     from jaxedit.model_folder import fingerprint
 
     options = {k: getattr(args, k) for k in ("dtype", "keep_size", "size_level")}
+    refs = {k: getattr(pipe, k, None) for k in ("reference_ids", "reference_tokens")}
+    options |= {k: v for k, v in refs.items() if v not in (None, "community")}  # at their defaults: keys as before
     options |= {k: getattr(pipe, k, None) for k in ("true_cfg_scale", "negative_prompt")}  # flags or the folder's
     loras = pipe.lora_identity() if hasattr(pipe, "lora_identity") else []  # the folder's and --lora
     options |= {"loras": loras} if loras else {}  # (absent without LoRAs: earlier results keep their keys)
@@ -178,7 +195,8 @@ def check_output(dst: Path) -> None:
 
 def edit_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="jaxedit edit", description="Edit one image with a jaxedit model folder.")
-    p.add_argument("--image", required=True, help="input image (any format Pillow reads)")
+    p.add_argument("--image", required=True, action="append",
+                   help="input image (any format Pillow reads); repeat it for several reference images")  # fmt: skip
     p.add_argument("--prompt", required=True, help="the edit instruction")
     p.add_argument("--out", required=True, help="output PNG path")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
@@ -189,13 +207,14 @@ def edit_main(argv: list[str]) -> int:
     from jaxedit.pipelines.batch import ItemError, load_image, parse_item
 
     # the batch path's validation of an item (prompt, seed, steps, guidance, sizes), before any work
-    fields = {"image": args.image, "prompt": args.prompt, "seed": args.seed, "width": args.width, "height": args.height}
+    fields = {"images": args.image, "prompt": args.prompt, "seed": args.seed}
+    fields |= {"width": args.width, "height": args.height}
     fields |= {k: v for k, v in (("steps", args.steps), ("guidance", args.guidance)) if v is not None}
     dst = Path(args.out)
     try:
         parse_item(fields, 0, {"steps": 1, "guidance": 0.0}, Path.cwd())
         check_output(dst)
-        image = load_image(args.image)
+        images = [load_image(x) for x in args.image]
     except ItemError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -203,7 +222,9 @@ def edit_main(argv: list[str]) -> int:
     pipe = load_pipeline(args)
     t1 = time.perf_counter()
     try:
-        prepared = pipe.prepare(image, args.width, args.height)
+        if len(images) > 1 and not getattr(pipe, "several_references", False):
+            raise ValueError(f"--image: this model takes one input image, got {len(images)}")
+        prepared = pipe.prepare(images if len(images) > 1 else images[0], args.width, args.height)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -222,7 +243,8 @@ def batch_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="jaxedit batch",
         description='Edit every line of a JSONL manifest: {"image": path, "prompt": str, optional "id", '
-        '"seed", "steps", "guidance", "width", "height"}. Writes DIR/<id>.png and DIR/results.jsonl; '
+        '"seed", "steps", "guidance", "width", "height"} ("images": [path, ...]: several reference images). '
+        "Writes DIR/<id>.png and DIR/results.jsonl; "
         "a bad item fails alone, a rerun skips what is done (same inputs, same model) and redoes what changed; "
         "exit code 1 if any item failed.",
     )

@@ -6,13 +6,14 @@ memory, FLOPs and time estimates.
     jaxedit plan --task sample --target v6e-4 --mesh fsdp=4 --steps 28
     jaxedit plan --task train --target h100-8 --batch 8
     jaxedit plan --task train --mesh fsdp=64          # no --target: 64 simulated CPU devices
+    jaxedit plan --task sample --target v5p-8 --references 3   # FLUX Kontext, 3 reference images per edit
 
 Tasks (the programs jaxedit runs; --preset picks FLUX.1 Kontext or Step1X-Edit, whose DiT includes
 its connector):
   train       the real train step (`jaxedit.train.step.Trainer`): flow-matching loss, gradients,
               AdamW, float32 master weights and Adam state, bf16 compute, donated state
   lora        the same with LoRA adapters (rank --lora-rank) on a frozen base
-  infer       one transformer call on [target | reference] tokens (bf16)
+  infer       one transformer call on [target | reference(s)] tokens (bf16)
   sample      the pipeline's whole jitted denoising loop, --steps Euler steps (Step1X: with CFG)
   vae-decode  the VAE decoder at the resolution (float32, as the pipelines run it)
   text        T5 + CLIP text encoders (bf16; FLUX presets)
@@ -65,6 +66,8 @@ def parser(prog: str = "python -m jaxedit.plan") -> argparse.ArgumentParser:
     p.add_argument("--attention", default="auto", help="attention impl (auto: splash on TPU, chunked on CPU)")
     p.add_argument("--lora-rank", type=int, default=16, help="lora: adapter rank")
     p.add_argument("--no-reference", action="store_true", help="text-to-image: no Kontext reference tokens")
+    p.add_argument("--references", type=int, default=1, help="FLUX Kontext: reference images per sample, each "
+                   "at --resolution (default 1; 0 = --no-reference)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="also print the report as one JSON line")
     return p
 
@@ -125,14 +128,17 @@ def shapes_of(preset, args) -> dict:
     f = preset.vae.downsample
     h = w = args.resolution // f  # latent cells
     n_target = (h // 2) * (w // 2)
-    n_ref = 0 if args.no_reference else n_target
+    refs = 0 if args.no_reference else args.references
+    if refs < 0 or (refs > 1 and preset.connector is not None):
+        raise ValueError(f"--references {refs}: {'Step1X-Edit takes 1' if refs > 0 else 'give 0 or more'}")
+    n_ref = refs * n_target
     if preset.connector is not None:
         from jaxedit.step1x.text import QwenEmbedderConfig
 
         lt = args.text_tokens or QwenEmbedderConfig().max_length
     else:
         lt = args.text_tokens or preset.t5.max_length
-    return dict(latent=(h, w), target_tokens=n_target, reference_tokens=n_ref, text_tokens=lt,
+    return dict(latent=(h, w), target_tokens=n_target, references=refs, reference_tokens=n_ref, text_tokens=lt,
                 tokens=lt + n_target + n_ref)  # fmt: skip
 
 
@@ -165,6 +171,7 @@ def lower(preset, args, mesh, batch: int):
         rh, rw = (h, w) if s["reference_tokens"] else (2, 2)  # the objective always has a reference
         lt = s["text_tokens"]
         batch_in = {"target": (batch, h, w, z), "reference": (batch, rh, rw, z)}
+        batch_in |= {f"reference_{i}": (batch, h, w, z) for i in range(1, s["references"])}
         if step1x:
             batch_in |= {"txt": (batch, lt, ccfg.in_channels), "txt_mask": (batch, lt)}
         else:
@@ -414,7 +421,9 @@ def format_report(r: dict) -> str:
             ""
             if r["task"] in ("vae-decode", "text")
             else f"({r['tokens']} tokens/sample: {r['text_tokens']} text + "
-            f"{r['target_tokens']} target + {r['reference_tokens']} reference), "
+            f"{r['target_tokens']} target + {r['reference_tokens']} reference"
+            + (f" in {r['references']} images" if r.get("references", 1) > 1 else "")
+            + "), "
         )  # fmt: skip
         + f"{r['target']} mesh {r['mesh']} = {r['chips']} {'chips' if r['target'] != 'cpu' else 'devices'}, "
         f"remat {r['remat']}, attention {r['attention']}",

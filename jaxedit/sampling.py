@@ -4,6 +4,7 @@ Conventions (BFL `flux/sampling.py`, diffusers `pipeline_flux_kontext.py`):
 - latents are NHWC here: z [B, h, w, 16] with h, w = H/8, W/8;
 - packing 2x2 patches: [B, h, w, C] -> [B, (h/2)(w/2), C*4], feature index c*4 + ph*2 + pw;
 - ids (index, row, col): 0 for the target, 1 for the Kontext reference; text ids zero;
+  several references: one of REFERENCE_IDS (`reference_ids`), each equal to the above for one;
 - x_t = (1 - t) x0 + t noise, velocity v = noise - x0; Euler x <- x + (t_prev - t_curr) v;
 - schedule linspace(1, 0, N + 1) shifted by time_shift(mu) with mu linear in the number
   of TARGET tokens (reference tokens not counted).
@@ -67,13 +68,42 @@ def unpack(x_BLF: jax.Array, h: int, w: int) -> jax.Array:
     return x.reshape(b, h, w, c)
 
 
-def image_ids(h2: int, w2: int, index: float = 0.0) -> np.ndarray:
-    """Ids [(h2*w2), 3] float32 of a packed grid of h2 x w2 tokens: (index, row, col)."""
+def image_ids(h2: int, w2: int, index: float = 0.0, row: int = 0, col: int = 0) -> np.ndarray:
+    """Ids [(h2*w2), 3] float32 of a packed grid of h2 x w2 tokens: (index, row + r, col + c)."""
     ids = np.zeros((h2, w2, 3), np.float32)
     ids[..., 0] = index
-    ids[..., 1] = np.arange(h2)[:, None]
-    ids[..., 2] = np.arange(w2)[None, :]
+    ids[..., 1] = row + np.arange(h2)[:, None]
+    ids[..., 2] = col + np.arange(w2)[None, :]
     return ids.reshape(h2 * w2, 3)
+
+
+# How several reference grids are told apart (each gives (1, row, col) for a single reference):
+#   community  diffusers' examples/community/pipeline_flux_kontext_multiple_images.py: index 1, the
+#              columns of reference i (from 0) shifted by i x ITS number of token rows (as written there:
+#              rows, not columns; with equal square references they sit side by side)
+#   offset     ComfyUI's default ("offset" ref_latents_method): index 1, each reference placed on a growing
+#              canvas, right of it when placing it below would make the canvas taller than wide, else below
+#   index      ComfyUI's "index": reference i gets index i + 1, rows and columns from 0
+REFERENCE_IDS = ("community", "offset", "index")
+
+
+def reference_ids(grids: list[tuple[int, int]], convention: str = "community") -> np.ndarray:
+    """Ids [sum h2*w2, 3] float32 of reference grids [(h2, w2) tokens, ...] in order, per `convention`
+    (one of REFERENCE_IDS)."""
+    if convention not in REFERENCE_IDS:
+        raise ValueError(f"reference ids {convention!r}: use one of {', '.join(REFERENCE_IDS)}")
+    out, canvas_h, canvas_w = [], 0, 0
+    for i, (h2, w2) in enumerate(grids):
+        if convention == "community":
+            out.append(image_ids(h2, w2, 1.0, col=i * h2))
+        elif convention == "index":
+            out.append(image_ids(h2, w2, float(i + 1)))
+        else:
+            right = h2 + canvas_h > w2 + canvas_w
+            row, col = (0, canvas_w) if right else (canvas_h, 0)
+            canvas_h, canvas_w = max(canvas_h, row + h2), max(canvas_w, col + w2)
+            out.append(image_ids(h2, w2, 1.0, row, col))
+    return np.concatenate(out) if out else np.zeros((0, 3), np.float32)
 
 
 def flux_mu(image_seq_len: int, base_len=256, max_len=4096, base_shift=0.5, max_shift=1.15) -> float:

@@ -154,3 +154,39 @@ def test_single_edit_validates_like_a_batch_item_before_loading(flags, message, 
     assert cli(["edit", *[x for kv in base.items() for x in kv], "--model", str(tmp_path / "no-model")]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1 and "no-model" not in err
+
+
+def test_edit_with_several_images_and_the_reference_flags(tmp_path, monkeypatch, capsys):
+    """`--image a --image b` edits with both references (a stand-in pipeline with KontextPipeline's sizes); the
+    reference flags reach the pipeline; a missing second image, too many tokens or a model of one image: one
+    line, exit 2 (a missing image before the model loads)."""
+    from tests.test_batch import Kontext
+
+    class Pipe(Kontext):
+        default_steps, default_guidance = 2, 2.5
+
+        def generate(self, prepared, prompts, seeds, *, guidance, steps):
+            return self.edit(prepared, prompts, seeds, guidance, steps)
+
+    loads = []
+
+    def load(folder, dtype=None, auto_resize=True, **references):
+        loads.append(references)
+        pipe = Pipe(**{k.removeprefix("reference_"): v for k, v in references.items()})
+        pipe.auto_resize = auto_resize
+        return pipe
+
+    monkeypatch.setattr("jaxedit.pipelines.auto.load_pipeline", load)
+    write_png(tmp_path / "a.png", 64, 48)
+    write_png(tmp_path / "b.png", 32, 32)
+    out = tmp_path / "out.png"
+    base = ["edit", "--image", str(tmp_path / "a.png"), "--prompt", "x", "--out", str(out), "--keep-size"]
+    assert cli(base + ["--image", str(tmp_path / "b.png"), "--reference-ids", "index"]) == 0
+    assert Image.open(out).size == (64, 48) and loads == [{"reference_ids": "index"}]
+    assert cli(base + ["--image", str(tmp_path / "nope.png")]) == 2 and len(loads) == 1
+    assert "image not found" in capsys.readouterr().err.splitlines()[-1]
+    assert cli(base + ["--image", str(tmp_path / "b.png"), "--max-tokens", "20"]) == 2
+    assert "28 image tokens, over the maximum of 20" in capsys.readouterr().err
+    monkeypatch.setattr(Pipe, "several_references", False)
+    assert cli(base + ["--image", str(tmp_path / "b.png")]) == 2
+    assert "--image: this model takes one input image, got 2" in capsys.readouterr().err

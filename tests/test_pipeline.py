@@ -2,11 +2,14 @@
 
 A tiny random diffusers pipeline is saved with save_pretrained, converted with
 `python -m checkpoints_convert pipeline`, and both run from the same initial latents:
-batch 2, a non-square 64x48 image, 4 steps, guidance 3.5, auto-resize off.
+batch 2, a non-square 64x48 image, 4 steps, guidance 3.5, auto-resize off. Several references: against
+the reference path of diffusers' community pipeline_flux_kontext_multiple_images (re-implemented here on
+the same diffusers components: the package does not ship examples/).
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -83,6 +86,67 @@ def test_kontext_true_cfg_matches_diffusers(pipes):
     assert rel_err(plain, ref_lat) > 100 * err  # the negative branch changed the result
     with pytest.raises(ValueError, match="true_cfg_scale"):
         ours(*args, true_cfg_scale=0.5, **kw)
+
+
+def community_multi_reference(ref, images, prompts, latents, steps, guidance):
+    """Final packed latents of diffusers' examples/community/pipeline_flux_kontext_multiple_images.py
+    (`multiple_images`, `_auto_resize=False`, the target W x H): every reference is resized to the first one's
+    size and preprocessed, VAE-encoded (mode) and packed alone; reference i's ids are (1, row, col + i * rows);
+    the transformer sees [target | references]; mu from the target's tokens; the scheduler's Euler steps."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+
+    b, n = len(prompts), len(images[0])
+    with torch.no_grad():
+        txt, pooled, txt_ids = ref.encode_prompt(prompt=prompts, prompt_2=None, max_sequence_length=64)
+        w0, h0 = (v // 16 * 16 for v in images[0][0].size)
+        refs, ids = [], [ref._prepare_latent_image_ids(b, H // 16, W // 16, "cpu", torch.float32)]
+        for i in range(n):
+            x = ref.image_processor.preprocess([item[i] for item in images], h0, w0)
+            lat = ref.vae.encode(x).latent_dist.mode()  # FluxKontextPipeline._encode_vae_image (argmax)
+            lat = (lat - ref.vae.config.shift_factor) * ref.vae.config.scaling_factor
+            lh, lw = lat.shape[2:]
+            refs.append(ref._pack_latents(lat, b, lat.shape[1], lh, lw))
+            image_ids = ref._prepare_latent_image_ids(b, lh // 2, lw // 2, "cpu", torch.float32)
+            image_ids[..., 0] = 1
+            image_ids[..., 2] += i * (lh // 2)
+            ids.append(image_ids)
+        refs, ids = torch.cat(refs, dim=1), torch.cat(ids, dim=0)
+        x = torch.from_numpy(latents)
+        c = ref.scheduler.config
+        mu = calculate_shift(x.shape[1], c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift)
+        sigmas = np.linspace(1.0, 1 / steps, steps)
+        timesteps, _ = retrieve_timesteps(ref.scheduler, steps, "cpu", sigmas=sigmas, mu=mu)
+        ref.scheduler.set_begin_index(0)
+        g = torch.full([b], guidance, dtype=torch.float32)
+        for t in timesteps:
+            v = ref.transformer(hidden_states=torch.cat([x, refs], dim=1), timestep=t.expand(b) / 1000, guidance=g,
+                                pooled_projections=pooled, encoder_hidden_states=txt, txt_ids=txt_ids, img_ids=ids,
+                                return_dict=False)[0][:, : x.shape[1]]  # fmt: skip
+            x = ref.scheduler.step(v, t, x, return_dict=False)[0]
+    return x.numpy()
+
+
+@pytest.mark.parametrize("n_refs", [2, 3])
+def test_multi_reference_edit_matches_the_community_pipeline(pipes, n_refs, caplog):
+    """2 and 3 references per item (batch 2, 64x48 each, so the community's row offset overlaps columns; 2 steps):
+    final latents within 1e-4; other reference ids change the result, in the same compiled program."""
+    ref, ours, latents = pipes
+    items = [[images(10 * i + j)[i] for j in range(n_refs)] for i in range(len(PROMPTS))]
+    want = community_multi_reference(ref, items, PROMPTS, latents, 2, GUIDANCE)
+    kw = dict(steps=2, guidance=GUIDANCE, width=W, height=H, latents=latents, output="latents")
+    with jax.log_compiles(True):
+        got = ours(items, PROMPTS, [0, 1], **kw)
+        err = rel_err(got, want)
+        print(f"{n_refs} references: final latents rel err {err:.2e}")
+        assert err <= 1e-4
+        ours.set_references("index")
+        try:
+            other = ours(items, PROMPTS, [0, 1], **kw)
+        finally:
+            ours.set_references()
+    assert rel_err(other, want) > 100 * err  # the ids reach the model
+    compiled = [r for r in caplog.records if "compilation of jit(denoise_loop)" in r.getMessage()]
+    assert len(compiled) == 1  # one program per bucket, whatever the ids
 
 
 def test_text_to_image_matches_diffusers_flux_pipeline(pipes):

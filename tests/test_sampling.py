@@ -34,6 +34,25 @@ def test_ids_match_diffusers():
     np.testing.assert_array_equal(sampling.image_ids(3, 5, 1.0), ref)
 
 
+def test_reference_ids_conventions():
+    """One reference: (1, row, col) in every convention. Several (3x2, 2x2, 3x3 token grids): community shifts
+    reference i's columns by i x its rows; offset tiles a canvas (no two tokens share an id); index counts."""
+    from jaxedit.cli import REFERENCE_IDS
+
+    assert REFERENCE_IDS == sampling.REFERENCE_IDS  # the CLI's copy (it imports no jax)
+    for c in sampling.REFERENCE_IDS:
+        np.testing.assert_array_equal(sampling.reference_ids([(3, 5)], c), sampling.image_ids(3, 5, 1.0))
+    grids = [(3, 2), (2, 2), (3, 3)]
+    parts = lambda c: np.split(sampling.reference_ids(grids, c), [6, 10])  # noqa: E731
+    community, offset, index = (parts(c) for c in sampling.REFERENCE_IDS)
+    for i, (h2, w2) in enumerate(grids):
+        np.testing.assert_array_equal(community[i], sampling.image_ids(h2, w2, 1.0, col=i * h2))
+        np.testing.assert_array_equal(index[i], sampling.image_ids(h2, w2, i + 1.0))
+    corners = [tuple(int(v) for v in x[0, 1:]) for x in offset]
+    assert corners == [(0, 0), (0, 2), (3, 0)]  # right of the first (taller than wide), then below both
+    assert len({tuple(r) for r in np.concatenate(offset)}) == 6 + 4 + 9
+
+
 @pytest.mark.parametrize("steps,seq_len", [(4, 15), (28, 4096), (30, 1024)])
 def test_schedule_matches_diffusers(steps, seq_len):
     sched = FlowMatchEulerDiscreteScheduler(

@@ -23,7 +23,8 @@ from tests.tiny_train import random_model_folder
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("cache")
-    return random_model_folder(root / "model"), write_dataset(root / "data", n_square=6, n_wide=4, bad=False)
+    data = write_dataset(root / "data", n_square=6, n_wide=4, bad=False, n_multi=2)  # (sources of 2 buckets)
+    return random_model_folder(root / "model"), data
 
 
 def test_cached_batches_equal_the_inline_encoder(tiny, tmp_path):
@@ -36,16 +37,18 @@ def test_cached_batches_equal_the_inline_encoder(tiny, tmp_path):
     preset = model_folder.read_description(model)
     parts = {p: load_params(model / p) for p in ("vae", "t5", "clip")}
     encoder = Encoder(model, preset, parts, vae_sample=False)
-    buckets = set()
+    buckets, several = set(), 0
     for i in range(plain.per_epoch):
         host, got = plain(i), cached(i)
         want = encoder(host, jax.random.key(0))
         assert got["id"] == host["id"] and got["instruction"] == host["instruction"]
-        for k in ("reference", "target", "txt", "y"):
+        assert set(got) - {"id", "instruction", "n_bad"} == set(want)
+        for k in want:
             assert got[k].shape == want[k].shape, k
             np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-5, err_msg=k)
         buckets.add(got["target"].shape)
-    assert len(buckets) == 2  # square and wide buckets both cached
+        several += "reference_1" in got
+    assert len(buckets) == 2 and several == 1  # square and wide buckets, and the items of two sources, cached
     txt, y = encoder.text.encode([""])
     np.testing.assert_array_equal(cached.cache.empty[0], np.asarray(txt[0], np.float32))
     # a cache made for other items is refused, naming itself

@@ -8,11 +8,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from jaxedit.train.data import DataConfig, EditBatches, index_manifest, make_buckets, make_iterator
+from jaxedit.train.data import DataConfig, EditBatches, index_manifest, load_image, make_buckets, make_iterator
 
 
-def write_dataset(root: Path, n_square: int = 10, n_wide: int = 6, bad: bool = True, seed: int = 0) -> Path:
-    """PNG pairs (64x64 and 96x48) + manifest.jsonl; with `bad`, one item of each failure kind."""
+def write_dataset(
+    root: Path, n_square: int = 10, n_wide: int = 6, bad: bool = True, seed: int = 0, n_multi: int = 0
+) -> Path:
+    """PNG pairs (64x64 and 96x48) + manifest.jsonl; with `bad`, one item of each failure kind; `n_multi` items
+    of two sources (square item i's source, then the first wide source) and square item i's target."""
     rng = np.random.default_rng(seed)
     (root / "img").mkdir(parents=True, exist_ok=True)
     lines = []
@@ -26,6 +29,9 @@ def write_dataset(root: Path, n_square: int = 10, n_wide: int = 6, bad: bool = T
     for i in range(n_square + n_wide):
         s, t = pair(i, 64, 64) if i < n_square else pair(i, 96, 48)
         lines.append({"source": s, "target": t, "instruction": f"invert the colours {i}", "id": f"item{i}"})
+    for i in range(n_multi):
+        s, t, wide = lines[i]["source"], lines[i]["target"], lines[n_square]["source"]
+        lines.append({"sources": [s, wide], "target": t, "instruction": f"two sources {i}", "id": f"multi{i}"})
     if bad:
         s, t = pair(100, 64, 64, tw=80)
         lines.append({"source": s, "target": t, "instruction": "sizes differ"})
@@ -125,3 +131,32 @@ def test_an_instruction_that_is_not_a_string_is_refused_not_trained_on_as_its_re
     assert dict(index.skipped) == {"bad instruction": 1}
     (line,) = index.skipped_lines
     assert line == f"{tmp_path / 'manifest.jsonl'}:2: field 'instruction' must be a string, got list"
+
+
+def test_items_of_several_sources_batch_by_the_buckets_of_each(tmp_path):
+    """ "sources" lines: each source in its own bucket (it need not match the target), batched with the items of
+    the same buckets as "source", "source_1" in order; a missing second source or "source" with "sources" skips
+    the line (besides the dataset's "not json" line); max_sources=1 (Step1X-Edit) skips items of two."""
+    root = write_dataset(tmp_path, n_square=4, n_wide=2, bad=False, n_multi=4)
+    with open(root / "manifest.jsonl", "a") as f:
+        for extra in ({"sources": ["img/0_src.png", "img/nope.png"]}, {"source": "img/0_src.png", "sources": []}):
+            f.write(json.dumps(extra | {"target": "img/0_tgt.png", "instruction": "x"}) + "\n")
+    cfg = DataConfig(path=str(root), batch_size=2, pixel_budget=64 * 64, bucket_step=16)
+    index = index_manifest(cfg)
+    assert len(index.items) == 10 and dict(index.skipped) == {"unreadable image": 1, "bad manifest line": 2}
+    assert "nope.png" in " ".join(index.skipped_lines)
+    square, wide = index.items[0].bucket, index.items[4].bucket
+    assert {it.group for it in index.items} == {(square, (square,)), (wide, (wide,)), (square, (square, wide))}
+    ds, seen = EditBatches(cfg, index, 0, 1), set()
+    for i in range(ds.per_epoch):
+        b = ds(i)
+        if b["id"][0].startswith("multi"):
+            assert set(b) >= {"source", "source_1", "target"}
+            (w, h), (ww, wh) = index.buckets[square], index.buckets[wide]
+            assert b["source"].shape == b["target"].shape == (2, h, w, 3) and b["source_1"].shape == (2, wh, ww, 3)
+            np.testing.assert_array_equal(b["source_1"][0], load_image(root / "img/4_src.png", (ww, wh)))
+            seen.update(b["id"])
+        else:
+            assert "source_1" not in b
+    assert seen == {f"multi{i}" for i in range(4)}
+    assert dict(index_manifest(cfg, max_sources=1).skipped) == {"too many sources": 5, "bad manifest line": 2}

@@ -196,6 +196,30 @@ def test_changed_token_weighting_matches_reference():
         ObjectiveConfig(changed_weight=0.0)
 
 
+def test_several_references_are_packed_alone_with_their_ids_and_carry_no_loss():
+    """reference (6x4 latents) and reference_1 (2x8): the model sees [x_t | each packed alone] with the community
+    ids (reference 1's columns shifted by its 1 token row); the loss is on the target tokens only."""
+    batch = make_batch() | {"reference_1": np.random.default_rng(2).standard_normal((B, 2, 8, 16)).astype(np.float32)}
+    seen = {}
+
+    def apply(scale, img, ids, txt, txt_ids, t, y, g):  # a stand-in model: output = scale * input
+        seen.update(img=img, ids=ids)
+        return scale * img + 100.0 * (jnp.arange(img.shape[1]) >= (H // 2) * (W // 2))[None, :, None]
+
+    cfg, key = ObjectiveConfig(), jax.random.key(0)
+    loss = float(flow_matching_loss(cfg, apply, 0.5, batch, key)[0])
+    r = draw(cfg, key, jnp.asarray(batch["target"]))
+    t, noise = np.asarray(r["t"])[:, None, None, None], np.asarray(r["noise"])
+    x_t, v = ref_pack((1 - t) * batch["target"] + t * noise), ref_pack(noise - batch["target"])
+    img = np.concatenate([x_t, ref_pack(batch["reference"]), ref_pack(batch["reference_1"])], axis=1)
+    ids = np.concatenate([ref_ids(H // 2, W // 2, 0.0), ref_ids(RH // 2, RW // 2, 1.0), ref_ids(1, 4, 1.0) + [0, 0, 1]])
+    np.testing.assert_allclose(np.asarray(seen["img"]), img, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(seen["ids"]), np.broadcast_to(ids, (B, *ids.shape)))
+    assert abs(loss - np.mean((0.5 * x_t - v) ** 2)) <= 1e-5 * loss
+    with pytest.raises(ValueError, match="several references take their ids from reference_ids"):
+        flow_matching_loss(ObjectiveConfig(ref_index=0.0), apply, 0.5, batch, key)
+
+
 def test_learning_rate_schedule():
     sched = learning_rate(OptimConfig(lr=1e-3, warmup_steps=10, schedule="cosine", final_lr_fraction=0.1), 110)
     assert float(sched(0)) == 0.0

@@ -2,6 +2,7 @@
 
     pipe = KontextPipeline.load("/models/jax/flux-kontext-dev")
     images = pipe([Image.open("cat.png")], ["make the cat wear a hat"], seeds=[0])
+    images = pipe([[Image.open("person.png"), Image.open("scene.png")]], ["put the person into the scene"], seeds=[0])
 
 Steps, as BFL `flux/sampling.py` and diffusers `FluxKontextPipeline`: the reference image
 is resized to the preferred Kontext resolution nearest in aspect ratio (or kept, floored to
@@ -10,6 +11,14 @@ with first coordinate 1; the target (default: the reference's size) starts from 
 seeded noise; the shifted schedule uses mu from the target token count; the guidance value
 goes through the guidance embedding; Euler steps; decode. The whole denoising loop of a
 batch is one jitted XLA program; batches are split over the local devices (data parallel).
+
+Several reference images per item (a list instead of an image): each is resized as a single one
+is, then (`reference_tokens`) all of an item's references are scaled by one factor, aspect kept,
+never enlarged, to fit that many tokens together; each is encoded and packed alone, and the
+reference grids get ids per `reference_ids` (`jaxedit.sampling.REFERENCE_IDS`; default
+"community": diffusers' community pipeline_flux_kontext_multiple_images). The target defaults to
+the first reference's size. Items of a batch share the number and sizes of their references (the
+bucket), and `max_image_tokens` caps target + reference tokens per item.
 
 True classifier-free guidance (diffusers `true_cfg_scale`, off by default): with a scale > 1
 every step also runs the transformer on the negative prompt (default "") and uses
@@ -29,6 +38,7 @@ to the folder.
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
@@ -56,16 +66,43 @@ DEFAULT_STEPS, DEFAULT_GUIDANCE = 28, 2.5  # BFL's Kontext guidance; 28 steps as
 
 @dataclasses.dataclass
 class Prepared:
-    """One preprocessed item: the reference image (or None) and the target size."""
+    """One preprocessed item: its reference images (none: text-to-image) and the target size."""
 
-    reference: np.ndarray | None  # [H, W, 3] float32 in [-1, 1]
+    references: tuple[np.ndarray, ...]  # each [H_i, W_i, 3] float32 in [-1, 1]
     width: int
     height: int
 
     @property
+    def reference(self) -> np.ndarray | None:
+        """The first reference (None: text-to-image)."""
+        return self.references[0] if self.references else None
+
+    @property
     def bucket(self) -> tuple:
-        ref = None if self.reference is None else self.reference.shape[:2]
-        return (self.width, self.height, ref)
+        """(width, height, ((H_i, W_i) of each reference) or None)."""
+        return (self.width, self.height, tuple(r.shape[:2] for r in self.references) or None)
+
+
+def as_list(x) -> list:
+    """An item's references as a list: None -> [], one image or (w, h) size -> [it], a list -> itself."""
+    if x is None:
+        return []
+    if isinstance(x, list | tuple) and not (len(x) == 2 and all(isinstance(v, int | np.integer) for v in x)):
+        return list(x)
+    return [x]
+
+
+def fit_tokens(sizes: list[tuple[int, int]], tokens: int | None) -> list[tuple[int, int]]:
+    """Sizes (w, h) scaled by one factor (aspect kept, never enlarged, floored to 16) so that together they
+    have at most `tokens` 16x16-pixel tokens (None: as given). ValueError if a side would fall below 16."""
+    total = sum(w * h for w, h in sizes) // 256
+    if tokens is None or total <= tokens:
+        return list(sizes)
+    s = math.sqrt(tokens / total)
+    out = [sampling.floor_size(int(w * s), int(h * s)) for w, h in sizes]
+    if min(min(o) for o in out) < 16:
+        raise ValueError(f"reference_tokens {tokens} is too few for {len(sizes)} reference(s) of {total} tokens")
+    return out
 
 
 def to_pil(images_BHWC: np.ndarray) -> list[Image.Image]:
@@ -100,7 +137,19 @@ def _true_cfg_scale(scale) -> float:
 
 
 class KontextPipeline(EditPipelineBase):
-    """Editing (Kontext) or text-to-image (no image) with a FLUX-family model folder."""
+    """Editing (Kontext, one or several reference images) or text-to-image (no image) with a FLUX-family
+    model folder.
+
+    reference_ids: how several references are told apart (`sampling.REFERENCE_IDS`).
+    reference_tokens: None, each reference resized as a single one is; N, an item's references scaled
+        together to at most N tokens (4096: one 1024x1024 reference's).
+    max_image_tokens: None, or the most target + reference tokens an item may have (ValueError above).
+    """
+
+    several_references = True  # (jaxedit.pipelines.batch: items may have several images)
+    reference_ids: str = "community"
+    reference_tokens: int | None = None
+    max_image_tokens: int | None = None
 
     def __init__(
         self,
@@ -112,9 +161,13 @@ class KontextPipeline(EditPipelineBase):
         vae_dtype: Any = jnp.float32,
         auto_resize: bool = True,
         devices: list | None = None,
+        reference_ids: str = "community",
+        reference_tokens: int | None = None,
+        max_image_tokens: int | None = None,
     ):
         super().__init__(preset, params, vae_dtype=vae_dtype, devices=devices)
         self.text_encoder, self.auto_resize = text_encoder, auto_resize
+        self.set_references(reference_ids, reference_tokens, max_image_tokens)
         self.default_steps, self.default_guidance = DEFAULT_STEPS, DEFAULT_GUIDANCE
         self.true_cfg_scale, self.negative_prompt = 1.0, ""  # true CFG off
         self.model = Flux(preset.transformer, dtype=dtype, param_dtype=dtype)
@@ -153,6 +206,7 @@ class KontextPipeline(EditPipelineBase):
             dtype=dtype,
         )
         kw.setdefault("auto_resize", options.get("auto_resize", True))
+        kw.setdefault("reference_ids", options.get("reference_ids", "community"))  # as the model was trained
         pipe = cls(preset, params, text, dtype=dtype, **kw)
         pipe.default_steps = int(options.get("steps", DEFAULT_STEPS))
         pipe.default_guidance = float(options.get("guidance", DEFAULT_GUIDANCE))
@@ -206,6 +260,17 @@ class KontextPipeline(EditPipelineBase):
                 if any(p in lo.updates for lo in runtime)}  # fmt: skip
         return text, (scales if any("transformer" in lo.updates for lo in runtime) else None)
 
+    def set_references(
+        self, ids: str = "community", tokens: int | None = None, max_image_tokens: int | None = None
+    ) -> None:
+        """How later edits treat several references (see the class); ValueError on bad settings."""
+        if ids not in sampling.REFERENCE_IDS:
+            raise ValueError(f"reference_ids {ids!r}: use one of {', '.join(sampling.REFERENCE_IDS)}")
+        for name, v in (("reference_tokens", tokens), ("max_image_tokens", max_image_tokens)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 1):
+                raise ValueError(f"{name} must be a positive integer (or None), got {v!r}")
+        self.reference_ids, self.reference_tokens, self.max_image_tokens = ids, tokens, max_image_tokens
+
     def set_true_cfg(self, scale: float, negative_prompt: str = "") -> None:
         """Default true-CFG scale (1: off) and negative prompt of later edits."""
         if not isinstance(negative_prompt, str):
@@ -215,38 +280,49 @@ class KontextPipeline(EditPipelineBase):
     # ----------------------------------------------------------------------------------
     # the EditPipeline protocol of jaxedit.pipelines.batch
 
-    def sizes(
-        self, size: tuple[int, int] | None, width: int | None = None, height: int | None = None
-    ) -> tuple[tuple[int, int] | None, int, int]:
-        """(reference (w, h) or None, target width, target height) for an image of `size` (None: no image).
-        Raises ValueError on bad sizes."""
-        ref = None
-        if size is not None:
-            w0, h0 = sampling.floor_size(*size)
+    def sizes(self, size, width: int | None = None, height: int | None = None) -> tuple[list, int, int]:
+        """([(w, h) of each reference], target width, target height) for images of `size`: one (w, h), a list
+        of them (several references) or None (no image). Raises ValueError on bad sizes or too many tokens."""
+        sizes, refs = as_list(size), []
+        for i, (w, h) in enumerate(sizes):
+            which = "image" if len(sizes) == 1 else f"reference {i + 1} of {len(sizes)}: image"
+            w0, h0 = sampling.floor_size(w, h)
             if w0 < 16 or h0 < 16:
-                raise ValueError(f"image {size[0]}x{size[1]} is smaller than 16x16")
+                raise ValueError(f"{which} {w}x{h} is smaller than 16x16")
             ref = sampling.preferred_kontext_size(w0, h0) if self.auto_resize else (w0, h0)
-            check_side("reference width", ref[0])
-            check_side("reference height", ref[1])
-            width, height = width or ref[0], height or ref[1]
+            check_side(f"{which.removesuffix('image')}reference width", ref[0])
+            check_side(f"{which.removesuffix('image')}reference height", ref[1])
+            refs.append(ref)
+        if refs:
+            width, height = width or refs[0][0], height or refs[0][1]
+            refs = fit_tokens(refs, self.reference_tokens)
         width, height = sampling.floor_size(width or 1024, height or 1024)
         check_side("width", width)
         check_side("height", height)
-        return ref, width, height
+        tokens = sum(w * h for w, h in [(width, height), *refs]) // 256
+        if self.max_image_tokens is not None and tokens > self.max_image_tokens:
+            raise ValueError(
+                f"{len(refs)} reference(s) and the target make {tokens} image tokens, over the maximum of "
+                f"{self.max_image_tokens} (max_image_tokens): use fewer or smaller images, or reference_tokens"
+            )
+        return refs, width, height
 
-    def bucket_for(self, size: tuple[int, int] | None, width: int | None = None, height: int | None = None) -> tuple:
-        """The `Prepared.bucket` of an image of `size`, from the size alone (nothing decoded)."""
-        ref, width, height = self.sizes(size, width, height)
-        return (width, height, None if ref is None else (ref[1], ref[0]))
+    def bucket_for(self, size, width: int | None = None, height: int | None = None) -> tuple:
+        """The `Prepared.bucket` of images of `size` (see `sizes`), from the sizes alone (nothing decoded)."""
+        refs, width, height = self.sizes(size, width, height)
+        return (width, height, tuple((h, w) for w, h in refs) or None)
 
-    def prepare(self, image: Image.Image | None, width: int | None = None, height: int | None = None) -> Prepared:
-        """Resize the reference image and fix the target size. Raises ValueError on bad sizes."""
-        ref, width, height = self.sizes(None if image is None else image.size, width, height)
-        if image is None:
-            return Prepared(None, width, height)
-        if image.size != ref:
-            image = image.resize(ref, resample=Image.Resampling.LANCZOS)
-        return Prepared(to_model_input(image), width, height)
+    def prepare(self, image, width: int | None = None, height: int | None = None) -> Prepared:
+        """Resize the reference image(s) (one image, a list of them, or None) and fix the target size. Raises
+        ValueError on bad sizes."""
+        images = as_list(image)
+        refs, width, height = self.sizes([im.size for im in images], width, height)
+        out = []
+        for im, ref in zip(images, refs):
+            if im.size != ref:
+                im = im.resize(ref, resample=Image.Resampling.LANCZOS)
+            out.append(to_model_input(im))
+        return Prepared(tuple(out), width, height)
 
     def edit(self, prepared, prompts, seeds, guidance, steps) -> list[Image.Image]:
         return self.generate(prepared, prompts, seeds, guidance=guidance, steps=steps)
@@ -255,7 +331,7 @@ class KontextPipeline(EditPipelineBase):
 
     def __call__(
         self,
-        images: list[Image.Image | None] | None,
+        images: list[Image.Image | list[Image.Image] | None] | None,
         prompts: list[str],
         seeds: list[int],
         *,
@@ -269,7 +345,8 @@ class KontextPipeline(EditPipelineBase):
         negative_prompt: str | list[str] | None = None,
         lora_scales: list[float] | None = None,
     ):
-        """Edit `images` (None: text-to-image) with `prompts`; one seed per item. steps,
+        """Edit `images` (per item an image, a list of reference images, or None: text-to-image; all None:
+        `images` None) with `prompts`; one seed per item. Items of one call share their sizes. steps,
         guidance, true_cfg_scale and negative_prompt default to the pipeline's defaults (the
         model folder's options); lora_scales: one per run-time LoRA (default: their own)."""
         steps = check_steps(steps, self.default_steps)
@@ -306,14 +383,14 @@ class KontextPipeline(EditPipelineBase):
         if scale > 1:
             neg_txt, neg_y = self.text_encoder.encode(negative, loras=text_loras)
             cfg = (batch(np.asarray(neg_txt)), batch(np.asarray(neg_y)), jnp.float32(scale))
-        ids = [sampling.image_ids(h // 2, w // 2, 0.0)]
-        ref_tokens = None
+        ids, ref_tokens, grids = [sampling.image_ids(h // 2, w // 2, 0.0)], [], []
         with sh.activate(mesh):
-            if first.reference is not None:
-                ref_lat = self.encode_images(params["vae"], batch(np.stack([p.reference for p in prepared])))
-                ref_tokens = sampling.pack(ref_lat)
-                rh, rw = ref_lat.shape[1:3]
-                ids.append(sampling.image_ids(rh // 2, rw // 2, 1.0))
+            for i in range(len(first.references)):  # each reference encoded and packed alone
+                ref_lat = self.encode_images(params["vae"], batch(np.stack([p.references[i] for p in prepared])))
+                ref_tokens.append(sampling.pack(ref_lat))
+                grids.append((ref_lat.shape[1] // 2, ref_lat.shape[2] // 2))
+            ids.append(sampling.reference_ids(grids, self.reference_ids))
+            ref_tokens = jnp.concatenate(ref_tokens, axis=1) if ref_tokens else None
             if latents is None:
                 noise = sampling.noise_for_seeds(jnp.asarray(seeds), (h, w, self.preset.vae.z_channels))
                 latents = sampling.pack(noise)

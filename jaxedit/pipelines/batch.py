@@ -1,7 +1,8 @@
 """Batch editing jobs: a JSONL manifest in, `DIR/<id>.png` + `DIR/results.jsonl` out.
 
 Each manifest line: {"image": path, "prompt": str, optional "id", "seed", "steps",
-"guidance", "width", "height"}. A bad item (a line that is not UTF-8 or not JSON, a missing,
+"guidance", "width", "height"}; "images": [path, ...] instead of "image" gives several reference
+images (a pipeline with `several_references`). A bad item (a line that is not UTF-8 or not JSON, a missing,
 corrupt or huge image, a prompt that is empty, not a string or not valid Unicode, absurd
 sizes, an id that would write outside DIR or is used twice) is recorded as failed with its
 reason and the rest of the job completes; a fault of the program itself (out of memory, a
@@ -55,7 +56,7 @@ class ProgramFault(RuntimeError):
 @dataclasses.dataclass
 class EditItem:
     id: str
-    image: str | None
+    image: str | None  # the first (or only) input image
     prompt: str
     seed: int
     steps: int
@@ -63,9 +64,13 @@ class EditItem:
     width: int | None = None
     height: int | None = None
     line: int = 0
+    images: tuple[str, ...] = ()  # every input image ("images"; one: (image,))
 
 
 class EditPipeline(Protocol):
+    """An item's image is one image (size: (w, h)) or None; with `several_references` True (optional
+    attribute) an item of several images passes a list of them (sizes: a list of (w, h))."""
+
     def bucket_for(self, size: tuple[int, int] | None, width: int | None, height: int | None) -> Any:
         """The `.bucket` `prepare` gives an image of `size` (w, h; None: no image), from the size alone.
         Raises ValueError."""
@@ -106,13 +111,20 @@ def parse_item(d: Any, line: int, defaults: dict, base_dir: Path) -> EditItem:
         prompt = jsonl.check_text(d.get("prompt"), "prompt")
     except ValueError as e:
         raise ItemError(str(e)) from None
-    image = d.get("image", defaults.get("image"))
-    if image is not None:
+    if "images" in d and "image" in d:
+        raise ItemError("give either field 'image' or field 'images' (a list of paths), not both")
+    images = d["images"] if "images" in d else [d.get("image", defaults.get("image"))]
+    if "images" in d and (not isinstance(images, list) or not images):
+        raise ItemError(f"field 'images' must be a non-empty list of paths, got {images!r}")
+    if images == [None]:
+        images = []
+        if not defaults.get("allow_no_image"):
+            raise ItemError("field 'image' is missing (this model edits an input image)")
+    for i, image in enumerate(images):
         if not isinstance(image, str) or not image:
-            raise ItemError(f"field 'image' must be a path, got {image!r}")
-        image = str((base_dir / image) if not Path(image).is_absolute() else Path(image))
-    elif not defaults.get("allow_no_image"):
-        raise ItemError("field 'image' is missing (this model edits an input image)")
+            field = f"images[{i}]" if "images" in d else "image"
+            raise ItemError(f"field {field!r} must be a path, got {image!r}")
+    images = [str((base_dir / x) if not Path(x).is_absolute() else Path(x)) for x in images]
     guidance = d.get("guidance", defaults["guidance"])
     if isinstance(guidance, bool) or not isinstance(guidance, int | float) or not math.isfinite(guidance):
         raise ItemError(f"field 'guidance' must be a finite number, got {guidance!r}")
@@ -120,7 +132,8 @@ def parse_item(d: Any, line: int, defaults: dict, base_dir: Path) -> EditItem:
         raise ItemError(f"field 'guidance'={guidance} is outside [0, 100]")
     return EditItem(
         id=item_id,
-        image=image,
+        image=images[0] if images else None,
+        images=tuple(images),
         prompt=prompt,
         seed=_int_field(d, "seed", 0, 2**31 - 1, default_seed(item_id)),
         steps=_int_field(d, "steps", 1, MAX_STEPS, defaults["steps"]),
@@ -212,7 +225,8 @@ def file_digest(path: str) -> str:
 def item_key(item: EditItem, model: str) -> str:
     """What produces an item's output, as 16 hex digits of sha256: its resolved fields, its image's bytes and
     `model` (the caller's identity of the model and its sampling options). ItemError if the image is unreadable."""
-    image = None if item.image is None else file_digest(item.image)
+    image = [file_digest(x) for x in item.images] if len(item.images) > 1 else None
+    image = image or (None if item.image is None else file_digest(item.image))  # one image: as it always was
     inputs = [item.prompt, item.seed, item.steps, item.guidance, item.width, item.height, image, model]
     return hashlib.sha256(json.dumps(inputs).encode()).hexdigest()[:16]
 
@@ -352,7 +366,7 @@ def run_job(
     buckets: dict[Any, list[tuple[EditItem, str]]] = defaultdict(list)
     for it, key in todo:
         try:
-            size = image_size(it.image) if it.image is not None else None
+            size = item_size(pipeline, it)
             buckets[(pipeline.bucket_for(size, it.width, it.height), it.steps)].append((it, key))
         except (ItemError, ValueError) as e:
             fail(it, str(e))
@@ -404,7 +418,8 @@ def _prepared(
     recorded and left out."""
     for it, key in members:
         try:
-            image = load_image(it.image) if it.image is not None else None
+            image = [load_image(x) for x in it.images] if len(it.images) > 1 else None
+            image = image or (load_image(it.image) if it.image is not None else None)
             prepared = pipeline.prepare(image, it.width, it.height)
         except (ItemError, ValueError) as e:
             fail(it, str(e))
@@ -415,6 +430,16 @@ def _prepared(
                 f"{bucket} (a fault of the pipeline)"
             )
         yield it, key, prepared
+
+
+def item_size(pipeline: EditPipeline, item: EditItem):
+    """What `pipeline.bucket_for` takes for the item's images: (w, h), a list of them (several images) or None;
+    ItemError naming the file or field if an image is unreadable or the pipeline takes one image only."""
+    if len(item.images) > 1:
+        if not getattr(pipeline, "several_references", False):
+            raise ItemError(f"field 'images': this model takes one input image, got {len(item.images)}")
+        return [image_size(x) for x in item.images]
+    return image_size(item.image) if item.image is not None else None
 
 
 def _chunks(seq: Iterable, n: int) -> Iterator[list]:

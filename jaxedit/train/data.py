@@ -3,20 +3,24 @@
     DATA/manifest.jsonl   one JSON object a line:
         {"source": "a/0.png", "target": "b/0.png", "instruction": "make it red", "id": "0"}
     (paths relative to the manifest's folder; `id` optional, defaults to the line number)
+        {"sources": ["person.png", "scene.png"], "target": ..., "instruction": ...}
+    several reference images (one listed: as "source"), in order; the loss stays on the target
 
 Pipeline: the manifest is indexed once (image headers only: sizes, no decoding); each
 pair goes to the aspect-ratio bucket nearest in log-aspect (bucket sides multiples of 16,
-area <= pixel_budget). Every epoch is planned from (seed, epoch): items shuffled within
-their bucket, cut into global batches of one bucket, batch order shuffled. A grain
+area <= pixel_budget). An item of several sources has each source in its own bucket (nearest to
+its aspect; they need not match the target's size) and is batched with the items of the same
+target bucket and source buckets (its `group`). Every epoch is planned from (seed, epoch): items
+shuffled within their group, cut into global batches of one group, batch order shuffled. A grain
 `MapDataset` maps global batch index -> this process's slice of that batch (process p of
 P takes items [p*B/P, (p+1)*B/P)), decoded with Pillow (resize to cover, centre crop,
 LANCZOS, [-1, 1]). The iterator's state (next batch index) is what a checkpoint stores.
 
 Bad samples never crash the run: at indexing, a line that is not UTF-8 or not JSON, a
-missing/unreadable image, source and target of different sizes, an empty instruction or one
-that is not a string skips the item (counted per reason in `index.skipped`, named by its line
-in `index.skipped_lines`); an image that fails to DECODE later is replaced by the next good
-item of the same bucket (counted in each batch's `n_bad`).
+missing/unreadable image, source and target of different sizes (one source), an empty instruction or
+one that is not a string, more sources than the model takes skips the item (counted per reason in
+`index.skipped`, named by its line in `index.skipped_lines`); an image that fails to DECODE later is
+replaced by the next good item of the same group (counted in each batch's `n_bad`).
 """
 
 from __future__ import annotations
@@ -60,10 +64,33 @@ class DataConfig:
 @dataclasses.dataclass(frozen=True)
 class Item:
     id: str
-    source: Path
+    source: Path  # the first (or only) source
     target: Path
     instruction: str
-    bucket: int
+    bucket: int  # the target's bucket (and a single source's)
+    sources: tuple[tuple[Path, int], ...] = ()  # several sources: (path, bucket) of each, in order
+
+    def source_list(self) -> list[tuple[Path, int]]:
+        """(path, bucket) of every source, in order."""
+        return list(self.sources) or [(self.source, self.bucket)]
+
+    @property
+    def group(self) -> tuple[int, tuple[int, ...]]:
+        """What the items of a batch share: the target's bucket and each source's."""
+        return (self.bucket, tuple(b for _, b in self.source_list()))
+
+
+def reference_key(i: int) -> str:
+    """The batch key of source i's latents: "reference", "reference_1", ..."""
+    return "reference" if i == 0 else f"reference_{i}"
+
+
+def group_name(buckets: list[tuple[int, int]], group: tuple[int, tuple[int, ...]]) -> str:
+    """A group's name in cache file names: "WxH" (the target's bucket, one source in it), else
+    "WxH_from_W1xH1+W2xH2..." (the sources' buckets)."""
+    size = lambda b: "{}x{}".format(*buckets[b])  # noqa: E731
+    bucket, sources = group
+    return size(bucket) if sources == (bucket,) else f"{size(bucket)}_from_" + "+".join(map(size, sources))
 
 
 @dataclasses.dataclass
@@ -93,8 +120,9 @@ def nearest_bucket(buckets: list[tuple[int, int]], width: int, height: int) -> i
     return min(range(len(buckets)), key=lambda i: abs(math.log(buckets[i][0] / buckets[i][1]) - a))
 
 
-def index_manifest(cfg: DataConfig) -> Index:
-    """Read and validate the manifest (image headers only). Deterministic; same on every process."""
+def index_manifest(cfg: DataConfig, max_sources: int | None = None) -> Index:
+    """Read and validate the manifest (image headers only). Deterministic; same on every process.
+    max_sources: items with more sources are skipped (Step1X-Edit takes one)."""
     path = Path(cfg.path)
     manifest = path if path.is_file() else path / cfg.manifest
     if not manifest.is_file():
@@ -112,9 +140,15 @@ def index_manifest(cfg: DataConfig) -> Index:
             skip(n, "bad manifest line", bad)
             continue
         try:
-            src, tgt, instr = base / d["source"], base / d["target"], d.get("instruction")
+            srcs = d["sources"] if "sources" in d else [d["source"]]
+            if "sources" in d and ("source" in d or not isinstance(srcs, list) or not srcs):
+                raise TypeError("'sources' must be a non-empty list of paths, without 'source'")
+            srcs, tgt, instr = [base / x for x in srcs], base / d["target"], d.get("instruction")
         except (KeyError, TypeError, AttributeError) as e:
             skip(n, "bad manifest line", f"not an object with string 'source' and 'target' ({type(e).__name__}: {e})")
+            continue
+        if max_sources is not None and len(srcs) > max_sources:
+            skip(n, "too many sources", f"{len(srcs)} sources: this model trains with at most {max_sources}")
             continue
         if instr is None or isinstance(instr, str) and not instr.strip():
             skip(n, "empty instruction")
@@ -125,18 +159,22 @@ def index_manifest(cfg: DataConfig) -> Index:
             skip(n, "bad instruction", str(e))
             continue
         try:
-            with Image.open(src) as a, Image.open(tgt) as b:
-                sa, sb = a.size, b.size
+            sizes = []
+            for path in [*srcs, tgt]:
+                with Image.open(path) as im:
+                    sizes.append(im.size)
         except Exception as e:  # noqa: BLE001 - any unreadable file is skipped, never fatal
             skip(n, "unreadable image", f"unreadable image ({type(e).__name__}: {e})")
             continue
-        if sa != sb:
-            skip(n, "source/target sizes differ", f"source {sa} and target {sb} sizes differ")
+        *sa, sb = sizes
+        if len(srcs) == 1 and sa[0] != sb:
+            skip(n, "source/target sizes differ", f"source {sa[0]} and target {sb} sizes differ")
             continue
-        if min(sa) < 16:
+        if min(min(x) for x in sizes) < 16:
             skip(n, "image smaller than 16 px")
             continue
-        items.append(Item(str(d.get("id", n - 1)), src, tgt, instr, nearest_bucket(buckets, *sa)))
+        more = tuple((p, nearest_bucket(buckets, *x)) for p, x in zip(srcs, sa)) if len(srcs) > 1 else ()
+        items.append(Item(str(d.get("id", n - 1)), srcs[0], tgt, instr, nearest_bucket(buckets, *sb), more))
     if skipped:
         more = f"; and {len(lines) - 5} more" if len(lines) > 5 else ""
         log.warning("skipped %d manifest item(s) %s: %s%s", len(lines), dict(skipped), "; ".join(lines[:5]), more)
@@ -186,15 +224,16 @@ class Cache:
         load = lambda name: np.load(self.path / name, mmap_mode="r")  # noqa: E731
         self.txt, self.y, self.rows = load("txt.npy"), load("y.npy"), load("rows.npy")
         self.empty = (np.asarray(load("empty_txt.npy")), np.asarray(load("empty_y.npy")))
-        self.latents = {}
-        for b, (w, h) in enumerate(index.buckets):
-            if (self.path / f"target_{w}x{h}.npy").is_file():
-                self.latents[b] = (load(f"reference_{w}x{h}.npy"), load(f"target_{w}x{h}.npy"))
+        self.latents = {}  # group -> {"target": [n_g, h, w, C], "reference": ..., "reference_1": ...}
+        for g in sorted({it.group for it in index.items}):
+            name = group_name(index.buckets, g)
+            keys = ["target"] + [reference_key(i) for i in range(len(g[1]))]
+            if (self.path / f"target_{name}.npy").is_file():
+                self.latents[g] = {k: load(f"{k}_{name}.npy") for k in keys}
 
-    def item(self, k: int, bucket: int) -> dict[str, np.ndarray]:
-        ref, tgt = self.latents[bucket]
+    def item(self, k: int, group: tuple) -> dict[str, np.ndarray]:
         r = int(self.rows[k])
-        return {"reference": ref[r], "target": tgt[r], "txt": self.txt[k], "y": self.y[k]}
+        return {name: a[r] for name, a in self.latents[group].items()} | {"txt": self.txt[k], "y": self.y[k]}
 
 
 class EditBatches:
@@ -210,19 +249,19 @@ class EditBatches:
         self.cache = Cache(cfg.cache, index, model) if cfg.cache else None
         self.local = cfg.batch_size // process_count
         self.lo = process_index * self.local
-        self.by_bucket: dict[int, list[int]] = {}
+        self.by_bucket: dict[tuple, list[int]] = {}  # by group: target bucket and source buckets
         for i, it in enumerate(index.items):
-            self.by_bucket.setdefault(it.bucket, []).append(i)
+            self.by_bucket.setdefault(it.group, []).append(i)
         self.per_epoch = sum(len(v) // cfg.batch_size for v in self.by_bucket.values())
         if self.per_epoch == 0:
             raise ValueError(
                 f"no full batch of {cfg.batch_size}: {len(index.items)} usable items in buckets "
-                f"{ {index.buckets[b]: len(v) for b, v in self.by_bucket.items()} }"
+                f"{ {group_name(index.buckets, g): len(v) for g, v in self.by_bucket.items()} }"
             )
 
     @functools.lru_cache(maxsize=2)  # noqa: B019 - two epochs in flight at most
     def plan(self, epoch: int) -> list[list[int]]:
-        """Global batches of epoch `epoch`: lists of item indices, one bucket each."""
+        """Global batches of epoch `epoch`: lists of item indices, one group each."""
         rng = np.random.default_rng([self.cfg.seed, epoch])
         batches = []
         for b in sorted(self.by_bucket):
@@ -234,44 +273,49 @@ class EditBatches:
     def __call__(self, i: int) -> dict[str, Any]:
         batch = self.plan(i // self.per_epoch)[i % self.per_epoch][self.lo : self.lo + self.local]
         if self.cache is not None:
-            items = [self.cache.item(k, self.index.items[k].bucket) for k in batch]
+            items = [self.cache.item(k, self.index.items[k].group) for k in batch]
             out = {k: np.stack([it[k] for it in items]) for k in items[0]}
             return out | {
                 "instruction": [self.index.items[k].instruction for k in batch],
                 "id": [self.index.items[k].id for k in batch],
                 "n_bad": 0,
             }
-        out = {"source": [], "target": [], "instruction": [], "id": [], "n_bad": 0}
+        out = {"instruction": [], "id": [], "n_bad": 0}
+        images = []
         for k in batch:
-            item, pair = self._load_good(k, out)
-            out["source"].append(pair[0])
-            out["target"].append(pair[1])
+            item, decoded = self._load_good(k, out)
+            images.append(decoded)
             out["instruction"].append(item.instruction)
             out["id"].append(item.id)
-        out["source"], out["target"] = np.stack(out["source"]), np.stack(out["target"])
-        return out
+        # "source" (the first source), "source_1", ... and "target": [b, H, W, 3] each
+        return out | {name: np.stack([d[name] for d in images]) for name in images[0]}
 
-    def _load_good(self, k: int, out: dict) -> tuple[Item, tuple[np.ndarray, np.ndarray]]:
-        """Item k decoded; if it fails, the next items of its bucket (cyclically)."""
-        same = self.by_bucket[self.index.items[k].bucket]
+    def _load_good(self, k: int, out: dict) -> tuple[Item, dict[str, np.ndarray]]:
+        """Item k decoded ({"source": ..., "source_1": ..., "target": ...}); if it fails, the next items of its
+        group (cyclically)."""
+        group = self.index.items[k].group
+        same = self.by_bucket[group]
         start = same.index(k)
         for j in range(len(same)):
             item = self.index.items[same[(start + j) % len(same)]]
-            size = self.index.buckets[item.bucket]
+            sizes = self.index.buckets
             try:
-                return item, (load_image(item.source, size), load_image(item.target, size))
+                decoded = {"source" if i == 0 else f"source_{i}": load_image(p, sizes[b])
+                           for i, (p, b) in enumerate(item.source_list())}  # fmt: skip
+                return item, decoded | {"target": load_image(item.target, sizes[item.bucket])}
             except Exception as e:  # noqa: BLE001 - a bad file is counted, never fatal
                 log.warning("skipping item %s: %s", item.id, e)
                 out["n_bad"] += 1
-        raise RuntimeError(f"every item of bucket {self.index.buckets[self.index.items[k].bucket]} fails to decode")
+        raise RuntimeError(f"every item of bucket {group_name(self.index.buckets, group)} fails to decode")
 
 
 def make_iterator(
-    cfg: DataConfig, epochs: int = 10_000, model: str | Path | None = None
+    cfg: DataConfig, epochs: int = 10_000, model: str | Path | None = None, max_sources: int | None = None
 ) -> tuple[grain.DatasetIterator, EditBatches]:
     """A checkpointable grain iterator over this process's batch slices (`epochs` passes); model: the run's
-    model folder (a data.cache must have been computed with its encoders)."""
-    batches = EditBatches(cfg, index_manifest(cfg), jax.process_index(), jax.process_count(), model)
+    model folder (a data.cache must have been computed with its encoders); max_sources: see `index_manifest`."""
+    index = index_manifest(cfg, max_sources)
+    batches = EditBatches(cfg, index, jax.process_index(), jax.process_count(), model)
     ds = grain.MapDataset.range(batches.per_epoch * epochs).map(batches)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=cfg.prefetch))
     return iter(it), batches

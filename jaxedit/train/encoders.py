@@ -29,9 +29,12 @@ class ImageEncoder:
         return np.asarray(self.fn(self.params, images, key if self.sample else None), np.float32)
 
     def pair(self, batch: dict, key: jax.Array) -> dict[str, np.ndarray]:
-        """{"reference": latents of batch["source"], "target": latents of batch["target"]}."""
+        """{"reference": latents of batch["source"], "target": latents of batch["target"]}, and
+        "reference_i" of each further source "source_i"."""
         ks, kt = jax.random.split(key)
-        return {"reference": self(batch["source"], ks), "target": self(batch["target"], kt)}
+        out = {"reference": self(batch["source"], ks), "target": self(batch["target"], kt)}
+        more = (k for k in batch if k.startswith("source_"))
+        return out | {"reference_" + k[7:]: self(batch[k], jax.random.fold_in(ks, int(k[7:]))) for k in more}
 
 
 class Encoder:

@@ -160,7 +160,8 @@ def build(cfg: TrainConfig, folder: Path, preset: configs.Preset, parts: dict) -
         lora=cfg.lora,
         connector=preset.connector,
     )
-    data_iter, batches = make_iterator(cfg.data, model=folder)
+    # Step1X-Edit: one source per item (its Qwen2.5-VL sees it; ids equal the target's)
+    data_iter, batches = make_iterator(cfg.data, model=folder, max_sources=1 if preset.connector is not None else None)
     empty, encoder = None, None
     ckpt_dir = Path(cfg.checkpoint_dir).absolute()
     if preset.connector is not None:  # prompt dropout: each item's ("", image), computed (and cached) by the encoder
@@ -220,8 +221,8 @@ def sample_editor(run: Run) -> SampleEdits | None:
 
     if run.preset.connector is not None:  # Step1X-Edit: the run's Qwen embedder and cache, the items' own sizes
         kw = dict(text_encoder=run.encoder.text, cache_dir=run.encoder.cache_dir, size_level=None)
-    else:  # the items' own sizes (floored to multiples of 16), as trained
-        kw = dict(auto_resize=False)
+    else:  # the items' own sizes (floored to multiples of 16) and reference ids, as trained
+        kw = dict(auto_resize=False, reference_ids=cfg.objective.reference_ids)
     pipe = load_pipeline(run.folder, compile_cache=False, **kw)
     return SampleEdits(pipe, run.batches.index.items[: cfg.sample_count], run.ckpt_dir)
 
@@ -249,7 +250,7 @@ def run_steps(run: Run, state: dict, start: int, key: jax.Array) -> tuple[dict, 
     for step in range(start, cfg.steps):
         host = next(run.data_iter)
         if run.encoder is None:
-            enc = {k: host[k] for k in trainer.batch_keys}
+            enc = {k: host[k] for k in trainer.batch_shardings(host)}
         else:
             enc = run.encoder(host, jax.random.fold_in(jax.random.fold_in(key, step), 1 << 20))
         # micro-batch i = items i, i + a, i + 2a, ... of this process's slice, so of the global batch:

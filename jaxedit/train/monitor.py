@@ -101,7 +101,8 @@ class Monitor:
 class SampleEdits:
     """Edits of a few fixed training items with the current weights, written as image grids.
 
-    Each row of `<out_dir>/samples/step_<step>.png` is source | edited | target for one item.
+    Each row of `<out_dir>/samples/step_<step>.png` is source | edited | target for one item (its
+    first source; all of them are edited with).
     Needs the model folder's text encoders and VAE on this host; parameters sharded over
     several processes are skipped (gathering a full-size model onto one host is not worth it).
     """
@@ -121,11 +122,14 @@ class SampleEdits:
             log.warning("sample edits skipped: parameters span several processes")
             return None
         self.pipe.set_transformer(transformer_params)
-        sources = [Image.open(it.source).convert("RGB") for it in self.items]
+        paths = [[p for p, _ in getattr(it, "sources", ())] or [it.source] for it in self.items]
+        images = [[Image.open(p).convert("RGB") for p in item] for item in paths]
+        sources = [x[0] for x in images]
         seeds = list(range(len(self.items)))
         outs = self.pipe(
-            sources, [it.instruction for it in self.items], seeds, steps=self.steps, guidance=self.guidance
-        )
+            [x if len(x) > 1 else x[0] for x in images], [it.instruction for it in self.items], seeds,
+            steps=self.steps, guidance=self.guidance,
+        )  # fmt: skip
         rows = []
         for src, out, it in zip(sources, outs, self.items):
             tgt = Image.open(it.target).convert("RGB").resize(out.size)

@@ -5,7 +5,8 @@ Conventions (docs/conventions.md, "Schedule and sampler"):
   (the sampler integrates x <- x + (t_prev - t_curr) v, so the signs must agree);
   reference tokens are concatenated after the target tokens with ids (ref_index, row, col)
   (Kontext: ref_index 1) and are excluded from the loss; the model output is sliced to
-  the target tokens.
+  the target tokens. Several references (batch keys reference, reference_1, ...): each packed
+  alone, in order, with ids per `reference_ids` (`jaxedit.sampling.reference_ids`, as the pipeline).
 
 Step1X-Edit (a batch with `txt_mask`): reference ids equal the target ids (ref_index 0), the
 text conditioning is the Qwen2.5-VL states `txt` [B, L, D] with `txt_mask` [B, L] (the model's
@@ -55,6 +56,7 @@ class ObjectiveConfig:
     guidance: float | tuple[float, float] = 1.0  # fixed value or U(lo, hi) per sample
     prompt_dropout: float = 0.0  # probability of replacing (txt, y) by the empty prompt's
     ref_index: float = 1.0  # first id coordinate of reference tokens (Kontext: 1)
+    reference_ids: str = "community"  # ids of several references (sampling.REFERENCE_IDS; sample with the same)
     changed_weight: float = 1.0  # loss weight of target tokens the edit changes (1: plain mean)
     changed_threshold: float = 0.1  # mean |target - reference| latent difference of a "changed" token
 
@@ -71,6 +73,8 @@ class ObjectiveConfig:
             raise ValueError(f"changed_weight must be > 0, got {self.changed_weight}")
         if not self.changed_threshold >= 0:
             raise ValueError(f"changed_threshold must be >= 0, got {self.changed_threshold}")
+        if self.reference_ids not in sampling.REFERENCE_IDS:
+            raise ValueError(f"reference_ids {self.reference_ids!r}: use one of {', '.join(sampling.REFERENCE_IDS)}")
 
 
 def shift_timesteps(t: jax.Array, s: float | jax.Array) -> jax.Array:
@@ -113,6 +117,21 @@ def kontext_ids(h2: int, w2: int, rh2: int, rw2: int, ref_index: float = 1.0) ->
     return np.concatenate([sampling.image_ids(h2, w2, 0.0), sampling.image_ids(rh2, rw2, ref_index)])
 
 
+def reference_keys(batch: dict) -> list[str]:
+    """The batch's reference latents in order: "reference", "reference_1", ..."""
+    return ["reference"] + [f"reference_{i}" for i in range(1, 1 + sum(k.startswith("reference_") for k in batch))]
+
+
+def edit_ids(cfg: ObjectiveConfig, h2: int, w2: int, grids: list[tuple[int, int]]) -> np.ndarray:
+    """img ids [(h2 w2) + sum of the reference grids' tokens, 3]: the target grid, then the references
+    [(rh2, rw2), ...]: one with (ref_index, row, col), several per cfg.reference_ids."""
+    if len(grids) == 1:
+        return kontext_ids(h2, w2, *grids[0], cfg.ref_index)
+    if cfg.ref_index != 1.0:
+        raise ValueError(f"several references take their ids from reference_ids, not ref_index={cfg.ref_index}")
+    return np.concatenate([sampling.image_ids(h2, w2, 0.0), sampling.reference_ids(grids, cfg.reference_ids)])
+
+
 def draw(cfg: ObjectiveConfig, key: jax.Array, target_BhwC: jax.Array) -> dict[str, jax.Array]:
     """The random quantities of one step: t [B], noise [B, h, w, C], guidance [B], drop [B] (bool)."""
     b, h, w, _ = target_BhwC.shape
@@ -150,7 +169,8 @@ def flow_matching_loss(
     apply_fn(params, img [B, Li, F], img_ids [B, Li, 3], txt, txt_ids, t [B], y, guidance [B]) -> [B, Li, F]
     (e.g. `lambda p, *a: Flux(...).apply({"params": p}, *a)`); for a Step1X-Edit batch (with `txt_mask`)
     apply_fn(params, img, img_ids, txt, txt_mask, t [B] in [0, 1]) (`Step1XEdit.apply`).
-    batch: target [B, h, w, C] and reference [B, rh, rw, C] VAE latents (NHWC, float32),
+    batch: target [B, h, w, C] and reference [B, rh, rw, C] VAE latents (NHWC, float32) (several
+        references: also reference_1 [B, rh1, rw1, C], ...),
         txt [B, Lt, D_txt], y [B, D_y] (Kontext) or txt_mask [B, Lt] (Step1X-Edit); optionally
         empty_txt [B, Lt, D_txt] and empty_mask [B, Lt]: each item's empty prompt (Step1X-Edit's
         Qwen sees the item's image too), used by prompt dropout instead of `empty`.
@@ -158,9 +178,9 @@ def flow_matching_loss(
         prompt_dropout > 0 needs it or the batch's empty_txt / empty_mask.
     """
     x0 = batch["target"].astype(jnp.float32)
-    ref = batch["reference"]
+    refs = [batch[k] for k in reference_keys(batch)]
+    ref = refs[0]
     b, h, w, _ = x0.shape
-    rh, rw = ref.shape[1:3]
     r = draw(cfg, key, x0)
     t = r["t"]
     noise = r["noise"]
@@ -179,10 +199,9 @@ def flow_matching_loss(
         drop = r["drop"]
         cond = [jnp.where(drop.reshape(-1, *[1] * (c.ndim - 1)), e.astype(c.dtype), c) for c, e in zip(cond, empty)]
     txt, y_or_mask = cond  # y (Kontext) or txt_mask (Step1X-Edit)
-    ids = jnp.broadcast_to(
-        kontext_ids(h // 2, w // 2, rh // 2, rw // 2, cfg.ref_index), (b, x_t.shape[1] + rh * rw // 4, 3)
-    )
-    img = jnp.concatenate([x_t, sampling.pack(ref.astype(jnp.float32))], axis=1)
+    ids = edit_ids(cfg, h // 2, w // 2, [(r.shape[1] // 2, r.shape[2] // 2) for r in refs])
+    ids = jnp.broadcast_to(ids, (b, *ids.shape))
+    img = jnp.concatenate([x_t, *(sampling.pack(r.astype(jnp.float32)) for r in refs)], axis=1)
     txt_ids = jnp.zeros((b, txt.shape[1], 3), jnp.float32)
     if step1x:  # t in [0, 1]: the connector multiplies it by 1000 once
         pred = apply_fn(params, img, ids, txt, y_or_mask, t)[:, : x_t.shape[1]]

@@ -9,6 +9,8 @@ the cache is keyed by the indexed items and checked against them). CACHE holds
   empty_txt.npy empty_y.npy               the empty prompt's (prompt dropout)
   reference_WxH.npy target_WxH.npy        VAE latents (posterior mean) per bucket [n_b, H/8, W/8, C]
   rows.npy [N]                            each item's row in its bucket's arrays
+Items of several sources are cached per group (`data.group_name`: target bucket and source buckets):
+  target_G.npy reference_G.npy reference_1_G.npy ...   with G = WxH_from_W1xH1+W2xH2...
 
 Step1X-Edit folders: CACHE gets each item's Qwen2.5-VL output of (instruction, source image at its
 bucket size) and of ("", source image), one .npz per (prompt, image) as training's per-item cache
@@ -27,7 +29,15 @@ import numpy as np
 
 from jaxedit import model_folder
 from jaxedit.checkpoint import load_params
-from jaxedit.train.data import CACHE_FILE, CACHED_PARTS, DataConfig, index_manifest, load_image
+from jaxedit.train.data import (
+    CACHE_FILE,
+    CACHED_PARTS,
+    DataConfig,
+    group_name,
+    index_manifest,
+    load_image,
+    reference_key,
+)
 from jaxedit.train.encoders import Encoder
 
 
@@ -58,18 +68,18 @@ def precompute(model: str | Path, data: DataConfig, out: str | Path, batch: int 
     np.save(out / "empty_y.npy", np.asarray(ey[0], np.float32))
 
     rows = np.zeros(len(index.items), np.int64)
-    for b, (w, h) in enumerate(index.buckets):
-        members = [k for k, it in enumerate(index.items) if it.bucket == b]
-        if not members:
-            continue
-        lat = {"reference": [], "target": []}
+    for g in sorted({it.group for it in index.items}):  # target bucket, source buckets
+        members = [k for k, it in enumerate(index.items) if it.group == g]
+        lat = {"target": []} | {reference_key(j): [] for j in range(len(g[1]))}
         for i in range(0, len(members), batch):
             chunk = [index.items[k] for k in members[i : i + batch]]
-            for name, attr in (("reference", "source"), ("target", "target")):
-                x = np.stack([load_image(getattr(it, attr), (w, h)) for it in chunk])
-                lat[name].append(encoder.images(x))
+            x = np.stack([load_image(it.target, index.buckets[g[0]]) for it in chunk])
+            lat["target"].append(encoder.images(x))
+            for j, b in enumerate(g[1]):
+                x = np.stack([load_image(it.source_list()[j][0], index.buckets[b]) for it in chunk])
+                lat[reference_key(j)].append(encoder.images(x))
         for name, arrays in lat.items():
-            np.save(out / f"{name}_{w}x{h}.npy", np.concatenate(arrays))
+            np.save(out / f"{name}_{group_name(index.buckets, g)}.npy", np.concatenate(arrays))
         rows[members] = np.arange(len(members))
     np.save(out / "rows.npy", rows)
     meta = {
@@ -98,7 +108,7 @@ def precompute_qwen(folder: Path, data: DataConfig, out: Path, batch: int = 8, m
 
     the_mesh = sh.make_mesh(configs.MeshConfig.parse(mesh or "fsdp=-1"))
     embedder = load_qwen_embedder(folder, mesh=the_mesh, batch_size=batch)
-    index = index_manifest(data)
+    index = index_manifest(data, max_sources=1)  # as Step1X-Edit training indexes it
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     for b, size in enumerate(index.buckets):

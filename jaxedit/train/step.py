@@ -12,7 +12,7 @@ is differentiated with respect to lora only.
 
 A batch is a dict of arrays with a leading gradient-accumulation axis:
   target [A, b, h, w, C], reference [A, b, rh, rw, C] (VAE latents, NHWC),
-  txt [A, b, Lt, D_txt], y [A, b, D_y]
+  txt [A, b, Lt, D_txt], y [A, b, D_y]; several references: reference_1, reference_2, ... too
 Step1X-Edit (a Trainer built with `connector`): txt [A, b, L, D_qwen] and txt_mask [A, b, L] instead
 of y, plus empty_txt / empty_mask (each item's empty prompt) when prompt dropout is on.
 The step scans over the A micro-batches (summing gradients), then applies one update.
@@ -103,7 +103,7 @@ class Trainer:
         )
         self._step = jax.jit(
             self._step_impl,
-            in_shardings=(self.state_shardings, self.batch_shardings(), self.replicated, self.replicated),
+            in_shardings=(self.state_shardings, self.batch_sharding(), self.replicated, self.replicated),
             out_shardings=(self.state_shardings, self.replicated),
             donate_argnums=(0,),
         )
@@ -111,10 +111,16 @@ class Trainer:
             self._merge = jax.jit(self.merged, out_shardings=self.param_shardings)
 
     # ------------------------------------------------------------------------------
-    def batch_shardings(self) -> dict[str, NamedSharding]:
-        """[A, b, ...] arrays: micro-batch axis b on the batch mesh axes (act_batch)."""
+    def batch_sharding(self) -> NamedSharding:
+        """Of every [A, b, ...] batch array: micro-batch axis b on the batch mesh axes (act_batch)."""
         spec = sh.batch_sharding(self.mesh, 1, self.rules).spec
-        return {k: NamedSharding(self.mesh, PartitionSpec(None, *spec)) for k in self.batch_keys}
+        return NamedSharding(self.mesh, PartitionSpec(None, *spec))
+
+    def batch_shardings(self, batch: dict | None = None) -> dict[str, NamedSharding]:
+        """The sharding of each array the step takes from `batch` (None: a batch of one reference): the
+        `batch_keys` and any further references (reference_1, ...)."""
+        more = sorted(k for k in batch or () if k.startswith("reference_"))
+        return {k: self.batch_sharding() for k in (*self.batch_keys, *more)}
 
     def _shardings_like_params(self, tree):
         """Param shardings on every subtree shaped like the parameters, replicated elsewhere."""
@@ -202,7 +208,7 @@ class Trainer:
     def lower(self, batch: dict[str, jax.ShapeDtypeStruct], empty=None) -> jax.stages.Lowered:
         """The train step lowered on abstract inputs (the state as `abstract_state`, the batch [A, b, ...]
         shapes): `.compile()` it for the mesh's devices ahead of time (e.g. TPU chips from a CPU host)."""
-        shardings = self.batch_shardings()
+        shardings = self.batch_shardings(batch)
         batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in batch.items()}
         key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=self.replicated)
         if empty is not None:
@@ -212,7 +218,7 @@ class Trainer:
 
     def step(self, state: State, batch: dict[str, Any], key: jax.Array, empty=None) -> tuple[State, dict]:
         """One optimizer step (state is donated). batch: host or device arrays [A, b, ...]."""
-        batch = {k: _global(batch[k], s) for k, s in self.batch_shardings().items()}
+        batch = {k: _global(batch[k], s) for k, s in self.batch_shardings(batch).items()}
         with sh.activate(self.mesh, self.rules):
             return self._step(state, batch, key, empty)
 

@@ -61,7 +61,7 @@ class VAETrainConfig:
 def load_images(cfg: VAETrainConfig) -> np.ndarray:
     """The first max_images images (sources, then targets, item by item) as uint8 [N, H, W, 3]."""
     index = index_manifest(cfg.data)
-    paths = [(p, index.buckets[it.bucket]) for it in index.items for p in (it.source, it.target)]
+    paths = [(p, index.buckets[b]) for it in index.items for p, b in [*it.source_list(), (it.target, it.bucket)]]
     out = [np.round((load_image(p, size) + 1.0) * 127.5).astype(np.uint8) for p, size in paths[: cfg.max_images]]
     shapes = {x.shape for x in out}
     if len(shapes) != 1:

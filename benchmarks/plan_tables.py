@@ -63,6 +63,7 @@ def render(results: Path) -> str:
         mfu = f"{r['mfu_bound_seconds']:.2f}" if r.get("mfu_bound_seconds") else "-"
         program = r["task"] + (" (Step1X)" if r["preset"].startswith("step1x") else "")
         program += " t2i" if r["reference_tokens"] == 0 and r["task"] not in ("vae-decode", "text") else ""
+        program += f" {r['references']} refs" if r.get("references", 1) > 1 else ""
         remat = r["remat"] + (f" + MLP in {r['mlp_chunks']}" if r.get("mlp_chunks", 1) > 1 else "")
         out.append(
             f"| {program} | {r['target']} | {r['chips']} | {r['mesh']} | {r['batch']} ({per:g}) | {r['resolution']} | "

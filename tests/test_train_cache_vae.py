@@ -23,7 +23,7 @@ from tests.tiny_train import random_model_folder
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("cache")
-    data = write_dataset(root / "data", n_square=6, n_wide=4, bad=False, n_multi=2)  # (sources of 2 buckets)
+    data = write_dataset(root / "data", n_square=6, n_wide=4, bad=False, n_multi=3)  # (sources of 2 buckets)
     return random_model_folder(root / "model"), data
 
 

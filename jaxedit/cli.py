@@ -119,7 +119,7 @@ def load_pipeline(args):
         kw["qwen"] = args.qwen
     else:
         kw = {"auto_resize": False} if args.keep_size else {}
-        kw["loras"] = read_loras(args.lora, preset)
+        kw |= {"loras": read_loras(args.lora, preset)} if args.lora else {}
         kw |= {k: v for k, v in references.items() if v is not None}
     try:
         pipe = load(folder, dtype=args.dtype, **kw)

@@ -3,10 +3,8 @@
     python -m tests.kill_at POINT MODULE [ARGS...]     # runs `python -m MODULE ARGS...`, killed at POINT
     python -m tests.kill_at POINT write_part FOLDER PART   # replaces FOLDER/PART with its parameters + 1
 
-POINT: `saved:N` (right after the N-th sealed checkpoint is in place), `unsealed` (a checkpoint written, its
-seal not yet: inside the first `seal`), `swap` (a folder replacement cut between its two renames: the old
-copy moved aside, the new one not yet renamed in).
-"""
+POINT: `unsealed` (a checkpoint written, its seal not yet: inside the first `seal`), `swap` (a folder
+replacement cut between its two renames: the old copy moved aside, the new one not yet renamed in)."""
 
 from __future__ import annotations
 
@@ -24,18 +22,7 @@ def die(*_):
 def arm(point: str) -> None:
     import jaxedit.checkpoint as ck
 
-    if point.startswith("saved:"):
-        n, calls, save = int(point.split(":")[1]), [0], ck.save_params
-
-        def counted(*a, **k):
-            out = save(*a, **k)
-            calls[0] += 1
-            if calls[0] == n:
-                die()
-            return out
-
-        ck.save_params = counted
-    elif point == "unsealed":
+    if point == "unsealed":
         ck.seal = die
     elif point == "swap":
         rename = Path.rename

@@ -89,6 +89,7 @@ def convert_pipeline(
     overrides: dict[str, str | Path] | None = None,
     force: bool = False,
     qwen: str | Path | None = None,
+    quantize: str | None = None,
     log=print,
 ) -> Path:
     """Check every part, then convert them one by one into the model folder `dst`.
@@ -97,10 +98,14 @@ def convert_pipeline(
     without force, not a model folder, not writable: one line in a second), then every part's headers,
     dtypes and tied/fixed tensors; the folder is written beside as .DST.new (each part sealed with its
     checksums) and renamed over `dst` at the end (a cut swap is finished by the next run).
-    qwen: Step1X-Edit's Qwen2.5-VL folder (transformers layout), converted into qwen/ + qwen_processor/."""
+    qwen: Step1X-Edit's Qwen2.5-VL folder (transformers layout), converted into qwen/ + qwen_processor/.
+    quantize: "int8" / "fp8": the DiT's and T5's block kernels stored quantised (`jaxedit.quant`), recorded in
+    jaxedit.json as "quantized"."""
+    from jaxedit import quant
     from jaxedit.checkpoint import prepare_destination, recover_dir, replace_dir, save_params, seal
     from jaxedit.model_folder import is_model_folder
 
+    quantize = quant.check_mode(quantize)
     dst = Path(dst).absolute()
     recover_dir(dst, complete="jaxedit.json")
     prepare_destination(dst, force=force, replaceable=is_model_folder, what="jaxedit model folder")
@@ -121,9 +126,11 @@ def convert_pipeline(
     for part, (source, the_plan) in opened.items():
         t0 = time.perf_counter()
         flat = convert(the_plan, source.read, dtype=dtype, source_dtype=source.dtype)
-        save_params(new / part, unflatten(flat))
+        quantized = quantize if part in quant.RULES else None
+        save_params(new / part, unflatten(quant.quantize_flat(part, flat, quantized)))
         del flat
-        log(f"  {part}: {source.describe()} -> {dst / part} ({time.perf_counter() - t0:.1f}s)")
+        note = f", {quantized} weights" if quantized else ""
+        log(f"  {part}: {source.describe()} -> {dst / part}{note} ({time.perf_counter() - t0:.1f}s)")
     for part, folder in TOKENIZERS.items():
         if part in opened:
             shutil.copytree(paths[folder], new / folder)
@@ -135,9 +142,11 @@ def convert_pipeline(
             copy_qwen_processor(qwen, new / QWEN_PROCESSOR)
         embed_cfg = QwenEmbedderConfig(preset.connector.in_channels)
         extra = qwen_entry(None, embed_cfg, qwen_cfg if qwen is not None else None)
-        write_description(new, preset, extra=extra)
     else:
-        write_description(new, preset)
+        extra = {}
+    if quantize:
+        extra["quantized"] = {p: quantize for p in opened if p in quant.RULES}
+    write_description(new, preset, extra=extra)
     replace_dir(new, dst)
     if preset.connector is not None and qwen is None:
         log(f"note: no Qwen2.5-VL converted; add one: python -m checkpoints_convert add-qwen {dst} QWEN_FOLDER")
@@ -206,3 +215,54 @@ def add_qwen(folder: str | Path, qwen: str | Path, *, dtype: Any = None, log=pri
     write_json(folder / "jaxedit.json", desc | qwen_entry(None, config, qwen_cfg))
     log(f"  qwen: {source.describe()} -> {folder / 'qwen'} ({time.perf_counter() - t0:.1f}s)")
     return folder
+
+
+def quantize_folder(src: str | Path, dst: str | Path, mode: str, *, force: bool = False, log=print) -> Path:
+    """A copy of the jaxedit model folder `src` at `dst` whose DiT (and T5) block kernels are stored quantised
+    (`jaxedit.quant`), recorded in jaxedit.json as "quantized"; the other parts are copied as they are (every
+    part verified against its seal first). Written beside as .DST.new and renamed into place."""
+    from jaxedit import quant
+    from jaxedit.checkpoint import prepare_destination, recover_dir, replace_dir, save_params, verify_or_note
+    from jaxedit.model_folder import (
+        SUBFOLDERS,
+        check_complete,
+        is_model_folder,
+        quantized_on_host,
+        read_description,
+        read_json,
+        read_quantized,
+        write_json,
+    )
+
+    mode = quant.check_mode(mode)
+    if mode is None:
+        raise ValueError("quantize: give int8 or fp8")
+    src, dst = Path(src).absolute(), Path(dst).absolute()
+    preset = read_description(src)
+    check_complete(src, preset)
+    if read_quantized(src):
+        raise ValueError(f"{src} is stored quantised already ({read_quantized(src)})")
+    if src == dst:
+        raise ValueError(f"{dst}: write the quantised copy to another folder")
+    recover_dir(dst, complete="jaxedit.json")
+    prepare_destination(dst, force=force, replaceable=is_model_folder, what="jaxedit model folder")
+    parts = [p for p in SUBFOLDERS if (src / p).is_dir()]
+    for p in parts:
+        verify_or_note(src / p)
+    new = dst.with_name(f".{dst.name}.new")
+    if new.exists():
+        shutil.rmtree(new)
+    new.mkdir()
+    for item in sorted(f for f in src.iterdir() if not f.name.startswith(".") and f.name != "jaxedit.json"):
+        if item.name in quant.RULES and item.name in parts:
+            t0 = time.perf_counter()
+            save_params(new / item.name, unflatten(quantized_on_host(item, item.name, mode)))
+            log(f"  {item.name}: {mode} weights -> {dst / item.name} ({time.perf_counter() - t0:.1f}s)")
+        elif item.is_dir():  # the other parts, tokenizers, LoRA files the folder's options name, ...
+            shutil.copytree(item, new / item.name)
+        else:
+            shutil.copy2(item, new / item.name)
+    desc = read_json(src)
+    write_json(new / "jaxedit.json", desc | {"quantized": {p: mode for p in parts if p in quant.RULES}})
+    replace_dir(new, dst)
+    return dst

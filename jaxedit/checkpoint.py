@@ -229,17 +229,20 @@ def load_params(
     target: a pytree of `jax.ShapeDtypeStruct` (with `.sharding` for sharded restore,
     e.g. from `jax.eval_shape` + the sharding rules); each array is restored straight
     into its sharding. None: restore onto the default device as stored.
-    dtype: cast every array to this dtype on restore (the target's dtypes are replaced); without a
-    target, onto this process's first device (each process of a multi-host run reads its own copy).
+    dtype: cast every array to this dtype on restore (the target's dtypes are replaced), except quantised
+    kernels and their scales (`jaxedit.quant`); without a target, onto this process's first device (each
+    process of a multi-host run reads its own copy).
     """
     path = _existing(path)
     if verify_enabled() if verify_checksums is None else verify_checksums:
         verify_or_note(path)
     if target is None and dtype is not None:
         dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype, sharding=dev), param_metadata(path))
-    elif target is not None and dtype is not None:
-        target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype, sharding=s.sharding), target)
+        target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev), param_metadata(path))
+    if dtype is not None:  # quantised kernels and their scales keep their dtypes
+        from jaxedit.quant import cast
+
+        target = cast(target, dtype)
 
     def read():
         with ocp.StandardCheckpointer() as ckptr:

@@ -76,6 +76,9 @@ def model_options(p: argparse.ArgumentParser) -> None:
         help="FLUX Kontext: merge a LoRA (diffusers/PEFT, kohya, BFL/ai-toolkit or XLabs .safetensors) into the "
         "weights with SCALE (default 1); repeatable; applied after the model folder's own (pipeline.loras)",
     )
+    p.add_argument("--quantize", choices=["none", "int8", "fp8"], default=None,
+                   help="int8 / fp8 (e4m3) weights for the DiT (and FLUX's T5), quantised as they load: about half "
+                   "the memory of bfloat16 (default: the model folder's; see the README)")  # fmt: skip
     p.add_argument("--keep-size", action="store_true", help="keep the input size (floored to 16), do not resize it")
     p.add_argument("--reference-ids", choices=REFERENCE_IDS, default=None,
                    help="FLUX Kontext, several images: their position ids (default community: diffusers' community "
@@ -121,6 +124,7 @@ def load_pipeline(args):
         kw = {"auto_resize": False} if args.keep_size else {}
         kw |= {"loras": read_loras(args.lora, preset)} if args.lora else {}
         kw |= {k: v for k, v in references.items() if v is not None}
+    kw |= {"quantize": args.quantize} if args.quantize else {}
     try:
         pipe = load(folder, dtype=args.dtype, **kw)
     except (FileNotFoundError, ValueError) as e:
@@ -175,6 +179,7 @@ def model_identity(args, pipe) -> str:
     options |= {k: getattr(pipe, k, None) for k in ("true_cfg_scale", "negative_prompt")}  # flags or the folder's
     loras = pipe.lora_identity() if hasattr(pipe, "lora_identity") else []  # the folder's and --lora
     options |= {"loras": loras} if loras else {}  # (absent without LoRAs: earlier results keep their keys)
+    options |= {"quantized": pipe.quantized} if getattr(pipe, "quantized", None) else {}  # stored or at load
     model = fingerprint(Path(args.model) if args.model else DEFAULT_MODEL)
     qwen = fingerprint(args.qwen) if args.qwen else None
     return json.dumps({"model": model, "qwen": qwen, **options}, sort_keys=True)

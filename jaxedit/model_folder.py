@@ -211,9 +211,30 @@ def check_complete(folder: str | Path, preset: configs.Preset, *, skip: tuple[st
                 verify(folder / d)
 
 
-def expected_params(preset: configs.Preset, part: str) -> Any:
-    """The parameter tree (ShapeDtypeStructs) the preset's `part` has (traced once per config and process)."""
-    return _expected_params(part, getattr(preset, part), preset.connector if part == "transformer" else None)
+def read_quantized(folder: str | Path) -> dict[str, str]:
+    """{part: mode} of the parts stored quantised (jaxedit.json "quantized", written by the converter's
+    --quantize; `jaxedit.quant`), checked: ValueError naming the field."""
+    from jaxedit import quant
+
+    raw = read_json(folder).get("quantized", {})
+    where = f"{Path(folder) / 'jaxedit.json'}: quantized"
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where} is {type(raw).__name__}; expected an object {{part: mode}}")
+    for part, mode in raw.items():
+        if part not in quant.RULES:
+            raise ValueError(f"{where}.{part}: only {', '.join(quant.RULES)} are quantised")
+        if mode not in quant.MODES:
+            raise ValueError(f"{where}.{part} is {mode!r}; expected one of {', '.join(quant.MODES)}")
+    return dict(raw)
+
+
+def expected_params(preset: configs.Preset, part: str, quantized: str | None = None) -> Any:
+    """The parameter tree (ShapeDtypeStructs) the preset's `part` has, stored quantised with mode `quantized`
+    (traced once per config and process)."""
+    from jaxedit.quant import quantize_abstract
+
+    tree = _expected_params(part, getattr(preset, part), preset.connector if part == "transformer" else None)
+    return quantize_abstract(part, tree, quantized)
 
 
 @functools.lru_cache(maxsize=32)
@@ -244,17 +265,62 @@ def check_part(path: Path, stored: Any, expected: Any) -> None:
                          f"{'; '.join(problems)}")  # fmt: skip
 
 
-def load_parts(folder: str | Path, preset: configs.Preset, *, dtypes: dict[str, Any] | None = None) -> dict[str, Any]:
+def load_parts(
+    folder: str | Path, preset: configs.Preset, *, dtypes: dict[str, Any] | None = None, quantize: str | None = None
+) -> dict[str, Any]:
     """{part: params} for every part the preset has, restored from the folder's Orbax checkpoints (each
-    verified against its seal and against the parameter names and shapes the description implies)."""
+    verified against its seal and against the parameter names and shapes the description implies).
+    quantize: "int8" / "fp8": the parts `jaxedit.quant` quantises that are not stored so are quantised as they
+    load (on the host, a tensor at a time); parts stored quantised must have been so with the same mode."""
+    from jaxedit import quant
     from jaxedit.checkpoint import load_params, param_metadata, verify_enabled, verify_or_note
 
     folder = Path(folder)
     check_complete(folder, preset)
-    dtypes = dtypes or {}
+    dtypes, stored = dtypes or {}, read_quantized(folder)
+    quantize = quant.check_mode(quantize)
     parts = [p for p in PART_CONFIGS if getattr(preset, p) is not None]
     for p in parts:
+        if quantize and p in stored and stored[p] != quantize:
+            raise ValueError(f"{folder / p} is stored quantised as {stored[p]}, not {quantize}")
         if verify_enabled():
             verify_or_note(folder / p)
-        check_part(folder / p, param_metadata(folder / p), expected_params(preset, p))
-    return {p: load_params(folder / p, dtype=dtypes.get(p), verify_checksums=False) for p in parts}
+        check_part(folder / p, param_metadata(folder / p), expected_params(preset, p, stored.get(p)))
+    out = {}
+    for p in parts:
+        if quantize and p in quant.RULES and p not in stored:
+            out[p] = load_quantizing(folder / p, p, quantize, dtypes.get(p))
+        else:
+            out[p] = load_params(folder / p, dtype=dtypes.get(p), verify_checksums=False)
+    return out
+
+
+def load_quantizing(path: Path, part: str, mode: str, dtype: Any = None) -> dict:
+    """A float checkpoint quantised as it loads (`quantized_on_host`), each leaf then placed on the default
+    device (the others cast to `dtype`)."""
+    import jax
+    import numpy as np
+    from flax import traverse_util
+
+    from jaxedit import quant
+
+    flat, dev = quantized_on_host(path, part, mode), jax.local_devices()[0]
+    for k, v in flat.items():
+        keep = dtype is None or quant.keeps_dtype(k, v.dtype)
+        flat[k] = jax.device_put(v if keep else np.asarray(v).astype(dtype), dev)
+    return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def quantized_on_host(path: Path, part: str, mode: str) -> dict[str, Any]:
+    """{"/"-path: array} of a float checkpoint restored into host memory (the CPU device, whatever the
+    default device is) with each kernel the rules name quantised there (`jaxedit.quant.quantize_flat`)."""
+    import jax
+    from flax import traverse_util
+
+    from jaxedit import quant
+    from jaxedit.checkpoint import load_params, param_metadata
+
+    host = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=host), param_metadata(path))
+    flat = traverse_util.flatten_dict(load_params(path, target, verify_checksums=False), sep="/")
+    return quant.quantize_flat(part, flat, mode)

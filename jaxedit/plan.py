@@ -64,6 +64,8 @@ def parser(prog: str = "python -m jaxedit.plan") -> argparse.ArgumentParser:
     )
     p.add_argument("--mlp-chunks", type=int, default=1, help="train/lora: the MLPs on this many token slices")
     p.add_argument("--attention", default="auto", help="attention impl (auto: splash on TPU, chunked on CPU)")
+    p.add_argument("--quantize", choices=["none", "int8", "fp8"], default="none",
+                   help="infer/sample/text: int8 / fp8 DiT and T5 block weights (jaxedit.quant)")  # fmt: skip
     p.add_argument("--lora-rank", type=int, default=16, help="lora: adapter rank")
     p.add_argument("--no-reference", action="store_true", help="text-to-image: no Kontext reference tokens")
     p.add_argument("--references", type=int, default=1, help="FLUX Kontext: reference images per sample, each "
@@ -157,6 +159,10 @@ def lower(preset, args, mesh, batch: int):
         shape, dt, sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     )
     cfg, ccfg, step1x = preset.transformer, preset.connector, preset.connector is not None
+    from jaxedit import quant
+
+    if quant.check_mode(args.quantize) and args.task not in ("infer", "sample", "text"):
+        raise ValueError(f"--quantize: the {args.task} program has no quantised weights (infer, sample, text have)")
     if args.task in ("train", "lora"):
         from jaxedit.train.lora import LoraConfig
         from jaxedit.train.objective import ObjectiveConfig
@@ -186,7 +192,7 @@ def lower(preset, args, mesh, batch: int):
         boxed = (
             step1x_params(cfg, ccfg, jnp.bfloat16, boxed=True) if step1x else flux_params(cfg, jnp.bfloat16, boxed=True)
         )
-        params = sh.abstract_with_shardings(boxed, mesh)
+        params = sh.abstract_with_shardings(quant.quantize_abstract("transformer", boxed, args.quantize), mesh)
         lt, nt, nr = s["text_tokens"], s["target_tokens"], s["reference_tokens"]
         txt_dim = ccfg.in_channels if step1x else cfg.context_in_dim
         # the modules outside the mesh context: building them creates (host) example arrays
@@ -235,7 +241,8 @@ def lower(preset, args, mesh, batch: int):
 
         t5 = T5Encoder(preset.t5, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
         clip = CLIPTextModel(preset.clip, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
-        pt5 = sh.abstract_with_shardings(t5_model.abstract_params(preset.t5, jnp.bfloat16, boxed=True), mesh)
+        pt5 = t5_model.abstract_params(preset.t5, jnp.bfloat16, boxed=True)
+        pt5 = sh.abstract_with_shardings(quant.quantize_abstract("t5", pt5, args.quantize), mesh)
         pclip = sh.abstract_with_shardings(clip_model.abstract_params(preset.clip, jnp.bfloat16, boxed=True), mesh)
         ids_t5 = bsd((batch, s["text_tokens"]), jnp.int32)
         ids_clip = bsd((batch, preset.clip.max_length), jnp.int32)

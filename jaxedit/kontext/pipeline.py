@@ -56,6 +56,8 @@ from jaxedit.pipelines.base import (
     check_side,
     check_steps,
     enable_compilation_cache,
+    quantize_mode,
+    quantized_parts,
     read_folder,
     to_model_input,
 )
@@ -183,19 +185,24 @@ class KontextPipeline(EditPipelineBase):
         compile_cache: bool = True,
         loras: list[tuple[Lora | str | Path, float]] = (),
         merge_loras: bool = True,
+        quantize: str | None = None,
         **kw,
     ) -> KontextPipeline:
         """Load a jaxedit model folder (see `jaxedit.model_folder`). dtype (transformer and text
         encoders): default the folder's pipeline option "dtype", else bfloat16. loras: (file or read LoRA,
-        scale) added after the folder's own, merged into the weights unless merge_loras is False."""
+        scale) added after the folder's own, merged into the weights unless merge_loras is False.
+        quantize: "int8" / "fp8" weights for the DiT and T5 (`jaxedit.quant`; default the folder's pipeline
+        option "quantize"), quantised as they load unless the folder stores them so."""
         from jaxedit.kontext.text import FluxTextEncoder, load_tokenizer
         from jaxedit.model_folder import TOKENIZERS, load_parts
 
         folder = Path(folder)
         preset, options, dtype = read_folder(folder, FAMILIES, dtype)
+        quantize = quantize_mode(folder, options, quantize)
         if compile_cache:
             enable_compilation_cache()
-        params = load_parts(folder, preset, dtypes={"transformer": dtype, "t5": dtype, "clip": dtype})
+        dtypes = {"transformer": dtype, "t5": dtype, "clip": dtype}
+        params = load_parts(folder, preset, dtypes=dtypes, quantize=quantize)
         text = FluxTextEncoder(
             preset.t5,
             preset.clip,
@@ -208,6 +215,7 @@ class KontextPipeline(EditPipelineBase):
         kw.setdefault("auto_resize", options.get("auto_resize", True))
         kw.setdefault("reference_ids", options.get("reference_ids", "community"))  # as the model was trained
         pipe = cls(preset, params, text, dtype=dtype, **kw)
+        pipe.quantized = quantized_parts(params | {"t5": text.t5_params})
         pipe.default_steps = int(options.get("steps", DEFAULT_STEPS))
         pipe.default_guidance = float(options.get("guidance", DEFAULT_GUIDANCE))
         pipe.set_true_cfg(options.get("true_cfg_scale", 1.0), options.get("negative_prompt", ""))

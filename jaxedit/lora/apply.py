@@ -4,7 +4,8 @@ An `Update` adds scale * a @ b to a box of one kernel: `param` is the kernel's "
 parameter tree ([L, in, *out] stacked over layers, or [in, *out]), `box` the (start, stop) of each
 output axis it covers, a [L, in, r] / [in, r] and b [L, r, *box] / [r, *box] (the file's alpha / r
 folded into b). A LoRA is a tuple of updates per part (`jaxedit.lora.targets`); `merge` adds several
-LoRAs, each with its own scale, in float32 and casts once to the kernel's dtype. Updates are pytrees
+LoRAs, each with its own scale, in float32 and casts once to the kernel's dtype (a quantised kernel,
+`jaxedit.quant`, is dequantised, updated and quantised again with new scales). Updates are pytrees
 whose path and box are static, so `jax.jit(merge)` takes the factors and the scales as traced
 arguments: a new scale reuses the compiled program.
 """
@@ -21,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+
+from jaxedit import quant
 
 
 @jax.tree_util.register_dataclass
@@ -60,15 +63,18 @@ def merge(params: dict, loras: Sequence[Sequence[Update]], scales) -> dict:
     flat = traverse_util.flatten_dict(params, sep="/")
     scales = jnp.asarray(scales, jnp.float32)
     for path, by_box in boxes.items():
-        w = flat[path]
-        acc = jnp.asarray(w, jnp.float32)
+        w, scale = flat[path], flat.get(quant.scale_path(path))
+        acc = jnp.asarray(w, jnp.float32) if scale is None else quant.dequantize(w, scale)
         for box, items in by_box.items():
             stacked = items[0][1].stacked
             a = jnp.concatenate([jnp.asarray(u.a, jnp.float32) for _, u in items], axis=-1)
             b = jnp.concatenate([scales[i] * jnp.asarray(u.b, jnp.float32) for i, u in items], axis=int(stacked))
             index = (slice(None),) * (1 + stacked) + tuple(slice(lo, hi) for lo, hi in box)
             acc = acc.at[index].add(delta(a, b, stacked))
-        flat[path] = acc.astype(w.dtype)
+        if scale is None:
+            flat[path] = acc.astype(w.dtype)
+        else:  # a quantised kernel: W + update quantised again, with new scales
+            flat[path], flat[quant.scale_path(path)] = quant.requantize(acc, w.dtype)
     return traverse_util.unflatten_dict(flat, sep="/")
 
 
@@ -82,6 +88,7 @@ def merge_now(params: dict, loras: Sequence[Sequence[Update]], scales) -> dict:
     if not paths:
         return params
     flat = traverse_util.flatten_dict(params, sep="/")
+    paths |= {quant.scale_path(p) for p in paths if quant.scale_path(p) in flat}  # quantised kernels' scales
     sub = traverse_util.unflatten_dict({p: flat[p] for p in paths}, sep="/")
     flat.update(traverse_util.flatten_dict(_merge(sub, loras, np.asarray(scales, np.float32)), sep="/"))
     return traverse_util.unflatten_dict(flat, sep="/")

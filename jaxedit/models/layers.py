@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxedit import quant
 from jaxedit.parallel.sharding import param_init
 
 Dtype = Any
@@ -24,10 +25,11 @@ ones = nn.initializers.ones_init()
 
 
 class MultiOutDense(nn.Module):
-    """Linear map to several output axes: kernel [in, *features], bias [*features].
+    """Linear map to one or several output axes: kernel [in, *features], bias [*features].
 
     (flax's DenseGeneral builds its kernel flat and reshapes it, which breaks logical
-    sharding constraints on multi-axis kernels.)
+    sharding constraints on multi-axis kernels.) A quantised kernel (int8 / fp8 with its
+    `kernel_scale` beside it, `jaxedit.quant`) runs as a qwix matmul.
     """
 
     features: tuple[int, ...]
@@ -43,7 +45,10 @@ class MultiOutDense(nn.Module):
         init = zeros if self.zero_init else nn.initializers.lecun_normal(in_axis=0, out_axis=out_axes)
         shape = (x.shape[-1], *self.features)
         kernel = self.param("kernel", param_init(init, self.kernel_axes), shape, self.param_dtype)
-        y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=((x.ndim - 1,), (0,)))
+        if jnp.dtype(kernel.dtype).itemsize == 1 and self.has_variable("params", quant.SCALE):
+            y = quant.matmul(x, kernel, self.get_variable("params", quant.SCALE), self.dtype)
+        else:
+            y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=((x.ndim - 1,), (0,)))
         if self.use_bias:
             bias = self.param("bias", param_init(zeros, self.kernel_axes[1:]), self.features, self.param_dtype)
             y = y + bias.astype(self.dtype)
@@ -53,18 +58,8 @@ class MultiOutDense(nn.Module):
 def dense(features, axes, *, name, dtype, param_dtype, use_bias=True, zero_init=False):
     """A Dense layer whose kernel carries logical `axes` (in-axis first); tuple features
     give a kernel [in, *features]."""
-    if not isinstance(features, int):
-        return MultiOutDense(tuple(features), axes, use_bias, zero_init, dtype, param_dtype, name=name)
-    kinit = zeros if zero_init else default_kernel_init
-    return nn.Dense(
-        features,
-        use_bias=use_bias,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_init=param_init(kinit, axes),
-        bias_init=param_init(zeros, axes[1:]),
-        name=name,
-    )
+    features = (features,) if isinstance(features, int) else tuple(features)
+    return MultiOutDense(features, axes, use_bias, zero_init, dtype, param_dtype, name=name)
 
 
 def _sinusoid_freqs(half: int, max_period: float) -> np.ndarray:

@@ -150,11 +150,16 @@ def shardings(boxed_tree, mesh: Mesh, rules: Rules = DEFAULT_RULES):
 def abstract_with_shardings(boxed_tree, mesh: Mesh, rules: Rules = DEFAULT_RULES, dtype=None):
     """ShapeDtypeStructs carrying their target sharding (for sharded restore / AOT compile)."""
     shapes = unbox(boxed_tree)
-    return jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype or s.dtype, sharding=sh),
+    out = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
         shapes,
         shardings(boxed_tree, mesh, rules),
     )
+    if dtype is None:
+        return out
+    from jaxedit.quant import cast  # quantised kernels and their scales keep their dtypes
+
+    return cast(out, dtype)
 
 
 def batch_sharding(mesh: Mesh, ndim: int, rules: Rules = DEFAULT_RULES) -> NamedSharding:

@@ -80,6 +80,30 @@ def read_folder(folder: str | Path, families: tuple[str, ...], dtype: Any = None
     return preset, options, jnp.dtype(dtype or options.get("dtype", "bfloat16"))
 
 
+def quantize_mode(folder: str | Path, options: dict, quantize: str | None) -> str | None:
+    """The weight quantisation to load with: `quantize` (None: the folder's pipeline option "quantize", else
+    whatever the folder stores; "none": not quantised, refused for a folder stored quantised)."""
+    from jaxedit import quant
+
+    stored = set(model_folder.read_quantized(folder).values())
+    try:
+        mode = quant.check_mode(options.get("quantize") if quantize is None else quantize)
+    except ValueError as e:
+        raise ValueError(f"{folder}: {e}") from None
+    if quantize in ("none", "") and stored:
+        raise ValueError(f"{folder} is stored quantised ({', '.join(sorted(stored))}): it cannot load unquantised")
+    if mode is None and stored:
+        return None  # load as stored
+    return mode
+
+
+def quantized_parts(params: dict) -> dict[str, str]:
+    """{part: mode} of the parts whose weights are quantised (`jaxedit.quant.mode_of`)."""
+    from jaxedit import quant
+
+    return {p: m for p, tree in params.items() if (m := quant.mode_of(tree))}
+
+
 @dataclasses.dataclass
 class BatchPlan:
     steps: int
@@ -100,6 +124,7 @@ class EditPipelineBase:
 
     model: Any
     default_steps: int
+    quantized: dict[str, str] = {}  # {part: "int8" / "fp8"} of the parts whose weights are quantised
 
     def __init__(self, preset: configs.Preset, params: dict[str, Any], *, vae_dtype: Any, devices: list | None):
         self.preset, self.params = preset, params
@@ -140,6 +165,8 @@ class EditPipelineBase:
 
     def set_transformer(self, params) -> None:
         """Use other transformer parameters (e.g. the current ones of a training run)."""
+        if self.quantized.get("transformer"):
+            raise ValueError("this pipeline's transformer is quantised: load it unquantised to set its weights")
         dtype = self.model.param_dtype
         self.params = self.params | {"transformer": jax.tree.map(lambda p: jnp.asarray(p, dtype), params)}
         self._placed = {}

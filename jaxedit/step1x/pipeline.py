@@ -37,6 +37,8 @@ from jaxedit.pipelines.base import (
     check_side,
     check_steps,
     enable_compilation_cache,
+    quantize_mode,
+    quantized_parts,
     read_folder,
     to_model_input,
 )
@@ -105,16 +107,19 @@ class Step1XEditPipeline(EditPipelineBase):
         qwen: str | Path | None = None,
         text_encoder: Any = True,
         qwen_dtype: str = "bfloat16",
+        quantize: str | None = None,
         **kw,
     ) -> Step1XEditPipeline:
         """Load a model folder; `qwen`: another model folder whose converted Qwen2.5-VL to use. dtype (DiT
         and connector): default the folder's pipeline option "dtype", else bfloat16. text_encoder: True loads
         the Qwen2.5-VL embedder (JAX, `qwen_dtype`), False skips it (then every call needs `llm=`), or an
-        embedder to use."""
+        embedder to use. quantize: "int8" / "fp8" DiT weights (`jaxedit.quant`; default the folder's pipeline
+        option "quantize"), quantised as they load unless the folder stores them so."""
         from jaxedit.model_folder import load_parts
 
         folder = Path(folder)
         preset, options, dtype = read_folder(folder, (FAMILY,), dtype)
+        quantize = quantize_mode(folder, options, quantize)
         if preset.connector is None:
             raise ValueError(f"{folder}: a {FAMILY!r} model folder without a connector config")
         if options.get("loras"):
@@ -131,9 +136,10 @@ class Step1XEditPipeline(EditPipelineBase):
             )
         if compile_cache:
             enable_compilation_cache()
-        params = load_parts(folder, preset, dtypes={"transformer": dtype})
+        params = load_parts(folder, preset, dtypes={"transformer": dtype}, quantize=quantize)
         kw.setdefault("size_level", options.get("size_level", DEFAULT_SIZE_LEVEL))
         pipe = cls(preset, params, embedder, dtype=dtype, **kw)
+        pipe.quantized = quantized_parts(params)
         pipe.default_steps = int(options.get("steps", DEFAULT_STEPS))
         pipe.default_guidance = float(options.get("guidance", DEFAULT_GUIDANCE))
         return pipe

@@ -61,6 +61,9 @@ def model_of(cfg: TrainConfig) -> tuple[Path, configs.Preset]:
         raise ValueError(f"init {cfg.init!r}: use 'folder' or 'random'")
     # a random init does not read the folder's transformer: a folder without one is fine
     model_folder.check_complete(folder, preset, skip=("transformer",) if cfg.init == "random" else ())
+    if quantized := model_folder.read_quantized(folder):
+        raise ValueError(f"{folder} stores quantised weights ({quantized}): train from the unquantised "
+                         "folder (`jaxedit-convert quantize` makes a quantised copy after)")  # fmt: skip
     return folder, preset
 
 

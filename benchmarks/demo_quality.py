@@ -2,6 +2,7 @@
 
     python benchmarks/demo_quality.py [--model jaxedit/default_model] [--count 240] [--markdown docs/x.md]
     python benchmarks/demo_quality.py --model build/shapes --checkpoint checkpoints/shapes_dit --count 48
+    python benchmarks/demo_quality.py --quantize int8      # the same model with int8 weights
 
 (--split train: the same on training pairs, to tell underfitting from overfitting.
 --checkpoint: the transformer of a training run's latest Orbax checkpoint, its EMA if it has one,
@@ -21,6 +22,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 from common import ROOT  # noqa: F401 - puts the repo root on sys.path
 from PIL import Image
@@ -106,11 +108,14 @@ def main() -> None:
     p.add_argument(
         "--split", default="test", choices=list(shapes.SPLITS), help="samples to edit (train: does it underfit?)"
     )
+    p.add_argument("--quantize", choices=["int8", "fp8"], help="int8 / fp8 DiT and T5 weights (jaxedit.quant)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: the model's)")
     args = p.parse_args()
     from jaxedit.kontext.pipeline import KontextPipeline
 
     t0 = time.perf_counter()
-    pipe = KontextPipeline.load(args.model)
+    pipe = KontextPipeline.load(args.model, quantize=args.quantize, dtype=args.dtype)
+    print(f"weights: {pipe.quantized or 'as stored, not quantised'}, compute dtype {jnp.dtype(pipe.model.dtype)}")
     if args.checkpoint:
         step, params = checkpoint_transformer(args.checkpoint)
         pipe.set_transformer(params)

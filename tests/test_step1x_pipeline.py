@@ -25,6 +25,7 @@ from safetensors.numpy import save_file
 
 torch = pytest.importorskip("torch")
 
+from jaxedit import quant  # noqa: E402
 from jaxedit.cli import main as cli  # noqa: E402
 from jaxedit.models.step1x import Step1XEdit  # noqa: E402
 from jaxedit.step1x.pipeline import Step1XEditPipeline  # noqa: E402
@@ -132,6 +133,12 @@ def test_edit_matches_reference_loop(model):
     assert llm[0].shape == (4, pipe.text_encoder.config.max_length, PRESET.connector.in_channels)
     again = pipe(imgs, PROMPTS, SEEDS, output="latents", llm=llm, **kw)
     np.testing.assert_array_equal(again, ours_lat)
+    # int8 DiT weights (jaxedit.quant; the connector stays float): the same edit, close to the float one
+    params = pipe.params | {"transformer": quant.quantize_params("transformer", pipe.params["transformer"], "int8")}
+    int8 = Step1XEditPipeline(PRESET, params, None, dtype=jnp.float32, size_level=SIZE_LEVEL)
+    err = rel_err(int8(imgs, PROMPTS, SEEDS, output="latents", llm=llm, **kw), ours_lat)
+    print(f"int8 weights: final latents rel err {err:.1e} against float32 weights")
+    assert 0 < err < 0.02
     no_qwen = Step1XEditPipeline(PRESET, pipe.params, None, dtype=jnp.float32)
     with pytest.raises(ValueError, match="llm="):
         no_qwen(imgs, PROMPTS, SEEDS, **kw)
@@ -281,6 +288,12 @@ def test_load_honours_the_folders_dtype_option(tmp_path):
     assert load(f32, dtype=jnp.bfloat16).model.dtype == jnp.bfloat16
     leaves = jax.tree.leaves(load(f32).params["transformer"])
     assert {x.dtype for x in leaves} == {jnp.dtype(jnp.float32)}
+    int8 = load(plain, quantize="int8")  # quantised as it loads: the DiT's block kernels, not the connector's
+    assert int8.quantized == {"transformer": "int8"}
+    t = int8.params["transformer"]
+    assert t["double_blocks"]["img_mlp"]["0"]["kernel"].dtype == jnp.int8
+    assert t["double_blocks"]["img_mlp"]["0"]["kernel_scale"].dtype == jnp.float32
+    assert {x.dtype for x in jax.tree.leaves(t["connector"])} == {jnp.dtype(jnp.bfloat16)}
 
 
 def test_sample_edits_of_a_step1x_run(model, tmp_path):

@@ -64,6 +64,8 @@ def render(results: Path) -> str:
         program = r["task"] + (" (Step1X)" if r["preset"].startswith("step1x") else "")
         program += " t2i" if r["reference_tokens"] == 0 and r["task"] not in ("vae-decode", "text") else ""
         program += f" {r['references']} refs" if r.get("references", 1) > 1 else ""
+        quantized = r["args"].split("--quantize ", 1)[1].split()[0] if "--quantize " in r["args"] else "none"
+        program += f" {quantized}" if quantized != "none" else ""
         remat = r["remat"] + (f" + MLP in {r['mlp_chunks']}" if r.get("mlp_chunks", 1) > 1 else "")
         out.append(
             f"| {program} | {r['target']} | {r['chips']} | {r['mesh']} | {r['batch']} ({per:g}) | {r['resolution']} | "

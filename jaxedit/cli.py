@@ -79,6 +79,9 @@ def model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=["none", "int8", "fp8"], default=None,
                    help="int8 / fp8 (e4m3) weights for the DiT (and FLUX's T5), quantised as they load: about half "
                    "the memory of bfloat16 (default: the model folder's; see the README)")  # fmt: skip
+    p.add_argument("--text-on-cpu", action="store_true",
+                   help="FLUX Kontext: keep T5 and CLIP in host memory and run them on the CPU, so the "
+                   "accelerator holds only the DiT and the VAE (with --quantize int8: a 16 GB chip)")  # fmt: skip
     p.add_argument("--keep-size", action="store_true", help="keep the input size (floored to 16), do not resize it")
     p.add_argument("--reference-ids", choices=REFERENCE_IDS, default=None,
                    help="FLUX Kontext, several images: their position ids (default community: diffusers' community "
@@ -111,6 +114,8 @@ def load_pipeline(args):
     if step1x and (args.true_cfg_scale is not None or args.negative_prompt is not None):
         fail("--true-cfg-scale/--negative-prompt are for FLUX Kontext models; "
                          "Step1X-Edit's classifier-free guidance is --guidance")  # fmt: skip
+    if step1x and args.text_on_cpu:
+        fail("--text-on-cpu is for FLUX Kontext models (Step1X-Edit's Qwen2.5-VL runs where the DiT does)")
     if step1x and args.lora:
         fail("--lora: LoRAs are applied to FLUX / FLUX.1 Kontext model folders, not Step1X-Edit")
     references = {"reference_ids": args.reference_ids, "reference_tokens": args.reference_tokens,
@@ -124,6 +129,7 @@ def load_pipeline(args):
         kw = {"auto_resize": False} if args.keep_size else {}
         kw |= {"loras": read_loras(args.lora, preset)} if args.lora else {}
         kw |= {k: v for k, v in references.items() if v is not None}
+        kw |= {"text_on_cpu": True} if args.text_on_cpu else {}
     kw |= {"quantize": args.quantize} if args.quantize else {}
     try:
         pipe = load(folder, dtype=args.dtype, **kw)
@@ -180,6 +186,7 @@ def model_identity(args, pipe) -> str:
     loras = pipe.lora_identity() if hasattr(pipe, "lora_identity") else []  # the folder's and --lora
     options |= {"loras": loras} if loras else {}  # (absent without LoRAs: earlier results keep their keys)
     options |= {"quantized": pipe.quantized} if getattr(pipe, "quantized", None) else {}  # stored or at load
+    options |= {"text_on_cpu": True} if getattr(args, "text_on_cpu", False) else {}
     model = fingerprint(Path(args.model) if args.model else DEFAULT_MODEL)
     qwen = fingerprint(args.qwen) if args.qwen else None
     return json.dumps({"model": model, "qwen": qwen, **options}, sort_keys=True)

@@ -266,12 +266,20 @@ def check_part(path: Path, stored: Any, expected: Any) -> None:
 
 
 def load_parts(
-    folder: str | Path, preset: configs.Preset, *, dtypes: dict[str, Any] | None = None, quantize: str | None = None
+    folder: str | Path,
+    preset: configs.Preset,
+    *,
+    dtypes: dict[str, Any] | None = None,
+    quantize: str | None = None,
+    devices: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """{part: params} for every part the preset has, restored from the folder's Orbax checkpoints (each
     verified against its seal and against the parameter names and shapes the description implies).
     quantize: "int8" / "fp8": the parts `jaxedit.quant` quantises that are not stored so are quantised as they
-    load (on the host, a tensor at a time); parts stored quantised must have been so with the same mode."""
+    load (on the host, a tensor at a time); parts stored quantised must have been so with the same mode.
+    devices: {part: device} to restore a part onto (default: this process's first device)."""
+    import jax
+
     from jaxedit import quant
     from jaxedit.checkpoint import load_params, param_metadata, verify_enabled, verify_or_note
 
@@ -288,23 +296,28 @@ def load_parts(
         check_part(folder / p, param_metadata(folder / p), expected_params(preset, p, stored.get(p)))
     out = {}
     for p in parts:
+        dev = (devices or {}).get(p) or jax.local_devices()[0]
         if quantize and p in quant.RULES and p not in stored:
-            out[p] = load_quantizing(folder / p, p, quantize, dtypes.get(p))
+            out[p] = load_quantizing(folder / p, p, quantize, dtypes.get(p), dev)
         else:
-            out[p] = load_params(folder / p, dtype=dtypes.get(p), verify_checksums=False)
+            on = jax.sharding.SingleDeviceSharding(dev)
+            target = jax.tree.map(
+                lambda s, on=on: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=on), param_metadata(folder / p)
+            )
+            out[p] = load_params(folder / p, target, dtype=dtypes.get(p), verify_checksums=False)
     return out
 
 
-def load_quantizing(path: Path, part: str, mode: str, dtype: Any = None) -> dict:
-    """A float checkpoint quantised as it loads (`quantized_on_host`), each leaf then placed on the default
-    device (the others cast to `dtype`)."""
+def load_quantizing(path: Path, part: str, mode: str, dtype: Any = None, device: Any = None) -> dict:
+    """A float checkpoint quantised as it loads (`quantized_on_host`), each leaf then placed on `device`
+    (default: this process's first device; the others cast to `dtype`)."""
     import jax
     import numpy as np
     from flax import traverse_util
 
     from jaxedit import quant
 
-    flat, dev = quantized_on_host(path, part, mode), jax.local_devices()[0]
+    flat, dev = quantized_on_host(path, part, mode), device or jax.local_devices()[0]
     for k, v in flat.items():
         keep = dtype is None or quant.keeps_dtype(k, v.dtype)
         flat[k] = jax.device_put(v if keep else np.asarray(v).astype(dtype), dev)

@@ -151,17 +151,17 @@ def test_a_quantised_folder_loads_as_load_time_quantisation_does(quantised_defau
 
 
 def test_cli_edits_with_int8_weights_and_refuses_what_it_cannot_do(quantised_default, tmp_path, capsys):
-    """`jaxedit edit` with the folder stored in int8 writes its image (the weights are the same as with
-    `--quantize int8` on the float folder: the test above). A stored int8 folder asked for fp8 or for no
-    quantisation, training from it, quantising it again, a bad mode in jaxedit.json: one line naming the
-    folder (or field), exit 2, before any model runs."""
+    """`jaxedit edit` with the folder stored in int8 (text encoders on the CPU) writes its image (the
+    weights are the same as with `--quantize int8` on the float folder: the test above). A stored int8
+    folder asked for fp8 or for no quantisation, training from it, quantising it again, a bad mode in
+    jaxedit.json: one line naming the folder (or field), exit 2, before any model runs."""
     from checkpoints_convert.__main__ import main as convert
     from jaxedit.cli import main as cli
 
     edit = ["edit", "--image", str(ROOT / "examples" / "shapes.png"), "--prompt", "make the red circle blue",
             "--steps", "3"]  # fmt: skip
     out = tmp_path / "a.png"
-    assert cli(edit + ["--model", str(quantised_default), "--out", str(out)]) == 0
+    assert cli(edit + ["--model", str(quantised_default), "--text-on-cpu", "--out", str(out)]) == 0
     assert Image.open(out).size == Image.open(ROOT / "examples" / "shapes.png").size
     capsys.readouterr()
     for flag, message in (("fp8", "is stored quantised as int8, not fp8"), ("none", "cannot load unquantised")):

@@ -186,13 +186,16 @@ class KontextPipeline(EditPipelineBase):
         loras: list[tuple[Lora | str | Path, float]] = (),
         merge_loras: bool = True,
         quantize: str | None = None,
+        text_on_cpu: bool | None = None,
         **kw,
     ) -> KontextPipeline:
         """Load a jaxedit model folder (see `jaxedit.model_folder`). dtype (transformer and text
         encoders): default the folder's pipeline option "dtype", else bfloat16. loras: (file or read LoRA,
         scale) added after the folder's own, merged into the weights unless merge_loras is False.
         quantize: "int8" / "fp8" weights for the DiT and T5 (`jaxedit.quant`; default the folder's pipeline
-        option "quantize"), quantised as they load unless the folder stores them so."""
+        option "quantize"), quantised as they load unless the folder stores them so. text_on_cpu: keep T5 and
+        CLIP in host memory and run them on the host's CPU (default the folder's option "text_on_cpu"): the
+        accelerator then holds only the DiT and the VAE (FLUX.1 Kontext in int8 on one 16 GB chip)."""
         from jaxedit.kontext.text import FluxTextEncoder, load_tokenizer
         from jaxedit.model_folder import TOKENIZERS, load_parts
 
@@ -202,7 +205,9 @@ class KontextPipeline(EditPipelineBase):
         if compile_cache:
             enable_compilation_cache()
         dtypes = {"transformer": dtype, "t5": dtype, "clip": dtype}
-        params = load_parts(folder, preset, dtypes=dtypes, quantize=quantize)
+        text_on_cpu = options.get("text_on_cpu", False) if text_on_cpu is None else text_on_cpu
+        devices = {"t5": jax.devices("cpu")[0], "clip": jax.devices("cpu")[0]} if text_on_cpu else None
+        params = load_parts(folder, preset, dtypes=dtypes, quantize=quantize, devices=devices)
         text = FluxTextEncoder(
             preset.t5,
             preset.clip,

@@ -1,6 +1,6 @@
 """int8 / fp8 weights (`jaxedit.quant`, qwix): what is quantised and how, the error it costs against bfloat16
 (beside bfloat16's own against float32), the converter's quantised folders, load-time quantisation, LoRAs
-merged into quantised kernels, and the sharded TPU program holding int8 weights."""
+merged into quantised kernels. (The sharded TPU sampling program with int8 weights: tests/test_tpu_compile.py.)"""
 
 from __future__ import annotations
 
@@ -185,30 +185,3 @@ def test_cli_edits_with_int8_weights_and_refuses_what_it_cannot_do(quantised_def
         cli(edit + ["--model", str(bad), "--out", str(tmp_path / "o.png")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "quantized.transformer is 'int4'" in err and str(bad) in err, err
-
-
-def test_quantised_program_compiles_for_tpu_with_int8_weights_sharded():
-    """The planner's tiny Kontext forward with --quantize int8 on a v5e-4 (FSDP 2 x tensor 2): the TPU
-    program takes int8 block kernels, their scales sharded with the kernels' output channels, and its
-    per-chip arguments shrink against the bfloat16 program's."""
-    pytest.importorskip("libtpu", reason='no libtpu: pip install "jax[tpu]==<jax version>" (the test extra has it)')
-    from jaxedit import plan
-    from jaxedit.parallel import sharding as sh
-    from jaxedit.parallel.targets import parse_target
-
-    mesh = sh.make_mesh(configs.MeshConfig(fsdp=2, tensor=2), parse_target("v5e-4").devices())
-    argsize = {}
-    for mode in ("none", "int8"):
-        args = plan.parser().parse_args(["--task", "infer", "--resolution", "128", "--text-tokens", "16",
-                                         "--quantize", mode])  # fmt: skip
-        lowered, _ = plan.lower(PRESET, args, mesh, 4)
-        compiled = lowered.compile()
-        argsize[mode] = compiled.memory_analysis().argument_size_in_bytes
-        params_layout = compiled.as_text().split("entry_computation_layout={(", 1)[1].split(")->", 1)[0]
-        assert ("s8[" in params_layout) == (mode == "int8")
-    kernel = traverse_util.flatten_dict(lowered.args_info[0][0], sep="/")["single_blocks/linear1_mlp/kernel"]
-    assert kernel.dtype == jnp.int8
-    shardings = traverse_util.flatten_dict(compiled.input_shardings[0][0], sep="/")
-    assert shardings["single_blocks/linear1_mlp/kernel"].spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
-    assert shardings["single_blocks/linear1_mlp/kernel_scale"].spec == jax.sharding.PartitionSpec(None, None, "tensor")
-    assert argsize["int8"] < 0.75 * argsize["none"], argsize

@@ -10,6 +10,8 @@ import argparse
 import jax
 import numpy as np
 import pytest
+from flax import traverse_util
+from jax.sharding import PartitionSpec
 
 from jaxedit import configs, plan
 from jaxedit.configs import MeshConfig
@@ -68,17 +70,26 @@ def test_auto_picks_splash_for_a_tpu_target(chips):
         pytest.param("infer", "fsdp2_tp2", marks=pytest.mark.slow),
         ("train", "fsdp4"),
         pytest.param("sample", "fsdp4", marks=pytest.mark.slow),
-        ("sample", "fsdp2_tp2"),
+        ("sample int8", "fsdp2_tp2"),
     ],  # fmt: skip
 )
 def test_programs_compile_for_tpu_with_splash_sharded(chips, task, mesh):
-    compiled = compile_task(task, chips, MESHES[mesh], steps=2)
+    """ "sample int8": the sampling loop with int8 DiT weights (`--quantize int8`, jaxedit.quant): the program
+    takes int8 block kernels, their scales sharded with the kernels' output channels (tensor)."""
+    task, _, quantize = task.partition(" ")
+    compiled = compile_task(task, chips, MESHES[mesh], steps=2, **({"quantize": quantize} if quantize else {}))
     text = compiled.as_text()
     kernels = {name for name in ("splash_mha_fwd", "splash_mha_dq", "splash_mha_dkv") if name in text}
     assert kernels == ({"splash_mha_fwd", "splash_mha_dq", "splash_mha_dkv"} if task == "train" else {"splash_mha_fwd"})
     assert 'custom_call_target="tpu_custom_call"' in text  # the Mosaic kernel itself, per device
     mem = compiled.memory_analysis()
     assert mem.argument_size_in_bytes > 0 and mem.temp_size_in_bytes > 0
+    if quantize:
+        params_layout = text.split("entry_computation_layout={(", 1)[1].split(")->", 1)[0]
+        assert "s8[" in params_layout
+        shardings = traverse_util.flatten_dict(compiled.input_shardings[0][0], sep="/")
+        assert shardings["single_blocks/linear1_mlp/kernel"].spec == PartitionSpec(None, "fsdp", "tensor")
+        assert shardings["single_blocks/linear1_mlp/kernel_scale"].spec == PartitionSpec(None, None, "tensor")
 
 
 def test_step1x_dit_and_connector_compile_for_tpu(chips):

@@ -49,6 +49,19 @@ def test_chunked_with_padding_mask_and_gradient():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
+def test_rows_matches_xla_with_a_mask_padding_and_gradient():
+    """The CPU path (`rows`, auto on CPU): query chunks that do not divide the length, a dense mask, forward
+    and gradients against xla."""
+    q, k, v = qkv(2, 90, 2, 8, 70)
+    mask = jnp.asarray(np.random.default_rng(1).random((2, 1, 90, 70)) > 0.4).at[..., 0].set(True)
+    f = lambda fn: lambda q, k, v: (fn(q, k, v) ** 2).sum()  # noqa: E731
+    rows = lambda q, k, v: A.row_attention(q, k, v, mask_BHLS=mask, q_chunk=32)  # noqa: E731
+    xla = lambda q, k, v: A.dot_product_attention(q, k, v, mask_BHLS=mask, impl="xla")  # noqa: E731
+    np.testing.assert_allclose(np.asarray(rows(q, k, v)), np.asarray(xla(q, k, v)), atol=2e-6)
+    for a, b in zip(jax.grad(f(rows), (0, 1, 2))(q, k, v), jax.grad(f(xla), (0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
 def test_chunked_never_builds_full_scores():
     """At 8,704 tokens the chunked path's largest temporary is far below one [B,H,L,L] f32 matrix."""
     s = jax.ShapeDtypeStruct((1, 8704, 24, 128), jnp.bfloat16)
@@ -112,8 +125,10 @@ def test_splash_lowers_for_tpu_without_hardware():
 def test_dispatch_and_fallbacks():
     short = qkv(1, 64, 2, 16)
     long = jax.ShapeDtypeStruct((1, A.AUTO_CHUNK_FROM, 2, 16), jnp.float32)
-    assert A.resolve("auto", *short[:2], platform="cpu") == "xla"
-    assert A.resolve("auto", long, long, platform="cpu") == "chunked"
+    assert A.resolve("auto", *short[:2], platform="cpu") == "rows"
+    assert A.resolve("auto", long, long, platform="cpu") == "rows"
+    assert A.resolve("auto", *short[:2], platform="rocm") == "xla"
+    assert A.resolve("auto", long, long, platform="rocm") == "chunked"
     bf = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16)
     assert A.resolve("auto", bf, bf, platform="tpu") == "splash"
     assert A.resolve("auto", bf, bf, platform="gpu") == "cudnn"
@@ -155,7 +170,7 @@ def numpy_attention(q, k, v, q_seg, kv_seg, causal):
 @pytest.mark.parametrize("causal", [False, True], ids=["windows", "causal+masked-keys"])
 def test_segment_ids_and_causal_on_every_path(causal):
     """Segment ids (Qwen2.5-VL's vision windows and packed images; a language model's masked keys) and
-    causality, as xla, chunked (blocks smaller than the segments and across them) and splash (in the
+    causality, as xla, chunked (blocks smaller than the segments and across them), rows and splash (in the
     interpreter; 150 tokens pad to two blocks) compute them: forward against the definition, gradients
     against xla's."""
     q, k, v = qkv(2, 150, 2, 16, seed=7)
@@ -178,11 +193,12 @@ def test_segment_ids_and_causal_on_every_path(causal):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(A, "Q_CHUNK", 32)
         mp.setattr(A, "K_CHUNK", 48)
-        for impl in ("xla", "chunked", "splash_interpret"):
+        mp.setattr(A, "ROW_CHUNK", 32)
+        for impl in ("xla", "chunked", "rows", "splash_interpret"):
             out = attend(impl, q, k, v)
             np.testing.assert_allclose(np.asarray(out), want, atol=3e-6, err_msg=impl)
             grads[impl] = jax.grad(loss(impl), (0, 1, 2))(q, k, v)
-    for impl in ("chunked", "splash_interpret"):
+    for impl in ("chunked", "rows", "splash_interpret"):
         for a, b in zip(grads[impl], grads["xla"]):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, err_msg=impl)
     with pytest.warns(UserWarning, match="segment ids / causal masks are not wired to the cudnn path"):

@@ -29,7 +29,7 @@ from common import ROOT, timed  # benchmarks/common.py
 from jaxedit import configs
 from jaxedit.models.flux import abstract_params
 from jaxedit.parallel import sharding as sh
-from jaxedit.plan import analytic_forward_flops, depth_scaled_flops
+from jaxedit.plan import analytic_forward_flops
 from jaxedit.train.config import TrainConfig, load_config
 from jaxedit.train.step import Trainer
 
@@ -99,9 +99,18 @@ def empty_prompt(case: Case):
     return jnp.zeros((case.text_tokens, cfg.context_in_dim)), jnp.zeros((cfg.vec_in_dim,))
 
 
+def depth_scaled_flops(cfg, flops) -> float:
+    """XLA's FLOP count of a step at `cfg`'s depth, from `flops(depth, single)`: the count of the same step
+    with `depth` double and `single` single blocks, unrolled, with loop-free (xla) attention. XLA counts a
+    loop body once, so a scanned model's count misses all blocks but one; the 2+1, 1+2 and 1+1 variants give
+    one double and one single block, scaled by the real depth."""
+    c21, c12, c11 = flops(2, 1), flops(1, 2), flops(1, 1)
+    return c11 + (cfg.depth - 1) * (c21 - c11) + (cfg.depth_single_blocks - 1) * (c12 - c11)
+
+
 def step_flops(case: Case, dtype: str) -> float:
     """XLA's FLOPs of one step: the step on the whole batch at once (grad_accum 1), unrolled 2+1,
-    1+2 and 1+1 blocks with loop-free attention, scaled by depth (jaxedit.plan.depth_scaled_flops)."""
+    1+2 and 1+1 blocks with loop-free attention, scaled by depth (depth_scaled_flops)."""
 
     def flops(depth: int, single: int) -> float:
         tr = make_trainer(case, dtype, depth=(depth, single), scan_layers=False, attention="xla")

@@ -28,3 +28,29 @@ def timed(fn, repeats: int = 3) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def diffusers_flux(cfg, x: dict):
+    """(our parameters, diffusers' forward): diffusers' FluxTransformer2DModel with `cfg`'s sizes, every
+    parameter random (references/models.py), converted by our converter; the forward runs eagerly under
+    torch.no_grad on the inputs `x` (img, img_ids, txt, txt_ids, t, y, guidance as numpy)."""
+    import tempfile
+
+    import torch
+
+    from checkpoints_convert import load_transformer
+    from references.models import flux_transformer
+
+    ref = flux_transformer(cfg)
+    with tempfile.TemporaryDirectory() as d:
+        ref.save_pretrained(d)
+        params = load_transformer(d, cfg)
+    tt = {k: torch.from_numpy(v) for k, v in x.items()}
+
+    def forward():
+        with torch.no_grad():
+            return ref(hidden_states=tt["img"], encoder_hidden_states=tt["txt"], pooled_projections=tt["y"],
+                       timestep=tt["t"], img_ids=tt["img_ids"], txt_ids=tt["txt_ids"], guidance=tt["guidance"],
+                       return_dict=False)[0]  # fmt: skip
+
+    return params, forward

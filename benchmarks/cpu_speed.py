@@ -19,19 +19,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from common import ROOT  # noqa: F401 - puts the repo root on sys.path (references)
+from common import diffusers_flux  # benchmarks/common.py
 
 from jaxedit import configs
 from jaxedit.configs import FluxConfig
 from jaxedit.models import Flux
 from jaxedit.plan import analytic_forward_flops
-from references.models import flux_transformer
 
 MEDIUM = FluxConfig(hidden_size=768, num_heads=12, depth=4, depth_single_blocks=8, axes_dim=(8, 28, 28),
                     context_in_dim=4096, vec_in_dim=768)  # fmt: skip
@@ -80,7 +78,6 @@ def main() -> None:
     args = p.parse_args()
     import torch
 
-    from checkpoints_convert import load_transformer
     from jaxedit.kontext.pipeline import KontextPipeline
     from jaxedit.parallel import sharding as sh
     from jaxedit.train.objective import ObjectiveConfig
@@ -89,17 +86,7 @@ def main() -> None:
 
     cfg, x = MEDIUM, inputs(MEDIUM)
     tokens = TEXT + x["img"].shape[1]
-    ref = flux_transformer(cfg)
-    with tempfile.TemporaryDirectory() as d:
-        ref.save_pretrained(d)
-        params = load_transformer(d, cfg)
-    tt = {k: torch.from_numpy(v) for k, v in x.items()}
-
-    def diffusers_forward():
-        with torch.no_grad():
-            return ref(hidden_states=tt["img"], encoder_hidden_states=tt["txt"], pooled_projections=tt["y"],
-                       timestep=tt["t"], img_ids=tt["img_ids"], txt_ids=tt["txt_ids"], guidance=tt["guidance"],
-                       return_dict=False)[0]  # fmt: skip
+    params, diffusers_forward = diffusers_flux(cfg, x)
 
     model = Flux(cfg)
     bc = lambda a: jnp.broadcast_to(a, (1, *a.shape))  # noqa: E731

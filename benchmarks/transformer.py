@@ -11,17 +11,15 @@
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from common import timed  # benchmarks/common.py
+from common import diffusers_flux, timed  # benchmarks/common.py
 
 from jaxedit.configs import FluxConfig
 from jaxedit.models import Flux
-from references.models import flux_transformer
 
 
 def kontext_inputs(cfg: FluxConfig, batch: int, image: int, text_tokens: int, seed: int = 0):
@@ -58,8 +56,6 @@ def main() -> None:
 
     import torch
 
-    from checkpoints_convert import load_transformer
-
     heads = args.width // 64
     cfg = FluxConfig(hidden_size=args.width, num_heads=heads, axes_dim=(8, 28, 28), context_in_dim=256, vec_in_dim=128)
     x = kontext_inputs(cfg, args.batch, args.image, args.text_tokens)
@@ -89,24 +85,7 @@ def main() -> None:
     )
 
     # 2. forward time, ours vs diffusers, same weights
-    ref = flux_transformer(cfg)  # references/models.py: diffusers' model, every parameter random
-    with tempfile.TemporaryDirectory() as d:
-        ref.save_pretrained(d)
-        params = load_transformer(d, cfg)
-    tt = {k: torch.from_numpy(v) for k, v in x.items()}
-
-    def run_ref():
-        with torch.no_grad():
-            return ref(
-                hidden_states=tt["img"],
-                encoder_hidden_states=tt["txt"],
-                pooled_projections=tt["y"],
-                timestep=tt["t"],
-                img_ids=tt["img_ids"],
-                txt_ids=tt["txt_ids"],
-                guidance=tt["guidance"],
-                return_dict=False,
-            )[0]
+    params, run_ref = diffusers_flux(cfg, x)  # diffusers' model, every parameter random, converted
 
     fwd = jax.jit(Flux(cfg).apply)
     jargs = [jnp.asarray(a) for a in jax_args(x)]

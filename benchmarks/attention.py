@@ -65,6 +65,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 fn()
                 times[name][i].append(time.perf_counter() - t0)
+                time.sleep(1.0)  # torch's OpenMP threads spin a while after their work: not into the next timing
     rate = 2 * 2048**3 / statistics.median(times["matmul 2048^3"][0]) / 1e9
     tf, tb = (statistics.median(times["torch sdpa"][i]) for i in (0, 1))
     print(f"\n{b} x {lq} tokens, {h} heads of {d}, float32, {args.rounds} interleaved rounds; "

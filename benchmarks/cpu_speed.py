@@ -75,6 +75,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=4, help="Euler steps of the sampling loop")
+    p.add_argument("--only-forward", action="store_true", help="ratio 1 alone (no train step, no sampling loop)")
     args = p.parse_args()
     import torch
 
@@ -93,6 +94,7 @@ def main() -> None:
     jargs = (jnp.asarray(x["img"]), bc(x["img_ids"]), jnp.asarray(x["txt"]), bc(x["txt_ids"]), jnp.asarray(x["t"]),
              jnp.asarray(x["y"]), jnp.asarray(x["guidance"]))  # fmt: skip
     forward = jax.jit(model.apply)
+    forward_xla = jax.jit(Flux(cfg, attention_impl="xla").apply)  # what auto picked on CPU before `rows`
     err = np.linalg.norm(np.asarray(forward({"params": params}, *jargs)) - diffusers_forward().numpy())
     err /= np.linalg.norm(diffusers_forward().numpy())
 
@@ -132,16 +134,15 @@ def main() -> None:
 
     a = jnp.asarray(np.random.default_rng(0).standard_normal((2048, 2048)), jnp.float32)
     matmul = jax.jit(lambda a: a @ a)
-    t = interleaved(
-        {
-            "matmul 2048^3": lambda: [matmul(a).block_until_ready() for _ in range(5)],
-            "jaxedit forward": lambda: forward({"params": params}, *jargs).block_until_ready(),
-            "diffusers forward": diffusers_forward,
-            "sampling loop": lambda: pipe.denoise(*loop_args).block_until_ready(),
-            "train step": train_step,
-        },
-        args.rounds,
-    )
+    fns = {
+        "matmul 2048^3": lambda: [matmul(a).block_until_ready() for _ in range(5)],
+        "jaxedit forward": lambda: forward({"params": params}, *jargs).block_until_ready(),
+        "jaxedit forward, xla attention": lambda: forward_xla({"params": params}, *jargs).block_until_ready(),
+        "diffusers forward": diffusers_forward,
+    }
+    if not args.only_forward:
+        fns |= {"sampling loop": lambda: pipe.denoise(*loop_args).block_until_ready(), "train step": train_step}
+    t = interleaved(fns, args.rounds)
     rate = 5 * 2 * 2048**3 / t["matmul 2048^3"]
     train_flops = 3 * analytic_forward_flops(cfg, tokens)
     print(f"jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads); medium config: "
@@ -149,7 +150,10 @@ def main() -> None:
           f"{args.rounds} interleaved rounds; f32 matmul rate this run {rate / 1e9:.0f} GFLOP/s")  # fmt: skip
     print(f"1. forward: jaxedit {t['jaxedit forward'] * 1e3:.0f} ms, diffusers {t['diffusers forward'] * 1e3:.0f} ms: "
           f"jaxedit / diffusers = {t['jaxedit forward'] / t['diffusers forward']:.2f}x (target <= 0.8; outputs "
-          f"agree to {err:.1e})")  # fmt: skip
+          f"agree to {err:.1e}); with xla attention {t['jaxedit forward, xla attention'] * 1e3:.0f} ms = "
+          f"{t['jaxedit forward, xla attention'] / t['diffusers forward']:.2f}x")  # fmt: skip
+    if args.only_forward:
+        return
     print(f"2. train step: {t['train step'] * 1e3:.0f} ms, {train_flops / t['train step'] / 1e9:.1f} GFLOP/s of model "
           f"FLOPs = {100 * train_flops / t['train step'] / rate:.0f}% of the matmul rate (target >= 50%)")  # fmt: skip
     print(f"3. sampling loop: {args.steps} steps {t['sampling loop'] * 1e3:.0f} ms, {args.steps} bare forwards "

@@ -11,7 +11,7 @@ input dtype; the output has the input dtype. Implementations (`impl`):
   rows     query chunks, each with an exact softmax over all keys (memory O(B H Cq S)),
            heads leading, normalised after the second matmul, each chunk rematerialised
            in the backward pass: what XLA:CPU runs fastest (at 1,664 tokens, 12 heads of 64:
-           2.3x xla's forward and 1.6x its forward + backward; benchmarks/attention.py).
+           2.1x xla's forward and 1.5x its forward + backward; benchmarks/attention.py).
   cudnn    jax.nn.dot_product_attention(implementation="cudnn"): fused flash attention
            on NVIDIA GPUs (bfloat16/float16, head_dim a multiple of 8 up to 128).
   splash   Pallas splash attention on TPU (jax.experimental.pallas.ops.tpu); lengths are

@@ -240,8 +240,8 @@ def quantize_folder(src: str | Path, dst: str | Path, mode: str, *, force: bool 
     src, dst = Path(src).absolute(), Path(dst).absolute()
     preset = read_description(src)
     check_complete(src, preset)
-    if read_quantized(src):
-        raise ValueError(f"{src} is stored quantised already ({read_quantized(src)})")
+    if stored := read_quantized(src):
+        raise ValueError(f"{src} is stored quantised already ({stored})")
     if src == dst:
         raise ValueError(f"{dst}: write the quantised copy to another folder")
     recover_dir(dst, complete="jaxedit.json")

@@ -221,7 +221,12 @@ def param_metadata(path: str | Path) -> Any:
 
 
 def load_params(
-    path: str | Path, target: Any = None, *, dtype: Any = None, verify_checksums: bool | None = None
+    path: str | Path,
+    target: Any = None,
+    *,
+    dtype: Any = None,
+    device: Any = None,
+    verify_checksums: bool | None = None,
 ) -> Any:
     """Read a parameter checkpoint, its seal verified first (`verify`; verify_checksums=None: unless
     JAXEDIT_VERIFY=0; a checkpoint written before seals existed loads with a note).
@@ -232,12 +237,13 @@ def load_params(
     dtype: cast every array to this dtype on restore (the target's dtypes are replaced), except quantised
     kernels and their scales (`jaxedit.quant`); without a target, onto this process's first device (each
     process of a multi-host run reads its own copy).
+    device: without a target, restore every array onto this device (e.g. the host's CPU device).
     """
     path = _existing(path)
     if verify_enabled() if verify_checksums is None else verify_checksums:
         verify_or_note(path)
-    if target is None and dtype is not None:
-        dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    if target is None and (dtype is not None or device is not None):
+        dev = jax.sharding.SingleDeviceSharding(device or jax.local_devices()[0])
         target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev), param_metadata(path))
     if dtype is not None:  # quantised kernels and their scales keep their dtypes
         from jaxedit.quant import cast

@@ -300,11 +300,7 @@ def load_parts(
         if quantize and p in quant.RULES and p not in stored:
             out[p] = load_quantizing(folder / p, p, quantize, dtypes.get(p), dev)
         else:
-            on = jax.sharding.SingleDeviceSharding(dev)
-            target = jax.tree.map(
-                lambda s, on=on: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=on), param_metadata(folder / p)
-            )
-            out[p] = load_params(folder / p, target, dtype=dtypes.get(p), verify_checksums=False)
+            out[p] = load_params(folder / p, dtype=dtypes.get(p), device=dev, verify_checksums=False)
     return out
 
 
@@ -331,9 +327,8 @@ def quantized_on_host(path: Path, part: str, mode: str) -> dict[str, Any]:
     from flax import traverse_util
 
     from jaxedit import quant
-    from jaxedit.checkpoint import load_params, param_metadata
+    from jaxedit.checkpoint import load_params
 
-    host = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=host), param_metadata(path))
-    flat = traverse_util.flatten_dict(load_params(path, target, verify_checksums=False), sep="/")
+    host = load_params(path, device=jax.devices("cpu")[0], verify_checksums=False)
+    flat = traverse_util.flatten_dict(host, sep="/")
     return quant.quantize_flat(part, flat, mode)

@@ -126,9 +126,10 @@ def step_flops(case: Case, dtype: str) -> float:
 
 
 def time_steps(case: Case, dtype: str, repeats: int) -> tuple[float, float]:
-    """(compile + first step seconds, median step seconds) of the real (scanned, accumulating) step."""
+    """(compile + first step seconds, median step seconds) of the real (accumulating) step, blocks scanned or
+    unrolled as the config says."""
     a = case.train.grad_accum
-    tr = make_trainer(case, dtype)
+    tr = make_trainer(case, dtype, scan_layers=case.train.scan_layers)
     rng = np.random.default_rng(0)
     params = jax.tree.map(
         lambda s: (0.02 * rng.standard_normal(s.shape)).astype(np.float32), abstract_params(case.preset.transformer)

@@ -211,3 +211,23 @@ def test_mlp_token_chunks_are_the_same_computation():
     np.testing.assert_allclose(np.asarray(out_c), np.asarray(out_p), rtol=1e-6, atol=1e-6)
     for a, b in zip(jax.tree.leaves(grad_c), jax.tree.leaves(grad_p)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_layer_norm_closed_form_gradient_equals_autodiff(dtype):
+    """`layer_norm`'s hand-written backward (the closed form, for XLA:CPU's fusion) against autodiff of the
+    definition, statistics in float32 as in the forward (measured: float32 6.7e-8, bfloat16 equal)."""
+    from jaxedit.models.layers import layer_norm
+
+    def definition(x, eps=1e-6):
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        return ((x32 - mean) * jax.lax.rsqrt(jnp.square(x32 - mean).mean(-1, keepdims=True) + eps)).astype(x.dtype)
+
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(3.0 + 2.0 * rng.standard_normal((2, 9, 96)), dtype)
+    w = jnp.asarray(rng.standard_normal((2, 9, 96)), dtype)
+    grad = lambda f: jax.grad(lambda x: (f(x).astype(jnp.float32) * w).sum())(x)  # noqa: E731
+    np.testing.assert_array_equal(np.asarray(layer_norm(x), np.float32), np.asarray(definition(x), np.float32))
+    ours, want = np.asarray(grad(layer_norm), np.float32), np.asarray(grad(definition), np.float32)
+    assert ours.dtype == want.dtype and rel_err(ours, want) <= (1e-6 if dtype == jnp.float32 else 1e-2)

@@ -125,8 +125,7 @@ def _layer_norm_stats(x, eps: float):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _layer_norm(x, eps: float):
-    x32, mean, rstd = _layer_norm_stats(x, eps)
-    return ((x32 - mean) * rstd).astype(x.dtype)
+    return _layer_norm_fwd(x, eps)[0]
 
 
 def _layer_norm_fwd(x, eps: float):

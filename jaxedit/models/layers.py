@@ -116,20 +116,16 @@ def layer_norm(x, eps: float = 1e-6):
     return _layer_norm(x, eps)
 
 
-def _layer_norm_stats(x, eps: float):
-    x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-    return x32, mean, jax.lax.rsqrt(var + eps)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _layer_norm(x, eps: float):
     return _layer_norm_fwd(x, eps)[0]
 
 
 def _layer_norm_fwd(x, eps: float):
-    x32, mean, rstd = _layer_norm_stats(x, eps)
+    """The output and the backward's residuals: the input and the per-token float32 mean and 1/std."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    rstd = jax.lax.rsqrt(jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True) + eps)
     return ((x32 - mean) * rstd).astype(x.dtype), (x, mean, rstd)
 
 

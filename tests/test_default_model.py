@@ -39,19 +39,20 @@ def test_default_model_is_trained():
 
 
 def test_edits_are_judged_correct_more_often_than_chance(edits):
-    """What the shipped model achieves: on held-out seeds the judge accepts ~64% of its edits
-    (benchmarks/demo_quality.py, docs/default_model.md: 15 of these 24, with the folder's true
-    CFG scale 3); an untrained model gets none. The issue's target (80%) is the xfail test below."""
+    """What the shipped model achieves: on held-out seeds the judge accepts ~76% of its edits
+    (benchmarks/demo_quality.py, docs/default_model.md: 17 of these 24, with the folder's true
+    CFG scale 2; the previous model 15); an untrained model gets none. The issue's target (80%)
+    is the xfail test below."""
     samples, outs = edits
     verdicts = [shapes.judge(o, s.target).ok for s, o in zip(samples, outs)]
     assert {s.edit for s in samples} == set(shapes.EDIT_TYPES)
-    assert sum(verdicts) >= 10, f"{sum(verdicts)}/{N} edits judged correct"
-    # enlarging is among what it has learnt best (82% on 240 test seeds; 6 of the 6 here)
+    assert sum(verdicts) >= 14, f"{sum(verdicts)}/{N} edits judged correct"
+    # enlarging is among what it has learnt best (88% on 240 test seeds; 6 of the 6 here)
     bigger = [ok for s, ok in zip(samples, verdicts) if s.edit == "bigger"]
     assert sum(bigger) >= 2 * len(bigger) / 3, f"{sum(bigger)}/{len(bigger)} 'bigger' edits judged correct"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9 target not reached yet: the shipped model scores ~64%, not 80%")
+@pytest.mark.xfail(strict=True, reason="issue 9 target not reached yet: the shipped model scores ~76%, not 80%")
 def test_edits_meet_the_issue_target(edits):
     samples, outs = edits
     verdicts = [shapes.judge(o, s.target).ok for s, o in zip(samples, outs)]

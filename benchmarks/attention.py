@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from common import ROOT  # noqa: F401 - puts the repo root on sys.path
 
 from jaxedit.models import attention as A
 

@@ -237,13 +237,23 @@ def expected_params(preset: configs.Preset, part: str, quantized: str | None = N
     return quantize_abstract(part, tree, quantized)
 
 
+def part_shardings(preset: configs.Preset, part: str, mesh: Any, quantized: str | None = None) -> Any:
+    """The NamedShardings of `part`'s parameters (stored quantised with mode `quantized`) on `mesh`, by the
+    logical rule table (`jaxedit.parallel.sharding`)."""
+    from jaxedit.parallel import sharding as sh
+    from jaxedit.quant import quantize_abstract
+
+    cfg, connector = getattr(preset, part), preset.connector if part == "transformer" else None
+    return sh.shardings(quantize_abstract(part, _expected_params(part, cfg, connector, True), quantized), mesh)
+
+
 @functools.lru_cache(maxsize=32)
-def _expected_params(part: str, cfg: Any, connector: configs.ConnectorConfig | None) -> Any:
+def _expected_params(part: str, cfg: Any, connector: configs.ConnectorConfig | None, boxed: bool = False) -> Any:
     from jaxedit.models import autoencoder, clip, flux, step1x, t5
 
     if connector is not None:
-        return step1x.abstract_params(cfg, connector)
-    return {"transformer": flux, "vae": autoencoder, "t5": t5, "clip": clip}[part].abstract_params(cfg)
+        return step1x.abstract_params(cfg, connector, boxed=boxed)
+    return {"transformer": flux, "vae": autoencoder, "t5": t5, "clip": clip}[part].abstract_params(cfg, boxed=boxed)
 
 
 def check_part(path: Path, stored: Any, expected: Any) -> None:
@@ -272,12 +282,14 @@ def load_parts(
     dtypes: dict[str, Any] | None = None,
     quantize: str | None = None,
     devices: dict[str, Any] | None = None,
+    mesh: Any = None,
 ) -> dict[str, Any]:
     """{part: params} for every part the preset has, restored from the folder's Orbax checkpoints (each
     verified against its seal and against the parameter names and shapes the description implies).
     quantize: "int8" / "fp8": the parts `jaxedit.quant` quantises that are not stored so are quantised as they
     load (on the host, a tensor at a time); parts stored quantised must have been so with the same mode.
-    devices: {part: device} to restore a part onto (default: this process's first device)."""
+    devices: {part: device} to restore a part onto; mesh: restore the other parts straight into their
+    shardings on this mesh (`part_shardings`; default: this process's first device)."""
     import jax
 
     from jaxedit import quant
@@ -296,17 +308,24 @@ def load_parts(
         check_part(folder / p, param_metadata(folder / p), expected_params(preset, p, stored.get(p)))
     out = {}
     for p in parts:
-        dev = (devices or {}).get(p) or jax.local_devices()[0]
-        if quantize and p in quant.RULES and p not in stored:
-            out[p] = load_quantizing(folder / p, p, quantize, dtypes.get(p), dev)
-        else:
+        dev = (devices or {}).get(p) or (None if mesh is not None else jax.local_devices()[0])
+        quantizing = bool(quantize and p in quant.RULES and p not in stored)
+        where = dev if dev is not None else part_shardings(preset, p, mesh, quantize if quantizing else stored.get(p))
+        if quantizing:
+            out[p] = load_quantizing(folder / p, p, quantize, dtypes.get(p), where)
+        elif dev is not None:
             out[p] = load_params(folder / p, dtype=dtypes.get(p), device=dev, verify_checksums=False)
+        else:  # as stored (names, shapes, dtypes), each array restored into its sharding
+            target = jax.tree.map(lambda s, w: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=w),
+                                  param_metadata(folder / p), where)  # fmt: skip
+            out[p] = load_params(folder / p, target, dtype=dtypes.get(p), verify_checksums=False)
     return out
 
 
 def load_quantizing(path: Path, part: str, mode: str, dtype: Any = None, device: Any = None) -> dict:
     """A float checkpoint quantised as it loads (`quantized_on_host`), each leaf then placed on `device`
-    (default: this process's first device; the others cast to `dtype`)."""
+    (default: this process's first device; or a tree of shardings, as the quantised tree; the others cast to
+    `dtype`)."""
     import jax
     import numpy as np
     from flax import traverse_util
@@ -314,9 +333,10 @@ def load_quantizing(path: Path, part: str, mode: str, dtype: Any = None, device:
     from jaxedit import quant
 
     flat, dev = quantized_on_host(path, part, mode), device or jax.local_devices()[0]
+    where = traverse_util.flatten_dict(dev, sep="/") if isinstance(dev, dict) else None
     for k, v in flat.items():
         keep = dtype is None or quant.keeps_dtype(k, v.dtype)
-        flat[k] = jax.device_put(v if keep else np.asarray(v).astype(dtype), dev)
+        flat[k] = jax.device_put(v if keep else np.asarray(v).astype(dtype), dev if where is None else where[k])
     return traverse_util.unflatten_dict(flat, sep="/")
 
 

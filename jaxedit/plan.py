@@ -39,6 +39,7 @@ import sys
 import time
 
 TASKS = ("train", "lora", "infer", "sample", "vae-decode", "text")
+PIPELINE_TASKS = ("sample", "vae-decode", "text")  # placed as the pipelines place them (`--mesh` default: auto)
 
 
 def parser(prog: str = "python -m jaxedit.plan") -> argparse.ArgumentParser:
@@ -53,8 +54,11 @@ def parser(prog: str = "python -m jaxedit.plan") -> argparse.ArgumentParser:
                    "default: simulated CPU devices")  # fmt: skip
     p.add_argument("--slices", type=int, default=1, help="TPU: this many slices of --target over the data-center "
                    "network (multi-slice; the default mesh is then dcn_data=SLICES,fsdp=-1)")  # fmt: skip
-    p.add_argument("--mesh", default=None, help="e.g. fsdp=64, fsdp=16,tensor=4, data=2,fsdp=32 (default: every "
-                   "device on fsdp; with --target one axis may be -1: the remaining chips)")  # fmt: skip
+    p.add_argument("--mesh", default=None, help="e.g. fsdp=64, fsdp=16,tensor=4, data=2,fsdp=32, or auto: compile "
+                   "the candidate placements, rank them and (sample) record the best for the pipelines' mesh 'auto' "
+                   "(default: sample, text, vae-decode as the pipelines place them, i.e. their 'auto' rule; train, "
+                   "lora, infer every device on fsdp; with --target one axis may be -1: the remaining "
+                   "chips)")  # fmt: skip
     p.add_argument("--resolution", type=int, default=1024, help="square image side in pixels")
     p.add_argument("--batch", type=int, default=None, help="global batch (default: one per data-parallel device)")
     p.add_argument("--text-tokens", type=int, default=None, help="text tokens (default: T5's 512 / Qwen's 640)")
@@ -87,9 +91,14 @@ def main(argv=None, prog: str = "python -m jaxedit.plan") -> int:
         print(f"error: {e.args[0]}", file=sys.stderr)
         return 2
 
+    pipeline_default = args.mesh is None and args.task in PIPELINE_TASKS and args.slices == 1
+    if args.mesh == "auto" and args.slices != 1:
+        p.error("--mesh auto: the pipelines run on one slice (no --slices)")
     try:
         default = "fsdp=-1" if args.slices == 1 else f"dcn_data={args.slices},fsdp=-1"
-        mesh_cfg = MeshConfig.parse(args.mesh or default if args.target else args.mesh or "fsdp=8")
+        auto = args.mesh == "auto" or pipeline_default
+        spec = "fsdp=-1" if auto else args.mesh or default if args.target else args.mesh or "fsdp=8"
+        mesh_cfg = MeshConfig.parse("fsdp=8" if auto and not args.target else spec)
     except ValueError as e:
         p.error(str(e))
     sizes = dataclasses.astuple(mesh_cfg)
@@ -111,7 +120,9 @@ def main(argv=None, prog: str = "python -m jaxedit.plan") -> int:
         except ValueError as e:
             p.error(str(e))
     try:
-        report = plan(args, mesh_cfg)
+        if args.mesh == "auto":
+            return plan_auto(args)
+        report = plan(args, None if pipeline_default else mesh_cfg)
     except (RuntimeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -119,6 +130,71 @@ def main(argv=None, prog: str = "python -m jaxedit.plan") -> int:
     if args.json:
         print(json.dumps(report))
     return 0
+
+
+def plan_auto(args) -> int:
+    """`--mesh auto`: compile every candidate placement of the program on the target's chips (data parallel
+    over FSDP groups of 1, 2, 4, ... chips; tensor groups of 2, 4, 8), print them ranked (fitting first, then
+    by the compiler's time), and for `sample` record the best as the pipelines' choice
+    (`jaxedit.parallel.placement.record`)."""
+    from jaxedit import configs
+    from jaxedit.parallel import placement
+
+    devices = target_devices(args)
+    n = len(devices)
+    candidates = [configs.MeshConfig(data=n // g, fsdp=g) for g in placement.fsdp_groups(n)]
+    candidates += [configs.MeshConfig(data=n // g, fsdp=1, tensor=g) for g in (2, 4, 8) if g <= n and n % g == 0]
+    reports = []
+    for cfg in candidates:
+        a = argparse.Namespace(**vars(args) | {"mesh": placement.text(cfg), "batch": args.batch or n})
+        try:
+            r = plan(a, cfg)
+        except (RuntimeError, ValueError) as e:  # e.g. out of memory in the compiler
+            r = {"mesh": placement.text(cfg), "error": str(e).splitlines()[0][:200]}
+        reports.append(r)
+        print(f"  {r['mesh']}: " + (r.get("error") or summary(r)), flush=True)
+        if args.json:
+            print(json.dumps(r))
+    ok = [r for r in reports if "error" not in r and r.get("fits", True)]
+    rank = sorted(ok, key=lambda r: r.get("compiler_seconds") or r.get("mfu_bound_seconds") or r["total"])
+    print("ranked (fits, fastest first):")
+    for i, r in enumerate(rank):
+        print(f"  {i + 1}. {r['mesh']}: {summary(r)}")
+    if not rank:
+        print("error: no candidate placement fits", file=sys.stderr)
+        return 2
+    best = rank[0]
+    if args.task == "sample":
+        preset = configs.get(args.preset)
+        key = placement.key_for(preset, args.quantize if args.quantize != "none" else None, devices)
+        where = placement.record(key, configs.MeshConfig.parse(best["mesh"]), {
+            "task": args.task, "resolution": args.resolution, "batch": best["batch"], "gb_per_chip": best["total"] / 1e9,
+            "estimate_s": best.get("compiler_seconds"),
+        })  # fmt: skip
+        print(f"recorded {best['mesh']} for mesh 'auto' on {n} x {devices[0].device_kind}: {where}")
+    return 0
+
+
+def summary(r: dict) -> str:
+    """One line of a report: GB per chip, fits, compiler estimate, est./bound."""
+    est, bound = r.get("compiler_seconds"), r.get("mfu_bound_seconds")
+    out = f"{r['total'] / 1e9:.2f} GB/chip" + ("" if "fits" not in r else " fits" if r["fits"] else " DOES NOT FIT")
+    out += f", batch {r['batch']}"
+    if est:
+        out += f", estimate {est:.3f} s"
+    if est and bound:
+        out += f" ({est / bound:.2f}x the MFU bound)"
+    return out
+
+
+def target_devices(args) -> list:
+    import jax
+
+    if not args.target:
+        return jax.devices()
+    from jaxedit.parallel.targets import parse_target
+
+    return parse_target(args.target).devices()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -211,15 +287,13 @@ def lower(preset, args, mesh, batch: int):
                             bsd((batch, cfg.vec_in_dim)), guidance)  # fmt: skip
                 fn = lambda p, *a: model.apply({"params": p}, *a)[:, :nt]  # noqa: E731
                 return jax.jit(fn).lower(params, *img, *rest), s
-            x, timesteps = bsd((batch, nt, cfg.in_channels), jnp.float32), rep((args.steps + 1,))
-            ref = bsd((batch, nr, cfg.in_channels), jnp.float32) if nr else None
-            ids = bsd((batch, nt + nr, 3), jnp.float32)
-            if step1x:
-                llm = (bsd((batch, lt, txt_dim), jnp.float32), bsd((batch, lt), jnp.int32))
-                args_ = (params, x, ref, ids, *llm, *llm, bsd((batch,), jnp.float32), timesteps)
-            else:
-                args_ = (params, x, ref, ids, bsd((batch, lt, txt_dim)), bsd((batch, lt, 3), jnp.float32),
-                         bsd((batch, cfg.vec_in_dim)), bsd((batch,), jnp.float32), timesteps)  # fmt: skip
+        mode = None if args.quantize == "none" else args.quantize
+        if step1x:
+            on, args_ = pipe.sample_inputs(batch, h, w, args.steps, text_tokens=lt, quantize=mode)
+        else:
+            on, args_ = pipe.sample_inputs(batch, h, w, args.steps, references=s["references"] if nr else 0,
+                                           text_tokens=lt, quantize=mode)  # fmt: skip
+        with sh.activate(on):
             return pipe.denoise.lower(*args_), s
     if args.task == "vae-decode":
         from jaxedit.models.autoencoder import AutoEncoder
@@ -294,18 +368,22 @@ def lower_qwen(preset, args, mesh, batch: int, bsd, rep):
 
 
 def sample_pipeline(preset, mesh, attention: str):
-    """The family's pipeline object (no weights loaded): its `denoise` is the jitted sampling loop."""
+    """The family's pipeline object placed on `mesh` (no weights loaded): its `sample_inputs` and `denoise` are
+    the sampling loop's placement and program."""
     import jax.numpy as jnp
 
+    from jaxedit.configs import MeshConfig
+
     devices = list(mesh.devices.flat)
+    cfg = MeshConfig(data=mesh.shape["data"], fsdp=mesh.shape["fsdp"], tensor=mesh.shape["tensor"])
     if preset.connector is not None:
         from jaxedit.step1x.pipeline import Step1XEditPipeline
 
-        pipe = Step1XEditPipeline(preset, {}, dtype=jnp.bfloat16, devices=devices)
+        pipe = Step1XEditPipeline(preset, {}, dtype=jnp.bfloat16, devices=devices, mesh=cfg)
     else:
         from jaxedit.kontext.pipeline import KontextPipeline
 
-        pipe = KontextPipeline(preset, {}, None, dtype=jnp.bfloat16, devices=devices)
+        pipe = KontextPipeline(preset, {}, None, dtype=jnp.bfloat16, devices=devices, mesh=cfg)
     pipe.model = pipe.model.clone(attention_impl=attention)
     return pipe
 
@@ -360,6 +438,26 @@ def _matmul_seconds_per_cycle(device) -> float:
     return compiled.cost_analysis()["optimal_seconds"] / program_cycles(compiled.as_text()).cycles
 
 
+def pipeline_mesh(preset, args, devices, memory: float | None):
+    """The mesh the family's pipeline chooses with mesh "auto" on `devices` of `memory` bytes each
+    (`jaxedit.pipelines.base.choose_mesh`, with the pipeline's own weight and token figures)."""
+    import jax.numpy as jnp
+
+    from jaxedit.pipelines.base import choose_mesh
+
+    mode = None if args.quantize == "none" else args.quantize
+    if preset.connector is not None:
+        from jaxedit.step1x.pipeline import Step1XEditPipeline
+
+        weights, tokens = Step1XEditPipeline.footprint(preset, jnp.bfloat16, mode, preset.qwen)
+    else:
+        from jaxedit.kontext.pipeline import KontextPipeline
+
+        modes = {"transformer": mode, "t5": mode}
+        weights, tokens = KontextPipeline.footprint(preset, jnp.bfloat16, modes)
+    return choose_mesh(preset, "auto", devices, weights=weights, tokens=tokens, quantize=mode, memory=memory)
+
+
 def plan(args, mesh_cfg) -> dict:
     import dataclasses
 
@@ -377,6 +475,9 @@ def plan(args, mesh_cfg) -> dict:
         devices = target.devices()
     else:
         devices = jax.devices()
+    chosen = mesh_cfg is None
+    if chosen:  # as the pipeline places it: its mesh "auto" (recorded choice, else the rule)
+        mesh_cfg = pipeline_mesh(preset, args, devices, None if target is None else target.hbm_bytes)
     mesh = make_mesh(mesh_cfg, devices)
     batch = args.batch or mesh.shape["data"] * mesh.shape["fsdp"]
     t0 = time.perf_counter()
@@ -389,6 +490,7 @@ def plan(args, mesh_cfg) -> dict:
     cost = cost[0] if isinstance(cost, list | tuple) else cost
     where = "cpu" if target is None else target.name + (f" x{target.slices}" if target.slices > 1 else "")
     mesh_text = args.mesh or ",".join(f"{k}={v}" for k, v in mesh.shape.items() if v > 1) or "single device"
+    mesh_text += " (auto)" if chosen else ""
     report = dict(
         preset=args.preset, task=args.task, target=where, mesh=mesh_text, chips=mesh.devices.size,
         resolution=args.resolution, batch=batch, remat=args.remat if args.task in ("train", "lora") else "-",

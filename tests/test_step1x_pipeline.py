@@ -101,12 +101,13 @@ DIT = jax.jit(Step1XEdit(PRESET.transformer, connector_cfg=PRESET.connector).app
 
 def vae_call(pipe, method, x):
     """jaxedit's VAE, through the pipeline's compiled programs (same placement, so no recompile)."""
+    from jaxedit.parallel import placement
     from jaxedit.parallel import sharding as sh
 
-    mesh = pipe.mesh_for(len(x))
+    mesh, n = pipe.mesh, placement.padded(len(x), pipe.mesh)
     fn = pipe.encode_images if method == "encode" else pipe.decode_latents
     with sh.activate(mesh):
-        return fn(pipe.params_on(mesh)["vae"], pipe.put_batch(mesh, x))
+        return fn(pipe.params["vae"], pipe.put_batch(mesh, placement.pad(x, n)))[: len(x)]
 
 
 def test_edit_matches_reference_loop(model):

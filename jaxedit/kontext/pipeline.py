@@ -55,10 +55,12 @@ from jaxedit.pipelines.base import (
     EditPipelineBase,
     check_side,
     check_steps,
+    choose_mesh,
     enable_compilation_cache,
     quantize_mode,
     quantized_parts,
     read_folder,
+    resident_bytes,
     to_model_input,
 )
 
@@ -166,9 +168,12 @@ class KontextPipeline(EditPipelineBase):
         reference_ids: str = "community",
         reference_tokens: int | None = None,
         max_image_tokens: int | None = None,
+        mesh: configs.MeshConfig | str | None = None,
     ):
-        super().__init__(preset, params, vae_dtype=vae_dtype, devices=devices)
+        super().__init__(preset, params, vae_dtype=vae_dtype, devices=devices, mesh=mesh)
         self.text_encoder, self.auto_resize = text_encoder, auto_resize
+        if text_encoder is not None and not text_encoder.on_host:
+            text_encoder.place(self.mesh, self.part_shardings)
         self.set_references(reference_ids, reference_tokens, max_image_tokens)
         self.default_steps, self.default_guidance = DEFAULT_STEPS, DEFAULT_GUIDANCE
         self.true_cfg_scale, self.negative_prompt = 1.0, ""  # true CFG off
@@ -187,6 +192,8 @@ class KontextPipeline(EditPipelineBase):
         merge_loras: bool = True,
         quantize: str | None = None,
         text_on_cpu: bool | None = None,
+        mesh: configs.MeshConfig | str | None = None,
+        devices: list | None = None,
         **kw,
     ) -> KontextPipeline:
         """Load a jaxedit model folder (see `jaxedit.model_folder`). dtype (transformer and text
@@ -195,9 +202,12 @@ class KontextPipeline(EditPipelineBase):
         quantize: "int8" / "fp8" weights for the DiT and T5 (`jaxedit.quant`; default the folder's pipeline
         option "quantize"), quantised as they load unless the folder stores them so. text_on_cpu: keep T5 and
         CLIP in host memory and run them on the host's CPU (default the folder's option "text_on_cpu"): the
-        accelerator then holds only the DiT and the VAE (FLUX.1 Kontext in int8 on one 16 GB chip)."""
+        accelerator then holds only the DiT and the VAE (FLUX.1 Kontext in int8 on one 16 GB chip). mesh: where
+        the pipeline runs (`jaxedit.parallel.placement`): None = the folder's pipeline option "mesh", else
+        replicated data parallel over the local devices; "auto"; or axis sizes ("data=2,fsdp=2"); every part
+        is restored straight into its sharding on it."""
         from jaxedit.kontext.text import FluxTextEncoder, load_tokenizer
-        from jaxedit.model_folder import TOKENIZERS, load_parts
+        from jaxedit.model_folder import TOKENIZERS, load_parts, read_quantized
 
         folder = Path(folder)
         preset, options, dtype = read_folder(folder, FAMILIES, dtype)
@@ -206,8 +216,15 @@ class KontextPipeline(EditPipelineBase):
             enable_compilation_cache()
         dtypes = {"transformer": dtype, "t5": dtype, "clip": dtype}
         text_on_cpu = options.get("text_on_cpu", False) if text_on_cpu is None else text_on_cpu
-        devices = {"t5": jax.devices("cpu")[0], "clip": jax.devices("cpu")[0]} if text_on_cpu else None
-        params = load_parts(folder, preset, dtypes=dtypes, quantize=quantize, devices=devices)
+        on_host = {"t5": jax.devices("cpu")[0], "clip": jax.devices("cpu")[0]} if text_on_cpu else None
+        devices = list(devices or jax.local_devices())
+        stored = read_quantized(folder)
+        modes = {p: stored.get(p) or (quantize if p in ("transformer", "t5") else None) for p in dtypes}
+        weights, tokens = cls.footprint(preset, dtype, modes, text_on_cpu)
+        mesh = choose_mesh(preset, options.get("mesh", "auto") if mesh is None else mesh, devices,
+                           quantize=quantize, weights=weights, tokens=tokens)  # fmt: skip
+        params = load_parts(folder, preset, dtypes=dtypes, quantize=quantize, devices=on_host,
+                            mesh=sh.make_mesh(mesh, devices))  # fmt: skip
         text = FluxTextEncoder(
             preset.t5,
             preset.clip,
@@ -219,7 +236,7 @@ class KontextPipeline(EditPipelineBase):
         )
         kw.setdefault("auto_resize", options.get("auto_resize", True))
         kw.setdefault("reference_ids", options.get("reference_ids", "community"))  # as the model was trained
-        pipe = cls(preset, params, text, dtype=dtype, **kw)
+        pipe = cls(preset, params, text, dtype=dtype, mesh=mesh, devices=devices, **kw)
         pipe.quantized = quantized_parts(params | {"t5": text.t5_params})
         pipe.default_steps = int(options.get("steps", DEFAULT_STEPS))
         pipe.default_guidance = float(options.get("guidance", DEFAULT_GUIDANCE))
@@ -229,6 +246,14 @@ class KontextPipeline(EditPipelineBase):
         for lora, scale in loras:
             pipe.add_lora(lora, scale, merge=merge_loras)
         return pipe
+
+    @staticmethod
+    def footprint(preset: configs.Preset, dtype: Any, modes: dict, text_on_cpu: bool = False) -> tuple[float, int]:
+        """(bytes of the weights the devices hold, tokens of one typical edit: 1024 px, one reference), what
+        `mesh="auto"` places by. modes: {part: quantisation mode or None}."""
+        resident = {"transformer": (dtype, modes.get("transformer")), "vae": (None, None)}
+        resident |= {} if text_on_cpu else {"t5": (dtype, modes.get("t5")), "clip": (dtype, None)}
+        return resident_bytes(preset, resident), 2 * 4096 + preset.t5.max_length
 
     def add_lora(self, lora: Lora | str | Path, scale: float = 1.0, *, merge: bool = True) -> Lora:
         """Apply a LoRA file (any layout `jaxedit.lora` reads; LoraError naming the file and key if it does not
@@ -245,8 +270,9 @@ class KontextPipeline(EditPipelineBase):
                     setattr(self.text_encoder, attr, merge_now(getattr(self.text_encoder, attr), [updates], [scale]))
         self.loras.append((lora, scale, merge))
         runtime = tuple(lo.updates.get("transformer", ()) for lo, _, merged in self.loras if not merged)
-        self.params = self.params | {"transformer_loras": runtime}
-        self._placed = {}
+        self.params = self.place(self.params | {"transformer_loras": runtime})  # merged kernels kept where they were
+        if self.text_encoder is not None and self.text_encoder.mesh is not None:
+            self.text_encoder.place(self.mesh, self.part_shardings)
         return lora
 
     @property
@@ -395,7 +421,7 @@ class KontextPipeline(EditPipelineBase):
         cfg = None
         if scale > 1:
             neg_txt, neg_y = self.text_encoder.encode(negative, loras=text_loras)
-            cfg = (batch(np.asarray(neg_txt)), batch(np.asarray(neg_y)), jnp.float32(scale))
+            cfg = (batch(np.asarray(neg_txt)), batch(np.asarray(neg_y)), self.replicated(mesh, np.float32(scale)))
         ids, ref_tokens, grids = [sampling.image_ids(h // 2, w // 2, 0.0)], [], []
         with sh.activate(mesh):
             for i in range(len(first.references)):  # each reference encoded and packed alone
@@ -403,7 +429,7 @@ class KontextPipeline(EditPipelineBase):
                 ref_tokens.append(sampling.pack(ref_lat))
                 grids.append((ref_lat.shape[1] // 2, ref_lat.shape[2] // 2))
             ids.append(sampling.reference_ids(grids, self.reference_ids))
-            ref_tokens = jnp.concatenate(ref_tokens, axis=1) if ref_tokens else None
+            ref_tokens = self.put_batch(mesh, jnp.concatenate(ref_tokens, axis=1)) if ref_tokens else None
             if latents is None:
                 noise = sampling.noise_for_seeds(jnp.asarray(seeds), (h, w, self.preset.vae.z_channels))
                 latents = sampling.pack(noise)
@@ -417,14 +443,37 @@ class KontextPipeline(EditPipelineBase):
                 batch(np.zeros((b, txt.shape[1], 3), np.float32)),
                 batch(np.asarray(y)),
                 batch(np.asarray(guidance, np.float32)),
-                jnp.asarray(sampling.flux_schedule(bp.steps, (h // 2) * (w // 2))),
+                self.replicated(mesh, sampling.flux_schedule(bp.steps, (h // 2) * (w // 2))),
                 cfg,
-                None if lora_scales is None else (params["transformer_loras"], jnp.asarray(lora_scales)),
+                None if lora_scales is None else (params["transformer_loras"], self.replicated(mesh, lora_scales)),
             )
             if output == "latents":
-                return np.asarray(x)
+                return np.asarray(x)[:b]
             images = self.decode_latents(params["vae"], sampling.unpack(x, h, w))
-        return to_pil(np.asarray(images))
+        return to_pil(np.asarray(images)[:b])
+
+    def sample_inputs(
+        self, batch: int, h: int, w: int, steps: int, *, references: int = 1, text_tokens: int | None = None,
+        true_cfg: bool = False, quantize: str | None = None,
+    ) -> tuple[jax.sharding.Mesh, tuple]:  # fmt: skip
+        """(mesh, arguments of `denoise`) as ShapeDtypeStructs placed as `generate` places them for `batch` items
+        of h x w latent cells with `references` references of that size: the program `jaxedit plan` compiles."""
+        mesh, size = self.batch_mesh(batch)
+        cfg, dt, f32 = self.preset.transformer, self.model.dtype, jnp.float32
+        nt, lt = (h // 2) * (w // 2), text_tokens or self.preset.t5.max_length
+        nr = references * nt
+
+        def b(shape, dtype):
+            return jax.ShapeDtypeStruct((size, *shape), dtype, sharding=sh.batch_sharding(mesh, 1 + len(shape)))
+
+        rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        txt, y = b((lt, cfg.context_in_dim), dt), b((cfg.vec_in_dim,), dt)
+        true_cfg = (txt, y, jax.ShapeDtypeStruct((), f32, sharding=rep)) if true_cfg else None
+        return mesh, (
+            self.abstract_part("transformer", dt, quantize, mesh), b((nt, cfg.in_channels), f32),
+            b((nr, cfg.in_channels), f32) if nr else None, b((nt + nr, 3), f32), txt, b((lt, 3), f32), y, b((), f32),
+            jax.ShapeDtypeStruct((steps + 1,), f32, sharding=rep), true_cfg, None,
+        )  # fmt: skip
 
     def denoise_loop(self, tparams, x, ref_tokens, img_ids, txt, txt_ids, y, guidance, timesteps, cfg=None, lora=None):
         """The whole Euler loop (one XLA program): packed target tokens -> final packed tokens.

@@ -93,8 +93,24 @@ class FluxTextEncoder:
         self.t5_tokenizer, self.clip_tokenizer = t5_tokenizer, clip_tokenizer
         self.t5 = T5Encoder(t5_cfg, dtype=dtype, param_dtype=dtype, scan_layers=scan_layers)
         self.clip = CLIPTextModel(clip_cfg, dtype=dtype, param_dtype=dtype, scan_layers=scan_layers)
+        self.mesh = None  # `place`: the pipeline's mesh
         self._t5_fn = jax.jit(lambda p, ids, lora=None: self.t5.apply({"params": _with(p, lora)}, ids))
         self._clip_fn = jax.jit(lambda p, ids, lora=None: self.clip.apply({"params": _with(p, lora)}, ids)[1])
+
+    @property
+    def on_host(self) -> bool:
+        """Whether the weights are in host memory (the CPU device: `text_on_cpu`)."""
+        leaf = jax.tree.leaves(self.t5_params)[0]
+        return isinstance(leaf, jax.Array) and {d.platform for d in leaf.devices()} == {"cpu"} and any(
+            d.platform != "cpu" for d in jax.devices()
+        )
+
+    def place(self, mesh, shardings) -> None:
+        """Run on `mesh`: T5 and CLIP weights placed by `shardings(part, params)` (the pipeline's), token ids
+        split over the mesh's batch axes."""
+        self.mesh = mesh
+        self.t5_params = jax.device_put(self.t5_params, shardings("t5", self.t5_params))
+        self.clip_params = jax.device_put(self.clip_params, shardings("clip", self.clip_params))
 
     def tokenize(
         self, prompts: Sequence[str], prompts_2: Sequence[str] | None = None, max_sequence_length: int | None = None
@@ -119,9 +135,20 @@ class FluxTextEncoder:
         """(txt [B, L, d_model], y [B, D_clip]) from token ids (no attention masks, as FLUX); loras: run-time
         LoRAs of "t5" / "clip", each (per LoRA its tuple of `Update`s, scales [n])."""
         loras = loras or {}
-        txt = self._t5_fn(self.t5_params, jnp.asarray(t5_ids_BL, jnp.int32), loras.get("t5"))
-        y = self._clip_fn(self.clip_params, jnp.asarray(clip_ids_BL, jnp.int32), loras.get("clip"))
-        return txt, y
+        if self.mesh is None:
+            txt = self._t5_fn(self.t5_params, jnp.asarray(t5_ids_BL, jnp.int32), loras.get("t5"))
+            y = self._clip_fn(self.clip_params, jnp.asarray(clip_ids_BL, jnp.int32), loras.get("clip"))
+            return txt, y
+        from jaxedit.parallel import placement
+        from jaxedit.parallel import sharding as sh
+
+        b = len(t5_ids_BL)
+        n = placement.padded(b, self.mesh)
+        put = lambda a: jax.device_put(placement.pad(np.asarray(a, np.int32), n), sh.batch_sharding(self.mesh, 2))  # noqa: E731
+        with sh.activate(self.mesh):
+            txt = self._t5_fn(self.t5_params, put(t5_ids_BL), loras.get("t5"))
+            y = self._clip_fn(self.clip_params, put(clip_ids_BL), loras.get("clip"))
+        return txt[:b], y[:b]
 
     def encode(
         self,

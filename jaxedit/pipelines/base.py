@@ -21,6 +21,7 @@ from PIL import Image
 
 from jaxedit import configs, model_folder
 from jaxedit.models.autoencoder import AutoEncoder
+from jaxedit.parallel import placement
 from jaxedit.parallel import sharding as sh
 
 MAX_SIDE = 4096  # pixels; larger requests are refused
@@ -104,6 +105,39 @@ def quantized_parts(params: dict) -> dict[str, str]:
     return {p: m for p, tree in params.items() if (m := quant.mode_of(tree))}
 
 
+def choose_mesh(
+    preset: configs.Preset, option, devices: list, *, weights: float, tokens: int, quantize: str | None,
+    memory: float | None = None,
+) -> configs.MeshConfig:
+    """The pipeline's mesh for the mesh option (`placement.parse`: None = replicated data parallel, "auto",
+    or axis sizes) on `devices`. auto: the choice `jaxedit plan --mesh auto` recorded for this preset,
+    quantisation and chips, else `placement.rule` with `weights` (bytes of the parameters the devices
+    hold) and the working set of one sample of `tokens` tokens; memory: bytes per chip (default: what the
+    device reports; None on a CPU)."""
+    cfg = placement.parse(option)
+    n = len(devices)
+    if cfg is None:
+        return configs.MeshConfig(data=n, fsdp=1)
+    if cfg == "auto":
+        cfg = placement.recorded(placement.key_for(preset, quantize, devices))
+        if cfg is None:
+            memory = placement.chip_memory(devices[0]) if memory is None else memory
+            work = placement.working_set_bytes(preset.transformer.hidden_size, tokens)
+            return placement.rule(n, weights, work, memory)
+    return placement.resolve(cfg, n)
+
+
+def resident_bytes(preset: configs.Preset, parts: dict[str, tuple[Any, str | None]]) -> float:
+    """Bytes of the parameters of `parts` ({part: (dtype or None: float32, quantisation mode)})."""
+    from jaxedit import quant
+
+    total = 0.0
+    for part, (dtype, mode) in parts.items():
+        tree = model_folder.expected_params(preset, part, mode)
+        total += placement.tree_bytes(quant.cast(tree, dtype) if dtype is not None else tree)
+    return total
+
+
 @dataclasses.dataclass
 class BatchPlan:
     steps: int
@@ -111,44 +145,75 @@ class BatchPlan:
     params: dict  # every part's parameters on `mesh`
     h: int  # latent cells
     w: int
+    size: int  # the batch size it runs at: the items, padded to a multiple of the mesh's batch axes
 
     def put(self, a) -> jax.Array:
-        """An array whose first axis is the batch, split over the mesh's batch axes."""
-        return EditPipelineBase.put_batch(self.mesh, a)
+        """An array whose first axis is the batch, padded to `size` and split over the mesh's batch axes."""
+        return EditPipelineBase.put_batch(self.mesh, placement.pad(a, self.size))
 
 
 class EditPipelineBase:
-    """Preset, parameters ({part: params}), devices, VAE programs and data-parallel placement.
+    """Preset, parameters ({part: params}), devices, VAE programs and the placement on one mesh
+    (`jaxedit.parallel.placement`).
 
-    Subclasses set `self.model`, the transformer module whose parameters are `params["transformer"]`."""
+    Subclasses set `self.model`, the transformer module whose parameters are `params["transformer"]`.
+    mesh: a `MeshConfig` over `devices` (None: replicated data parallel over all of them)."""
 
     model: Any
     default_steps: int
     quantized: dict[str, str] = {}  # {part: "int8" / "fp8"} of the parts whose weights are quantised
 
-    def __init__(self, preset: configs.Preset, params: dict[str, Any], *, vae_dtype: Any, devices: list | None):
-        self.preset, self.params = preset, params
+    def __init__(
+        self, preset: configs.Preset, params: dict[str, Any], *, vae_dtype: Any, devices: list | None,
+        mesh: configs.MeshConfig | str | None = None,
+    ):  # fmt: skip
+        self.preset = preset
         self.devices = list(devices or jax.local_devices())
+        cfg = placement.parse(mesh)
+        if cfg == "auto":
+            raise ValueError("mesh 'auto' is resolved when a model folder is loaded (Pipeline.load(mesh='auto'))")
+        cfg = placement.resolve(cfg or configs.MeshConfig(data=len(self.devices), fsdp=1), len(self.devices))
+        self.mesh = sh.make_mesh(cfg, self.devices)
+        self.mesh_config = cfg
+        self.params = self.place(params)
+        self._rows: tuple = (None, None)  # (key, (mesh, parameter views)) of `on_rows`
+        self._row_meshes: dict[int, jax.sharding.Mesh] = {}
         self.vae = AutoEncoder(preset.vae, dtype=vae_dtype, param_dtype=vae_dtype)
         self.encode_images = jax.jit(lambda p, x: self.vae.apply({"params": p}, x, method="encode"))
         self.decode_latents = jax.jit(lambda p, z: self.vae.apply({"params": p}, z, method="decode"))
-        self._meshes: dict[int, jax.sharding.Mesh] = {}
-        self._placed: dict[int, dict] = {}
 
-    def mesh_for(self, batch: int) -> jax.sharding.Mesh:
-        """Data-parallel mesh over the largest number of local devices dividing the batch."""
-        n = max(d for d in range(1, len(self.devices) + 1) if batch % d == 0)
-        if n not in self._meshes:
-            self._meshes[n] = sh.make_mesh(configs.MeshConfig(data=n, fsdp=1), self.devices[:n])
-        return self._meshes[n]
+    def part_shardings(self, part: str, params: Any = None, mesh: jax.sharding.Mesh | None = None) -> Any:
+        """The NamedShardings of `part`'s parameters on the pipeline's mesh (or `mesh`), quantised as `params` is
+        (or, a string, with that mode)."""
+        from jaxedit import quant
 
-    def params_on(self, mesh: jax.sharding.Mesh) -> dict:
-        """The parameters replicated on the mesh's devices (one placement kept at a time)."""
-        n = mesh.devices.size
-        if n not in self._placed:
-            rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-            self._placed = {n: jax.device_put(self.params, rep)}
-        return self._placed[n]
+        mode = params if isinstance(params, str | None) else quant.mode_of(params)
+        return model_folder.part_shardings(self.preset, part, mesh or self.mesh, mode)
+
+    def abstract_part(self, part: str, dtype: Any, quantize: str | None, mesh: jax.sharding.Mesh) -> Any:
+        """`part`'s parameters as ShapeDtypeStructs in `dtype` (quantised kernels keep theirs) placed on `mesh` as
+        the pipeline places them: what the planner compiles with."""
+        from jaxedit import quant
+
+        tree = quant.cast(model_folder.expected_params(self.preset, part, quantize), dtype)
+        where = self.part_shardings(part, quantize, mesh)
+        return jax.tree.map(lambda s, w: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=w), tree, where)
+
+    def place(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Every part's parameters on the mesh by the rule table (already there: unchanged); other entries
+        (run-time LoRA factors) replicated."""
+        rep = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        out = {}
+        for part, tree in params.items():
+            if part in model_folder.PART_CONFIGS and getattr(self.preset, part, None) is not None:
+                out[part] = jax.device_put(tree, self.part_shardings(part, tree))
+            else:
+                out[part] = jax.device_put(tree, rep)
+        return out
+
+    @property
+    def mesh_text(self) -> str:
+        return placement.text(self.mesh_config)
 
     @staticmethod
     def put_batch(mesh: jax.sharding.Mesh, a) -> jax.Array:
@@ -156,17 +221,42 @@ class EditPipelineBase:
         return jax.device_put(a, sh.batch_sharding(mesh, np.ndim(a)))
 
     def batch_plan(self, prepared: list, steps: int | None) -> BatchPlan:
-        """Where one batch of prepared items (sharing a bucket) runs: its step count, mesh, parameters on the
-        mesh and latent size."""
-        mesh = self.mesh_for(len(prepared))
+        """Where one batch of prepared items (sharing a bucket) runs: its step count, the mesh (the first rows of
+        the pipeline's `data` axis that the batch needs: `placement.rows_for`), the parameters there, latent size
+        and the padded batch size."""
         f = self.preset.vae.downsample
         h, w = prepared[0].height // f, prepared[0].width // f
-        return BatchPlan(check_steps(steps, self.default_steps), mesh, self.params_on(mesh), h, w)
+        mesh, size = self.batch_mesh(len(prepared))
+        _, params = self.on_rows(mesh.shape["data"])
+        return BatchPlan(check_steps(steps, self.default_steps), mesh, params, h, w, size)
+
+    def batch_mesh(self, batch: int) -> tuple[jax.sharding.Mesh, int]:
+        """(the mesh a batch of `batch` items runs on: the first `placement.rows_for` rows of the pipeline's
+        `data` axis, the batch size it runs at: padded to a multiple of that mesh's batch axes)."""
+        rows = placement.rows_for(batch, self.mesh)
+        mesh = self.mesh if rows == self.mesh.shape["data"] else self._row_meshes.setdefault(
+            rows, jax.sharding.Mesh(self.mesh.devices[:rows], self.mesh.axis_names))  # fmt: skip
+        return mesh, placement.padded(batch, mesh)
+
+    def replicated(self, mesh: jax.sharding.Mesh, a) -> jax.Array:
+        """`a` on every device of `mesh`."""
+        return jax.device_put(a, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+    def on_rows(self, rows: int) -> tuple[jax.sharding.Mesh, dict]:
+        """The mesh of the first `rows` rows of the `data` axis and the parameters there: views of the shards
+        those devices already hold (each data row holds all the weights), nothing copied."""
+        if rows == self.mesh.shape["data"]:
+            return self.mesh, self.params
+        key = (rows, id(self.params))
+        if self._rows[0] != key:
+            mesh = self.batch_mesh(rows * self.mesh.shape["fsdp"])[0]
+            self._rows = (key, (mesh, placement.restrict(self.params, mesh)))
+        return self._rows[1]
 
     def set_transformer(self, params) -> None:
         """Use other transformer parameters (e.g. the current ones of a training run)."""
         if self.quantized.get("transformer"):
             raise ValueError("this pipeline's transformer is quantised: load it unquantised to set its weights")
         dtype = self.model.param_dtype
-        self.params = self.params | {"transformer": jax.tree.map(lambda p: jnp.asarray(p, dtype), params)}
-        self._placed = {}
+        params = jax.tree.map(lambda p: jnp.asarray(p, dtype), params)
+        self.params = self.params | {"transformer": jax.device_put(params, self.part_shardings("transformer"))}

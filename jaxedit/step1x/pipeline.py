@@ -31,15 +31,18 @@ from PIL import Image
 
 from jaxedit import configs, sampling
 from jaxedit.models.step1x import Step1XEdit
+from jaxedit.parallel import placement
 from jaxedit.parallel import sharding as sh
 from jaxedit.pipelines.base import (
     EditPipelineBase,
     check_side,
     check_steps,
+    choose_mesh,
     enable_compilation_cache,
     quantize_mode,
     quantized_parts,
     read_folder,
+    resident_bytes,
     to_model_input,
 )
 from jaxedit.step1x.sampling import denoise_cfg, edit_ids, model_fn, step1x_size
@@ -88,10 +91,11 @@ class Step1XEditPipeline(EditPipelineBase):
         size_level: int | None = DEFAULT_SIZE_LEVEL,
         cache_dir: str | Path | None = None,
         devices: list | None = None,
+        mesh: configs.MeshConfig | str | None = None,
     ):
         if preset.connector is None:
             raise ValueError(f"preset {preset.name} has no connector: not a Step1X-Edit model")
-        super().__init__(preset, params, vae_dtype=vae_dtype, devices=devices)
+        super().__init__(preset, params, vae_dtype=vae_dtype, devices=devices, mesh=mesh)
         self.text_encoder, self.size_level, self.cache_dir = text_encoder, size_level, cache_dir
         self.default_steps, self.default_guidance = DEFAULT_STEPS, DEFAULT_GUIDANCE
         self.model = Step1XEdit(preset.transformer, connector_cfg=preset.connector, dtype=dtype, param_dtype=dtype)
@@ -108,14 +112,18 @@ class Step1XEditPipeline(EditPipelineBase):
         text_encoder: Any = True,
         qwen_dtype: str = "bfloat16",
         quantize: str | None = None,
+        mesh: configs.MeshConfig | str | None = None,
+        devices: list | None = None,
         **kw,
     ) -> Step1XEditPipeline:
         """Load a model folder; `qwen`: another model folder whose converted Qwen2.5-VL to use. dtype (DiT
         and connector): default the folder's pipeline option "dtype", else bfloat16. text_encoder: True loads
         the Qwen2.5-VL embedder (JAX, `qwen_dtype`), False skips it (then every call needs `llm=`), or an
         embedder to use. quantize: "int8" / "fp8" DiT weights (`jaxedit.quant`; default the folder's pipeline
-        option "quantize"), quantised as they load unless the folder stores them so."""
-        from jaxedit.model_folder import load_parts
+        option "quantize"), quantised as they load unless the folder stores them so. mesh: where the pipeline
+        runs (`jaxedit.parallel.placement`; None: the folder's option "mesh", else replicated data parallel;
+        "auto"; or axis sizes): the DiT, connector, VAE and Qwen2.5-VL are placed on it."""
+        from jaxedit.model_folder import load_parts, read_quantized
 
         folder = Path(folder)
         preset, options, dtype = read_folder(folder, (FAMILY,), dtype)
@@ -124,11 +132,25 @@ class Step1XEditPipeline(EditPipelineBase):
             raise ValueError(f"{folder}: a {FAMILY!r} model folder without a connector config")
         if options.get("loras"):
             raise ValueError(f"{folder / 'jaxedit.json'}: pipeline.loras: LoRAs apply to FLUX models, not Step1X-Edit")
+        devices = list(devices or jax.local_devices())
+        stored = read_quantized(folder)
+        qwen_cfg = None
+        if text_encoder is True:
+            from jaxedit.step1x.text import qwen_config
+
+            try:
+                qwen_cfg = qwen_config(qwen or folder)
+            except (FileNotFoundError, ValueError):
+                pass  # load_qwen_embedder below says what is missing
+        weights, tokens = cls.footprint(preset, dtype, stored.get("transformer") or quantize, qwen_cfg, qwen_dtype)
+        mesh = choose_mesh(preset, options.get("mesh", "auto") if mesh is None else mesh, devices,
+                           quantize=quantize, weights=weights, tokens=tokens)  # fmt: skip
+        on_mesh = sh.make_mesh(mesh, devices)
         embedder = None if text_encoder is False else text_encoder
         if text_encoder is True:  # checked against the connector as it loads
             from jaxedit.step1x.text import load_qwen_embedder
 
-            embedder = load_qwen_embedder(folder, qwen, dtype=qwen_dtype)
+            embedder = load_qwen_embedder(folder, qwen, dtype=qwen_dtype, mesh=on_mesh)
         elif embedder is not None and embedder.config.hidden_size != preset.connector.in_channels:
             raise ValueError(
                 f"{folder}: Qwen2.5-VL hidden size {embedder.config.hidden_size} != the connector's in_channels "
@@ -136,13 +158,26 @@ class Step1XEditPipeline(EditPipelineBase):
             )
         if compile_cache:
             enable_compilation_cache()
-        params = load_parts(folder, preset, dtypes={"transformer": dtype}, quantize=quantize)
+        params = load_parts(folder, preset, dtypes={"transformer": dtype}, quantize=quantize, mesh=on_mesh)
         kw.setdefault("size_level", options.get("size_level", DEFAULT_SIZE_LEVEL))
-        pipe = cls(preset, params, embedder, dtype=dtype, **kw)
+        pipe = cls(preset, params, embedder, dtype=dtype, mesh=mesh, devices=devices, **kw)
         pipe.quantized = quantized_parts(params)
         pipe.default_steps = int(options.get("steps", DEFAULT_STEPS))
         pipe.default_guidance = float(options.get("guidance", DEFAULT_GUIDANCE))
         return pipe
+
+    @staticmethod
+    def footprint(
+        preset: configs.Preset, dtype: Any, quantize: str | None, qwen_cfg=None, qwen_dtype: Any = "bfloat16"
+    ) -> tuple[float, int]:
+        """(bytes of the weights the devices hold: DiT + connector, VAE and the Qwen2.5-VL of `qwen_cfg` if
+        given, tokens of one typical edit: 512 px, Qwen's 640), what `mesh="auto"` places by."""
+        weights = resident_bytes(preset, {"transformer": (dtype, quantize), "vae": (None, None)})
+        if qwen_cfg is not None:
+            from jaxedit.models.qwen2_5_vl import abstract_params as qwen_params
+
+            weights += placement.tree_bytes(qwen_params(qwen_cfg, jnp.dtype(qwen_dtype)))
+        return weights, 2 * 1024 + 640
 
     # ----------------------------------------------------------------------------------
     # the EditPipeline protocol of jaxedit.pipelines.batch
@@ -244,6 +279,7 @@ class Step1XEditPipeline(EditPipelineBase):
             ref_tokens = sampling.pack(
                 self.encode_images(params["vae"], batch(np.stack([p.reference for p in prepared])))
             )
+            ref_tokens = self.put_batch(mesh, ref_tokens)
             if latents is None:
                 noise = sampling.noise_for_seeds(jnp.asarray(seeds), (h, w, self.preset.vae.z_channels))
                 latents = sampling.pack(noise)
@@ -257,13 +293,32 @@ class Step1XEditPipeline(EditPipelineBase):
                 batch(emb[b:]),
                 batch(mask[b:]),
                 batch(np.asarray(guidance, np.float32)),
-                jnp.asarray(sampling.flux_schedule(bp.steps, (h // 2) * (w // 2))),
+                self.replicated(mesh, sampling.flux_schedule(bp.steps, (h // 2) * (w // 2))),
             )
             if output == "latents":
-                return np.asarray(x)
-            images = self.decode_latents(params["vae"], batch(sampling.unpack(x, h, w)))
-        out = to_pil_truncated(np.asarray(images))
+                return np.asarray(x)[:b]
+            images = self.decode_latents(params["vae"], sampling.unpack(x, h, w))
+        out = to_pil_truncated(np.asarray(images)[:b])
         return [im.resize(p.out_size, Image.Resampling.BICUBIC) if p.out_size else im for im, p in zip(out, prepared)]
+
+    def sample_inputs(
+        self, batch: int, h: int, w: int, steps: int, *, text_tokens: int, quantize: str | None = None
+    ) -> tuple[jax.sharding.Mesh, tuple]:
+        """(mesh, arguments of `denoise`) as ShapeDtypeStructs placed as `generate` places them for `batch` items
+        of h x w latent cells and `text_tokens` Qwen tokens: the program `jaxedit plan` compiles."""
+        mesh, size = self.batch_mesh(batch)
+        cfg, f32, nt = self.preset.transformer, jnp.float32, (h // 2) * (w // 2)
+
+        def b(shape, dtype=f32):
+            return jax.ShapeDtypeStruct((size, *shape), dtype, sharding=sh.batch_sharding(mesh, 1 + len(shape)))
+
+        rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        llm = (b((text_tokens, self.preset.connector.in_channels)), b((text_tokens,), jnp.int32))
+        return mesh, (
+            self.abstract_part("transformer", self.model.dtype, quantize, mesh), b((nt, cfg.in_channels)),
+            b((nt, cfg.in_channels)), b((2 * nt, 3)), *llm, *llm, b(()),
+            jax.ShapeDtypeStruct((steps + 1,), f32, sharding=rep),
+        )  # fmt: skip
 
     def denoise_loop(self, tparams, x, ref_tokens, img_ids, llm_c, mask_c, llm_u, mask_u, guidance, timesteps):
         """The whole CFG Euler loop (one XLA program): packed target tokens -> final packed tokens."""

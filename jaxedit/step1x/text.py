@@ -402,7 +402,18 @@ class Step1XQwenEmbedder(QwenConditioner):
             raise FileNotFoundError(f"{folder}/jaxedit.json describes no converted Qwen2.5-VL")
         qwen_cfg, config = QwenVLConfig.from_dict(entry["model"]), QwenEmbedderConfig.from_dict(entry.get("config", {}))
         check_hidden(qwen_cfg, config, folder)
-        params = load_params(folder / "qwen", dtype=jnp.dtype(dtype))
+        target = None
+        if kw.get("mesh") is not None:  # restored straight into its sharding
+            import jax
+
+            from jaxedit.checkpoint import param_metadata
+            from jaxedit.models.qwen2_5_vl import abstract_params
+            from jaxedit.parallel import sharding as sh
+
+            where = sh.shardings(abstract_params(qwen_cfg, boxed=True), kw["mesh"])
+            target = jax.tree.map(lambda m, w: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=w),
+                                  param_metadata(folder / "qwen"), where)  # fmt: skip
+        params = load_params(folder / "qwen", target, dtype=jnp.dtype(dtype))
         processor = cls.load_processor(folder / QWEN_PROCESSOR, config)
         return cls(params, qwen_cfg, *processor, config, dtype=dtype, name=folder.resolve(), **kw)
 
@@ -470,6 +481,17 @@ def check_hidden(qwen_cfg, config: QwenEmbedderConfig, where) -> None:
             f"{where}: Qwen2.5-VL hidden size {qwen_cfg.text.hidden_size} != the embedder's (the connector's "
             f"in_channels) {config.hidden_size}"
         )
+
+
+def qwen_config(folder: str | Path):
+    """The `QwenVLConfig` of the converted Qwen2.5-VL a model folder's jaxedit.json describes."""
+    from jaxedit.configs import QwenVLConfig
+    from jaxedit.model_folder import read_json
+
+    entry = read_json(folder).get("qwen") or {}
+    if not entry.get("model"):
+        raise FileNotFoundError(f"{folder}/jaxedit.json describes no converted Qwen2.5-VL")
+    return QwenVLConfig.from_dict(entry["model"])
 
 
 def load_qwen_embedder(folder: str | Path, qwen: str | Path | None = None, **kw) -> Step1XQwenEmbedder:

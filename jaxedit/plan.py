@@ -167,10 +167,9 @@ def plan_auto(args) -> int:
     if args.task == "sample":
         preset = configs.get(args.preset)
         key = placement.key_for(preset, args.quantize if args.quantize != "none" else None, devices)
-        where = placement.record(key, configs.MeshConfig.parse(best["mesh"]), {
-            "task": args.task, "resolution": args.resolution, "batch": best["batch"], "gb_per_chip": best["total"] / 1e9,
-            "estimate_s": best.get("compiler_seconds"),
-        })  # fmt: skip
+        detail = {"task": args.task, "resolution": args.resolution, "batch": best["batch"],
+                  "gb_per_chip": best["total"] / 1e9, "estimate_s": best.get("compiler_seconds")}  # fmt: skip
+        where = placement.record(key, configs.MeshConfig.parse(best["mesh"]), detail)
         print(f"recorded {best['mesh']} for mesh 'auto' on {n} x {devices[0].device_kind}: {where}")
     return 0
 

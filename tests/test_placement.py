@@ -155,4 +155,3 @@ def test_plan_mesh_auto_ranks_and_records(tmp_path, monkeypatch, capsys):
     assert "ranked (fits, fastest first):" in out and "recorded" in out
     preset = configs.get("flux-kontext-tiny")
     assert placement.recorded(placement.key_for(preset, None, jax.devices())) is not None
-

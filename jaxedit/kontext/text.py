@@ -101,8 +101,10 @@ class FluxTextEncoder:
     def on_host(self) -> bool:
         """Whether the weights are in host memory (the CPU device: `text_on_cpu`)."""
         leaf = jax.tree.leaves(self.t5_params)[0]
-        return isinstance(leaf, jax.Array) and {d.platform for d in leaf.devices()} == {"cpu"} and any(
-            d.platform != "cpu" for d in jax.devices()
+        return (
+            isinstance(leaf, jax.Array)
+            and {d.platform for d in leaf.devices()} == {"cpu"}
+            and any(d.platform != "cpu" for d in jax.devices())
         )
 
     def place(self, mesh, shardings) -> None:

@@ -106,7 +106,13 @@ def quantized_parts(params: dict) -> dict[str, str]:
 
 
 def choose_mesh(
-    preset: configs.Preset, option, devices: list, *, weights: float, tokens: int, quantize: str | None,
+    preset: configs.Preset,
+    option,
+    devices: list,
+    *,
+    weights: float,
+    tokens: int,
+    quantize: str | None,
     memory: float | None = None,
 ) -> configs.MeshConfig:
     """The pipeline's mesh for the mesh option (`placement.parse`: None = replicated data parallel, "auto",

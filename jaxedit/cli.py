@@ -82,6 +82,11 @@ def model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-on-cpu", action="store_true",
                    help="FLUX Kontext: keep T5 and CLIP in host memory and run them on the CPU, so the "
                    "accelerator holds only the DiT and the VAE (with --quantize int8: a 16 GB chip)")  # fmt: skip
+    p.add_argument("--mesh", default=None,
+                   help="where the model runs on this host's devices: auto (the default, unless the model folder's "
+                   "option says otherwise: replicated data parallel when a chip holds the weights, else the smallest "
+                   "group of chips that does, FSDP-sharded, data parallel across groups; or the choice of `jaxedit "
+                   "plan --mesh auto`), or axis sizes such as data=8, fsdp=4, data=2,fsdp=4, fsdp=2,tensor=2")  # fmt: skip
     p.add_argument("--keep-size", action="store_true", help="keep the input size (floored to 16), do not resize it")
     p.add_argument("--reference-ids", choices=REFERENCE_IDS, default=None,
                    help="FLUX Kontext, several images: their position ids (default community: diffusers' community "
@@ -131,10 +136,13 @@ def load_pipeline(args):
         kw |= {k: v for k, v in references.items() if v is not None}
         kw |= {"text_on_cpu": True} if args.text_on_cpu else {}
     kw |= {"quantize": args.quantize} if args.quantize else {}
+    kw |= {"mesh": args.mesh} if args.mesh else {}
     try:
         pipe = load(folder, dtype=args.dtype, **kw)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
+    if len(pipe.devices) > 1:
+        print(f"note: {len(pipe.devices)} devices, mesh {pipe.mesh_text}", file=sys.stderr)
     for lora, scale, merged in getattr(pipe, "loras", []):
         print(f"note: LoRA {lora.describe()} at scale {scale:g}{'' if merged else ', applied per call'}",
               file=sys.stderr)  # fmt: skip

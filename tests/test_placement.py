@@ -155,3 +155,31 @@ def test_plan_mesh_auto_ranks_and_records(tmp_path, monkeypatch, capsys):
     assert "ranked (fits, fastest first):" in out and "recorded" in out
     preset = configs.get("flux-kontext-tiny")
     assert placement.recorded(placement.key_for(preset, None, jax.devices())) is not None
+
+
+def test_cli_mesh_option_and_folder_option(folder, tmp_path, capsys):
+    """`jaxedit edit --mesh` runs the edit on that mesh; a mesh that does not fit the devices, from the flag or
+    the model folder's pipeline option, is one line naming where it came from."""
+    import json
+    import shutil
+
+    from jaxedit.cli import main as cli
+
+    images(1)[0].save(tmp_path / "in.png")
+    argv = ["edit", "--model", str(folder), "--image", str(tmp_path / "in.png"), "--prompt", "make it red",
+            "--steps", "1", "--dtype", "float32", "--keep-size"]  # fmt: skip
+    assert cli([*argv, "--out", str(tmp_path / "a.png"), "--mesh", "data=2,fsdp=4"]) == 0
+    assert "mesh data=2,fsdp=4" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli([*argv, "--out", str(tmp_path / "b.png"), "--mesh", "fsdp=3"])
+    assert e.value.code == 2 and "does not use exactly the 8 devices" in capsys.readouterr().err
+    bad = tmp_path / "model"
+    shutil.copytree(folder, bad)
+    desc = json.loads((bad / "jaxedit.json").read_text())
+    desc.setdefault("pipeline", {})["mesh"] = "fsdp=3,tensor=x"
+    (bad / "jaxedit.json").write_text(json.dumps(desc))
+    argv[2] = str(bad)
+    with pytest.raises(SystemExit) as e:
+        cli([*argv, "--out", str(tmp_path / "c.png")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "jaxedit.json: pipeline.mesh" in err and "tensor" in err, err

@@ -221,8 +221,9 @@ class KontextPipeline(EditPipelineBase):
         stored = read_quantized(folder)
         modes = {p: stored.get(p) or (quantize if p in ("transformer", "t5") else None) for p in dtypes}
         weights, tokens = cls.footprint(preset, dtype, modes, text_on_cpu)
+        where = f"{folder / 'jaxedit.json'}: pipeline.mesh" if mesh is None and "mesh" in options else "mesh"
         mesh = choose_mesh(preset, options.get("mesh", "auto") if mesh is None else mesh, devices,
-                           quantize=quantize, weights=weights, tokens=tokens)  # fmt: skip
+                           quantize=quantize, weights=weights, tokens=tokens, where=where)  # fmt: skip
         params = load_parts(folder, preset, dtypes=dtypes, quantize=quantize, devices=on_host,
                             mesh=sh.make_mesh(mesh, devices))  # fmt: skip
         text = FluxTextEncoder(

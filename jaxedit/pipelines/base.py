@@ -114,23 +114,28 @@ def choose_mesh(
     tokens: int,
     quantize: str | None,
     memory: float | None = None,
+    where: str = "",
 ) -> configs.MeshConfig:
     """The pipeline's mesh for the mesh option (`placement.parse`: None = replicated data parallel, "auto",
     or axis sizes) on `devices`. auto: the choice `jaxedit plan --mesh auto` recorded for this preset,
     quantisation and chips, else `placement.rule` with `weights` (bytes of the parameters the devices
     hold) and the working set of one sample of `tokens` tokens; memory: bytes per chip (default: what the
-    device reports; None on a CPU)."""
-    cfg = placement.parse(option)
+    device reports; None on a CPU). where: what the option came from, for the error message."""
     n = len(devices)
+    try:
+        cfg = placement.parse(option)
+        if cfg is not None and cfg != "auto":
+            return placement.resolve(cfg, n)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}" if where else str(e)) from None
     if cfg is None:
         return configs.MeshConfig(data=n, fsdp=1)
-    if cfg == "auto":
-        cfg = placement.recorded(placement.key_for(preset, quantize, devices))
-        if cfg is None:
-            memory = placement.chip_memory(devices[0]) if memory is None else memory
-            work = placement.working_set_bytes(preset.transformer.hidden_size, tokens)
-            return placement.rule(n, weights, work, memory)
-    return placement.resolve(cfg, n)
+    recorded = placement.recorded(placement.key_for(preset, quantize, devices))
+    if recorded is not None:
+        return placement.resolve(recorded, n)
+    memory = placement.chip_memory(devices[0]) if memory is None else memory
+    work = placement.working_set_bytes(preset.transformer.hidden_size, tokens)
+    return placement.rule(n, weights, work, memory)
 
 
 def resident_bytes(preset: configs.Preset, parts: dict[str, tuple[Any, str | None]]) -> float:

@@ -143,8 +143,9 @@ class Step1XEditPipeline(EditPipelineBase):
             except (FileNotFoundError, ValueError):
                 pass  # load_qwen_embedder below says what is missing
         weights, tokens = cls.footprint(preset, dtype, stored.get("transformer") or quantize, qwen_cfg, qwen_dtype)
+        where = f"{folder / 'jaxedit.json'}: pipeline.mesh" if mesh is None and "mesh" in options else "mesh"
         mesh = choose_mesh(preset, options.get("mesh", "auto") if mesh is None else mesh, devices,
-                           quantize=quantize, weights=weights, tokens=tokens)  # fmt: skip
+                           quantize=quantize, weights=weights, tokens=tokens, where=where)  # fmt: skip
         on_mesh = sh.make_mesh(mesh, devices)
         embedder = None if text_encoder is False else text_encoder
         if text_encoder is True:  # checked against the connector as it loads

@@ -70,6 +70,8 @@ def parser(prog: str = "python -m jaxedit.plan") -> argparse.ArgumentParser:
     p.add_argument("--attention", default="auto", help="attention impl (auto: splash on TPU, chunked on CPU)")
     p.add_argument("--quantize", choices=["none", "int8", "fp8"], default="none",
                    help="infer/sample/text: int8 / fp8 DiT and T5 block weights (jaxedit.quant)")  # fmt: skip
+    p.add_argument("--text-on-cpu", action="store_true", help="FLUX: the pipeline keeps T5 and CLIP on the host (as "
+                   "jaxedit edit --text-on-cpu): the devices' weights, which mesh 'auto' places by, leave them out")  # fmt: skip
     p.add_argument("--lora-rank", type=int, default=16, help="lora: adapter rank")
     p.add_argument("--no-reference", action="store_true", help="text-to-image: no Kontext reference tokens")
     p.add_argument("--references", type=int, default=1, help="FLUX Kontext: reference images per sample, each "
@@ -453,7 +455,7 @@ def pipeline_mesh(preset, args, devices, memory: float | None):
         from jaxedit.kontext.pipeline import KontextPipeline
 
         modes = {"transformer": mode, "t5": mode}
-        weights, tokens = KontextPipeline.footprint(preset, jnp.bfloat16, modes)
+        weights, tokens = KontextPipeline.footprint(preset, jnp.bfloat16, modes, args.text_on_cpu)
     return choose_mesh(preset, "auto", devices, weights=weights, tokens=tokens, quantize=mode, memory=memory)
 
 
@@ -517,6 +519,11 @@ def plan(args, mesh_cfg) -> dict:
             cycles_loop_bodies_once=walk.cycles_body_once, seconds_per_cycle=spc, kernel_runs=dict(walk.kernels),
             kernel_flops_per_chip=walk.kernel_flops, unknown_trip_counts=walk.unknown_loops,
             compiler_seconds=walk.cycles * spc + kernel_s, kernel_seconds=kernel_s,
+            seconds_by_kind={k: c * spc for k, c in walk.by_kind.most_common()},
+            collective_bytes=dict(walk.collective_bytes),
+            ici_seconds=sum(walk.collective_bytes.values()) / target.generation.ici_bytes_per_s
+            if target.generation.ici_bytes_per_s else None,
+            largest=[(c * spc, n, k, text[:160]) for c, n, k, text in walk.largest],
         )  # fmt: skip
     return report
 
@@ -552,6 +559,13 @@ def format_report(r: dict) -> str:
             f"x {r['seconds_per_cycle'] * 1e9:.3f} ns + Mosaic kernels {r['kernel_seconds']:.3f} s at peak: {k})"
             + (f"; MFU bound {r['mfu_bound_seconds']:.3f} s (model FLOPs at peak)" if r["mfu_bound_seconds"] else "")
         )
+        est = r["compiler_seconds"]
+        parts = ", ".join(f"{k} {v:.3f} s ({100 * v / est:.0f}%)" for k, v in r["seconds_by_kind"].items() if v > 0)
+        lines.append(f"  by kind: {parts}, Mosaic kernels {r['kernel_seconds']:.3f} s")
+        if r["collective_bytes"]:
+            moved = ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in r["collective_bytes"].items())
+            ici = f" = {r['ici_seconds']:.3f} s at the chip's ICI bandwidth" if r.get("ici_seconds") else ""
+            lines.append(f"  collectives per run per chip: {moved}{ici}")
         if r["unknown_trip_counts"]:
             lines.append(f"  note: loops counted once (trip count unknown): {', '.join(r['unknown_trip_counts'])}")
     return "\n".join(lines)

@@ -105,6 +105,54 @@ class ProgramCycles:
     kernels: Counter  # Mosaic kernel name -> times it runs
     kernel_flops: float  # estimated FLOPs of those runs (per device)
     unknown_loops: list[str]
+    by_kind: Counter = dataclasses.field(default_factory=Counter)  # `kind` -> cycles (loops counted as they run)
+    collective_bytes: Counter = dataclasses.field(default_factory=Counter)  # collective opcode -> bytes per run
+    largest: list = dataclasses.field(default_factory=list)  # (cycles, times, kind, instruction text), top 12
+
+
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "collective-permute", "all-to-all")
+_BYTES = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "f8e4m3fn": 1, "pred": 1, "s64": 8}
+
+
+def shape_bytes(shape: str) -> int:
+    """Bytes of an HLO result type (a tuple, e.g. an async collective's (operand, result, ...): its largest
+    element, the buffer the collective fills)."""
+    sizes = [0]
+    for dtype, dims in _SHAPE.findall(shape):
+        n = 1
+        for d in filter(None, dims.split(",")):
+            n *= int(d)
+        sizes.append(n * _BYTES.get(dtype, 4))
+    return max(sizes)
+
+
+def kind(ins: Instruction, comps: dict[str, list[Instruction]]) -> str:
+    """What an instruction's cycles are spent on: matmul (a fusion or op holding a dot or convolution),
+    collective (its opcode or a fusion holding one), copy (copies and transposes), reduction, elementwise
+    (the other fusions), host (host transfers), other."""
+    op = ins.opcode.removesuffix("-start").removesuffix("-done")
+    if op in COLLECTIVES:
+        return "collective"
+    if op in ("dot", "convolution"):
+        return "matmul"
+    if op in ("copy", "transpose"):
+        return "copy"
+    if op in ("send", "recv", "infeed", "outfeed"):
+        return "host"
+    if op == "fusion":
+        called = comps.get(ins.attr("calls") or "", [])
+        ops = {c.opcode for c in called}
+        if ops & {"dot", "convolution"}:
+            return "matmul"
+        if any(o.removesuffix("-start") in COLLECTIVES for o in ops):
+            return "collective"
+        plumbing = {"copy", "transpose", "bitcast", "parameter", "tuple", "get-tuple-element"}
+        if ops <= plumbing and ops & {"copy", "transpose"}:
+            return "copy"
+        if ops & {"reduce", "reduce-window"}:
+            return "reduction"
+        return "elementwise"
+    return "other"
 
 
 def program_cycles(hlo_text: str) -> ProgramCycles:
@@ -114,12 +162,23 @@ def program_cycles(hlo_text: str) -> ProgramCycles:
     kernels: Counter = Counter()
     flops = [0.0]
     unknown: list[str] = []
+    by_kind: Counter = Counter()
+    moved: Counter = Counter()
+    largest: list = []
 
     def walk(name: str, times: int, once: bool) -> int:
         total = 0
         for ins in comps.get(name, []):
             m = _CYCLES.search(ins.rest)
             total += int(m[1]) if m else 0
+            if not once:
+                k = kind(ins, comps)
+                if m:
+                    by_kind[k] += times * int(m[1])
+                    largest.append((times * int(m[1]), times, k, f"{ins.name} = {ins.shape} {ins.opcode}"))
+                op = ins.opcode.removesuffix("-start")
+                if op in COLLECTIVES and not ins.opcode.endswith("-done"):
+                    moved[op] += times * shape_bytes(ins.shape)
             if ins.opcode == "while":
                 n = trip_count(ins, comps)
                 if n is None:
@@ -141,7 +200,8 @@ def program_cycles(hlo_text: str) -> ProgramCycles:
         return total
 
     cycles = walk(entry, 1, once=False)
-    return ProgramCycles(cycles, walk(entry, 1, once=True), kernels, flops[0], unknown)
+    top = sorted(largest, key=lambda x: -x[0])[:12]
+    return ProgramCycles(cycles, walk(entry, 1, once=True), kernels, flops[0], unknown, by_kind, moved, top)
 
 
 def kernel_flops(kernel: str, ins: Instruction, shapes: dict[str, str]) -> float:

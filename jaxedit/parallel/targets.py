@@ -30,15 +30,16 @@ class Generation:
     cores_per_chip: int  # what the slice name counts: TensorCores (v4, v5p) or chips (v5e, v6e, GPUs)
     dims: int  # torus dimensions of a slice's topology name (3: v4, v5p; 2: v5e, v6e; 0: GPUs)
     platform: str = "tpu"
+    ici_bytes_per_s: float = 0.0  # per chip, all links (Cloud TPU's published inter-chip interconnect figure)
 
 
 GENERATIONS = {
     g.name: g
     for g in (
-        Generation("v4", 32e9, 275e12, 2, 3),
-        Generation("v5e", 16e9, 197e12, 1, 2),
-        Generation("v5p", 95e9, 459e12, 2, 3),
-        Generation("v6e", 32e9, 918e12, 1, 2),
+        Generation("v4", 32e9, 275e12, 2, 3, ici_bytes_per_s=2400e9 / 8),
+        Generation("v5e", 16e9, 197e12, 1, 2, ici_bytes_per_s=1600e9 / 8),
+        Generation("v5p", 95e9, 459e12, 2, 3, ici_bytes_per_s=4800e9 / 8),
+        Generation("v6e", 32e9, 918e12, 1, 2, ici_bytes_per_s=3584e9 / 8),
         Generation("h100", 80e9, 989e12, 1, 0, "gpu"),  # H100 SXM, dense bf16
     )
 }

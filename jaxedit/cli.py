@@ -86,7 +86,8 @@ def model_options(p: argparse.ArgumentParser) -> None:
                    help="where the model runs on this host's devices: auto (the default, unless the model folder's "
                    "option says otherwise: replicated data parallel when a chip holds the weights, else the smallest "
                    "group of chips that does, FSDP-sharded, data parallel across groups; or the choice of `jaxedit "
-                   "plan --mesh auto`), or axis sizes such as data=8, fsdp=4, data=2,fsdp=4, fsdp=2,tensor=2")  # fmt: skip
+                   "plan --mesh auto`), or axis sizes such as data=8, fsdp=4, data=2,fsdp=4, "
+                   "fsdp=2,tensor=2")  # fmt: skip
     p.add_argument("--keep-size", action="store_true", help="keep the input size (floored to 16), do not resize it")
     p.add_argument("--reference-ids", choices=REFERENCE_IDS, default=None,
                    help="FLUX Kontext, several images: their position ids (default community: diffusers' community "

@@ -70,8 +70,8 @@ def parser(prog: str = "python -m jaxedit.plan") -> argparse.ArgumentParser:
     p.add_argument("--attention", default="auto", help="attention impl (auto: splash on TPU, chunked on CPU)")
     p.add_argument("--quantize", choices=["none", "int8", "fp8"], default="none",
                    help="infer/sample/text: int8 / fp8 DiT and T5 block weights (jaxedit.quant)")  # fmt: skip
-    p.add_argument("--text-on-cpu", action="store_true", help="FLUX: the pipeline keeps T5 and CLIP on the host (as "
-                   "jaxedit edit --text-on-cpu): the devices' weights, which mesh 'auto' places by, leave them out")  # fmt: skip
+    p.add_argument("--text-on-cpu", action="store_true", help="FLUX: the pipeline keeps T5 and CLIP on the host "
+                   "(jaxedit edit --text-on-cpu): the weights mesh 'auto' places by leave them out")  # fmt: skip
     p.add_argument("--lora-rank", type=int, default=16, help="lora: adapter rank")
     p.add_argument("--no-reference", action="store_true", help="text-to-image: no Kontext reference tokens")
     p.add_argument("--references", type=int, default=1, help="FLUX Kontext: reference images per sample, each "
@@ -565,7 +565,7 @@ def format_report(r: dict) -> str:
         if r["collective_bytes"]:
             moved = ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in r["collective_bytes"].items())
             ici = f" = {r['ici_seconds']:.3f} s at the chip's ICI bandwidth" if r.get("ici_seconds") else ""
-            lines.append(f"  collectives per run per chip: {moved}{ici}")
+            lines.append(f"  received per run per chip: {moved}{ici}")
         if r["unknown_trip_counts"]:
             lines.append(f"  note: loops counted once (trip count unknown): {', '.join(r['unknown_trip_counts'])}")
     return "\n".join(lines)

@@ -144,3 +144,52 @@ def test_multi_slice_plan_compiles():
     r = plan.plan(args, MeshConfig(dcn_data=2, fsdp=-1))
     assert r["chips"] == 8 and r["target"] == "v5e-4 x2" and r["batch"] == 8 and r["fits"]
     assert r["kernel_runs"]  # splash, per device, across the slices
+
+
+def test_the_pipelines_auto_placement_compiles_for_tpu(monkeypatch, tmp_path):
+    """`jaxedit plan --task sample` without --mesh compiles the pipeline's own sampling loop as its mesh 'auto'
+    places it on the target: a v5e-4 holds the tiny model on every chip (replicated data parallel: no
+    collective in the program); on chips too small for it (here the rule given 2 MB per chip) auto shards the
+    weights over the smallest group of chips that holds them, and the loop compiles that way with splash."""
+    from jaxedit.kontext.pipeline import KontextPipeline
+    from jaxedit.parallel import placement
+
+    monkeypatch.setenv("JAXEDIT_PLACEMENTS", str(tmp_path / "none.json"))
+    args = plan.parser().parse_args(["--preset", "flux-kontext-tiny", "--task", "sample", "--target", "v5e-4",
+                                     "--resolution", "128", "--text-tokens", "16", "--steps", "2"])  # fmt: skip
+    r = plan.plan(args, None)
+    assert r["mesh"] == "data=4 (auto)" and r["fits"] and r["kernel_runs"] and not r["collective_bytes"]
+    preset = configs.get("flux-kontext-tiny")
+    weights, tokens = KontextPipeline.footprint(preset, np.dtype("bfloat16"), {})
+    chips = parse_target("v5e-4").devices()
+    memory = (weights / 2 + placement.working_set_bytes(preset.transformer.hidden_size, tokens)) / 0.89
+    cfg = plan.pipeline_mesh(preset, args, chips, memory)
+    assert cfg == MeshConfig(data=2, fsdp=2)
+    lowered, _ = plan.lower(preset, args, sh.make_mesh(cfg, chips), 4)
+    compiled = lowered.compile()
+    shardings = traverse_util.flatten_dict(compiled.input_shardings[0][0], sep="/")
+    assert shardings["single_blocks/linear1_mlp/kernel"].spec == PartitionSpec(None, "fsdp", "tensor")
+    assert "splash_mha_fwd" in compiled.as_text() and "all-gather" in compiled.as_text()
+
+
+def test_collectives_bytes_received_per_chip():
+    """The ICI budget counts what a chip receives: an all-gather over groups of 2 of a 4 MB result brings the
+    other half (2 MB); a 4-way all-reduce of 1 MB moves 2 x 3/4 MB (ring); a reduce-scatter over 4 sends the
+    3 other quarters of its operand."""
+    from jaxedit.parallel import hlo_cost
+
+    hlo = """HloModule m, entry_computation_layout={()->f32[]}
+
+ENTRY %main () -> f32[] {
+  %p = bf16[1024,1024]{1,0} parameter(0)
+  %ag = bf16[2048,1024]{1,0} all-gather(%p), replica_groups={{0,1},{2,3}}, dimensions={0}, backend_config={"estimated_cycles":"100"}
+  %ar = f32[512,512]{1,0} all-reduce(%x), replica_groups=[1,4]<=[4], to_apply=%add, backend_config={"estimated_cycles":"50"}
+  %rs = (f32[1024,256]{1,0}, f32[256,256]{1,0}) reduce-scatter-start(%y), replica_groups={{0,1,2,3}}, dimensions={0}
+  ROOT %c = f32[] constant(0)
+}
+"""
+    r = hlo_cost.program_cycles(hlo)
+    assert r.collective_bytes["all-gather"] == 2048 * 1024 * 2 / 2
+    assert r.collective_bytes["all-reduce"] == 2 * 3 / 4 * 512 * 512 * 4
+    assert r.collective_bytes["reduce-scatter"] == 3 * 256 * 256 * 4
+    assert r.by_kind["collective"] == 150 and r.cycles == 150

@@ -106,7 +106,7 @@ class ProgramCycles:
     kernel_flops: float  # estimated FLOPs of those runs (per device)
     unknown_loops: list[str]
     by_kind: Counter = dataclasses.field(default_factory=Counter)  # `kind` -> cycles (loops counted as they run)
-    collective_bytes: Counter = dataclasses.field(default_factory=Counter)  # collective opcode -> bytes per run
+    collective_bytes: Counter = dataclasses.field(default_factory=Counter)  # opcode -> bytes received per run
     largest: list = dataclasses.field(default_factory=list)  # (cycles, times, kind, instruction text), top 12
 
 
@@ -117,13 +117,39 @@ _BYTES = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "
 def shape_bytes(shape: str) -> int:
     """Bytes of an HLO result type (a tuple, e.g. an async collective's (operand, result, ...): its largest
     element, the buffer the collective fills)."""
-    sizes = [0]
-    for dtype, dims in _SHAPE.findall(shape):
-        n = 1
-        for d in filter(None, dims.split(",")):
-            n *= int(d)
-        sizes.append(n * _BYTES.get(dtype, 4))
-    return max(sizes)
+    return max([0] + [_bytes_of(m) for m in _SHAPE.findall(shape)])
+
+
+def group_size(ins: Instruction) -> int:
+    """The number of devices in each of a collective's replica groups (1 if it does not say)."""
+    m = re.search(r"replica_groups=\{\{([\d,]+)\}", ins.rest)
+    if m:
+        return len(m[1].split(","))
+    m = re.search(r"replica_groups=\[(\d+),(\d+)\]<=", ins.rest)
+    return int(m[2]) if m else 1
+
+
+def received_bytes(ins: Instruction) -> float:
+    """Bytes one device receives over the interconnect in a collective (ring algorithms): all-gather and
+    all-to-all (g-1)/g of the result, reduce-scatter (g-1)/g of its operand (= (g-1) results), all-reduce
+    2 (g-1)/g of the array, collective-permute the whole array."""
+    op = ins.opcode.removesuffix("-start")
+    g, size = group_size(ins), shape_bytes(ins.shape)
+    if op == "collective-permute":
+        return float(size)
+    if g <= 1:
+        return 0.0
+    if op == "reduce-scatter":
+        sizes = [b for b in (_bytes_of(x) for x in _SHAPE.findall(ins.shape)) if b]
+        return float((g - 1) * min(sizes))
+    return (2.0 if op == "all-reduce" else 1.0) * (g - 1) / g * size
+
+
+def _bytes_of(match: tuple[str, str]) -> int:
+    n = 1
+    for d in filter(None, match[1].split(",")):
+        n *= int(d)
+    return n * _BYTES.get(match[0], 4)
 
 
 def kind(ins: Instruction, comps: dict[str, list[Instruction]]) -> str:
@@ -178,7 +204,7 @@ def program_cycles(hlo_text: str) -> ProgramCycles:
                     largest.append((times * int(m[1]), times, k, f"{ins.name} = {ins.shape} {ins.opcode}"))
                 op = ins.opcode.removesuffix("-start")
                 if op in COLLECTIVES and not ins.opcode.endswith("-done"):
-                    moved[op] += times * shape_bytes(ins.shape)
+                    moved[op] += times * received_bytes(ins)
             if ins.opcode == "while":
                 n = trip_count(ins, comps)
                 if n is None:

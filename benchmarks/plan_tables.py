@@ -50,7 +50,7 @@ def render(results: Path) -> str:
     rows = [json.loads(x) for x in results.read_text().splitlines() if x.strip()]
     out = []
     head = ("| program | target | chips | mesh | batch (/chip) | px | tokens | remat | GB/chip | HBM | fits | "
-            "compiler est. s | MFU bound s | compile s |")  # fmt: skip
+            "compiler est. s | MFU bound s | est./bound | compile s |")  # fmt: skip
     out += [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         if "error" in r:
@@ -61,16 +61,18 @@ def render(results: Path) -> str:
         per = r["batch"] / (r["chips"] // tensor)  # samples per data-parallel group
         est = f"{r['compiler_seconds']:.2f}" if r.get("compiler_seconds") is not None else "-"
         mfu = f"{r['mfu_bound_seconds']:.2f}" if r.get("mfu_bound_seconds") else "-"
+        ratio = f"{r['compiler_seconds'] / r['mfu_bound_seconds']:.2f}x" if est != "-" and mfu != "-" else "-"
         program = r["task"] + (" (Step1X)" if r["preset"].startswith("step1x") else "")
         program += " t2i" if r["reference_tokens"] == 0 and r["task"] not in ("vae-decode", "text") else ""
         program += f" {r['references']} refs" if r.get("references", 1) > 1 else ""
         quantized = r["args"].split("--quantize ", 1)[1].split()[0] if "--quantize " in r["args"] else "none"
         program += f" {quantized}" if quantized != "none" else ""
+        program += " (text on host)" if "--text-on-cpu" in r["args"] else ""
         remat = r["remat"] + (f" + MLP in {r['mlp_chunks']}" if r.get("mlp_chunks", 1) > 1 else "")
         out.append(
             f"| {program} | {r['target']} | {r['chips']} | {r['mesh']} | {r['batch']} ({per:g}) | {r['resolution']} | "
             f"{r['tokens']} | {remat} | {gb(r['total'])} | {gb(r['hbm']) if 'hbm' in r else '-'} | "
-            f"{'yes' if r.get('fits') else 'NO'} | {est} | {mfu} | {r['compile_s']:.0f} |"
+            f"{'yes' if r.get('fits') else 'NO'} | {est} | {mfu} | {ratio} | {r['compile_s']:.0f} |"
         )
     return "\n".join(out)
 

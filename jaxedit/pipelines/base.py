@@ -22,6 +22,7 @@ from PIL import Image
 from jaxedit import configs, model_folder
 from jaxedit.models.autoencoder import AutoEncoder
 from jaxedit.parallel import sharding as sh
+from jaxedit.pipelines.batch import NonFiniteError
 
 MAX_SIDE = 4096  # pixels; larger requests are refused
 
@@ -47,6 +48,17 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path | No
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path
+
+
+def to_images(images_BHWC: np.ndarray, convert) -> list:
+    """[convert(image, index) of each item], each item's decoded values checked first: NonFiniteError (holding the
+    others' images) if any item has a NaN or inf, which would otherwise become a black or noisy picture."""
+    x = np.asarray(images_BHWC, np.float32)
+    finite = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+    out = [convert(a, i) if ok else None for i, (a, ok) in enumerate(zip(x, finite))]
+    if not finite.all():
+        raise NonFiniteError(out, [int(i) for i in np.flatnonzero(~finite)])
+    return out
 
 
 def to_model_input(image: Image.Image) -> np.ndarray:

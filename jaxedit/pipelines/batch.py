@@ -36,11 +36,11 @@ from typing import Any, Protocol
 from PIL import Image
 
 from jaxedit import jsonl
+from jaxedit.options import MAX_GUIDANCE, MAX_STEPS
 
 MAX_SIDE = 4096  # pixels; larger requests are refused as absurd
 MIN_SIDE = 16
 MAX_IMAGE_PIXELS = 8192 * 8192  # input images above this are refused from their header, before decoding
-MAX_STEPS = 1000
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -51,6 +51,17 @@ class ItemError(ValueError):
 class ProgramFault(RuntimeError):
     """Generation failed for a reason that is not the items' (out of memory, a compile or runtime error):
     the job stops without recording those items as failed, so a rerun retries them."""
+
+
+class NonFiniteError(ValueError):
+    """Some items of a batch came out with NaN or inf values (e.g. a LoRA or a setting that overflows): no image
+    is made of them (a pipeline's `edit` raises it; the job fails those items alone). `images`: the batch's
+    results, None in place of each such item; `bad`: their indices."""
+
+    def __init__(self, images: list, bad: list[int]):
+        self.images, self.bad = images, bad
+        super().__init__(f"item(s) {', '.join(map(str, bad))} of the batch came out with NaN or inf values: no image "
+                         "is written of them")  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -128,8 +139,8 @@ def parse_item(d: Any, line: int, defaults: dict, base_dir: Path) -> EditItem:
     guidance = d.get("guidance", defaults["guidance"])
     if isinstance(guidance, bool) or not isinstance(guidance, int | float) or not math.isfinite(guidance):
         raise ItemError(f"field 'guidance' must be a finite number, got {guidance!r}")
-    if not 0 <= guidance <= 100:
-        raise ItemError(f"field 'guidance'={guidance} is outside [0, 100]")
+    if not 0 <= guidance <= MAX_GUIDANCE:
+        raise ItemError(f"field 'guidance'={guidance} is outside [0, {MAX_GUIDANCE:g}]")
     return EditItem(
         id=item_id,
         image=images[0] if images else None,
@@ -382,6 +393,8 @@ def run_job(
                     [p for _, _, p in pad], [it.prompt for it, _, _ in pad], [it.seed for it, _, _ in pad],
                     [it.guidance for it, _, _ in pad], steps,
                 )[: len(its)]  # fmt: skip
+            except NonFiniteError as e:  # those items fail; the others' images are written
+                images = e.images[: len(its)]
             except ValueError as e:  # the items' inputs (ItemError is one): they fail, the job goes on
                 for it in its:
                     fail(it, f"generation failed: {type(e).__name__}: {e}")
@@ -395,6 +408,10 @@ def run_job(
                 ) from e
             per_item = (time.perf_counter() - t0) / len(its)
             for (it, key, _), img in zip(batch, images):
+                if img is None:
+                    fail(it, "the result came out with NaN or inf values (a LoRA, the model's weights or a setting "
+                         "overflowed): no PNG written")  # fmt: skip
+                    continue
                 dst = out_dir / f"{it.id}.png"
                 tmp = dst.with_suffix(".png.tmp")
                 img.save(tmp, format="PNG")
@@ -405,8 +422,8 @@ def run_job(
                     "seconds": round(per_item, 3), "error": None,
                 })  # fmt: skip
                 counts["ok"] += 1
-            if images:  # (failed items counted themselves)
-                bar.update(len(images), counts["failed"])
+            if any(img is not None for img in images):  # (failed items counted themselves)
+                bar.update(sum(img is not None for img in images), counts["failed"])
             del batch, pad, images  # the next batch is decoded without this one's arrays
     return counts
 

@@ -40,6 +40,7 @@ from jaxedit.pipelines.base import (
     quantize_mode,
     quantized_parts,
     read_folder,
+    to_images,
     to_model_input,
 )
 from jaxedit.step1x.sampling import denoise_cfg, edit_ids, model_fn, step1x_size
@@ -63,10 +64,15 @@ class Step1XPrepared:
         return (self.width, self.height)
 
 
-def to_pil_truncated(images_BHWC: np.ndarray) -> list[Image.Image]:
-    """[-1, 1] float images -> PIL, clip then x*255 truncated to uint8 (torchvision to_pil_image)."""
-    x = np.clip(np.asarray(images_BHWC, np.float32), -1, 1) * 0.5 + 0.5
-    return [Image.fromarray(a) for a in (x * 255).astype(np.uint8)]
+def to_pil_truncated(images_BHWC: np.ndarray, sizes: dict | None = None) -> list[Image.Image]:
+    """[-1, 1] float images -> PIL, clip then x*255 truncated to uint8 (torchvision to_pil_image), each resized
+    (bicubic) to its entry of `sizes` ({index: (w, h) or None: kept}); NonFiniteError if an item holds NaN or inf."""
+
+    def convert(a, i):
+        im, size = Image.fromarray(((np.clip(a, -1, 1) * 0.5 + 0.5) * 255).astype(np.uint8)), (sizes or {}).get(i)
+        return im.resize(size, Image.Resampling.BICUBIC) if size else im
+
+    return to_images(images_BHWC, convert)
 
 
 class Step1XEditPipeline(EditPipelineBase):
@@ -262,8 +268,7 @@ class Step1XEditPipeline(EditPipelineBase):
             if output == "latents":
                 return np.asarray(x)
             images = self.decode_latents(params["vae"], batch(sampling.unpack(x, h, w)))
-        out = to_pil_truncated(np.asarray(images))
-        return [im.resize(p.out_size, Image.Resampling.BICUBIC) if p.out_size else im for im, p in zip(out, prepared)]
+        return to_pil_truncated(np.asarray(images), {i: p.out_size for i, p in enumerate(prepared)})
 
     def denoise_loop(self, tparams, x, ref_tokens, img_ids, llm_c, mask_c, llm_u, mask_u, guidance, timesteps):
         """The whole CFG Euler loop (one XLA program): packed target tokens -> final packed tokens."""

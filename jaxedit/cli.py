@@ -265,7 +265,7 @@ def edit_main(argv: list[str]) -> int:
               f"overflowed): {dst} not written", file=sys.stderr)  # fmt: skip
         return 1
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".tmp")
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")  # this process's: never another run's temporary
     out.save(tmp, format="PNG")
     tmp.replace(dst)
     t2 = time.perf_counter()
@@ -288,17 +288,25 @@ def batch_main(argv: list[str]) -> int:
     p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
     model_options(p)
     args = p.parse_args(argv)
-    from jaxedit.pipelines.batch import ProgramFault, run_job
+    from jaxedit.pipelines.batch import OutputBusy, ProgramFault, check_output_dir, output_lock, run_job
 
     if not Path(args.manifest).is_file():
         print(f"error: manifest not found: {args.manifest}", file=sys.stderr)
         return 2
-    pipe = load_pipeline(args)
+    out = Path(args.out)
+    try:  # the output folder, then its lock, before the model loads
+        check_output_dir(out)
+        out.mkdir(parents=True, exist_ok=True)
+    except (ValueError, OSError) as e:
+        print(f"error: {e if isinstance(e, ValueError) else f'--out {out}: {e.strerror or e}'}", file=sys.stderr)
+        return 2
     try:
-        counts = run_job(pipe, Path(args.manifest), Path(args.out), batch_size=args.batch_size,
-                         defaults=sampling_defaults(args, pipe), model=model_identity(args, pipe),
-                         progress=not args.no_progress)  # fmt: skip
-    except ProgramFault as e:
+        with output_lock(out):
+            pipe = load_pipeline(args)
+            counts = run_job(pipe, Path(args.manifest), out, batch_size=args.batch_size,
+                             defaults=sampling_defaults(args, pipe), model=model_identity(args, pipe),
+                             progress=not args.no_progress, locked=True)  # fmt: skip
+    except (ProgramFault, OutputBusy) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped (already done); "

@@ -10,19 +10,26 @@ compile error) stops the job with `ProgramFault` and records nothing against the
 Items with equal shapes (bucket, found from the images' headers) are batched; images are
 decoded only for the batch about to run. A results line is appended (and flushed) as each
 item finishes, so a killed job loses nothing finished; each carries a key of what produced
-it (the item's inputs, its image's bytes, the model), and a rerun skips an item only if its
-latest result is ok, has the same key and its PNG exists, so what changed runs again.
+it (the item's inputs, its image's bytes, the model) and the sha256 of the PNG written, and a rerun
+skips an item only if its latest result is ok, has the same key and its PNG has that hash, so what changed
+(or was overwritten) runs again. One job writes a folder at a time (`output_lock`); each PNG is written
+beside as a temporary of its process, then renamed.
 
 The model side is any object with the `EditPipeline` methods below.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
+import io
 import json
 import math
+import os
 import re
+import socket
 import sys
 import time
 import warnings
@@ -46,6 +53,10 @@ _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 class ItemError(ValueError):
     """An item that cannot be processed; its message is the recorded reason."""
+
+
+class OutputBusy(RuntimeError):
+    """The output folder is being written by another batch job (it holds the folder's lock file)."""
 
 
 class ProgramFault(RuntimeError):
@@ -242,6 +253,69 @@ def item_key(item: EditItem, model: str) -> str:
     return hashlib.sha256(json.dumps(inputs).encode()).hexdigest()[:16]
 
 
+def check_output_dir(out_dir: Path, flag: str = "--out") -> None:
+    """ValueError in one line unless `out_dir` is a folder that can be written or created: checked before a model
+    is loaded, so a file, a path under a file or an unwritable folder costs nothing."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{flag} {out_dir} is a file, not a folder")
+    parent = next((p for p in (out_dir.absolute(), *out_dir.absolute().parents) if p.exists()), None)
+    if parent is None or not parent.is_dir():
+        raise ValueError(f"{flag} {out_dir}: cannot make a folder there ({parent} is a file)")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {out_dir}: cannot write in {parent} (permission denied)")
+
+
+LOCK = ".jaxedit-batch.lock"  # in the output folder: held (flock) by the one job writing it, names that job
+
+
+@contextlib.contextmanager
+def output_lock(out_dir: Path) -> Iterator[None]:
+    """Hold `out_dir`'s lock file for the block: one job writes a folder at a time (two would overwrite each
+    other's images and temporaries). OutputBusy naming the holder (pid, host, start) if another job holds it. The
+    lock is the kernel's (flock), so a killed job's lock is free at once; the file stays, emptied."""
+    f = open(out_dir / LOCK, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise OutputBusy(f"{out_dir} is being written by another jaxedit batch ({holder}): wait for it to finish "
+                         "or give another --out") from None  # fmt: skip
+    try:
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        for stale in out_dir.glob(".*.png.*.tmp"):  # a killed job's temporaries (only the holder writes here)
+            stale.unlink(missing_ok=True)
+        yield
+    finally:
+        f.truncate(0)
+        f.close()
+
+
+def png_digest(path: Path) -> str | None:
+    """sha256 hex of a file's bytes, None if it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError:
+        return None
+
+
+def write_png(img: Image.Image, dst: Path) -> str:
+    """Write `img` to `dst` as PNG atomically (a temporary of this process beside it, then renamed); returns the
+    sha256 of the bytes written."""
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    data = buf.getvalue()
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(dst)
+    return hashlib.sha256(data).hexdigest()
+
+
 def _failure(item_id: str, error: str, **extra) -> dict:
     return {"id": item_id, "status": "failed", "error": error, **extra}
 
@@ -293,11 +367,12 @@ class Results:
             log(f"{self.path}: skipped {len(bad)} unreadable {_line_numbers(bad)}")
 
     def done(self, item_id: str, key: str, out_dir: Path) -> bool:
-        """Whether the item's latest result is ok, was produced from the same inputs (`key`) and its PNG exists."""
+        """Whether the item's latest result is ok, was produced from the same inputs (`key`) and its PNG is the one
+        written with it (the sha256 the record holds: not another job's image under the same name)."""
         rec = self.latest.get(item_id)
-        return bool(
-            rec and rec.get("status") == "ok" and rec.get("key") == key and (out_dir / f"{item_id}.png").exists()
-        )
+        if not (rec and rec.get("status") == "ok" and rec.get("key") == key and rec.get("sha256")):
+            return False
+        return png_digest(out_dir / f"{item_id}.png") == rec["sha256"]
 
     def write(self, rec: dict) -> None:
         self.latest[rec["id"]] = rec
@@ -340,11 +415,21 @@ def run_job(
     model: str = "",
     progress: bool = True,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+    locked: bool = False,
 ) -> dict:
     """Run every item of `manifest`; returns counts {"ok", "failed", "skipped"}. model: an identity of the model
-    and its sampling options (`jaxedit.cli.model_identity`), part of each result's key: change it, all rerun."""
+    and its sampling options (`jaxedit.cli.model_identity`), part of each result's key: change it, all rerun.
+    The job holds `out_dir`'s lock (`output_lock`; OutputBusy if another job does) unless the caller holds it
+    (locked=True)."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if not locked:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with output_lock(out_dir):
+            return _run_job(pipeline, manifest, out_dir, batch_size, defaults, model, progress, log)
+    return _run_job(pipeline, manifest, out_dir, batch_size, defaults, model, progress, log)
+
+
+def _run_job(pipeline, manifest, out_dir, batch_size, defaults, model, progress, log) -> dict:
     results = Results(out_dir, log)
     items, failures = read_manifest(Path(manifest), defaults)
     for rec in failures:
@@ -413,11 +498,10 @@ def run_job(
                          "overflowed): no PNG written")  # fmt: skip
                     continue
                 dst = out_dir / f"{it.id}.png"
-                tmp = dst.with_suffix(".png.tmp")
-                img.save(tmp, format="PNG")
-                tmp.replace(dst)
+                digest = write_png(img, dst)
                 results.write({
-                    "id": it.id, "status": "ok", "output": str(dst), "key": key, "seed": it.seed, "steps": steps,
+                    "id": it.id, "status": "ok", "output": str(dst), "key": key, "sha256": digest, "seed": it.seed,
+                    "steps": steps,
                     "guidance": it.guidance, "width": img.width, "height": img.height,
                     "seconds": round(per_item, 3), "error": None,
                 })  # fmt: skip

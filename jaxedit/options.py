@@ -16,6 +16,8 @@ MAX_STEPS = 1000  # denoising steps
 MAX_GUIDANCE = 100.0
 MAX_TOKENS = 1 << 20  # image tokens an option may name (a 16384 x 16384 image)
 MAX_PROMPT_CHARS = 20_000  # characters of a prompt: longer ones are refused before any tokenizer sees them
+TOKENS_PER_TRAINED_IMAGE = 8  # default max_image_tokens: 8x the tokens of one image at the training resolution
+DEFAULT_RESOLUTION = 1024  # px: FLUX.1 Kontext's and Step1X-Edit's (a folder's "resolution" says otherwise)
 REFERENCE_IDS = ("community", "offset", "index")  # jaxedit.sampling.REFERENCE_IDS
 DTYPES = ("bfloat16", "float32")
 QUANTIZE = ("none", "int8", "fp8")
@@ -94,8 +96,19 @@ OPTIONS = {
     "reference_tokens": _int(1, MAX_TOKENS),
     "max_image_tokens": _int(1, MAX_TOKENS),
     "size_level": _int(16, 4096),
+    "resolution": _int(16, 4096),  # px, the side of the images the model was trained at
     "loras": _list,  # each entry: jaxedit.kontext.pipeline.folder_loras
 }
+
+
+def max_image_tokens(options: dict) -> int:
+    """The most image tokens (target + references, 16x16 px each) an item may have with a model folder: its
+    option "max_image_tokens", else TOKENS_PER_TRAINED_IMAGE x those of one image at its training resolution
+    (option "resolution", default 1024 px: 8 x 4,096). Larger items are refused in one line, before any work
+    (a 4000 x 4000 photo kept at its size is 125,000 tokens: out of memory, not an edit)."""
+    if "max_image_tokens" in options:
+        return options["max_image_tokens"]
+    return TOKENS_PER_TRAINED_IMAGE * (options.get("resolution", DEFAULT_RESOLUTION) // 16) ** 2
 
 
 def check_option(name: str, value: Any, where: str) -> Any:

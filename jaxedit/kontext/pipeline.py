@@ -50,7 +50,7 @@ from PIL import Image
 from jaxedit import configs, sampling
 from jaxedit.lora import Lora, check_scale, merge, merge_now, read_lora
 from jaxedit.models import Flux
-from jaxedit.options import folder_loras
+from jaxedit.options import folder_loras, max_image_tokens
 from jaxedit.parallel import sharding as sh
 from jaxedit.pipelines.base import (
     EditPipelineBase,
@@ -202,6 +202,7 @@ class KontextPipeline(EditPipelineBase):
         )
         kw.setdefault("auto_resize", options.get("auto_resize", True))
         kw.setdefault("reference_ids", options.get("reference_ids", "community"))  # as the model was trained
+        kw.setdefault("max_image_tokens", max_image_tokens(options))  # the folder's cap, else from its resolution
         pipe = cls(preset, params, text, dtype=dtype, **kw)
         pipe.quantized = quantized_parts(params | {"t5": text.t5_params})
         pipe.default_steps = int(options.get("steps", DEFAULT_STEPS))
@@ -299,7 +300,8 @@ class KontextPipeline(EditPipelineBase):
         if self.max_image_tokens is not None and tokens > self.max_image_tokens:
             raise ValueError(
                 f"{len(refs)} reference(s) and the target make {tokens} image tokens, over the maximum of "
-                f"{self.max_image_tokens} (max_image_tokens): use fewer or smaller images, or reference_tokens"
+                f"{self.max_image_tokens} (max_image_tokens: --max-tokens, else the model folder's): use fewer or "
+                "smaller images, or reference_tokens"
             )
         return refs, width, height
 

@@ -31,6 +31,7 @@ from PIL import Image
 
 from jaxedit import configs, sampling
 from jaxedit.models.step1x import Step1XEdit
+from jaxedit.options import max_image_tokens
 from jaxedit.parallel import sharding as sh
 from jaxedit.pipelines.base import (
     EditPipelineBase,
@@ -81,7 +82,10 @@ class Step1XEditPipeline(EditPipelineBase):
     text_encoder: a `jaxedit.step1x.text.Step1XQwenEmbedder` (or None: pass `llm=`).
     size_level: working area size_level^2 (None: the input size floored to 16).
     cache_dir: where the embedder caches each item's Qwen output (None: no cache).
+    max_image_tokens: None, or the most target + reference tokens an item may have (`load`: the folder's).
     """
+
+    max_image_tokens: int | None = None
 
     def __init__(
         self,
@@ -146,6 +150,7 @@ class Step1XEditPipeline(EditPipelineBase):
         kw.setdefault("size_level", options.get("size_level", DEFAULT_SIZE_LEVEL))
         pipe = cls(preset, params, embedder, dtype=dtype, **kw)
         pipe.quantized = quantized_parts(params)
+        pipe.max_image_tokens = max_image_tokens(options)
         pipe.default_steps = int(options.get("steps", DEFAULT_STEPS))
         pipe.default_guidance = float(options.get("guidance", DEFAULT_GUIDANCE))
         return pipe
@@ -171,6 +176,11 @@ class Step1XEditPipeline(EditPipelineBase):
             out_size = tuple(size)
         check_side("width", w)
         check_side("height", h)
+        tokens = 2 * (w // 16) * (h // 16)  # the target's and the reference's
+        if self.max_image_tokens is not None and tokens > self.max_image_tokens:
+            raise ValueError(f"a {w}x{h} edit makes {tokens} image tokens (target and reference), over the maximum "
+                             f"of {self.max_image_tokens} (max_image_tokens: --max-tokens, else the model folder's): "
+                             "use a smaller image or size_level")  # fmt: skip
         return w, h, None if out_size == (w, h) else out_size
 
     def bucket_for(self, size: tuple[int, int] | None, width: int | None = None, height: int | None = None) -> tuple:

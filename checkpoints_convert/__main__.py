@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -154,10 +155,33 @@ def seal(folder: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    target = getattr(args, "dst", None) or (args.folder if args.command in ("add-qwen", "seal") else None)
+    if target is None:  # check: writes nothing
+        return run(args)
+    from jaxedit.locks import Busy, exclusive
+
+    dst = Path(target).absolute()
+    lock = dst.parent / f".{dst.name}.lock"  # one writer per destination: a lock file beside it while it writes
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(lock, os.O_WRONLY | os.O_CREAT, 0o644))  # (probe: the lock's own open may raise no more)
+    except OSError as e:
+        print(f"error: cannot write beside {target} ({e.strerror or e})", file=sys.stderr)
+        return 2
+    try:
+        with exclusive(lock, f"{dst} is being written by another process", "wait for it to finish"):
+            return run(args)
+    except Busy as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args) -> int:
+    """The command of parsed `args`."""
     from checkpoints_convert import ConversionError, load_part, part_config
     from jaxedit import configs
 
-    args = parser().parse_args(argv)
     if args.command == "add-qwen":
         from checkpoints_convert.pipeline import add_qwen
 

@@ -22,14 +22,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import io
 import json
 import math
 import os
 import re
-import socket
 import sys
 import time
 import warnings
@@ -42,7 +40,7 @@ from typing import Any, Protocol
 
 from PIL import Image
 
-from jaxedit import jsonl
+from jaxedit import jsonl, locks
 from jaxedit.options import MAX_GUIDANCE, MAX_STEPS
 
 MAX_SIDE = 4096  # pixels; larger requests are refused as absurd
@@ -55,7 +53,7 @@ class ItemError(ValueError):
     """An item that cannot be processed; its message is the recorded reason."""
 
 
-class OutputBusy(RuntimeError):
+class OutputBusy(locks.Busy):
     """The output folder is being written by another batch job (it holds the folder's lock file)."""
 
 
@@ -272,27 +270,13 @@ LOCK = ".jaxedit-batch.lock"  # in the output folder: held (flock) by the one jo
 @contextlib.contextmanager
 def output_lock(out_dir: Path) -> Iterator[None]:
     """Hold `out_dir`'s lock file for the block: one job writes a folder at a time (two would overwrite each
-    other's images and temporaries). OutputBusy naming the holder (pid, host, start) if another job holds it. The
-    lock is the kernel's (flock), so a killed job's lock is free at once; the file stays, emptied."""
-    f = open(out_dir / LOCK, "a+", encoding="utf-8")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
-        raise OutputBusy(f"{out_dir} is being written by another jaxedit batch ({holder}): wait for it to finish "
-                         "or give another --out") from None  # fmt: skip
-    try:
-        f.truncate(0)
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        f.flush()
-        for stale in out_dir.glob(".*.png.*.tmp"):  # a killed job's temporaries (only the holder writes here)
+    other's images and temporaries). OutputBusy naming the holder (pid, host, start) if another job holds it; a
+    killed job's lock is free at once (`jaxedit.locks`). A killed job's temporaries are removed."""
+    busy = f"{out_dir} is being written by another jaxedit batch"
+    with locks.exclusive(out_dir / LOCK, busy, "wait for it to finish or give another --out", OutputBusy):
+        for stale in out_dir.glob(".*.png.*.tmp"):  # (only the lock's holder writes here)
             stale.unlink(missing_ok=True)
         yield
-    finally:
-        f.truncate(0)
-        f.close()
 
 
 def png_digest(path: Path) -> str | None:

@@ -120,13 +120,20 @@ def nearest_bucket(buckets: list[tuple[int, int]], width: int, height: int) -> i
     return min(range(len(buckets)), key=lambda i: abs(math.log(buckets[i][0] / buckets[i][1]) - a))
 
 
-def index_manifest(cfg: DataConfig, max_sources: int | None = None) -> Index:
-    """Read and validate the manifest (image headers only). Deterministic; same on every process.
-    max_sources: items with more sources are skipped (Step1X-Edit takes one)."""
+def manifest_path(cfg: DataConfig) -> Path:
+    """The manifest file `cfg.path` names (the file, or the folder's `cfg.manifest`); FileNotFoundError naming
+    data.path if there is none (checked before a run does any work)."""
     path = Path(cfg.path)
     manifest = path if path.is_file() else path / cfg.manifest
     if not manifest.is_file():
-        raise FileNotFoundError(f"no manifest at {manifest}")
+        raise FileNotFoundError(f"data.path {cfg.path!r}: no manifest at {manifest}")
+    return manifest
+
+
+def index_manifest(cfg: DataConfig, max_sources: int | None = None) -> Index:
+    """Read and validate the manifest (image headers only). Deterministic; same on every process.
+    max_sources: items with more sources are skipped (Step1X-Edit takes one)."""
+    manifest = manifest_path(cfg)
     base = manifest.parent
     buckets = make_buckets(cfg.pixel_budget, cfg.bucket_step, cfg.max_aspect)
     items, skipped, lines = [], Counter(), []

@@ -41,6 +41,7 @@ from typing import Any, Protocol
 from PIL import Image
 
 from jaxedit import jsonl, locks
+from jaxedit.image_files import displayed_size, orientation, upright
 from jaxedit.options import MAX_GUIDANCE, MAX_STEPS
 
 MAX_SIDE = 4096  # pixels; larger requests are refused as absurd
@@ -200,8 +201,8 @@ def read_manifest(path: Path, defaults: dict) -> tuple[list[EditItem], list[dict
 
 
 def image_size(path: str) -> tuple[int, int]:
-    """(width, height) from an image file's header, nothing decoded; ItemError naming the file if it is
-    missing, not an image or over MAX_IMAGE_PIXELS."""
+    """(width, height) from an image file's header as displayed (EXIF orientation applied), nothing decoded;
+    ItemError naming the file if it is missing, not an image or over MAX_IMAGE_PIXELS."""
     p = Path(path)
     if not p.is_file():
         raise ItemError(f"image not found: {path}")
@@ -209,7 +210,7 @@ def image_size(path: str) -> tuple[int, int]:
         with warnings.catch_warnings():  # PIL's decompression-bomb warning: the cap below is lower
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(p) as im:
-                w, h = im.size
+                w, h = displayed_size(im)
     except Exception as e:  # PIL raises many types for corrupt or unknown formats (and DecompressionBombError)
         raise ItemError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
     if w * h > MAX_IMAGE_PIXELS:
@@ -221,12 +222,13 @@ def image_size(path: str) -> tuple[int, int]:
 
 
 def load_image(path: str) -> Image.Image:
-    """Check the header (`image_size`), then fully decode the image as RGB; ItemError naming the file otherwise."""
+    """Check the header (`image_size`), then fully decode the image as RGB, turned upright (EXIF orientation);
+    ItemError naming the file otherwise."""
     image_size(path)
     try:
         with Image.open(path) as im:
             im.load()
-            return im.convert("RGB")
+            return upright(im).convert("RGB")
     except Exception as e:  # PIL raises many types for corrupt or unknown formats
         raise ItemError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
 
@@ -243,12 +245,23 @@ def file_digest(path: str) -> str:
 
 
 def item_key(item: EditItem, model: str) -> str:
-    """What produces an item's output, as 16 hex digits of sha256: its resolved fields, its image's bytes and
-    `model` (the caller's identity of the model and its sampling options). ItemError if the image is unreadable."""
+    """What produces an item's output, as 16 hex digits of sha256: its resolved fields, its image's bytes (and
+    EXIF orientation, which is applied: results of versions that ignored it are not trusted) and `model` (the
+    caller's identity of the model and its sampling options). ItemError if the image is unreadable."""
     image = [file_digest(x) for x in item.images] if len(item.images) > 1 else None
     image = image or (None if item.image is None else file_digest(item.image))  # one image: as it always was
     inputs = [item.prompt, item.seed, item.steps, item.guidance, item.width, item.height, image, model]
+    turned = [_orientation(x) for x in item.images]
+    inputs += [turned] if any(o != 1 for o in turned) else []  # (unturned images: keys as before)
     return hashlib.sha256(json.dumps(inputs).encode()).hexdigest()[:16]
+
+
+def _orientation(path: str) -> int:
+    try:
+        with Image.open(path) as im:
+            return orientation(im)
+    except Exception:  # noqa: BLE001 - unreadable: its item fails when its size is read
+        return 1
 
 
 def check_output_dir(out_dir: Path, flag: str = "--out") -> None:

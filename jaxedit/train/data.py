@@ -40,6 +40,7 @@ import numpy as np
 from PIL import Image
 
 from jaxedit import jsonl
+from jaxedit.image_files import displayed_size, upright
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +170,7 @@ def index_manifest(cfg: DataConfig, max_sources: int | None = None) -> Index:
             sizes = []
             for path in [*srcs, tgt]:
                 with Image.open(path) as im:
-                    sizes.append(im.size)
+                    sizes.append(displayed_size(im))  # (EXIF orientation applied)
         except Exception as e:  # noqa: BLE001 - any unreadable file is skipped, never fatal
             skip(n, "unreadable image", f"unreadable image ({type(e).__name__}: {e})")
             continue
@@ -189,9 +190,10 @@ def index_manifest(cfg: DataConfig, max_sources: int | None = None) -> Index:
 
 
 def load_image(path: Path, size: tuple[int, int]) -> np.ndarray:
-    """Decode, resize to cover `size` (w, h), centre crop, LANCZOS -> [h, w, 3] float32 in [-1, 1]."""
+    """Decode, turn upright (EXIF orientation), resize to cover `size` (w, h), centre crop, LANCZOS -> [h, w, 3]
+    float32 in [-1, 1]."""
     with Image.open(path) as im:
-        im = im.convert("RGB")
+        im = upright(im).convert("RGB")
         w, h = size
         s = max(w / im.width, h / im.height)
         rw, rh = max(w, round(im.width * s)), max(h, round(im.height * s))

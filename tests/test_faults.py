@@ -200,3 +200,36 @@ def test_a_conversion_killed_at_any_point_leaves_the_old_folder_and_reruns(relea
     assert leftovers(dst) == [".model.lock"]
     assert convert(release, dst, "--force") == 0
     assert leftovers(dst) == []
+
+
+# issue #35, item 4
+@pytest.mark.parametrize("case", ["truncated file", "NaN values", "transformer copied in as vae"])
+def test_seal_loads_an_unsealed_part_first_and_refuses_damage(case, tmp_path, capsys):
+    """`jaxedit-convert seal` vouches for what it seals: an unsealed part whose files were damaged, whose values
+    are not finite, or that is another part is named in one line and left unsealed; a sound one is sealed."""
+    d = tmp_path / "model"
+    shutil.copytree(DEFAULT_MODEL, d)
+    if case == "NaN values":
+        vae = load_params(d / "vae")
+        kernel = np.array(vae["decoder"]["conv_in"]["kernel"])
+        kernel[0, 0, 0, 0] = np.nan
+        vae["decoder"]["conv_in"]["kernel"] = kernel
+        model_folder.write_part(d, "vae", vae)
+        words = "parameter decoder/conv_in/kernel holds NaN or inf: not sealed"
+    elif case == "transformer copied in as vae":
+        shutil.rmtree(d / "vae")
+        shutil.copytree(d / "transformer", d / "vae")
+        words = "not the vae this folder's jaxedit.json describes"
+    else:
+        f = biggest_data_file(d / "vae")
+        f.write_bytes(f.read_bytes()[:100])
+        words = "cannot read this checkpoint's arrays"
+    unseal(d, "vae")
+    assert convert_cli(["seal", str(d)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and words in err and str(d / "vae") in err and "Traceback" not in err, err
+    assert not (d / "vae" / CHECKSUMS).exists()
+    shutil.rmtree(d / "vae")
+    shutil.copytree(DEFAULT_MODEL / "vae", d / "vae")
+    unseal(d, "vae")
+    assert convert_cli(["seal", str(d)]) == 0 and (d / "vae" / CHECKSUMS).is_file()

@@ -227,8 +227,9 @@ def load_image(path: str) -> Image.Image:
     image_size(path)
     try:
         with Image.open(path) as im:
+            turn = orientation(im)  # (from the header, as image_size read it)
             im.load()
-            return upright(im).convert("RGB")
+            return upright(im, turn).convert("RGB")
     except Exception as e:  # PIL raises many types for corrupt or unknown formats
         raise ItemError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
 

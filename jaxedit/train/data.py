@@ -40,7 +40,7 @@ import numpy as np
 from PIL import Image
 
 from jaxedit import jsonl
-from jaxedit.image_files import displayed_size, upright
+from jaxedit.image_files import displayed_size, orientation, upright
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ def load_image(path: Path, size: tuple[int, int]) -> np.ndarray:
     """Decode, turn upright (EXIF orientation), resize to cover `size` (w, h), centre crop, LANCZOS -> [h, w, 3]
     float32 in [-1, 1]."""
     with Image.open(path) as im:
-        im = upright(im).convert("RGB")
+        im = upright(im, orientation(im)).convert("RGB")
         w, h = size
         s = max(w / im.width, h / im.height)
         rw, rh = max(w, round(im.width * s)), max(h, round(im.height * s))

@@ -233,3 +233,49 @@ def test_seal_loads_an_unsealed_part_first_and_refuses_damage(case, tmp_path, ca
     shutil.copytree(DEFAULT_MODEL / "vae", d / "vae")
     unseal(d, "vae")
     assert convert_cli(["seal", str(d)]) == 0 and (d / "vae" / CHECKSUMS).is_file()
+
+
+# issue #35, item 9
+def test_quantize_copies_links_as_links_and_never_follows_one(tmp_path, capsys):
+    """A `loop -> .` link in the source was followed 40 levels deep (483 MB for a 13 MB model, then a
+    traceback and the partial copy left); a link leading out of the folder is refused before any work; DST a
+    link to SRC with --force is refused, nothing deleted through it."""
+    src = tmp_path / "model"
+    shutil.copytree(DEFAULT_MODEL, src)
+    (tmp_path / "secret.txt").write_text("not the model's")
+    (src / "notes").mkdir()
+    (src / "notes" / "secret").symlink_to(tmp_path / "secret.txt")
+    dst = tmp_path / "int8"
+    assert convert_cli(["quantize", str(src), str(dst), "--quantize", "int8"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "notes/secret is a link to" in err and "outside" in err, err
+    assert not dst.exists() and leftovers(dst) == []
+
+    (src / "notes" / "secret").unlink()
+    (src / "loop").symlink_to(".")
+    assert convert_cli(["quantize", str(src), str(dst), "--quantize", "int8"]) == 0
+    assert (dst / "loop").is_symlink() and os.readlink(dst / "loop") == "."
+    size = sum(f.stat().st_size for f in dst.rglob("*") if f.is_file() and not f.is_symlink() and "loop" not in
+               f.relative_to(dst).parts)  # fmt: skip
+    assert size < 3 * sum(f.stat().st_size for f in DEFAULT_MODEL.rglob("*") if f.is_file())
+    capsys.readouterr()
+
+    link = tmp_path / "link"
+    link.symlink_to(src)
+    assert convert_cli(["quantize", str(src), str(link), "--quantize", "int8", "--force"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "write the quantised copy to another folder" in err, err
+    assert link.is_symlink() and (src / "jaxedit.json").is_file() and leftovers(link) == []
+
+
+def test_replacing_a_link_removes_the_link_not_what_it_names(tmp_path):
+    from jaxedit.checkpoint import replace_dir
+
+    target, new, dst = tmp_path / "target", tmp_path / ".dst.new", tmp_path / "dst"
+    target.mkdir()
+    (target / "keep").write_text("x")
+    new.mkdir()
+    dst.symlink_to(target)
+    replace_dir(new, dst)
+    assert dst.is_dir() and not dst.is_symlink() and (target / "keep").read_text() == "x"
+    assert not (tmp_path / ".dst.old").exists() and not (tmp_path / ".dst.old").is_symlink()

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from jaxedit.models.layers import _sinusoid_freqs, timestep_embedding
+from jaxedit.models.layers import sinusoid_freqs, timestep_embedding
 
 WIDTHS = (256,)  # every timestep embedding of the models: FLUX's time_in / guidance_in, Step1X's connector
 
@@ -21,7 +21,7 @@ def test_frequencies_are_torchs_float32_values(dim):
     bfl = torch.exp(-math.log(10000.0) * torch.arange(start=0, end=half, dtype=torch.float32) / half).numpy()
     exponent = -math.log(10000.0) * torch.arange(start=0, end=half, dtype=torch.float32)  # diffusers' spelling
     diffusers = torch.exp(exponent / (half - 0)).numpy()
-    ours = _sinusoid_freqs(half, 10000.0)
+    ours = sinusoid_freqs(half, 10000.0)
     np.testing.assert_array_equal(ours.view(np.uint32), bfl.view(np.uint32))
     np.testing.assert_array_equal(ours.view(np.uint32), diffusers.view(np.uint32))
     # and the embedding built from them: diffusers' Timesteps(256, flip_sin_to_cos=True, shift 0) of 1000 t

@@ -84,7 +84,7 @@ TORCH_FREQS_128_BITS = (
 TORCH_FREQS_128 = np.array([int(w, 16) for w in TORCH_FREQS_128_BITS.split()], np.uint32).view(np.float32)
 
 
-def _sinusoid_freqs(half: int, max_period: float) -> np.ndarray:
+def sinusoid_freqs(half: int, max_period: float) -> np.ndarray:
     """exp(-ln(P) * i / half) as the references compute it: the exponent rounded to float32 first, then torch's
     float32 exp (TORCH_FREQS_128, the width the models use); other widths: exp in float64, rounded once."""
     if (half, max_period) == (128, 10000.0):
@@ -102,7 +102,7 @@ def timestep_embedding(t_B: jax.Array, dim: int, max_period: float = 10000.0, ti
     """
     t_B = time_factor * t_B
     half = dim // 2
-    freqs = jnp.asarray(_sinusoid_freqs(half, max_period))
+    freqs = jnp.asarray(sinusoid_freqs(half, max_period))
     args = t_B[:, None].astype(jnp.float32) * freqs[None]
     emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
     if dim % 2:

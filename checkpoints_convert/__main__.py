@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -127,14 +128,43 @@ def check(args, preset) -> int:
     return 0
 
 
-def seal(folder: Path) -> int:
-    """Seal every sub-folder of a model folder (or one checkpoint) that has no checksums yet."""
+def check_unsealed(path: Path, expected=None) -> None:
+    """Load an unsealed checkpoint before its checksums are written (a seal vouches for what it covers): every
+    array read, its names and shapes those `expected` (a tree of ShapeDtypeStructs) has, its float values
+    finite. CheckpointError / ValueError naming the checkpoint and the parameter."""
+    import jax
+
     from jaxedit import checkpoint, model_folder
 
+    if expected is not None:
+        model_folder.check_part(path, checkpoint.param_metadata(path), expected)
+    params = checkpoint.load_params(path, device=jax.devices("cpu")[0], verify_checksums=False)
+    for key, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        a = np.asarray(leaf)
+        if a.dtype.kind in "fc" or a.dtype.name.startswith(("bfloat", "float")):  # (ml_dtypes' too)
+            if not np.isfinite(a.astype(np.float32)).all():
+                name = jax.tree_util.keystr(key, simple=True, separator="/")
+                raise ValueError(f"{path}: parameter {name} holds NaN or inf: not sealed (a damaged or diverged "
+                                 "checkpoint)")  # fmt: skip
+
+
+def seal(folder: Path) -> int:
+    """Seal every sub-folder of a model folder (or one checkpoint) that has no checksums yet, each checkpoint
+    loaded first (`check_unsealed`): damage found is reported instead of sealed."""
+    from jaxedit import checkpoint, model_folder
+
+    expected = {}  # part -> the parameter tree its folder's description implies
     if checkpoint.is_checkpoint(folder):
         targets = [folder]
     elif model_folder.is_model_folder(folder):
         targets = [folder / d for d in model_folder.SUBFOLDERS if (folder / d).is_dir()]
+        try:
+            preset, stored = model_folder.read_description(folder), model_folder.read_quantized(folder)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        expected = {p: model_folder.expected_params(preset, p, stored.get(p)) for p in model_folder.PART_CONFIGS
+                    if getattr(preset, p) is not None and (folder / p).is_dir()}  # fmt: skip
     else:
         print(f"error: {folder} is neither a jaxedit model folder nor an Orbax checkpoint", file=sys.stderr)
         return 2
@@ -148,16 +178,45 @@ def seal(folder: Path) -> int:
                 return 2
             continue
         t0 = time.perf_counter()
+        if checkpoint.is_checkpoint(t):
+            try:
+                check_unsealed(t, expected.get(t.name))
+            except ValueError as e:  # CheckpointError is one
+                print(f"error: {e}", file=sys.stderr)
+                return 2
         n = len(checkpoint.seal(t))
         print(f"  {t}: {n} files sealed ({time.perf_counter() - t0:.1f}s)")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    target = getattr(args, "dst", None) or (args.folder if args.command in ("add-qwen", "seal") else None)
+    if target is None:  # check: writes nothing
+        return run(args)
+    from jaxedit.locks import Busy, exclusive
+
+    dst = Path(target).absolute()
+    lock = dst.parent / f".{dst.name}.lock"  # one writer per destination: a lock file beside it while it writes
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(lock, os.O_WRONLY | os.O_CREAT, 0o644))  # (probe: the lock's own open may raise no more)
+    except OSError as e:
+        print(f"error: cannot write beside {target} ({e.strerror or e})", file=sys.stderr)
+        return 2
+    try:
+        with exclusive(lock, f"{dst} is being written by another process", "wait for it to finish"):
+            return run(args)
+    except Busy as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args) -> int:
+    """The command of parsed `args`."""
     from checkpoints_convert import ConversionError, load_part, part_config
     from jaxedit import configs
 
-    args = parser().parse_args(argv)
     if args.command == "add-qwen":
         from checkpoints_convert.pipeline import add_qwen
 

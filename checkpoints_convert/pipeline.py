@@ -18,6 +18,7 @@ naming what is wrong. See `jaxedit.model_folder` for the output layout.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -242,8 +243,9 @@ def quantize_folder(src: str | Path, dst: str | Path, mode: str, *, force: bool 
     check_complete(src, preset)
     if stored := read_quantized(src):
         raise ValueError(f"{src} is stored quantised already ({stored})")
-    if src == dst:
-        raise ValueError(f"{dst}: write the quantised copy to another folder")
+    if src == dst or dst.resolve() == src.resolve():
+        raise ValueError(f"{dst}: write the quantised copy to another folder (it is {src}, or a link to it)")
+    links_inside(src)  # ValueError naming a link that leaves the folder
     recover_dir(dst, complete="jaxedit.json")
     prepare_destination(dst, force=force, replaceable=is_model_folder, what="jaxedit model folder")
     parts = [p for p in SUBFOLDERS if (src / p).is_dir()]
@@ -253,16 +255,37 @@ def quantize_folder(src: str | Path, dst: str | Path, mode: str, *, force: bool 
     if new.exists():
         shutil.rmtree(new)
     new.mkdir()
-    for item in sorted(f for f in src.iterdir() if not f.name.startswith(".") and f.name != "jaxedit.json"):
-        if item.name in quant.RULES and item.name in parts:
-            t0 = time.perf_counter()
-            save_params(new / item.name, unflatten(quantized_on_host(item, item.name, mode)))
-            log(f"  {item.name}: {mode} weights -> {dst / item.name} ({time.perf_counter() - t0:.1f}s)")
-        elif item.is_dir():  # the other parts, tokenizers, LoRA files the folder's options name, ...
-            shutil.copytree(item, new / item.name)
-        else:
-            shutil.copy2(item, new / item.name)
-    desc = read_json(src)
-    write_json(new / "jaxedit.json", desc | {"quantized": {p: mode for p in parts if p in quant.RULES}})
+    try:
+        for item in sorted(f for f in src.iterdir() if not f.name.startswith(".") and f.name != "jaxedit.json"):
+            if item.name in quant.RULES and item.name in parts:  # (read through a link inside the folder)
+                t0 = time.perf_counter()
+                save_params(new / item.name, unflatten(quantized_on_host(item, item.name, mode)))
+                log(f"  {item.name}: {mode} weights -> {dst / item.name} ({time.perf_counter() - t0:.1f}s)")
+            elif item.is_symlink():  # a link inside the folder: copied as the link it is
+                os.symlink(os.readlink(item), new / item.name)
+            elif item.is_dir():  # the other parts, tokenizers, LoRA files the folder's options name, ...
+                shutil.copytree(item, new / item.name, symlinks=True)
+            else:
+                shutil.copy2(item, new / item.name)
+        desc = read_json(src)
+        write_json(new / "jaxedit.json", desc | {"quantized": {p: mode for p in parts if p in quant.RULES}})
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)  # (a partial copy is never left behind)
+        raise
     replace_dir(new, dst)
     return dst
+
+
+def links_inside(folder: Path) -> set[Path]:
+    """The symbolic links under `folder` (none followed), each checked to lead inside it: ValueError naming the
+    first that leads out (its copy would not be the folder's, and following it could copy the whole disk)."""
+    root, out = folder.resolve(), set()
+    for d, dirs, files in os.walk(folder, followlinks=False):
+        for name in dirs + files:
+            p = Path(d) / name
+            if p.is_symlink():
+                if not p.resolve().is_relative_to(root):
+                    raise ValueError(f"{p} is a link to {os.readlink(p)}, outside {folder}: copy what it names into "
+                                     "the folder, or remove it")  # fmt: skip
+                out.add(p)
+    return out

@@ -134,14 +134,20 @@ def recover_dir(dst: str | Path, complete: str = CHECKSUMS) -> None:
 def replace_dir(new: Path, dst: Path) -> None:
     """Rename the complete folder `new` to `dst`; an existing `dst` is moved aside first and removed after."""
     old = dst.with_name(f".{dst.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if dst.exists():
+    remove(old)
+    if dst.exists() or dst.is_symlink():
         dst.rename(old)
     new.rename(dst)
     _fsync_dir(dst.parent)
-    if old.exists():
-        shutil.rmtree(old)
+    remove(old)
+
+
+def remove(path: Path) -> None:
+    """Delete a folder, a file or a link, never following a link (a link to a folder goes, the folder stays)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
 
 
 def prepare_destination(dst: Path, *, force: bool, replaceable, what: str) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from jaxedit import DEFAULT_MODEL
+from jaxedit.options import REFERENCE_IDS, check_option
 
 COMMANDS = {
     "edit": "edit one image",
@@ -30,7 +31,6 @@ COMMANDS = {
     "precompute": "cache a dataset's text embeddings and VAE latents for training",
     "plan": "compile a full-size step ahead of time: per-device memory, FLOPs, time estimates",
 }
-REFERENCE_IDS = ("community", "offset", "index")  # jaxedit.sampling.REFERENCE_IDS (not imported: no jax here)
 
 
 def fail(message: str) -> NoReturn:
@@ -109,6 +109,7 @@ def load_pipeline(args):
     from jaxedit.pipelines.auto import load_pipeline as load
 
     folder = Path(args.model) if args.model else DEFAULT_MODEL
+    check_flags(args)
     try:
         preset, options = model_folder.read_description(folder), model_folder.read_options(folder)
     except (FileNotFoundError, ValueError) as e:
@@ -154,6 +155,22 @@ def load_pipeline(args):
         except ValueError as e:
             fail(f"--true-cfg-scale: {e}")
     return pipe
+
+
+FLAGS = {"steps": "--steps", "guidance": "--guidance", "true_cfg_scale": "--true-cfg-scale",
+         "negative_prompt": "--negative-prompt", "reference_tokens": "--reference-tokens",
+         "max_tokens": "--max-tokens", "size_level": "--size-level"}  # fmt: skip
+
+
+def check_flags(args) -> None:
+    """The model options given as flags, checked as a model folder's are (`jaxedit.options`); one line if not."""
+    for name, flag in FLAGS.items():
+        value = getattr(args, name, None)
+        if value is not None:
+            try:
+                check_option("max_image_tokens" if name == "max_tokens" else name, value, flag)
+            except ValueError as e:
+                fail(str(e))
 
 
 def read_loras(specs: list[str], preset) -> list:
@@ -225,7 +242,7 @@ def edit_main(argv: list[str]) -> int:
     p.add_argument("--height", type=positive_int, default=None, help="output height (default: the reference's)")
     model_options(p)
     args = p.parse_args(argv)
-    from jaxedit.pipelines.batch import ItemError, load_image, parse_item
+    from jaxedit.pipelines.batch import ItemError, NonFiniteError, load_image, parse_item
 
     # the batch path's validation of an item (prompt, seed, steps, guidance, sizes), before any work
     fields = {"images": args.image, "prompt": args.prompt, "seed": args.seed}
@@ -250,9 +267,14 @@ def edit_main(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     d = sampling_defaults(args, pipe)
-    out = pipe.generate([prepared], [args.prompt], [args.seed], guidance=[d["guidance"]], steps=d["steps"])[0]
+    try:
+        out = pipe.generate([prepared], [args.prompt], [args.seed], guidance=[d["guidance"]], steps=d["steps"])[0]
+    except NonFiniteError:
+        print(f"error: the edit came out with NaN or inf values (a LoRA, the model's weights or a setting "
+              f"overflowed): {dst} not written", file=sys.stderr)  # fmt: skip
+        return 1
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".tmp")
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")  # this process's: never another run's temporary
     out.save(tmp, format="PNG")
     tmp.replace(dst)
     t2 = time.perf_counter()
@@ -275,17 +297,25 @@ def batch_main(argv: list[str]) -> int:
     p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
     model_options(p)
     args = p.parse_args(argv)
-    from jaxedit.pipelines.batch import ProgramFault, run_job
+    from jaxedit.pipelines.batch import OutputBusy, ProgramFault, check_output_dir, output_lock, run_job
 
     if not Path(args.manifest).is_file():
         print(f"error: manifest not found: {args.manifest}", file=sys.stderr)
         return 2
-    pipe = load_pipeline(args)
+    out = Path(args.out)
+    try:  # the output folder, then its lock, before the model loads
+        check_output_dir(out)
+        out.mkdir(parents=True, exist_ok=True)
+    except (ValueError, OSError) as e:
+        print(f"error: {e if isinstance(e, ValueError) else f'--out {out}: {e.strerror or e}'}", file=sys.stderr)
+        return 2
     try:
-        counts = run_job(pipe, Path(args.manifest), Path(args.out), batch_size=args.batch_size,
-                         defaults=sampling_defaults(args, pipe), model=model_identity(args, pipe),
-                         progress=not args.no_progress)  # fmt: skip
-    except ProgramFault as e:
+        with output_lock(out):
+            pipe = load_pipeline(args)
+            counts = run_job(pipe, Path(args.manifest), out, batch_size=args.batch_size,
+                             defaults=sampling_defaults(args, pipe), model=model_identity(args, pipe),
+                             progress=not args.no_progress, locked=True)  # fmt: skip
+    except (ProgramFault, OutputBusy) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped (already done); "

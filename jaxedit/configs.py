@@ -9,6 +9,7 @@ attention kernel) are module arguments, not part of a preset.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -462,15 +463,29 @@ def describe_type(hint, field: str) -> str:
     return names.get(hint, "None" if hint is type(None) else getattr(hint, "__name__", str(hint)))
 
 
+# the ranges of an architecture's numbers read from a file: sizes and counts are integers in [1, MAX_SIZE]
+# (but for those below), numbers are finite (a NaN scale factor would make every image black)
+MAX_SIZE = 1 << 20
+INT_RANGES = {"eos_token_id": (0, MAX_SIZE), "max_length": (1, 4096)}  # tokens a prompt is padded to
+
+
 def field_errors(cls: type, raw: dict) -> list[str]:
-    """What is wrong with `raw` (e.g. parsed JSON) as the fields of dataclass `cls`: unknown names and values
-    of the wrong type (`typed`), one entry each."""
+    """What is wrong with `raw` (e.g. parsed JSON) as the fields of dataclass `cls`: unknown names, values
+    of the wrong type (`typed`), integers outside their range (INT_RANGES, else [1, MAX_SIZE]) and numbers that
+    are not finite, one entry each."""
     hints = typing.get_type_hints(cls)
     out = [f"unknown field {k!r}" for k in raw if k not in hints]
     for k, v in raw.items():
         try:
             if k in hints:
-                typed(v, None, hints[k], k)
+                value = typed(v, None, hints[k], k)
+                for i, x in enumerate(value if isinstance(value, tuple) else (value,)):
+                    name = f"{k}[{i}]" if isinstance(value, tuple) else k
+                    lo, hi = INT_RANGES.get(k, (1, MAX_SIZE))
+                    if type(x) is int and not lo <= x <= hi:
+                        raise ValueError(f"{name} is {x}, outside [{lo}, {hi}]")
+                    if type(x) is float and not math.isfinite(x):
+                        raise ValueError(f"{name} is {x}, not a finite number")
         except ValueError as e:
             out.append(str(e))
     return out

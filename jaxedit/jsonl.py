@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from jaxedit.options import MAX_PROMPT_CHARS
+
 
 def read_lines(path: str | Path) -> Iterator[tuple[int, Any, str | None]]:
     """(line number from 1, JSON value, None) of each non-blank line, or (line number, None, reason) for a
@@ -30,12 +32,16 @@ def read_lines(path: str | Path) -> Iterator[tuple[int, Any, str | None]]:
 
 
 def check_text(value: Any, name: str) -> str:
-    """`value` if it is a non-blank string a tokenizer can encode (UTF-8), else ValueError naming field `name`
-    (a list is refused, never turned into its repr)."""
+    """`value` if it is a non-blank string a tokenizer can encode (UTF-8) of at most MAX_PROMPT_CHARS characters
+    (a tokenizer given megabytes takes gigabytes), else ValueError naming field `name` (a list is refused, never
+    turned into its repr)."""
     if value is None:
         raise ValueError(f"field {name!r} is missing")
     if not isinstance(value, str):
         raise ValueError(f"field {name!r} must be a string, got {type(value).__name__}")
+    if len(value) > MAX_PROMPT_CHARS:
+        chars = f"{len(value):,} characters, over the {MAX_PROMPT_CHARS:,} a prompt may have"
+        raise ValueError(f"field {name!r} is {chars}")
     if not value.strip():
         raise ValueError(f"field {name!r} is empty")
     try:

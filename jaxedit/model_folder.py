@@ -68,7 +68,10 @@ def preset_from_dict(d: dict, where: str = "jaxedit.json") -> configs.Preset:
         wrong = configs.field_errors(cls, raw)
         if wrong:
             raise ValueError(f"{where}: {part} config: {'; '.join(wrong)}")
-        parts[part] = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+        try:
+            parts[part] = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+        except ValueError as e:  # the config's own consistency checks (e.g. heads dividing the width)
+            raise ValueError(f"{where}: {part} config: {e}") from None
     if parts["transformer"] is None:
         raise ValueError(f"{where}: no transformer config")
     return configs.Preset(d.get("preset", "custom"), d["family"], **parts)
@@ -94,9 +97,12 @@ def read_json(folder: str | Path) -> dict:
     if not desc.is_file():
         raise FileNotFoundError(f"{folder} is not a jaxedit model folder (no jaxedit.json)")
     try:
-        return json.loads(desc.read_text())
-    except json.JSONDecodeError as e:
+        d = json.loads(desc.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ValueError(f"{desc}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{desc}: a JSON {type(d).__name__}, not an object describing a model folder")
+    return d
 
 
 def is_model_folder(folder: str | Path) -> bool:
@@ -108,8 +114,13 @@ def is_model_folder(folder: str | Path) -> bool:
 
 
 def read_options(folder: str | Path) -> dict:
-    """The pipeline defaults stored with a model (empty if none)."""
-    return dict(read_json(folder).get("pipeline", {}))
+    """The pipeline defaults stored with a model (empty if none), each checked as the same command-line flag is
+    (`jaxedit.options`): ValueError naming jaxedit.json and the field."""
+    from jaxedit.options import check_options, folder_loras
+
+    options = check_options(read_json(folder).get("pipeline", {}), f"{Path(folder) / 'jaxedit.json'}: pipeline")
+    folder_loras(Path(folder), options)  # their paths: inside the folder
+    return options
 
 
 def read_description(folder: str | Path) -> configs.Preset:

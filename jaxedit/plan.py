@@ -42,6 +42,24 @@ TASKS = ("train", "lora", "infer", "sample", "vae-decode", "text")
 PIPELINE_TASKS = ("sample", "vae-decode", "text")  # placed as the pipelines place them (`--mesh` default: auto)
 
 
+def at_least(lo: int):
+    """An argparse type: an integer >= lo (0 and negative sizes are refused, never read as "the default")."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"{value} is not >= {lo}")
+        return value
+
+    return parse
+
+
+POSITIVE = at_least(1)
+
+
 def parser(prog: str = "python -m jaxedit.plan") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -52,29 +70,29 @@ def parser(prog: str = "python -m jaxedit.plan") -> argparse.ArgumentParser:
     p.add_argument("--target", default=None, help="TPU slice: v5p-8, v5p-64, v6e-4, v6e-64, v5e-16, v5e-256, ... "
                    "or a topology such as v5p:2x2x1 (needs libtpu), or GPUs: h100-8 (needs the gpu-plan extra); "
                    "default: simulated CPU devices")  # fmt: skip
-    p.add_argument("--slices", type=int, default=1, help="TPU: this many slices of --target over the data-center "
+    p.add_argument("--slices", type=POSITIVE, default=1, help="TPU: this many slices of --target over the data-center "
                    "network (multi-slice; the default mesh is then dcn_data=SLICES,fsdp=-1)")  # fmt: skip
     p.add_argument("--mesh", default=None, help="e.g. fsdp=64, fsdp=16,tensor=4, data=2,fsdp=32, or auto: compile "
                    "the candidate placements, rank them and (sample) record the best for the pipelines' mesh 'auto' "
                    "(default: sample, text, vae-decode as the pipelines place them, i.e. their 'auto' rule; train, "
                    "lora, infer every device on fsdp; with --target one axis may be -1: the remaining "
                    "chips)")  # fmt: skip
-    p.add_argument("--resolution", type=int, default=1024, help="square image side in pixels")
-    p.add_argument("--batch", type=int, default=None, help="global batch (default: one per data-parallel device)")
-    p.add_argument("--text-tokens", type=int, default=None, help="text tokens (default: T5's 512 / Qwen's 640)")
-    p.add_argument("--steps", type=int, default=28, help="sample: denoising steps")
+    p.add_argument("--resolution", type=at_least(16), default=1024, help="square image side in pixels")
+    p.add_argument("--batch", type=POSITIVE, default=None, help="global batch (default: one per data-parallel device)")
+    p.add_argument("--text-tokens", type=POSITIVE, default=None, help="text tokens (default: T5's 512 / Qwen's 640)")
+    p.add_argument("--steps", type=POSITIVE, default=28, help="sample: denoising steps")
     p.add_argument(
         "--remat", default="full", help="train/lora: remat policy (none, full, dots, dots_no_batch, offload)"
     )
-    p.add_argument("--mlp-chunks", type=int, default=1, help="train/lora: the MLPs on this many token slices")
+    p.add_argument("--mlp-chunks", type=POSITIVE, default=1, help="train/lora: the MLPs on this many token slices")
     p.add_argument("--attention", default="auto", help="attention impl (auto: splash on TPU, chunked on CPU)")
     p.add_argument("--quantize", choices=["none", "int8", "fp8"], default="none",
                    help="infer/sample/text: int8 / fp8 DiT and T5 block weights (jaxedit.quant)")  # fmt: skip
     p.add_argument("--text-on-cpu", action="store_true", help="FLUX: the pipeline keeps T5 and CLIP on the host "
                    "(jaxedit edit --text-on-cpu): the weights mesh 'auto' places by leave them out")  # fmt: skip
-    p.add_argument("--lora-rank", type=int, default=16, help="lora: adapter rank")
+    p.add_argument("--lora-rank", type=POSITIVE, default=16, help="lora: adapter rank")
     p.add_argument("--no-reference", action="store_true", help="text-to-image: no Kontext reference tokens")
-    p.add_argument("--references", type=int, default=1, help="FLUX Kontext: reference images per sample, each "
+    p.add_argument("--references", type=at_least(0), default=1, help="FLUX Kontext: reference images per sample, each "
                    "at --resolution (default 1; 0 = --no-reference)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="also print the report as one JSON line")
     return p

@@ -63,6 +63,8 @@ def read_header(path: Path, name: str | None = None) -> dict[str, tuple[tuple[in
         header = json.loads(raw)
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
         raise bad(f"the header is not JSON ({e})") from None
+    except RecursionError:  # (a header of a million nested lists)
+        raise bad("the header's JSON is nested too deeply") from None
     if not isinstance(header, dict):
         raise bad(f"the header is a JSON {type(header).__name__}, not an object")
     out, spans = {}, []

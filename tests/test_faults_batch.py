@@ -10,6 +10,7 @@ import struct
 import types
 import zlib
 
+import pytest
 from PIL import Image, ImageFile
 
 from jaxedit.cli import model_identity
@@ -217,3 +218,34 @@ def test_a_failing_line_reusing_a_valid_id_is_reported_and_does_not_rerun_the_va
     assert "duplicate id 'i0' (first used on line 1)" in r["line00003"]["error"] and "seed" in r["line00003"]["error"]
     pipe = Pipeline()
     assert run(manifest, out, pipe) == {"ok": 0, "failed": 1, "skipped": 2} and pipe.calls == []
+
+
+# issue #35, item 2
+def test_one_job_per_output_folder_and_resume_checks_the_pngs_hash(tmp_path, capsys):
+    """A second job into a folder another job is writing refuses in one line naming the holder (the lock file);
+    a temporary of the old fixed name left by another run is no obstacle (temporaries are per process); a PNG
+    replaced under an ok record (another manifest's image of the same id) is not trusted: the item reruns."""
+    import fcntl
+
+    from jaxedit.cli import main as cli
+
+    manifest, out = write_job(tmp_path, items())
+    out.mkdir()
+    (out / "i0.png.tmp").mkdir()  # where another run of the old code was writing
+    with open(out / ".jaxedit-batch.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 4242 on elsewhere, since 2026-01-01 00:00:00\n")
+        held.flush()
+        with pytest.raises(Exception, match=r"is being written by another jaxedit batch \(pid 4242 on elsewhere"):
+            run(manifest, out)
+        assert not (out / "results.jsonl").exists()
+        assert cli(["batch", "--manifest", str(manifest), "--out", str(out), "--model", str(tmp_path / "none")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "pid 4242 on elsewhere" in err and "Traceback" not in err, err
+    assert run(manifest, out) == {"ok": 4, "failed": 0, "skipped": 0}  # released: the folder is free again
+    assert not list(out.glob(".*.tmp"))
+    Image.new("RGB", (32, 16), (1, 2, 3)).save(out / "i1.png")  # another job's image under i1's name
+    pipe = Pipeline()
+    assert run(manifest, out, pipe) == {"ok": 1, "failed": 0, "skipped": 3} and pipe.calls == [["p1", "p1"]]
+    assert Image.open(out / "i1.png").getpixel((0, 0)) == (10, 0, 0)
+    assert run(manifest, out)["skipped"] == 4

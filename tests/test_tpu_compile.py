@@ -182,8 +182,10 @@ def test_collectives_bytes_received_per_chip():
 
 ENTRY %main () -> f32[] {
   %p = bf16[1024,1024]{1,0} parameter(0)
-  %ag = bf16[2048,1024]{1,0} all-gather(%p), replica_groups={{0,1},{2,3}}, dimensions={0}, backend_config={"estimated_cycles":"100"}
-  %ar = f32[512,512]{1,0} all-reduce(%x), replica_groups=[1,4]<=[4], to_apply=%add, backend_config={"estimated_cycles":"50"}
+  %ag = bf16[2048,1024]{1,0} all-gather(%p), replica_groups={{0,1},{2,3}}, dimensions={0},
+    backend_config={"estimated_cycles":"100"}
+  %ar = f32[512,512]{1,0} all-reduce(%x), replica_groups=[1,4]<=[4], to_apply=%add,
+    backend_config={"estimated_cycles":"50"}
   %rs = (f32[1024,256]{1,0}, f32[256,256]{1,0}) reduce-scatter-start(%y), replica_groups={{0,1,2,3}}, dimensions={0}
   ROOT %c = f32[] constant(0)
 }

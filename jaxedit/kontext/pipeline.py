@@ -32,7 +32,7 @@ merge=False keeps its factors apart and merges them inside each jitted call, wit
 traced arguments, so `generate(..., lora_scales=[...])` changes them per call without recompiling
 (the changed kernels are then held twice during a call). A model folder can name default LoRAs:
 pipeline option "loras": [{"path": "style.safetensors", "scale": 0.8, "merge": true}], paths relative
-to the folder.
+to the folder and inside it (a LoRA from elsewhere is passed by the caller: `loras=`, `--lora`).
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ from PIL import Image
 from jaxedit import configs, sampling
 from jaxedit.lora import Lora, check_scale, merge, merge_now, read_lora
 from jaxedit.models import Flux
+from jaxedit.options import folder_loras, max_image_tokens
 from jaxedit.parallel import sharding as sh
 from jaxedit.pipelines.base import (
     EditPipelineBase,
@@ -61,6 +62,7 @@ from jaxedit.pipelines.base import (
     quantized_parts,
     read_folder,
     resident_bytes,
+    to_images,
     to_model_input,
 )
 
@@ -110,28 +112,9 @@ def fit_tokens(sizes: list[tuple[int, int]], tokens: int | None) -> list[tuple[i
 
 
 def to_pil(images_BHWC: np.ndarray) -> list[Image.Image]:
-    """[-1, 1] float images -> PIL, rounding as diffusers' postprocess does."""
-    x = np.clip(np.asarray(images_BHWC, np.float32) / 2 + 0.5, 0, 1)
-    return [Image.fromarray(a) for a in (x * 255).round().astype(np.uint8)]
-
-
-def folder_loras(folder: Path, options: dict) -> list[tuple[Path, float, bool]]:
-    """(file, scale, merge) of each default LoRA a model folder's pipeline option "loras" names; ValueError
-    naming jaxedit.json and the entry otherwise."""
-    entries, where = options.get("loras", []), f"{folder / 'jaxedit.json'}: pipeline.loras"
-    if not isinstance(entries, list):
-        raise ValueError(f"{where} is {type(entries).__name__}, not a list of {{path, scale, merge}}")
-    out = []
-    for i, e in enumerate(entries):
-        if not isinstance(e, dict) or not isinstance(e.get("path"), str) or set(e) - {"path", "scale", "merge"}:
-            raise ValueError(f'{where}[{i}] is {e!r}, not {{"path": file, "scale": number, "merge": bool}}')
-        if not isinstance(e.get("merge", True), bool):
-            raise ValueError(f"{where}[{i}].merge is {e['merge']!r}, not true or false")
-        path = folder / e["path"]
-        if not path.is_file():
-            raise ValueError(f"{where}[{i}].path: LoRA file {path} not found")
-        out.append((path, check_scale(e.get("scale", 1.0), f"{where}[{i}].scale"), e.get("merge", True)))
-    return out
+    """[-1, 1] float images -> PIL, rounding as diffusers' postprocess does; NonFiniteError if an item holds NaN
+    or inf (`to_images`)."""
+    return to_images(images_BHWC, lambda a, _: Image.fromarray((np.clip(a / 2 + 0.5, 0, 1) * 255).round().astype("u1")))
 
 
 def _true_cfg_scale(scale) -> float:
@@ -237,6 +220,7 @@ class KontextPipeline(EditPipelineBase):
         )
         kw.setdefault("auto_resize", options.get("auto_resize", True))
         kw.setdefault("reference_ids", options.get("reference_ids", "community"))  # as the model was trained
+        kw.setdefault("max_image_tokens", max_image_tokens(options))  # the folder's cap, else from its resolution
         pipe = cls(preset, params, text, dtype=dtype, mesh=mesh, devices=devices, **kw)
         pipe.quantized = quantized_parts(params | {"t5": text.t5_params})
         pipe.default_steps = int(options.get("steps", DEFAULT_STEPS))
@@ -343,7 +327,8 @@ class KontextPipeline(EditPipelineBase):
         if self.max_image_tokens is not None and tokens > self.max_image_tokens:
             raise ValueError(
                 f"{len(refs)} reference(s) and the target make {tokens} image tokens, over the maximum of "
-                f"{self.max_image_tokens} (max_image_tokens): use fewer or smaller images, or reference_tokens"
+                f"{self.max_image_tokens} (max_image_tokens: --max-tokens, else the model folder's): use fewer or "
+                "smaller images, or reference_tokens"
             )
         return refs, width, height
 

@@ -26,6 +26,7 @@ from jaxedit.configs import CLIPTextConfig, T5Config
 from jaxedit.lora.apply import merge
 from jaxedit.models.clip import CLIPTextModel
 from jaxedit.models.t5 import T5Encoder
+from jaxedit.options import MAX_PROMPT_CHARS
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,13 @@ def load_tokenizer(path: str | Path):
 
 
 def tokenize(tokenizer, prompts: Sequence[str], max_length: int, what: str = "text") -> np.ndarray:
-    """input_ids [B, max_length] (int32): padded to max_length, truncated, as diffusers does."""
+    """input_ids [B, max_length] (int32): padded to max_length, truncated, as diffusers does. A prompt is cut to
+    MAX_PROMPT_CHARS characters first (far more than max_length tokens): a tokenizer given megabytes of text
+    takes gigabytes (and the whole text is tokenized once more, to warn about the truncation)."""
+    long = [i for i, p in enumerate(prompts) if len(p) > MAX_PROMPT_CHARS]
+    if long:
+        log.warning("%s prompt(s) %s cut to %d characters before tokenizing", what, long, MAX_PROMPT_CHARS)
+        prompts = [p[:MAX_PROMPT_CHARS] for p in prompts]
     ids = tokenizer(list(prompts), padding="max_length", max_length=max_length, truncation=True, return_tensors="np")[
         "input_ids"
     ]

@@ -150,11 +150,15 @@ def _peft_alphas(meta: dict, file: Path) -> dict[str, tuple[float, dict, dict, b
             if cfg.get(flag):
                 raise LoraError(f"{file}: header {PEFT_METADATA}: {prefix}.{flag} is set ({what}: not supported)")
         alpha, r = cfg.get("lora_alpha"), cfg.get("r")
-        if isinstance(alpha, bool) or not isinstance(alpha, int | float):
-            raise LoraError(f"{file}: header {PEFT_METADATA}: {prefix}.lora_alpha is {alpha!r}, not a number")
+        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
+            raise LoraError(f"{file}: header {PEFT_METADATA}: {prefix}.lora_alpha is {alpha!r}, not a finite number")
         patterns = [cfg.get(p) or {} for p in ("alpha_pattern", "rank_pattern")]
         if not all(isinstance(p, dict) for p in patterns):
             raise LoraError(f"{file}: header {PEFT_METADATA}: {prefix}.alpha_pattern/rank_pattern are not objects")
+        for name, v in patterns[0].items():
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+                raise LoraError(f"{file}: header {PEFT_METADATA}: {prefix}.alpha_pattern[{name!r}] is {v!r}, not a "
+                                "finite number")  # fmt: skip
         out[part] = (float(alpha), *patterns, bool(cfg.get("use_rslora")), r if isinstance(r, int) else None)
     return out
 
@@ -165,6 +169,26 @@ def _pattern(patterns: dict, module: str):
         if re.match(rf"(.*\.)?({pattern})$", module):
             return value
     return None
+
+
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+def check_term(path: Path, key: str, down: np.ndarray, up: np.ndarray, scale: float) -> None:
+    """LoraError naming the file and key unless W += scale * up @ down is finite in float32: rank >= 1, finite
+    factors and scale, and no entry of the update that could overflow (|scale| * r * max|up| * max|down|)."""
+    r = down.shape[0]
+    if r == 0:
+        raise LoraError(f"{path}: key {key}: rank 0 (factors down {list(down.shape)}, up {list(up.shape)})")
+    for name, x in (("down", down), ("up", up)):
+        if not np.isfinite(x).all():
+            raise LoraError(f"{path}: key {key}: the {name} factor holds NaN or inf")
+    if not math.isfinite(scale):
+        raise LoraError(f"{path}: key {key}: its scale alpha / r is {scale!r}, not a finite number")
+    bound = abs(scale) * r * float(np.abs(up).max(initial=0.0)) * float(np.abs(down).max(initial=0.0))
+    if not bound <= F32_MAX:
+        big = f"factors up to {np.abs(up).max():.3g} and {np.abs(down).max():.3g} (rank {r}, scale {scale:.3g})"
+        raise LoraError(f"{path}: key {key}: {big} make updates up to {bound:.3g}, beyond float32's range")
 
 
 def _sha256(path: Path) -> str:
@@ -252,6 +276,8 @@ def read_terms(path: str | Path, kohya_names: KohyaNames) -> LoraTerms:
             raise LoraError(f"{path}: key {kinds['down']}: down {list(down.shape)} and up {list(up.shape)} are not "
                             "[r, in] and [out, r] of one rank r")  # fmt: skip
         r = down.shape[0]
+        if r == 0:
+            check_term(path, kinds["down"], down, up, 1.0)
         if "alpha" in kinds:
             alpha = read(kinds["alpha"])
             if alpha.size != 1 or not np.isfinite(alpha).all():
@@ -269,6 +295,7 @@ def read_terms(path: str | Path, kohya_names: KohyaNames) -> LoraTerms:
             raise LoraError(f"{path}: key {kinds['down']}: other modules have an .alpha, {stem} has none")
         else:
             scale = 1.0
+        check_term(path, kinds["down"], down, up, scale)
         terms.append(Term(kinds["down"], part, naming, name, down, up, scale))
 
     for (block, n, kind, stream), kinds in xlabs.items():
@@ -280,6 +307,7 @@ def read_terms(path: str | Path, kohya_names: KohyaNames) -> LoraTerms:
         if down.ndim != 2 or up.ndim != 2 or down.shape[0] != up.shape[1]:
             raise LoraError(f"{path}: key {key}: down {list(down.shape)} and up {list(up.shape)} are not "
                             "[r, in] and [out, r] of one rank r")  # fmt: skip
+        check_term(path, key, down, up, 1.0)
         if block == "double_blocks" and (kind, stream) in _XLABS_DOUBLE:
             module = f"double_blocks.{n}.{_XLABS_DOUBLE[kind, stream]}"
             terms.append(Term(key, "transformer", "bfl", module, down, up, 1.0))

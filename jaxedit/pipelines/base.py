@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from jaxedit import configs, model_folder
 from jaxedit.models.autoencoder import AutoEncoder
 from jaxedit.parallel import placement
 from jaxedit.parallel import sharding as sh
+from jaxedit.pipelines.batch import NonFiniteError
 
 MAX_SIDE = 4096  # pixels; larger requests are refused
 
@@ -37,17 +39,48 @@ def cache_dir() -> Path | None:
     return Path(base) / "jaxedit" / "xla"
 
 
+_CACHE_WARNED: set[str] = set()
+
+
 def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path | None:
     """Turn on JAX's persistent compilation cache at `path` (default `cache_dir()`): a second run of
-    the same shapes then skips XLA compilation. Returns the folder (None: disabled)."""
-    path = Path(path) if path is not None else cache_dir()
+    the same shapes then skips XLA compilation. Returns the folder (None: disabled). The cache is optional: a
+    folder that cannot be made or written (a file, /proc, read-only) is warned about once, naming the variable
+    it came from, and the run goes on without it."""
+    given = path is not None
+    path = Path(path) if given else cache_dir()
     if path is None:
         return None
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".probe.{os.getpid()}"  # os.access would say yes to root on a read-only file system
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        source = "the path given" if given else ("$JAXEDIT_CACHE_DIR" if os.environ.get("JAXEDIT_CACHE_DIR")
+                                                 else "$XDG_CACHE_HOME" if os.environ.get("XDG_CACHE_HOME")
+                                                 else "$HOME")  # fmt: skip
+        if str(path) not in _CACHE_WARNED:
+            _CACHE_WARNED.add(str(path))
+            print(f"warning: compilation cache {path} (from {source}) is not usable ({e.strerror or e}): running "
+                  "without it (programs are compiled each run; JAXEDIT_CACHE_DIR=off silences this)",
+                  file=sys.stderr)  # fmt: skip
+        return None
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path
+
+
+def to_images(images_BHWC: np.ndarray, convert) -> list:
+    """[convert(image, index) of each item], each item's decoded values checked first: NonFiniteError (holding the
+    others' images) if any item has a NaN or inf, which would otherwise become a black or noisy picture."""
+    x = np.asarray(images_BHWC, np.float32)
+    finite = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+    out = [convert(a, i) if ok else None for i, (a, ok) in enumerate(zip(x, finite))]
+    if not finite.all():
+        raise NonFiniteError(out, [int(i) for i in np.flatnonzero(~finite)])
+    return out
 
 
 def to_model_input(image: Image.Image) -> np.ndarray:

@@ -10,18 +10,23 @@ compile error) stops the job with `ProgramFault` and records nothing against the
 Items with equal shapes (bucket, found from the images' headers) are batched; images are
 decoded only for the batch about to run. A results line is appended (and flushed) as each
 item finishes, so a killed job loses nothing finished; each carries a key of what produced
-it (the item's inputs, its image's bytes, the model), and a rerun skips an item only if its
-latest result is ok, has the same key and its PNG exists, so what changed runs again.
+it (the item's inputs, its image's bytes, the model) and the sha256 of the PNG written, and a rerun
+skips an item only if its latest result is ok, has the same key and its PNG has that hash, so what changed
+(or was overwritten) runs again. One job writes a folder at a time (`output_lock`); each PNG is written
+beside as a temporary of its process, then renamed.
 
 The model side is any object with the `EditPipeline` methods below.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -35,12 +40,13 @@ from typing import Any, Protocol
 
 from PIL import Image
 
-from jaxedit import jsonl
+from jaxedit import jsonl, locks
+from jaxedit.image_files import displayed_size, orientation, upright
+from jaxedit.options import MAX_GUIDANCE, MAX_STEPS
 
 MAX_SIDE = 4096  # pixels; larger requests are refused as absurd
 MIN_SIDE = 16
 MAX_IMAGE_PIXELS = 8192 * 8192  # input images above this are refused from their header, before decoding
-MAX_STEPS = 1000
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -48,9 +54,24 @@ class ItemError(ValueError):
     """An item that cannot be processed; its message is the recorded reason."""
 
 
+class OutputBusy(locks.Busy):
+    """The output folder is being written by another batch job (it holds the folder's lock file)."""
+
+
 class ProgramFault(RuntimeError):
     """Generation failed for a reason that is not the items' (out of memory, a compile or runtime error):
     the job stops without recording those items as failed, so a rerun retries them."""
+
+
+class NonFiniteError(ValueError):
+    """Some items of a batch came out with NaN or inf values (e.g. a LoRA or a setting that overflows): no image
+    is made of them (a pipeline's `edit` raises it; the job fails those items alone). `images`: the batch's
+    results, None in place of each such item; `bad`: their indices."""
+
+    def __init__(self, images: list, bad: list[int]):
+        self.images, self.bad = images, bad
+        super().__init__(f"item(s) {', '.join(map(str, bad))} of the batch came out with NaN or inf values: no image "
+                         "is written of them")  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -128,8 +149,8 @@ def parse_item(d: Any, line: int, defaults: dict, base_dir: Path) -> EditItem:
     guidance = d.get("guidance", defaults["guidance"])
     if isinstance(guidance, bool) or not isinstance(guidance, int | float) or not math.isfinite(guidance):
         raise ItemError(f"field 'guidance' must be a finite number, got {guidance!r}")
-    if not 0 <= guidance <= 100:
-        raise ItemError(f"field 'guidance'={guidance} is outside [0, 100]")
+    if not 0 <= guidance <= MAX_GUIDANCE:
+        raise ItemError(f"field 'guidance'={guidance} is outside [0, {MAX_GUIDANCE:g}]")
     return EditItem(
         id=item_id,
         image=images[0] if images else None,
@@ -180,8 +201,8 @@ def read_manifest(path: Path, defaults: dict) -> tuple[list[EditItem], list[dict
 
 
 def image_size(path: str) -> tuple[int, int]:
-    """(width, height) from an image file's header, nothing decoded; ItemError naming the file if it is
-    missing, not an image or over MAX_IMAGE_PIXELS."""
+    """(width, height) from an image file's header as displayed (EXIF orientation applied), nothing decoded;
+    ItemError naming the file if it is missing, not an image or over MAX_IMAGE_PIXELS."""
     p = Path(path)
     if not p.is_file():
         raise ItemError(f"image not found: {path}")
@@ -189,7 +210,7 @@ def image_size(path: str) -> tuple[int, int]:
         with warnings.catch_warnings():  # PIL's decompression-bomb warning: the cap below is lower
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(p) as im:
-                w, h = im.size
+                w, h = displayed_size(im)
     except Exception as e:  # PIL raises many types for corrupt or unknown formats (and DecompressionBombError)
         raise ItemError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
     if w * h > MAX_IMAGE_PIXELS:
@@ -201,12 +222,14 @@ def image_size(path: str) -> tuple[int, int]:
 
 
 def load_image(path: str) -> Image.Image:
-    """Check the header (`image_size`), then fully decode the image as RGB; ItemError naming the file otherwise."""
+    """Check the header (`image_size`), then fully decode the image as RGB, turned upright (EXIF orientation);
+    ItemError naming the file otherwise."""
     image_size(path)
     try:
         with Image.open(path) as im:
+            turn = orientation(im)  # (from the header, as image_size read it)
             im.load()
-            return im.convert("RGB")
+            return upright(im, turn).convert("RGB")
     except Exception as e:  # PIL raises many types for corrupt or unknown formats
         raise ItemError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
 
@@ -223,12 +246,72 @@ def file_digest(path: str) -> str:
 
 
 def item_key(item: EditItem, model: str) -> str:
-    """What produces an item's output, as 16 hex digits of sha256: its resolved fields, its image's bytes and
-    `model` (the caller's identity of the model and its sampling options). ItemError if the image is unreadable."""
+    """What produces an item's output, as 16 hex digits of sha256: its resolved fields, its image's bytes (and
+    EXIF orientation, which is applied: results of versions that ignored it are not trusted) and `model` (the
+    caller's identity of the model and its sampling options). ItemError if the image is unreadable."""
     image = [file_digest(x) for x in item.images] if len(item.images) > 1 else None
     image = image or (None if item.image is None else file_digest(item.image))  # one image: as it always was
     inputs = [item.prompt, item.seed, item.steps, item.guidance, item.width, item.height, image, model]
+    turned = [_orientation(x) for x in item.images]
+    inputs += [turned] if any(o != 1 for o in turned) else []  # (unturned images: keys as before)
     return hashlib.sha256(json.dumps(inputs).encode()).hexdigest()[:16]
+
+
+def _orientation(path: str) -> int:
+    try:
+        with Image.open(path) as im:
+            return orientation(im)
+    except Exception:  # noqa: BLE001 - unreadable: its item fails when its size is read
+        return 1
+
+
+def check_output_dir(out_dir: Path, flag: str = "--out") -> None:
+    """ValueError in one line unless `out_dir` is a folder that can be written or created: checked before a model
+    is loaded, so a file, a path under a file or an unwritable folder costs nothing."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{flag} {out_dir} is a file, not a folder")
+    parent = next((p for p in (out_dir.absolute(), *out_dir.absolute().parents) if p.exists()), None)
+    if parent is None or not parent.is_dir():
+        raise ValueError(f"{flag} {out_dir}: cannot make a folder there ({parent} is a file)")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {out_dir}: cannot write in {parent} (permission denied)")
+
+
+LOCK = ".jaxedit-batch.lock"  # in the output folder: held (flock) by the one job writing it, names that job
+
+
+@contextlib.contextmanager
+def output_lock(out_dir: Path) -> Iterator[None]:
+    """Hold `out_dir`'s lock file for the block: one job writes a folder at a time (two would overwrite each
+    other's images and temporaries). OutputBusy naming the holder (pid, host, start) if another job holds it; a
+    killed job's lock is free at once (`jaxedit.locks`). A killed job's temporaries are removed."""
+    busy = f"{out_dir} is being written by another jaxedit batch"
+    with locks.exclusive(out_dir / LOCK, busy, "wait for it to finish or give another --out", OutputBusy):
+        for stale in out_dir.glob(".*.png.*.tmp"):  # (only the lock's holder writes here)
+            stale.unlink(missing_ok=True)
+        yield
+
+
+def png_digest(path: Path) -> str | None:
+    """sha256 hex of a file's bytes, None if it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError:
+        return None
+
+
+def write_png(img: Image.Image, dst: Path) -> str:
+    """Write `img` to `dst` as PNG atomically (a temporary of this process beside it, then renamed); returns the
+    sha256 of the bytes written."""
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    data = buf.getvalue()
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(dst)
+    return hashlib.sha256(data).hexdigest()
 
 
 def _failure(item_id: str, error: str, **extra) -> dict:
@@ -282,11 +365,12 @@ class Results:
             log(f"{self.path}: skipped {len(bad)} unreadable {_line_numbers(bad)}")
 
     def done(self, item_id: str, key: str, out_dir: Path) -> bool:
-        """Whether the item's latest result is ok, was produced from the same inputs (`key`) and its PNG exists."""
+        """Whether the item's latest result is ok, was produced from the same inputs (`key`) and its PNG is the one
+        written with it (the sha256 the record holds: not another job's image under the same name)."""
         rec = self.latest.get(item_id)
-        return bool(
-            rec and rec.get("status") == "ok" and rec.get("key") == key and (out_dir / f"{item_id}.png").exists()
-        )
+        if not (rec and rec.get("status") == "ok" and rec.get("key") == key and rec.get("sha256")):
+            return False
+        return png_digest(out_dir / f"{item_id}.png") == rec["sha256"]
 
     def write(self, rec: dict) -> None:
         self.latest[rec["id"]] = rec
@@ -329,11 +413,21 @@ def run_job(
     model: str = "",
     progress: bool = True,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+    locked: bool = False,
 ) -> dict:
     """Run every item of `manifest`; returns counts {"ok", "failed", "skipped"}. model: an identity of the model
-    and its sampling options (`jaxedit.cli.model_identity`), part of each result's key: change it, all rerun."""
+    and its sampling options (`jaxedit.cli.model_identity`), part of each result's key: change it, all rerun.
+    The job holds `out_dir`'s lock (`output_lock`; OutputBusy if another job does) unless the caller holds it
+    (locked=True)."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if not locked:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with output_lock(out_dir):
+            return _run_job(pipeline, manifest, out_dir, batch_size, defaults, model, progress, log)
+    return _run_job(pipeline, manifest, out_dir, batch_size, defaults, model, progress, log)
+
+
+def _run_job(pipeline, manifest, out_dir, batch_size, defaults, model, progress, log) -> dict:
     results = Results(out_dir, log)
     items, failures = read_manifest(Path(manifest), defaults)
     for rec in failures:
@@ -382,6 +476,8 @@ def run_job(
                     [p for _, _, p in pad], [it.prompt for it, _, _ in pad], [it.seed for it, _, _ in pad],
                     [it.guidance for it, _, _ in pad], steps,
                 )[: len(its)]  # fmt: skip
+            except NonFiniteError as e:  # those items fail; the others' images are written
+                images = e.images[: len(its)]
             except ValueError as e:  # the items' inputs (ItemError is one): they fail, the job goes on
                 for it in its:
                     fail(it, f"generation failed: {type(e).__name__}: {e}")
@@ -395,18 +491,21 @@ def run_job(
                 ) from e
             per_item = (time.perf_counter() - t0) / len(its)
             for (it, key, _), img in zip(batch, images):
+                if img is None:
+                    fail(it, "the result came out with NaN or inf values (a LoRA, the model's weights or a setting "
+                         "overflowed): no PNG written")  # fmt: skip
+                    continue
                 dst = out_dir / f"{it.id}.png"
-                tmp = dst.with_suffix(".png.tmp")
-                img.save(tmp, format="PNG")
-                tmp.replace(dst)
+                digest = write_png(img, dst)
                 results.write({
-                    "id": it.id, "status": "ok", "output": str(dst), "key": key, "seed": it.seed, "steps": steps,
+                    "id": it.id, "status": "ok", "output": str(dst), "key": key, "sha256": digest, "seed": it.seed,
+                    "steps": steps,
                     "guidance": it.guidance, "width": img.width, "height": img.height,
                     "seconds": round(per_item, 3), "error": None,
                 })  # fmt: skip
                 counts["ok"] += 1
-            if images:  # (failed items counted themselves)
-                bar.update(len(images), counts["failed"])
+            if any(img is not None for img in images):  # (failed items counted themselves)
+                bar.update(sum(img is not None for img in images), counts["failed"])
             del batch, pad, images  # the next batch is decoded without this one's arrays
     return counts
 

@@ -31,6 +31,7 @@ from PIL import Image
 
 from jaxedit import configs, sampling
 from jaxedit.models.step1x import Step1XEdit
+from jaxedit.options import max_image_tokens
 from jaxedit.parallel import placement
 from jaxedit.parallel import sharding as sh
 from jaxedit.pipelines.base import (
@@ -43,6 +44,7 @@ from jaxedit.pipelines.base import (
     quantized_parts,
     read_folder,
     resident_bytes,
+    to_images,
     to_model_input,
 )
 from jaxedit.step1x.sampling import denoise_cfg, edit_ids, model_fn, step1x_size
@@ -66,10 +68,15 @@ class Step1XPrepared:
         return (self.width, self.height)
 
 
-def to_pil_truncated(images_BHWC: np.ndarray) -> list[Image.Image]:
-    """[-1, 1] float images -> PIL, clip then x*255 truncated to uint8 (torchvision to_pil_image)."""
-    x = np.clip(np.asarray(images_BHWC, np.float32), -1, 1) * 0.5 + 0.5
-    return [Image.fromarray(a) for a in (x * 255).astype(np.uint8)]
+def to_pil_truncated(images_BHWC: np.ndarray, sizes: dict | None = None) -> list[Image.Image]:
+    """[-1, 1] float images -> PIL, clip then x*255 truncated to uint8 (torchvision to_pil_image), each resized
+    (bicubic) to its entry of `sizes` ({index: (w, h) or None: kept}); NonFiniteError if an item holds NaN or inf."""
+
+    def convert(a, i):
+        im, size = Image.fromarray(((np.clip(a, -1, 1) * 0.5 + 0.5) * 255).astype(np.uint8)), (sizes or {}).get(i)
+        return im.resize(size, Image.Resampling.BICUBIC) if size else im
+
+    return to_images(images_BHWC, convert)
 
 
 class Step1XEditPipeline(EditPipelineBase):
@@ -78,7 +85,10 @@ class Step1XEditPipeline(EditPipelineBase):
     text_encoder: a `jaxedit.step1x.text.Step1XQwenEmbedder` (or None: pass `llm=`).
     size_level: working area size_level^2 (None: the input size floored to 16).
     cache_dir: where the embedder caches each item's Qwen output (None: no cache).
+    max_image_tokens: None, or the most target + reference tokens an item may have (`load`: the folder's).
     """
+
+    max_image_tokens: int | None = None
 
     def __init__(
         self,
@@ -163,6 +173,7 @@ class Step1XEditPipeline(EditPipelineBase):
         kw.setdefault("size_level", options.get("size_level", DEFAULT_SIZE_LEVEL))
         pipe = cls(preset, params, embedder, dtype=dtype, mesh=mesh, devices=devices, **kw)
         pipe.quantized = quantized_parts(params)
+        pipe.max_image_tokens = max_image_tokens(options)
         pipe.default_steps = int(options.get("steps", DEFAULT_STEPS))
         pipe.default_guidance = float(options.get("guidance", DEFAULT_GUIDANCE))
         return pipe
@@ -201,6 +212,11 @@ class Step1XEditPipeline(EditPipelineBase):
             out_size = tuple(size)
         check_side("width", w)
         check_side("height", h)
+        tokens = 2 * (w // 16) * (h // 16)  # the target's and the reference's
+        if self.max_image_tokens is not None and tokens > self.max_image_tokens:
+            raise ValueError(f"a {w}x{h} edit makes {tokens} image tokens (target and reference), over the maximum "
+                             f"of {self.max_image_tokens} (max_image_tokens: --max-tokens, else the model folder's): "
+                             "use a smaller image or size_level")  # fmt: skip
         return w, h, None if out_size == (w, h) else out_size
 
     def bucket_for(self, size: tuple[int, int] | None, width: int | None = None, height: int | None = None) -> tuple:
@@ -299,8 +315,7 @@ class Step1XEditPipeline(EditPipelineBase):
             if output == "latents":
                 return np.asarray(x)[:b]
             images = self.decode_latents(params["vae"], sampling.unpack(x, h, w))
-        out = to_pil_truncated(np.asarray(images)[:b])
-        return [im.resize(p.out_size, Image.Resampling.BICUBIC) if p.out_size else im for im, p in zip(out, prepared)]
+        return to_pil_truncated(np.asarray(images)[:b], {i: p.out_size for i, p in enumerate(prepared)})
 
     def sample_inputs(
         self, batch: int, h: int, w: int, steps: int, *, text_tokens: int, quantize: str | None = None

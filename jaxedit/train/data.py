@@ -40,6 +40,7 @@ import numpy as np
 from PIL import Image
 
 from jaxedit import jsonl
+from jaxedit.image_files import displayed_size, orientation, upright
 
 log = logging.getLogger(__name__)
 
@@ -120,13 +121,20 @@ def nearest_bucket(buckets: list[tuple[int, int]], width: int, height: int) -> i
     return min(range(len(buckets)), key=lambda i: abs(math.log(buckets[i][0] / buckets[i][1]) - a))
 
 
-def index_manifest(cfg: DataConfig, max_sources: int | None = None) -> Index:
-    """Read and validate the manifest (image headers only). Deterministic; same on every process.
-    max_sources: items with more sources are skipped (Step1X-Edit takes one)."""
+def manifest_path(cfg: DataConfig) -> Path:
+    """The manifest file `cfg.path` names (the file, or the folder's `cfg.manifest`); FileNotFoundError naming
+    data.path if there is none (checked before a run does any work)."""
     path = Path(cfg.path)
     manifest = path if path.is_file() else path / cfg.manifest
     if not manifest.is_file():
-        raise FileNotFoundError(f"no manifest at {manifest}")
+        raise FileNotFoundError(f"data.path {cfg.path!r}: no manifest at {manifest}")
+    return manifest
+
+
+def index_manifest(cfg: DataConfig, max_sources: int | None = None) -> Index:
+    """Read and validate the manifest (image headers only). Deterministic; same on every process.
+    max_sources: items with more sources are skipped (Step1X-Edit takes one)."""
+    manifest = manifest_path(cfg)
     base = manifest.parent
     buckets = make_buckets(cfg.pixel_budget, cfg.bucket_step, cfg.max_aspect)
     items, skipped, lines = [], Counter(), []
@@ -162,7 +170,7 @@ def index_manifest(cfg: DataConfig, max_sources: int | None = None) -> Index:
             sizes = []
             for path in [*srcs, tgt]:
                 with Image.open(path) as im:
-                    sizes.append(im.size)
+                    sizes.append(displayed_size(im))  # (EXIF orientation applied)
         except Exception as e:  # noqa: BLE001 - any unreadable file is skipped, never fatal
             skip(n, "unreadable image", f"unreadable image ({type(e).__name__}: {e})")
             continue
@@ -182,9 +190,10 @@ def index_manifest(cfg: DataConfig, max_sources: int | None = None) -> Index:
 
 
 def load_image(path: Path, size: tuple[int, int]) -> np.ndarray:
-    """Decode, resize to cover `size` (w, h), centre crop, LANCZOS -> [h, w, 3] float32 in [-1, 1]."""
+    """Decode, turn upright (EXIF orientation), resize to cover `size` (w, h), centre crop, LANCZOS -> [h, w, 3]
+    float32 in [-1, 1]."""
     with Image.open(path) as im:
-        im = im.convert("RGB")
+        im = upright(im, orientation(im)).convert("RGB")
         w, h = size
         s = max(w / im.width, h / im.height)
         rw, rh = max(w, round(im.width * s)), max(h, round(im.height * s))

@@ -39,11 +39,12 @@ import orbax.checkpoint as ocp
 
 from jaxedit import configs, model_folder
 from jaxedit.checkpoint import load_params
+from jaxedit.models import attention
 from jaxedit.models.flux import REMAT_POLICIES
 from jaxedit.parallel import sharding as sh
 from jaxedit.parallel.distributed import put_global
 from jaxedit.train.config import TrainConfig
-from jaxedit.train.data import make_iterator
+from jaxedit.train.data import make_iterator, manifest_path
 from jaxedit.train.encoders import Encoder, Step1XEncoder
 from jaxedit.train.lora import export_peft
 from jaxedit.train.monitor import Monitor, SampleEdits
@@ -67,10 +68,14 @@ def model_of(cfg: TrainConfig) -> tuple[Path, configs.Preset]:
     return folder, preset
 
 
+TRAIN_DTYPES = ("bfloat16", "float32", "float16")  # compute dtypes (master weights are float32)
+
+
 def check_run(cfg: TrainConfig) -> None:
     """Every check a run makes before any work (model folder, settings against it): ValueError or
     FileNotFoundError naming what is wrong (`jaxedit train` prints it in one line)."""
     check_config(cfg, model_of(cfg)[1])
+    manifest_path(cfg.data)  # FileNotFoundError naming data.path
 
 
 def load_model(cfg: TrainConfig):
@@ -99,6 +104,10 @@ def check_config(cfg: TrainConfig, preset: configs.Preset) -> None:
         raise ValueError(f"mesh: {e}") from None
     if cfg.remat not in REMAT_POLICIES:
         raise ValueError(f"remat {cfg.remat!r}: use one of {', '.join(REMAT_POLICIES)}")
+    if cfg.dtype not in TRAIN_DTYPES:
+        raise ValueError(f"dtype {cfg.dtype!r}: use one of {', '.join(TRAIN_DTYPES)} (the compute dtype)")
+    if cfg.attention not in attention.IMPLEMENTATIONS:
+        raise ValueError(f"attention {cfg.attention!r}: use one of {', '.join(attention.IMPLEMENTATIONS)}")
     if cfg.data.batch_size % (cfg.grad_accum * jax.process_count()):
         raise ValueError(f"batch_size {cfg.data.batch_size} not divisible by grad_accum x processes")
     if not preset.transformer.guidance_embed and cfg.objective.guidance != ObjectiveConfig.guidance:

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from jaxedit.image_files import upright
+
 log = logging.getLogger(__name__)
 
 
@@ -123,7 +125,7 @@ class SampleEdits:
             return None
         self.pipe.set_transformer(transformer_params)
         paths = [[p for p, _ in getattr(it, "sources", ())] or [it.source] for it in self.items]
-        images = [[Image.open(p).convert("RGB") for p in item] for item in paths]
+        images = [[upright(Image.open(p)).convert("RGB") for p in item] for item in paths]
         sources = [x[0] for x in images]
         seeds = list(range(len(self.items)))
         outs = self.pipe(
@@ -132,7 +134,7 @@ class SampleEdits:
         )  # fmt: skip
         rows = []
         for src, out, it in zip(sources, outs, self.items):
-            tgt = Image.open(it.target).convert("RGB").resize(out.size)
+            tgt = upright(Image.open(it.target)).convert("RGB").resize(out.size)
             rows.append(np.concatenate([np.asarray(src.resize(out.size)), np.asarray(out), np.asarray(tgt)], axis=1))
         path = self.dir / f"step_{step:07d}.png"
         Image.fromarray(np.concatenate(rows, axis=0)).save(path)

@@ -140,6 +140,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m train.precompute"
     args = p.parse_args(argv)
     data = DataConfig(path=args.data, pixel_budget=args.pixel_budget, bucket_step=args.bucket_step)
     try:
+        from jaxedit.pipelines.batch import check_output_dir
+
+        check_output_dir(Path(args.out))
         out = precompute(args.model, data, args.out, args.batch, args.mesh)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

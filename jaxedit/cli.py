@@ -143,7 +143,7 @@ def load_pipeline(args):
         pipe = load(folder, dtype=args.dtype, **kw)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
-    if len(pipe.devices) > 1:
+    if len(getattr(pipe, "devices", ())) > 1:
         print(f"note: {len(pipe.devices)} devices, mesh {pipe.mesh_text}", file=sys.stderr)
     for lora, scale, merged in getattr(pipe, "loras", []):
         print(f"note: LoRA {lora.describe()} at scale {scale:g}{'' if merged else ', applied per call'}",
@@ -159,7 +159,7 @@ def load_pipeline(args):
 
 FLAGS = {"steps": "--steps", "guidance": "--guidance", "true_cfg_scale": "--true-cfg-scale",
          "negative_prompt": "--negative-prompt", "reference_tokens": "--reference-tokens",
-         "max_tokens": "--max-tokens", "size_level": "--size-level"}  # fmt: skip
+         "max_tokens": "--max-tokens", "size_level": "--size-level", "mesh": "--mesh"}  # fmt: skip
 
 
 def check_flags(args) -> None:

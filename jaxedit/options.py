@@ -81,6 +81,24 @@ def _list(v):
     return v
 
 
+def _mesh(v):
+    """ "auto" or mesh axis sizes of one slice ("data=2,fsdp=4"); whether they use exactly the devices is checked
+    when the pipeline is placed (`jaxedit.parallel.placement`)."""
+    from jaxedit.configs import MeshConfig
+
+    if v == "auto":
+        return v
+    if not isinstance(v, str):
+        raise ValueError(f"is {v!r}; expected 'auto' or axis sizes such as 'data=2,fsdp=4'")
+    try:
+        cfg = MeshConfig.parse(v)
+    except ValueError as e:
+        raise ValueError(f"is {v!r}: {e}") from None
+    if cfg.dcn_data != 1 or cfg.dcn_fsdp != 1:
+        raise ValueError(f"is {v!r}: the pipelines run on one slice (no dcn_* axes)")
+    return v
+
+
 # name -> check (the value, or ValueError saying what is wrong with it)
 OPTIONS = {
     "steps": _int(1, MAX_STEPS),
@@ -98,6 +116,7 @@ OPTIONS = {
     "size_level": _int(16, 4096),
     "resolution": _int(16, 4096),  # px, the side of the images the model was trained at
     "loras": _list,  # each entry: jaxedit.kontext.pipeline.folder_loras
+    "mesh": _mesh,  # where the pipeline runs: jaxedit.parallel.placement
 }
 
 

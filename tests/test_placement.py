@@ -182,4 +182,10 @@ def test_cli_mesh_option_and_folder_option(folder, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli([*argv, "--out", str(tmp_path / "c.png")])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and "jaxedit.json: pipeline.mesh" in err and "tensor" in err, err
+    assert e.value.code == 2 and "jaxedit.json: pipeline.mesh is 'fsdp=3,tensor=x'" in err, err
+    desc["pipeline"]["mesh"] = "fsdp=3"  # well-formed, but not for 8 devices: said when it is placed
+    (bad / "jaxedit.json").write_text(json.dumps(desc))
+    with pytest.raises(SystemExit) as e:
+        cli([*argv, "--out", str(tmp_path / "d.png")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "jaxedit.json: pipeline.mesh: mesh fsdp=3 does not use exactly the 8" in err, err

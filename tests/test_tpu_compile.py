@@ -174,11 +174,18 @@ def test_the_pipelines_auto_placement_compiles_for_tpu(monkeypatch, tmp_path):
 
 def test_collectives_bytes_received_per_chip():
     """The ICI budget counts what a chip receives: an all-gather over groups of 2 of a 4 MB result brings the
-    other half (2 MB); a 4-way all-reduce of 1 MB moves 2 x 3/4 MB (ring); a reduce-scatter over 4 sends the
-    3 other quarters of its operand."""
+    other half (2 MB; also inside an async collective fusion, its groups named by mesh axes); a 4-way
+    all-reduce of 1 MB moves 2 x 3/4 MB (ring); a reduce-scatter over 4 sends the 3 other quarters of its
+    operand."""
     from jaxedit.parallel import hlo_cost
 
     hlo = """HloModule m, entry_computation_layout={()->f32[]}
+
+%fused (param_0: bf16[1,192,24]) -> bf16[1,192,48] {
+  %param_0 = bf16[1,192,24]{1,2,0} parameter(0)
+  ROOT %all-gather.1 = bf16[1,192,48]{1,2,0} all-gather(%param_0), channel_id=76,
+    replica_groups=mesh['axis_0'=1,'axis_1'=2,'axis_2'=2], device_ids=([2,2]T(1,0)) {'axis_1'}, dimensions={2}
+}
 
 ENTRY %main () -> f32[] {
   %p = bf16[1024,1024]{1,0} parameter(0)
@@ -187,11 +194,12 @@ ENTRY %main () -> f32[] {
   %ar = f32[512,512]{1,0} all-reduce(%x), replica_groups=[1,4]<=[4], to_apply=%add,
     backend_config={"estimated_cycles":"50"}
   %rs = (f32[1024,256]{1,0}, f32[256,256]{1,0}) reduce-scatter-start(%y), replica_groups={{0,1,2,3}}, dimensions={0}
+  %f = bf16[1,192,48]{1,2,0} fusion(%p), kind=kCustom, calls=%fused
   ROOT %c = f32[] constant(0)
 }
 """
     r = hlo_cost.program_cycles(hlo)
-    assert r.collective_bytes["all-gather"] == 2048 * 1024 * 2 / 2
+    assert r.collective_bytes["all-gather"] == 2048 * 1024 * 2 / 2 + 192 * 48 * 2 / 2  # (the second in a fusion)
     assert r.collective_bytes["all-reduce"] == 2 * 3 / 4 * 512 * 512 * 4
     assert r.collective_bytes["reduce-scatter"] == 3 * 256 * 256 * 4
     assert r.by_kind["collective"] == 150 and r.cycles == 150

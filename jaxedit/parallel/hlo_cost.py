@@ -126,7 +126,17 @@ def group_size(ins: Instruction) -> int:
     if m:
         return len(m[1].split(","))
     m = re.search(r"replica_groups=\[(\d+),(\d+)\]<=", ins.rest)
-    return int(m[2]) if m else 1
+    if m:
+        return int(m[2])
+    # replica_groups=mesh['axis_0'=1,'axis_1'=2,'axis_2'=2], device_ids=(...) {'axis_1'}: the named axes' sizes
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\], device_ids=\([^)]*\)(?:T\([\d,]*\))?\)? \{([^}]*)\}", ins.rest)
+    if m:
+        sizes = {k: int(v) for k, v in re.findall(r"'([^']+)'=(\d+)", m[1])}
+        n = 1
+        for axis in re.findall(r"'([^']+)'", m[2]):
+            n *= sizes.get(axis, 1)
+        return n
+    return 1
 
 
 def received_bytes(ins: Instruction) -> float:
@@ -202,9 +212,10 @@ def program_cycles(hlo_text: str) -> ProgramCycles:
                 if m:
                     by_kind[k] += times * int(m[1])
                     largest.append((times * int(m[1]), times, k, f"{ins.name} = {ins.shape} {ins.opcode}"))
-                op = ins.opcode.removesuffix("-start")
-                if op in COLLECTIVES and not ins.opcode.endswith("-done"):
-                    moved[op] += times * received_bytes(ins)
+                for c in [ins, *comps.get(ins.attr("calls") or "", [])] if ins.opcode == "fusion" else [ins]:
+                    op = c.opcode.removesuffix("-start")
+                    if op in COLLECTIVES and not c.opcode.endswith("-done"):
+                        moved[op] += times * received_bytes(c)
             if ins.opcode == "while":
                 n = trip_count(ins, comps)
                 if n is None:

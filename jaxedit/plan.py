@@ -468,13 +468,13 @@ def pipeline_mesh(preset, args, devices, memory: float | None):
     if preset.connector is not None:
         from jaxedit.step1x.pipeline import Step1XEditPipeline
 
-        weights, tokens = Step1XEditPipeline.footprint(preset, jnp.bfloat16, mode, preset.qwen)
+        footprint = Step1XEditPipeline.footprint(preset, jnp.bfloat16, mode, preset.qwen)
     else:
         from jaxedit.kontext.pipeline import KontextPipeline
 
         modes = {"transformer": mode, "t5": mode}
-        weights, tokens = KontextPipeline.footprint(preset, jnp.bfloat16, modes, args.text_on_cpu)
-    return choose_mesh(preset, "auto", devices, weights=weights, tokens=tokens, quantize=mode, memory=memory)
+        footprint = KontextPipeline.footprint(preset, jnp.bfloat16, modes, args.text_on_cpu)
+    return choose_mesh(preset, "auto", devices, footprint, quantize=mode, memory=memory)
 
 
 def plan(args, mesh_cfg) -> dict:

@@ -160,9 +160,10 @@ def test_the_pipelines_auto_placement_compiles_for_tpu(monkeypatch, tmp_path):
     r = plan.plan(args, None)
     assert r["mesh"] == "data=4 (auto)" and r["fits"] and r["kernel_runs"] and not r["collective_bytes"]
     preset = configs.get("flux-kontext-tiny")
-    weights, tokens = KontextPipeline.footprint(preset, np.dtype("bfloat16"), {})
+    f = KontextPipeline.footprint(preset, np.dtype("bfloat16"), {})
     chips = parse_target("v5e-4").devices()
-    memory = (weights / 2 + placement.working_set_bytes(preset.transformer.hidden_size, tokens)) / 0.89
+    memory = (f.weights / 2 + placement.working_set_bytes(preset.transformer.hidden_size, f.tokens, f.block_bytes))
+    memory /= 0.89
     cfg = plan.pipeline_mesh(preset, args, chips, memory)
     assert cfg == MeshConfig(data=2, fsdp=2)
     lowered, _ = plan.lower(preset, args, sh.make_mesh(cfg, chips), 4)

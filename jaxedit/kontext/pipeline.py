@@ -51,9 +51,11 @@ from jaxedit import configs, sampling
 from jaxedit.lora import Lora, check_scale, merge, merge_now, read_lora
 from jaxedit.models import Flux
 from jaxedit.options import folder_loras, max_image_tokens
+from jaxedit.parallel import placement
 from jaxedit.parallel import sharding as sh
 from jaxedit.pipelines.base import (
     EditPipelineBase,
+    block_bytes,
     check_side,
     check_steps,
     choose_mesh,
@@ -203,10 +205,10 @@ class KontextPipeline(EditPipelineBase):
         devices = list(devices or jax.local_devices())
         stored = read_quantized(folder)
         modes = {p: stored.get(p) or (quantize if p in ("transformer", "t5") else None) for p in dtypes}
-        weights, tokens = cls.footprint(preset, dtype, modes, text_on_cpu)
+        footprint = cls.footprint(preset, dtype, modes, text_on_cpu)
         where = f"{folder / 'jaxedit.json'}: pipeline.mesh" if mesh is None and "mesh" in options else "mesh"
-        mesh = choose_mesh(preset, options.get("mesh", "auto") if mesh is None else mesh, devices,
-                           quantize=quantize, weights=weights, tokens=tokens, where=where)  # fmt: skip
+        mesh = choose_mesh(preset, options.get("mesh", "auto") if mesh is None else mesh, devices, footprint,
+                           quantize=quantize, where=where)  # fmt: skip
         params = load_parts(folder, preset, dtypes=dtypes, quantize=quantize, devices=on_host,
                             mesh=sh.make_mesh(mesh, devices))  # fmt: skip
         text = FluxTextEncoder(
@@ -233,12 +235,15 @@ class KontextPipeline(EditPipelineBase):
         return pipe
 
     @staticmethod
-    def footprint(preset: configs.Preset, dtype: Any, modes: dict, text_on_cpu: bool = False) -> tuple[float, int]:
-        """(bytes of the weights the devices hold, tokens of one typical edit: 1024 px, one reference), what
-        `mesh="auto"` places by. modes: {part: quantisation mode or None}."""
+    def footprint(
+        preset: configs.Preset, dtype: Any, modes: dict, text_on_cpu: bool = False
+    ) -> placement.Footprint:
+        """What `mesh="auto"` places by: the weights the devices hold, one typical edit (1024 px, one reference).
+        modes: {part: quantisation mode or None}."""
         resident = {"transformer": (dtype, modes.get("transformer")), "vae": (None, None)}
         resident |= {} if text_on_cpu else {"t5": (dtype, modes.get("t5")), "clip": (dtype, None)}
-        return resident_bytes(preset, resident), 2 * 4096 + preset.t5.max_length
+        return placement.Footprint(resident_bytes(preset, resident), 2 * 4096 + preset.t5.max_length,
+                                   block_bytes(preset, dtype, modes.get("transformer")))  # fmt: skip
 
     def add_lora(self, lora: Lora | str | Path, scale: float = 1.0, *, merge: bool = True) -> Lora:
         """Apply a LoRA file (any layout `jaxedit.lora` reads; LoraError naming the file and key if it does not

@@ -142,17 +142,16 @@ def choose_mesh(
     preset: configs.Preset,
     option,
     devices: list,
+    footprint: placement.Footprint,
     *,
-    weights: float,
-    tokens: int,
     quantize: str | None,
     memory: float | None = None,
     where: str = "",
 ) -> configs.MeshConfig:
     """The pipeline's mesh for the mesh option (`placement.parse`: None = replicated data parallel, "auto",
     or axis sizes) on `devices`. auto: the choice `jaxedit plan --mesh auto` recorded for this preset,
-    quantisation and chips, else `placement.rule` with `weights` (bytes of the parameters the devices
-    hold) and the working set of one sample of `tokens` tokens; memory: bytes per chip (default: what the
+    quantisation and chips, else `placement.rule` with the footprint's weights (bytes of the parameters the
+    devices hold) and the working set of one sample of its tokens; memory: bytes per chip (default: what the
     device reports; None on a CPU). where: what the option came from, for the error message."""
     n = len(devices)
     try:
@@ -167,8 +166,20 @@ def choose_mesh(
     if recorded is not None:
         return placement.resolve(recorded, n)
     memory = placement.chip_memory(devices[0]) if memory is None else memory
-    work = placement.working_set_bytes(preset.transformer.hidden_size, tokens)
-    return placement.rule(n, weights, work, memory)
+    f = footprint
+    work = placement.working_set_bytes(preset.transformer.hidden_size, f.tokens, f.block_bytes)
+    return placement.rule(n, f.weights, work, memory)
+
+
+def block_bytes(preset: configs.Preset, dtype: Any, quantize: str | None) -> float:
+    """Bytes of the transformer's largest block (its stacked blocks' bytes over their count) in `dtype`."""
+    from jaxedit import quant
+
+    tree = quant.cast(model_folder.expected_params(preset, "transformer", quantize), dtype)
+    cfg = preset.transformer
+    sizes = [placement.tree_bytes(tree[k]) / n for k, n in (("double_blocks", cfg.depth),
+             ("single_blocks", cfg.depth_single_blocks)) if k in tree and n]  # fmt: skip
+    return max(sizes, default=0.0)
 
 
 def resident_bytes(preset: configs.Preset, parts: dict[str, tuple[Any, str | None]]) -> float:

@@ -36,6 +36,7 @@ from jaxedit.parallel import placement
 from jaxedit.parallel import sharding as sh
 from jaxedit.pipelines.base import (
     EditPipelineBase,
+    block_bytes,
     check_side,
     check_steps,
     choose_mesh,
@@ -152,10 +153,10 @@ class Step1XEditPipeline(EditPipelineBase):
                 qwen_cfg = qwen_config(qwen or folder)
             except (FileNotFoundError, ValueError):
                 pass  # load_qwen_embedder below says what is missing
-        weights, tokens = cls.footprint(preset, dtype, stored.get("transformer") or quantize, qwen_cfg, qwen_dtype)
+        footprint = cls.footprint(preset, dtype, stored.get("transformer") or quantize, qwen_cfg, qwen_dtype)
         where = f"{folder / 'jaxedit.json'}: pipeline.mesh" if mesh is None and "mesh" in options else "mesh"
-        mesh = choose_mesh(preset, options.get("mesh", "auto") if mesh is None else mesh, devices,
-                           quantize=quantize, weights=weights, tokens=tokens, where=where)  # fmt: skip
+        mesh = choose_mesh(preset, options.get("mesh", "auto") if mesh is None else mesh, devices, footprint,
+                           quantize=quantize, where=where)  # fmt: skip
         on_mesh = sh.make_mesh(mesh, devices)
         embedder = None if text_encoder is False else text_encoder
         if text_encoder is True:  # checked against the connector as it loads
@@ -181,15 +182,15 @@ class Step1XEditPipeline(EditPipelineBase):
     @staticmethod
     def footprint(
         preset: configs.Preset, dtype: Any, quantize: str | None, qwen_cfg=None, qwen_dtype: Any = "bfloat16"
-    ) -> tuple[float, int]:
-        """(bytes of the weights the devices hold: DiT + connector, VAE and the Qwen2.5-VL of `qwen_cfg` if
-        given, tokens of one typical edit: 512 px, Qwen's 640), what `mesh="auto"` places by."""
+    ) -> placement.Footprint:
+        """What `mesh="auto"` places by: the weights the devices hold (DiT + connector, VAE and the Qwen2.5-VL
+        of `qwen_cfg` if given), one typical edit (512 px, Qwen's 640 tokens)."""
         weights = resident_bytes(preset, {"transformer": (dtype, quantize), "vae": (None, None)})
         if qwen_cfg is not None:
             from jaxedit.models.qwen2_5_vl import abstract_params as qwen_params
 
             weights += placement.tree_bytes(qwen_params(qwen_cfg, jnp.dtype(qwen_dtype)))
-        return weights, 2 * 1024 + 640
+        return placement.Footprint(weights, 2 * 1024 + 640, block_bytes(preset, dtype, quantize))
 
     # ----------------------------------------------------------------------------------
     # the EditPipeline protocol of jaxedit.pipelines.batch

@@ -90,11 +90,12 @@ def model_options(p: argparse.ArgumentParser) -> None:
                    "fsdp=2,tensor=2")  # fmt: skip
     p.add_argument("--keep-size", action="store_true", help="keep the input size (floored to 16), do not resize it")
     p.add_argument("--reference-ids", choices=REFERENCE_IDS, default=None,
-                   help="FLUX Kontext, several images: their position ids (default community: diffusers' community "
-                   "multi-image pipeline; offset, index: ComfyUI's)")  # fmt: skip
+                   help="FLUX Kontext, several images: their sizes and position ids (default community: diffusers' "
+                   "community multi-image pipeline, every image resized to the first one's size; community-own-sizes: "
+                   "its ids, each image at its own size; offset, index: ComfyUI's, each at its own size)")  # fmt: skip
     p.add_argument("--reference-tokens", type=positive_int, default=None,
                    help="FLUX Kontext: scale an item's reference images together to at most this many tokens "
-                   "(4096: one 1024x1024 image; default: each resized as a single one is)")  # fmt: skip
+                   "(4096: one 1024x1024 image; default: as --reference-ids sizes them)")  # fmt: skip
     p.add_argument("--max-tokens", type=positive_int, default=None,
                    help="FLUX Kontext: refuse an item whose target + reference tokens exceed this")  # fmt: skip
     p.add_argument(

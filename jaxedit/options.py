@@ -18,7 +18,7 @@ MAX_TOKENS = 1 << 20  # image tokens an option may name (a 16384 x 16384 image)
 MAX_PROMPT_CHARS = 20_000  # characters of a prompt: longer ones are refused before any tokenizer sees them
 TOKENS_PER_TRAINED_IMAGE = 8  # default max_image_tokens: 8x the tokens of one image at the training resolution
 DEFAULT_RESOLUTION = 1024  # px: FLUX.1 Kontext's and Step1X-Edit's (a folder's "resolution" says otherwise)
-REFERENCE_IDS = ("community", "offset", "index")  # jaxedit.sampling.REFERENCE_IDS
+REFERENCE_IDS = ("community", "community-own-sizes", "offset", "index")  # jaxedit.sampling.REFERENCE_IDS
 DTYPES = ("bfloat16", "float32")
 QUANTIZE = ("none", "int8", "fp8")
 

@@ -78,13 +78,17 @@ def image_ids(h2: int, w2: int, index: float = 0.0, row: int = 0, col: int = 0) 
 
 
 # How several reference grids are told apart (each gives (1, row, col) for a single reference):
-#   community  diffusers' examples/community/pipeline_flux_kontext_multiple_images.py: index 1, the
+#   community  diffusers' examples/community/pipeline_flux_kontext_multiple_images.py: every reference
+#              resized to the FIRST one's size (by the pipeline: `SAME_SIZE_REFERENCE_IDS`); index 1, the
 #              columns of reference i (from 0) shifted by i x ITS number of token rows (as written there:
 #              rows, not columns; with equal square references they sit side by side)
+#   community-own-sizes  the community's ids, each reference at its own size (jaxedit's "community" before
+#              #35 item 14, and what training with "community" sees: each source in its own bucket)
 #   offset     ComfyUI's default ("offset" ref_latents_method): index 1, each reference placed on a growing
 #              canvas, right of it when placing it below would make the canvas taller than wide, else below
 #   index      ComfyUI's "index": reference i gets index i + 1, rows and columns from 0
-REFERENCE_IDS = ("community", "offset", "index")
+REFERENCE_IDS = ("community", "community-own-sizes", "offset", "index")
+SAME_SIZE_REFERENCE_IDS = ("community",)  # conventions whose references all take the first reference's size
 
 
 def reference_ids(grids: list[tuple[int, int]], convention: str = "community") -> np.ndarray:
@@ -94,7 +98,7 @@ def reference_ids(grids: list[tuple[int, int]], convention: str = "community") -
         raise ValueError(f"reference ids {convention!r}: use one of {', '.join(REFERENCE_IDS)}")
     out, canvas_h, canvas_w = [], 0, 0
     for i, (h2, w2) in enumerate(grids):
-        if convention == "community":
+        if convention in ("community", "community-own-sizes"):
             out.append(image_ids(h2, w2, 1.0, col=i * h2))
         elif convention == "index":
             out.append(image_ids(h2, w2, float(i + 1)))

@@ -90,8 +90,9 @@ class Kontext(KontextPipeline):
 
 
 def test_items_of_several_images_bucket_by_their_sizes_and_fail_alone(tmp_path):
-    """ "images" lines batch with items of the same reference count and sizes; a missing second image, a too
-    small one, too many tokens, "image" with "images", a model of one image: each fails alone, naming it."""
+    """ "images" lines batch with items of the same reference count and sizes (each reference at its own size:
+    "community-own-sizes"); a missing second image, a too small one, too many tokens, "image" with "images", a
+    model of one image: each fails alone, naming it."""
     for name, (w, h) in {"a": (64, 48), "b": (64, 48), "c": (32, 32), "tiny": (8, 8)}.items():
         Image.new("RGB", (w, h)).save(tmp_path / f"{name}.png")
     lines = [{"id": "one", "image": "a.png"}, {"id": "two", "images": ["a.png", "b.png"]},
@@ -101,7 +102,7 @@ def test_items_of_several_images_bucket_by_their_sizes_and_fail_alone(tmp_path):
              {"id": "empty", "images": []}]  # fmt: skip
     manifest = tmp_path / "m.jsonl"
     manifest.write_text("".join(json.dumps(x | {"prompt": "p"}) + "\n" for x in lines))
-    pipe = Kontext(max_image_tokens=4 * 12)  # a 64x48 image: 12 tokens
+    pipe = Kontext(ids="community-own-sizes", max_image_tokens=4 * 12)  # a 64x48 image: 12 tokens
     counts = run_job(pipe, manifest, tmp_path / "out", batch_size=2, defaults=DEFAULTS, progress=False)
     assert counts == {"ok": 4, "failed": 5, "skipped": 0}
     recs = {r["id"]: r for r in records(tmp_path / "out")}
@@ -123,20 +124,26 @@ def test_items_of_several_images_bucket_by_their_sizes_and_fail_alone(tmp_path):
 
 
 def test_several_references_sizes_from_the_headers_as_prepare_does():
-    """bucket_for (sizes) = prepare (images).bucket; reference_tokens scales an item's references together."""
+    """bucket_for (sizes) = prepare (images).bucket; "community" gives every reference the first's size (as if
+    alone), "community-own-sizes" each its own; reference_tokens scales an item's references together."""
     sizes = [(100, 77), (300, 40), (64, 64)]
     for auto, tokens in ((True, None), (False, None), (True, 4096), (False, 20)):
-        pipe = Kontext(tokens=tokens)
-        pipe.auto_resize = auto
-        bucket = pipe.bucket_for(sizes)
-        assert bucket == pipe.prepare([Image.new("RGB", s) for s in sizes]).bucket
-        refs, alone = [(w, h) for h, w in bucket[2]], Kontext()
-        alone.auto_resize = auto
-        assert bucket[:2] == alone.sizes(sizes[0])[0][0]  # the target: the first reference's size, as if alone
-        if tokens is not None:
-            assert sum(w * h for w, h in refs) // 256 <= tokens
+        for ids in ("community", "community-own-sizes"):
+            pipe = Kontext(ids=ids, tokens=tokens)
+            pipe.auto_resize = auto
+            bucket = pipe.bucket_for(sizes)
+            assert bucket == pipe.prepare([Image.new("RGB", s) for s in sizes]).bucket
+            refs, alone = [(w, h) for h, w in bucket[2]], Kontext()
+            alone.auto_resize = auto
+            own = [alone.sizes(s)[0][0] for s in sizes]  # each as if alone
+            assert bucket[:2] == own[0]  # the target: the first reference's size, as if alone
+            if tokens is None:
+                assert refs == (own[:1] * 3 if ids == "community" else own)
+            else:
+                assert sum(w * h for w, h in refs) // 256 <= tokens
+                assert len(set(refs)) == (1 if ids == "community" else 3)
     assert Kontext(tokens=4096).bucket_for([(1024, 1024)] * 2)[2] == ((720, 720), (720, 720))
     with pytest.raises(ValueError, match="reference_tokens 1 is too few"):
         Kontext(tokens=1).bucket_for([(64, 64), (64, 64)])
-    with pytest.raises(ValueError, match="reference_ids 'diagonal': use one of community, offset, index"):
+    with pytest.raises(ValueError, match="'diagonal': use one of community, community-own-sizes, offset, index"):
         Kontext(ids="diagonal")

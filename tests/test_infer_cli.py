@@ -186,7 +186,10 @@ def test_edit_with_several_images_and_the_reference_flags(tmp_path, monkeypatch,
     assert cli(base + ["--image", str(tmp_path / "nope.png")]) == 2 and len(loads) == 1
     assert "image not found" in capsys.readouterr().err.splitlines()[-1]
     assert cli(base + ["--image", str(tmp_path / "b.png"), "--max-tokens", "20"]) == 2
-    assert "28 image tokens, over the maximum of 20" in capsys.readouterr().err
+    assert "36 image tokens, over the maximum of 20" in capsys.readouterr().err  # community: b at a's size
+    own = ["--reference-ids", "community-own-sizes", "--max-tokens", "20"]
+    assert cli(base + ["--image", str(tmp_path / "b.png"), *own]) == 2
+    assert "28 image tokens, over the maximum of 20" in capsys.readouterr().err  # b at its own 32x32
     monkeypatch.setattr(Pipe, "several_references", False)
     assert cli(base + ["--image", str(tmp_path / "b.png")]) == 2
     assert "--image: this model takes one input image, got 2" in capsys.readouterr().err

@@ -2,9 +2,9 @@
 
 A tiny random diffusers pipeline is saved with save_pretrained, converted with
 `python -m checkpoints_convert pipeline`, and both run from the same initial latents:
-batch 2, a non-square 64x48 image, 4 steps, guidance 3.5, auto-resize off. Several references: against
-the reference path of diffusers' community pipeline_flux_kontext_multiple_images (re-implemented here on
-the same diffusers components: the package does not ship examples/).
+batch 2, a non-square 64x48 image, 4 steps, guidance 3.5, auto-resize off. Several references (of different
+sizes): against the reference path of diffusers' community pipeline_flux_kontext_multiple_images (re-implemented
+here on the same diffusers components, following its source: the package does not ship examples/).
 """
 
 from __future__ import annotations
@@ -90,18 +90,26 @@ def test_kontext_true_cfg_matches_diffusers(pipes):
 
 def community_multi_reference(ref, images, prompts, latents, steps, guidance):
     """Final packed latents of diffusers' examples/community/pipeline_flux_kontext_multiple_images.py
-    (`multiple_images`, `_auto_resize=False`, the target W x H): every reference is resized to the first one's
-    size and preprocessed, VAE-encoded (mode) and packed alone; reference i's ids are (1, row, col + i * rows);
-    the transformer sees [target | references]; mu from the target's tokens; the scheduler's Euler steps."""
+    (`multiple_images=images`: per item a tuple of references; `_auto_resize=False`; the target W x H), its
+    `preprocess_images` line by line: the size of the FIRST item's FIRST reference (floored to the VAE factor by
+    `get_default_height_width`, then to 16) for every reference (`image_processor.resize` of a list returns it
+    as it is; `preprocess` resizes each image, LANCZOS); then each reference VAE-encoded (mode) and packed alone,
+    reference i's ids (1, row, col + i * rows); the transformer sees [target | references]; mu from the target's
+    tokens; the scheduler's Euler steps."""
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 
     b, n = len(prompts), len(images[0])
+    multiple_of = ref.vae_scale_factor * 2
     with torch.no_grad():
         txt, pooled, txt_ids = ref.encode_prompt(prompt=prompts, prompt_2=None, max_sequence_length=64)
-        w0, h0 = (v // 16 * 16 for v in images[0][0].size)
+        image_height, image_width = ref.image_processor.get_default_height_width(images[0][0])
+        image_width = image_width // multiple_of * multiple_of
+        image_height = image_height // multiple_of * multiple_of
         refs, ids = [], [ref._prepare_latent_image_ids(b, H // 16, W // 16, "cpu", torch.float32)]
         for i in range(n):
-            x = ref.image_processor.preprocess([item[i] for item in images], h0, w0)
+            x = [item[i] for item in images]
+            x = ref.image_processor.resize(x, image_height, image_width)
+            x = ref.image_processor.preprocess(x, image_height, image_width)
             lat = ref.vae.encode(x).latent_dist.mode()  # FluxKontextPipeline._encode_vae_image (argmax)
             lat = (lat - ref.vae.config.shift_factor) * ref.vae.config.scaling_factor
             lh, lw = lat.shape[2:]
@@ -126,27 +134,42 @@ def community_multi_reference(ref, images, prompts, latents, steps, guidance):
     return x.numpy()
 
 
+REFERENCE_SIZES = [(W, H), (48, 64), (80, 48)]  # (w, h): the first the target's; then portrait, then wider
+
+
 @pytest.mark.parametrize("n_refs", [2, 3])
 def test_multi_reference_edit_matches_the_community_pipeline(pipes, n_refs, caplog):
-    """2 and 3 references per item (batch 2, 64x48 each, so the community's row offset overlaps columns; 2 steps):
-    final latents within 1e-4; other reference ids change the result, in the same compiled program."""
+    """2 and 3 references per item of different sizes (64x48, 48x64, 80x48; batch 2; 2 steps): every reference
+    resized to the first's size, final latents within 1e-4 of the community pipeline's; the same references at
+    their own sizes ("community-own-sizes") or with other ids change the result, the ids in the same compiled
+    program (64x48 references: the community's row offset overlaps columns)."""
     ref, ours, latents = pipes
-    items = [[images(10 * i + j)[i] for j in range(n_refs)] for i in range(len(PROMPTS))]
+    rng = np.random.default_rng(10 + n_refs)
+    items = [[Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in REFERENCE_SIZES[:n_refs]]
+             for _ in PROMPTS]  # fmt: skip
     want = community_multi_reference(ref, items, PROMPTS, latents, 2, GUIDANCE)
     kw = dict(steps=2, guidance=GUIDANCE, width=W, height=H, latents=latents, output="latents")
+    first_size = [[im.resize((W, H), Image.Resampling.LANCZOS) for im in item] for item in items]
     with jax.log_compiles(True):
         got = ours(items, PROMPTS, [0, 1], **kw)
         err = rel_err(got, want)
-        print(f"{n_refs} references: final latents rel err {err:.2e}")
+        print(f"{n_refs} references of different sizes: final latents rel err {err:.2e}")
         assert err <= 1e-4
+        np.testing.assert_array_equal(ours(first_size, PROMPTS, [0, 1], **kw), got)  # resized as the first
         ours.set_references("index")
         try:
-            other = ours(items, PROMPTS, [0, 1], **kw)
+            other = ours(first_size, PROMPTS, [0, 1], **kw)
         finally:
             ours.set_references()
-    assert rel_err(other, want) > 100 * err  # the ids reach the model
     compiled = [r for r in caplog.records if "compilation of jit(denoise_loop)" in r.getMessage()]
     assert len(compiled) == 1  # one program per bucket, whatever the ids
+    assert rel_err(other, want) > 100 * err  # the ids reach the model
+    ours.set_references("community-own-sizes")
+    try:
+        own = ours(items, PROMPTS, [0, 1], **kw)
+    finally:
+        ours.set_references()
+    assert rel_err(own, want) > 100 * err  # each reference at its own size: not the community pipeline's result
 
 
 def test_text_to_image_matches_diffusers_flux_pipeline(pipes):

@@ -35,8 +35,9 @@ def test_ids_match_diffusers():
 
 
 def test_reference_ids_conventions():
-    """One reference: (1, row, col) in every convention. Several (3x2, 2x2, 3x3 token grids): community shifts
-    reference i's columns by i x its rows; offset tiles a canvas (no two tokens share an id); index counts."""
+    """One reference: (1, row, col) in every convention. Several (3x2, 2x2, 3x3 token grids): community (and
+    community-own-sizes: the same ids, other sizes) shifts reference i's columns by i x its rows; offset tiles a
+    canvas (no two tokens share an id); index counts."""
     from jaxedit.cli import REFERENCE_IDS
 
     assert REFERENCE_IDS == sampling.REFERENCE_IDS  # the CLI's copy (it imports no jax)
@@ -44,9 +45,10 @@ def test_reference_ids_conventions():
         np.testing.assert_array_equal(sampling.reference_ids([(3, 5)], c), sampling.image_ids(3, 5, 1.0))
     grids = [(3, 2), (2, 2), (3, 3)]
     parts = lambda c: np.split(sampling.reference_ids(grids, c), [6, 10])  # noqa: E731
-    community, offset, index = (parts(c) for c in sampling.REFERENCE_IDS)
+    community, own_sizes, offset, index = (parts(c) for c in sampling.REFERENCE_IDS)
     for i, (h2, w2) in enumerate(grids):
         np.testing.assert_array_equal(community[i], sampling.image_ids(h2, w2, 1.0, col=i * h2))
+        np.testing.assert_array_equal(own_sizes[i], community[i])
         np.testing.assert_array_equal(index[i], sampling.image_ids(h2, w2, i + 1.0))
     corners = [tuple(int(v) for v in x[0, 1:]) for x in offset]
     assert corners == [(0, 0), (0, 2), (3, 0)]  # right of the first (taller than wide), then below both

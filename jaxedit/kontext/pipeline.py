@@ -12,13 +12,15 @@ seeded noise; the shifted schedule uses mu from the target token count; the guid
 goes through the guidance embedding; Euler steps; decode. The whole denoising loop of a
 batch is one jitted XLA program; batches are split over the local devices (data parallel).
 
-Several reference images per item (a list instead of an image): each is resized as a single one
-is, then (`reference_tokens`) all of an item's references are scaled by one factor, aspect kept,
-never enlarged, to fit that many tokens together; each is encoded and packed alone, and the
-reference grids get ids per `reference_ids` (`jaxedit.sampling.REFERENCE_IDS`; default
-"community": diffusers' community pipeline_flux_kontext_multiple_images). The target defaults to
-the first reference's size. Items of a batch share the number and sizes of their references (the
-bucket), and `max_image_tokens` caps target + reference tokens per item.
+Several reference images per item (a list instead of an image): with `reference_ids` "community" (the
+default: diffusers' community pipeline_flux_kontext_multiple_images) the first is resized as a single
+one is and every other one to that same size, LANCZOS, aspect not kept (as that pipeline does); with
+the others (`jaxedit.sampling.REFERENCE_IDS`) each is resized as a single one is. Then
+(`reference_tokens`) all of an item's references are scaled by one factor, aspect kept, never
+enlarged, to fit that many tokens together; each is encoded and packed alone, and the reference
+grids get ids per `reference_ids`. The target defaults to the first reference's size. Items of a batch
+share the number and sizes of their references (the bucket), and `max_image_tokens` caps target +
+reference tokens per item.
 
 True classifier-free guidance (diffusers `true_cfg_scale`, off by default): with a scale > 1
 every step also runs the transformer on the negative prompt (default "") and uses
@@ -129,9 +131,10 @@ class KontextPipeline(EditPipelineBase):
     """Editing (Kontext, one or several reference images) or text-to-image (no image) with a FLUX-family
     model folder.
 
-    reference_ids: how several references are told apart (`sampling.REFERENCE_IDS`).
-    reference_tokens: None, each reference resized as a single one is; N, an item's references scaled
-        together to at most N tokens (4096: one 1024x1024 reference's).
+    reference_ids: how several references are sized and told apart (`sampling.REFERENCE_IDS`; "community":
+        all at the first one's size).
+    reference_tokens: None, the references' sizes as `reference_ids` gives them; N, an item's references
+        scaled together to at most N tokens (4096: one 1024x1024 reference's).
     max_image_tokens: None, or the most target + reference tokens an item may have (ValueError above).
     """
 
@@ -311,9 +314,15 @@ class KontextPipeline(EditPipelineBase):
 
     def sizes(self, size, width: int | None = None, height: int | None = None) -> tuple[list, int, int]:
         """([(w, h) of each reference], target width, target height) for images of `size`: one (w, h), a list
-        of them (several references) or None (no image). Raises ValueError on bad sizes or too many tokens."""
+        of them (several references) or None (no image). Each reference resized as a single one is, or, with
+        `reference_ids` in `sampling.SAME_SIZE_REFERENCE_IDS` ("community"), every one to the first's size (as
+        diffusers' community pipeline does: its own size is not read). Raises ValueError on bad sizes or too many
+        tokens."""
         sizes, refs = as_list(size), []
         for i, (w, h) in enumerate(sizes):
+            if i and self.reference_ids in sampling.SAME_SIZE_REFERENCE_IDS:
+                refs.append(refs[0])
+                continue
             which = "image" if len(sizes) == 1 else f"reference {i + 1} of {len(sizes)}: image"
             w0, h0 = sampling.floor_size(w, h)
             if w0 < 16 or h0 < 16:

@@ -233,8 +233,10 @@ def sample_editor(run: Run) -> SampleEdits | None:
 
     if run.preset.connector is not None:  # Step1X-Edit: the run's Qwen embedder and cache, the items' own sizes
         kw = dict(text_encoder=run.encoder.text, cache_dir=run.encoder.cache_dir, size_level=None)
-    else:  # the items' own sizes (floored to multiples of 16) and reference ids, as trained
-        kw = dict(auto_resize=False, reference_ids=cfg.objective.reference_ids)
+    else:  # the items' own sizes (floored to multiples of 16) and reference ids, as trained: each source at its
+        # own size, so "community" samples as "community-own-sizes"
+        ids = cfg.objective.reference_ids
+        kw = dict(auto_resize=False, reference_ids="community-own-sizes" if ids == "community" else ids)
     pipe = load_pipeline(run.folder, compile_cache=False, **kw)
     return SampleEdits(pipe, run.batches.index.items[: cfg.sample_count], run.ckpt_dir)
 

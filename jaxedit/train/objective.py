@@ -6,7 +6,8 @@ Conventions (docs/conventions.md, "Schedule and sampler"):
   reference tokens are concatenated after the target tokens with ids (ref_index, row, col)
   (Kontext: ref_index 1) and are excluded from the loss; the model output is sliced to
   the target tokens. Several references (batch keys reference, reference_1, ...): each packed
-  alone, in order, with ids per `reference_ids` (`jaxedit.sampling.reference_ids`, as the pipeline).
+  alone, in order, with ids per `reference_ids` (`jaxedit.sampling.reference_ids`, as the pipeline), each
+  at its own size (its bucket's): "community" trains as "community-own-sizes", which samples the same way.
 
 Step1X-Edit (a batch with `txt_mask`): reference ids equal the target ids (ref_index 0), the
 text conditioning is the Qwen2.5-VL states `txt` [B, L, D] with `txt_mask` [B, L] (the model's
@@ -56,7 +57,8 @@ class ObjectiveConfig:
     guidance: float | tuple[float, float] = 1.0  # fixed value or U(lo, hi) per sample
     prompt_dropout: float = 0.0  # probability of replacing (txt, y) by the empty prompt's
     ref_index: float = 1.0  # first id coordinate of reference tokens (Kontext: 1)
-    reference_ids: str = "community"  # ids of several references (sampling.REFERENCE_IDS; sample with the same)
+    reference_ids: str = "community"  # ids of several references (sampling.REFERENCE_IDS; sample with the same,
+    # "community" as "community-own-sizes": training keeps each reference's own size)
     changed_weight: float = 1.0  # loss weight of target tokens the edit changes (1: plain mean)
     changed_threshold: float = 0.1  # mean |target - reference| latent difference of a "changed" token
 

@@ -208,7 +208,9 @@ def model_identity(args, pipe) -> str:
 
     options = {k: getattr(args, k) for k in ("dtype", "keep_size", "size_level")}
     refs = {k: getattr(pipe, k, None) for k in ("reference_ids", "reference_tokens")}
-    options |= {k: v for k, v in refs.items() if v not in (None, "community")}  # at their defaults: keys as before
+    # reference_ids always: "community" resizes mixed-size references to the first one's since 2026-12-07, so
+    # results made under its earlier meaning (now "community-own-sizes") are not trusted
+    options |= {k: v for k, v in refs.items() if v is not None}
     options |= {k: getattr(pipe, k, None) for k in ("true_cfg_scale", "negative_prompt")}  # flags or the folder's
     loras = pipe.lora_identity() if hasattr(pipe, "lora_identity") else []  # the folder's and --lora
     options |= {"loras": loras} if loras else {}  # (absent without LoRAs: earlier results keep their keys)

@@ -98,6 +98,10 @@ def test_the_batch_commands_model_identity_changes_with_the_folder_and_the_sampl
     assert model_identity(args, pipe) == identity
     assert model_identity(args, types.SimpleNamespace(true_cfg_scale=3.0, negative_prompt="")) != identity
     assert model_identity(argparse.Namespace(**{**vars(args), "keep_size": True}), pipe) != identity
+    # the reference convention, the default "community" too (its meaning changed: see model_identity)
+    community = types.SimpleNamespace(true_cfg_scale=1.0, negative_prompt="", reference_ids="community")
+    own = types.SimpleNamespace(true_cfg_scale=1.0, negative_prompt="", reference_ids="community-own-sizes")
+    assert len({identity, model_identity(args, community), model_identity(args, own)}) == 3
     (folder / "transformer" / "weights").write_bytes(b"22")  # a part rewritten
     assert model_identity(args, pipe) != identity
     # sealed parts count by content: a copy of the folder is the same model, a rewritten part is not

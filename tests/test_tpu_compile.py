@@ -196,6 +196,7 @@ ENTRY %main () -> f32[] {
     backend_config={"estimated_cycles":"50"}
   %rs = (f32[1024,256]{1,0}, f32[256,256]{1,0}) reduce-scatter-start(%y), replica_groups={{0,1,2,3}}, dimensions={0}
   %f = bf16[1,192,48]{1,2,0} fusion(%p), kind=kCustom, calls=%fused
+  %a2a = bf16[64,64]{1,0} all-to-all(%p), replica_groups=mesh['axis_0'=4,'axis_1'=1] {'axis_0'}, dimensions={0}
   ROOT %c = f32[] constant(0)
 }
 """
@@ -203,4 +204,5 @@ ENTRY %main () -> f32[] {
     assert r.collective_bytes["all-gather"] == 2048 * 1024 * 2 / 2 + 192 * 48 * 2 / 2  # (the second in a fusion)
     assert r.collective_bytes["all-reduce"] == 2 * 3 / 4 * 512 * 512 * 4
     assert r.collective_bytes["reduce-scatter"] == 3 * 256 * 256 * 4
+    assert r.collective_bytes["all-to-all"] == 3 / 4 * 64 * 64 * 2  # groups named by mesh axes, no device_ids
     assert r.by_kind["collective"] == 150 and r.cycles == 150

@@ -128,8 +128,8 @@ def group_size(ins: Instruction) -> int:
     m = re.search(r"replica_groups=\[(\d+),(\d+)\]<=", ins.rest)
     if m:
         return int(m[2])
-    # replica_groups=mesh['axis_0'=1,'axis_1'=2,'axis_2'=2], device_ids=(...) {'axis_1'}: the named axes' sizes
-    m = re.search(r"replica_groups=mesh\[([^\]]*)\], device_ids=\([^)]*\)(?:T\([\d,]*\))?\)? \{([^}]*)\}", ins.rest)
+    # replica_groups=mesh['axis_0'=1,'axis_1'=2,'axis_2'=2][, device_ids=(...)] {'axis_1'}: the named axes' sizes
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\](?:, device_ids=\([^)]*\)(?:T\([\d,]*\))?\)?)? \{([^}]*)\}", ins.rest)
     if m:
         sizes = {k: int(v) for k, v in re.findall(r"'([^']+)'=(\d+)", m[1])}
         n = 1

@@ -29,6 +29,7 @@ _COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.\-]+) \(.*\{\s*$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.+?) ([a-z][\w\-]*)\((.*)$", re.DOTALL)
 _CYCLES = re.compile(r'"estimated_cycles":"(\d+)"')
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_MESH_GROUPS = re.compile(r"replica_groups=mesh\[([^\]]*)\](?:, device_ids=\([^)]*\)(?:T\([\d,]*\))?\)?)? \{([^}]*)\}")
 _SHAPE = re.compile(r"([a-z]+\d*)\[([\d,]*)\]")
 
 
@@ -129,7 +130,7 @@ def group_size(ins: Instruction) -> int:
     if m:
         return int(m[2])
     # replica_groups=mesh['axis_0'=1,'axis_1'=2,'axis_2'=2][, device_ids=(...)] {'axis_1'}: the named axes' sizes
-    m = re.search(r"replica_groups=mesh\[([^\]]*)\](?:, device_ids=\([^)]*\)(?:T\([\d,]*\))?\)?)? \{([^}]*)\}", ins.rest)
+    m = _MESH_GROUPS.search(ins.rest)
     if m:
         sizes = {k: int(v) for k, v in re.findall(r"'([^']+)'=(\d+)", m[1])}
         n = 1

@@ -31,7 +31,7 @@ def get_config() -> TrainConfig:
         ),
         steps=10000,
         grad_accum=1,
-        mesh="fsdp=-1",
+        mesh="auto",  # hybrid FSDP: the state sharded within the smallest group of chips holding it (train_mesh)
         dtype="bfloat16",
         remat="full",
         checkpoint_dir="checkpoints/kontext_dev_full",

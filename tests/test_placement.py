@@ -199,3 +199,27 @@ def test_cli_mesh_option_and_folder_option(folder, tmp_path, capsys):
         cli([*argv, "--out", str(tmp_path / "d.png")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "jaxedit.json: pipeline.mesh: mesh fsdp=3 does not use exactly the 8" in err, err
+
+
+def test_training_mesh_auto_is_hybrid_fsdp():
+    """A training run's mesh "auto": the state sharded within the smallest group of chips holding it in 40% of
+    a chip, data parallel across groups (the compiled v5p-64 step: data=4,fsdp=8 at 2.49 s against fsdp=32's
+    5.73 s at the same batch)."""
+    import dataclasses
+
+    from jaxedit.train.config import TrainConfig
+    from jaxedit.train.loop import train_mesh
+    from jaxedit.train.lora import LoraConfig
+
+    state = 16 * 11.9e9  # float32 parameters, gradients, Adam m and v
+    assert placement.train_rule(32, state, 95e9) == MeshConfig(data=4, fsdp=8)  # v5p-64
+    assert placement.train_rule(4, state, 95e9) == MeshConfig(data=1, fsdp=4)  # v5p-8: every chip
+    assert placement.train_rule(64, state, 32e9) == MeshConfig(data=4, fsdp=16)  # v6e-64
+    assert placement.train_rule(256, state, 16e9) == MeshConfig(data=8, fsdp=32)  # v5e-256
+    assert placement.train_rule(8, state, None) == MeshConfig(data=1, fsdp=8)  # memory unknown: all chips
+    preset, devices = configs.get("flux-kontext-dev"), jax.devices()
+    cfg = dataclasses.replace(TrainConfig(), mesh="auto")
+    assert train_mesh(cfg, preset, devices, memory=200e9) == MeshConfig(data=2, fsdp=4)  # 190 GB / 4 <= 80
+    lora = dataclasses.replace(cfg, lora=LoraConfig(rank=16))
+    assert train_mesh(lora, preset, devices, memory=95e9) == MeshConfig(data=4, fsdp=2)  # frozen f32 base
+    assert train_mesh(dataclasses.replace(cfg, mesh="fsdp=-1"), preset, devices) == MeshConfig(fsdp=-1)

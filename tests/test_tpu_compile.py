@@ -162,7 +162,7 @@ def test_the_pipelines_auto_placement_compiles_for_tpu(monkeypatch, tmp_path):
     preset = configs.get("flux-kontext-tiny")
     f = KontextPipeline.footprint(preset, np.dtype("bfloat16"), {})
     chips = parse_target("v5e-4").devices()
-    memory = (f.weights / 2 + placement.working_set_bytes(preset.transformer.hidden_size, f.tokens, f.block_bytes))
+    memory = f.weights / 2 + placement.working_set_bytes(preset.transformer.hidden_size, f.tokens, f.block_bytes)
     memory /= 0.89
     cfg = plan.pipeline_mesh(preset, args, chips, memory)
     assert cfg == MeshConfig(data=2, fsdp=2)

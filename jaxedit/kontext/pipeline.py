@@ -238,9 +238,7 @@ class KontextPipeline(EditPipelineBase):
         return pipe
 
     @staticmethod
-    def footprint(
-        preset: configs.Preset, dtype: Any, modes: dict, text_on_cpu: bool = False
-    ) -> placement.Footprint:
+    def footprint(preset: configs.Preset, dtype: Any, modes: dict, text_on_cpu: bool = False) -> placement.Footprint:
         """What `mesh="auto"` places by: the weights the devices hold, one typical edit (1024 px, one reference).
         modes: {part: quantisation mode or None}."""
         resident = {"transformer": (dtype, modes.get("transformer")), "vae": (None, None)}

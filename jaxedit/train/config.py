@@ -39,7 +39,7 @@ class TrainConfig:
     optim: OptimConfig = OptimConfig()
     steps: int = 1000
     grad_accum: int = 1  # micro-batches per step (data.batch_size is split into them)
-    mesh: str = "fsdp=-1"  # jaxedit.configs.MeshConfig.parse spec
+    mesh: str = "fsdp=-1"  # jaxedit.configs.MeshConfig.parse spec, or "auto" (jaxedit.train.loop.train_mesh)
     dtype: str = "bfloat16"  # compute dtype (master weights are float32)
     remat: str = "none"  # none | full | dots | dots_no_batch | offload (full, block inputs in host memory)
     mlp_chunks: int = 1  # the DiT's MLPs on this many slices of the tokens: a smaller working set, same result

@@ -27,6 +27,7 @@ needs ref_index=0 (reference ids equal the target's), as configs/step1x_*.py set
 from __future__ import annotations
 
 import dataclasses
+import math
 import signal
 from pathlib import Path
 from typing import Any
@@ -94,14 +95,29 @@ def load_model(cfg: TrainConfig):
     return folder, preset, transformer, parts
 
 
+def train_mesh(cfg: TrainConfig, preset: configs.Preset, devices: list, memory: float | None = None):
+    """The run's `MeshConfig`: `cfg.mesh`, or for "auto" `placement.train_rule` with the training state's bytes
+    (full fine-tune: float32 parameters, gradients and two Adam moments, 16 B a parameter; LoRA: the frozen
+    float32 base, 4 B) and the chips' memory (default: what the first device reports; None on a CPU)."""
+    if cfg.mesh != "auto":
+        return configs.MeshConfig.parse(cfg.mesh)
+    from jaxedit.model_folder import expected_params
+    from jaxedit.parallel import placement
+
+    params = sum(math.prod(x.shape) for x in jax.tree.leaves(expected_params(preset, "transformer")))
+    memory = placement.chip_memory(devices[0]) if memory is None else memory
+    return placement.train_rule(len(devices), params * (4 if cfg.lora is not None else 16), memory)
+
+
 def check_config(cfg: TrainConfig, preset: configs.Preset) -> None:
     """Refuse settings the run could not honour (instead of ignoring them)."""
     if cfg.steps < 1:
         raise ValueError(f"steps must be >= 1, got {cfg.steps}")
     try:
-        configs.MeshConfig.parse(cfg.mesh)
+        if cfg.mesh != "auto":
+            configs.MeshConfig.parse(cfg.mesh)
     except ValueError as e:
-        raise ValueError(f"mesh: {e}") from None
+        raise ValueError(f"mesh: {e} (or 'auto')") from None
     if cfg.remat not in REMAT_POLICIES:
         raise ValueError(f"remat {cfg.remat!r}: use one of {', '.join(REMAT_POLICIES)}")
     if cfg.dtype not in TRAIN_DTYPES:
@@ -157,7 +173,7 @@ class Run:
 
 def build(cfg: TrainConfig, folder: Path, preset: configs.Preset, parts: dict) -> Run:
     """The trainer, data iterator, encoders and checkpoint manager of a run."""
-    mesh = sh.make_mesh(configs.MeshConfig.parse(cfg.mesh))
+    mesh = sh.make_mesh(train_mesh(cfg, preset, jax.devices()))
     trainer = Trainer(
         preset.transformer,
         cfg.objective,

@@ -90,8 +90,8 @@ class SelfAttention(nn.Module):
     def qkv_heads(self, x_BLD):
         """x -> normed q, k and v, each [B, L, H, Dh]."""
         b, l, _ = x_BLD.shape
-        qkv = self.qkv(x_BLD).reshape(b, l, 3, self.cfg.num_heads, self.cfg.head_dim)
-        q, k, v = (constrain(qkv[:, :, i], ACT_HEADS) for i in range(3))
+        heads = (self.cfg.num_heads, self.cfg.head_dim)
+        q, k, v = (constrain(t.reshape(b, l, *heads), ACT_HEADS) for t in self.qkv(x_BLD, split=True))
         q, k = self.norm(q, k)
         return q, k, v
 
@@ -195,8 +195,8 @@ class SingleStreamBlock(_BlockBase):
         ((shift, scale, gate),) = self.modulation(vec_BD)
         x_mod = modulate(layer_norm(x_BLD), shift, scale)
 
-        qkv = self.linear1_qkv(x_mod).reshape(b, l, 3, cfg.num_heads, cfg.head_dim)
-        q, k, v = (constrain(qkv[:, :, i], ACT_HEADS) for i in range(3))
+        heads = (cfg.num_heads, cfg.head_dim)
+        q, k, v = (constrain(t.reshape(b, l, *heads), ACT_HEADS) for t in self.linear1_qkv(x_mod, split=True))
         q, k = self.norm(q, k)
         out = self.linear2_attn(self.attend(q, k, v, rope))
         out = out + token_chunked(type(self).mlp, self, x_mod, self.mlp_chunks)

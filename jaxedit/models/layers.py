@@ -41,19 +41,34 @@ class MultiOutDense(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, split: bool = False):
+        """x [..., in] -> [..., *features]; split=True: a tuple of the outputs of each index of the first output
+        axis, each its own matmul (a fused q/k/v projection as three: each result its own buffer, which the
+        attention kernel takes as it is, where slices of one buffer would be copied)."""
         out_axes = tuple(range(1, 1 + len(self.features)))
         init = zeros if self.zero_init else nn.initializers.lecun_normal(in_axis=0, out_axis=out_axes)
         shape = (x.shape[-1], *self.features)
         kernel = self.param("kernel", param_init(init, self.kernel_axes), shape, self.param_dtype)
+        scale = None
         if jnp.dtype(kernel.dtype).itemsize == 1 and self.has_variable("params", quant.SCALE):
-            y = quant.matmul(x, kernel, self.get_variable("params", quant.SCALE), self.dtype)
-        else:
-            y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=((x.ndim - 1,), (0,)))
+            scale = self.get_variable("params", quant.SCALE)
+        bias = None
         if self.use_bias:
             bias = self.param("bias", param_init(zeros, self.kernel_axes[1:]), self.features, self.param_dtype)
-            y = y + bias.astype(self.dtype)
-        return y
+
+        def project(k, s, b):
+            if s is not None:
+                y = quant.matmul(x, k, s, self.dtype)
+            else:
+                y = jnp.tensordot(x.astype(self.dtype), k.astype(self.dtype), axes=((x.ndim - 1,), (0,)))
+            return y if b is None else y + b.astype(self.dtype)
+
+        if not split:
+            return project(kernel, scale, bias)
+        return tuple(
+            project(kernel[:, i], None if scale is None else scale[:, i], None if bias is None else bias[i])
+            for i in range(self.features[0])
+        )
 
 
 def dense(features, axes, *, name, dtype, param_dtype, use_bias=True, zero_init=False):

@@ -199,21 +199,20 @@ def add_qwen(folder: str | Path, qwen: str | Path, *, dtype: Any = None, log=pri
     """Convert a transformers Qwen2.5-VL folder into an existing Step1X-Edit model folder (qwen/ weights,
     qwen_processor/ files, the architecture in jaxedit.json), replacing any Qwen it held: everything is
     checked on headers first, each part is written beside and renamed into place."""
-    from jaxedit.model_folder import read_description, read_json, write_json, write_part
-    from jaxedit.step1x.text import QwenEmbedderConfig, qwen_entry
+    from jaxedit.model_folder import ModelFolder, write_json, write_part
+    from jaxedit.step1x.text import QwenEmbedderConfig, qwen_entry, qwen_section
 
     folder, qwen = Path(folder), Path(qwen).resolve()
-    preset = read_description(folder)
+    opened = ModelFolder.open(folder)
+    preset = opened.preset
     qwen_cfg = check_qwen(qwen, preset)
     source, the_plan = open_part("qwen", qwen, qwen_cfg)  # raises before anything is written
     t0 = time.perf_counter()
     write_part(folder, "qwen", unflatten(convert(the_plan, source.read, dtype=dtype, source_dtype=source.dtype)))
     copy_qwen_processor(qwen, folder / QWEN_PROCESSOR)
-    desc = read_json(folder)
-    old = desc.get("qwen") or {}
-    config = QwenEmbedderConfig.from_dict(old.get("config", {})) if old.get("config") else None
+    config = qwen_section(opened).config if opened.qwen.get("config") else None
     config = config or QwenEmbedderConfig(preset.connector.in_channels)
-    write_json(folder / "jaxedit.json", desc | qwen_entry(None, config, qwen_cfg))
+    write_json(folder / "jaxedit.json", opened.description | qwen_entry(None, config, qwen_cfg))
     log(f"  qwen: {source.describe()} -> {folder / 'qwen'} ({time.perf_counter() - t0:.1f}s)")
     return folder
 

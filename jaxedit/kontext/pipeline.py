@@ -51,6 +51,7 @@ from PIL import Image
 
 from jaxedit import configs, sampling
 from jaxedit.lora import Lora, check_scale, merge, merge_now, read_lora
+from jaxedit.model_folder import ModelFolder
 from jaxedit.models import Flux
 from jaxedit.options import folder_loras, max_image_tokens
 from jaxedit.parallel import placement
@@ -62,9 +63,9 @@ from jaxedit.pipelines.base import (
     check_steps,
     choose_mesh,
     enable_compilation_cache,
+    open_folder,
     quantize_mode,
     quantized_parts,
-    read_folder,
     resident_bytes,
     to_images,
     to_model_input,
@@ -172,7 +173,7 @@ class KontextPipeline(EditPipelineBase):
     @classmethod
     def load(
         cls,
-        folder: str | Path,
+        folder: str | Path | ModelFolder,
         *,
         dtype: Any = None,
         compile_cache: bool = True,
@@ -184,9 +185,9 @@ class KontextPipeline(EditPipelineBase):
         devices: list | None = None,
         **kw,
     ) -> KontextPipeline:
-        """Load a jaxedit model folder (see `jaxedit.model_folder`). dtype (transformer and text
-        encoders): default the folder's pipeline option "dtype", else bfloat16. loras: (file or read LoRA,
-        scale) added after the folder's own, merged into the weights unless merge_loras is False.
+        """Load a jaxedit model folder (a path or an opened `jaxedit.model_folder.ModelFolder`). dtype
+        (transformer and text encoders): default the folder's pipeline option "dtype", else bfloat16. loras: (file
+        or read LoRA, scale) added after the folder's own, merged into the weights unless merge_loras is False.
         quantize: "int8" / "fp8" weights for the DiT and T5 (`jaxedit.quant`; default the folder's pipeline
         option "quantize"), quantised as they load unless the folder stores them so. text_on_cpu: keep T5 and
         CLIP in host memory and run them on the host's CPU (default the folder's option "text_on_cpu"): the
@@ -195,24 +196,24 @@ class KontextPipeline(EditPipelineBase):
         replicated data parallel over the local devices; "auto"; or axis sizes ("data=2,fsdp=2"); every part
         is restored straight into its sharding on it."""
         from jaxedit.kontext.text import FluxTextEncoder, load_tokenizer
-        from jaxedit.model_folder import TOKENIZERS, load_parts, read_quantized
+        from jaxedit.model_folder import TOKENIZERS, load_parts
 
-        folder = Path(folder)
-        preset, options, dtype = read_folder(folder, FAMILIES, dtype)
-        quantize = quantize_mode(folder, options, quantize)
+        opened, dtype = open_folder(folder, FAMILIES, dtype)
+        folder, preset, options = opened.path, opened.preset, opened.options
+        quantize = quantize_mode(opened, quantize)
         if compile_cache:
             enable_compilation_cache()
         dtypes = {"transformer": dtype, "t5": dtype, "clip": dtype}
         text_on_cpu = options.get("text_on_cpu", False) if text_on_cpu is None else text_on_cpu
         on_host = {"t5": jax.devices("cpu")[0], "clip": jax.devices("cpu")[0]} if text_on_cpu else None
         devices = list(devices or jax.local_devices())
-        stored = read_quantized(folder)
+        stored = opened.quantized
         modes = {p: stored.get(p) or (quantize if p in ("transformer", "t5") else None) for p in dtypes}
         footprint = cls.footprint(preset, dtype, modes, text_on_cpu)
         where = f"{folder / 'jaxedit.json'}: pipeline.mesh" if mesh is None and "mesh" in options else "mesh"
         mesh = choose_mesh(preset, options.get("mesh", "auto") if mesh is None else mesh, devices, footprint,
                            quantize=quantize, where=where)  # fmt: skip
-        params = load_parts(folder, preset, dtypes=dtypes, quantize=quantize, devices=on_host,
+        params = load_parts(opened, dtypes=dtypes, quantize=quantize, devices=on_host,
                             mesh=sh.make_mesh(mesh, devices))  # fmt: skip
         text = FluxTextEncoder(
             preset.t5,
@@ -227,6 +228,7 @@ class KontextPipeline(EditPipelineBase):
         kw.setdefault("reference_ids", options.get("reference_ids", "community"))  # as the model was trained
         kw.setdefault("max_image_tokens", max_image_tokens(options))  # the folder's cap, else from its resolution
         pipe = cls(preset, params, text, dtype=dtype, mesh=mesh, devices=devices, **kw)
+        pipe.folder = opened
         pipe.quantized = quantized_parts(params | {"t5": text.t5_params})
         pipe.default_steps = int(options.get("steps", DEFAULT_STEPS))
         pipe.default_guidance = float(options.get("guidance", DEFAULT_GUIDANCE))
@@ -238,9 +240,7 @@ class KontextPipeline(EditPipelineBase):
         return pipe
 
     @staticmethod
-    def footprint(
-        preset: configs.Preset, dtype: Any, modes: dict, text_on_cpu: bool = False
-    ) -> placement.Footprint:
+    def footprint(preset: configs.Preset, dtype: Any, modes: dict, text_on_cpu: bool = False) -> placement.Footprint:
         """What `mesh="auto"` places by: the weights the devices hold, one typical edit (1024 px, one reference).
         modes: {part: quantisation mode or None}."""
         resident = {"transformer": (dtype, modes.get("transformer")), "vae": (None, None)}

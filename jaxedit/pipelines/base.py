@@ -104,28 +104,30 @@ def check_steps(steps: Any, default: int) -> int:
     return int(steps)
 
 
-def read_folder(folder: str | Path, families: tuple[str, ...], dtype: Any = None):
-    """(preset, pipeline options, compute dtype) of a model folder whose family is one of `families`.
-    dtype: default the folder's option "dtype", else bfloat16."""
-    preset = model_folder.read_description(folder)
-    if preset.family not in families:
-        raise ValueError(f"{folder} holds a {preset.family!r} model, not {' or '.join(map(repr, families))}")
-    options = model_folder.read_options(folder)
-    return preset, options, jnp.dtype(dtype or options.get("dtype", "bfloat16"))
+def open_folder(
+    folder: str | Path | model_folder.ModelFolder, families: tuple[str, ...], dtype: Any = None
+) -> tuple[model_folder.ModelFolder, Any]:
+    """(the opened model folder, compute dtype) of a model folder (a path, opened here, or an opened
+    `ModelFolder`) whose family is one of `families`. dtype: default the folder's option "dtype", else bfloat16."""
+    opened = model_folder.ModelFolder.of(folder)
+    if opened.family not in families:
+        raise ValueError(f"{opened.path} holds a {opened.family!r} model, not {' or '.join(map(repr, families))}")
+    return opened, jnp.dtype(dtype or opened.options.get("dtype", "bfloat16"))
 
 
-def quantize_mode(folder: str | Path, options: dict, quantize: str | None) -> str | None:
+def quantize_mode(folder: model_folder.ModelFolder, quantize: str | None) -> str | None:
     """The weight quantisation to load with: `quantize` (None: the folder's pipeline option "quantize", else
     whatever the folder stores; "none": not quantised, refused for a folder stored quantised)."""
     from jaxedit import quant
 
-    stored = set(model_folder.read_quantized(folder).values())
+    stored = set(folder.quantized.values())
     try:
-        mode = quant.check_mode(options.get("quantize") if quantize is None else quantize)
+        mode = quant.check_mode(folder.options.get("quantize") if quantize is None else quantize)
     except ValueError as e:
-        raise ValueError(f"{folder}: {e}") from None
+        raise ValueError(f"{folder.path}: {e}") from None
     if quantize in ("none", "") and stored:
-        raise ValueError(f"{folder} is stored quantised ({', '.join(sorted(stored))}): it cannot load unquantised")
+        raise ValueError(f"{folder.path} is stored quantised ({', '.join(sorted(stored))}): it cannot load "
+                         "unquantised")  # fmt: skip
     if mode is None and stored:
         return None  # load as stored
     return mode
@@ -216,6 +218,7 @@ class EditPipelineBase:
 
     model: Any
     default_steps: int
+    folder: model_folder.ModelFolder | None = None  # the model folder it was loaded from (`load`)
     quantized: dict[str, str] = {}  # {part: "int8" / "fp8"} of the parts whose weights are quantised
 
     def __init__(

@@ -280,9 +280,10 @@ def edit_main(argv: list[str]) -> int:
               f"overflowed): {dst} not written", file=sys.stderr)  # fmt: skip
         return 1
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")  # this process's: never another run's temporary
-    out.save(tmp, format="PNG")
-    tmp.replace(dst)
+    from jaxedit.staged import staged_file
+
+    with staged_file(dst) as tmp:  # this process's temporary: never another run's
+        out.save(tmp, format="PNG")
     t2 = time.perf_counter()
     print(f"wrote {dst} ({out.width}x{out.height}); load {t1 - t0:.1f}s, edit {t2 - t1:.1f}s (compile included)")
     return 0

@@ -84,10 +84,10 @@ def write_description(folder: Path, preset: configs.Preset, options: dict | None
 
 
 def write_json(path: Path, data: dict) -> None:
-    """Write `data` as indented JSON beside `path`, then rename it over `path`."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(path)
+    """Write `data` as indented JSON beside `path`, then rename it over `path` (`jaxedit.staged`)."""
+    from jaxedit.staged import write_file
+
+    write_file(path, json.dumps(data, indent=1) + "\n")
 
 
 def read_json(folder: str | Path) -> dict:

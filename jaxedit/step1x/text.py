@@ -198,11 +198,12 @@ def save_embedding(path: str | Path, embeddings_LD: np.ndarray, mask_L: np.ndarr
     b16 = rows.astype(ml_dtypes.bfloat16)
     lossless = np.array_equal(b16.astype(np.float32), rows)
     data = b16.view(np.uint16) if lossless else rows
+    from jaxedit.staged import staged_file
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, embeddings=data, dtype="bfloat16" if lossless else "float32", max_length=len(mask))
-    tmp.replace(path)
+    with staged_file(path) as tmp, open(tmp, "wb") as f:  # (a file object: np.savez adds no .npz)
+        np.savez(f, embeddings=data, dtype="bfloat16" if lossless else "float32", max_length=len(mask))
     return path
 
 

@@ -422,18 +422,18 @@ class KontextPipeline(EditPipelineBase):
         if scale > 1:
             neg_txt, neg_y = self.text_encoder.encode(negative, loras=text_loras)
             cfg = (batch(np.asarray(neg_txt)), batch(np.asarray(neg_y)), self.replicated(mesh, np.float32(scale)))
-        ids, ref_tokens, grids = [sampling.image_ids(h // 2, w // 2, 0.0)], [], []
+        ref_tokens, grids = [], []
         with sh.activate(mesh):
             for i in range(len(first.references)):  # each reference encoded and packed alone
                 ref_lat = self.encode_images(params["vae"], batch(np.stack([p.references[i] for p in prepared])))
                 ref_tokens.append(sampling.pack(ref_lat))
                 grids.append((ref_lat.shape[1] // 2, ref_lat.shape[2] // 2))
-            ids.append(sampling.reference_ids(grids, self.reference_ids))
+            ids = sampling.edit_ids(h // 2, w // 2, grids, self.reference_ids)  # [target | references]
             ref_tokens = self.put_batch(mesh, jnp.concatenate(ref_tokens, axis=1)) if ref_tokens else None
             if latents is None:
                 noise = sampling.noise_for_seeds(jnp.asarray(seeds), (h, w, self.preset.vae.z_channels))
                 latents = sampling.pack(noise)
-            img_ids = np.broadcast_to(np.concatenate(ids), (b, sum(len(i) for i in ids), 3))
+            img_ids = np.broadcast_to(ids, (b, *ids.shape))
             x = self.denoise(
                 params["transformer"],
                 batch(np.asarray(latents, np.float32)),
@@ -486,14 +486,12 @@ class KontextPipeline(EditPipelineBase):
         dtype = self.model.dtype
 
         def velocity(x_t, t):
-            inp = x_t if ref_tokens is None else jnp.concatenate([x_t, ref_tokens.astype(x_t.dtype)], axis=1)
-            inp = inp.astype(dtype)
+            inp = sampling.edit_tokens(x_t, [] if ref_tokens is None else [ref_tokens]).astype(dtype)
             pos = self.model.apply({"params": tparams}, inp, img_ids, txt, txt_ids, t, y, guidance)[:, :n_target]
             if cfg is None:
                 return pos
             neg_txt, neg_y, scale = cfg
             neg = self.model.apply({"params": tparams}, inp, img_ids, neg_txt, txt_ids, t, neg_y, guidance)
-            neg = neg[:, :n_target].astype(jnp.float32)
-            return neg + scale * (pos.astype(jnp.float32) - neg)
+            return sampling.guide(pos, neg[:, :n_target], scale)  # neg + scale (pos - neg), float32
 
         return sampling.euler_sample(velocity, x, timesteps)

@@ -60,7 +60,6 @@ from jaxedit.pipelines.base import (
     EditPipelineBase,
     block_bytes,
     check_side,
-    check_steps,
     choose_mesh,
     enable_compilation_cache,
     open_folder,
@@ -363,9 +362,6 @@ class KontextPipeline(EditPipelineBase):
             out.append(to_model_input(im))
         return Prepared(tuple(out), width, height)
 
-    def edit(self, prepared, prompts, seeds, guidance, steps) -> list[Image.Image]:
-        return self.generate(prepared, prompts, seeds, guidance=guidance, steps=steps)
-
     # ----------------------------------------------------------------------------------
 
     def __call__(
@@ -388,13 +384,8 @@ class KontextPipeline(EditPipelineBase):
         `images` None) with `prompts`; one seed per item. Items of one call share their sizes. steps,
         guidance, true_cfg_scale and negative_prompt default to the pipeline's defaults (the
         model folder's options); lora_scales: one per run-time LoRA (default: their own)."""
-        steps = check_steps(steps, self.default_steps)
-        guidance = self.default_guidance if guidance is None else guidance
         images = images if images is not None else [None] * len(prompts)
-        prepared = [self.prepare(im, width, height) for im in images]
-        if len({p.bucket for p in prepared}) != 1:
-            raise ValueError("items of one call must share their sizes; use jaxedit.pipelines.batch for mixed sizes")
-        g = [guidance] * len(prompts) if np.isscalar(guidance) else list(guidance)
+        prepared, steps, g = self.prepare_call(images, prompts, width, height, steps, guidance)
         return self.generate(prepared, prompts, seeds, guidance=g, steps=steps, latents=latents, output=output,
                              true_cfg_scale=true_cfg_scale, negative_prompt=negative_prompt,
                              lora_scales=lora_scales)  # fmt: skip
@@ -405,9 +396,7 @@ class KontextPipeline(EditPipelineBase):
     ):  # fmt: skip
         """One batch of items sharing a bucket -> PIL images (or final packed latents, output="latents").
         lora_scales: the scale of each run-time LoRA for this call (default: the scales they were added with)."""
-        b = len(prompts)
-        if not (len(prepared) == len(seeds) == len(guidance) == b):
-            raise ValueError(f"{len(prepared)} items, {b} prompts, {len(seeds)} seeds, {len(guidance)} guidance values")
+        b = self.check_batch(prepared, prompts, seeds, guidance)
         scale = self.true_cfg_scale if true_cfg_scale is None else _true_cfg_scale(true_cfg_scale)
         negative = self.negative_prompt if negative_prompt is None else negative_prompt
         negative = [negative] * b if isinstance(negative, str) else list(negative)

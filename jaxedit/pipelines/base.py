@@ -218,6 +218,7 @@ class EditPipelineBase:
 
     model: Any
     default_steps: int
+    default_guidance: float
     folder: model_folder.ModelFolder | None = None  # the model folder it was loaded from (`load`)
     quantized: dict[str, str] = {}  # {part: "int8" / "fp8"} of the parts whose weights are quantised
 
@@ -310,6 +311,32 @@ class EditPipelineBase:
             mesh = self.batch_mesh(rows * self.mesh.shape["fsdp"])[0]
             self._rows = (key, (mesh, placement.restrict(self.params, mesh)))
         return self._rows[1]
+
+    # the call skeleton both families share (each family's `prepare` and `generate` do the rest)
+
+    def edit(self, prepared: list, prompts: list[str], seeds: list[int], guidance: list[float], steps: int) -> list:
+        """One batch of prepared items sharing a bucket -> images (the protocol of `jaxedit.pipelines.batch`)."""
+        return self.generate(prepared, prompts, seeds, guidance=guidance, steps=steps)
+
+    def prepare_call(
+        self, images: list, prompts: list[str], width: int | None, height: int | None, steps: int | None, guidance
+    ) -> tuple[list, int, list[float]]:
+        """(prepared items, step count, one guidance value per item) of a `__call__`: steps and guidance default to
+        the pipeline's, every item is prepared (`prepare`) and must share the first one's bucket."""
+        steps = check_steps(steps, self.default_steps)
+        guidance = self.default_guidance if guidance is None else guidance
+        prepared = [self.prepare(im, width, height) for im in images]
+        if len({p.bucket for p in prepared}) != 1:
+            raise ValueError("items of one call must share their sizes; use jaxedit.pipelines.batch for mixed sizes")
+        return prepared, steps, [guidance] * len(prompts) if np.isscalar(guidance) else list(guidance)
+
+    @staticmethod
+    def check_batch(prepared: list, prompts: list[str], seeds: list[int], guidance: list[float]) -> int:
+        """The batch size of a `generate` call: ValueError unless every list has one entry per prompt."""
+        b = len(prompts)
+        if not (len(prepared) == len(seeds) == len(guidance) == b):
+            raise ValueError(f"{len(prepared)} items, {b} prompts, {len(seeds)} seeds, {len(guidance)} guidance values")
+        return b
 
     def set_transformer(self, params) -> None:
         """Use other transformer parameters (e.g. the current ones of a training run)."""

@@ -39,7 +39,6 @@ from jaxedit.pipelines.base import (
     EditPipelineBase,
     block_bytes,
     check_side,
-    check_steps,
     choose_mesh,
     enable_compilation_cache,
     open_folder,
@@ -235,9 +234,6 @@ class Step1XEditPipeline(EditPipelineBase):
             image = image.resize((w, h), resample=Image.Resampling.BICUBIC)
         return Step1XPrepared(to_model_input(image), image, w, h, out_size)
 
-    def edit(self, prepared, prompts, seeds, guidance, steps) -> list[Image.Image]:
-        return self.generate(prepared, prompts, seeds, guidance=guidance, steps=steps)
-
     # ----------------------------------------------------------------------------------
 
     def __call__(
@@ -257,12 +253,7 @@ class Step1XEditPipeline(EditPipelineBase):
     ):
         """Edit `images` with `prompts` (one seed per item); steps and guidance default to the
         model folder's pipeline defaults (28, 6.0)."""
-        steps = check_steps(steps, self.default_steps)
-        guidance = self.default_guidance if guidance is None else guidance
-        prepared = [self.prepare(im, width, height) for im in images]
-        if len({p.bucket for p in prepared}) != 1:
-            raise ValueError("items of one call must share their sizes; use jaxedit.pipelines.batch for mixed sizes")
-        g = [guidance] * len(prompts) if np.isscalar(guidance) else list(guidance)
+        prepared, steps, g = self.prepare_call(images, prompts, width, height, steps, guidance)
         return self.generate(
             prepared, prompts, seeds, guidance=g, steps=steps, negative_prompt=negative_prompt, latents=latents,
             llm=llm, output=output,
@@ -282,9 +273,7 @@ class Step1XEditPipeline(EditPipelineBase):
         self, prepared, prompts, seeds, *, guidance, steps, negative_prompt="", latents=None, llm=None, output="pil"
     ):
         """One batch of items sharing a bucket -> PIL images (or final packed latents, output="latents")."""
-        b = len(prompts)
-        if not (len(prepared) == len(seeds) == len(guidance) == b):
-            raise ValueError(f"{len(prepared)} items, {b} prompts, {len(seeds)} seeds, {len(guidance)} guidance values")
+        b = self.check_batch(prepared, prompts, seeds, guidance)
         emb, mask = llm if llm is not None else self.encode_prompts(prepared, prompts, negative_prompt)
         c = self.preset.connector.in_channels
         if emb.ndim != 3 or emb.shape[0] != 2 * b or emb.shape[2] != c or mask.shape != emb.shape[:2]:

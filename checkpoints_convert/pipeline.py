@@ -103,8 +103,9 @@ def convert_pipeline(
     quantize: "int8" / "fp8": the DiT's and T5's block kernels stored quantised (`jaxedit.quant`), recorded in
     jaxedit.json as "quantized"."""
     from jaxedit import quant
-    from jaxedit.checkpoint import prepare_destination, recover_dir, replace_dir, save_params, seal
+    from jaxedit.checkpoint import prepare_destination, recover_dir, save_params, seal
     from jaxedit.model_folder import is_model_folder
+    from jaxedit.staged import staged_dir
 
     quantize = quant.check_mode(quantize)
     dst = Path(dst).absolute()
@@ -120,35 +121,31 @@ def convert_pipeline(
         if cfg is not None:
             opened[part] = open_part(part, qwen if part == "qwen" else paths[part], cfg)  # raises before converting
     log(f"checked {', '.join(f'{p} ({o[1].fmt})' for p, o in opened.items())} against preset {preset.name}")
-    new = dst.with_name(f".{dst.name}.new")
-    if new.exists():
-        shutil.rmtree(new)
-    new.mkdir()
-    for part, (source, the_plan) in opened.items():
-        t0 = time.perf_counter()
-        flat = convert(the_plan, source.read, dtype=dtype, source_dtype=source.dtype)
-        quantized = quantize if part in quant.RULES else None
-        save_params(new / part, unflatten(quant.quantize_flat(part, flat, quantized)))
-        del flat
-        note = f", {quantized} weights" if quantized else ""
-        log(f"  {part}: {source.describe()} -> {dst / part}{note} ({time.perf_counter() - t0:.1f}s)")
-    for part, folder in TOKENIZERS.items():
-        if part in opened:
-            shutil.copytree(paths[folder], new / folder)
-            seal(new / folder)
-    if preset.connector is not None:
-        from jaxedit.step1x.text import QwenEmbedderConfig, qwen_entry
+    with staged_dir(dst) as new:  # .DST.new, renamed over dst once complete
+        for part, (source, the_plan) in opened.items():
+            t0 = time.perf_counter()
+            flat = convert(the_plan, source.read, dtype=dtype, source_dtype=source.dtype)
+            quantized = quantize if part in quant.RULES else None
+            save_params(new / part, unflatten(quant.quantize_flat(part, flat, quantized)))
+            del flat
+            note = f", {quantized} weights" if quantized else ""
+            log(f"  {part}: {source.describe()} -> {dst / part}{note} ({time.perf_counter() - t0:.1f}s)")
+        for part, folder in TOKENIZERS.items():
+            if part in opened:
+                shutil.copytree(paths[folder], new / folder)
+                seal(new / folder)
+        if preset.connector is not None:
+            from jaxedit.step1x.text import QwenEmbedderConfig, qwen_entry
 
-        if qwen is not None:
-            copy_qwen_processor(qwen, new / QWEN_PROCESSOR)
-        embed_cfg = QwenEmbedderConfig(preset.connector.in_channels)
-        extra = qwen_entry(None, embed_cfg, qwen_cfg if qwen is not None else None)
-    else:
-        extra = {}
-    if quantize:
-        extra["quantized"] = {p: quantize for p in opened if p in quant.RULES}
-    write_description(new, preset, extra=extra)
-    replace_dir(new, dst)
+            if qwen is not None:
+                copy_qwen_processor(qwen, new / QWEN_PROCESSOR)
+            embed_cfg = QwenEmbedderConfig(preset.connector.in_channels)
+            extra = qwen_entry(None, embed_cfg, qwen_cfg if qwen is not None else None)
+        else:
+            extra = {}
+        if quantize:
+            extra["quantized"] = {p: quantize for p in opened if p in quant.RULES}
+        write_description(new, preset, extra=extra)
     if preset.connector is not None and qwen is None:
         log(f"note: no Qwen2.5-VL converted; add one: python -m checkpoints_convert add-qwen {dst} QWEN_FOLDER")
     return dst
@@ -181,39 +178,35 @@ def check_qwen(qwen: Path, preset: Preset):
 def copy_qwen_processor(qwen: Path, dst: Path) -> None:
     """The tokenizer, image processor and chat template files of `qwen` into `dst` (written beside, sealed,
     renamed)."""
-    from jaxedit.checkpoint import recover_dir, replace_dir, seal
+    from jaxedit.checkpoint import recover_dir, seal
+    from jaxedit.staged import staged_dir
 
     recover_dir(dst)  # a cut earlier replacement first: then the leftovers can go
-    tmp = dst.with_name(f".{dst.name}.new")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    for f in QWEN_PROCESSOR_FILES:
-        if (qwen / f).is_file():
-            shutil.copy2(qwen / f, tmp / f)
-    seal(tmp)
-    replace_dir(tmp, dst)
+    with staged_dir(dst) as tmp:
+        for f in QWEN_PROCESSOR_FILES:
+            if (qwen / f).is_file():
+                shutil.copy2(qwen / f, tmp / f)
+        seal(tmp)
 
 
 def add_qwen(folder: str | Path, qwen: str | Path, *, dtype: Any = None, log=print) -> Path:
     """Convert a transformers Qwen2.5-VL folder into an existing Step1X-Edit model folder (qwen/ weights,
     qwen_processor/ files, the architecture in jaxedit.json), replacing any Qwen it held: everything is
     checked on headers first, each part is written beside and renamed into place."""
-    from jaxedit.model_folder import read_description, read_json, write_json, write_part
-    from jaxedit.step1x.text import QwenEmbedderConfig, qwen_entry
+    from jaxedit.model_folder import ModelFolder, write_json, write_part
+    from jaxedit.step1x.text import QwenEmbedderConfig, qwen_entry, qwen_section
 
     folder, qwen = Path(folder), Path(qwen).resolve()
-    preset = read_description(folder)
+    opened = ModelFolder.open(folder)
+    preset = opened.preset
     qwen_cfg = check_qwen(qwen, preset)
     source, the_plan = open_part("qwen", qwen, qwen_cfg)  # raises before anything is written
     t0 = time.perf_counter()
     write_part(folder, "qwen", unflatten(convert(the_plan, source.read, dtype=dtype, source_dtype=source.dtype)))
     copy_qwen_processor(qwen, folder / QWEN_PROCESSOR)
-    desc = read_json(folder)
-    old = desc.get("qwen") or {}
-    config = QwenEmbedderConfig.from_dict(old.get("config", {})) if old.get("config") else None
+    config = qwen_section(opened).config if opened.qwen.get("config") else None
     config = config or QwenEmbedderConfig(preset.connector.in_channels)
-    write_json(folder / "jaxedit.json", desc | qwen_entry(None, config, qwen_cfg))
+    write_json(folder / "jaxedit.json", opened.description | qwen_entry(None, config, qwen_cfg))
     log(f"  qwen: {source.describe()} -> {folder / 'qwen'} ({time.perf_counter() - t0:.1f}s)")
     return folder
 
@@ -223,7 +216,7 @@ def quantize_folder(src: str | Path, dst: str | Path, mode: str, *, force: bool 
     (`jaxedit.quant`), recorded in jaxedit.json as "quantized"; the other parts are copied as they are (every
     part verified against its seal first). Written beside as .DST.new and renamed into place."""
     from jaxedit import quant
-    from jaxedit.checkpoint import prepare_destination, recover_dir, replace_dir, save_params, verify_or_note
+    from jaxedit.checkpoint import prepare_destination, recover_dir, save_params, verify_or_note
     from jaxedit.model_folder import (
         SUBFOLDERS,
         check_complete,
@@ -234,6 +227,7 @@ def quantize_folder(src: str | Path, dst: str | Path, mode: str, *, force: bool 
         read_quantized,
         write_json,
     )
+    from jaxedit.staged import staged_dir
 
     mode = quant.check_mode(mode)
     if mode is None:
@@ -251,11 +245,7 @@ def quantize_folder(src: str | Path, dst: str | Path, mode: str, *, force: bool 
     parts = [p for p in SUBFOLDERS if (src / p).is_dir()]
     for p in parts:
         verify_or_note(src / p)
-    new = dst.with_name(f".{dst.name}.new")
-    if new.exists():
-        shutil.rmtree(new)
-    new.mkdir()
-    try:
+    with staged_dir(dst) as new:  # .DST.new (a partial copy is never left behind), renamed over dst when complete
         for item in sorted(f for f in src.iterdir() if not f.name.startswith(".") and f.name != "jaxedit.json"):
             if item.name in quant.RULES and item.name in parts:  # (read through a link inside the folder)
                 t0 = time.perf_counter()
@@ -269,10 +259,6 @@ def quantize_folder(src: str | Path, dst: str | Path, mode: str, *, force: bool 
                 shutil.copy2(item, new / item.name)
         desc = read_json(src)
         write_json(new / "jaxedit.json", desc | {"quantized": {p: mode for p in parts if p in quant.RULES}})
-    except BaseException:
-        shutil.rmtree(new, ignore_errors=True)  # (a partial copy is never left behind)
-        raise
-    replace_dir(new, dst)
     return dst
 
 

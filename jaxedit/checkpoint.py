@@ -23,6 +23,9 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from jaxedit import staged
+from jaxedit.staged import remove, replace_dir  # noqa: F401 (also used from here: the converter, the tests)
+
 CHECKSUMS = "jaxedit_sha256.json"
 _CHUNK = 1 << 22
 
@@ -50,14 +53,6 @@ def _files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.name != CHECKSUMS)
 
 
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def seal(root: str | Path) -> dict[str, list]:
     """Record every file's size and sha256 under `root` in ROOT/jaxedit_sha256.json (fsyncing each file and
     directory on the way, the record written beside and renamed). Returns {relative path: [size, sha256]}."""
@@ -65,15 +60,11 @@ def seal(root: str | Path) -> dict[str, list]:
     files = _files(root)
     with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
         sums = dict(zip((str(f.relative_to(root)) for f in files), pool.map(lambda f: _file_digest(f, True), files)))
-    tmp = root / f".{CHECKSUMS}.tmp"
-    with open(tmp, "w") as fh:
-        lines = [f"  {json.dumps(k)}: [{size}, {json.dumps(h)}]" for k, (size, h) in sums.items()]
-        fh.write('{"sha256": {\n' + ",\n".join(lines) + "\n}}\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(root / CHECKSUMS)
+    lines = [f"  {json.dumps(k)}: [{size}, {json.dumps(h)}]" for k, (size, h) in sums.items()]
+    with staged.staged_file(root / CHECKSUMS, sync=True) as tmp:
+        tmp.write_text('{"sha256": {\n' + ",\n".join(lines) + "\n}}\n")
     for d in {root, *(f.parent for f in files)}:
-        _fsync_dir(d)
+        staged.fsync_dir(d)
     return {k: list(v) for k, v in sums.items()}
 
 
@@ -117,37 +108,9 @@ def verify_or_note(path: Path) -> None:
 def recover_dir(dst: str | Path, complete: str = CHECKSUMS) -> None:
     """Finish a replacement of `dst` cut between its two renames: a missing `dst` whose complete new copy
     (.NAME.new holding `complete`, the file written last) or old copy (.NAME.old) is beside it is put back;
-    leftovers beside an existing `dst` go."""
-    dst = Path(dst)
-    new, old = dst.with_name(f".{dst.name}.new"), dst.with_name(f".{dst.name}.old")
-    if not dst.exists():
-        if (new / complete).is_file():
-            new.rename(dst)
-        elif old.is_dir():
-            old.rename(dst)
-    if dst.exists():
-        for leftover in (new, old):
-            if leftover.exists():
-                shutil.rmtree(leftover)
-
-
-def replace_dir(new: Path, dst: Path) -> None:
-    """Rename the complete folder `new` to `dst`; an existing `dst` is moved aside first and removed after."""
-    old = dst.with_name(f".{dst.name}.old")
-    remove(old)
-    if dst.exists() or dst.is_symlink():
-        dst.rename(old)
-    new.rename(dst)
-    _fsync_dir(dst.parent)
-    remove(old)
-
-
-def remove(path: Path) -> None:
-    """Delete a folder, a file or a link, never following a link (a link to a folder goes, the folder stays)."""
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.exists():
-        shutil.rmtree(path)
+    leftovers beside an existing `dst` go (`jaxedit.staged.recover_dir`; by default a checkpoint's: complete
+    once sealed)."""
+    staged.recover_dir(dst, complete)
 
 
 def prepare_destination(dst: Path, *, force: bool, replaceable, what: str) -> None:
@@ -184,7 +147,7 @@ def save_params(path: str | Path, params: Any, *, force: bool = False) -> Path:
     from jaxedit.parallel.distributed import sync
 
     path = Path(path).absolute()
-    new = path.with_name(f".{path.name}.new")
+    new = staged.new_dir(path)
     lead = jax.process_index() == 0
     if lead:
         recover_dir(path)

@@ -106,17 +106,18 @@ def model_options(p: argparse.ArgumentParser) -> None:
 
 def load_pipeline(args):
     """The model folder's pipeline with the command line's settings; SystemExit (one line) on bad input."""
-    from jaxedit import model_folder
+    from jaxedit.model_folder import ModelFolder
     from jaxedit.pipelines.auto import load_pipeline as load
 
-    folder = Path(args.model) if args.model else DEFAULT_MODEL
+    path = Path(args.model) if args.model else DEFAULT_MODEL
     check_flags(args)
     try:
-        preset, options = model_folder.read_description(folder), model_folder.read_options(folder)
+        folder = ModelFolder.open(path)  # jaxedit.json read and checked once; every later step gets this value
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
+    preset, options = folder.preset, folder.options
     if options.get("random_weights"):
-        print(f"note: {folder} holds RANDOM weights (a placeholder model): the output shows the pipeline runs, "
+        print(f"note: {path} holds RANDOM weights (a placeholder model): the output shows the pipeline runs, "
               "it is not a real edit", file=sys.stderr)  # fmt: skip
     step1x = preset.family == "step1x-edit"
     if step1x and (args.true_cfg_scale is not None or args.negative_prompt is not None):
@@ -204,7 +205,7 @@ def model_identity(args, pipe) -> str:
     no weights read) and the sampling options. Part of each result's key: a rerun with another model reruns."""
     import json
 
-    from jaxedit.model_folder import fingerprint
+    from jaxedit.model_folder import ModelFolder, fingerprint
 
     options = {k: getattr(args, k) for k in ("dtype", "keep_size", "size_level")}
     refs = {k: getattr(pipe, k, None) for k in ("reference_ids", "reference_tokens")}
@@ -216,7 +217,9 @@ def model_identity(args, pipe) -> str:
     options |= {"loras": loras} if loras else {}  # (absent without LoRAs: earlier results keep their keys)
     options |= {"quantized": pipe.quantized} if getattr(pipe, "quantized", None) else {}  # stored or at load
     options |= {"text_on_cpu": True} if getattr(args, "text_on_cpu", False) else {}
-    model = fingerprint(Path(args.model) if args.model else DEFAULT_MODEL)
+    opened = getattr(pipe, "folder", None)  # the folder the pipeline was loaded from: its jaxedit.json not re-read
+    path = Path(args.model) if args.model else DEFAULT_MODEL
+    model = fingerprint(opened if isinstance(opened, ModelFolder) else path)
     qwen = fingerprint(args.qwen) if args.qwen else None
     return json.dumps({"model": model, "qwen": qwen, **options}, sort_keys=True)
 
@@ -277,9 +280,10 @@ def edit_main(argv: list[str]) -> int:
               f"overflowed): {dst} not written", file=sys.stderr)  # fmt: skip
         return 1
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")  # this process's: never another run's temporary
-    out.save(tmp, format="PNG")
-    tmp.replace(dst)
+    from jaxedit.staged import staged_file
+
+    with staged_file(dst) as tmp:  # this process's temporary: never another run's
+        out.save(tmp, format="PNG")
     t2 = time.perf_counter()
     print(f"wrote {dst} ({out.width}x{out.height}); load {t1 - t0:.1f}s, edit {t2 - t1:.1f}s (compile included)")
     return 0

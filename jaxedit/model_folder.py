@@ -84,25 +84,31 @@ def write_description(folder: Path, preset: configs.Preset, options: dict | None
 
 
 def write_json(path: Path, data: dict) -> None:
-    """Write `data` as indented JSON beside `path`, then rename it over `path`."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(path)
+    """Write `data` as indented JSON beside `path`, then rename it over `path` (`jaxedit.staged`)."""
+    from jaxedit.staged import write_file
+
+    write_file(path, json.dumps(data, indent=1) + "\n")
 
 
 def read_json(folder: str | Path) -> dict:
     """FOLDER/jaxedit.json as a dict (FileNotFoundError naming the folder if it has none)."""
+    return _read_description(folder)[1]
+
+
+def _read_description(folder: str | Path) -> tuple[bytes, dict]:
+    """(bytes, parsed object) of FOLDER/jaxedit.json, read once."""
     desc = Path(folder) / "jaxedit.json"
     recover_folder(folder)
     if not desc.is_file():
         raise FileNotFoundError(f"{folder} is not a jaxedit model folder (no jaxedit.json)")
+    text = desc.read_bytes()
     try:
-        d = json.loads(desc.read_text())
+        d = json.loads(text.decode())
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ValueError(f"{desc}: not valid JSON ({e})") from None
     if not isinstance(d, dict):
         raise ValueError(f"{desc}: a JSON {type(d).__name__}, not an object describing a model folder")
-    return d
+    return text, d
 
 
 def is_model_folder(folder: str | Path) -> bool:
@@ -113,19 +119,82 @@ def is_model_folder(folder: str | Path) -> bool:
         return False
 
 
+def options_from_dict(d: dict, folder: str | Path) -> dict:
+    """The "pipeline" section of a parsed jaxedit.json, each option checked as the same command-line flag is
+    (`jaxedit.options`) and its LoRA paths inside the folder: ValueError naming jaxedit.json and the field."""
+    from jaxedit.options import check_options, folder_loras
+
+    options = check_options(d.get("pipeline", {}), f"{Path(folder) / 'jaxedit.json'}: pipeline")
+    folder_loras(Path(folder), options)  # their paths: inside the folder
+    return options
+
+
+def quantized_from_dict(d: dict, folder: str | Path) -> dict[str, str]:
+    """The "quantized" record {part: mode} of a parsed jaxedit.json, checked: ValueError naming the field."""
+    from jaxedit import quant
+
+    raw = d.get("quantized", {})
+    where = f"{Path(folder) / 'jaxedit.json'}: quantized"
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where} is {type(raw).__name__}; expected an object {{part: mode}}")
+    for part, mode in raw.items():
+        if part not in quant.RULES:
+            raise ValueError(f"{where}.{part}: only {', '.join(quant.RULES)} are quantised")
+        if mode not in quant.MODES:
+            raise ValueError(f"{where}.{part} is {mode!r}; expected one of {', '.join(quant.MODES)}")
+    return dict(raw)
+
+
 def read_options(folder: str | Path) -> dict:
     """The pipeline defaults stored with a model (empty if none), each checked as the same command-line flag is
     (`jaxedit.options`): ValueError naming jaxedit.json and the field."""
-    from jaxedit.options import check_options, folder_loras
-
-    options = check_options(read_json(folder).get("pipeline", {}), f"{Path(folder) / 'jaxedit.json'}: pipeline")
-    folder_loras(Path(folder), options)  # their paths: inside the folder
-    return options
+    return options_from_dict(read_json(folder), folder)
 
 
 def read_description(folder: str | Path) -> configs.Preset:
     """The preset (architecture of every part) a model folder describes."""
     return preset_from_dict(read_json(folder), str(Path(folder) / "jaxedit.json"))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ModelFolder:
+    """A model folder opened once (`open`): its jaxedit.json read a single time and validated into the
+    preset, the pipeline options (the command line's typed checks), the quantisation record and the raw
+    "qwen" entry (Step1X-Edit: read by `jaxedit.step1x.text.qwen_section`). Every later step (the CLI, the
+    pipelines' `load`, `load_parts`, the Qwen embedder) receives this value instead of the path."""
+
+    path: Path
+    preset: configs.Preset
+    options: dict  # pipeline options, checked (`jaxedit.options`)
+    quantized: dict  # {part: mode} of the parts stored quantised
+    description: dict  # the whole parsed jaxedit.json
+    text: bytes  # its bytes (part of the `fingerprint`)
+
+    @classmethod
+    def open(cls, folder: str | Path) -> ModelFolder:
+        """Read and validate FOLDER/jaxedit.json (FileNotFoundError / ValueError naming it and the field)."""
+        folder = Path(folder)
+        text, d = _read_description(folder)
+        preset = preset_from_dict(d, str(folder / "jaxedit.json"))
+        return cls(folder, preset, options_from_dict(d, folder), quantized_from_dict(d, folder), d, text)
+
+    @classmethod
+    def of(cls, folder: str | Path | ModelFolder) -> ModelFolder:
+        """`folder` itself if already opened, else `open(folder)`."""
+        return folder if isinstance(folder, ModelFolder) else cls.open(folder)
+
+    @property
+    def family(self) -> str:
+        return self.preset.family
+
+    @property
+    def json_path(self) -> Path:
+        return self.path / "jaxedit.json"
+
+    @property
+    def qwen(self) -> dict:
+        """The "qwen" entry (empty: none)."""
+        return self.description.get("qwen") or {}
 
 
 def write_part(folder: str | Path, part: str, params: Any) -> Path:
@@ -175,18 +244,21 @@ def digest(folder: str | Path, parts: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
-def fingerprint(folder: str | Path) -> str:
-    """A cheap identity of a model folder's contents (sha256 hex), no weights read: jaxedit.json's bytes and
-    each sub-folder's seal (the sha256 of its files, `jaxedit.checkpoint.seal`), so a copied or moved folder
-    keeps it and a rewritten part changes it; an unsealed sub-folder counts by its path, files' sizes and
-    modification times instead."""
+def fingerprint(folder: str | Path | ModelFolder) -> str:
+    """A cheap identity of a model folder's contents (sha256 hex), no weights read: jaxedit.json's bytes (of an
+    opened `ModelFolder`: those it was opened from) and each sub-folder's seal (the sha256 of its files,
+    `jaxedit.checkpoint.seal`), so a copied or moved folder keeps it and a rewritten part changes it; an
+    unsealed sub-folder counts by its path, files' sizes and modification times instead."""
     import hashlib
 
     from jaxedit.checkpoint import CHECKSUMS
 
-    folder = Path(folder).resolve()
+    opened = folder if isinstance(folder, ModelFolder) else None
+    folder = (opened.path if opened else Path(folder)).resolve()
     h = hashlib.sha256()
-    if (folder / "jaxedit.json").is_file():
+    if opened is not None:
+        h.update(opened.text)
+    elif (folder / "jaxedit.json").is_file():
         h.update((folder / "jaxedit.json").read_bytes())
     for sub in (
         sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")) if folder.is_dir() else []
@@ -225,18 +297,7 @@ def check_complete(folder: str | Path, preset: configs.Preset, *, skip: tuple[st
 def read_quantized(folder: str | Path) -> dict[str, str]:
     """{part: mode} of the parts stored quantised (jaxedit.json "quantized", written by the converter's
     --quantize; `jaxedit.quant`), checked: ValueError naming the field."""
-    from jaxedit import quant
-
-    raw = read_json(folder).get("quantized", {})
-    where = f"{Path(folder) / 'jaxedit.json'}: quantized"
-    if not isinstance(raw, dict):
-        raise ValueError(f"{where} is {type(raw).__name__}; expected an object {{part: mode}}")
-    for part, mode in raw.items():
-        if part not in quant.RULES:
-            raise ValueError(f"{where}.{part}: only {', '.join(quant.RULES)} are quantised")
-        if mode not in quant.MODES:
-            raise ValueError(f"{where}.{part} is {mode!r}; expected one of {', '.join(quant.MODES)}")
-    return dict(raw)
+    return quantized_from_dict(read_json(folder), folder)
 
 
 def expected_params(preset: configs.Preset, part: str, quantized: str | None = None) -> Any:
@@ -287,16 +348,17 @@ def check_part(path: Path, stored: Any, expected: Any) -> None:
 
 
 def load_parts(
-    folder: str | Path,
-    preset: configs.Preset,
+    folder: str | Path | ModelFolder,
+    preset: configs.Preset | None = None,
     *,
     dtypes: dict[str, Any] | None = None,
     quantize: str | None = None,
     devices: dict[str, Any] | None = None,
     mesh: Any = None,
 ) -> dict[str, Any]:
-    """{part: params} for every part the preset has, restored from the folder's Orbax checkpoints (each
-    verified against its seal and against the parameter names and shapes the description implies).
+    """{part: params} for every part the preset (default: the folder's) has, restored from the folder's Orbax
+    checkpoints (each verified against its seal and against the parameter names and shapes the description
+    implies). folder: an opened `ModelFolder` (its quantisation record is used) or a path.
     quantize: "int8" / "fp8": the parts `jaxedit.quant` quantises that are not stored so are quantised as they
     load (on the host, a tensor at a time); parts stored quantised must have been so with the same mode.
     devices: {part: device} to restore a part onto; mesh: restore the other parts straight into their
@@ -306,9 +368,13 @@ def load_parts(
     from jaxedit import quant
     from jaxedit.checkpoint import load_params, param_metadata, verify_enabled, verify_or_note
 
-    folder = Path(folder)
+    if isinstance(folder, ModelFolder):
+        folder, preset, stored = folder.path, preset or folder.preset, folder.quantized
+    else:
+        folder, stored = Path(folder), read_quantized(folder)
+        preset = preset or read_description(folder)
     check_complete(folder, preset)
-    dtypes, stored = dtypes or {}, read_quantized(folder)
+    dtypes = dtypes or {}
     quantize = quant.check_mode(quantize)
     parts = [p for p in PART_CONFIGS if getattr(preset, p) is not None]
     for p in parts:

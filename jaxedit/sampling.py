@@ -3,8 +3,12 @@
 Conventions (BFL `flux/sampling.py`, diffusers `pipeline_flux_kontext.py`):
 - latents are NHWC here: z [B, h, w, 16] with h, w = H/8, W/8;
 - packing 2x2 patches: [B, h, w, C] -> [B, (h/2)(w/2), C*4], feature index c*4 + ph*2 + pw;
-- ids (index, row, col): 0 for the target, 1 for the Kontext reference; text ids zero;
-  several references: one of REFERENCE_IDS (`reference_ids`), each equal to the above for one;
+- tokens [text | target | references]: the model puts the text first; the image tokens are the target's, then
+  each reference's in order (`edit_tokens`), and the model's output is sliced to the target's; ids (index,
+  row, col) (`edit_ids`): 0 for the target, 1 for the Kontext reference (Step1X-Edit: 0); text ids zero;
+  several references: one of REFERENCE_IDS (`reference_ids`), each equal to the above for one; sampling
+  (both families' pipelines) and training (`jaxedit.train.objective`) build them with these functions;
+- classifier-free guidance (Kontext's true CFG, Step1X-Edit's CFG): `guide`, u + w (c - u) in float32;
 - x_t = (1 - t) x0 + t noise, velocity v = noise - x0; Euler x <- x + (t_prev - t_curr) v;
 - schedule linspace(1, 0, N + 1) shifted by time_shift(mu) with mu linear in the number
   of TARGET tokens (reference tokens not counted).
@@ -108,6 +112,38 @@ def reference_ids(grids: list[tuple[int, int]], convention: str = "community") -
             canvas_h, canvas_w = max(canvas_h, row + h2), max(canvas_w, col + w2)
             out.append(image_ids(h2, w2, 1.0, row, col))
     return np.concatenate(out) if out else np.zeros((0, 3), np.float32)
+
+
+def edit_ids(
+    h2: int, w2: int, grids: list[tuple[int, int]], convention: str = "community", ref_index: float = 1.0
+) -> np.ndarray:
+    """Ids [h2 w2 + sum of the reference grids' tokens, 3] float32 of the image tokens [target | references]:
+    the target's h2 x w2 grid (index 0), then the reference grids [(rh2, rw2), ...] in order: one reference
+    (ref_index, row, col) (Kontext: 1; Step1X-Edit: 0, the target's own ids), several per `convention`
+    (`reference_ids`; ref_index must then be 1), none: the target's alone."""
+    if len(grids) == 1:
+        refs = image_ids(*grids[0], ref_index)
+    elif ref_index != 1.0:
+        raise ValueError(f"several references take their ids from reference_ids, not ref_index={ref_index}")
+    else:
+        refs = reference_ids(grids, convention)
+    return np.concatenate([image_ids(h2, w2, 0.0), refs])
+
+
+def edit_tokens(target_BLF: jax.Array, references: list[jax.Array]) -> jax.Array:
+    """The image tokens [target | references] [B, Lt + sum Lr, F]: the packed references (each [B, Lr, F]) after
+    the target's, cast to its dtype (no reference: the target's alone). The model's output [:, :Lt] is the
+    target's."""
+    if not references:
+        return target_BLF
+    return jnp.concatenate([target_BLF, *(r.astype(target_BLF.dtype) for r in references)], axis=1)
+
+
+def guide(cond: jax.Array, uncond: jax.Array, scale: float | jax.Array) -> jax.Array:
+    """Classifier-free guidance u + w (c - u), computed in float32 (cond: the prompt's prediction, uncond: the
+    negative prompt's; Kontext's true CFG and Step1X-Edit's CFG alike)."""
+    cond, uncond = cond.astype(jnp.float32), uncond.astype(jnp.float32)
+    return uncond + scale * (cond - uncond)
 
 
 def flux_mu(image_seq_len: int, base_len=256, max_len=4096, base_shift=0.5, max_shift=1.15) -> float:

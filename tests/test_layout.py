@@ -203,3 +203,27 @@ def test_weights_are_loaded_from_safetensors_only():
                 bad.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node.func)}")
     assert seen >= 3, "the check found no weight loads: did the calls move?"
     assert not bad, f"weights loaded without use_safetensors=True: {bad}"
+
+
+def test_every_replacing_write_goes_through_jaxedit_staged():
+    """Write beside, then rename (STYLE 15) is implemented once, in `jaxedit.staged` (files and folders): no other
+    module of the library, the converter or the entry points renames a file or folder into place itself
+    (`os.replace` / `os.rename`, or a one-argument `Path.replace` / `Path.rename`), and `jaxedit.staged` imports
+    none of our modules."""
+    bad = []
+    for module, path in MODULES.items():
+        if (
+            module.split(".")[0] not in ("jaxedit", "checkpoints_convert", "infer", "train")
+            or module == "jaxedit.staged"
+        ):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+                continue
+            name, base = node.func.attr, ast.unparse(node.func.value)
+            if (base == "os" and name in ("replace", "rename")) or (
+                name in ("replace", "rename") and base != "os" and len(node.args) == 1 and not node.keywords
+            ):
+                bad.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)}")
+    assert not bad, "renames outside jaxedit.staged:\n" + "\n".join(bad)
+    assert not edges().get("jaxedit.staged"), edges()["jaxedit.staged"]

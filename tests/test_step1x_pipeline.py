@@ -162,7 +162,10 @@ def test_cli_detects_step1x_folder(model, tmp_path, monkeypatch, capsys):
     argv = ["--model", str(folder), "--manifest", str(manifest), "--out", str(tmp_path / "out"), "--batch-size", "2",
             "--steps", str(STEPS), "--size-level", str(SIZE_LEVEL), "--qwen", "/elsewhere/qwen"]  # fmt: skip
     assert cli(["batch", *argv]) == 0
-    assert calls == [(folder, {"dtype": None, "qwen": "/elsewhere/qwen", "size_level": SIZE_LEVEL})]
+    # (the folder as the CLI opened it: `ModelFolder`, its jaxedit.json read once)
+    assert [(opened.path, kw) for opened, kw in calls] == [
+        (folder, {"dtype": None, "qwen": "/elsewhere/qwen", "size_level": SIZE_LEVEL})
+    ]
     results = [json.loads(x) for x in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
     assert [(r["status"], r["width"], r["height"], r["guidance"]) for r in results] == [("ok", W, H, 6.0)] * 2
     assert Image.open(tmp_path / "out" / "e0.png").size == (W, H)

@@ -51,6 +51,7 @@ from PIL import Image
 
 from jaxedit import configs, sampling
 from jaxedit.lora import Lora, check_scale, merge, merge_now, read_lora
+from jaxedit.model_folder import ModelFolder
 from jaxedit.models import Flux
 from jaxedit.options import folder_loras, max_image_tokens
 from jaxedit.parallel import placement
@@ -59,12 +60,11 @@ from jaxedit.pipelines.base import (
     EditPipelineBase,
     block_bytes,
     check_side,
-    check_steps,
     choose_mesh,
     enable_compilation_cache,
+    open_folder,
     quantize_mode,
     quantized_parts,
-    read_folder,
     resident_bytes,
     to_images,
     to_model_input,
@@ -172,7 +172,7 @@ class KontextPipeline(EditPipelineBase):
     @classmethod
     def load(
         cls,
-        folder: str | Path,
+        folder: str | Path | ModelFolder,
         *,
         dtype: Any = None,
         compile_cache: bool = True,
@@ -184,9 +184,9 @@ class KontextPipeline(EditPipelineBase):
         devices: list | None = None,
         **kw,
     ) -> KontextPipeline:
-        """Load a jaxedit model folder (see `jaxedit.model_folder`). dtype (transformer and text
-        encoders): default the folder's pipeline option "dtype", else bfloat16. loras: (file or read LoRA,
-        scale) added after the folder's own, merged into the weights unless merge_loras is False.
+        """Load a jaxedit model folder (a path or an opened `jaxedit.model_folder.ModelFolder`). dtype
+        (transformer and text encoders): default the folder's pipeline option "dtype", else bfloat16. loras: (file
+        or read LoRA, scale) added after the folder's own, merged into the weights unless merge_loras is False.
         quantize: "int8" / "fp8" weights for the DiT and T5 (`jaxedit.quant`; default the folder's pipeline
         option "quantize"), quantised as they load unless the folder stores them so. text_on_cpu: keep T5 and
         CLIP in host memory and run them on the host's CPU (default the folder's option "text_on_cpu"): the
@@ -195,24 +195,24 @@ class KontextPipeline(EditPipelineBase):
         replicated data parallel over the local devices; "auto"; or axis sizes ("data=2,fsdp=2"); every part
         is restored straight into its sharding on it."""
         from jaxedit.kontext.text import FluxTextEncoder, load_tokenizer
-        from jaxedit.model_folder import TOKENIZERS, load_parts, read_quantized
+        from jaxedit.model_folder import TOKENIZERS, load_parts
 
-        folder = Path(folder)
-        preset, options, dtype = read_folder(folder, FAMILIES, dtype)
-        quantize = quantize_mode(folder, options, quantize)
+        opened, dtype = open_folder(folder, FAMILIES, dtype)
+        folder, preset, options = opened.path, opened.preset, opened.options
+        quantize = quantize_mode(opened, quantize)
         if compile_cache:
             enable_compilation_cache()
         dtypes = {"transformer": dtype, "t5": dtype, "clip": dtype}
         text_on_cpu = options.get("text_on_cpu", False) if text_on_cpu is None else text_on_cpu
         on_host = {"t5": jax.devices("cpu")[0], "clip": jax.devices("cpu")[0]} if text_on_cpu else None
         devices = list(devices or jax.local_devices())
-        stored = read_quantized(folder)
+        stored = opened.quantized
         modes = {p: stored.get(p) or (quantize if p in ("transformer", "t5") else None) for p in dtypes}
         footprint = cls.footprint(preset, dtype, modes, text_on_cpu)
         where = f"{folder / 'jaxedit.json'}: pipeline.mesh" if mesh is None and "mesh" in options else "mesh"
         mesh = choose_mesh(preset, options.get("mesh", "auto") if mesh is None else mesh, devices, footprint,
                            quantize=quantize, where=where)  # fmt: skip
-        params = load_parts(folder, preset, dtypes=dtypes, quantize=quantize, devices=on_host,
+        params = load_parts(opened, dtypes=dtypes, quantize=quantize, devices=on_host,
                             mesh=sh.make_mesh(mesh, devices))  # fmt: skip
         text = FluxTextEncoder(
             preset.t5,
@@ -227,6 +227,7 @@ class KontextPipeline(EditPipelineBase):
         kw.setdefault("reference_ids", options.get("reference_ids", "community"))  # as the model was trained
         kw.setdefault("max_image_tokens", max_image_tokens(options))  # the folder's cap, else from its resolution
         pipe = cls(preset, params, text, dtype=dtype, mesh=mesh, devices=devices, **kw)
+        pipe.folder = opened
         pipe.quantized = quantized_parts(params | {"t5": text.t5_params})
         pipe.default_steps = int(options.get("steps", DEFAULT_STEPS))
         pipe.default_guidance = float(options.get("guidance", DEFAULT_GUIDANCE))
@@ -361,9 +362,6 @@ class KontextPipeline(EditPipelineBase):
             out.append(to_model_input(im))
         return Prepared(tuple(out), width, height)
 
-    def edit(self, prepared, prompts, seeds, guidance, steps) -> list[Image.Image]:
-        return self.generate(prepared, prompts, seeds, guidance=guidance, steps=steps)
-
     # ----------------------------------------------------------------------------------
 
     def __call__(
@@ -386,13 +384,8 @@ class KontextPipeline(EditPipelineBase):
         `images` None) with `prompts`; one seed per item. Items of one call share their sizes. steps,
         guidance, true_cfg_scale and negative_prompt default to the pipeline's defaults (the
         model folder's options); lora_scales: one per run-time LoRA (default: their own)."""
-        steps = check_steps(steps, self.default_steps)
-        guidance = self.default_guidance if guidance is None else guidance
         images = images if images is not None else [None] * len(prompts)
-        prepared = [self.prepare(im, width, height) for im in images]
-        if len({p.bucket for p in prepared}) != 1:
-            raise ValueError("items of one call must share their sizes; use jaxedit.pipelines.batch for mixed sizes")
-        g = [guidance] * len(prompts) if np.isscalar(guidance) else list(guidance)
+        prepared, steps, g = self.prepare_call(images, prompts, width, height, steps, guidance)
         return self.generate(prepared, prompts, seeds, guidance=g, steps=steps, latents=latents, output=output,
                              true_cfg_scale=true_cfg_scale, negative_prompt=negative_prompt,
                              lora_scales=lora_scales)  # fmt: skip
@@ -403,9 +396,7 @@ class KontextPipeline(EditPipelineBase):
     ):  # fmt: skip
         """One batch of items sharing a bucket -> PIL images (or final packed latents, output="latents").
         lora_scales: the scale of each run-time LoRA for this call (default: the scales they were added with)."""
-        b = len(prompts)
-        if not (len(prepared) == len(seeds) == len(guidance) == b):
-            raise ValueError(f"{len(prepared)} items, {b} prompts, {len(seeds)} seeds, {len(guidance)} guidance values")
+        b = self.check_batch(prepared, prompts, seeds, guidance)
         scale = self.true_cfg_scale if true_cfg_scale is None else _true_cfg_scale(true_cfg_scale)
         negative = self.negative_prompt if negative_prompt is None else negative_prompt
         negative = [negative] * b if isinstance(negative, str) else list(negative)
@@ -420,18 +411,18 @@ class KontextPipeline(EditPipelineBase):
         if scale > 1:
             neg_txt, neg_y = self.text_encoder.encode(negative, loras=text_loras)
             cfg = (batch(np.asarray(neg_txt)), batch(np.asarray(neg_y)), self.replicated(mesh, np.float32(scale)))
-        ids, ref_tokens, grids = [sampling.image_ids(h // 2, w // 2, 0.0)], [], []
+        ref_tokens, grids = [], []
         with sh.activate(mesh):
             for i in range(len(first.references)):  # each reference encoded and packed alone
                 ref_lat = self.encode_images(params["vae"], batch(np.stack([p.references[i] for p in prepared])))
                 ref_tokens.append(sampling.pack(ref_lat))
                 grids.append((ref_lat.shape[1] // 2, ref_lat.shape[2] // 2))
-            ids.append(sampling.reference_ids(grids, self.reference_ids))
+            ids = sampling.edit_ids(h // 2, w // 2, grids, self.reference_ids)  # [target | references]
             ref_tokens = self.put_batch(mesh, jnp.concatenate(ref_tokens, axis=1)) if ref_tokens else None
             if latents is None:
                 noise = sampling.noise_for_seeds(jnp.asarray(seeds), (h, w, self.preset.vae.z_channels))
                 latents = sampling.pack(noise)
-            img_ids = np.broadcast_to(np.concatenate(ids), (b, sum(len(i) for i in ids), 3))
+            img_ids = np.broadcast_to(ids, (b, *ids.shape))
             x = self.denoise(
                 params["transformer"],
                 batch(np.asarray(latents, np.float32)),
@@ -484,14 +475,12 @@ class KontextPipeline(EditPipelineBase):
         dtype = self.model.dtype
 
         def velocity(x_t, t):
-            inp = x_t if ref_tokens is None else jnp.concatenate([x_t, ref_tokens.astype(x_t.dtype)], axis=1)
-            inp = inp.astype(dtype)
+            inp = sampling.edit_tokens(x_t, [] if ref_tokens is None else [ref_tokens]).astype(dtype)
             pos = self.model.apply({"params": tparams}, inp, img_ids, txt, txt_ids, t, y, guidance)[:, :n_target]
             if cfg is None:
                 return pos
             neg_txt, neg_y, scale = cfg
             neg = self.model.apply({"params": tparams}, inp, img_ids, neg_txt, txt_ids, t, neg_y, guidance)
-            neg = neg[:, :n_target].astype(jnp.float32)
-            return neg + scale * (pos.astype(jnp.float32) - neg)
+            return sampling.guide(pos, neg[:, :n_target], scale)  # neg + scale (pos - neg), float32
 
         return sampling.euler_sample(velocity, x, timesteps)

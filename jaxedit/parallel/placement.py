@@ -28,6 +28,7 @@ import jax
 import numpy as np
 
 from jaxedit.configs import MeshConfig
+from jaxedit.staged import write_file
 
 # of a chip's memory, what the weights and one sample's working set may use (the rest: the runtime's own
 # buffers, fragmentation, the VAE and text programs' temporaries)
@@ -254,7 +255,4 @@ def record(key: Key, cfg: MeshConfig, detail: dict, path: Path | None = None) ->
         table = {}
     table[key.text()] = {"mesh": text(cfg), **detail}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_file(path, json.dumps(table, indent=1, sort_keys=True) + "\n")

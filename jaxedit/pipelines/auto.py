@@ -5,14 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from jaxedit import model_folder
+from jaxedit.model_folder import ModelFolder
 
 
-def load_pipeline(folder: str | Path, **kw: Any):
-    """`KontextPipeline.load` (families flux-kontext, flux) or `Step1XEditPipeline.load` (step1x-edit);
-    kw go to that `load`."""
-    family = model_folder.read_description(folder).family
-    if family == "step1x-edit":
+def load_pipeline(folder: str | Path | ModelFolder, **kw: Any):
+    """`KontextPipeline.load` (families flux-kontext, flux) or `Step1XEditPipeline.load` (step1x-edit) of a
+    model folder (a path, opened here, or an opened `ModelFolder`, handed on as it is); kw go to that `load`."""
+    folder = ModelFolder.of(folder)
+    if folder.family == "step1x-edit":
         from jaxedit.step1x.pipeline import Step1XEditPipeline
 
         return Step1XEditPipeline.load(folder, **kw)

@@ -104,28 +104,30 @@ def check_steps(steps: Any, default: int) -> int:
     return int(steps)
 
 
-def read_folder(folder: str | Path, families: tuple[str, ...], dtype: Any = None):
-    """(preset, pipeline options, compute dtype) of a model folder whose family is one of `families`.
-    dtype: default the folder's option "dtype", else bfloat16."""
-    preset = model_folder.read_description(folder)
-    if preset.family not in families:
-        raise ValueError(f"{folder} holds a {preset.family!r} model, not {' or '.join(map(repr, families))}")
-    options = model_folder.read_options(folder)
-    return preset, options, jnp.dtype(dtype or options.get("dtype", "bfloat16"))
+def open_folder(
+    folder: str | Path | model_folder.ModelFolder, families: tuple[str, ...], dtype: Any = None
+) -> tuple[model_folder.ModelFolder, Any]:
+    """(the opened model folder, compute dtype) of a model folder (a path, opened here, or an opened
+    `ModelFolder`) whose family is one of `families`. dtype: default the folder's option "dtype", else bfloat16."""
+    opened = model_folder.ModelFolder.of(folder)
+    if opened.family not in families:
+        raise ValueError(f"{opened.path} holds a {opened.family!r} model, not {' or '.join(map(repr, families))}")
+    return opened, jnp.dtype(dtype or opened.options.get("dtype", "bfloat16"))
 
 
-def quantize_mode(folder: str | Path, options: dict, quantize: str | None) -> str | None:
+def quantize_mode(folder: model_folder.ModelFolder, quantize: str | None) -> str | None:
     """The weight quantisation to load with: `quantize` (None: the folder's pipeline option "quantize", else
     whatever the folder stores; "none": not quantised, refused for a folder stored quantised)."""
     from jaxedit import quant
 
-    stored = set(model_folder.read_quantized(folder).values())
+    stored = set(folder.quantized.values())
     try:
-        mode = quant.check_mode(options.get("quantize") if quantize is None else quantize)
+        mode = quant.check_mode(folder.options.get("quantize") if quantize is None else quantize)
     except ValueError as e:
-        raise ValueError(f"{folder}: {e}") from None
+        raise ValueError(f"{folder.path}: {e}") from None
     if quantize in ("none", "") and stored:
-        raise ValueError(f"{folder} is stored quantised ({', '.join(sorted(stored))}): it cannot load unquantised")
+        raise ValueError(f"{folder.path} is stored quantised ({', '.join(sorted(stored))}): it cannot load "
+                         "unquantised")  # fmt: skip
     if mode is None and stored:
         return None  # load as stored
     return mode
@@ -216,6 +218,8 @@ class EditPipelineBase:
 
     model: Any
     default_steps: int
+    default_guidance: float
+    folder: model_folder.ModelFolder | None = None  # the model folder it was loaded from (`load`)
     quantized: dict[str, str] = {}  # {part: "int8" / "fp8"} of the parts whose weights are quantised
 
     def __init__(
@@ -307,6 +311,32 @@ class EditPipelineBase:
             mesh = self.batch_mesh(rows * self.mesh.shape["fsdp"])[0]
             self._rows = (key, (mesh, placement.restrict(self.params, mesh)))
         return self._rows[1]
+
+    # the call skeleton both families share (each family's `prepare` and `generate` do the rest)
+
+    def edit(self, prepared: list, prompts: list[str], seeds: list[int], guidance: list[float], steps: int) -> list:
+        """One batch of prepared items sharing a bucket -> images (the protocol of `jaxedit.pipelines.batch`)."""
+        return self.generate(prepared, prompts, seeds, guidance=guidance, steps=steps)
+
+    def prepare_call(
+        self, images: list, prompts: list[str], width: int | None, height: int | None, steps: int | None, guidance
+    ) -> tuple[list, int, list[float]]:
+        """(prepared items, step count, one guidance value per item) of a `__call__`: steps and guidance default to
+        the pipeline's, every item is prepared (`prepare`) and must share the first one's bucket."""
+        steps = check_steps(steps, self.default_steps)
+        guidance = self.default_guidance if guidance is None else guidance
+        prepared = [self.prepare(im, width, height) for im in images]
+        if len({p.bucket for p in prepared}) != 1:
+            raise ValueError("items of one call must share their sizes; use jaxedit.pipelines.batch for mixed sizes")
+        return prepared, steps, [guidance] * len(prompts) if np.isscalar(guidance) else list(guidance)
+
+    @staticmethod
+    def check_batch(prepared: list, prompts: list[str], seeds: list[int], guidance: list[float]) -> int:
+        """The batch size of a `generate` call: ValueError unless every list has one entry per prompt."""
+        b = len(prompts)
+        if not (len(prepared) == len(seeds) == len(guidance) == b):
+            raise ValueError(f"{len(prepared)} items, {b} prompts, {len(seeds)} seeds, {len(guidance)} guidance values")
+        return b
 
     def set_transformer(self, params) -> None:
         """Use other transformer parameters (e.g. the current ones of a training run)."""

@@ -43,6 +43,7 @@ from PIL import Image
 from jaxedit import jsonl, locks
 from jaxedit.image_files import displayed_size, orientation, upright
 from jaxedit.options import MAX_GUIDANCE, MAX_STEPS
+from jaxedit.staged import write_file
 
 MAX_SIDE = 4096  # pixels; larger requests are refused as absurd
 MIN_SIDE = 16
@@ -308,9 +309,7 @@ def write_png(img: Image.Image, dst: Path) -> str:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     data = buf.getvalue()
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(dst)
+    write_file(dst, data)
     return hashlib.sha256(data).hexdigest()
 
 

@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from jaxedit import configs, sampling
+from jaxedit.model_folder import ModelFolder
 from jaxedit.models.step1x import Step1XEdit
 from jaxedit.options import max_image_tokens
 from jaxedit.parallel import placement
@@ -38,12 +39,11 @@ from jaxedit.pipelines.base import (
     EditPipelineBase,
     block_bytes,
     check_side,
-    check_steps,
     choose_mesh,
     enable_compilation_cache,
+    open_folder,
     quantize_mode,
     quantized_parts,
-    read_folder,
     resident_bytes,
     to_images,
     to_model_input,
@@ -115,11 +115,11 @@ class Step1XEditPipeline(EditPipelineBase):
     @classmethod
     def load(
         cls,
-        folder: str | Path,
+        folder: str | Path | ModelFolder,
         *,
         dtype: Any = None,
         compile_cache: bool = True,
-        qwen: str | Path | None = None,
+        qwen: str | Path | ModelFolder | None = None,
         text_encoder: Any = True,
         qwen_dtype: str = "bfloat16",
         quantize: str | None = None,
@@ -127,30 +127,31 @@ class Step1XEditPipeline(EditPipelineBase):
         devices: list | None = None,
         **kw,
     ) -> Step1XEditPipeline:
-        """Load a model folder; `qwen`: another model folder whose converted Qwen2.5-VL to use. dtype (DiT
+        """Load a model folder (a path or an opened `jaxedit.model_folder.ModelFolder`); `qwen`: another model
+        folder whose converted Qwen2.5-VL to use. dtype (DiT
         and connector): default the folder's pipeline option "dtype", else bfloat16. text_encoder: True loads
         the Qwen2.5-VL embedder (JAX, `qwen_dtype`), False skips it (then every call needs `llm=`), or an
         embedder to use. quantize: "int8" / "fp8" DiT weights (`jaxedit.quant`; default the folder's pipeline
         option "quantize"), quantised as they load unless the folder stores them so. mesh: where the pipeline
         runs (`jaxedit.parallel.placement`; None: the folder's option "mesh", else replicated data parallel;
         "auto"; or axis sizes): the DiT, connector, VAE and Qwen2.5-VL are placed on it."""
-        from jaxedit.model_folder import load_parts, read_quantized
+        from jaxedit.model_folder import load_parts
+        from jaxedit.step1x.text import load_qwen_embedder, open_qwen_folder, qwen_section
 
-        folder = Path(folder)
-        preset, options, dtype = read_folder(folder, (FAMILY,), dtype)
-        quantize = quantize_mode(folder, options, quantize)
+        opened, dtype = open_folder(folder, (FAMILY,), dtype)
+        folder, preset, options = opened.path, opened.preset, opened.options
+        quantize = quantize_mode(opened, quantize)
         if preset.connector is None:
             raise ValueError(f"{folder}: a {FAMILY!r} model folder without a connector config")
         if options.get("loras"):
             raise ValueError(f"{folder / 'jaxedit.json'}: pipeline.loras: LoRAs apply to FLUX models, not Step1X-Edit")
         devices = list(devices or jax.local_devices())
-        stored = read_quantized(folder)
-        qwen_cfg = None
+        stored = opened.quantized
+        qwen_cfg, qwen_folder = None, None
         if text_encoder is True:
-            from jaxedit.step1x.text import qwen_config
-
             try:
-                qwen_cfg = qwen_config(qwen or folder)
+                qwen_folder = opened if qwen is None else open_qwen_folder(qwen)
+                qwen_cfg = qwen_section(qwen_folder).model
             except (FileNotFoundError, ValueError):
                 pass  # load_qwen_embedder below says what is missing
         footprint = cls.footprint(preset, dtype, stored.get("transformer") or quantize, qwen_cfg, qwen_dtype)
@@ -160,9 +161,7 @@ class Step1XEditPipeline(EditPipelineBase):
         on_mesh = sh.make_mesh(mesh, devices)
         embedder = None if text_encoder is False else text_encoder
         if text_encoder is True:  # checked against the connector as it loads
-            from jaxedit.step1x.text import load_qwen_embedder
-
-            embedder = load_qwen_embedder(folder, qwen, dtype=qwen_dtype, mesh=on_mesh)
+            embedder = load_qwen_embedder(opened, qwen_folder or qwen, dtype=qwen_dtype, mesh=on_mesh)
         elif embedder is not None and embedder.config.hidden_size != preset.connector.in_channels:
             raise ValueError(
                 f"{folder}: Qwen2.5-VL hidden size {embedder.config.hidden_size} != the connector's in_channels "
@@ -170,9 +169,10 @@ class Step1XEditPipeline(EditPipelineBase):
             )
         if compile_cache:
             enable_compilation_cache()
-        params = load_parts(folder, preset, dtypes={"transformer": dtype}, quantize=quantize, mesh=on_mesh)
+        params = load_parts(opened, dtypes={"transformer": dtype}, quantize=quantize, mesh=on_mesh)
         kw.setdefault("size_level", options.get("size_level", DEFAULT_SIZE_LEVEL))
         pipe = cls(preset, params, embedder, dtype=dtype, mesh=mesh, devices=devices, **kw)
+        pipe.folder = opened
         pipe.quantized = quantized_parts(params)
         pipe.max_image_tokens = max_image_tokens(options)
         pipe.default_steps = int(options.get("steps", DEFAULT_STEPS))
@@ -234,9 +234,6 @@ class Step1XEditPipeline(EditPipelineBase):
             image = image.resize((w, h), resample=Image.Resampling.BICUBIC)
         return Step1XPrepared(to_model_input(image), image, w, h, out_size)
 
-    def edit(self, prepared, prompts, seeds, guidance, steps) -> list[Image.Image]:
-        return self.generate(prepared, prompts, seeds, guidance=guidance, steps=steps)
-
     # ----------------------------------------------------------------------------------
 
     def __call__(
@@ -256,12 +253,7 @@ class Step1XEditPipeline(EditPipelineBase):
     ):
         """Edit `images` with `prompts` (one seed per item); steps and guidance default to the
         model folder's pipeline defaults (28, 6.0)."""
-        steps = check_steps(steps, self.default_steps)
-        guidance = self.default_guidance if guidance is None else guidance
-        prepared = [self.prepare(im, width, height) for im in images]
-        if len({p.bucket for p in prepared}) != 1:
-            raise ValueError("items of one call must share their sizes; use jaxedit.pipelines.batch for mixed sizes")
-        g = [guidance] * len(prompts) if np.isscalar(guidance) else list(guidance)
+        prepared, steps, g = self.prepare_call(images, prompts, width, height, steps, guidance)
         return self.generate(
             prepared, prompts, seeds, guidance=g, steps=steps, negative_prompt=negative_prompt, latents=latents,
             llm=llm, output=output,
@@ -281,9 +273,7 @@ class Step1XEditPipeline(EditPipelineBase):
         self, prepared, prompts, seeds, *, guidance, steps, negative_prompt="", latents=None, llm=None, output="pil"
     ):
         """One batch of items sharing a bucket -> PIL images (or final packed latents, output="latents")."""
-        b = len(prompts)
-        if not (len(prepared) == len(seeds) == len(guidance) == b):
-            raise ValueError(f"{len(prepared)} items, {b} prompts, {len(seeds)} seeds, {len(guidance)} guidance values")
+        b = self.check_batch(prepared, prompts, seeds, guidance)
         emb, mask = llm if llm is not None else self.encode_prompts(prepared, prompts, negative_prompt)
         c = self.preset.connector.in_channels
         if emb.ndim != 3 or emb.shape[0] != 2 * b or emb.shape[2] != c or mask.shape != emb.shape[:2]:

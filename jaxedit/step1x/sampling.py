@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxedit.sampling import euler_sample, image_ids
+from jaxedit import sampling
+from jaxedit.sampling import euler_sample, guide
 
 # model(img [2B, Lt + Lr, F], img_ids [2B, Lt + Lr, 3], llm [2B, L, C], mask [2B, L], t [2B]) -> [2B, Lt + Lr, F]
 ModelFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
@@ -41,15 +42,9 @@ def step1x_size(width: int, height: int, size_level: int = 512) -> tuple[int, in
 
 
 def edit_ids(h2: int, w2: int) -> np.ndarray:
-    """Ids [2 * h2 * w2, 3] float32 of [target | reference] grids of h2 x w2 tokens (both index 0)."""
-    ids = image_ids(h2, w2, 0.0)
-    return np.concatenate([ids, ids], axis=0)
-
-
-def guide(cond: jax.Array, uncond: jax.Array, scale: float | jax.Array) -> jax.Array:
-    """Classifier-free guidance u + w (c - u), computed in float32."""
-    cond, uncond = cond.astype(jnp.float32), uncond.astype(jnp.float32)
-    return uncond + scale * (cond - uncond)
+    """Ids [2 * h2 * w2, 3] float32 of [target | reference] grids of h2 x w2 tokens (both index 0:
+    `jaxedit.sampling.edit_ids` with ref_index 0)."""
+    return sampling.edit_ids(h2, w2, [(h2, w2)], ref_index=0.0)
 
 
 def model_fn(model, params) -> ModelFn:
@@ -81,7 +76,7 @@ def denoise_cfg(
     mask2 = jnp.concatenate([mask_cond, mask_uncond], axis=0)
 
     def velocity(x, t_B):
-        img = jnp.concatenate([x, ref_BLF.astype(x.dtype)], axis=1)
+        img = sampling.edit_tokens(x, [ref_BLF])
         img2 = jnp.concatenate([img, img], axis=0)
         pred = model(img2, ids2, llm2, mask2, jnp.concatenate([t_B, t_B]))[:, :lt]
         cond, uncond = jnp.split(pred, 2, axis=0)

@@ -42,6 +42,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from jaxedit.model_folder import ModelFolder
+
 log = logging.getLogger(__name__)
 
 PREFIX = (
@@ -97,13 +99,31 @@ def qwen_entry(path: str | Path | None, config: QwenEmbedderConfig | None = None
     return {"qwen": entry | ({"model": model.to_dict()} if model is not None else {})}
 
 
-def read_qwen(folder: str | Path) -> tuple[Path | None, QwenEmbedderConfig]:
-    """(Qwen2.5-VL folder or None if none is recorded, QwenEmbedderConfig) of a Step1X-Edit model folder."""
-    from jaxedit.model_folder import read_json
+@dataclasses.dataclass(frozen=True)
+class QwenSection:
+    """A Step1X-Edit model folder's "qwen" entry, parsed: a recorded transformers Qwen2.5-VL folder (older
+    folders; None if none), the embedder config and the architecture of the Qwen2.5-VL converted into its qwen/
+    (a `configs.QwenVLConfig`; None: none)."""
 
-    q = read_json(folder).get("qwen") or {}
-    path = q.get("path")
-    return (None if path is None else Path(folder) / Path(path)), QwenEmbedderConfig.from_dict(q.get("config", {}))
+    path: Path | None
+    config: QwenEmbedderConfig
+    model: Any = None
+
+
+def qwen_section(folder: ModelFolder) -> QwenSection:
+    """The "qwen" entry of an opened model folder (the one place it is interpreted; `qwen_entry` writes it)."""
+    from jaxedit.configs import QwenVLConfig
+
+    q = folder.qwen
+    path, model = q.get("path"), QwenVLConfig.from_dict(q["model"]) if q.get("model") else None
+    return QwenSection(None if path is None else folder.path / Path(path), QwenEmbedderConfig.from_dict(
+        q.get("config", {})), model)  # fmt: skip
+
+
+def read_qwen(folder: str | Path | ModelFolder) -> tuple[Path | None, QwenEmbedderConfig]:
+    """(Qwen2.5-VL folder or None if none is recorded, QwenEmbedderConfig) of a Step1X-Edit model folder."""
+    section = qwen_section(ModelFolder.of(folder))
+    return section.path, section.config
 
 
 def split_quoted(text: str, quote_after: int = 155) -> list[str]:
@@ -178,11 +198,12 @@ def save_embedding(path: str | Path, embeddings_LD: np.ndarray, mask_L: np.ndarr
     b16 = rows.astype(ml_dtypes.bfloat16)
     lossless = np.array_equal(b16.astype(np.float32), rows)
     data = b16.view(np.uint16) if lossless else rows
+    from jaxedit.staged import staged_file
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, embeddings=data, dtype="bfloat16" if lossless else "float32", max_length=len(mask))
-    tmp.replace(path)
+    with staged_file(path) as tmp, open(tmp, "wb") as f:  # (a file object: np.savez adds no .npz)
+        np.savez(f, embeddings=data, dtype="bfloat16" if lossless else "float32", max_length=len(mask))
     return path
 
 
@@ -388,19 +409,20 @@ class Step1XQwenEmbedder(QwenConditioner):
             self.rows = mesh.shape["data"] * mesh.shape["fsdp"]
 
     @classmethod
-    def from_model_folder(cls, folder: str | Path, *, dtype: str = "bfloat16", **kw) -> Step1XQwenEmbedder:
-        """The converted Qwen2.5-VL of a Step1X-Edit model folder (qwen/ weights, qwen_processor/ files)."""
+    def from_model_folder(
+        cls, folder: str | Path | ModelFolder, *, dtype: str = "bfloat16", **kw
+    ) -> Step1XQwenEmbedder:
+        """The converted Qwen2.5-VL of a Step1X-Edit model folder (qwen/ weights, qwen_processor/ files; a path
+        or an opened `ModelFolder`)."""
         import jax.numpy as jnp
 
         from jaxedit.checkpoint import load_params
-        from jaxedit.configs import QwenVLConfig
-        from jaxedit.model_folder import read_json
 
-        folder = Path(folder)
-        entry = read_json(folder).get("qwen") or {}
-        if not entry.get("model"):
+        opened = ModelFolder.of(folder)
+        folder, section = opened.path, qwen_section(opened)
+        if section.model is None:
             raise FileNotFoundError(f"{folder}/jaxedit.json describes no converted Qwen2.5-VL")
-        qwen_cfg, config = QwenVLConfig.from_dict(entry["model"]), QwenEmbedderConfig.from_dict(entry.get("config", {}))
+        qwen_cfg, config = section.model, section.config
         check_hidden(qwen_cfg, config, folder)
         target = None
         if kw.get("mesh") is not None:  # restored straight into its sharding
@@ -483,39 +505,47 @@ def check_hidden(qwen_cfg, config: QwenEmbedderConfig, where) -> None:
         )
 
 
-def qwen_config(folder: str | Path):
+def qwen_config(folder: str | Path | ModelFolder):
     """The `QwenVLConfig` of the converted Qwen2.5-VL a model folder's jaxedit.json describes."""
-    from jaxedit.configs import QwenVLConfig
-    from jaxedit.model_folder import read_json
-
-    entry = read_json(folder).get("qwen") or {}
-    if not entry.get("model"):
-        raise FileNotFoundError(f"{folder}/jaxedit.json describes no converted Qwen2.5-VL")
-    return QwenVLConfig.from_dict(entry["model"])
+    opened = ModelFolder.of(folder)
+    model = qwen_section(opened).model
+    if model is None:
+        raise FileNotFoundError(f"{opened.path}/jaxedit.json describes no converted Qwen2.5-VL")
+    return model
 
 
-def load_qwen_embedder(folder: str | Path, qwen: str | Path | None = None, **kw) -> Step1XQwenEmbedder:
-    """The Qwen2.5-VL embedder of a Step1X-Edit model folder (its qwen/ and qwen_processor/), or of the model
-    folder `qwen` when given (one converted Qwen2.5-VL shared by several folders). A transformers Qwen2.5-VL
-    folder is converted first: `python -m checkpoints_convert add-qwen FOLDER QWEN` (no torch either way).
-    Its width must be the model folder's connector's in_channels."""
-    from jaxedit.model_folder import read_description
-
-    model, folder = Path(folder), Path(qwen) if qwen else Path(folder)
-    if (folder / "config.json").is_file() and not (folder / "jaxedit.json").is_file():
+def open_qwen_folder(qwen: str | Path | ModelFolder) -> ModelFolder:
+    """The model folder whose converted Qwen2.5-VL to use, opened; ValueError for a transformers Qwen2.5-VL
+    folder (convert it in first)."""
+    if isinstance(qwen, ModelFolder):
+        return qwen
+    qwen = Path(qwen)
+    if (qwen / "config.json").is_file() and not (qwen / "jaxedit.json").is_file():
         raise ValueError(
-            f"{folder} is a transformers Qwen2.5-VL folder: convert it into the model folder first "
-            f"(python -m checkpoints_convert add-qwen MODEL_FOLDER {folder})"
+            f"{qwen} is a transformers Qwen2.5-VL folder: convert it into the model folder first "
+            f"(python -m checkpoints_convert add-qwen MODEL_FOLDER {qwen})"
         )
-    if not (folder / "qwen").is_dir():
-        recorded, _ = read_qwen(folder)
-        hint = f"python -m checkpoints_convert add-qwen {folder} {recorded or 'QWEN_FOLDER'}"
-        raise FileNotFoundError(f"{folder} holds no converted Qwen2.5-VL (no qwen/); add one: {hint}")
-    embedder = Step1XQwenEmbedder.from_model_folder(folder, **kw)
-    connector = read_description(model).connector
+    return ModelFolder.open(qwen)
+
+
+def load_qwen_embedder(
+    folder: str | Path | ModelFolder, qwen: str | Path | ModelFolder | None = None, **kw
+) -> Step1XQwenEmbedder:
+    """The Qwen2.5-VL embedder of a Step1X-Edit model folder (its qwen/ and qwen_processor/), or of the model
+    folder `qwen` when given (one converted Qwen2.5-VL shared by several folders); each a path or an opened
+    `ModelFolder`. A transformers Qwen2.5-VL folder is converted first: `python -m checkpoints_convert add-qwen
+    FOLDER QWEN` (no torch either way). Its width must be the model folder's connector's in_channels."""
+    source = open_qwen_folder(folder if qwen is None else qwen)
+    model = source if qwen is None else ModelFolder.of(folder)
+    if not (source.path / "qwen").is_dir():
+        recorded = qwen_section(source).path
+        hint = f"python -m checkpoints_convert add-qwen {source.path} {recorded or 'QWEN_FOLDER'}"
+        raise FileNotFoundError(f"{source.path} holds no converted Qwen2.5-VL (no qwen/); add one: {hint}")
+    embedder = Step1XQwenEmbedder.from_model_folder(source, **kw)
+    connector = model.preset.connector
     if connector is not None and embedder.config.hidden_size != connector.in_channels:
         raise ValueError(
-            f"{folder}: Qwen2.5-VL hidden size {embedder.config.hidden_size} != the connector's in_channels "
-            f"{connector.in_channels} of {model}"
+            f"{source.path}: Qwen2.5-VL hidden size {embedder.config.hidden_size} != the connector's in_channels "
+            f"{connector.in_channels} of {model.path}"
         )
     return embedder

@@ -219,7 +219,10 @@ def export_peft(lora: Params, cfg: LoraConfig, flux_cfg: FluxConfig, path: str |
     """Write `peft_state_dict` as safetensors (loadable by `FluxKontextPipeline.load_lora_weights`)."""
     from safetensors.numpy import save_file
 
+    from jaxedit.staged import staged_file
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(peft_state_dict(lora, cfg, flux_cfg), str(path), metadata={"format": "pt"})
+    with staged_file(path) as tmp:  # a rerun's export replaces the file in one rename
+        save_file(peft_state_dict(lora, cfg, flux_cfg), str(tmp), metadata={"format": "pt"})
     return path

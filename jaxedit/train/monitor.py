@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from jaxedit.image_files import upright
+from jaxedit.staged import write_file
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +51,7 @@ def truncate_metrics(path: Path, step: int) -> None:
         log.warning("%s: cut off a torn last line (%d characters) left by an interrupted write", path, len(lines[-1]))
         lines.pop()
     keep = [ln.rstrip("\n") + "\n" for ln in lines if ln.strip() and not _after(_record(ln), step)]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(keep))
-    os.replace(tmp, path)
+    write_file(path, "".join(keep))
 
 
 def _record(line: str):

@@ -114,11 +114,6 @@ def sample_guidance(cfg: ObjectiveConfig, key: jax.Array, batch: int) -> jax.Arr
     return jnp.full((batch,), cfg.guidance, jnp.float32)
 
 
-def kontext_ids(h2: int, w2: int, rh2: int, rw2: int, ref_index: float = 1.0) -> np.ndarray:
-    """img ids [(h2 w2) + (rh2 rw2), 3]: target grid (index 0) then reference grid (ref_index)."""
-    return np.concatenate([sampling.image_ids(h2, w2, 0.0), sampling.image_ids(rh2, rw2, ref_index)])
-
-
 def reference_keys(batch: dict) -> list[str]:
     """The batch's reference latents in order: "reference", "reference_1", ..."""
     return ["reference"] + [f"reference_{i}" for i in range(1, 1 + sum(k.startswith("reference_") for k in batch))]
@@ -126,12 +121,9 @@ def reference_keys(batch: dict) -> list[str]:
 
 def edit_ids(cfg: ObjectiveConfig, h2: int, w2: int, grids: list[tuple[int, int]]) -> np.ndarray:
     """img ids [(h2 w2) + sum of the reference grids' tokens, 3]: the target grid, then the references
-    [(rh2, rw2), ...]: one with (ref_index, row, col), several per cfg.reference_ids."""
-    if len(grids) == 1:
-        return kontext_ids(h2, w2, *grids[0], cfg.ref_index)
-    if cfg.ref_index != 1.0:
-        raise ValueError(f"several references take their ids from reference_ids, not ref_index={cfg.ref_index}")
-    return np.concatenate([sampling.image_ids(h2, w2, 0.0), sampling.reference_ids(grids, cfg.reference_ids)])
+    [(rh2, rw2), ...]: one with (ref_index, row, col), several per cfg.reference_ids (`sampling.edit_ids`, as the
+    pipelines sample)."""
+    return sampling.edit_ids(h2, w2, grids, cfg.reference_ids, cfg.ref_index)
 
 
 def draw(cfg: ObjectiveConfig, key: jax.Array, target_BhwC: jax.Array) -> dict[str, jax.Array]:
@@ -203,7 +195,7 @@ def flow_matching_loss(
     txt, y_or_mask = cond  # y (Kontext) or txt_mask (Step1X-Edit)
     ids = edit_ids(cfg, h // 2, w // 2, [(r.shape[1] // 2, r.shape[2] // 2) for r in refs])
     ids = jnp.broadcast_to(ids, (b, *ids.shape))
-    img = jnp.concatenate([x_t, *(sampling.pack(r.astype(jnp.float32)) for r in refs)], axis=1)
+    img = sampling.edit_tokens(x_t, [sampling.pack(r.astype(jnp.float32)) for r in refs])  # [target | references]
     txt_ids = jnp.zeros((b, txt.shape[1], 3), jnp.float32)
     if step1x:  # t in [0, 1]: the connector multiplies it by 1000 once
         pred = apply_fn(params, img, ids, txt, y_or_mask, t)[:, : x_t.shape[1]]

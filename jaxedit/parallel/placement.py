@@ -28,6 +28,7 @@ import jax
 import numpy as np
 
 from jaxedit.configs import MeshConfig
+from jaxedit.parallel.sharding import ici_sizes
 from jaxedit.staged import write_file
 
 # of a chip's memory, what the weights and one sample's working set may use (the rest: the runtime's own
@@ -58,14 +59,7 @@ def parse(spec: str | MeshConfig | None) -> MeshConfig | str | None:
 
 def resolve(cfg: MeshConfig, n: int) -> MeshConfig:
     """`cfg` with an axis of size -1 given the devices left over, checked against `n` devices."""
-    sizes = [cfg.data, cfg.fsdp, cfg.tensor]
-    if sizes.count(-1) > 1:
-        raise ValueError(f"mesh {text(cfg)}: at most one axis may be -1")
-    if -1 in sizes:
-        rest = math.prod(s for s in sizes if s != -1)
-        if n % rest:
-            raise ValueError(f"mesh {text(cfg)}: {n} devices are not divisible by {rest}")
-        sizes[sizes.index(-1)] = n // rest
+    sizes = ici_sizes(cfg, n, f"mesh {text(cfg)}")
     if any(s < 1 for s in sizes) or math.prod(sizes) != n:
         raise ValueError(f"mesh {text(cfg)} does not use exactly the {n} devices")
     return MeshConfig(data=sizes[0], fsdp=sizes[1], tensor=sizes[2])

@@ -73,14 +73,7 @@ def make_mesh(cfg: MeshConfig | None = None, devices: Sequence[jax.Device] | Non
     devices = list(devices if devices is not None else jax.devices())
     dcn = (cfg.dcn_data, cfg.dcn_fsdp, 1)
     n_per_slice = len(devices) // math.prod(dcn)
-    ici = [cfg.data, cfg.fsdp, cfg.tensor]
-    if ici.count(-1) > 1:
-        raise ValueError(f"{cfg}: at most one axis may be -1")
-    if -1 in ici:
-        rest = math.prod(s for s in ici if s != -1)
-        if n_per_slice % rest:
-            raise ValueError(f"{cfg}: {n_per_slice} devices per slice are not divisible by {rest}")
-        ici[ici.index(-1)] = n_per_slice // rest
+    ici = ici_sizes(cfg, n_per_slice, str(cfg))
     if math.prod(ici) * math.prod(dcn) != len(devices):
         raise ValueError(f"{cfg}: mesh {ici} x dcn {list(dcn)} does not use exactly the {len(devices)} devices")
     if math.prod(dcn) > 1:
@@ -88,6 +81,20 @@ def make_mesh(cfg: MeshConfig | None = None, devices: Sequence[jax.Device] | Non
     else:
         arr = physical_mesh(ici, devices, cfg)
     return Mesh(arr, MESH_AXES)
+
+
+def ici_sizes(cfg: MeshConfig, n: int, name: str) -> list[int]:
+    """[data, fsdp, tensor] of `cfg` within one slice of `n` devices, an axis of size -1 given the devices left
+    over (ValueError "NAME: ..." if there are two, or they do not divide)."""
+    sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"{name}: at most one axis may be -1")
+    if -1 in sizes:
+        rest = math.prod(s for s in sizes if s != -1)
+        if n % rest:
+            raise ValueError(f"{name}: {n} devices per slice are not divisible by {rest}")
+        sizes[sizes.index(-1)] = n // rest
+    return sizes
 
 
 def physical_mesh(shape: list[int], devices: list, cfg: MeshConfig) -> np.ndarray:

@@ -182,7 +182,9 @@ def train_rule(n: int, state_bytes: float, memory: float | None) -> MeshConfig:
     4, ... neighbouring chips whose share of `state_bytes` is at most `TRAIN_STATE_SHARE` of `memory`, data
     parallel across the groups (None memory, or no group small enough: every chip one FSDP group). Smaller
     groups gather weights over fewer chips, in larger pieces: on a v5p-64 (32 chips) the compiled 1024 px
-    step at one sample per chip estimates 2.49 s on data=4,fsdp=8 against 5.73 s on fsdp=32."""
+    step at one sample per chip estimates 2.49 s on data=4,fsdp=8 against 5.73 s on fsdp=32. The per-chip
+    batch's activations must fit in the rest: two 1024 px samples a chip on a v5e-256 (data=8,fsdp=32) need
+    17.0 GB of the 16; there give the mesh (fsdp groups of 64) or one sample a chip (docs/scaling.md)."""
     if memory is not None:
         for g in fsdp_groups(n):
             if state_bytes / g <= TRAIN_STATE_SHARE * memory:

@@ -106,6 +106,7 @@ def model_options(p: argparse.ArgumentParser) -> None:
 
 def load_pipeline(args):
     """The model folder's pipeline with the command line's settings; SystemExit (one line) on bad input."""
+    from jaxedit import families
     from jaxedit.model_folder import ModelFolder
     from jaxedit.pipelines.auto import load_pipeline as load
 
@@ -119,26 +120,11 @@ def load_pipeline(args):
     if options.get("random_weights"):
         print(f"note: {path} holds RANDOM weights (a placeholder model): the output shows the pipeline runs, "
               "it is not a real edit", file=sys.stderr)  # fmt: skip
-    step1x = preset.family == "step1x-edit"
-    if step1x and (args.true_cfg_scale is not None or args.negative_prompt is not None):
-        fail("--true-cfg-scale/--negative-prompt are for FLUX Kontext models; "
-                         "Step1X-Edit's classifier-free guidance is --guidance")  # fmt: skip
-    if step1x and args.text_on_cpu:
-        fail("--text-on-cpu is for FLUX Kontext models (Step1X-Edit's Qwen2.5-VL runs where the DiT does)")
-    if step1x and args.lora:
-        fail("--lora: LoRAs are applied to FLUX / FLUX.1 Kontext model folders, not Step1X-Edit")
-    references = {"reference_ids": args.reference_ids, "reference_tokens": args.reference_tokens,
-                  "max_image_tokens": args.max_tokens}  # fmt: skip
-    if step1x and any(v is not None for v in references.values()):
-        fail("--reference-ids/--reference-tokens/--max-tokens are for FLUX Kontext models")
-    if step1x:
-        kw = {"size_level": None} if args.keep_size else {"size_level": args.size_level} if args.size_level else {}
-        kw["qwen"] = args.qwen
-    else:
-        kw = {"auto_resize": False} if args.keep_size else {}
-        kw |= {"loras": read_loras(args.lora, preset)} if args.lora else {}
-        kw |= {k: v for k, v in references.items() if v is not None}
-        kw |= {"text_on_cpu": True} if args.text_on_cpu else {}
+    family = families.of(preset)
+    try:  # the flags that apply to the folder's family, checked (and LoRA files read) before it loads
+        kw = family.load_options(args, preset)
+    except ValueError as e:
+        fail(str(e))
     kw |= {"quantize": args.quantize} if args.quantize else {}
     kw |= {"mesh": args.mesh} if args.mesh else {}
     try:
@@ -150,12 +136,10 @@ def load_pipeline(args):
     for lora, scale, merged in getattr(pipe, "loras", []):
         print(f"note: LoRA {lora.describe()} at scale {scale:g}{'' if merged else ', applied per call'}",
               file=sys.stderr)  # fmt: skip
-    if not step1x and (args.true_cfg_scale is not None or args.negative_prompt is not None):
-        scale = pipe.true_cfg_scale if args.true_cfg_scale is None else args.true_cfg_scale
-        try:
-            pipe.set_true_cfg(scale, pipe.negative_prompt if args.negative_prompt is None else args.negative_prompt)
-        except ValueError as e:
-            fail(f"--true-cfg-scale: {e}")
+    try:
+        family.configure(pipe, args)
+    except ValueError as e:
+        fail(str(e))
     return pipe
 
 
@@ -173,23 +157,6 @@ def check_flags(args) -> None:
                 check_option("max_image_tokens" if name == "max_tokens" else name, value, flag)
             except ValueError as e:
                 fail(str(e))
-
-
-def read_loras(specs: list[str], preset) -> list:
-    """(LoRA, scale) of each --lora FILE[:SCALE], read and checked against the model before it is loaded."""
-    from jaxedit.lora import parse_lora_arg, read_lora
-
-    out = []
-    for spec in specs:
-        try:
-            path, scale = parse_lora_arg(spec)
-        except ValueError as e:
-            fail(str(e))
-        try:
-            out.append((read_lora(path, preset), scale))
-        except ValueError as e:  # LoraError: names the file and the key
-            fail(f"--lora: {e}")
-    return out
 
 
 def sampling_defaults(args, pipe) -> dict:

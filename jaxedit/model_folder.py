@@ -29,10 +29,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from jaxedit import configs
+from jaxedit import configs, families
 
 FORMAT, VERSION = "jaxedit-model", 1
-FAMILIES = ("flux-kontext", "flux", "step1x-edit")
 PART_CONFIGS = {
     "transformer": configs.FluxConfig,
     "vae": configs.AutoEncoderConfig,
@@ -55,8 +54,10 @@ def preset_to_dict(preset: configs.Preset, options: dict | None = None) -> dict:
 def preset_from_dict(d: dict, where: str = "jaxedit.json") -> configs.Preset:
     if d.get("format") != FORMAT or d.get("version") != VERSION:
         raise ValueError(f"{where}: not a jaxedit model folder description (format {d.get('format')!r})")
-    if d.get("family") not in FAMILIES:
-        raise ValueError(f"{where}: field 'family' is {d.get('family')!r}; expected one of {', '.join(FAMILIES)}")
+    if d.get("family") not in families.names():
+        raise ValueError(
+            f"{where}: field 'family' is {d.get('family')!r}; expected one of {', '.join(families.names())}"
+        )
     parts = {}
     for part, cls in DESCRIBED_CONFIGS.items():
         raw = d.get("config", {}).get(part) if isinstance(d.get("config"), dict) else None
@@ -282,9 +283,7 @@ def check_complete(folder: str | Path, preset: configs.Preset, *, skip: tuple[st
     folder = Path(folder)
     recover_folder(folder)
     recover_parts(folder)
-    missing = [
-        p for p in PART_CONFIGS if p not in skip and getattr(preset, p) is not None and not (folder / p).is_dir()
-    ]
+    missing = [p for p in families.of(preset).present_parts(preset) if p not in skip and not (folder / p).is_dir()]
     missing += [d for p, d in TOKENIZERS.items() if getattr(preset, p) is not None and not (folder / d).is_dir()]
     if missing:
         raise FileNotFoundError(f"model folder {folder} is incomplete: missing {', '.join(missing)}")
@@ -305,8 +304,7 @@ def expected_params(preset: configs.Preset, part: str, quantized: str | None = N
     (traced once per config and process)."""
     from jaxedit.quant import quantize_abstract
 
-    tree = _expected_params(part, getattr(preset, part), preset.connector if part == "transformer" else None)
-    return quantize_abstract(part, tree, quantized)
+    return quantize_abstract(part, _expected_params(preset, part), quantized)
 
 
 def part_shardings(preset: configs.Preset, part: str, mesh: Any, quantized: str | None = None) -> Any:
@@ -315,17 +313,12 @@ def part_shardings(preset: configs.Preset, part: str, mesh: Any, quantized: str 
     from jaxedit.parallel import sharding as sh
     from jaxedit.quant import quantize_abstract
 
-    cfg, connector = getattr(preset, part), preset.connector if part == "transformer" else None
-    return sh.shardings(quantize_abstract(part, _expected_params(part, cfg, connector, True), quantized), mesh)
+    return sh.shardings(quantize_abstract(part, _expected_params(preset, part, True), quantized), mesh)
 
 
 @functools.lru_cache(maxsize=32)
-def _expected_params(part: str, cfg: Any, connector: configs.ConnectorConfig | None, boxed: bool = False) -> Any:
-    from jaxedit.models import autoencoder, clip, flux, step1x, t5
-
-    if connector is not None:
-        return step1x.abstract_params(cfg, connector, boxed=boxed)
-    return {"transformer": flux, "vae": autoencoder, "t5": t5, "clip": clip}[part].abstract_params(cfg, boxed=boxed)
+def _expected_params(preset: configs.Preset, part: str, boxed: bool = False) -> Any:
+    return families.of(preset).abstract_params(preset, part, boxed=boxed)
 
 
 def check_part(path: Path, stored: Any, expected: Any) -> None:
@@ -376,7 +369,7 @@ def load_parts(
     check_complete(folder, preset)
     dtypes = dtypes or {}
     quantize = quant.check_mode(quantize)
-    parts = [p for p in PART_CONFIGS if getattr(preset, p) is not None]
+    parts = families.of(preset).present_parts(preset)
     for p in parts:
         if quantize and p in stored and stored[p] != quantize:
             raise ValueError(f"{folder / p} is stored quantised as {stored[p]}, not {quantize}")

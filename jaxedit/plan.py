@@ -38,6 +38,8 @@ import os
 import sys
 import time
 
+from jaxedit import families
+
 TASKS = ("train", "lora", "infer", "sample", "vae-decode", "text")
 PIPELINE_TASKS = ("sample", "vae-decode", "text")  # placed as the pipelines place them (`--mesh` default: auto)
 
@@ -225,16 +227,12 @@ def shapes_of(preset, args) -> dict:
     f = preset.vae.downsample
     h = w = args.resolution // f  # latent cells
     n_target = (h // 2) * (w // 2)
-    refs = 0 if args.no_reference else args.references
-    if refs < 0 or (refs > 1 and preset.connector is not None):
-        raise ValueError(f"--references {refs}: {'Step1X-Edit takes 1' if refs > 0 else 'give 0 or more'}")
+    refs, family = 0 if args.no_reference else args.references, families.of(preset)
+    most = family.max_references
+    if refs < 0 or (most is not None and refs > most):
+        raise ValueError(f"--references {refs}: {f'{family.title} takes {most}' if refs > 0 else 'give 0 or more'}")
     n_ref = refs * n_target
-    if preset.connector is not None:
-        from jaxedit.step1x.text import QwenEmbedderConfig
-
-        lt = args.text_tokens or QwenEmbedderConfig().max_length
-    else:
-        lt = args.text_tokens or preset.t5.max_length
+    lt = args.text_tokens or family.text_tokens(preset)
     return dict(latent=(h, w), target_tokens=n_target, references=refs, reference_tokens=n_ref, text_tokens=lt,
                 tokens=lt + n_target + n_ref)  # fmt: skip
 
@@ -253,7 +251,7 @@ def lower(preset, args, mesh, batch: int):
     rep = lambda shape, dt=jnp.float32: jax.ShapeDtypeStruct(  # noqa: E731
         shape, dt, sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     )
-    cfg, ccfg, step1x = preset.transformer, preset.connector, preset.connector is not None
+    cfg, family = preset.transformer, families.of(preset)
     from jaxedit import quant
 
     if quant.check_mode(args.quantize) and args.task not in ("infer", "sample", "text"):
@@ -265,53 +263,36 @@ def lower(preset, args, mesh, batch: int):
         from jaxedit.train.step import Trainer
 
         trainer = Trainer(
-            cfg, ObjectiveConfig(ref_index=0.0 if step1x else 1.0), OptimConfig(), 1000, mesh, dtype=jnp.bfloat16,
-            remat_policy=args.remat, mlp_chunks=args.mlp_chunks, attention_impl=args.attention, connector=ccfg,
+            cfg, ObjectiveConfig(ref_index=family.reference_index), OptimConfig(), 1000, mesh, dtype=jnp.bfloat16,
+            remat_policy=args.remat, mlp_chunks=args.mlp_chunks, attention_impl=args.attention,
+            connector=preset.connector,
             lora=LoraConfig(rank=args.lora_rank) if args.task == "lora" else None,
         )  # fmt: skip
         rh, rw = (h, w) if s["reference_tokens"] else (2, 2)  # the objective always has a reference
         lt = s["text_tokens"]
         batch_in = {"target": (batch, h, w, z), "reference": (batch, rh, rw, z)}
         batch_in |= {f"reference_{i}": (batch, h, w, z) for i in range(1, s["references"])}
-        if step1x:
-            batch_in |= {"txt": (batch, lt, ccfg.in_channels), "txt_mask": (batch, lt)}
-        else:
-            batch_in |= {"txt": (batch, lt, cfg.context_in_dim), "y": (batch, cfg.vec_in_dim)}
-        dtypes = {"txt_mask": jnp.int32}
-        structs = {k: jax.ShapeDtypeStruct((1, *v), dtypes.get(k, jnp.float32)) for k, v in batch_in.items()}
+        structs = {k: jax.ShapeDtypeStruct((1, *v), jnp.float32) for k, v in batch_in.items()}
+        text = family.train_text(preset, batch, lt)
+        structs |= {k: jax.ShapeDtypeStruct((1, *shape), jnp.dtype(dt)) for k, (shape, dt) in text.items()}
         return trainer.lower(structs), s
     if args.task in ("infer", "sample"):
-        from jaxedit.models.flux import abstract_params as flux_params
-        from jaxedit.models.step1x import abstract_params as step1x_params
-
-        boxed = (
-            step1x_params(cfg, ccfg, jnp.bfloat16, boxed=True) if step1x else flux_params(cfg, jnp.bfloat16, boxed=True)
-        )
+        boxed = family.abstract_params(preset, "transformer", jnp.bfloat16, boxed=True)
         params = sh.abstract_with_shardings(quant.quantize_abstract("transformer", boxed, args.quantize), mesh)
         lt, nt, nr = s["text_tokens"], s["target_tokens"], s["reference_tokens"]
-        txt_dim = ccfg.in_channels if step1x else cfg.context_in_dim
         # the modules outside the mesh context: building them creates (host) example arrays
-        from jaxedit.models import transformer
-
-        model = transformer(preset, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, attention_impl=args.attention)[0]
+        model = family.module(preset, "transformer", dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+                              attention_impl=args.attention)  # fmt: skip
         pipe = sample_pipeline(preset, mesh, args.attention) if args.task == "sample" else None
         with sh.activate(mesh):
             if args.task == "infer":
                 img = (bsd((batch, nt + nr, cfg.in_channels)), bsd((batch, nt + nr, 3), jnp.float32))
-                if step1x:
-                    rest = (bsd((batch, lt, txt_dim)), bsd((batch, lt), jnp.int32), bsd((batch,), jnp.float32))
-                else:
-                    guidance = bsd((batch,), jnp.float32) if cfg.guidance_embed else None
-                    rest = (bsd((batch, lt, txt_dim)), bsd((batch, lt, 3), jnp.float32), bsd((batch,), jnp.float32),
-                            bsd((batch, cfg.vec_in_dim)), guidance)  # fmt: skip
+                rest = family.infer_text(preset, batch, lt, bsd)
                 fn = lambda p, *a: model.apply({"params": p}, *a)[:, :nt]  # noqa: E731
                 return jax.jit(fn).lower(params, *img, *rest), s
         mode = None if args.quantize == "none" else args.quantize
-        if step1x:
-            on, args_ = pipe.sample_inputs(batch, h, w, args.steps, text_tokens=lt, quantize=mode)
-        else:
-            on, args_ = pipe.sample_inputs(batch, h, w, args.steps, references=s["references"] if nr else 0,
-                                           text_tokens=lt, quantize=mode)  # fmt: skip
+        on, args_ = family.sample_inputs(pipe, batch, h, w, args.steps, references=s["references"] if nr else 0,
+                                         text_tokens=lt, quantize=mode)  # fmt: skip
         with sh.activate(on):
             return pipe.denoise.lower(*args_), s
     if args.task == "vae-decode":
@@ -323,67 +304,10 @@ def lower(preset, args, mesh, batch: int):
         with sh.activate(mesh):
             fn = lambda p, z: vae.apply({"params": p}, z, method="decode")  # noqa: E731
             return jax.jit(fn).lower(params, bsd((batch, h, w, z), jnp.float32)), s
-    if args.task == "text" and preset.qwen is not None:
-        return lower_qwen(preset, args, mesh, batch, bsd, rep), s | qwen_shapes(preset, args)
     if args.task == "text":
-        if preset.t5 is None:
-            raise ValueError(f"preset {preset.name} has neither T5/CLIP text encoders nor a Qwen2.5-VL config")
-        from jaxedit.models import CLIPTextModel, T5Encoder
-        from jaxedit.models import clip as clip_model
-        from jaxedit.models import t5 as t5_model
-
-        t5 = T5Encoder(preset.t5, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
-        clip = CLIPTextModel(preset.clip, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
-        pt5 = t5_model.abstract_params(preset.t5, jnp.bfloat16, boxed=True)
-        pt5 = sh.abstract_with_shardings(quant.quantize_abstract("t5", pt5, args.quantize), mesh)
-        pclip = sh.abstract_with_shardings(clip_model.abstract_params(preset.clip, jnp.bfloat16, boxed=True), mesh)
-        ids_t5 = bsd((batch, s["text_tokens"]), jnp.int32)
-        ids_clip = bsd((batch, preset.clip.max_length), jnp.int32)
-        with sh.activate(mesh):
-            fn = lambda a, b, i, j: (t5.apply({"params": a}, i), clip.apply({"params": b}, j)[1])  # noqa: E731
-            return jax.jit(fn).lower(pt5, pclip, ids_t5, ids_clip), s
+        lowered, figures = family.lower_text(preset, args, mesh, batch, bsd, rep)
+        return lowered, s | figures
     raise ValueError(f"unknown task {args.task!r}")
-
-
-def qwen_shapes(preset, args) -> dict:
-    """Step1X-Edit's Qwen2.5-VL program per item: the reference image resized as the embedder does (at most
-    max_pixels: 324 merged patches), the prompt's tokens (system prompt + PREFIX + instruction + image)."""
-    from jaxedit.step1x.text import QwenEmbedderConfig, bucket, smart_resize
-
-    e, v = QwenEmbedderConfig(), preset.qwen.vision
-    factor = v.patch_size * v.spatial_merge_size
-    h, w = smart_resize(args.resolution, args.resolution, factor, e.min_pixels, e.max_pixels)
-    units = (h // factor) * (w // factor)
-    tokens = args.text_tokens or bucket(e.drop_tokens + units + 64, 64)  # 64: the instruction and chat tail
-    return dict(image_px=(h, w), image_features=units, qwen_tokens=tokens)
-
-
-def lower_qwen(preset, args, mesh, batch: int, bsd, rep):
-    """Step1X-Edit's conditioning: `batch` items through the Qwen2.5-VL vision tower and language model
-    (bfloat16 weights and compute, as the embedder runs it). The images' patches are one packed row
-    (replicated; their attention heads split over tensor), the prompts are split over the batch axes."""
-    import jax
-    import jax.numpy as jnp
-
-    from jaxedit.models import qwen2_5_vl as Q
-    from jaxedit.parallel import sharding as sh
-
-    q = qwen_shapes(preset, args)
-    patches = batch * q["image_features"] * preset.qwen.vision.spatial_merge_size**2
-    model = Q.QwenVL(preset.qwen, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, attention_impl=args.attention)
-    params = sh.abstract_with_shardings(Q.abstract_params(preset.qwen, jnp.bfloat16, boxed=True), mesh)
-    i32 = jnp.int32
-    vision = {  # bsd / rep: lower()'s batch-sharded and replicated abstract arrays
-        "patches": rep((1, patches, preset.qwen.vision.patch_dim), jnp.bfloat16),
-        "pos": rep((1, patches, 2), i32), "seg_image": rep((1, patches), i32), "seg_window": rep((1, patches), i32),
-    }  # fmt: skip
-    lt = q["qwen_tokens"]
-    ids, mask, index = (bsd((batch, lt), jnp.int32) for _ in range(3))
-    row_spec = jax.sharding.PartitionSpec(None, *sh.batch_sharding(mesh, 2).spec)  # [3, B, L]: batch second
-    pos = jax.ShapeDtypeStruct((3, batch, lt), jnp.int32, sharding=jax.sharding.NamedSharding(mesh, row_spec))
-    with sh.activate(mesh):
-        fn = lambda p, *a: model.apply({"params": p}, *a)  # noqa: E731
-        return jax.jit(fn).lower(params, ids, pos, mask, vision, index)
 
 
 def sample_pipeline(preset, mesh, attention: str):
@@ -395,14 +319,7 @@ def sample_pipeline(preset, mesh, attention: str):
 
     devices = list(mesh.devices.flat)
     cfg = MeshConfig(data=mesh.shape["data"], fsdp=mesh.shape["fsdp"], tensor=mesh.shape["tensor"])
-    if preset.connector is not None:
-        from jaxedit.step1x.pipeline import Step1XEditPipeline
-
-        pipe = Step1XEditPipeline(preset, {}, dtype=jnp.bfloat16, devices=devices, mesh=cfg)
-    else:
-        from jaxedit.kontext.pipeline import KontextPipeline
-
-        pipe = KontextPipeline(preset, {}, None, dtype=jnp.bfloat16, devices=devices, mesh=cfg)
+    pipe = families.of(preset).pipeline()(preset, {}, None, dtype=jnp.bfloat16, devices=devices, mesh=cfg)
     pipe.model = pipe.model.clone(attention_impl=attention)
     return pipe
 
@@ -427,8 +344,7 @@ def model_flops(preset, args, info: dict, batch: int) -> float | None:
     if args.task == "infer":
         return f
     if args.task == "sample":
-        cfg_passes = 2 if preset.connector is not None else 1  # Step1X-Edit's CFG doubles the batch
-        return f * args.steps * cfg_passes
+        return f * args.steps * families.of(preset).cfg_passes  # e.g. Step1X-Edit's CFG doubles the batch
     return None
 
 
@@ -465,15 +381,7 @@ def pipeline_mesh(preset, args, devices, memory: float | None):
     from jaxedit.pipelines.base import choose_mesh
 
     mode = None if args.quantize == "none" else args.quantize
-    if preset.connector is not None:
-        from jaxedit.step1x.pipeline import Step1XEditPipeline
-
-        footprint = Step1XEditPipeline.footprint(preset, jnp.bfloat16, mode, preset.qwen)
-    else:
-        from jaxedit.kontext.pipeline import KontextPipeline
-
-        modes = {"transformer": mode, "t5": mode}
-        footprint = KontextPipeline.footprint(preset, jnp.bfloat16, modes, args.text_on_cpu)
+    footprint = families.of(preset).footprint(preset, jnp.bfloat16, mode, args.text_on_cpu)
     return choose_mesh(preset, "auto", devices, footprint, quantize=mode, memory=memory)
 
 

@@ -15,27 +15,17 @@ import json
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 
-from jaxedit import configs
+from jaxedit import configs, families
 from jaxedit.checkpoint import save_params
 from jaxedit.model_folder import write_description
-from jaxedit.step1x.text import qwen_entry
 from jaxedit.tokenizers_offline import train_tokenizers
 
 
 def random_params(preset: configs.Preset, seed: int = 0) -> dict:
-    from jaxedit.models import AutoEncoder, CLIPTextModel, T5Encoder, transformer
-
-    key = jax.random.key(seed)
-    ids = jnp.zeros((1, 8), jnp.int32)
-    modules = {
-        "transformer": transformer(preset),  # Step1X-Edit: the DiT fed by the Qwen2 connector
-        "vae": (AutoEncoder(preset.vae), (jnp.zeros((1, 16, 16, 3)),)),
-        "t5": (T5Encoder(preset.t5), (ids,)) if preset.t5 is not None else None,
-        "clip": (CLIPTextModel(preset.clip), (ids,)) if preset.clip is not None else None,
-    }
-    modules = {k: v for k, v in modules.items() if v is not None}  # Step1X-Edit has no T5 / CLIP
+    """{part: random parameters} of every part the preset's family has, each seeded by its position."""
+    key, family = jax.random.key(seed), families.of(preset)
+    modules = {p: (family.module(preset, p), family.example_inputs(preset, p)) for p in family.present_parts(preset)}
     out = {}
     for i, (part, (module, args)) in enumerate(modules.items()):
         params = jax.jit(module.init)(jax.random.fold_in(key, i), *args)["params"]
@@ -75,7 +65,7 @@ def make_random_model(
         train_tokenizers(out)
     else:
         train_tokenizers(out, sentences, whole_words=whole_words)
-    extra = qwen_entry(None) if preset.family == "step1x-edit" else None  # the Qwen folder is given at load time
+    extra = families.of(preset).description_extra(preset)  # e.g. Step1X-Edit's "qwen" entry (no folder yet)
     write_description(out, preset, RANDOM_OPTIONS if options is None else options, extra)
     return out
 

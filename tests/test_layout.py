@@ -227,3 +227,113 @@ def test_every_replacing_write_goes_through_jaxedit_staged():
                 bad.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)}")
     assert not bad, "renames outside jaxedit.staged:\n" + "\n".join(bad)
     assert not edges().get("jaxedit.staged"), edges()["jaxedit.staged"]
+
+
+# Shared modules that ask the model's family (`jaxedit.families`) instead of testing which family they have
+# (STYLE 16). Family-specific code lives in jaxedit/families/, jaxedit/kontext/, jaxedit/step1x/ and the family's
+# models; a module converted to asking the family joins this list, so it stays so.
+ASKS_THE_FAMILY = (
+    "jaxedit.cli",
+    "jaxedit.plan",
+    "jaxedit.pipelines.auto",
+    "jaxedit.model_folder",
+    "jaxedit.random_model",
+    "jaxedit.lora",
+    "jaxedit.train.loop",
+    "jaxedit.train.objective",
+)
+# a family's own modules: shared code reaches them through `jaxedit.families` only
+FAMILY_MODULES = ("jaxedit.families.", "jaxedit.kontext", "jaxedit.step1x", "jaxedit.models.step1x",
+                  "jaxedit.models.connector", "jaxedit.models.qwen2_5_vl", "checkpoints_convert.step1x")  # fmt: skip
+FAMILY_WORDS = re.compile(r"step1x|kontext", re.IGNORECASE)  # in identifiers (a docstring may name a family)
+FAMILY_FIELDS = ("connector", "qwen", "t5", "clip")  # preset fields only some families have
+FAMILY_KEYS = ("txt_mask",)  # batch keys only some families' batches have
+
+
+def family_tests(module: str, path: Path) -> list[str]:
+    """Where the module's code (not its docstrings) tests or names which family it has: imports of a family's
+    own modules, identifiers naming a family, a family name or family-only batch key as a value, a comparison
+    of a `family`, a read of a preset's family-only field (passing it on as the keyword of the same name is
+    not a test)."""
+    from jaxedit import families
+
+    names = set(families.names()) | set(FAMILY_KEYS)
+    tree = ast.parse(path.read_text(), str(path))
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)
+    }  # fmt: skip
+    passed_on = {id(k.value) for node in ast.walk(tree) if isinstance(node, ast.Call) for k in node.keywords
+                 if isinstance(k.value, ast.Attribute) and k.arg == k.value.attr}  # fmt: skip
+    rel = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path.name
+    where = lambda node: f"{rel}:{getattr(node, 'lineno', '?')}"  # noqa: E731
+    bad = [f"{rel}:{line}: imports {t}" for t, _, line in imported(module, path) if t.startswith(FAMILY_MODULES)]
+    for node in ast.walk(tree):
+        ident = (
+            node.id if isinstance(node, ast.Name)
+            else node.attr if isinstance(node, ast.Attribute)
+            else node.name if isinstance(node, ast.FunctionDef | ast.ClassDef | ast.alias)
+            else node.arg if isinstance(node, ast.arg | ast.keyword) and node.arg
+            else ""
+        )  # fmt: skip
+        if FAMILY_WORDS.search(ident):
+            bad.append(f"{where(node)}: names a family ({ident})")
+        if isinstance(node, ast.Constant) and node.value in names and id(node) not in docstrings:
+            bad.append(f"{where(node)}: the value {node.value!r}")
+        if (isinstance(node, ast.Attribute) and node.attr in FAMILY_FIELDS and id(node) not in passed_on
+                and ast.unparse(node.value).endswith("preset")):  # fmt: skip
+            bad.append(f"{where(node)}: reads {ast.unparse(node)}")
+        if isinstance(node, ast.Compare) and any(isinstance(x, ast.Attribute) and x.attr == "family"
+                                                 for x in ast.walk(node)):  # fmt: skip
+            bad.append(f"{where(node)}: compares {ast.unparse(node)}")
+    return bad
+
+
+def test_shared_code_asks_the_family():
+    """The modules of ASKS_THE_FAMILY never test which model family they have (`family_tests`)."""
+    assert all(m in MODULES for m in ASKS_THE_FAMILY), [m for m in ASKS_THE_FAMILY if m not in MODULES]
+    bad = [b for m in ASKS_THE_FAMILY for b in family_tests(m, MODULES[m])]
+    assert not bad, "shared code testing which family it has (ask `jaxedit.families` instead):\n" + "\n".join(bad)
+
+
+def test_family_modules_import_only_the_registry_and_configs():
+    """A family module imports only `jaxedit.families` and `jaxedit.configs` when it is imported (its models,
+    pipeline and training pieces inside the methods using them): the model folder and LoRA layers ask it about
+    parts without pulling in pipelines or jax, and the registry (`jaxedit.families.MODULES`) loads it by name."""
+    from jaxedit import families
+
+    assert sorted(families.MODULES) == sorted(m for m in MODULES if m.startswith("jaxedit.families."))
+    bad = []
+    for module in ("jaxedit.families", *families.MODULES):
+        path = MODULES[module]
+        for node in ast.parse(path.read_text(), str(path)).body:  # module level only
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                targets = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                taken = [] if isinstance(node, ast.Import) else [a.name for a in node.names]
+                ok = all(not ours(t) or t == "jaxedit.families" or (t == "jaxedit" and taken == ["configs"])
+                         for t in targets)  # fmt: skip
+                bad += [] if ok else [f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)}"]
+    assert not bad, "family modules importing more than the registry and configs at import:\n" + "\n".join(bad)
+
+
+def test_the_family_check_sees_a_family_test(tmp_path):
+    """`family_tests` flags each kind of family test it looks for."""
+    src = tmp_path / "shared.py"
+    src.write_text(
+        '"""Mentions step1x-edit in a docstring: fine."""\n'
+        "from jaxedit.step1x.text import QwenEmbedderConfig\n"
+        "def f(preset, batch, run):\n"
+        "    step1x = preset.connector is not None\n"
+        '    if preset.family == "step1x-edit" or "txt_mask" in batch:\n'
+        "        return preset.t5.max_length, run.preset.qwen\n"
+        "    return g(connector=preset.connector)\n"
+    )
+    found = family_tests("shared", src)
+    text = "\n".join(found)
+    for expected in ("imports jaxedit.step1x.text", "names a family (step1x)", "reads preset.connector",
+                     "compares preset.family == 'step1x-edit'", "the value 'step1x-edit'", "the value 'txt_mask'",
+                     "reads preset.t5", "reads run.preset.qwen"):  # fmt: skip
+        assert expected in text, (expected, text)
+    assert "docstring" not in text and len(found) == 8, text  # the pass-through keyword is not flagged

@@ -508,7 +508,8 @@ def test_pipeline_merges_at_load_or_per_call_and_cli(tmp_path, capsys):
     import shutil
 
     from jaxedit import DEFAULT_MODEL
-    from jaxedit.cli import main, model_identity, model_options, read_loras
+    from jaxedit.cli import main, model_identity, model_options
+    from jaxedit.families.kontext import read_loras
     from jaxedit.kontext.pipeline import KontextPipeline
     from jaxedit.model_folder import read_description, read_json, write_json
 

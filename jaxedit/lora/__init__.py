@@ -19,7 +19,7 @@ from pathlib import Path
 
 from flax import traverse_util
 
-from jaxedit import configs
+from jaxedit import configs, families
 from jaxedit.lora import targets
 from jaxedit.lora.apply import Update, merge, merge_now
 from jaxedit.lora.formats import LoraError, read_terms
@@ -56,15 +56,12 @@ class Lora:
 
 @functools.lru_cache(maxsize=8)
 def part_shapes(preset: configs.Preset) -> dict[str, dict[str, tuple[int, ...]]]:
-    """{part: {kernel path: shape}} of the parts a LoRA can change."""
-    from jaxedit.models import clip, flux, t5
-
-    modules = {"transformer": flux, "clip": clip, "t5": t5}
+    """{part: {kernel path: shape}} of the parts a LoRA can change (the family's `lora_parts` the preset has)."""
+    family = families.of(preset)
     out = {}
-    for part, module in modules.items():
-        cfg = getattr(preset, part)
-        if cfg is not None:
-            tree = traverse_util.flatten_dict(module.abstract_params(cfg), sep="/")
+    for part in family.lora_parts:
+        if getattr(preset, part) is not None:
+            tree = traverse_util.flatten_dict(family.abstract_params(preset, part), sep="/")
             out[part] = {k: tuple(v.shape) for k, v in tree.items()}
     return out
 
@@ -72,8 +69,10 @@ def part_shapes(preset: configs.Preset) -> dict[str, dict[str, tuple[int, ...]]]
 def read_lora(path: str | Path, preset: configs.Preset) -> Lora:
     """A LoRA file (any layout of `jaxedit.lora.formats`) as updates of the preset's parts; LoraError naming the
     file and key if a key is of no known layout, a module is not in the model or a factor's shape does not fit."""
-    if preset.connector is not None:
-        raise LoraError(f"{path}: LoRAs are applied to FLUX / FLUX.1 Kontext models; {preset.name} is Step1X-Edit")
+    if not families.of(preset).lora_parts:
+        raise LoraError(
+            f"{path}: LoRAs are applied to FLUX / FLUX.1 Kontext models; {preset.name} is {families.of(preset).title}"
+        )
     shapes = part_shapes(preset)
 
     @functools.cache

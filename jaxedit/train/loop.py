@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxedit import configs, model_folder
+from jaxedit import configs, families, model_folder
 from jaxedit.checkpoint import load_params
 from jaxedit.models import attention
 from jaxedit.models.flux import REMAT_POLICIES
@@ -46,7 +46,7 @@ from jaxedit.parallel import sharding as sh
 from jaxedit.parallel.distributed import put_global
 from jaxedit.train.config import TrainConfig
 from jaxedit.train.data import make_iterator, manifest_path
-from jaxedit.train.encoders import Encoder, Step1XEncoder
+from jaxedit.train.encoders import Encoder
 from jaxedit.train.lora import export_peft
 from jaxedit.train.monitor import Monitor, SampleEdits
 from jaxedit.train.objective import ObjectiveConfig
@@ -87,9 +87,7 @@ def load_model(cfg: TrainConfig):
     if cfg.init == "folder":
         transformer = load_params(folder / "transformer", dtype=jnp.float32)
     else:
-        from jaxedit.models import transformer as transformer_module
-
-        model, args = transformer_module(preset)
+        model, args = families.of(preset).transformer(preset)
         init = jax.jit(lambda k: model.init(k, *args)["params"])
         transformer = sh.unbox(init(jax.random.key(cfg.seed)))
     return folder, preset, transformer, parts
@@ -130,11 +128,7 @@ def check_config(cfg: TrainConfig, preset: configs.Preset) -> None:
         raise ValueError(
             f"objective.guidance={cfg.objective.guidance}: {preset.name} has no guidance embedding (leave it at 1.0)"
         )
-    if preset.connector is not None:  # Step1X-Edit
-        if cfg.lora is not None:
-            raise ValueError("LoRA training exports diffusers' FLUX.1 Kontext layout: train Step1X-Edit fully")
-        if cfg.data.cache:
-            raise ValueError("data.cache holds T5/CLIP embeddings; Step1X-Edit caches its Qwen outputs in qwen_cache")
+    families.of(preset).check_train(cfg)  # e.g. Step1X-Edit: no LoRA, no data.cache
     if cfg.data.cache and cfg.vae_sample:
         raise ValueError("vae_sample needs images; data.cache holds posterior means")
 
@@ -188,23 +182,11 @@ def build(cfg: TrainConfig, folder: Path, preset: configs.Preset, parts: dict) -
         lora=cfg.lora,
         connector=preset.connector,
     )
-    # Step1X-Edit: one source per item (its Qwen2.5-VL sees it; ids equal the target's)
-    data_iter, batches = make_iterator(cfg.data, model=folder, max_sources=1 if preset.connector is not None else None)
-    empty, encoder = None, None
+    family = families.of(preset)
+    # as many sources per item as the family takes (Step1X-Edit: one; its Qwen2.5-VL sees it)
+    data_iter, batches = make_iterator(cfg.data, model=folder, max_sources=family.max_references)
+    encoder, empty = family.train_encoder(cfg, folder, preset, parts, batches, mesh)
     ckpt_dir = Path(cfg.checkpoint_dir).absolute()
-    if preset.connector is not None:  # prompt dropout: each item's ("", image), computed (and cached) by the encoder
-        encoder = Step1XEncoder(
-            folder, preset, parts, cfg.vae_sample, qwen=cfg.qwen, cache_dir=cfg.qwen_cache or ckpt_dir / "qwen_cache",
-            empties=cfg.objective.prompt_dropout > 0, mesh=mesh if jax.process_count() == 1 else None,
-        )  # fmt: skip
-    elif batches.cache is not None:  # latents and text embeddings precomputed: no encoder on this host
-        if cfg.objective.prompt_dropout > 0:
-            empty = tuple(jnp.asarray(a, jnp.float32) for a in batches.cache.empty)
-    else:
-        encoder = Encoder(folder, preset, parts, cfg.vae_sample)
-        if cfg.objective.prompt_dropout > 0:
-            txt, y = encoder.text.encode([""])
-            empty = (jnp.asarray(txt[0], jnp.float32), jnp.asarray(y[0], jnp.float32))
     manager = ocp.CheckpointManager(
         ckpt_dir,
         options=ocp.CheckpointManagerOptions(
@@ -247,12 +229,7 @@ def sample_editor(run: Run) -> SampleEdits | None:
         return None
     from jaxedit.pipelines.auto import load_pipeline
 
-    if run.preset.connector is not None:  # Step1X-Edit: the run's Qwen embedder and cache, the items' own sizes
-        kw = dict(text_encoder=run.encoder.text, cache_dir=run.encoder.cache_dir, size_level=None)
-    else:  # the items' own sizes (floored to multiples of 16) and reference ids, as trained: each source at its
-        # own size, so "community" samples as "community-own-sizes"
-        ids = cfg.objective.reference_ids
-        kw = dict(auto_resize=False, reference_ids="community-own-sizes" if ids == "community" else ids)
+    kw = families.of(run.preset).sample_options(cfg, run.encoder)  # e.g. the items' own sizes, as trained
     pipe = load_pipeline(run.folder, compile_cache=False, **kw)
     return SampleEdits(pipe, run.batches.index.items[: cfg.sample_count], run.ckpt_dir)
 

@@ -9,10 +9,10 @@ Conventions (docs/conventions.md, "Schedule and sampler"):
   alone, in order, with ids per `reference_ids` (`jaxedit.sampling.reference_ids`, as the pipeline), each
   at its own size (its bucket's): "community" trains as "community-own-sizes", which samples the same way.
 
-Step1X-Edit (a batch with `txt_mask`): reference ids equal the target ids (ref_index 0), the
-text conditioning is the Qwen2.5-VL states `txt` [B, L, D] with `txt_mask` [B, L] (the model's
-connector makes the pooled vector; no `y`, no guidance), and the model is called with t in
-[0, 1]: the connector scales it by 1000 itself (S1X issue #91: a 0..1000 t double-scales it).
+The text conditioning is two batch arrays and a model call, a `Conditioning` from the model's family:
+FLUX's (the default) `txt` [B, L, D] and the pooled `y` [B, D_y], called with txt_ids, t and guidance;
+Step1X-Edit's (`jaxedit.families.step1x`) the Qwen2.5-VL states `txt` with `txt_mask` [B, L], reference ids
+equal to the target's (ref_index 0) and t in [0, 1] (its connector scales t by 1000 itself).
 
 Timestep sampling (`ObjectiveConfig.timestep`):
   uniform              t ~ U(0, 1)
@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -150,6 +151,22 @@ def changed_token_weights(cfg: ObjectiveConfig, target: jax.Array, reference: ja
     return jnp.where(diff > cfg.changed_threshold, cfg.changed_weight, 1.0)
 
 
+def flux_call(apply_fn, params, img, img_ids, txt, y, t, guidance):
+    """The FLUX DiT's call in the loss: apply_fn(params, img, img_ids, txt, txt_ids (zeros), t, y, guidance)."""
+    txt_ids = jnp.zeros((txt.shape[0], txt.shape[1], 3), jnp.float32)
+    return apply_fn(params, img, img_ids, txt, txt_ids, t, y, guidance)
+
+
+@dataclasses.dataclass(frozen=True)
+class Conditioning:
+    """How the loss feeds a family's text conditioning to the model: the batch keys of the prompt's two arrays
+    (embeddings, then FLUX's pooled `y` or Step1X-Edit's `txt_mask`) and the call
+    (apply_fn, params, img, img_ids, txt, second, t [B], guidance [B]) -> [B, L, F] (None: `flux_call`)."""
+
+    keys: tuple[str, str] = ("txt", "y")
+    call: Callable | None = None
+
+
 def flow_matching_loss(
     cfg: ObjectiveConfig,
     apply_fn,
@@ -157,12 +174,13 @@ def flow_matching_loss(
     batch: dict[str, jax.Array],
     key: jax.Array,
     empty: tuple[jax.Array, jax.Array] | None = None,
+    text: Conditioning | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Scalar loss and metrics for one batch.
 
     apply_fn(params, img [B, Li, F], img_ids [B, Li, 3], txt, txt_ids, t [B], y, guidance [B]) -> [B, Li, F]
-    (e.g. `lambda p, *a: Flux(...).apply({"params": p}, *a)`); for a Step1X-Edit batch (with `txt_mask`)
-    apply_fn(params, img, img_ids, txt, txt_mask, t [B] in [0, 1]) (`Step1XEdit.apply`).
+    (e.g. `lambda p, *a: Flux(...).apply({"params": p}, *a)`), called through `text.call` (default FLUX's);
+    Step1X-Edit's: apply_fn(params, img, img_ids, txt, txt_mask, t [B] in [0, 1]) (`Step1XEdit.apply`).
     batch: target [B, h, w, C] and reference [B, rh, rw, C] VAE latents (NHWC, float32) (several
         references: also reference_1 [B, rh1, rw1, C], ...),
         txt [B, Lt, D_txt], y [B, D_y] (Kontext) or txt_mask [B, Lt] (Step1X-Edit); optionally
@@ -170,6 +188,7 @@ def flow_matching_loss(
         Qwen sees the item's image too), used by prompt dropout instead of `empty`.
     empty: (txt [Lt, D_txt], y [D_y]) (Step1X-Edit: (txt, txt_mask [Lt])) of the empty prompt;
         prompt_dropout > 0 needs it or the batch's empty_txt / empty_mask.
+    text: the family's text conditioning (batch keys and model call); None: FLUX's.
     """
     x0 = batch["target"].astype(jnp.float32)
     refs = [batch[k] for k in reference_keys(batch)]
@@ -181,8 +200,8 @@ def flow_matching_loss(
     tb = t[:, None, None, None]
     x_t = sampling.pack((1.0 - tb) * x0 + tb * noise)
     v = sampling.pack(noise - x0)
-    step1x = "txt_mask" in batch
-    cond = [batch["txt"], batch["txt_mask" if step1x else "y"]]
+    text = text or Conditioning()
+    cond = [batch[k] for k in text.keys]
     if cfg.prompt_dropout > 0:
         if "empty_txt" in batch:
             empty = (batch["empty_txt"], batch["empty_mask"])
@@ -192,15 +211,11 @@ def flow_matching_loss(
             empty = tuple(e[None] for e in empty)
         drop = r["drop"]
         cond = [jnp.where(drop.reshape(-1, *[1] * (c.ndim - 1)), e.astype(c.dtype), c) for c, e in zip(cond, empty)]
-    txt, y_or_mask = cond  # y (Kontext) or txt_mask (Step1X-Edit)
+    txt, second = cond  # e.g. y (FLUX) or txt_mask (Step1X-Edit)
     ids = edit_ids(cfg, h // 2, w // 2, [(r.shape[1] // 2, r.shape[2] // 2) for r in refs])
     ids = jnp.broadcast_to(ids, (b, *ids.shape))
     img = sampling.edit_tokens(x_t, [sampling.pack(r.astype(jnp.float32)) for r in refs])  # [target | references]
-    txt_ids = jnp.zeros((b, txt.shape[1], 3), jnp.float32)
-    if step1x:  # t in [0, 1]: the connector multiplies it by 1000 once
-        pred = apply_fn(params, img, ids, txt, y_or_mask, t)[:, : x_t.shape[1]]
-    else:
-        pred = apply_fn(params, img, ids, txt, txt_ids, t, y_or_mask, r["guidance"])[:, : x_t.shape[1]]
+    pred = (text.call or flux_call)(apply_fn, params, img, ids, txt, second, t, r["guidance"])[:, : x_t.shape[1]]
     per_token = jnp.mean(jnp.square(pred.astype(jnp.float32) - v), axis=2)  # [B, L]
     if cfg.changed_weight == 1.0:
         per_sample = jnp.mean(per_token, axis=1)

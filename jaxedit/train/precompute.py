@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxedit import model_folder
+from jaxedit import families, model_folder
 from jaxedit.checkpoint import load_params
 from jaxedit.train.data import (
     CACHE_FILE,
@@ -42,10 +42,14 @@ from jaxedit.train.encoders import Encoder
 
 
 def precompute(model: str | Path, data: DataConfig, out: str | Path, batch: int = 64, mesh: str = "") -> Path:
+    """The cache of the model folder's family (`jaxedit.families`: `precompute_text` or `precompute_qwen`)."""
     folder, out = Path(model), Path(out)
     preset = model_folder.read_description(folder)
-    if preset.connector is not None:
-        return precompute_qwen(folder, data, out, batch, mesh)
+    return families.of(preset).precompute(folder, preset, data, out, batch, mesh)
+
+
+def precompute_text(folder: Path, preset, data: DataConfig, out: Path, batch: int = 64) -> Path:
+    """FLUX.1 Kontext: T5 + CLIP embeddings and VAE latents of every item (a data.cache)."""
     model_folder.check_complete(folder, preset)
     parts = {p: load_params(folder / p) for p in ("vae", "t5", "clip")}
     encoder = Encoder(folder, preset, parts, vae_sample=False)

@@ -30,6 +30,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxedit.configs import ConnectorConfig, FluxConfig
+from jaxedit.families.step1x import conditioning as step1x_conditioning
 from jaxedit.models import step1x
 from jaxedit.models.flux import Flux, abstract_params
 from jaxedit.parallel import sharding as sh
@@ -77,7 +78,7 @@ class Trainer:
         if connector is None:
             self.model = Flux(flux_cfg, attention_impl=attention_impl, **kw)
             boxed = abstract_params(flux_cfg, jnp.float32, boxed=True)
-            self.batch_keys = BATCH_KEYS
+            self.batch_keys, self.conditioning = BATCH_KEYS, None  # FLUX's txt and pooled y
         else:
             if objective.ref_index != 0:
                 raise ValueError(
@@ -87,6 +88,7 @@ class Trainer:
             boxed = step1x.abstract_params(flux_cfg, connector, jnp.float32, boxed=True)
             dropout = ("empty_txt", "empty_mask") if objective.prompt_dropout > 0 else ()
             self.batch_keys = STEP1X_BATCH_KEYS + dropout
+            self.conditioning = step1x_conditioning()
         self.tx = make_optimizer(optim, total_steps)
         self.lr_schedule = learning_rate(optim, total_steps)
         self.param_shardings = sh.shardings(boxed, mesh, rules)
@@ -171,7 +173,7 @@ class Trainer:
 
     def loss(self, params, batch: dict[str, jax.Array], key: jax.Array, empty=None):
         """Loss of one micro-batch (dict of [b, ...] arrays) -> (loss, metrics)."""
-        return flow_matching_loss(self.objective, self.apply, params, batch, key, empty)
+        return flow_matching_loss(self.objective, self.apply, params, batch, key, empty, self.conditioning)
 
     def _trained_loss(self, trained, base, batch, key, empty):
         """Loss as a function of what trains: params, or the LoRA adapters over the frozen base."""

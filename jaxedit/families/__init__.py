@@ -1,0 +1,184 @@
+"""Model families: what differs between FLUX.1 Kontext and Step1X-Edit, behind one interface.
+
+    family = families.of(preset)            # or families.get("step1x-edit")
+    module, args = family.transformer(preset, dtype=jnp.bfloat16)
+    pipe = family.pipeline().load(folder)
+
+A `Family` owns everything that differs between families: the names it answers to (a preset's and a model
+folder's "family"), its parts (preset fields, one checkpoint sub-folder each) and their model classes, its
+pipeline and text conditioning, the training pieces that differ (batch keys, encoders, the loss's model call),
+the planner's inputs and the command-line options that apply to it. Shared code asks a preset's family; it
+never tests which family it has (tests/test_layout.py checks the modules that do so).
+
+Layering: a family module imports only this package and `jaxedit.configs` when it is imported (the model
+folder and model layers ask it about parts without pulling in pipelines or jax); its models, pipeline,
+text conditioning and training pieces are imported inside the methods that use them. The registry names the
+family modules (`MODULES`) and imports them on first use, so the layers below the pipelines can reach a
+family without importing it. Adding a family: its module here (a `Family` subclass as `FAMILY`) and one
+line in `MODULES`.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from typing import Any
+
+from jaxedit import configs
+
+# one line per family: the module whose FAMILY is that family
+MODULES = ("jaxedit.families.kontext", "jaxedit.families.step1x")
+
+
+class Family:
+    """One model family. Subclasses set the attributes and implement the methods that raise here."""
+
+    title: str = ""  # for messages: "FLUX.1 Kontext", "Step1X-Edit"
+    names: tuple[str, ...] = ()  # the "family" values of its presets and model folders
+    # model part (a `configs.Preset` field; a model folder's sub-folder) -> (jaxedit.models module, class);
+    # in this order (random_model seeds each part by its position)
+    parts: dict[str, tuple[str, str]] = {}
+    lora_parts: tuple[str, ...] = ()  # parts a LoRA file may change (none: LoRAs are refused)
+    max_references: int | None = None  # reference images an item may have (None: any number)
+    reference_index: float = 1.0  # the objective's first id coordinate of reference tokens (0: the target's)
+    cfg_passes: int = 1  # transformer passes per denoising step (classifier-free guidance doubles the batch)
+
+    def __repr__(self) -> str:
+        return f"<family {self.title} {'/'.join(self.names)}>"
+
+    # -- parts and models ------------------------------------------------------------------------------------
+
+    def models_module(self, part: str):
+        """The `jaxedit.models` module of `part` (KeyError naming the part if the family has none)."""
+        if part not in self.parts:
+            raise KeyError(f"{self.title} models have no part {part!r} (parts: {', '.join(self.parts)})")
+        return importlib.import_module(f"jaxedit.models.{self.parts[part][0]}")
+
+    def module(self, preset: configs.Preset, part: str, **kw: Any):
+        """The Flax module of the preset's `part`; kw: module arguments (dtype, param_dtype, ...)."""
+        return getattr(self.models_module(part), self.parts[part][1])(getattr(preset, part), **kw)
+
+    def abstract_params(self, preset: configs.Preset, part: str, dtype: Any = None, *, boxed: bool = False) -> Any:
+        """The parameter tree (ShapeDtypeStructs; boxed: with logical axis names) of the preset's `part`."""
+        kw = {} if dtype is None else {"param_dtype": dtype}
+        return self.models_module(part).abstract_params(getattr(preset, part), **kw, boxed=boxed)
+
+    def example_inputs(self, preset: configs.Preset, part: str) -> tuple:
+        """Arguments of the part's `init` (small zero arrays): the shared parts' here, the transformer's in
+        the family."""
+        import jax.numpy as jnp
+
+        if part == "vae":
+            return (jnp.zeros((1, 16, 16, 3)),)
+        if part in ("t5", "clip"):
+            return (jnp.zeros((1, 8), jnp.int32),)
+        raise NotImplementedError(f"{self.title}: example inputs of {part!r}")
+
+    def transformer(self, preset: configs.Preset, **kw: Any) -> tuple[Any, tuple]:
+        """(the preset's transformer module, example inputs for its `init`). kw: module arguments (dtype,
+        param_dtype, scan_layers, remat_policy, attention_impl)."""
+        return self.module(preset, "transformer", **kw), self.example_inputs(preset, "transformer")
+
+    def present_parts(self, preset: configs.Preset) -> list[str]:
+        """The family's parts this preset has (a config given)."""
+        return [p for p in self.parts if getattr(preset, p) is not None]
+
+    def description_extra(self, preset: configs.Preset) -> dict | None:
+        """Further top-level jaxedit.json entries a new (random-weight) model folder gets."""
+        return None
+
+    # -- pipeline and command line ---------------------------------------------------------------------------
+
+    def pipeline(self) -> type:
+        """The family's editing pipeline class (`load`, `footprint`, `sample_inputs`, `denoise`)."""
+        raise NotImplementedError
+
+    def footprint(self, preset: configs.Preset, dtype: Any, quantize: str | None, text_on_cpu: bool = False):
+        """What the pipeline's mesh "auto" places by (`jaxedit.parallel.placement.Footprint`)."""
+        raise NotImplementedError
+
+    def load_options(self, args: Any, preset: configs.Preset) -> dict:
+        """The pipeline `load` arguments of the command line's model options (`jaxedit.cli.model_options`)
+        that apply to this family; ValueError (one line) for a flag given that does not."""
+        raise NotImplementedError
+
+    def configure(self, pipe: Any, args: Any) -> None:
+        """Settings of a loaded pipeline from the command line (ValueError: one line)."""
+
+    # -- training --------------------------------------------------------------------------------------------
+
+    def check_train(self, cfg: Any) -> None:
+        """ValueError for a training setting (`jaxedit.train.config.TrainConfig`) the family cannot honour."""
+
+    def train_encoder(self, cfg: Any, folder: Any, preset: configs.Preset, parts: dict, batches: Any, mesh: Any):
+        """(encoder of host batches or None when they come from a cache, the empty prompt's (txt, second)
+        for prompt dropout or None) of a training run."""
+        raise NotImplementedError
+
+    def sample_options(self, cfg: Any, encoder: Any) -> dict:
+        """`load_pipeline` arguments of a training run's sample edits."""
+        raise NotImplementedError
+
+    def precompute(self, folder: Any, preset: configs.Preset, data: Any, out: Any, batch: int, mesh: str):
+        """Write the cache of a dataset's conditioning that training reads (`jaxedit.train.precompute`)."""
+        raise NotImplementedError
+
+    # -- planner ---------------------------------------------------------------------------------------------
+
+    def text_tokens(self, preset: configs.Preset) -> int:
+        """Text tokens of a prompt by default."""
+        raise NotImplementedError
+
+    def train_text(self, preset: configs.Preset, batch: int, tokens: int) -> dict[str, tuple[tuple, str]]:
+        """{batch key: (shape, dtype name)} of the train step's text conditioning."""
+        raise NotImplementedError
+
+    def infer_text(self, preset: configs.Preset, batch: int, tokens: int, array) -> tuple:
+        """The transformer's arguments after (img, img_ids), made by array(shape, dtype)."""
+        raise NotImplementedError
+
+    def sample_inputs(self, pipe, batch: int, h: int, w: int, steps: int, *, references: int, text_tokens: int,
+                      quantize: str | None) -> tuple:  # fmt: skip
+        """(mesh, arguments of `pipe.denoise`): the sampling loop's placement and program inputs."""
+        raise NotImplementedError
+
+    def lower_text(self, preset: configs.Preset, args: Any, mesh: Any, batch: int, array, replicated):
+        """(the text conditioning's program lowered for `batch` items, its figures for the report); array /
+        replicated: the planner's batch-sharded and replicated abstract arrays."""
+        raise NotImplementedError
+
+
+@functools.cache
+def _registry() -> dict[str, Family]:
+    out = {}
+    for module in MODULES:
+        family = importlib.import_module(module).FAMILY
+        for name in family.names:
+            if name in out:
+                raise ValueError(f"family name {name!r} is claimed by {out[name]!r} and {family!r}")
+            out[name] = family
+    return out
+
+
+def names() -> tuple[str, ...]:
+    """Every family name (a preset's and a model folder's "family" value)."""
+    return tuple(_registry())
+
+
+def all_families() -> list[Family]:
+    """Each registered family once, in `MODULES` order."""
+    return list(dict.fromkeys(_registry().values()))
+
+
+def get(name: str) -> Family:
+    """The family called `name`; KeyError listing the known names."""
+    try:
+        return _registry()[name]
+    except KeyError:
+        raise KeyError(f"unknown model family {name!r}; known: {', '.join(names())}") from None
+
+
+def of(preset: configs.Preset) -> Family:
+    """The family of a preset (or of anything with a `preset`, e.g. an opened model folder)."""
+    preset = getattr(preset, "preset", preset)
+    return get(preset.family)

@@ -1,0 +1,153 @@
+"""FLUX.1 Kontext (family "flux-kontext") and FLUX.1 text-to-image ("flux"): the BFL DiT conditioned on T5
+token embeddings and CLIP's pooled vector, any number of reference images, embedded guidance; LoRAs.
+
+Its pipeline and text encoders live in `jaxedit.kontext`; this module says what the shared code asks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jaxedit import configs
+from jaxedit.families import Family
+
+
+def read_loras(specs: list[str], preset: configs.Preset) -> list:
+    """(LoRA, scale) of each --lora FILE[:SCALE], read and checked against the model before it is loaded;
+    ValueError (one line) naming the bad argument or file and key."""
+    from jaxedit.lora import parse_lora_arg, read_lora
+
+    out = []
+    for spec in specs:
+        path, scale = parse_lora_arg(spec)
+        try:
+            out.append((read_lora(path, preset), scale))
+        except ValueError as e:  # LoraError: names the file and the key
+            raise ValueError(f"--lora: {e}") from None
+    return out
+
+
+class Kontext(Family):
+    title = "FLUX.1 Kontext"
+    names = ("flux-kontext", "flux")
+    parts = {
+        "transformer": ("flux", "Flux"),
+        "vae": ("autoencoder", "AutoEncoder"),
+        "t5": ("t5", "T5Encoder"),
+        "clip": ("clip", "CLIPTextModel"),
+    }
+    lora_parts = ("transformer", "clip", "t5")
+    max_references = None
+    reference_index = 1.0  # reference ids start at 1 (the target's are 0)
+    cfg_passes = 1  # guidance is embedded (true CFG is off by default)
+
+    def example_inputs(self, preset: configs.Preset, part: str) -> tuple:
+        if part == "transformer":
+            from jaxedit.models import flux
+
+            return flux.example_inputs(preset.transformer)
+        return super().example_inputs(preset, part)
+
+    # -- pipeline and command line
+
+    def pipeline(self) -> type:
+        from jaxedit.kontext.pipeline import KontextPipeline
+
+        return KontextPipeline
+
+    def footprint(self, preset: configs.Preset, dtype: Any, quantize: str | None, text_on_cpu: bool = False):
+        return self.pipeline().footprint(preset, dtype, {"transformer": quantize, "t5": quantize}, text_on_cpu)
+
+    def load_options(self, args: Any, preset: configs.Preset) -> dict:
+        kw = {"auto_resize": False} if args.keep_size else {}
+        kw |= {"loras": read_loras(args.lora, preset)} if args.lora else {}
+        references = {"reference_ids": args.reference_ids, "reference_tokens": args.reference_tokens,
+                      "max_image_tokens": args.max_tokens}  # fmt: skip
+        kw |= {k: v for k, v in references.items() if v is not None}
+        return kw | ({"text_on_cpu": True} if args.text_on_cpu else {})
+
+    def configure(self, pipe: Any, args: Any) -> None:
+        """True CFG from --true-cfg-scale / --negative-prompt (the other one: the model's)."""
+        if args.true_cfg_scale is None and args.negative_prompt is None:
+            return
+        scale = pipe.true_cfg_scale if args.true_cfg_scale is None else args.true_cfg_scale
+        try:
+            pipe.set_true_cfg(scale, pipe.negative_prompt if args.negative_prompt is None else args.negative_prompt)
+        except ValueError as e:
+            raise ValueError(f"--true-cfg-scale: {e}") from None
+
+    # -- training
+
+    def train_encoder(self, cfg: Any, folder: Any, preset: configs.Preset, parts: dict, batches: Any, mesh: Any):
+        """T5 + CLIP and the VAE on this host (none when data.cache holds latents and text embeddings); the
+        empty prompt's (txt, y) for prompt dropout."""
+        import jax.numpy as jnp
+
+        dropout = cfg.objective.prompt_dropout > 0
+        if batches.cache is not None:  # latents and text embeddings precomputed: no encoder on this host
+            return None, tuple(jnp.asarray(a, jnp.float32) for a in batches.cache.empty) if dropout else None
+        from jaxedit.train.encoders import Encoder
+
+        encoder, empty = Encoder(folder, preset, parts, cfg.vae_sample), None
+        if dropout:
+            txt, y = encoder.text.encode([""])
+            empty = (jnp.asarray(txt[0], jnp.float32), jnp.asarray(y[0], jnp.float32))
+        return encoder, empty
+
+    def sample_options(self, cfg: Any, encoder: Any) -> dict:
+        """The items' own sizes (floored to multiples of 16) and reference ids, as trained: each source at its
+        own size, so "community" samples as "community-own-sizes"."""
+        ids = cfg.objective.reference_ids
+        return dict(auto_resize=False, reference_ids="community-own-sizes" if ids == "community" else ids)
+
+    def precompute(self, folder: Any, preset: configs.Preset, data: Any, out: Any, batch: int, mesh: str):
+        """T5 + CLIP embeddings and VAE latents: a data.cache."""
+        from jaxedit.train.precompute import precompute_text
+
+        return precompute_text(folder, preset, data, out, batch)
+
+    # -- planner
+
+    def text_tokens(self, preset: configs.Preset) -> int:
+        return preset.t5.max_length
+
+    def train_text(self, preset: configs.Preset, batch: int, tokens: int) -> dict[str, tuple[tuple, str]]:
+        cfg = preset.transformer
+        return {"txt": ((batch, tokens, cfg.context_in_dim), "float32"), "y": ((batch, cfg.vec_in_dim), "float32")}
+
+    def infer_text(self, preset: configs.Preset, batch: int, tokens: int, array) -> tuple:
+        """(txt, txt_ids, t, y, guidance or None) of `Flux`."""
+        import jax.numpy as jnp
+
+        cfg = preset.transformer
+        guidance = array((batch,), jnp.float32) if cfg.guidance_embed else None
+        return (array((batch, tokens, cfg.context_in_dim)), array((batch, tokens, 3), jnp.float32),
+                array((batch,), jnp.float32), array((batch, cfg.vec_in_dim)), guidance)  # fmt: skip
+
+    def sample_inputs(self, pipe, batch: int, h: int, w: int, steps: int, *, references: int, text_tokens: int,
+                      quantize: str | None) -> tuple:  # fmt: skip
+        return pipe.sample_inputs(batch, h, w, steps, references=references, text_tokens=text_tokens,
+                                  quantize=quantize)  # fmt: skip
+
+    def lower_text(self, preset: configs.Preset, args: Any, mesh: Any, batch: int, array, replicated):
+        """T5 + CLIP (bf16; T5's block weights quantised with --quantize) on `args.text_tokens` tokens."""
+        import jax
+        import jax.numpy as jnp
+
+        from jaxedit import quant
+        from jaxedit.parallel import sharding as sh
+
+        if preset.t5 is None or preset.clip is None:
+            raise ValueError(f"preset {preset.name} has no T5/CLIP text encoders")
+        bf16 = dict(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+        t5, clip = self.module(preset, "t5", **bf16), self.module(preset, "clip", **bf16)
+        pt5 = self.abstract_params(preset, "t5", jnp.bfloat16, boxed=True)
+        pt5 = sh.abstract_with_shardings(quant.quantize_abstract("t5", pt5, args.quantize), mesh)
+        pclip = sh.abstract_with_shardings(self.abstract_params(preset, "clip", jnp.bfloat16, boxed=True), mesh)
+        ids_t5 = array((batch, args.text_tokens or self.text_tokens(preset)), jnp.int32)
+        ids_clip = array((batch, preset.clip.max_length), jnp.int32)
+        with sh.activate(mesh):
+            fn = lambda a, b, i, j: (t5.apply({"params": a}, i), clip.apply({"params": b}, j)[1])  # noqa: E731
+            return jax.jit(fn).lower(pt5, pclip, ids_t5, ids_clip), {}
+
+
+FAMILY = Kontext()

@@ -1,10 +1,10 @@
 """What the editing pipelines of every family share.
 
 `EditPipelineBase` holds the preset, the parameters of every part, the devices and the VAE
-programs; it places the parameters on data-parallel meshes (one mesh per device count, so a batch
-is split over as many local devices as divide it) and puts batches on them. Module functions
-read a model folder's description and options, convert images, check sizes and step counts, and
-turn on JAX's persistent compilation cache.
+programs; it places every part on one mesh (`jaxedit.parallel.placement`: replicated, FSDP or tensor
+parallel; `choose_mesh` resolves the mesh option and `auto`) and puts batches on it (the fewest data rows a
+batch needs, padded to the batch axes). Module functions open a model folder, convert images, check sizes and
+step counts, and turn on JAX's persistent compilation cache.
 """
 
 from __future__ import annotations

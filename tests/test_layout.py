@@ -241,6 +241,8 @@ ASKS_THE_FAMILY = (
     "jaxedit.lora",
     "jaxedit.train.loop",
     "jaxedit.train.objective",
+    "jaxedit.train.step",
+    "jaxedit.train.encoders",
 )
 # a family's own modules: shared code reaches them through `jaxedit.families` only
 FAMILY_MODULES = ("jaxedit.families.", "jaxedit.kontext", "jaxedit.step1x", "jaxedit.models.step1x",

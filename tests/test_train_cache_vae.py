@@ -12,8 +12,8 @@ import pytest
 
 from jaxedit import model_folder
 from jaxedit.checkpoint import load_params
+from jaxedit.kontext.encoder import KontextEncoder
 from jaxedit.train.data import Cache, DataConfig, EditBatches, index_manifest
-from jaxedit.train.encoders import Encoder
 from jaxedit.train.precompute import precompute
 from jaxedit.train.vae import VAETrainConfig, batch_at, load_images, train_vae
 from tests.test_train_data import write_dataset
@@ -36,7 +36,7 @@ def test_cached_batches_equal_the_inline_encoder(tiny, tmp_path):
     cached = EditBatches(dataclasses.replace(cfg, cache=str(tmp_path / "cache")), index, 0, 1)
     preset = model_folder.read_description(model)
     parts = {p: load_params(model / p) for p in ("vae", "t5", "clip")}
-    encoder = Encoder(model, preset, parts, vae_sample=False)
+    encoder = KontextEncoder(model, preset, parts, vae_sample=False)
     buckets, several = set(), 0
     for i in range(plain.per_epoch):
         host, got = plain(i), cached(i)

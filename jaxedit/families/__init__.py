@@ -42,6 +42,8 @@ class Family:
     max_references: int | None = None  # reference images an item may have (None: any number)
     reference_index: float = 1.0  # the objective's first id coordinate of reference tokens (0: the target's)
     cfg_passes: int = 1  # transformer passes per denoising step (classifier-free guidance doubles the batch)
+    # the preset fields its transformer is built from besides `transformer` (Step1X-Edit: its connector)
+    transformer_configs: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
         return f"<family {self.title} {'/'.join(self.names)}>"
@@ -110,6 +112,25 @@ class Family:
     def check_train(self, cfg: Any) -> None:
         """ValueError for a training setting (`jaxedit.train.config.TrainConfig`) the family cannot honour."""
 
+    def check_objective(self, objective: Any) -> None:
+        """ValueError for an objective setting (`jaxedit.train.objective.ObjectiveConfig`) the family's model
+        cannot train with."""
+
+    def conditioning(self) -> Any:
+        """How the loss feeds the family's text conditioning to its transformer
+        (`jaxedit.train.objective.Conditioning`: the batch keys of the prompt's two arrays, the model call)."""
+        raise NotImplementedError
+
+    def train_batch_keys(self, objective: Any) -> tuple[str, ...]:
+        """The train step's batch arrays (further references reference_1, ... besides): the target's and the
+        reference's latents and the conditioning's two arrays."""
+        return ("target", "reference", *self.conditioning().keys)
+
+    def train_args(self, preset: configs.Preset, args: tuple) -> tuple:
+        """The transformer's arguments after (img, img_ids) in the loss, from those the conditioning's call
+        passes (what the model takes)."""
+        return args
+
     def train_encoder(self, cfg: Any, folder: Any, preset: configs.Preset, parts: dict, batches: Any, mesh: Any):
         """(encoder of host batches or None when they come from a cache, the empty prompt's (txt, second)
         for prompt dropout or None) of a training run."""
@@ -176,6 +197,17 @@ def get(name: str) -> Family:
         return _registry()[name]
     except KeyError:
         raise KeyError(f"unknown model family {name!r}; known: {', '.join(names())}") from None
+
+
+def transformer_preset(transformer: configs.FluxConfig, **more: Any) -> configs.Preset:
+    """A preset of just a transformer, of the family whose transformer is built from exactly the further configs
+    given (`more`'s not-None values, e.g. Step1X-Edit's connector; none: FLUX.1 Kontext), for code handed the
+    configs rather than a preset (the train step's `Trainer`). ValueError when no family's transformer is."""
+    more = {k: v for k, v in more.items() if v is not None}
+    found = [f for f in all_families() if set(f.transformer_configs) == set(more)]
+    if len(found) != 1:
+        raise ValueError(f"no model family's transformer is built from {', '.join(['transformer', *more])}")
+    return configs.Preset(f"{found[0].names[0]}-transformer", found[0].names[0], transformer, **more)
 
 
 def of(preset: configs.Preset) -> Family:

@@ -77,6 +77,17 @@ class Kontext(Family):
 
     # -- training
 
+    def conditioning(self) -> Any:
+        """T5's `txt` and CLIP's pooled `y`, called with txt_ids, t and guidance (the objective's default)."""
+        from jaxedit.train.objective import Conditioning
+
+        return Conditioning()
+
+    def train_args(self, preset: configs.Preset, args: tuple) -> tuple:
+        """(txt, txt_ids, t, y, guidance), guidance None for a transformer without guidance embedding."""
+        txt, txt_ids, t, y, guidance = args
+        return txt, txt_ids, t, y, guidance if preset.transformer.guidance_embed else None
+
     def train_encoder(self, cfg: Any, folder: Any, preset: configs.Preset, parts: dict, batches: Any, mesh: Any):
         """T5 + CLIP and the VAE on this host (none when data.cache holds latents and text embeddings); the
         empty prompt's (txt, y) for prompt dropout."""
@@ -85,9 +96,9 @@ class Kontext(Family):
         dropout = cfg.objective.prompt_dropout > 0
         if batches.cache is not None:  # latents and text embeddings precomputed: no encoder on this host
             return None, tuple(jnp.asarray(a, jnp.float32) for a in batches.cache.empty) if dropout else None
-        from jaxedit.train.encoders import Encoder
+        from jaxedit.kontext.encoder import KontextEncoder
 
-        encoder, empty = Encoder(folder, preset, parts, cfg.vae_sample), None
+        encoder, empty = KontextEncoder(folder, preset, parts, cfg.vae_sample), None
         if dropout:
             txt, y = encoder.text.encode([""])
             empty = (jnp.asarray(txt[0], jnp.float32), jnp.asarray(y[0], jnp.float32))

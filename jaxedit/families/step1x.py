@@ -50,6 +50,7 @@ class Step1X(Family):
     max_references = 1  # Qwen2.5-VL sees the one source image
     reference_index = 0.0  # reference ids equal the target's
     cfg_passes = 2  # CFG on [prompts | negative prompts]
+    transformer_configs = ("connector",)  # the Qwen2 connector is part of the transformer
 
     def module(self, preset: configs.Preset, part: str, **kw: Any):
         if part == "transformer":
@@ -102,13 +103,28 @@ class Step1X(Family):
         if cfg.data.cache:
             raise ValueError("data.cache holds T5/CLIP embeddings; Step1X-Edit caches its Qwen outputs in qwen_cache")
 
+    def check_objective(self, objective: Any) -> None:
+        if objective.ref_index != 0:
+            raise ValueError(
+                f"Step1X-Edit's reference ids equal the target's: objective.ref_index=0, not {objective.ref_index}"
+            )
+
+    def conditioning(self) -> Any:
+        return conditioning()
+
+    def train_batch_keys(self, objective: Any) -> tuple[str, ...]:
+        """Qwen's txt and txt_mask; with prompt dropout each item's empty prompt's too (empty_txt, empty_mask:
+        Qwen sees the item's image)."""
+        dropout = ("empty_txt", "empty_mask") if objective.prompt_dropout > 0 else ()
+        return super().train_batch_keys(objective) + dropout
+
     def train_encoder(self, cfg: Any, folder: Any, preset: configs.Preset, parts: dict, batches: Any, mesh: Any):
         """Qwen2.5-VL of (instruction, source image), each item's output cached in qwen_cache (default
         <checkpoint_dir>/qwen_cache), and the VAE; prompt dropout: each item's ("", image), computed (and cached)
         by the encoder. mesh: the Qwen weights sharded over it on one process (else each process its own)."""
         import jax
 
-        from jaxedit.train.encoders import Step1XEncoder
+        from jaxedit.step1x.encoder import Step1XEncoder
 
         cache = cfg.qwen_cache or Path(cfg.checkpoint_dir).absolute() / "qwen_cache"
         encoder = Step1XEncoder(

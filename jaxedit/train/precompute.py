@@ -29,6 +29,7 @@ import numpy as np
 
 from jaxedit import families, model_folder
 from jaxedit.checkpoint import load_params
+from jaxedit.kontext.encoder import KontextEncoder
 from jaxedit.train.data import (
     CACHE_FILE,
     CACHED_PARTS,
@@ -38,7 +39,6 @@ from jaxedit.train.data import (
     load_image,
     reference_key,
 )
-from jaxedit.train.encoders import Encoder
 
 
 def precompute(model: str | Path, data: DataConfig, out: str | Path, batch: int = 64, mesh: str = "") -> Path:
@@ -52,7 +52,7 @@ def precompute_text(folder: Path, preset, data: DataConfig, out: Path, batch: in
     """FLUX.1 Kontext: T5 + CLIP embeddings and VAE latents of every item (a data.cache)."""
     model_folder.check_complete(folder, preset)
     parts = {p: load_params(folder / p) for p in ("vae", "t5", "clip")}
-    encoder = Encoder(folder, preset, parts, vae_sample=False)
+    encoder = KontextEncoder(folder, preset, parts, vae_sample=False)
     index = index_manifest(data)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

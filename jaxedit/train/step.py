@@ -12,9 +12,10 @@ is differentiated with respect to lora only.
 
 A batch is a dict of arrays with a leading gradient-accumulation axis:
   target [A, b, h, w, C], reference [A, b, rh, rw, C] (VAE latents, NHWC),
-  txt [A, b, Lt, D_txt], y [A, b, D_y]; several references: reference_1, reference_2, ... too
-Step1X-Edit (a Trainer built with `connector`): txt [A, b, L, D_qwen] and txt_mask [A, b, L] instead
-of y, plus empty_txt / empty_mask (each item's empty prompt) when prompt dropout is on.
+  and the text conditioning of the model's family (`jaxedit.families`: `Family.train_batch_keys`):
+  FLUX.1 Kontext's txt [A, b, Lt, D_txt], y [A, b, D_y]; Step1X-Edit's (a Trainer built with `connector`)
+  txt [A, b, L, D_qwen] and txt_mask [A, b, L], plus empty_txt / empty_mask (each item's empty prompt)
+  when prompt dropout is on; several references: reference_1, reference_2, ... too.
 The step scans over the A micro-batches (summing gradients), then applies one update.
 Randomness of step s, micro-batch i: fold_in(fold_in(key, s), i); a run restored at step s
 draws exactly what the uninterrupted run drew.
@@ -29,10 +30,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jaxedit import families
 from jaxedit.configs import ConnectorConfig, FluxConfig
-from jaxedit.families.step1x import conditioning as step1x_conditioning
-from jaxedit.models import step1x
-from jaxedit.models.flux import Flux, abstract_params
 from jaxedit.parallel import sharding as sh
 from jaxedit.parallel.distributed import put_global
 from jaxedit.train.lora import LoraConfig, init_lora, merge
@@ -40,8 +39,6 @@ from jaxedit.train.objective import ObjectiveConfig, flow_matching_loss
 from jaxedit.train.optim import OptimConfig, learning_rate, make_optimizer
 
 State = dict[str, Any]
-BATCH_KEYS = ("target", "reference", "txt", "y")
-STEP1X_BATCH_KEYS = ("target", "reference", "txt", "txt_mask")
 
 
 class Trainer:
@@ -64,9 +61,14 @@ class Trainer:
         lora: LoraConfig | None = None,
         connector: ConnectorConfig | None = None,
     ):
-        """connector: Step1X-Edit's (the model is then `Step1XEdit`, fed Qwen states and masks)."""
+        """The model's family is the one whose transformer is built from flux_cfg and the further configs given
+        (`families.transformer_preset`): connector: Step1X-Edit's (the model is then `Step1XEdit`, fed Qwen
+        states and masks); none: FLUX.1 Kontext's `Flux`."""
         self.cfg, self.objective, self.optim, self.mesh, self.rules = flux_cfg, objective, optim, mesh, rules
-        self.lora, self.connector = lora, connector
+        self.preset = families.transformer_preset(flux_cfg, connector=connector)  # the transformer's configs
+        self.family = families.of(self.preset)
+        self.family.check_objective(objective)
+        self.lora = lora
         self.trained = "params" if lora is None else "lora"  # the state entry the optimizer updates
         kw = dict(
             dtype=dtype,
@@ -75,20 +77,10 @@ class Trainer:
             remat_policy=remat_policy,
             mlp_chunks=mlp_chunks,
         )
-        if connector is None:
-            self.model = Flux(flux_cfg, attention_impl=attention_impl, **kw)
-            boxed = abstract_params(flux_cfg, jnp.float32, boxed=True)
-            self.batch_keys, self.conditioning = BATCH_KEYS, None  # FLUX's txt and pooled y
-        else:
-            if objective.ref_index != 0:
-                raise ValueError(
-                    f"Step1X-Edit's reference ids equal the target's: objective.ref_index=0, not {objective.ref_index}"
-                )
-            self.model = step1x.Step1XEdit(flux_cfg, connector_cfg=connector, attention_impl=attention_impl, **kw)
-            boxed = step1x.abstract_params(flux_cfg, connector, jnp.float32, boxed=True)
-            dropout = ("empty_txt", "empty_mask") if objective.prompt_dropout > 0 else ()
-            self.batch_keys = STEP1X_BATCH_KEYS + dropout
-            self.conditioning = step1x_conditioning()
+        self.model = self.family.module(self.preset, "transformer", attention_impl=attention_impl, **kw)
+        boxed = self.family.abstract_params(self.preset, "transformer", jnp.float32, boxed=True)
+        self.batch_keys = self.family.train_batch_keys(objective)
+        self.conditioning = self.family.conditioning()  # the loss's text arrays and model call
         self.tx = make_optimizer(optim, total_steps)
         self.lr_schedule = learning_rate(optim, total_steps)
         self.param_shardings = sh.shardings(boxed, mesh, rules)
@@ -165,11 +157,9 @@ class Trainer:
 
     # ------------------------------------------------------------------------------
     def apply(self, params, img, img_ids, *args):
-        """Flux: args = (txt, txt_ids, t, y, guidance); Step1X-Edit: (txt, txt_mask, t in [0, 1])."""
-        if self.connector is None:
-            txt, txt_ids, t, y, guidance = args
-            args = (txt, txt_ids, t, y, guidance if self.cfg.guidance_embed else None)
-        return self.model.apply({"params": params}, img, img_ids, *args)
+        """The model's call; args as the family's conditioning passes them (Flux: (txt, txt_ids, t, y, guidance),
+        guidance dropped without guidance embedding; Step1X-Edit: (txt, txt_mask, t in [0, 1]))."""
+        return self.model.apply({"params": params}, img, img_ids, *self.family.train_args(self.preset, args))
 
     def loss(self, params, batch: dict[str, jax.Array], key: jax.Array, empty=None):
         """Loss of one micro-batch (dict of [b, ...] arrays) -> (loss, metrics)."""

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxedit.options import QUANTIZE
+
 
 def _dtype(name: str | None):
     if name is None:
@@ -60,7 +62,7 @@ def parser() -> argparse.ArgumentParser:
     pp.add_argument("--force", action="store_true", help="overwrite DST")
     quant_help = ("store the DiT's (and T5's) block weights as int8 or fp8 (e4m3) with per-channel scales: "
                   "about half the memory of bfloat16 (see the README)")  # fmt: skip
-    pp.add_argument("--quantize", choices=["none", "int8", "fp8"], default="none", help=quant_help)
+    pp.add_argument("--quantize", choices=QUANTIZE, default="none", help=quant_help)
     qz = sub.add_parser("quantize", help="a jaxedit model folder -> a copy with quantised DiT (and T5) weights")
     qz.add_argument("src", help="the jaxedit model folder")
     qz.add_argument("dst", help="output jaxedit model folder")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from jaxedit import DEFAULT_MODEL
-from jaxedit.options import REFERENCE_IDS, check_option
+from jaxedit.options import QUANTIZE, REFERENCE_IDS, check_option
 
 COMMANDS = {
     "edit": "edit one image",
@@ -76,7 +76,7 @@ def model_options(p: argparse.ArgumentParser) -> None:
         help="FLUX Kontext: merge a LoRA (diffusers/PEFT, kohya, BFL/ai-toolkit or XLabs .safetensors) into the "
         "weights with SCALE (default 1); repeatable; applied after the model folder's own (pipeline.loras)",
     )
-    p.add_argument("--quantize", choices=["none", "int8", "fp8"], default=None,
+    p.add_argument("--quantize", choices=QUANTIZE, default=None,
                    help="int8 / fp8 (e4m3) weights for the DiT (and FLUX's T5), quantised as they load: about half "
                    "the memory of bfloat16 (default: the model folder's; see the README)")  # fmt: skip
     p.add_argument("--text-on-cpu", action="store_true",

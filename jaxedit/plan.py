@@ -39,6 +39,7 @@ import sys
 import time
 
 from jaxedit import families
+from jaxedit.options import QUANTIZE
 
 TASKS = ("train", "lora", "infer", "sample", "vae-decode", "text")
 PIPELINE_TASKS = ("sample", "vae-decode", "text")  # placed as the pipelines place them (`--mesh` default: auto)
@@ -88,7 +89,7 @@ def parser(prog: str = "python -m jaxedit.plan") -> argparse.ArgumentParser:
     )
     p.add_argument("--mlp-chunks", type=POSITIVE, default=1, help="train/lora: the MLPs on this many token slices")
     p.add_argument("--attention", default="auto", help="attention impl (auto: splash on TPU, chunked on CPU)")
-    p.add_argument("--quantize", choices=["none", "int8", "fp8"], default="none",
+    p.add_argument("--quantize", choices=QUANTIZE, default="none",
                    help="infer/sample/text: int8 / fp8 DiT and T5 block weights (jaxedit.quant)")  # fmt: skip
     p.add_argument("--text-on-cpu", action="store_true", help="FLUX: the pipeline keeps T5 and CLIP on the host "
                    "(jaxedit edit --text-on-cpu): the weights mesh 'auto' places by leave them out")  # fmt: skip

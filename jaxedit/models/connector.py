@@ -24,8 +24,18 @@ import jax.numpy as jnp
 
 from jaxedit.configs import ConnectorConfig
 from jaxedit.models.attention import dot_product_attention
-from jaxedit.models.flux import ACT, ACT_HEADS, ACT_MLP, stacked
-from jaxedit.models.layers import TwoLayerMLP, dense, layer_norm, ones, timestep_embedding, zeros
+from jaxedit.models.flux import stacked
+from jaxedit.models.layers import (
+    ACT,
+    ACT_HEADS,
+    ACT_MLP,
+    TwoLayerMLP,
+    dense,
+    layer_norm,
+    ones,
+    timestep_embedding,
+    zeros,
+)
 from jaxedit.parallel.sharding import constrain, param_init
 
 Dtype = Any

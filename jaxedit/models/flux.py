@@ -22,6 +22,9 @@ from jax.ad_checkpoint import checkpoint_name
 from jaxedit.configs import FluxConfig
 from jaxedit.models.attention import dot_product_attention
 from jaxedit.models.layers import (
+    ACT,
+    ACT_HEADS,
+    ACT_MLP,
     Modulation,
     QKNorm,
     TwoLayerMLP,
@@ -33,10 +36,6 @@ from jaxedit.models.layers import (
     timestep_embedding,
 )
 from jaxedit.parallel.sharding import constrain
-
-ACT = ("act_batch", "act_length", "act_embed")
-ACT_HEADS = ("act_batch", "act_length", "act_heads", None)
-ACT_MLP = ("act_batch", "act_length", "act_mlp")
 
 Dtype = Any
 

@@ -25,6 +25,12 @@ zeros = nn.initializers.zeros_init()
 ones = nn.initializers.ones_init()
 
 
+# the logical names of the main activations (the rule table in jaxedit/parallel/sharding.py maps them)
+ACT = ("act_batch", "act_length", "act_embed")  # [B, L, D]
+ACT_HEADS = ("act_batch", "act_length", "act_heads", None)  # [B, L, H, Dh]
+ACT_MLP = ("act_batch", "act_length", "act_mlp")  # [B, L, F]
+
+
 class MultiOutDense(nn.Module):
     """Linear map to one or several output axes: kernel [in, *features], bias [*features].
 

@@ -33,15 +33,12 @@ import numpy as np
 from jaxedit.configs import QwenTextConfig, QwenVisionConfig, QwenVLConfig
 from jaxedit.models.attention import dot_product_attention
 from jaxedit.models.flux import stacked
-from jaxedit.models.layers import dense
+from jaxedit.models.layers import ACT, ACT_HEADS, ACT_MLP, dense
 from jaxedit.models.t5 import T5LayerNorm
 from jaxedit.parallel.sharding import constrain, param_init
 
 Dtype = Any
 
-ACT = ("act_batch", "act_length", "act_embed")
-ACT_HEADS = ("act_batch", "act_length", "act_heads", None)
-ACT_MLP = ("act_batch", "act_length", "act_mlp")
 ACTIVATIONS = {"silu": nn.silu, "gelu": lambda x: nn.gelu(x, approximate=False)}
 PAD_PATCH_SEGMENT = -1  # segment id of padding patches (they attend only each other)
 

@@ -27,14 +27,11 @@ import numpy as np
 from jaxedit.configs import T5Config
 from jaxedit.models.attention import dot_product_attention
 from jaxedit.models.flux import stacked
-from jaxedit.models.layers import dense
+from jaxedit.models.layers import ACT, ACT_HEADS, ACT_MLP, dense
 from jaxedit.parallel.sharding import constrain, param_init
 
 Dtype = Any
 
-ACT = ("act_batch", "act_length", "act_embed")
-ACT_HEADS = ("act_batch", "act_length", "act_heads", None)
-ACT_MLP = ("act_batch", "act_length", "act_mlp")
 
 embed_init = nn.initializers.normal(stddev=1.0)
 

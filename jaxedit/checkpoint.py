@@ -189,6 +189,12 @@ def param_metadata(path: str | Path) -> Any:
     return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), meta)
 
 
+def as_stored_on(metadata: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs of `metadata`'s shapes and dtypes (e.g. `param_metadata`: a restore target) each carrying
+    its sharding from `shardings` (a tree of NamedShardings of the same structure)."""
+    return jax.tree.map(lambda m, w: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=w), metadata, shardings)
+
+
 def load_params(
     path: str | Path,
     target: Any = None,

@@ -359,7 +359,7 @@ def load_parts(
     import jax
 
     from jaxedit import quant
-    from jaxedit.checkpoint import load_params, param_metadata, verify_enabled, verify_or_note
+    from jaxedit.checkpoint import as_stored_on, load_params, param_metadata, verify_enabled, verify_or_note
 
     if isinstance(folder, ModelFolder):
         folder, preset, stored = folder.path, preset or folder.preset, folder.quantized
@@ -370,12 +370,14 @@ def load_parts(
     dtypes = dtypes or {}
     quantize = quant.check_mode(quantize)
     parts = families.of(preset).present_parts(preset)
+    metadata = {}
     for p in parts:
         if quantize and p in stored and stored[p] != quantize:
             raise ValueError(f"{folder / p} is stored quantised as {stored[p]}, not {quantize}")
         if verify_enabled():
             verify_or_note(folder / p)
-        check_part(folder / p, param_metadata(folder / p), expected_params(preset, p, stored.get(p)))
+        metadata[p] = param_metadata(folder / p)
+        check_part(folder / p, metadata[p], expected_params(preset, p, stored.get(p)))
     out = {}
     for p in parts:
         dev = (devices or {}).get(p) or (None if mesh is not None else jax.local_devices()[0])
@@ -386,9 +388,8 @@ def load_parts(
         elif dev is not None:
             out[p] = load_params(folder / p, dtype=dtypes.get(p), device=dev, verify_checksums=False)
         else:  # as stored (names, shapes, dtypes), each array restored into its sharding
-            target = jax.tree.map(lambda s, w: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=w),
-                                  param_metadata(folder / p), where)  # fmt: skip
-            out[p] = load_params(folder / p, target, dtype=dtypes.get(p), verify_checksums=False)
+            out[p] = load_params(folder / p, as_stored_on(metadata[p], where), dtype=dtypes.get(p),
+                                 verify_checksums=False)  # fmt: skip
     return out
 
 

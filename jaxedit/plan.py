@@ -160,7 +160,7 @@ def plan_auto(args) -> int:
     over FSDP groups of 1, 2, 4, ... chips; tensor groups of 2, 4, 8), print them ranked (fitting first, then
     by the compiler's time), and for `sample` record the best as the pipelines' choice
     (`jaxedit.parallel.placement.record`)."""
-    from jaxedit import configs
+    from jaxedit import configs, quant
     from jaxedit.parallel import placement
 
     devices = target_devices(args)
@@ -189,7 +189,7 @@ def plan_auto(args) -> int:
     best = rank[0]
     if args.task == "sample":
         preset = configs.get(args.preset)
-        key = placement.key_for(preset, args.quantize if args.quantize != "none" else None, devices)
+        key = placement.key_for(preset, quant.check_mode(args.quantize), devices)
         detail = {"task": args.task, "resolution": args.resolution, "batch": best["batch"],
                   "gb_per_chip": best["total"] / 1e9, "estimate_s": best.get("compiler_seconds")}  # fmt: skip
         where = placement.record(key, configs.MeshConfig.parse(best["mesh"]), detail)
@@ -291,7 +291,7 @@ def lower(preset, args, mesh, batch: int):
                 rest = family.infer_text(preset, batch, lt, bsd)
                 fn = lambda p, *a: model.apply({"params": p}, *a)[:, :nt]  # noqa: E731
                 return jax.jit(fn).lower(params, *img, *rest), s
-        mode = None if args.quantize == "none" else args.quantize
+        mode = quant.check_mode(args.quantize)
         on, args_ = family.sample_inputs(pipe, batch, h, w, args.steps, references=s["references"] if nr else 0,
                                          text_tokens=lt, quantize=mode)  # fmt: skip
         with sh.activate(on):
@@ -316,11 +316,10 @@ def sample_pipeline(preset, mesh, attention: str):
     the sampling loop's placement and program."""
     import jax.numpy as jnp
 
-    from jaxedit.configs import MeshConfig
+    from jaxedit.parallel.placement import config_of
 
-    devices = list(mesh.devices.flat)
-    cfg = MeshConfig(data=mesh.shape["data"], fsdp=mesh.shape["fsdp"], tensor=mesh.shape["tensor"])
-    pipe = families.of(preset).pipeline()(preset, {}, None, dtype=jnp.bfloat16, devices=devices, mesh=cfg)
+    pipe = families.of(preset).pipeline()(preset, {}, None, dtype=jnp.bfloat16, devices=list(mesh.devices.flat),
+                                          mesh=config_of(mesh))  # fmt: skip
     pipe.model = pipe.model.clone(attention_impl=attention)
     return pipe
 
@@ -379,9 +378,10 @@ def pipeline_mesh(preset, args, devices, memory: float | None):
     (`jaxedit.pipelines.base.choose_mesh`, with the pipeline's own weight and token figures)."""
     import jax.numpy as jnp
 
+    from jaxedit import quant
     from jaxedit.pipelines.base import choose_mesh
 
-    mode = None if args.quantize == "none" else args.quantize
+    mode = quant.check_mode(args.quantize)
     footprint = families.of(preset).footprint(preset, jnp.bfloat16, mode, args.text_on_cpu)
     return choose_mesh(preset, "auto", devices, footprint, quantize=mode, memory=memory)
 

@@ -60,8 +60,8 @@ from jaxedit.pipelines.base import (
     EditPipelineBase,
     block_bytes,
     check_side,
-    choose_mesh,
     enable_compilation_cache,
+    folder_mesh,
     open_folder,
     quantize_mode,
     quantized_parts,
@@ -191,9 +191,9 @@ class KontextPipeline(EditPipelineBase):
         option "quantize"), quantised as they load unless the folder stores them so. text_on_cpu: keep T5 and
         CLIP in host memory and run them on the host's CPU (default the folder's option "text_on_cpu"): the
         accelerator then holds only the DiT and the VAE (FLUX.1 Kontext in int8 on one 16 GB chip). mesh: where
-        the pipeline runs (`jaxedit.parallel.placement`): None = the folder's pipeline option "mesh", else
-        replicated data parallel over the local devices; "auto"; or axis sizes ("data=2,fsdp=2"); every part
-        is restored straight into its sharding on it."""
+        the pipeline runs on `devices` (default: the local ones; `jaxedit.parallel.placement`): None = the folder's
+        pipeline option "mesh", else "auto"; or axis sizes ("data=2,fsdp=2"); every part is restored straight into
+        its sharding on it."""
         from jaxedit.kontext.text import FluxTextEncoder, load_tokenizer
         from jaxedit.model_folder import TOKENIZERS, load_parts
 
@@ -209,9 +209,7 @@ class KontextPipeline(EditPipelineBase):
         stored = opened.quantized
         modes = {p: stored.get(p) or (quantize if p in ("transformer", "t5") else None) for p in dtypes}
         footprint = cls.footprint(preset, dtype, modes, text_on_cpu)
-        where = f"{folder / 'jaxedit.json'}: pipeline.mesh" if mesh is None and "mesh" in options else "mesh"
-        mesh = choose_mesh(preset, options.get("mesh", "auto") if mesh is None else mesh, devices, footprint,
-                           quantize=quantize, where=where)  # fmt: skip
+        mesh = folder_mesh(opened, mesh, devices, footprint, quantize)
         params = load_parts(opened, dtypes=dtypes, quantize=quantize, devices=on_host,
                             mesh=sh.make_mesh(mesh, devices))  # fmt: skip
         text = FluxTextEncoder(

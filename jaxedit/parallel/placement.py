@@ -7,10 +7,10 @@ convolutions are always replicated). A batch is split over `data` x `fsdp` and p
 of that (the padding items repeat the last one and are dropped from the outputs), so a batch of any size
 runs on the same mesh and the same parameter placement.
 
-`mesh="auto"` (`choose`): a recorded choice of `jaxedit plan --mesh auto` for this preset, quantisation,
-kind of chip and chip count if there is one (`recorded`); otherwise replicated data parallel when a chip
-holds the weights and one sample's working set, else the smallest group of neighbouring chips that
-does, FSDP-sharding the weights within the group, data parallel across groups.
+`mesh="auto"` (`jaxedit.pipelines.base.choose_mesh`): a recorded choice of `jaxedit plan --mesh auto` for
+this preset, quantisation, kind of chip and chip count if there is one (`recorded`); otherwise replicated
+data parallel when a chip holds the weights and one sample's working set, else the smallest group of
+neighbouring chips that does, FSDP-sharding the weights within the group, data parallel across groups.
 """
 
 from __future__ import annotations
@@ -63,6 +63,11 @@ def resolve(cfg: MeshConfig, n: int) -> MeshConfig:
     if any(s < 1 for s in sizes) or math.prod(sizes) != n:
         raise ValueError(f"mesh {text(cfg)} does not use exactly the {n} devices")
     return MeshConfig(data=sizes[0], fsdp=sizes[1], tensor=sizes[2])
+
+
+def config_of(mesh: jax.sharding.Mesh) -> MeshConfig:
+    """The `MeshConfig` of a pipeline mesh (axes data, fsdp, tensor)."""
+    return MeshConfig(data=mesh.shape["data"], fsdp=mesh.shape["fsdp"], tensor=mesh.shape["tensor"])
 
 
 def text(cfg: MeshConfig) -> str:

@@ -173,6 +173,17 @@ def choose_mesh(
     return placement.rule(n, f.weights, work, memory)
 
 
+def folder_mesh(
+    opened: model_folder.ModelFolder, mesh, devices: list, footprint: placement.Footprint, quantize: str | None
+) -> configs.MeshConfig:
+    """The mesh of a pipeline loaded from `opened`: `mesh` when given, else the folder's pipeline option "mesh",
+    else "auto" (`choose_mesh`; an error names jaxedit.json when the option came from there)."""
+    from_folder = mesh is None and "mesh" in opened.options
+    where = f"{opened.path / 'jaxedit.json'}: pipeline.mesh" if from_folder else "mesh"
+    option = opened.options.get("mesh", "auto") if mesh is None else mesh
+    return choose_mesh(opened.preset, option, devices, footprint, quantize=quantize, where=where)
+
+
 def block_bytes(preset: configs.Preset, dtype: Any, quantize: str | None) -> float:
     """Bytes of the transformer's largest block (its stacked blocks' bytes over their count) in `dtype`."""
     from jaxedit import quant
@@ -233,10 +244,9 @@ class EditPipelineBase:
             raise ValueError("mesh 'auto' is resolved when a model folder is loaded (Pipeline.load(mesh='auto'))")
         cfg = placement.resolve(cfg or configs.MeshConfig(data=len(self.devices), fsdp=1), len(self.devices))
         self.mesh = sh.make_mesh(cfg, self.devices)
-        self.mesh_config = cfg
         self.params = self.place(params)
-        self._rows: tuple = (None, None)  # (key, (mesh, parameter views)) of `on_rows`
-        self._row_meshes: dict[int, jax.sharding.Mesh] = {}
+        self._row_meshes: dict[int, jax.sharding.Mesh] = {}  # `row_mesh`
+        self._views: tuple = (None, None)  # ((rows, the parameters viewed), their views on those rows): `params_on`
         self.vae = AutoEncoder(preset.vae, dtype=vae_dtype, param_dtype=vae_dtype)
         self.encode_images = jax.jit(lambda p, x: self.vae.apply({"params": p}, x, method="encode"))
         self.decode_latents = jax.jit(lambda p, z: self.vae.apply({"params": p}, z, method="decode"))
@@ -253,10 +263,10 @@ class EditPipelineBase:
         """`part`'s parameters as ShapeDtypeStructs in `dtype` (quantised kernels keep theirs) placed on `mesh` as
         the pipeline places them: what the planner compiles with."""
         from jaxedit import quant
+        from jaxedit.checkpoint import as_stored_on
 
         tree = quant.cast(model_folder.expected_params(self.preset, part, quantize), dtype)
-        where = self.part_shardings(part, quantize, mesh)
-        return jax.tree.map(lambda s, w: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=w), tree, where)
+        return as_stored_on(tree, self.part_shardings(part, quantize, mesh))
 
     def place(self, params: dict[str, Any]) -> dict[str, Any]:
         """Every part's parameters on the mesh by the rule table (already there: unchanged); other entries
@@ -272,7 +282,7 @@ class EditPipelineBase:
 
     @property
     def mesh_text(self) -> str:
-        return placement.text(self.mesh_config)
+        return placement.text(placement.config_of(self.mesh))
 
     @staticmethod
     def put_batch(mesh: jax.sharding.Mesh, a) -> jax.Array:
@@ -286,31 +296,34 @@ class EditPipelineBase:
         f = self.preset.vae.downsample
         h, w = prepared[0].height // f, prepared[0].width // f
         mesh, size = self.batch_mesh(len(prepared))
-        _, params = self.on_rows(mesh.shape["data"])
-        return BatchPlan(check_steps(steps, self.default_steps), mesh, params, h, w, size)
+        return BatchPlan(check_steps(steps, self.default_steps), mesh, self.params_on(mesh), h, w, size)
+
+    def row_mesh(self, rows: int) -> jax.sharding.Mesh:
+        """The mesh of the first `rows` rows of the pipeline's `data` axis (all of them: the pipeline's mesh)."""
+        if rows == self.mesh.shape["data"]:
+            return self.mesh
+        if rows not in self._row_meshes:
+            self._row_meshes[rows] = jax.sharding.Mesh(self.mesh.devices[:rows], self.mesh.axis_names)
+        return self._row_meshes[rows]
 
     def batch_mesh(self, batch: int) -> tuple[jax.sharding.Mesh, int]:
         """(the mesh a batch of `batch` items runs on: the first `placement.rows_for` rows of the pipeline's
         `data` axis, the batch size it runs at: padded to a multiple of that mesh's batch axes)."""
-        rows = placement.rows_for(batch, self.mesh)
-        mesh = self.mesh if rows == self.mesh.shape["data"] else self._row_meshes.setdefault(
-            rows, jax.sharding.Mesh(self.mesh.devices[:rows], self.mesh.axis_names))  # fmt: skip
+        mesh = self.row_mesh(placement.rows_for(batch, self.mesh))
         return mesh, placement.padded(batch, mesh)
 
     def replicated(self, mesh: jax.sharding.Mesh, a) -> jax.Array:
         """`a` on every device of `mesh`."""
         return jax.device_put(a, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
-    def on_rows(self, rows: int) -> tuple[jax.sharding.Mesh, dict]:
-        """The mesh of the first `rows` rows of the `data` axis and the parameters there: views of the shards
-        those devices already hold (each data row holds all the weights), nothing copied."""
-        if rows == self.mesh.shape["data"]:
-            return self.mesh, self.params
-        key = (rows, id(self.params))
-        if self._rows[0] != key:
-            mesh = self.batch_mesh(rows * self.mesh.shape["fsdp"])[0]
-            self._rows = (key, (mesh, placement.restrict(self.params, mesh)))
-        return self._rows[1]
+    def params_on(self, mesh: jax.sharding.Mesh) -> dict:
+        """The parameters on `mesh`, a `row_mesh` of the pipeline's: views of the shards those devices already hold
+        (each data row holds all the weights), nothing copied; the last views are kept."""
+        if mesh is self.mesh:
+            return self.params
+        if self._views[0] is None or self._views[0][0] is not mesh or self._views[0][1] is not self.params:
+            self._views = ((mesh, self.params), placement.restrict(self.params, mesh))
+        return self._views[1]
 
     # the call skeleton both families share (each family's `prepare` and `generate` do the rest)
 

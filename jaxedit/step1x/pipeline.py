@@ -39,8 +39,8 @@ from jaxedit.pipelines.base import (
     EditPipelineBase,
     block_bytes,
     check_side,
-    choose_mesh,
     enable_compilation_cache,
+    folder_mesh,
     open_folder,
     quantize_mode,
     quantized_parts,
@@ -133,8 +133,8 @@ class Step1XEditPipeline(EditPipelineBase):
         the Qwen2.5-VL embedder (JAX, `qwen_dtype`), False skips it (then every call needs `llm=`), or an
         embedder to use. quantize: "int8" / "fp8" DiT weights (`jaxedit.quant`; default the folder's pipeline
         option "quantize"), quantised as they load unless the folder stores them so. mesh: where the pipeline
-        runs (`jaxedit.parallel.placement`; None: the folder's option "mesh", else replicated data parallel;
-        "auto"; or axis sizes): the DiT, connector, VAE and Qwen2.5-VL are placed on it."""
+        runs (`jaxedit.parallel.placement`; None: the folder's option "mesh", else "auto"; or axis sizes): the
+        DiT, connector, VAE and Qwen2.5-VL are placed on it."""
         from jaxedit.model_folder import load_parts
         from jaxedit.step1x.text import load_qwen_embedder, open_qwen_folder, qwen_section
 
@@ -155,9 +155,7 @@ class Step1XEditPipeline(EditPipelineBase):
             except (FileNotFoundError, ValueError):
                 pass  # load_qwen_embedder below says what is missing
         footprint = cls.footprint(preset, dtype, stored.get("transformer") or quantize, qwen_cfg, qwen_dtype)
-        where = f"{folder / 'jaxedit.json'}: pipeline.mesh" if mesh is None and "mesh" in options else "mesh"
-        mesh = choose_mesh(preset, options.get("mesh", "auto") if mesh is None else mesh, devices, footprint,
-                           quantize=quantize, where=where)  # fmt: skip
+        mesh = folder_mesh(opened, mesh, devices, footprint, quantize)
         on_mesh = sh.make_mesh(mesh, devices)
         embedder = None if text_encoder is False else text_encoder
         if text_encoder is True:  # checked against the connector as it loads

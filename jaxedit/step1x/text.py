@@ -426,15 +426,12 @@ class Step1XQwenEmbedder(QwenConditioner):
         check_hidden(qwen_cfg, config, folder)
         target = None
         if kw.get("mesh") is not None:  # restored straight into its sharding
-            import jax
-
-            from jaxedit.checkpoint import param_metadata
+            from jaxedit.checkpoint import as_stored_on, param_metadata
             from jaxedit.models.qwen2_5_vl import abstract_params
             from jaxedit.parallel import sharding as sh
 
             where = sh.shardings(abstract_params(qwen_cfg, boxed=True), kw["mesh"])
-            target = jax.tree.map(lambda m, w: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=w),
-                                  param_metadata(folder / "qwen"), where)  # fmt: skip
+            target = as_stored_on(param_metadata(folder / "qwen"), where)
         params = load_params(folder / "qwen", target, dtype=jnp.dtype(dtype))
         processor = cls.load_processor(folder / QWEN_PROCESSOR, config)
         return cls(params, qwen_cfg, *processor, config, dtype=dtype, name=folder.resolve(), **kw)

@@ -1,5 +1,9 @@
 """Import PyTorch safetensors checkpoints (BFL, diffusers, Step1X-Edit layouts) into jaxedit.
 
+The parts families share (FLUX VAE, T5, CLIP, Qwen2.5-VL) are `SHARED_PARTS`; each family's own (its
+transformer), its release layout and its published checkpoints are its converter's (`checkpoints_convert.family`:
+`checkpoints_convert.kontext`, `checkpoints_convert.step1x`).
+
 Each `load_<part>(path, cfg, fmt=None, ...)` returns the parameter pytree the matching
 jaxedit module's `init` gives (unboxed); the CLI (`python -m checkpoints_convert PART ...`)
 writes it as an Orbax checkpoint. No torch, no pickle: tensors are read with safetensors
@@ -9,7 +13,6 @@ shapes alone (a file's header, or a manifest through `ShapeSource`), before any 
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -17,20 +20,21 @@ from typing import Any
 import jax
 import numpy as np
 
-from checkpoints_convert import flux as flux_tables
+from checkpoints_convert import family
 from checkpoints_convert import qwen as qwen_tables
-from checkpoints_convert import step1x as step1x_tables
 from checkpoints_convert import text as text_tables
 from checkpoints_convert import vae as vae_tables
+from checkpoints_convert.family import Part
 from checkpoints_convert.mapping import ConversionError, Plan, convert, flatten, plan, run_check, unflatten
 from checkpoints_convert.source import SafetensorsSource
+from jaxedit.configs import AutoEncoderConfig, CLIPTextConfig, QwenVLConfig, T5Config
 
 __all__ = [
-    "PARTS",
+    "SHARED_PARTS",
     "ConversionError",
     "ShapeSource",
     "detect_part",
-    "flux_text_encoder",
+    "formats",
     "load_clip",
     "load_part",
     "load_t5",
@@ -38,8 +42,9 @@ __all__ = [
     "load_vae",
     "open_part",
     "part_config",
+    "part_names",
+    "part_spec",
     "plan_part",
-    "qwen_embedder",
     "shapes_of",
 ]
 
@@ -74,20 +79,6 @@ class ShapeSource:
 # Per part: (rules for a source, which may drop a wrapper prefix from its keys) and targets
 
 
-def _transformer_rules(source, cfg, fmt):
-    prefix = flux_tables.strip_bfl_prefix(source.shapes)
-    if prefix:
-        source.strip(prefix)
-    if isinstance(cfg, step1x_tables.Step1XSpec):  # Step1X-Edit: BFL DiT + connector in one file
-        if fmt not in (None, step1x_tables.FORMAT):
-            raise ConversionError(f"a Step1X-Edit transformer is read in layout {step1x_tables.FORMAT!r}, not {fmt!r}")
-        return step1x_tables.step1x_rules(cfg), step1x_tables.FORMAT
-    if fmt == step1x_tables.FORMAT:
-        raise ConversionError("format 'step1x' needs a Step1X-Edit preset (one with a connector)")
-    fmt = fmt or flux_tables.detect_format(source.shapes)
-    return flux_tables.rules_for(fmt, cfg), fmt
-
-
 def _vae_rules(source, cfg, fmt):
     fmt = fmt or vae_tables.detect_format(source.shapes)
     return vae_tables.rules_for(fmt, cfg), fmt
@@ -108,7 +99,9 @@ def _qwen_rules(source, cfg, fmt):
     return qwen_tables.qwen_rules(cfg, source.shapes, fmt), "transformers"
 
 
-def _targets(module: str):
+def targets_of(module: str):
+    """cfg -> {param path: shape} of `jaxedit.models.<module>.abstract_params(cfg)`."""
+
     def targets(cfg):
         import importlib
 
@@ -117,29 +110,41 @@ def _targets(module: str):
     return targets
 
 
-def _transformer_targets(cfg):
-    if isinstance(cfg, step1x_tables.Step1XSpec):
-        from jaxedit.models import step1x
-
-        return shapes_of(step1x.abstract_params(cfg.dit, cfg.connector))
-    return _targets("flux")(cfg)
-
-
-@dataclasses.dataclass(frozen=True)
-class Part:
-    rules: Callable  # (source, cfg, fmt) -> (rules, fmt); may strip a key prefix from the source
-    targets: Callable  # cfg -> {param path: shape}
-    formats: tuple[str, ...]
-
-
-# name -> Part; the name is also the Preset attribute holding the part's config
-PARTS: dict[str, Part] = {
-    "transformer": Part(_transformer_rules, _transformer_targets, ("bfl", "diffusers", step1x_tables.FORMAT)),
-    "vae": Part(_vae_rules, _targets("autoencoder"), vae_tables.FORMATS),
-    "t5": Part(_t5_rules, _targets("t5"), text_tables.FORMATS),
-    "clip": Part(_clip_rules, _targets("clip"), text_tables.FORMATS),
-    "qwen": Part(_qwen_rules, _targets("qwen2_5_vl"), qwen_tables.FORMATS),
+# the parts families share, by part name (the name is also the Preset attribute holding the part's config);
+# each family's own (its transformer) are its converter's (`checkpoints_convert.family`)
+SHARED_PARTS: dict[str, Part] = {
+    "vae": Part(AutoEncoderConfig, _vae_rules, targets_of("autoencoder"), vae_tables.FORMATS),
+    "t5": Part(T5Config, _t5_rules, targets_of("t5"), text_tables.FORMATS),
+    "clip": Part(CLIPTextConfig, _clip_rules, targets_of("clip"), text_tables.FORMATS),
+    "qwen": Part(QwenVLConfig, _qwen_rules, targets_of("qwen2_5_vl"), qwen_tables.FORMATS),
 }
+
+
+def part_specs(part: str) -> list[Part]:
+    """Every spec of a part name: the shared one and each family's."""
+    shared = [SHARED_PARTS[part]] if part in SHARED_PARTS else []
+    return shared + [c.parts[part] for c in family.all_converters() if part in c.parts]
+
+
+def part_names() -> tuple[str, ...]:
+    """Every model part name a checkpoint may hold (the families' own first)."""
+    own = [p for c in family.all_converters() for p in c.parts]
+    return tuple(dict.fromkeys([*own, *SHARED_PARTS]))
+
+
+def formats(part: str) -> tuple[str, ...]:
+    """The source layouts of a part name, over its specs."""
+    return tuple(dict.fromkeys(f for spec in part_specs(part) for f in spec.formats))
+
+
+def part_spec(part: str, cfg) -> Part:
+    """The spec converting `part` into `cfg`'s parameters (by the config's type)."""
+    if part not in part_names():
+        raise ValueError(f"unknown model part {part!r}; choose from {sorted(part_names())}")
+    found = [spec for spec in part_specs(part) if isinstance(cfg, spec.config)]
+    if len(found) != 1:
+        raise ValueError(f"no {part} converter takes a {type(cfg).__name__} config")
+    return found[0]
 
 
 def detect_part(keys) -> str:
@@ -159,12 +164,9 @@ def detect_part(keys) -> str:
 
 
 def part_config(preset, part: str):
-    """The config `load_part(part, ...)` takes for a preset: the preset's attribute of that name,
-    except a Step1X-Edit transformer: `Step1XSpec(DiT config, connector config)` (one file holds both)."""
-    cfg = getattr(preset, part)
-    if part == "transformer" and cfg is not None and preset.connector is not None:
-        return step1x_tables.Step1XSpec.of(preset)
-    return cfg
+    """The config `load_part(part, ...)` takes for a preset: the preset's attribute of that name, or what
+    its family's converter makes of it (Step1X-Edit: one file holds the DiT and the connector)."""
+    return family.of(preset).part_config(preset, part)
 
 
 def plan_part(part: str, source, cfg, fmt: str | None = None, *, ignore: Ignore | None = None) -> Plan:
@@ -172,10 +174,9 @@ def plan_part(part: str, source, cfg, fmt: str | None = None, *, ignore: Ignore 
 
     Raises ConversionError naming any unknown, missing or mis-shaped tensor. The returned
     plan's `fmt` is the layout used (detected from the keys when `fmt` is None)."""
-    if part not in PARTS:
-        raise ValueError(f"unknown model part {part!r}; choose from {sorted(PARTS)}")
-    rules, fmt = PARTS[part].rules(source, cfg, fmt)
-    the_plan = plan(rules, source.shapes, PARTS[part].targets(cfg), source_name=source.describe(), ignore=ignore)
+    spec = part_spec(part, cfg)
+    rules, fmt = spec.rules(source, cfg, fmt)
+    the_plan = plan(rules, source.shapes, spec.targets(cfg), source_name=source.describe(), ignore=ignore)
     the_plan.fmt = fmt
     return the_plan
 
@@ -217,10 +218,9 @@ def load_part(
 
 
 def load_transformer(path, cfg, fmt=None, **kw) -> dict:
-    """FLUX transformer: a BFL file (also with `model.diffusion_model.`), a sharded folder with
-    its index, or a diffusers `transformer/` folder -> `Flux(cfg)` params; with cfg a
-    `Step1XSpec` (`part_config(preset, "transformer")`), Step1X-Edit's file -> `Step1XEdit`
-    params. See `load_part`."""
+    """A family's transformer (cfg: `part_config(preset, "transformer")`): FLUX, a BFL file (also with
+    `model.diffusion_model.`), a sharded folder with its index, or a diffusers `transformer/` folder -> `Flux(cfg)`
+    params; Step1X-Edit's file -> `Step1XEdit` params (cfg a `Step1XSpec`). See `load_part`."""
     return load_part("transformer", path, cfg, fmt, **kw)
 
 
@@ -240,47 +240,6 @@ def load_clip(path, cfg, fmt=None, **kw) -> dict:
     """transformers CLIPTextModel (FLUX `text_encoder/`, keys with or without `text_model.`; a saved
     `position_ids` buffer is checked, not loaded) -> `CLIPTextModel(cfg)` params. See `load_part`."""
     return load_part("clip", path, cfg, fmt, **kw)
-
-
-def flux_text_encoder(root: str | Path, preset: str = "flux-kontext-dev", *, dtype: Any = None, **kw):
-    """A `jaxedit.kontext.text.FluxTextEncoder` straight from a local FLUX release folder: `tokenizer/`,
-    `tokenizer_2/` and the safetensors of `text_encoder/` (CLIP) and `text_encoder_2/` (T5, maybe sharded).
-    dtype: compute dtype and the weights' dtype (default bfloat16); kw: FluxTextEncoder arguments."""
-    import jax.numpy as jnp
-
-    from jaxedit import configs
-    from jaxedit.kontext.text import FluxTextEncoder, load_tokenizer
-
-    p = configs.get(preset) if isinstance(preset, str) else preset
-    if p.t5 is None or p.clip is None:
-        raise ValueError(f"preset {p.name} has no T5/CLIP text encoders")
-    root, dtype = Path(root), dtype or jnp.bfloat16
-    t5 = load_t5(root / "text_encoder_2", p.t5, dtype=dtype)
-    clip = load_clip(root / "text_encoder", p.clip, dtype=dtype)
-    tokenizers = load_tokenizer(root / "tokenizer_2"), load_tokenizer(root / "tokenizer")
-    return FluxTextEncoder(p.t5, p.clip, t5, clip, *tokenizers, dtype=dtype, **kw)
-
-
-def qwen_embedder(path: str | Path, config=None, *, dtype: Any = "bfloat16", **kw):
-    """A `jaxedit.step1x.text.Step1XQwenEmbedder` straight from a transformers Qwen2.5-VL folder (config.json,
-    safetensors, tokenizer, preprocessor_config.json), its weights converted as they are read (no torch).
-    config: the `QwenEmbedderConfig` (default: the released 7B setup); kw: Step1XQwenEmbedder arguments."""
-    import json
-
-    import jax.numpy as jnp
-
-    from jaxedit.configs import QwenVLConfig
-    from jaxedit.step1x.text import QwenEmbedderConfig, Step1XQwenEmbedder, check_hidden
-
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"Qwen2.5-VL folder not found: {path} (no config.json)")
-    config = config or QwenEmbedderConfig()
-    qwen_cfg = QwenVLConfig.from_hf(json.loads((path / "config.json").read_text()))
-    check_hidden(qwen_cfg, config, path)
-    params = load_part("qwen", path, qwen_cfg, dtype=jnp.dtype(dtype))
-    processor = Step1XQwenEmbedder.load_processor(path, config)
-    return Step1XQwenEmbedder(params, qwen_cfg, *processor, config, dtype=dtype, name=path.resolve(), **kw)
 
 
 def mesh_placer(shardings_tree) -> Place:

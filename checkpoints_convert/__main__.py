@@ -37,7 +37,7 @@ def _dtype(name: str | None):
 
 
 def parser() -> argparse.ArgumentParser:
-    from checkpoints_convert import PARTS
+    from checkpoints_convert import formats, part_names
     from jaxedit import configs
 
     p = argparse.ArgumentParser(
@@ -46,7 +46,7 @@ def parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    commands = "{pipeline,add-qwen,seal,check," + ",".join(PARTS) + "}"
+    commands = "{pipeline,add-qwen,seal,check," + ",".join(part_names()) + "}"
     sub = p.add_subparsers(dest="command", required=True, metavar=commands)
     presets = f"model preset: {', '.join(configs.names())}"
     dtypes = dict(choices=["bfloat16", "float32", "float16"], default=None, help="output dtype (default: the file's)")
@@ -81,15 +81,15 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("src", help=".safetensors file, sharded folder with its index, diffusers model folder, or a "
                    "manifest JSON ({\"tensors\": {name: shape}})")  # fmt: skip
     c.add_argument("--preset", required=True, help=presets)
-    c.add_argument("--part", choices=list(PARTS), default=None, help="model part (default: from the tensor names)")
+    c.add_argument("--part", choices=part_names(), default=None, help="model part (default: from the tensor names)")
     c.add_argument("--format", default=None, help="source layout (default: from the tensor names)")
 
-    for part, spec in PARTS.items():
+    for part in part_names():
         t = sub.add_parser(part, help=f"a {part} checkpoint (safetensors) -> Orbax")
         t.add_argument("src", help=".safetensors file, sharded folder with its index, or a diffusers model folder")
         t.add_argument("dst", help="output Orbax checkpoint directory")
         t.add_argument("--preset", required=True, help=presets)
-        t.add_argument("--format", choices=spec.formats, default=None, help="source layout (default: from the keys)")
+        t.add_argument("--format", choices=formats(part), default=None, help="source layout (default: from the keys)")
         t.add_argument("--dtype", **dtypes)
         t.add_argument(
             "--ignore",

@@ -1,4 +1,5 @@
-"""Convert a whole FLUX(.1 Kontext) release on disk into a jaxedit model folder in one go.
+"""Convert a whole release on disk into a jaxedit model folder in one go (what differs by family: its converter,
+`checkpoints_convert.family`).
 
 Sources:
   - a diffusers folder: model_index.json, transformer/, vae/, text_encoder/ (CLIP),
@@ -17,25 +18,18 @@ naming what is wrong. See `jaxedit.model_folder` for the output layout.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from checkpoints_convert import PARTS, ConversionError, open_part, part_config
+from checkpoints_convert import ConversionError, family, open_part, part_names
 from checkpoints_convert.mapping import convert, unflatten
 from checkpoints_convert.source import SafetensorsSource
 from jaxedit.configs import Preset
 from jaxedit.model_folder import TOKENIZERS, write_description
-from jaxedit.step1x.text import QWEN_PROCESSOR
 
-QWEN_PROCESSOR_NEEDED = ("config.json", "tokenizer_config.json", "preprocessor_config.json")
-QWEN_PROCESSOR_FILES = QWEN_PROCESSOR_NEEDED + (
-    "tokenizer.json", "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
-    "chat_template.json", "chat_template.jinja", "generation_config.json",
-)  # fmt: skip
 DIFFUSERS_DIRS = {"transformer": "transformer", "vae": "vae", "clip": "text_encoder", "t5": "text_encoder_2"}
 
 
@@ -65,7 +59,7 @@ def locate(src: str | Path, preset: Preset, overrides: dict[str, str | Path] | N
     if not src.is_dir():
         raise FileNotFoundError(f"source folder not found: {src}")
     overrides = {k: Path(v) for k, v in (overrides or {}).items() if v}
-    needed = [p for p in PARTS if p != "qwen" and getattr(preset, p) is not None]  # qwen: its own folder
+    needed = family.of(preset).release_parts(preset, part_names())
     if (src / "model_index.json").is_file():
         paths = {p: src / DIFFUSERS_DIRS[p] for p in needed}
     else:
@@ -99,7 +93,8 @@ def convert_pipeline(
     without force, not a model folder, not writable: one line in a second), then every part's headers,
     dtypes and tied/fixed tensors; the folder is written beside as .DST.new (each part sealed with its
     checksums) and renamed over `dst` at the end (a cut swap is finished by the next run).
-    qwen: Step1X-Edit's Qwen2.5-VL folder (transformers layout), converted into qwen/ + qwen_processor/.
+    qwen: Step1X-Edit's Qwen2.5-VL folder (transformers layout), converted into qwen/ + qwen_processor/ (a
+    further source of the family's converter: `checkpoints_convert.family.FamilyConverter.inputs`).
     quantize: "int8" / "fp8": the DiT's and T5's block kernels stored quantised (`jaxedit.quant`), recorded in
     jaxedit.json as "quantized"."""
     from jaxedit import quant
@@ -111,15 +106,14 @@ def convert_pipeline(
     dst = Path(dst).absolute()
     recover_dir(dst, complete="jaxedit.json")
     prepare_destination(dst, force=force, replaceable=is_model_folder, what="jaxedit model folder")
-    if qwen is not None:
-        qwen = Path(qwen).resolve()
-        qwen_cfg = check_qwen(qwen, preset)
+    conv = family.of(preset)
+    inputs = conv.inputs(preset, {k: v for k, v in {"qwen": qwen}.items() if v is not None})
     paths = locate(src, preset, overrides)
-    opened = {}
-    for part in PARTS:
-        cfg = part_config(preset, part) if part != "qwen" else (qwen_cfg if qwen is not None else None)
-        if cfg is not None:
-            opened[part] = open_part(part, qwen if part == "qwen" else paths[part], cfg)  # raises before converting
+    opened = {}  # every part checked before any is converted
+    for part in conv.release_parts(preset, part_names()):
+        opened[part] = open_part(part, paths[part], conv.part_config(preset, part))
+    for part, (path, cfg) in conv.input_sources(inputs).items():
+        opened[part] = open_part(part, path, cfg)
     log(f"checked {', '.join(f'{p} ({o[1].fmt})' for p, o in opened.items())} against preset {preset.name}")
     with staged_dir(dst) as new:  # .DST.new, renamed over dst once complete
         for part, (source, the_plan) in opened.items():
@@ -134,81 +128,23 @@ def convert_pipeline(
             if part in opened:
                 shutil.copytree(paths[folder], new / folder)
                 seal(new / folder)
-        if preset.connector is not None:
-            from jaxedit.step1x.text import QwenEmbedderConfig, qwen_entry
-
-            if qwen is not None:
-                copy_qwen_processor(qwen, new / QWEN_PROCESSOR)
-            embed_cfg = QwenEmbedderConfig(preset.connector.in_channels)
-            extra = qwen_entry(None, embed_cfg, qwen_cfg if qwen is not None else None)
-        else:
-            extra = {}
+        extra = conv.write_extra(new, preset, inputs)
         if quantize:
             extra["quantized"] = {p: quantize for p in opened if p in quant.RULES}
         write_description(new, preset, extra=extra)
-    if preset.connector is not None and qwen is None:
-        log(f"note: no Qwen2.5-VL converted; add one: python -m checkpoints_convert add-qwen {dst} QWEN_FOLDER")
+    for note in conv.notes(dst, preset, inputs):
+        log(note)
     return dst
 
 
-def check_qwen(qwen: Path, preset: Preset):
-    """The `QwenVLConfig` of a transformers Qwen2.5-VL folder, checked against a Step1X-Edit preset (width =
-    the connector's in_channels) and for its tokenizer / image processor files; nothing is read but those."""
-    from jaxedit.configs import QwenVLConfig
-
-    if preset.connector is None:
-        raise ConversionError(f"preset {preset.name} takes no Qwen2.5-VL folder (not Step1X-Edit)")
-    if not (qwen / "config.json").is_file():
-        raise FileNotFoundError(f"Qwen2.5-VL folder not found: {qwen} (no config.json)")
-    try:
-        qwen_cfg = QwenVLConfig.from_hf(json.loads((qwen / "config.json").read_text()))
-    except (json.JSONDecodeError, ValueError) as e:
-        raise ConversionError(f"{qwen / 'config.json'}: {e}") from None
-    if qwen_cfg.text.hidden_size != preset.connector.in_channels:
-        raise ConversionError(
-            f"{qwen}: hidden size {qwen_cfg.text.hidden_size} != the connector's in_channels "
-            f"{preset.connector.in_channels}"
-        )
-    missing = [f for f in QWEN_PROCESSOR_NEEDED if not (qwen / f).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{qwen}: missing {', '.join(missing)} (Qwen2.5-VL tokenizer / image processor)")
-    return qwen_cfg
-
-
-def copy_qwen_processor(qwen: Path, dst: Path) -> None:
-    """The tokenizer, image processor and chat template files of `qwen` into `dst` (written beside, sealed,
-    renamed)."""
-    from jaxedit.checkpoint import recover_dir, seal
-    from jaxedit.staged import staged_dir
-
-    recover_dir(dst)  # a cut earlier replacement first: then the leftovers can go
-    with staged_dir(dst) as tmp:
-        for f in QWEN_PROCESSOR_FILES:
-            if (qwen / f).is_file():
-                shutil.copy2(qwen / f, tmp / f)
-        seal(tmp)
-
-
 def add_qwen(folder: str | Path, qwen: str | Path, *, dtype: Any = None, log=print) -> Path:
-    """Convert a transformers Qwen2.5-VL folder into an existing Step1X-Edit model folder (qwen/ weights,
-    qwen_processor/ files, the architecture in jaxedit.json), replacing any Qwen it held: everything is
-    checked on headers first, each part is written beside and renamed into place."""
-    from jaxedit.model_folder import ModelFolder, write_json, write_part
-    from jaxedit.step1x.text import QwenEmbedderConfig, qwen_entry, qwen_section
+    """Convert a transformers Qwen2.5-VL folder into an existing model folder of a family that takes one
+    (Step1X-Edit: `checkpoints_convert.step1x.Step1XConverter.add_qwen`)."""
+    from jaxedit.model_folder import read_description
 
-    folder, qwen = Path(folder), Path(qwen).resolve()
-    opened = ModelFolder.open(folder)
-    preset = opened.preset
-    qwen_cfg = check_qwen(qwen, preset)
-    source, the_plan = open_part("qwen", qwen, qwen_cfg)  # raises before anything is written
-    t0 = time.perf_counter()
-    write_part(folder, "qwen", unflatten(convert(the_plan, source.read, dtype=dtype, source_dtype=source.dtype)))
-    copy_qwen_processor(qwen, folder / QWEN_PROCESSOR)
-    config = qwen_section(opened).config if opened.qwen.get("config") else None
-    config = config or QwenEmbedderConfig(preset.connector.in_channels)
-    write_json(folder / "jaxedit.json", opened.description | qwen_entry(None, config, qwen_cfg))
-    log(f"  qwen: {source.describe()} -> {folder / 'qwen'} ({time.perf_counter() - t0:.1f}s)")
-    return folder
+    folder = Path(folder)
+    preset = read_description(folder)
+    return family.of(preset).add_qwen(folder, Path(qwen), preset, dtype=dtype, log=log)
 
 
 def quantize_folder(src: str | Path, dst: str | Path, mode: str, *, force: bool = False, log=print) -> Path:

@@ -25,26 +25,24 @@ class Published:
     presets: tuple[str, ...]
 
 
-PUBLISHED: dict[str, Published] = {
-    p.name: p
-    for p in (
-        Published("bfl-flux1-kontext-dev", "transformer", "bfl", ("flux-kontext-dev", "flux-dev")),
-        Published("diffusers-flux-transformer", "transformer", "diffusers", ("flux-kontext-dev", "flux-dev")),
-        Published("step1x-edit", "transformer", "step1x", ("step1x-edit",)),
-        Published("bfl-ae", "vae", "bfl", ("flux-kontext-dev", "flux-dev", "step1x-edit")),
-        Published("step1x-ae", "vae", "bfl", ("step1x-edit",)),
-        Published("diffusers-flux-vae", "vae", "diffusers", ("flux-kontext-dev", "flux-dev")),
-        Published("hf-t5-v1_1-xxl-encoder", "t5", "transformers", ("flux-kontext-dev", "flux-dev")),
-        Published("hf-clip-vit-large-patch14-text", "clip", "transformers", ("flux-kontext-dev", "flux-dev")),
-        Published("hf-qwen2.5-vl-7b", "qwen", "transformers", ("step1x-edit",)),
-    )
-}
+def published() -> dict[str, Published]:
+    """Every published checkpoint by manifest name, as the families' converters list them (a checkpoint several
+    families use, e.g. the FLUX VAE, lists the presets of each)."""
+    from checkpoints_convert import family
+
+    out: dict[str, Published] = {}
+    for p in (p for c in family.all_converters() for p in c.published):
+        seen = out.get(p.name)
+        if seen is not None and (seen.part, seen.fmt) != (p.part, p.fmt):
+            raise ValueError(f"published checkpoint {p.name} is listed as two parts or layouts")
+        out[p.name] = p if seen is None else dataclasses.replace(seen, presets=seen.presets + p.presets)
+    return out
 
 
 def read_manifest(name: str) -> dict:
     """The whole manifest `name` (file stem, e.g. "bfl-ae"): format, file, model, note, tensors, ..."""
-    if name not in PUBLISHED:
-        raise KeyError(f"no published manifest {name!r}; known: {', '.join(sorted(PUBLISHED))}")
+    if name not in published():
+        raise KeyError(f"no published manifest {name!r}; known: {', '.join(sorted(published()))}")
     return json.loads(resources.files(__package__).joinpath("manifests", f"{name}.json").read_text())
 
 
@@ -57,7 +55,7 @@ def candidates(part: str, fmt: str | None = None, preset: str | None = None) -> 
     """Published checkpoints of `part` (in layout `fmt`, for `preset`, when given)."""
     return [
         p
-        for p in PUBLISHED.values()
+        for p in published().values()
         if p.part == part and (fmt is None or p.fmt == fmt) and (preset is None or preset in p.presets)
     ]
 

@@ -190,7 +190,7 @@ def test_jax_embedder_matches_the_torch_path(embedder, tiny_qwen):
     batch (images of different sizes, one prompt with quoted text) against the PyTorch path item by item:
     identical masks, embeddings <= 1e-5 in float32; in bfloat16, within twice transformers' own bfloat16
     error (both against the float32 PyTorch path)."""
-    from checkpoints_convert import qwen_embedder
+    from checkpoints_convert.step1x import qwen_embedder
 
     path, cfg = tiny_qwen
     imgs = [image(0), image(1, 64, 80)]
@@ -216,7 +216,7 @@ def test_sharded_jax_embedder_equals_one_device(tiny_qwen):
     the batch axes): the same embeddings and masks as on one device."""
     import jax
 
-    from checkpoints_convert import qwen_embedder
+    from checkpoints_convert.step1x import qwen_embedder
     from jaxedit.parallel import sharding as sh
 
     path, cfg = tiny_qwen

@@ -24,7 +24,8 @@ from safetensors.numpy import load_file, save_file
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from checkpoints_convert import ConversionError, ShapeSource, flux_text_encoder, load_clip, load_t5, plan_part  # noqa: E402
+from checkpoints_convert import ConversionError, ShapeSource, load_clip, load_t5, plan_part  # noqa: E402
+from checkpoints_convert.kontext import flux_text_encoder  # noqa: E402
 from checkpoints_convert.__main__ import main as convert_cli  # noqa: E402
 from checkpoints_convert.mapping import flatten  # noqa: E402
 from checkpoints_convert.published import manifest_shapes  # noqa: E402

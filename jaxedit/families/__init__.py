@@ -44,6 +44,8 @@ class Family:
     cfg_passes: int = 1  # transformer passes per denoising step (classifier-free guidance doubles the batch)
     # the preset fields its transformer is built from besides `transformer` (Step1X-Edit: its connector)
     transformer_configs: tuple[str, ...] = ()
+    # its converter module (`checkpoints_convert.family`; named, not imported: the converter imports the library)
+    converter: str = ""
 
     def __repr__(self) -> str:
         return f"<family {self.title} {'/'.join(self.names)}>"

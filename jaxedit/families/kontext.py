@@ -29,6 +29,7 @@ def read_loras(specs: list[str], preset: configs.Preset) -> list:
 class Kontext(Family):
     title = "FLUX.1 Kontext"
     names = ("flux-kontext", "flux")
+    converter = "checkpoints_convert.kontext"
     parts = {
         "transformer": ("flux", "Flux"),
         "vae": ("autoencoder", "AutoEncoder"),

@@ -45,6 +45,7 @@ def conditioning():
 class Step1X(Family):
     title = "Step1X-Edit"
     names = ("step1x-edit",)
+    converter = "checkpoints_convert.step1x"
     parts = {"transformer": ("step1x", "Step1XEdit"), "vae": ("autoencoder", "AutoEncoder")}
     lora_parts = ()
     max_references = 1  # Qwen2.5-VL sees the one source image

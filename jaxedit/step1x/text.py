@@ -377,7 +377,7 @@ class Step1XQwenEmbedder(QwenConditioner):
     one jitted program per (items, tokens, image patches) bucket.
 
     params: `QwenVL(qwen_cfg)` parameters (a model folder's qwen/: `from_model_folder`; a transformers folder
-    converted as it is read: `checkpoints_convert.qwen_embedder`); dtype: compute dtype (bfloat16 as the
+    converted as it is read: `checkpoints_convert.step1x.qwen_embedder`); dtype: compute dtype (bfloat16 as the
     reference runs it); mesh: shard the weights by the logical rules (FSDP, tensor) and split the items
     over the batch axes (a batch is padded with empty rows to a multiple of them)."""
 

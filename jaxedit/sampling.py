@@ -23,38 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# (width, height) pairs Kontext was trained on, around 1 MP.
-PREFERRED_KONTEXT_RESOLUTIONS = (
-    (672, 1568),
-    (688, 1504),
-    (720, 1456),
-    (752, 1392),
-    (800, 1328),
-    (832, 1248),
-    (880, 1184),
-    (944, 1104),
-    (1024, 1024),
-    (1104, 944),
-    (1184, 880),
-    (1248, 832),
-    (1328, 800),
-    (1392, 752),
-    (1456, 720),
-    (1504, 688),
-    (1568, 672),
-)
-
 
 def floor_size(width: int, height: int, multiple: int = 16) -> tuple[int, int]:
     """(width, height) floored to a multiple (16: VAE x8 times 2x2 packing)."""
     return width // multiple * multiple, height // multiple * multiple
-
-
-def preferred_kontext_size(width: int, height: int) -> tuple[int, int]:
-    """The preferred Kontext resolution nearest in aspect ratio to width/height."""
-    aspect = width / height
-    _, w, h = min((abs(aspect - w / h), w, h) for w, h in PREFERRED_KONTEXT_RESOLUTIONS)
-    return floor_size(w, h)
 
 
 def pack(z_BHWC: jax.Array) -> jax.Array:

@@ -201,7 +201,7 @@ def test_persistent_compilation_cache(tmp_path):
     import sys
 
     code = (
-        "import jax, jax.numpy as jnp; from jaxedit.kontext.pipeline import enable_compilation_cache; "
+        "import jax, jax.numpy as jnp; from jaxedit.pipelines.base import enable_compilation_cache; "
         f"enable_compilation_cache({str(tmp_path / 'cache')!r}); "
         "jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((64, 64))).block_until_ready()"
     )

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from jaxedit import sampling
+from jaxedit.kontext.sizes import PREFERRED_KONTEXT_RESOLUTIONS, preferred_kontext_size
 
 torch = pytest.importorskip("torch")
 from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
@@ -71,8 +72,8 @@ def test_preferred_kontext_size_matches_diffusers(size):
     w, h = size
     aspect = w / h
     _, rw, rh = min((abs(aspect - pw / ph), pw, ph) for pw, ph in dk.PREFERRED_KONTEXT_RESOLUTIONS)
-    assert sampling.preferred_kontext_size(w, h) == (rw // 16 * 16, rh // 16 * 16)
-    assert sampling.PREFERRED_KONTEXT_RESOLUTIONS == tuple(dk.PREFERRED_KONTEXT_RESOLUTIONS)
+    assert preferred_kontext_size(w, h) == (rw // 16 * 16, rh // 16 * 16)
+    assert PREFERRED_KONTEXT_RESOLUTIONS == tuple(dk.PREFERRED_KONTEXT_RESOLUTIONS)
 
 
 def test_noise_depends_only_on_seed():

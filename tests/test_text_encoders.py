@@ -25,8 +25,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from checkpoints_convert import ConversionError, ShapeSource, load_clip, load_t5, plan_part  # noqa: E402
-from checkpoints_convert.kontext import flux_text_encoder  # noqa: E402
 from checkpoints_convert.__main__ import main as convert_cli  # noqa: E402
+from checkpoints_convert.kontext import flux_text_encoder  # noqa: E402
 from checkpoints_convert.mapping import flatten  # noqa: E402
 from checkpoints_convert.published import manifest_shapes  # noqa: E402
 from jaxedit import configs  # noqa: E402

@@ -143,7 +143,8 @@ class Family:
         raise NotImplementedError
 
     def precompute(self, folder: Any, preset: configs.Preset, data: Any, out: Any, batch: int, mesh: str):
-        """Write the cache of a dataset's conditioning that training reads (`jaxedit.train.precompute`)."""
+        """Write the cache of a dataset's conditioning that training reads (`jaxedit.train.precompute`); its
+        summary ({"ids": item ids, "seconds": ...})."""
         raise NotImplementedError
 
     # -- planner ---------------------------------------------------------------------------------------------

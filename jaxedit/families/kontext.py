@@ -113,7 +113,7 @@ class Kontext(Family):
 
     def precompute(self, folder: Any, preset: configs.Preset, data: Any, out: Any, batch: int, mesh: str):
         """T5 + CLIP embeddings and VAE latents: a data.cache."""
-        from jaxedit.train.precompute import precompute_text
+        from jaxedit.kontext.precompute import precompute_text
 
         return precompute_text(folder, preset, data, out, batch)
 

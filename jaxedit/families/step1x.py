@@ -140,7 +140,7 @@ class Step1X(Family):
 
     def precompute(self, folder: Any, preset: configs.Preset, data: Any, out: Any, batch: int, mesh: str):
         """Each item's Qwen2.5-VL outputs: a qwen_cache."""
-        from jaxedit.train.precompute import precompute_qwen
+        from jaxedit.step1x.precompute import precompute_qwen
 
         return precompute_qwen(folder, data, out, batch, mesh)
 

@@ -50,6 +50,7 @@ import numpy as np
 from PIL import Image
 
 from jaxedit import configs, sampling
+from jaxedit.kontext.sizes import preferred_kontext_size
 from jaxedit.lora import Lora, check_scale, merge, merge_now, read_lora
 from jaxedit.model_folder import ModelFolder
 from jaxedit.models import Flux
@@ -58,19 +59,15 @@ from jaxedit.parallel import placement
 from jaxedit.parallel import sharding as sh
 from jaxedit.pipelines.base import (
     EditPipelineBase,
+    LoadPlan,
     block_bytes,
     check_side,
-    enable_compilation_cache,
-    folder_mesh,
-    open_folder,
-    quantize_mode,
     quantized_parts,
     resident_bytes,
     to_images,
     to_model_input,
 )
 
-FAMILIES = ("flux-kontext", "flux")
 DEFAULT_STEPS, DEFAULT_GUIDANCE = 28, 2.5  # BFL's Kontext guidance; 28 steps as diffusers
 
 
@@ -170,71 +167,51 @@ class KontextPipeline(EditPipelineBase):
         self.loras: list[tuple[Lora, float, bool]] = []  # (LoRA, scale, merged) in the order they were added
 
     @classmethod
-    def load(
-        cls,
-        folder: str | Path | ModelFolder,
-        *,
-        dtype: Any = None,
-        compile_cache: bool = True,
-        loras: list[tuple[Lora | str | Path, float]] = (),
-        merge_loras: bool = True,
-        quantize: str | None = None,
-        text_on_cpu: bool | None = None,
-        mesh: configs.MeshConfig | str | None = None,
-        devices: list | None = None,
-        **kw,
-    ) -> KontextPipeline:
-        """Load a jaxedit model folder (a path or an opened `jaxedit.model_folder.ModelFolder`). dtype
-        (transformer and text encoders): default the folder's pipeline option "dtype", else bfloat16. loras: (file
-        or read LoRA, scale) added after the folder's own, merged into the weights unless merge_loras is False.
-        quantize: "int8" / "fp8" weights for the DiT and T5 (`jaxedit.quant`; default the folder's pipeline
-        option "quantize"), quantised as they load unless the folder stores them so. text_on_cpu: keep T5 and
-        CLIP in host memory and run them on the host's CPU (default the folder's option "text_on_cpu"): the
-        accelerator then holds only the DiT and the VAE (FLUX.1 Kontext in int8 on one 16 GB chip). mesh: where
-        the pipeline runs on `devices` (default: the local ones; `jaxedit.parallel.placement`): None = the folder's
-        pipeline option "mesh", else "auto"; or axis sizes ("data=2,fsdp=2"); every part is restored straight into
-        its sharding on it."""
-        from jaxedit.kontext.text import FluxTextEncoder, load_tokenizer
-        from jaxedit.model_folder import TOKENIZERS, load_parts
+    def load(cls, folder: str | Path | ModelFolder, **kw) -> KontextPipeline:
+        """Load a jaxedit model folder (`EditPipelineBase.load`: dtype, compile_cache, quantize, mesh, devices).
+        loras: (file or read LoRA, scale) added after the folder's own, merged into the weights unless merge_loras
+        is False. quantize: the DiT and T5. text_on_cpu: keep T5 and CLIP in host memory and run them on the
+        host's CPU (default the folder's option "text_on_cpu"): the accelerator then holds only the DiT and the
+        VAE (FLUX.1 Kontext in int8 on one 16 GB chip). Further kw: the constructor's (auto_resize,
+        reference_ids, reference_tokens, max_image_tokens: default the folder's options)."""
+        return super().load(folder, **kw)
 
-        opened, dtype = open_folder(folder, FAMILIES, dtype)
-        folder, preset, options = opened.path, opened.preset, opened.options
-        quantize = quantize_mode(opened, quantize)
-        if compile_cache:
-            enable_compilation_cache()
+    @classmethod
+    def load_plan(cls, opened: ModelFolder, dtype: Any, quantize: str | None, kw: dict) -> LoadPlan:
+        options = {"loras": kw.pop("loras", ()), "merge_loras": kw.pop("merge_loras", True)}
+        text_on_cpu = kw.pop("text_on_cpu", None)
+        text_on_cpu = opened.options.get("text_on_cpu", False) if text_on_cpu is None else text_on_cpu
         dtypes = {"transformer": dtype, "t5": dtype, "clip": dtype}
-        text_on_cpu = options.get("text_on_cpu", False) if text_on_cpu is None else text_on_cpu
+        modes = {p: opened.quantized.get(p) or (quantize if p in ("transformer", "t5") else None) for p in dtypes}
         on_host = {"t5": jax.devices("cpu")[0], "clip": jax.devices("cpu")[0]} if text_on_cpu else None
-        devices = list(devices or jax.local_devices())
-        stored = opened.quantized
-        modes = {p: stored.get(p) or (quantize if p in ("transformer", "t5") else None) for p in dtypes}
-        footprint = cls.footprint(preset, dtype, modes, text_on_cpu)
-        mesh = folder_mesh(opened, mesh, devices, footprint, quantize)
-        params = load_parts(opened, dtypes=dtypes, quantize=quantize, devices=on_host,
-                            mesh=sh.make_mesh(mesh, devices))  # fmt: skip
-        text = FluxTextEncoder(
-            preset.t5,
-            preset.clip,
-            params.pop("t5"),
-            params.pop("clip"),
-            load_tokenizer(folder / TOKENIZERS["t5"]),
-            load_tokenizer(folder / TOKENIZERS["clip"]),
-            dtype=dtype,
-        )
-        kw.setdefault("auto_resize", options.get("auto_resize", True))
-        kw.setdefault("reference_ids", options.get("reference_ids", "community"))  # as the model was trained
-        kw.setdefault("max_image_tokens", max_image_tokens(options))  # the folder's cap, else from its resolution
-        pipe = cls(preset, params, text, dtype=dtype, mesh=mesh, devices=devices, **kw)
-        pipe.folder = opened
-        pipe.quantized = quantized_parts(params | {"t5": text.t5_params})
-        pipe.default_steps = int(options.get("steps", DEFAULT_STEPS))
-        pipe.default_guidance = float(options.get("guidance", DEFAULT_GUIDANCE))
-        pipe.set_true_cfg(options.get("true_cfg_scale", 1.0), options.get("negative_prompt", ""))
-        for path, scale, merged in folder_loras(folder, options):
-            pipe.add_lora(path, scale, merge=merged)
-        for lora, scale in loras:
-            pipe.add_lora(lora, scale, merge=merge_loras)
-        return pipe
+        return LoadPlan(cls.footprint(opened.preset, dtype, modes, text_on_cpu), dtypes, on_host, options)
+
+    @classmethod
+    def load_text(cls, opened: ModelFolder, plan: LoadPlan, params: dict, mesh: jax.sharding.Mesh):
+        from jaxedit.kontext.text import FluxTextEncoder, load_tokenizer
+        from jaxedit.model_folder import TOKENIZERS
+
+        preset, folder = opened.preset, opened.path
+        return FluxTextEncoder(preset.t5, preset.clip, params.pop("t5"), params.pop("clip"),
+                               load_tokenizer(folder / TOKENIZERS["t5"]), load_tokenizer(folder / TOKENIZERS["clip"]),
+                               dtype=plan.dtypes["t5"])  # fmt: skip
+
+    @classmethod
+    def folder_defaults(cls, options: dict) -> dict:
+        return {
+            "auto_resize": options.get("auto_resize", True),
+            "reference_ids": options.get("reference_ids", "community"),  # as the model was trained
+            "max_image_tokens": max_image_tokens(options),  # the folder's cap, else from its resolution
+        }
+
+    def loaded(self, opened: ModelFolder, plan: LoadPlan) -> None:
+        """The T5's quantisation, the folder's true CFG and LoRAs, then the load's LoRAs."""
+        self.quantized = quantized_parts(self.params | {"t5": self.text_encoder.t5_params})
+        self.set_true_cfg(opened.options.get("true_cfg_scale", 1.0), opened.options.get("negative_prompt", ""))
+        for path, scale, merged in folder_loras(opened.path, opened.options):
+            self.add_lora(path, scale, merge=merged)
+        for lora, scale in plan.options["loras"]:
+            self.add_lora(lora, scale, merge=plan.options["merge_loras"])
 
     @staticmethod
     def footprint(preset: configs.Preset, dtype: Any, modes: dict, text_on_cpu: bool = False) -> placement.Footprint:
@@ -324,7 +301,7 @@ class KontextPipeline(EditPipelineBase):
             w0, h0 = sampling.floor_size(w, h)
             if w0 < 16 or h0 < 16:
                 raise ValueError(f"{which} {w}x{h} is smaller than 16x16")
-            ref = sampling.preferred_kontext_size(w0, h0) if self.auto_resize else (w0, h0)
+            ref = preferred_kontext_size(w0, h0) if self.auto_resize else (w0, h0)
             check_side(f"{which.removesuffix('image')}reference width", ref[0])
             check_side(f"{which.removesuffix('image')}reference height", ref[1])
             refs.append(ref)
@@ -362,82 +339,37 @@ class KontextPipeline(EditPipelineBase):
 
     # ----------------------------------------------------------------------------------
 
-    def __call__(
-        self,
-        images: list[Image.Image | list[Image.Image] | None] | None,
-        prompts: list[str],
-        seeds: list[int],
-        *,
-        steps: int | None = None,
-        guidance: float | list[float] | None = None,
-        width: int | None = None,
-        height: int | None = None,
-        latents: np.ndarray | None = None,
-        output: str = "pil",
-        true_cfg_scale: float | None = None,
-        negative_prompt: str | list[str] | None = None,
-        lora_scales: list[float] | None = None,
-    ):
-        """Edit `images` (per item an image, a list of reference images, or None: text-to-image; all None:
-        `images` None) with `prompts`; one seed per item. Items of one call share their sizes. steps,
-        guidance, true_cfg_scale and negative_prompt default to the pipeline's defaults (the
-        model folder's options); lora_scales: one per run-time LoRA (default: their own)."""
-        images = images if images is not None else [None] * len(prompts)
-        prepared, steps, g = self.prepare_call(images, prompts, width, height, steps, guidance)
-        return self.generate(prepared, prompts, seeds, guidance=g, steps=steps, latents=latents, output=output,
-                             true_cfg_scale=true_cfg_scale, negative_prompt=negative_prompt,
-                             lora_scales=lora_scales)  # fmt: skip
-
-    def generate(
-        self, prepared, prompts, seeds, *, guidance, steps, latents=None, output="pil", true_cfg_scale=None,
-        negative_prompt=None, lora_scales=None,
-    ):  # fmt: skip
-        """One batch of items sharing a bucket -> PIL images (or final packed latents, output="latents").
-        lora_scales: the scale of each run-time LoRA for this call (default: the scales they were added with)."""
-        b = self.check_batch(prepared, prompts, seeds, guidance)
+    def conditioning(self, prepared, prompts, *, true_cfg_scale=None, negative_prompt=None, lora_scales=None):
+        """T5 + CLIP of the prompts (and, true CFG on, of the negative prompts). true_cfg_scale and negative_prompt
+        (one, or one per item) default to the pipeline's; lora_scales: the scale of each run-time LoRA for this
+        call (default: the scales they were added with)."""
+        b = len(prompts)
         scale = self.true_cfg_scale if true_cfg_scale is None else _true_cfg_scale(true_cfg_scale)
         negative = self.negative_prompt if negative_prompt is None else negative_prompt
         negative = [negative] * b if isinstance(negative, str) else list(negative)
         if len(negative) != b:
             raise ValueError(f"{b} prompts but {len(negative)} negative prompts")
         text_loras, lora_scales = self._runtime_loras(lora_scales)
-        bp = self.batch_plan(prepared, steps)
-        mesh, batch, params, h, w = bp.mesh, bp.put, bp.params, bp.h, bp.w
-        first = prepared[0]
-        txt, y = self.text_encoder.encode(list(prompts), loras=text_loras)
+        txt, y = self.text_encoder.encode(prompts, loras=text_loras)
+        negative = self.text_encoder.encode(negative, loras=text_loras) if scale > 1 else None
+        return {"txt": txt, "y": y, "negative": negative, "scale": scale, "lora_scales": lora_scales}
+
+    def denoise_args(self, bp, text, x, refs, img_ids, guidance, timesteps) -> tuple:
+        batch, mesh, b = bp.put, bp.mesh, len(text["txt"])
         cfg = None
-        if scale > 1:
-            neg_txt, neg_y = self.text_encoder.encode(negative, loras=text_loras)
-            cfg = (batch(np.asarray(neg_txt)), batch(np.asarray(neg_y)), self.replicated(mesh, np.float32(scale)))
-        ref_tokens, grids = [], []
-        with sh.activate(mesh):
-            for i in range(len(first.references)):  # each reference encoded and packed alone
-                ref_lat = self.encode_images(params["vae"], batch(np.stack([p.references[i] for p in prepared])))
-                ref_tokens.append(sampling.pack(ref_lat))
-                grids.append((ref_lat.shape[1] // 2, ref_lat.shape[2] // 2))
-            ids = sampling.edit_ids(h // 2, w // 2, grids, self.reference_ids)  # [target | references]
-            ref_tokens = self.put_batch(mesh, jnp.concatenate(ref_tokens, axis=1)) if ref_tokens else None
-            if latents is None:
-                noise = sampling.noise_for_seeds(jnp.asarray(seeds), (h, w, self.preset.vae.z_channels))
-                latents = sampling.pack(noise)
-            img_ids = np.broadcast_to(ids, (b, *ids.shape))
-            x = self.denoise(
-                params["transformer"],
-                batch(np.asarray(latents, np.float32)),
-                ref_tokens,
-                batch(img_ids),
-                batch(np.asarray(txt)),
-                batch(np.zeros((b, txt.shape[1], 3), np.float32)),
-                batch(np.asarray(y)),
-                batch(np.asarray(guidance, np.float32)),
-                self.replicated(mesh, sampling.flux_schedule(bp.steps, (h // 2) * (w // 2))),
-                cfg,
-                None if lora_scales is None else (params["transformer_loras"], self.replicated(mesh, lora_scales)),
-            )
-            if output == "latents":
-                return np.asarray(x)[:b]
-            images = self.decode_latents(params["vae"], sampling.unpack(x, h, w))
-        return to_pil(np.asarray(images)[:b])
+        if text["negative"] is not None:
+            neg_txt, neg_y = text["negative"]
+            scale = self.replicated(mesh, np.float32(text["scale"]))
+            cfg = (batch(np.asarray(neg_txt)), batch(np.asarray(neg_y)), scale)
+        lora = text["lora_scales"]
+        lora = None if lora is None else (bp.params["transformer_loras"], self.replicated(mesh, lora))
+        txt, y = np.asarray(text["txt"]), np.asarray(text["y"])
+        txt_ids = np.zeros((b, txt.shape[1], 3), np.float32)
+        return (bp.params["transformer"], x, refs, img_ids, batch(txt), batch(txt_ids), batch(y), guidance, timesteps,
+                cfg, lora)  # fmt: skip
+
+    def output_images(self, images_BHWC: np.ndarray, prepared: list) -> list[Image.Image]:
+        return to_pil(images_BHWC)
 
     def sample_inputs(
         self, batch: int, h: int, w: int, steps: int, *, references: int = 1, text_tokens: int | None = None,

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from jaxedit import configs, model_folder
+from jaxedit import configs, model_folder, sampling
 from jaxedit.models.autoencoder import AutoEncoder
 from jaxedit.parallel import placement
 from jaxedit.parallel import sharding as sh
@@ -105,13 +105,18 @@ def check_steps(steps: Any, default: int) -> int:
 
 
 def open_folder(
-    folder: str | Path | model_folder.ModelFolder, families: tuple[str, ...], dtype: Any = None
+    folder: str | Path | model_folder.ModelFolder, pipeline: type, dtype: Any = None
 ) -> tuple[model_folder.ModelFolder, Any]:
     """(the opened model folder, compute dtype) of a model folder (a path, opened here, or an opened
-    `ModelFolder`) whose family is one of `families`. dtype: default the folder's option "dtype", else bfloat16."""
+    `ModelFolder`) whose family's pipeline is `pipeline` (or a base of it). dtype: default the folder's option
+    "dtype", else bfloat16."""
+    from jaxedit import families
+
     opened = model_folder.ModelFolder.of(folder)
-    if opened.family not in families:
-        raise ValueError(f"{opened.path} holds a {opened.family!r} model, not {' or '.join(map(repr, families))}")
+    family = families.of(opened)
+    if not issubclass(pipeline, family.pipeline()):
+        raise ValueError(f"{opened.path} holds a {family.title} model ({opened.family!r}), which "
+                         f"{pipeline.__name__} does not run")  # fmt: skip
     return opened, jnp.dtype(dtype or opened.options.get("dtype", "bfloat16"))
 
 
@@ -204,6 +209,16 @@ def resident_bytes(preset: configs.Preset, parts: dict[str, tuple[Any, str | Non
         tree = model_folder.expected_params(preset, part, mode)
         total += placement.tree_bytes(quant.cast(tree, dtype) if dtype is not None else tree)
     return total
+
+
+@dataclasses.dataclass
+class LoadPlan:
+    """How `EditPipelineBase.load` loads a family's folder (its pipeline's `load_plan`)."""
+
+    footprint: placement.Footprint  # what the mesh "auto" places by
+    dtypes: dict[str, Any]  # {part: dtype} of the parts loaded in the compute dtype (the rest as stored)
+    on_host: dict[str, Any] | None = None  # {part: CPU device} of parts kept in host memory
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)  # the family's load arguments
 
 
 @dataclasses.dataclass
@@ -325,11 +340,147 @@ class EditPipelineBase:
             self._views = ((mesh, self.params), placement.restrict(self.params, mesh))
         return self._views[1]
 
-    # the call skeleton both families share (each family's `prepare` and `generate` do the rest)
+    # -- the template every family's pipeline runs: `load`, `__call__`, `generate` (text -> references -> token
+    # layout -> denoise -> decode); the family's pipeline fills in the hooks below each
+
+    @classmethod
+    def load(
+        cls,
+        folder: str | Path | model_folder.ModelFolder,
+        *,
+        dtype: Any = None,
+        compile_cache: bool = True,
+        quantize: str | None = None,
+        mesh: configs.MeshConfig | str | None = None,
+        devices: list | None = None,
+        **kw,
+    ):
+        """Load a jaxedit model folder (a path or an opened `jaxedit.model_folder.ModelFolder`) of the pipeline's
+        family. dtype (transformer and text encoders): default the folder's pipeline option "dtype", else
+        bfloat16. quantize: "int8" / "fp8" weights (`jaxedit.quant`; default the folder's pipeline option
+        "quantize"), quantised as they load unless the folder stores them so. mesh: where the pipeline runs on
+        `devices` (default: the local ones; `jaxedit.parallel.placement`): None = the folder's pipeline option
+        "mesh", else "auto"; or axis sizes ("data=2,fsdp=2"); every part is restored straight into its sharding
+        on it. kw: the family's load arguments (`load_plan`) and the pipeline's (its constructor's)."""
+        opened, dtype = open_folder(folder, cls, dtype)
+        quantize = quantize_mode(opened, quantize)
+        devices = list(devices or jax.local_devices())
+        plan = cls.load_plan(opened, dtype, quantize, kw)  # takes the family's arguments out of kw
+        mesh = folder_mesh(opened, mesh, devices, plan.footprint, quantize)
+        on_mesh = sh.make_mesh(mesh, devices)
+        if compile_cache:
+            enable_compilation_cache()
+        params = model_folder.load_parts(opened, dtypes=plan.dtypes, quantize=quantize, devices=plan.on_host,
+                                         mesh=on_mesh)  # fmt: skip
+        text = cls.load_text(opened, plan, params, on_mesh)
+        pipe = cls(opened.preset, params, text, dtype=dtype, mesh=mesh, devices=devices,
+                   **(cls.folder_defaults(opened.options) | kw))  # fmt: skip
+        pipe.folder, pipe.quantized = opened, quantized_parts(params)
+        pipe.default_steps = int(opened.options.get("steps", pipe.default_steps))
+        pipe.default_guidance = float(opened.options.get("guidance", pipe.default_guidance))
+        pipe.loaded(opened, plan)
+        return pipe
+
+    @classmethod
+    def load_plan(cls, opened: model_folder.ModelFolder, dtype: Any, quantize: str | None, kw: dict) -> LoadPlan:
+        """Hook: how `load` loads the folder: the family's load arguments popped from `kw`, the folder checked
+        (ValueError naming jaxedit.json), what its mesh "auto" places by."""
+        raise NotImplementedError
+
+    @classmethod
+    def load_text(cls, opened: model_folder.ModelFolder, plan: LoadPlan, params: dict, mesh: jax.sharding.Mesh):
+        """Hook: the pipeline's text encoder (its parts' parameters popped from `params`), placed on `mesh`."""
+        raise NotImplementedError
+
+    @classmethod
+    def folder_defaults(cls, options: dict) -> dict:
+        """Hook: constructor arguments from the folder's pipeline options (what `load`'s kw leaves unset)."""
+        return {}
+
+    def loaded(self, opened: model_folder.ModelFolder, plan: LoadPlan) -> None:
+        """Hook: what a loaded pipeline takes from its folder and load arguments after construction."""
+
+    def __call__(
+        self,
+        images: list | None,
+        prompts: list[str],
+        seeds: list[int],
+        *,
+        steps: int | None = None,
+        guidance: float | list[float] | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        latents: np.ndarray | None = None,
+        output: str = "pil",
+        **options,
+    ):
+        """Edit `images` (per item what the family's `prepare` takes: an image, a list of reference images, or
+        None: text-to-image; all None: `images` None) with `prompts`; one seed per item. Items of one call share
+        their sizes. steps and guidance default to the pipeline's (the model folder's options); options: the
+        family's (`conditioning`)."""
+        images = images if images is not None else [None] * len(prompts)
+        prepared, steps, g = self.prepare_call(images, prompts, width, height, steps, guidance)
+        return self.generate(prepared, prompts, seeds, guidance=g, steps=steps, latents=latents, output=output,
+                             **options)  # fmt: skip
 
     def edit(self, prepared: list, prompts: list[str], seeds: list[int], guidance: list[float], steps: int) -> list:
         """One batch of prepared items sharing a bucket -> images (the protocol of `jaxedit.pipelines.batch`)."""
         return self.generate(prepared, prompts, seeds, guidance=guidance, steps=steps)
+
+    def generate(self, prepared, prompts, seeds, *, guidance, steps, latents=None, output="pil", **options):
+        """One batch of items sharing a bucket -> PIL images (or the final packed latents, output="latents"):
+        the prompts' conditioning (`conditioning`), each reference encoded and packed alone, the token layout
+        [target | references] (`jaxedit.sampling.edit_ids`), the jitted denoising loop (`denoise_args`), the
+        decoded images (`output_images`). options: the family's (`conditioning`)."""
+        b = self.check_batch(prepared, prompts, seeds, guidance)
+        text = self.conditioning(prepared, list(prompts), **options)
+        bp = self.batch_plan(prepared, steps)
+        mesh, params, h, w = bp.mesh, bp.params, bp.h, bp.w
+        with sh.activate(mesh):
+            refs, grids = [], []
+            for i in range(len(prepared[0].references)):  # each reference encoded and packed alone
+                ref_lat = self.encode_images(params["vae"], bp.put(np.stack([p.references[i] for p in prepared])))
+                refs.append(sampling.pack(ref_lat))
+                grids.append((ref_lat.shape[1] // 2, ref_lat.shape[2] // 2))
+            ids = sampling.edit_ids(h // 2, w // 2, grids, self.reference_ids, self.family.reference_index)
+            refs = self.put_batch(mesh, jnp.concatenate(refs, axis=1)) if refs else None
+            if latents is None:
+                noise = sampling.noise_for_seeds(jnp.asarray(seeds), (h, w, self.preset.vae.z_channels))
+                latents = sampling.pack(noise)
+            x = bp.put(np.asarray(latents, np.float32))
+            img_ids = bp.put(np.broadcast_to(ids, (b, *ids.shape)))
+            timesteps = self.replicated(mesh, sampling.flux_schedule(bp.steps, (h // 2) * (w // 2)))
+            x = self.denoise(*self.denoise_args(bp, text, x, refs, img_ids, bp.put(np.asarray(guidance, np.float32)),
+                                                timesteps))  # fmt: skip
+            if output == "latents":
+                return np.asarray(x)[:b]
+            images = self.decode_latents(params["vae"], sampling.unpack(x, h, w))
+        return self.output_images(np.asarray(images)[:b], prepared)
+
+    def conditioning(self, prepared: list, prompts: list[str], **options) -> Any:
+        """Hook: the prompts' text conditioning on the host (with anything else `denoise_args` needs), options
+        checked (ValueError: one line)."""
+        raise NotImplementedError
+
+    def denoise_args(self, bp: BatchPlan, text: Any, x, refs, img_ids, guidance, timesteps) -> tuple:
+        """Hook: the arguments of `self.denoise` (the jitted loop) from the batch's placed arrays: x the packed
+        target tokens, refs the packed references (or None), img_ids their ids, guidance per item, timesteps."""
+        raise NotImplementedError
+
+    def output_images(self, images_BHWC: np.ndarray, prepared: list) -> list[Image.Image]:
+        """Hook: the decoded images [-1, 1] of the items as PIL images."""
+        raise NotImplementedError
+
+    @property
+    def family(self):
+        """The pipeline's model family (`jaxedit.families`)."""
+        from jaxedit import families
+
+        return families.of(self.preset)
+
+    reference_ids: str = "community"  # how several references take their ids (`jaxedit.sampling.REFERENCE_IDS`)
+
+    # -- shared pieces
 
     def prepare_call(
         self, images: list, prompts: list[str], width: int | None, height: int | None, steps: int | None, guidance

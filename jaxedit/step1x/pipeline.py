@@ -37,18 +37,14 @@ from jaxedit.parallel import placement
 from jaxedit.parallel import sharding as sh
 from jaxedit.pipelines.base import (
     EditPipelineBase,
+    LoadPlan,
     block_bytes,
     check_side,
-    enable_compilation_cache,
-    folder_mesh,
-    open_folder,
-    quantize_mode,
-    quantized_parts,
     resident_bytes,
     to_images,
     to_model_input,
 )
-from jaxedit.step1x.sampling import denoise_cfg, edit_ids, model_fn, step1x_size
+from jaxedit.step1x.sampling import denoise_cfg, model_fn, step1x_size
 
 DEFAULT_STEPS, DEFAULT_GUIDANCE, DEFAULT_SIZE_LEVEL = 28, 6.0, 512  # S1X inference.py defaults
 FAMILY = "step1x-edit"
@@ -67,6 +63,11 @@ class Step1XPrepared:
     @property
     def bucket(self) -> tuple:
         return (self.width, self.height)
+
+    @property
+    def references(self) -> tuple[np.ndarray]:
+        """The item's reference images (Step1X-Edit: its one)."""
+        return (self.reference,)
 
 
 def to_pil_truncated(images_BHWC: np.ndarray, sizes: dict | None = None) -> list[Image.Image]:
@@ -113,69 +114,59 @@ class Step1XEditPipeline(EditPipelineBase):
         self.denoise = jax.jit(self.denoise_loop)
 
     @classmethod
-    def load(
-        cls,
-        folder: str | Path | ModelFolder,
-        *,
-        dtype: Any = None,
-        compile_cache: bool = True,
-        qwen: str | Path | ModelFolder | None = None,
-        text_encoder: Any = True,
-        qwen_dtype: str = "bfloat16",
-        quantize: str | None = None,
-        mesh: configs.MeshConfig | str | None = None,
-        devices: list | None = None,
-        **kw,
-    ) -> Step1XEditPipeline:
-        """Load a model folder (a path or an opened `jaxedit.model_folder.ModelFolder`); `qwen`: another model
-        folder whose converted Qwen2.5-VL to use. dtype (DiT
-        and connector): default the folder's pipeline option "dtype", else bfloat16. text_encoder: True loads
-        the Qwen2.5-VL embedder (JAX, `qwen_dtype`), False skips it (then every call needs `llm=`), or an
-        embedder to use. quantize: "int8" / "fp8" DiT weights (`jaxedit.quant`; default the folder's pipeline
-        option "quantize"), quantised as they load unless the folder stores them so. mesh: where the pipeline
-        runs (`jaxedit.parallel.placement`; None: the folder's option "mesh", else "auto"; or axis sizes): the
-        DiT, connector, VAE and Qwen2.5-VL are placed on it."""
-        from jaxedit.model_folder import load_parts
-        from jaxedit.step1x.text import load_qwen_embedder, open_qwen_folder, qwen_section
+    def load(cls, folder: str | Path | ModelFolder, **kw) -> Step1XEditPipeline:
+        """Load a model folder (`EditPipelineBase.load`: dtype (DiT and connector), compile_cache, quantize (the
+        DiT), mesh (the DiT, connector, VAE and Qwen2.5-VL are placed on it), devices). qwen: another model folder
+        whose converted Qwen2.5-VL to use. text_encoder: True loads the Qwen2.5-VL embedder (JAX, `qwen_dtype`),
+        False skips it (then every call needs `llm=`), or an embedder to use. Further kw: the constructor's
+        (size_level: default the folder's option)."""
+        return super().load(folder, **kw)
 
-        opened, dtype = open_folder(folder, (FAMILY,), dtype)
-        folder, preset, options = opened.path, opened.preset, opened.options
-        quantize = quantize_mode(opened, quantize)
+    @classmethod
+    def load_plan(cls, opened: ModelFolder, dtype: Any, quantize: str | None, kw: dict) -> LoadPlan:
+        from jaxedit.step1x.text import open_qwen_folder, qwen_section
+
+        options = {"qwen": kw.pop("qwen", None), "text_encoder": kw.pop("text_encoder", True),
+                   "qwen_dtype": kw.pop("qwen_dtype", "bfloat16")}  # fmt: skip
+        preset = opened.preset
         if preset.connector is None:
-            raise ValueError(f"{folder}: a {FAMILY!r} model folder without a connector config")
-        if options.get("loras"):
-            raise ValueError(f"{folder / 'jaxedit.json'}: pipeline.loras: LoRAs apply to FLUX models, not Step1X-Edit")
-        devices = list(devices or jax.local_devices())
-        stored = opened.quantized
-        qwen_cfg, qwen_folder = None, None
-        if text_encoder is True:
+            raise ValueError(f"{opened.path}: a {FAMILY!r} model folder without a connector config")
+        if opened.options.get("loras"):
+            raise ValueError(f"{opened.json_path}: pipeline.loras: LoRAs apply to FLUX models, not Step1X-Edit")
+        qwen_cfg = None
+        if options["text_encoder"] is True:
             try:
-                qwen_folder = opened if qwen is None else open_qwen_folder(qwen)
-                qwen_cfg = qwen_section(qwen_folder).model
+                options["qwen_folder"] = opened if options["qwen"] is None else open_qwen_folder(options["qwen"])
+                qwen_cfg = qwen_section(options["qwen_folder"]).model
             except (FileNotFoundError, ValueError):
-                pass  # load_qwen_embedder below says what is missing
-        footprint = cls.footprint(preset, dtype, stored.get("transformer") or quantize, qwen_cfg, qwen_dtype)
-        mesh = folder_mesh(opened, mesh, devices, footprint, quantize)
-        on_mesh = sh.make_mesh(mesh, devices)
+                pass  # load_qwen_embedder says what is missing
+        quantized = opened.quantized.get("transformer") or quantize
+        footprint = cls.footprint(preset, dtype, quantized, qwen_cfg, options["qwen_dtype"])
+        return LoadPlan(footprint, {"transformer": dtype}, None, options)
+
+    @classmethod
+    def load_text(cls, opened: ModelFolder, plan: LoadPlan, params: dict, mesh: jax.sharding.Mesh):
+        """The Qwen2.5-VL embedder (checked against the connector as it loads), the one given, or None."""
+        from jaxedit.step1x.text import load_qwen_embedder
+
+        text_encoder, preset = plan.options["text_encoder"], opened.preset
+        if text_encoder is True:
+            qwen = plan.options.get("qwen_folder") or plan.options["qwen"]
+            return load_qwen_embedder(opened, qwen, dtype=plan.options["qwen_dtype"], mesh=mesh)
         embedder = None if text_encoder is False else text_encoder
-        if text_encoder is True:  # checked against the connector as it loads
-            embedder = load_qwen_embedder(opened, qwen_folder or qwen, dtype=qwen_dtype, mesh=on_mesh)
-        elif embedder is not None and embedder.config.hidden_size != preset.connector.in_channels:
+        if embedder is not None and embedder.config.hidden_size != preset.connector.in_channels:
             raise ValueError(
-                f"{folder}: Qwen2.5-VL hidden size {embedder.config.hidden_size} != the connector's in_channels "
+                f"{opened.path}: Qwen2.5-VL hidden size {embedder.config.hidden_size} != the connector's in_channels "
                 f"{preset.connector.in_channels}"
             )
-        if compile_cache:
-            enable_compilation_cache()
-        params = load_parts(opened, dtypes={"transformer": dtype}, quantize=quantize, mesh=on_mesh)
-        kw.setdefault("size_level", options.get("size_level", DEFAULT_SIZE_LEVEL))
-        pipe = cls(preset, params, embedder, dtype=dtype, mesh=mesh, devices=devices, **kw)
-        pipe.folder = opened
-        pipe.quantized = quantized_parts(params)
-        pipe.max_image_tokens = max_image_tokens(options)
-        pipe.default_steps = int(options.get("steps", DEFAULT_STEPS))
-        pipe.default_guidance = float(options.get("guidance", DEFAULT_GUIDANCE))
-        return pipe
+        return embedder
+
+    @classmethod
+    def folder_defaults(cls, options: dict) -> dict:
+        return {"size_level": options.get("size_level", DEFAULT_SIZE_LEVEL)}
+
+    def loaded(self, opened: ModelFolder, plan: LoadPlan) -> None:
+        self.max_image_tokens = max_image_tokens(opened.options)
 
     @staticmethod
     def footprint(
@@ -234,29 +225,6 @@ class Step1XEditPipeline(EditPipelineBase):
 
     # ----------------------------------------------------------------------------------
 
-    def __call__(
-        self,
-        images: list[Image.Image],
-        prompts: list[str],
-        seeds: list[int],
-        *,
-        steps: int | None = None,
-        guidance: float | list[float] | None = None,
-        negative_prompt: str = "",
-        width: int | None = None,
-        height: int | None = None,
-        latents: np.ndarray | None = None,
-        llm: tuple[np.ndarray, np.ndarray] | None = None,
-        output: str = "pil",
-    ):
-        """Edit `images` with `prompts` (one seed per item); steps and guidance default to the
-        model folder's pipeline defaults (28, 6.0)."""
-        prepared, steps, g = self.prepare_call(images, prompts, width, height, steps, guidance)
-        return self.generate(
-            prepared, prompts, seeds, guidance=g, steps=steps, negative_prompt=negative_prompt, latents=latents,
-            llm=llm, output=output,
-        )  # fmt: skip
-
     def encode_prompts(
         self, prepared: list[Step1XPrepared], prompts: list[str], negative_prompt: str = ""
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -267,44 +235,26 @@ class Step1XEditPipeline(EditPipelineBase):
         texts = list(prompts) + [negative_prompt] * len(prompts)
         return self.text_encoder.encode(texts, [p.image for p in prepared] * 2, cache_dir=self.cache_dir)
 
-    def generate(
-        self, prepared, prompts, seeds, *, guidance, steps, negative_prompt="", latents=None, llm=None, output="pil"
-    ):
-        """One batch of items sharing a bucket -> PIL images (or final packed latents, output="latents")."""
-        b = self.check_batch(prepared, prompts, seeds, guidance)
+    def conditioning(self, prepared, prompts, *, negative_prompt: str = "", llm=None):
+        """Qwen2.5-VL of the prompts and of the negative prompt (classifier-free guidance), each with its item's
+        image; llm: those (embeddings [2B, L, C], mask [2B, L]) given instead."""
+        b = len(prompts)
         emb, mask = llm if llm is not None else self.encode_prompts(prepared, prompts, negative_prompt)
         c = self.preset.connector.in_channels
         if emb.ndim != 3 or emb.shape[0] != 2 * b or emb.shape[2] != c or mask.shape != emb.shape[:2]:
             raise ValueError(
                 f"llm embeddings {emb.shape} / mask {mask.shape}: expected [{2 * b}, L, {c}] / [{2 * b}, L]"
             )
-        bp = self.batch_plan(prepared, steps)
-        mesh, batch, params, h, w = bp.mesh, bp.put, bp.params, bp.h, bp.w
-        emb, mask = np.asarray(emb, np.float32), np.asarray(mask, np.int32)
-        with sh.activate(mesh):
-            ref_tokens = sampling.pack(
-                self.encode_images(params["vae"], batch(np.stack([p.reference for p in prepared])))
-            )
-            ref_tokens = self.put_batch(mesh, ref_tokens)
-            if latents is None:
-                noise = sampling.noise_for_seeds(jnp.asarray(seeds), (h, w, self.preset.vae.z_channels))
-                latents = sampling.pack(noise)
-            x = self.denoise(
-                params["transformer"],
-                batch(np.asarray(latents, np.float32)),
-                ref_tokens,
-                batch(np.broadcast_to(edit_ids(h // 2, w // 2), (b, h * w // 2, 3))),
-                batch(emb[:b]),
-                batch(mask[:b]),
-                batch(emb[b:]),
-                batch(mask[b:]),
-                batch(np.asarray(guidance, np.float32)),
-                self.replicated(mesh, sampling.flux_schedule(bp.steps, (h // 2) * (w // 2))),
-            )
-            if output == "latents":
-                return np.asarray(x)[:b]
-            images = self.decode_latents(params["vae"], sampling.unpack(x, h, w))
-        return to_pil_truncated(np.asarray(images)[:b], {i: p.out_size for i, p in enumerate(prepared)})
+        return np.asarray(emb, np.float32), np.asarray(mask, np.int32)
+
+    def denoise_args(self, bp, text, x, refs, img_ids, guidance, timesteps) -> tuple:
+        (emb, mask), batch, b = text, bp.put, len(text[0]) // 2
+        return (bp.params["transformer"], x, refs, img_ids, batch(emb[:b]), batch(mask[:b]), batch(emb[b:]),
+                batch(mask[b:]), guidance, timesteps)  # fmt: skip
+
+    def output_images(self, images_BHWC: np.ndarray, prepared: list) -> list[Image.Image]:
+        """Clipped and truncated as torchvision's to_pil_image, each resized back to its item's output size."""
+        return to_pil_truncated(images_BHWC, {i: p.out_size for i, p in enumerate(prepared)})
 
     def sample_inputs(
         self, batch: int, h: int, w: int, steps: int, *, text_tokens: int, quantize: str | None = None

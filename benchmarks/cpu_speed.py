@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from common import diffusers_flux  # benchmarks/common.py
 
-from jaxedit import configs
+from jaxedit import configs, presets
 from jaxedit.configs import FluxConfig
 from jaxedit.models import Flux
 from jaxedit.plan import analytic_forward_flops
@@ -99,7 +99,7 @@ def main() -> None:
     err /= np.linalg.norm(diffusers_forward().numpy())
 
     # the sampling loop: the pipeline's jitted Euler loop on the target tokens, the reference held fixed
-    preset = configs.Preset("medium", "flux-kontext", cfg, configs.get("flux-kontext-tiny").vae, None, None)
+    preset = configs.Preset("medium", "flux-kontext", cfg, presets.get("flux-kontext-tiny").vae, None, None)
     pipe = KontextPipeline(preset, {}, None, dtype=jnp.float32)
     nt = TARGET[0] * TARGET[1]
     timesteps = jnp.linspace(1.0, 0.0, args.steps + 1)

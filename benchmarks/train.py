@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from common import ROOT, timed  # benchmarks/common.py
 
-from jaxedit import configs
+from jaxedit import configs, presets
 from jaxedit.models.flux import abstract_params
 from jaxedit.parallel import sharding as sh
 from jaxedit.plan import analytic_forward_flops
@@ -55,7 +55,7 @@ class Case:
 
 def make_case(name: str) -> Case:
     preset_name, config = CASES[name]
-    preset = configs.get(preset_name)
+    preset = presets.get(preset_name)
     train = load_config(ROOT / config)
     side = math.isqrt(train.data.pixel_budget) // preset.vae.downsample
     return Case(name, preset, train, side, preset.t5.max_length)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxedit import presets
 from jaxedit.options import QUANTIZE
 
 
@@ -38,7 +39,6 @@ def _dtype(name: str | None):
 
 def parser() -> argparse.ArgumentParser:
     from checkpoints_convert import formats, part_names
-    from jaxedit import configs
 
     p = argparse.ArgumentParser(
         prog="python -m checkpoints_convert",
@@ -48,13 +48,13 @@ def parser() -> argparse.ArgumentParser:
     )
     commands = "{pipeline,add-qwen,seal,check," + ",".join(part_names()) + "}"
     sub = p.add_subparsers(dest="command", required=True, metavar=commands)
-    presets = f"model preset: {', '.join(configs.names())}"
+    preset_help = f"model preset: {', '.join(presets.names())}"
     dtypes = dict(choices=["bfloat16", "float32", "float16"], default=None, help="output dtype (default: the file's)")
 
     pp = sub.add_parser("pipeline", help="a whole FLUX(.1 Kontext) or Step1X-Edit release -> a jaxedit model folder")
     pp.add_argument("src", help="diffusers folder (model_index.json), or a folder with the BFL / Step1X files")
     pp.add_argument("dst", help="output jaxedit model folder")
-    pp.add_argument("--preset", required=True, help=presets)
+    pp.add_argument("--preset", required=True, help=preset_help)
     pp.add_argument("--dtype", **dtypes)
     for name in ("transformer", "vae", "t5", "clip", "tokenizer", "tokenizer_2"):
         pp.add_argument(f"--{name.replace('_', '-')}", dest=f"path_{name}", default=None, help=f"path of the {name}")
@@ -80,7 +80,7 @@ def parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="check a checkpoint against a preset and the published releases (no tensor read)")
     c.add_argument("src", help=".safetensors file, sharded folder with its index, diffusers model folder, or a "
                    "manifest JSON ({\"tensors\": {name: shape}})")  # fmt: skip
-    c.add_argument("--preset", required=True, help=presets)
+    c.add_argument("--preset", required=True, help=preset_help)
     c.add_argument("--part", choices=part_names(), default=None, help="model part (default: from the tensor names)")
     c.add_argument("--format", default=None, help="source layout (default: from the tensor names)")
 
@@ -88,7 +88,7 @@ def parser() -> argparse.ArgumentParser:
         t = sub.add_parser(part, help=f"a {part} checkpoint (safetensors) -> Orbax")
         t.add_argument("src", help=".safetensors file, sharded folder with its index, or a diffusers model folder")
         t.add_argument("dst", help="output Orbax checkpoint directory")
-        t.add_argument("--preset", required=True, help=presets)
+        t.add_argument("--preset", required=True, help=preset_help)
         t.add_argument("--format", choices=formats(part), default=None, help="source layout (default: from the keys)")
         t.add_argument("--dtype", **dtypes)
         t.add_argument(
@@ -217,7 +217,6 @@ def main(argv: list[str] | None = None) -> int:
 def run(args) -> int:
     """The command of parsed `args`."""
     from checkpoints_convert import ConversionError, load_part, part_config
-    from jaxedit import configs
 
     if args.command == "add-qwen":
         from checkpoints_convert.pipeline import add_qwen
@@ -240,7 +239,7 @@ def run(args) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
     try:
-        preset = configs.get(args.preset)
+        preset = presets.get(args.preset)
     except KeyError as e:
         print(f"error: {e.args[0]}", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ from checkpoints_convert import flux as flux_tables
 from checkpoints_convert import load_clip, load_t5, targets_of
 from checkpoints_convert.family import FamilyConverter, Part
 from checkpoints_convert.published import Published
+from jaxedit import presets
 from jaxedit.configs import FluxConfig
 
 DEV = ("flux-kontext-dev", "flux-dev")
@@ -50,10 +51,9 @@ def flux_text_encoder(root: str | Path, preset: str = "flux-kontext-dev", *, dty
     dtype: compute dtype and the weights' dtype (default bfloat16); kw: FluxTextEncoder arguments."""
     import jax.numpy as jnp
 
-    from jaxedit import configs
     from jaxedit.kontext.text import FluxTextEncoder, load_tokenizer
 
-    p = configs.get(preset) if isinstance(preset, str) else preset
+    p = presets.get(preset) if isinstance(preset, str) else preset
     if p.t5 is None or p.clip is None:
         raise ValueError(f"preset {p.name} has no T5/CLIP text encoders")
     root, dtype = Path(root), dtype or jnp.bfloat16

@@ -287,25 +287,13 @@ class Preset:
     qwen: QwenVLConfig | None = None  # Step1X-Edit: the Qwen2.5-VL conditioner
 
 
+# Architectures the presets (each family's: `jaxedit.families`, `jaxedit.presets`) are made of.
 FLUX_DEV = FluxConfig()
 FLUX_VAE = AutoEncoderConfig()
 T5_XXL = T5Config()
 CLIP_L = CLIPTextConfig()
-
-_PRESETS: dict[str, Preset] = {}
-
-
-def register(preset: Preset) -> Preset:
-    if preset.name in _PRESETS:
-        raise ValueError(f"preset {preset.name!r} is already registered")
-    _PRESETS[preset.name] = preset
-    return preset
-
-
-register(Preset("flux-kontext-dev", "flux-kontext", FLUX_DEV, FLUX_VAE, T5_XXL, CLIP_L))
-register(Preset("flux-dev", "flux", FLUX_DEV, FLUX_VAE, T5_XXL, CLIP_L))
-# Small presets for tests, demos and benchmarks: full structure, tiny widths.
-_TINY = FluxConfig(
+# tiny widths, full structure: for tests, demos and benchmarks
+TINY_FLUX = FluxConfig(
     context_in_dim=32,
     vec_in_dim=24,
     hidden_size=48,
@@ -314,109 +302,7 @@ _TINY = FluxConfig(
     depth_single_blocks=2,
     axes_dim=(4, 6, 6),
 )
-_TINY_VAE = AutoEncoderConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1, norm_groups=8)
-_TINY_T5 = T5Config(vocab_size=512, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, max_length=64)
-_TINY_CLIP = CLIPTextConfig(vocab_size=512, hidden_size=24, intermediate_size=40, num_layers=2, num_heads=4)
-register(Preset("flux-kontext-tiny", "flux-kontext", _TINY, _TINY_VAE, _TINY_T5, _TINY_CLIP))
-register(
-    Preset(
-        "flux-kontext-tiny-fulldepth",
-        "flux-kontext",
-        dataclasses.replace(_TINY, depth=19, depth_single_blocks=38),
-        _TINY_VAE,
-        _TINY_T5,
-        _TINY_CLIP,
-    )
-)
-
-# The shipped default model (jaxedit/default_model): a small FLUX.1 Kontext-architecture model trained
-# with jaxedit on the synthetic shapes-editing task (shapes, 64x64 images).
-# Text encoders keep their random initialisation (frozen, as FLUX's are); see docs/default_model.md.
-register(
-    Preset(
-        "flux-kontext-shapes",
-        "flux-kontext",
-        FluxConfig(
-            context_in_dim=64,
-            vec_in_dim=64,
-            hidden_size=128,
-            num_heads=2,  # 2 heads of 64 trained faster (40 vs 47 min) and scored higher than 4 of 32 with theta 30
-            depth=2,
-            depth_single_blocks=4,
-            axes_dim=(16, 24, 24),
-            theta=10_000,
-        ),
-        AutoEncoderConfig(
-            ch=16, ch_mult=(1, 2, 4), num_res_blocks=1, norm_groups=8, scale_factor=1.0, shift_factor=0.0
-        ),
-        T5Config(vocab_size=256, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, max_length=16),
-        CLIPTextConfig(
-            vocab_size=512,
-            hidden_size=64,
-            intermediate_size=128,
-            num_layers=2,
-            num_heads=4,
-            max_length=16,
-            max_position_embeddings=16,
-        ),
-    )
-)
-
-# Step1X-Edit: the FLUX DiT without guidance_in, text from Qwen2.5-VL through the connector.
-register(
-    Preset(
-        "step1x-edit",
-        "step1x-edit",
-        dataclasses.replace(FLUX_DEV, guidance_embed=False),
-        FLUX_VAE,
-        connector=ConnectorConfig(),
-        qwen=QwenVLConfig(),
-    )
-)
-register(
-    Preset(
-        "step1x-edit-tiny",
-        "step1x-edit",
-        dataclasses.replace(_TINY, guidance_embed=False),
-        _TINY_VAE,
-        connector=ConnectorConfig(in_channels=28, hidden_size=32, num_heads=4, pooled_dim=24),
-        qwen=QwenVLConfig(  # for planning and compile tests (a converted folder carries its own)
-            QwenVisionConfig(
-                depth=2,
-                hidden_size=16,
-                intermediate_size=24,
-                num_heads=2,
-                window_size=56,
-                out_hidden_size=28,
-                fullatt_block_indexes=(1,),
-            ),
-            QwenTextConfig(
-                vocab_size=256,
-                hidden_size=28,
-                intermediate_size=40,
-                num_layers=2,
-                num_heads=2,
-                num_kv_heads=1,
-                mrope_section=(1, 3, 3),
-            ),
-            image_token_id=250,
-            vision_start_token_id=251,
-            vision_end_token_id=252,
-        ),  # fmt: skip
-    )
-)
-
-
-def get(name: str) -> Preset:
-    """Return the preset called `name`; the error lists the known names."""
-    try:
-        return _PRESETS[name]
-    except KeyError:
-        raise KeyError(f"unknown preset {name!r}; known presets: {', '.join(sorted(_PRESETS))}") from None
-
-
-def names() -> list[str]:
-    return sorted(_PRESETS)
+TINY_VAE = AutoEncoderConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1, norm_groups=8)
 
 
 def typed(value, raw: str | None, hint, field: str):

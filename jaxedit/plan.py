@@ -38,7 +38,7 @@ import os
 import sys
 import time
 
-from jaxedit import families
+from jaxedit import families, presets
 from jaxedit.options import QUANTIZE
 
 TASKS = ("train", "lora", "infer", "sample", "vae-decode", "text")
@@ -105,11 +105,10 @@ def main(argv=None, prog: str = "python -m jaxedit.plan") -> int:
     """Parse, set the simulated device count (CPU), compile, print (and with --json, a JSON line)."""
     p = parser(prog)
     args = p.parse_args(argv)
-    from jaxedit import configs
     from jaxedit.configs import MeshConfig
 
     try:
-        configs.get(args.preset)  # before the device count is set and jax imported
+        presets.get(args.preset)  # before the device count is set and jax imported
     except KeyError as e:
         print(f"error: {e.args[0]}", file=sys.stderr)
         return 2
@@ -188,7 +187,7 @@ def plan_auto(args) -> int:
         return 2
     best = rank[0]
     if args.task == "sample":
-        preset = configs.get(args.preset)
+        preset = presets.get(args.preset)
         key = placement.key_for(preset, quant.check_mode(args.quantize), devices)
         detail = {"task": args.task, "resolution": args.resolution, "batch": best["batch"],
                   "gb_per_chip": best["total"] / 1e9, "estimate_s": best.get("compiler_seconds")}  # fmt: skip
@@ -391,10 +390,9 @@ def plan(args, mesh_cfg) -> dict:
 
     import jax
 
-    from jaxedit import configs
     from jaxedit.parallel.sharding import make_mesh
 
-    preset = configs.get(args.preset)
+    preset = presets.get(args.preset)
     target = None
     if args.target:
         from jaxedit.parallel.targets import parse_target

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import jax
 
-from jaxedit import configs, families
+from jaxedit import configs, families, presets
 from jaxedit.checkpoint import save_params
 from jaxedit.model_folder import write_description
 from jaxedit.tokenizers_offline import train_tokenizers
@@ -58,7 +58,7 @@ def make_random_model(
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty")
     out.mkdir(parents=True, exist_ok=True)
-    preset = configs.get(preset_name)
+    preset = presets.get(preset_name)
     for part, params in random_params(preset, seed).items():
         save_params(out / part, params)
     if sentences is None:
@@ -73,7 +73,7 @@ def make_random_model(
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m jaxedit.random_model", description=__doc__.split("\n\n")[0])
     p.add_argument("out")
-    p.add_argument("--preset", default="flux-kontext-tiny", choices=configs.names())
+    p.add_argument("--preset", default="flux-kontext-tiny", choices=presets.names())
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vocabulary", default=None, help="text file whose lines train the tokenizers (default: built-in)")
     p.add_argument("--whole-words", action="store_true", help="one token per word (a small closed vocabulary)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from jaxedit import configs
+from jaxedit import presets
 from jaxedit.configs import AutoEncoderConfig, CLIPTextConfig, FluxConfig, T5Config
 from references.random import randomize_
 
@@ -113,7 +113,7 @@ def kontext_pipeline(root: Path, seed: int = 0):
 
     from jaxedit.tokenizers_offline import train_tokenizers
 
-    preset = configs.get("flux-kontext-tiny")
+    preset = presets.get("flux-kontext-tiny")
     train_tokenizers(root / "_tok")
     t5, clip = t5_encoder(preset.t5), clip_text(preset.clip)
     save_randomized(t5, root / "_t5", seed + 1)

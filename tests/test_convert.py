@@ -13,7 +13,7 @@ from checkpoints_convert import ConversionError, ShapeSource, load_transformer, 
 from checkpoints_convert.__main__ import main as convert_cli
 from checkpoints_convert.mapping import flatten
 from checkpoints_convert.published import manifest_shapes
-from jaxedit import configs
+from jaxedit import presets
 from jaxedit.checkpoint import load_params
 from jaxedit.models.flux import abstract_params
 
@@ -27,7 +27,7 @@ from jaxedit.models.flux import abstract_params
     ],
 )
 def test_full_size_manifest_maps_every_tensor(name, prefix):
-    cfg = configs.get("flux-kontext-dev").transformer
+    cfg = presets.get("flux-kontext-dev").transformer
     shapes = {prefix + k: v for k, v in manifest_shapes(name).items()}
     source = ShapeSource(shapes, name)
     the_plan = plan_part("transformer", source, cfg)
@@ -43,7 +43,7 @@ def test_full_size_manifest_maps_every_tensor(name, prefix):
 
 def test_flux_dev_manifest_needs_guidance_in_config():
     """FLUX.1 [dev] and Kontext share the tree; a config without guidance_in rejects the tensors by name."""
-    cfg = configs.get("flux-kontext-dev").transformer
+    cfg = presets.get("flux-kontext-dev").transformer
     import dataclasses
 
     no_guidance = dataclasses.replace(cfg, guidance_embed=False)
@@ -88,7 +88,7 @@ def tiny_bfl_file(tmp_path, cfg, extra=None, drop=None, reshape=None):
     return path
 
 
-TINY = configs.get("flux-kontext-tiny").transformer
+TINY = presets.get("flux-kontext-tiny").transformer
 
 
 def test_unknown_key_is_named(tmp_path):

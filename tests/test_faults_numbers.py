@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from safetensors.numpy import save_file
 
-from jaxedit import DEFAULT_MODEL, configs
+from jaxedit import DEFAULT_MODEL, presets
 from jaxedit.cli import main as cli
 from jaxedit.kontext.pipeline import to_pil
 from jaxedit.lora import LoraError, read_lora
@@ -21,7 +21,7 @@ from jaxedit.pipelines.batch import run_job
 from jaxedit.step1x.pipeline import to_pil_truncated
 from tests.test_faults_batch import DEFAULTS, latest, write_job
 
-PRESET = configs.get("flux-kontext-tiny")
+PRESET = presets.get("flux-kontext-tiny")
 QKV = "lora_unet_double_blocks_0_img_attn_qkv"  # tiny: hidden 48, qkv [144, 48]
 
 

@@ -17,6 +17,7 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 from checkpoints_convert import load_transformer  # noqa: E402
+from jaxedit import presets  # noqa: E402
 from jaxedit.configs import FluxConfig  # noqa: E402
 from jaxedit.models import Flux  # noqa: E402
 from jaxedit.models.flux import example_inputs  # noqa: E402
@@ -153,9 +154,8 @@ def test_bfl_layout_at_full_width(tmp_path):
     from safetensors.torch import save_file
 
     from checkpoints_convert.published import manifest_shapes
-    from jaxedit import configs
 
-    cfg = dataclasses.replace(configs.get("flux-kontext-dev").transformer, depth=1, depth_single_blocks=1)
+    cfg = dataclasses.replace(presets.get("flux-kontext-dev").transformer, depth=1, depth_single_blocks=1)
     g = torch.Generator().manual_seed(0)
     state = {}
     for k, shape in manifest_shapes("bfl-flux1-kontext-dev").items():

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from jaxedit import configs, plan
+from jaxedit import plan, presets
 from jaxedit.configs import MeshConfig
 from jaxedit.parallel import sharding as sh
 from jaxedit.parallel.targets import parse_target
@@ -21,7 +21,7 @@ def test_programs_compile_for_h100s_with_cudnn_attention_sharded(task):
     devices = parse_target("h100-8").devices()
     mesh = sh.make_mesh(MeshConfig(fsdp=4, tensor=2), devices)
     args = plan.parser().parse_args(["--task", task, "--resolution", "256", "--text-tokens", "16"])
-    lowered, _ = plan.lower(configs.get("flux-kontext-tiny"), args, mesh, batch=8)
+    lowered, _ = plan.lower(presets.get("flux-kontext-tiny"), args, mesh, batch=8)
     compiled = lowered.compile()
     assert "__cudnn$fmha" in compiled.as_text()  # the fused kernel, not a fallback
     assert compiled.memory_analysis().argument_size_in_bytes > 0

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from jaxedit import configs
+from jaxedit import configs, presets
 from jaxedit.parallel import sharding as sh
 from jaxedit.train.lora import ALL_TARGETS, LoraConfig, init_lora, merge
 from jaxedit.train.objective import ObjectiveConfig
@@ -20,7 +20,7 @@ from jaxedit.train.step import Trainer
 from tests.helpers import rel_err
 from tests.test_train_objective import make_batch, random_params
 
-CFG = configs.get("flux-kontext-tiny").transformer
+CFG = presets.get("flux-kontext-tiny").transformer
 
 
 def random_lora(params, cfg: LoraConfig, seed: int = 0, b_scale: float = 1.0):

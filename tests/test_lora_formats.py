@@ -22,11 +22,11 @@ import pytest
 from flax.traverse_util import flatten_dict
 from safetensors.numpy import load_file, save_file
 
-from jaxedit import configs
+from jaxedit import presets
 from jaxedit.lora import LoraError, merge, merge_now, parse_lora_arg, read_lora
 from tests.helpers import rel_err
 
-PRESET = configs.get("flux-kontext-tiny")
+PRESET = presets.get("flux-kontext-tiny")
 CFG = PRESET.transformer
 H, M = CFG.hidden_size, CFG.mlp_hidden_dim
 RESULTS: dict[str, str] = {}  # printed by the last test: the parity figures per layout
@@ -474,7 +474,7 @@ def test_unreadable_files_steps1x_and_scales(tmp_path):
     with pytest.raises(LoraError, match="not found"):
         read_lora(tmp_path / "nope.safetensors", PRESET)
     with pytest.raises(LoraError, match="Step1X-Edit"):
-        read_lora(tmp_path / "t.safetensors", configs.get("step1x-edit"))
+        read_lora(tmp_path / "t.safetensors", presets.get("step1x-edit"))
     assert parse_lora_arg("a/b.safetensors:0.7") == (Path("a/b.safetensors"), 0.7)
     assert parse_lora_arg("c:d.safetensors") == (Path("c:d.safetensors"), 1.0)
     with pytest.raises(ValueError, match="finite"):
@@ -573,7 +573,7 @@ def test_full_size_kohya_and_fal_files_read_as_diffusers_converts_them(tmp_path)
 
     from jaxedit.lora import part_shapes
 
-    preset, rng = configs.get("flux-kontext-dev"), np.random.default_rng(0)
+    preset, rng = presets.get("flux-kontext-dev"), np.random.default_rng(0)
     shapes = part_shapes(preset)["transformer"]
 
     def probe(lora) -> dict:

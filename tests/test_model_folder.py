@@ -14,12 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxedit import configs, model_folder
+from jaxedit import model_folder, presets
 from jaxedit.checkpoint import load_params, param_metadata, save_params
 
 
 def test_a_description_without_a_family_is_refused():
-    d = model_folder.preset_to_dict(configs.get("flux-kontext-tiny"))
+    d = model_folder.preset_to_dict(presets.get("flux-kontext-tiny"))
     model_folder.preset_from_dict(d)
     del d["family"]
     with pytest.raises(ValueError, match="field 'family' is None; expected one of flux-kontext, flux, step1x-edit"):
@@ -37,7 +37,7 @@ def test_write_part_replaces_atomically_and_recovers_a_cut_swap(tmp_path):
     # a swap cut after the old part was moved aside and before the new one was renamed in
     save_params(folder / ".vae.new", old)
     (folder / "vae").rename(folder / ".vae.old")
-    preset = configs.get("flux-kontext-tiny")
+    preset = presets.get("flux-kontext-tiny")
     with pytest.raises(FileNotFoundError, match="missing transformer, t5, clip"):  # vae is recovered, not missing
         model_folder.check_complete(folder, preset)
     np.testing.assert_array_equal(load_params(folder / "vae")["w"], old["w"])  # the complete new copy won
@@ -62,7 +62,7 @@ def test_load_params_into_a_target_honours_dtype(tmp_path):
 
 
 def test_description_is_written_atomically(tmp_path):
-    preset = configs.get("flux-kontext-tiny")
+    preset = presets.get("flux-kontext-tiny")
     model_folder.write_description(tmp_path, preset, {"steps": 8})
     assert json.loads((tmp_path / "jaxedit.json").read_text())["pipeline"] == {"steps": 8}
     assert [p.name for p in tmp_path.iterdir()] == ["jaxedit.json"]
@@ -124,7 +124,7 @@ def test_loading_a_step1x_folder_reads_its_description_once(tmp_path, tiny_qwen)
 
 
 def test_a_model_folder_is_one_checked_value(tmp_path):
-    preset = configs.get("flux-kontext-tiny")
+    preset = presets.get("flux-kontext-tiny")
     model_folder.write_description(tmp_path, preset, {"steps": 8}, extra={"quantized": {"transformer": "int8"}})
     opened = model_folder.ModelFolder.open(tmp_path)
     assert (opened.preset, opened.options, opened.quantized) == (preset, {"steps": 8}, {"transformer": "int8"})

@@ -18,6 +18,7 @@ from PIL import Image
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
+from jaxedit import presets  # noqa: E402
 from jaxedit.kontext.pipeline import KontextPipeline  # noqa: E402
 from tests.helpers import rel_err  # noqa: E402
 
@@ -221,13 +222,12 @@ def test_bfl_layout_release_converts(tmp_path, tiny_kontext):
     from checkpoints_convert.__main__ import main as convert_cli
     from checkpoints_convert.mapping import flatten
     from checkpoints_convert.pipeline import convert_pipeline
-    from jaxedit import configs
     from jaxedit.checkpoint import load_params
     from tests.test_convert import tiny_bfl_file
     from tests.test_vae import SMALL, random_bfl_state_dict
 
     # the tiny preset with a VAE of the real BFL structure (full ch_mult, 2 blocks per level)
-    preset = dataclasses.replace(configs.get("flux-kontext-tiny"), name="tiny-bfl-vae", vae=SMALL)
+    preset = dataclasses.replace(presets.get("flux-kontext-tiny"), name="tiny-bfl-vae", vae=SMALL)
     _, converted = tiny_kontext
     src = tmp_path / "bfl"
     src.mkdir()

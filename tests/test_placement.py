@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxedit import configs, plan
+from jaxedit import plan, presets
 from jaxedit.configs import MeshConfig
 from jaxedit.kontext.pipeline import KontextPipeline
 from jaxedit.parallel import placement
@@ -103,7 +103,7 @@ def test_the_planner_compiles_the_program_generate_runs(folder):
     pipe.denoise = spy
     steps, n = 3, 3
     pipe(images(n), PROMPTS[:n], list(range(n)), steps=steps, width=W, height=H)
-    preset = configs.get("flux-kontext-tiny")
+    preset = presets.get("flux-kontext-tiny")
     args = argparse.Namespace(steps=steps, attention="auto", text_tokens=preset.t5.max_length)
     f = preset.vae.downsample
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:4]).reshape(2, 2, 1), ("data", "fsdp", "tensor"))
@@ -123,7 +123,7 @@ def planned_sample(preset, args, mesh, batch, h, w) -> str:
 
 def test_auto_rule_and_recorded_choice(tmp_path, monkeypatch):
     monkeypatch.setenv("JAXEDIT_PLACEMENTS", str(tmp_path / "placements.json"))
-    preset = configs.get("flux-kontext-dev")
+    preset = presets.get("flux-kontext-dev")
     devices = jax.devices()
     full = KontextPipeline.footprint(preset, jnp.bfloat16, {})
     assert 33e9 < full.weights < 35e9  # DiT 23.8 GB + T5-XXL 9.5 GB + CLIP + VAE, bfloat16 (the VAE float32)
@@ -165,7 +165,7 @@ def test_plan_mesh_auto_ranks_and_records(tmp_path, monkeypatch, capsys):
     for cand in ("data=8", "data=4,fsdp=2", "data=2,fsdp=4", "fsdp=8", "data=4,tensor=2"):
         assert f"  {cand}: " in out
     assert "ranked (fits, fastest first):" in out and "recorded" in out
-    preset = configs.get("flux-kontext-tiny")
+    preset = presets.get("flux-kontext-tiny")
     assert placement.recorded(placement.key_for(preset, None, jax.devices())) is not None
 
 
@@ -219,7 +219,7 @@ def test_training_mesh_auto_is_hybrid_fsdp():
     assert placement.train_rule(64, state, 32e9) == MeshConfig(data=4, fsdp=16)  # v6e-64
     assert placement.train_rule(256, state, 16e9) == MeshConfig(data=8, fsdp=32)  # v5e-256
     assert placement.train_rule(8, state, None) == MeshConfig(data=1, fsdp=8)  # memory unknown: all chips
-    preset, devices = configs.get("flux-kontext-dev"), jax.devices()
+    preset, devices = presets.get("flux-kontext-dev"), jax.devices()
     cfg = dataclasses.replace(TrainConfig(), mesh="auto")
     assert train_mesh(cfg, preset, devices, memory=200e9) == MeshConfig(data=2, fsdp=4)  # 190 GB / 4 <= 80
     lora = dataclasses.replace(cfg, lora=LoraConfig(rank=16))

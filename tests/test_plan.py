@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from jaxedit import configs
+from jaxedit import presets
 from jaxedit.plan import analytic_forward_flops
 
 
@@ -32,7 +32,7 @@ def test_plan_train_tiny_on_four_devices():
     assert r["chips"] == 4 and r["target"] == "cpu"
     assert r["tokens"] == 16 + 3 * 64 and r["target_tokens"] == 64 and r["references"] == 2
     assert r["arguments"] > 0 and r["temporaries"] > 0
-    assert r["model_flops"] == 3 * 4 * analytic_forward_flops(configs.get("flux-kontext-tiny").transformer, 208)
+    assert r["model_flops"] == 3 * 4 * analytic_forward_flops(presets.get("flux-kontext-tiny").transformer, 208)
 
 
 def test_plan_counts_the_tokens_of_each_reference():
@@ -41,13 +41,13 @@ def test_plan_counts_the_tokens_of_each_reference():
 
     from jaxedit.plan import shapes_of
 
-    kontext = configs.get("flux-kontext-dev")
+    kontext = presets.get("flux-kontext-dev")
     args = lambda n: argparse.Namespace(resolution=1024, no_reference=False, references=n, text_tokens=None)  # noqa: E731
     s = shapes_of(kontext, args(3))
     assert (s["target_tokens"], s["reference_tokens"], s["tokens"]) == (4096, 3 * 4096, 512 + 4 * 4096)
     assert shapes_of(kontext, args(0))["tokens"] == 512 + 4096
     with pytest.raises(ValueError, match="Step1X-Edit takes 1"):
-        shapes_of(configs.get("step1x-edit"), args(2))
+        shapes_of(presets.get("step1x-edit"), args(2))
 
 
 def test_plan_refuses_an_open_mesh_axis(capsys):

@@ -15,13 +15,13 @@ import pytest
 from flax import traverse_util
 from PIL import Image
 
-from jaxedit import configs, quant
+from jaxedit import presets, quant
 from jaxedit.models import flux
 from tests.helpers import rel_err
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = ROOT / "jaxedit" / "default_model"
-PRESET = configs.get("flux-kontext-tiny")
+PRESET = presets.get("flux-kontext-tiny")
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from PIL import Image
 
 from checkpoints_convert import ShapeSource, load_part, plan_part
 from checkpoints_convert.published import manifest_shapes
-from jaxedit import configs
+from jaxedit import configs, presets
 from jaxedit.configs import QwenVLConfig
 from jaxedit.models import qwen2_5_vl as Q
 
@@ -184,7 +184,7 @@ def test_published_checkpoint_maps_completely():
     full-size tree with nothing left over or missing, in both key layouts (transformers 4's `visual.` /
     `model.` names as the released files have them, and transformers 5's); the config reads from both
     config.json layouts."""
-    cfg = configs.get("step1x-edit").qwen
+    cfg = presets.get("step1x-edit").qwen
     shapes = manifest_shapes("hf-qwen2.5-vl-7b")
     assert len(shapes) == 729
     plan_part("qwen", ShapeSource(shapes), cfg)

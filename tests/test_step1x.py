@@ -24,7 +24,7 @@ from checkpoints_convert import ConversionError, ShapeSource, load_transformer, 
 from checkpoints_convert.__main__ import main as convert_cli  # noqa: E402
 from checkpoints_convert.mapping import flatten  # noqa: E402
 from checkpoints_convert.published import manifest_shapes  # noqa: E402
-from jaxedit import configs  # noqa: E402
+from jaxedit import presets  # noqa: E402
 from jaxedit.checkpoint import load_params  # noqa: E402
 from jaxedit.models import Flux  # noqa: E402
 from jaxedit.models.connector import Qwen2Connector  # noqa: E402
@@ -33,7 +33,7 @@ from jaxedit.step1x.sampling import denoise_cfg, edit_ids, model_fn  # noqa: E40
 from references.random import randomize_  # noqa: E402
 from tests.helpers import rel_err  # noqa: E402
 
-PRESET = configs.get("step1x-edit-tiny")
+PRESET = presets.get("step1x-edit-tiny")
 DIT, CON = PRESET.transformer, PRESET.connector
 B, L = 3, 7
 VALID = (7, 4, 1)  # valid LLM tokens per batch row; the rest is padding
@@ -44,7 +44,7 @@ VALID = (7, 4, 1)  # valid LLM tokens per batch row; the rest is padding
 
 
 def test_full_size_manifest_maps_every_tensor():
-    preset = configs.get("step1x-edit")
+    preset = presets.get("step1x-edit")
     shapes = manifest_shapes("step1x-edit")
     the_plan = plan_part("transformer", ShapeSource(shapes, "step1x-edit"), part_config(preset, "transformer"))
     assert the_plan.fmt == "step1x"
@@ -58,8 +58,8 @@ def test_full_size_manifest_maps_every_tensor():
 def test_wrong_preset_or_missing_tensor_is_named():
     shapes = manifest_shapes("step1x-edit")
     with pytest.raises(ConversionError, match=r"connector\.S\."):  # a FLUX preset has no place for the connector
-        plan_part("transformer", ShapeSource(shapes), configs.get("flux-kontext-dev").transformer)
-    spec = part_config(configs.get("step1x-edit"), "transformer")
+        plan_part("transformer", ShapeSource(shapes), presets.get("flux-kontext-dev").transformer)
+    spec = part_config(presets.get("step1x-edit"), "transformer")
     with pytest.raises(ConversionError, match=r"guidance_in\.in_layer\.weight"):  # Kontext file, Step1X preset
         plan_part("transformer", ShapeSource(manifest_shapes("bfl-flux1-kontext-dev")), spec)
     key = "connector.S.individual_token_refiner.blocks.1.adaLN_modulation.1.bias"

@@ -29,7 +29,6 @@ from checkpoints_convert.__main__ import main as convert_cli  # noqa: E402
 from checkpoints_convert.kontext import flux_text_encoder  # noqa: E402
 from checkpoints_convert.mapping import flatten  # noqa: E402
 from checkpoints_convert.published import manifest_shapes  # noqa: E402
-from jaxedit import configs  # noqa: E402
 from jaxedit.checkpoint import load_params  # noqa: E402
 from jaxedit.configs import CLIPTextConfig, T5Config  # noqa: E402
 from jaxedit.models import CLIPTextModel, T5Encoder  # noqa: E402
@@ -59,7 +58,7 @@ CLIP_TINY = CLIPTextConfig(
 
 @pytest.mark.parametrize("variant", ["both-embeddings", "shared-only", "embed-tokens-only"])
 def test_t5_manifest_maps_every_tensor(variant):
-    cfg = configs.get("flux-kontext-dev").t5
+    cfg = presets.get("flux-kontext-dev").t5
     shapes = manifest_shapes("hf-t5-v1_1-xxl-encoder")
     embedding = 32128 * 4096
     if variant == "shared-only":
@@ -81,7 +80,7 @@ def test_t5_manifest_maps_every_tensor(variant):
 
 @pytest.mark.parametrize("prefix,position_ids", [("", False), ("text_model.", True)])
 def test_clip_manifest_maps_every_tensor(prefix, position_ids):
-    cfg = configs.get("flux-kontext-dev").clip
+    cfg = presets.get("flux-kontext-dev").clip
     shapes = {prefix + k: v for k, v in manifest_shapes("hf-clip-vit-large-patch14-text").items()}
     if position_ids:  # older transformers saved this buffer
         shapes[prefix + "embeddings.position_ids"] = (1, 77)
@@ -96,7 +95,7 @@ def test_clip_manifest_maps_every_tensor(prefix, position_ids):
 def test_unknown_tensor_is_named():
     shapes = manifest_shapes("hf-t5-v1_1-xxl-encoder")
     shapes["decoder.final_layer_norm.weight"] = (4096,)
-    cfg = configs.get("flux-kontext-dev").t5
+    cfg = presets.get("flux-kontext-dev").t5
     with pytest.raises(ConversionError, match="decoder.final_layer_norm.weight"):
         plan_part("t5", ShapeSource(shapes), cfg)
     plan_part("t5", ShapeSource(shapes), cfg, ignore=lambda k: k.startswith("decoder."))  # explicit opt-out
@@ -239,6 +238,7 @@ def test_clip_prefix_and_position_ids(tmp_path):
 # ---------------------------------------------------------------------------------------
 # FluxTextEncoder end to end (tokenizers trained here, FLUX repo folder layout)
 
+from jaxedit import presets  # noqa: E402
 from jaxedit.tokenizers_offline import SENTENCES, train_tokenizers  # noqa: E402
 
 PROMPTS = [
@@ -250,7 +250,7 @@ PROMPTS = [
 
 def test_flux_text_encoder_matches_diffusers(tmp_path):
     diffusers = pytest.importorskip("diffusers")
-    preset = configs.get("flux-kontext-tiny")
+    preset = presets.get("flux-kontext-tiny")
     root = tmp_path / "flux"
     train_tokenizers(root)
     t5_ref, clip_ref = hf_t5(preset.t5), hf_clip(preset.clip)

@@ -13,7 +13,7 @@ import pytest
 from flax import traverse_util
 from jax.sharding import PartitionSpec
 
-from jaxedit import configs, plan
+from jaxedit import plan, presets
 from jaxedit.configs import MeshConfig
 from jaxedit.models import attention as A
 from jaxedit.parallel import sharding as sh
@@ -37,7 +37,7 @@ def args_for(task: str, **kw) -> argparse.Namespace:
 
 def compile_task(task: str, chips, mesh_cfg: MeshConfig, preset="flux-kontext-tiny", batch=4, **kw):
     mesh = sh.make_mesh(mesh_cfg, chips)
-    lowered, info = plan.lower(configs.get(preset), args_for(task, **kw), mesh, batch)
+    lowered, info = plan.lower(presets.get(preset), args_for(task, **kw), mesh, batch)
     return lowered.compile()
 
 
@@ -105,7 +105,7 @@ def test_qwen_embedder_compiles_for_tpu_with_segment_masks():
     args = plan.parser().parse_args(["--preset", "step1x-edit-tiny", "--task", "text", "--target", "v5e-4",
                                      "--mesh", "fsdp=2,tensor=2", "--resolution", "112", "--batch", "2"])  # fmt: skip
     r = plan.plan(args, MeshConfig.parse(args.mesh))
-    q = configs.get("step1x-edit-tiny").qwen
+    q = presets.get("step1x-edit-tiny").qwen
     # 112 px is enlarged to the embedder's minimum (min_pixels: 256 merged patches); 217 + 256 + 64 -> 576
     assert r["fits"] and r["image_features"] == 256 and r["qwen_tokens"] == 576
     assert r["kernel_runs"] == {"splash_mha_fwd_segmented_no_residuals": q.vision.depth + q.text.num_layers}
@@ -121,7 +121,7 @@ def test_planner_reports_compiler_time_and_kernels_for_a_tpu_target():
                                      "--text-tokens", "16", "--remat", "offload"])  # fmt: skip
     r = plan.plan(args, MeshConfig.parse(args.mesh))
     assert r["chips"] == 4 and r["hbm"] == 16e9 and r["fits"] and 0 < r["total"] < 1e9
-    cfg = configs.get("flux-kontext-tiny").transformer
+    cfg = presets.get("flux-kontext-tiny").transformer
     tokens, width = 16 + 2 * 64, cfg.hidden_size
     assert r["host_temporaries"] >= (cfg.depth + cfg.depth_single_blocks) * tokens * width * 2  # bf16 inputs
     # forward + the remat recompute, then each block's backward kernels: the loops counted as they run
@@ -159,7 +159,7 @@ def test_the_pipelines_auto_placement_compiles_for_tpu(monkeypatch, tmp_path):
                                      "--resolution", "128", "--text-tokens", "16", "--steps", "2"])  # fmt: skip
     r = plan.plan(args, None)
     assert r["mesh"] == "data=4 (auto)" and r["fits"] and r["kernel_runs"] and not r["collective_bytes"]
-    preset = configs.get("flux-kontext-tiny")
+    preset = presets.get("flux-kontext-tiny")
     f = KontextPipeline.footprint(preset, np.dtype("bfloat16"), {})
     chips = parse_target("v5e-4").devices()
     memory = f.weights / 2 + placement.working_set_bytes(preset.transformer.hidden_size, f.tokens, f.block_bytes)

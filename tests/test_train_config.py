@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from jaxedit import presets
 from jaxedit.train.config import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -66,12 +67,11 @@ def test_settings_a_run_cannot_honour_are_refused():
     """Not silently ignored: a guidance value for a model without a guidance embedding, zero steps, no model."""
     import dataclasses
 
-    from jaxedit import configs
     from jaxedit.train.config import TrainConfig
     from jaxedit.train.loop import check_config, load_model
     from jaxedit.train.objective import ObjectiveConfig
 
-    step1x, kontext = configs.get("step1x-edit-tiny"), configs.get("flux-kontext-tiny")
+    step1x, kontext = presets.get("step1x-edit-tiny"), presets.get("flux-kontext-tiny")
     cfg = load_config(CONFIGS / "step1x_tiny.py")
     check_config(cfg, step1x)
     with pytest.raises(ValueError, match="objective.guidance=3.0: step1x-edit-tiny has no guidance embedding"):

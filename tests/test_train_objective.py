@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxedit import configs, sampling
+from jaxedit import configs, presets, sampling
 from jaxedit.models import Flux
 from jaxedit.parallel import sharding as sh
 from jaxedit.train.objective import ObjectiveConfig, draw, flow_matching_loss, loss_weight, sample_timesteps
@@ -23,7 +23,7 @@ from jaxedit.train.optim import OptimConfig, learning_rate
 from jaxedit.train.step import Trainer
 from tests.helpers import rel_err
 
-CFG = configs.get("flux-kontext-tiny").transformer
+CFG = presets.get("flux-kontext-tiny").transformer
 B, H, W, RH, RW, LT = 4, 4, 6, 6, 4, 5  # target latent 4x6 (6 tokens), reference 6x4 (6 tokens), 5 text tokens
 
 

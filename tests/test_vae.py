@@ -23,7 +23,7 @@ from checkpoints_convert import ConversionError, ShapeSource, load_vae, plan_par
 from checkpoints_convert.__main__ import main as convert_cli  # noqa: E402
 from checkpoints_convert.mapping import flatten  # noqa: E402
 from checkpoints_convert.published import manifest_shapes, read_manifest  # noqa: E402
-from jaxedit import configs  # noqa: E402
+from jaxedit import presets  # noqa: E402
 from jaxedit.checkpoint import load_params  # noqa: E402
 from jaxedit.configs import AutoEncoderConfig  # noqa: E402
 from jaxedit.models.autoencoder import AutoEncoder, abstract_params, decode_tiled, encode_tiled, tiled  # noqa: E402
@@ -41,7 +41,7 @@ SCALE, SHIFT = SMALL.scale_factor, SMALL.shift_factor
 
 @pytest.mark.parametrize("name", ["bfl-ae", "step1x-ae", "diffusers-flux-vae"])
 def test_full_size_manifest_maps_every_tensor(name):
-    cfg = configs.get("flux-kontext-dev").vae
+    cfg = presets.get("flux-kontext-dev").vae
     shapes = manifest_shapes(name)
     the_plan = plan_part("vae", ShapeSource(shapes, name), cfg)
     assert the_plan.fmt == ("diffusers" if name.startswith("diffusers") else "bfl")
@@ -168,7 +168,7 @@ def test_encode_samples_the_posterior_with_a_key(converted, data, refs):
 def random_bfl_state_dict(cfg: AutoEncoderConfig, seed: int = 2) -> dict[str, np.ndarray]:
     """The real BFL file's key set (bfl-ae.json) with channel widths scaled to `cfg`, random values
     drawn like `randomize_`: conv N(0, 1/fan_in), norm weights 1 + U(-0.5, 0.5), biases N(0, 0.1)."""
-    full = configs.get("flux-kontext-dev").vae
+    full = presets.get("flux-kontext-dev").vae
     assert cfg.ch_mult == full.ch_mult and cfg.num_res_blocks == full.num_res_blocks
     dims = {full.ch * m: cfg.ch * m for m in full.ch_mult} | {2 * full.z_channels: 2 * cfg.z_channels}
     dims |= {full.z_channels: cfg.z_channels, 3: 3, 1: 1}
@@ -261,7 +261,7 @@ def test_unknown_missing_and_misshaped_keys_are_named(bfl_file, tmp_path):
 @pytest.fixture(scope="module")
 def tiny_preset(tmp_path_factory):
     """The `flux-kontext-tiny` VAE: a random diffusers model saved as a folder, and its conversion."""
-    cfg = configs.get("flux-kontext-tiny").vae
+    cfg = presets.get("flux-kontext-tiny").vae
     model = reference_model(cfg, seed=5)
     src = tmp_path_factory.mktemp("vae_tiny") / "vae"
     model.save_pretrained(src, safe_serialization=True)
@@ -321,7 +321,7 @@ def test_tiling_bookkeeping_is_exact_for_a_local_function(up, down):
 
 def test_decode_tiled_follows_the_vae_downsampling():
     """A VAE that downsamples by 4 (the shipped default model's) decodes tiles to 4x their latent size."""
-    cfg = configs.get("flux-kontext-shapes").vae
+    cfg = presets.get("flux-kontext-shapes").vae
     assert cfg.downsample == 4
     m, params = AutoEncoder(cfg), abstract_params(cfg)
     z = jax.ShapeDtypeStruct((1, 12, 20, cfg.z_channels), jnp.float32)

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from jaxedit import configs
+from jaxedit import presets
 from jaxedit.step1x.text import PREFIX, QwenEmbedderConfig
 from jaxedit.tokenizers_offline import SENTENCES, train_qwen_tokenizer
 
-HIDDEN = configs.get("step1x-edit-tiny").connector.in_channels
+HIDDEN = presets.get("step1x-edit-tiny").connector.in_channels
 MIN_PIXELS, MAX_PIXELS = 4 * 28 * 28, 9 * 28 * 28
 
 

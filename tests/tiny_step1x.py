@@ -10,12 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxedit import configs
+from jaxedit import presets
 from jaxedit.checkpoint import save_params
 from jaxedit.model_folder import write_description
 from jaxedit.step1x.text import qwen_entry
 
-PRESET = configs.get("step1x-edit-tiny")
+PRESET = presets.get("step1x-edit-tiny")
 
 
 def random_tree(abstract, seed: int) -> dict:

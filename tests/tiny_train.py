@@ -11,7 +11,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxedit import configs
+from jaxedit import presets
 from jaxedit.checkpoint import save_params
 from jaxedit.model_folder import write_description
 from jaxedit.models import AutoEncoder, CLIPTextModel, Flux, T5Encoder
@@ -25,7 +25,7 @@ CONFIG = ROOT / "configs" / "kontext_tiny.py"
 
 def random_model_folder(dst: Path, seed: int = 0) -> Path:
     """A flux-kontext-tiny model folder with random weights, without compiling any init."""
-    preset = configs.get("flux-kontext-tiny")
+    preset = presets.get("flux-kontext-tiny")
     cfg = preset.transformer
     z = np.zeros
     modules = {

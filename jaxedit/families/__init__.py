@@ -35,6 +35,7 @@ class Family:
 
     title: str = ""  # for messages: "FLUX.1 Kontext", "Step1X-Edit"
     names: tuple[str, ...] = ()  # the "family" values of its presets and model folders
+    presets: tuple[configs.Preset, ...] = ()  # its named models (`jaxedit.presets`)
     # model part (a `configs.Preset` field; a model folder's sub-folder) -> (jaxedit.models module, class);
     # in this order (random_model seeds each part by its position)
     parts: dict[str, tuple[str, str]] = {}
@@ -177,6 +178,9 @@ def _registry() -> dict[str, Family]:
     out = {}
     for module in MODULES:
         family = importlib.import_module(module).FAMILY
+        strays = [p.name for p in family.presets if p.family not in family.names]
+        if strays:
+            raise ValueError(f"{family!r} holds presets of other families: {', '.join(strays)}")
         for name in family.names:
             if name in out:
                 raise ValueError(f"family name {name!r} is claimed by {out[name]!r} and {family!r}")

@@ -7,6 +7,7 @@ shared code asks."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +43,35 @@ def conditioning():
     return Conditioning(keys=("txt", "txt_mask"), call=loss_call)
 
 
+def _presets() -> tuple[configs.Preset, ...]:
+    c = configs
+    return (
+        # the FLUX DiT without guidance_in, text from Qwen2.5-VL through the connector
+        c.Preset("step1x-edit", "step1x-edit", dataclasses.replace(c.FLUX_DEV, guidance_embed=False), c.FLUX_VAE,
+                 connector=c.ConnectorConfig(), qwen=c.QwenVLConfig()),
+        c.Preset(
+            "step1x-edit-tiny",
+            "step1x-edit",
+            dataclasses.replace(c.TINY_FLUX, guidance_embed=False),
+            c.TINY_VAE,
+            connector=c.ConnectorConfig(in_channels=28, hidden_size=32, num_heads=4, pooled_dim=24),
+            qwen=c.QwenVLConfig(  # for planning and compile tests (a converted folder carries its own)
+                c.QwenVisionConfig(depth=2, hidden_size=16, intermediate_size=24, num_heads=2, window_size=56,
+                                   out_hidden_size=28, fullatt_block_indexes=(1,)),
+                c.QwenTextConfig(vocab_size=256, hidden_size=28, intermediate_size=40, num_layers=2, num_heads=2,
+                                 num_kv_heads=1, mrope_section=(1, 3, 3)),
+                image_token_id=250,
+                vision_start_token_id=251,
+                vision_end_token_id=252,
+            ),
+        ),
+    )  # fmt: skip
+
+
 class Step1X(Family):
     title = "Step1X-Edit"
     names = ("step1x-edit",)
+    presets = _presets()
     converter = "checkpoints_convert.step1x"
     parts = {"transformer": ("step1x", "Step1XEdit"), "vae": ("autoencoder", "AutoEncoder")}
     lora_parts = ()

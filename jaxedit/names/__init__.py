@@ -10,17 +10,23 @@ parameters (or a rectangular part of it, at one layer of a stacked parameter), t
     "patch_linear"    a conv with stride = kernel, on flattened patches -> [I * prod(kernel), O]
 
 The tables live beside each other here (`flux`: BFL and diffusers layouts of the FLUX transformer; `text`:
-transformers' CLIP and T5 encoders; `step1x`: Step1X-Edit's file, the BFL DiT plus its Qwen2 connector); the
-converter (`checkpoints_convert`: strict plans over file sources, transforms, streaming) reads them. No jax or
-numpy here.
+transformers' CLIP and T5 encoders; `step1x`: Step1X-Edit's file, the BFL DiT plus its Qwen2 connector) and
+everything that needs the torch <-> jaxedit correspondence derives from them: the converter
+(`checkpoints_convert`: strict plans over file sources, transforms, streaming), where a LoRA on a torch Linear
+lands (`linear_pieces`, used by `jaxedit.lora.targets`) and how our trained adapters split into another
+naming's modules (`split`, used by `jaxedit.train.lora`'s PEFT export). No jax or numpy here.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 Index = tuple[Any, ...]  # ints and slices
+Box = tuple[tuple[int, int], ...]  # (start, stop) per axis
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,3 +57,86 @@ def linear(src: str, dst: str, *, layer=None, rows=None, cols=None, out_index: I
 
 def copy(src: str, dst: str, *, layer=None) -> list[Rule]:
     return [Rule(src, dst, "copy", layer)]
+
+
+# ---------------------------------------------------------------------------------------
+# What a table says about torch Linears
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """The part of a torch Linear's weight [out, in] one of our kernels holds: its rows and columns land at
+    `layer` of the stacked kernel `param` (None: not stacked), on `box` of the kernel's output axes (rows in
+    the box's row-major order; columns are the kernel's inputs, all of them)."""
+
+    param: str
+    layer: int | None
+    rows: tuple[int, int]
+    cols: tuple[int, int]
+    box: Box
+
+
+def _span(ix: slice, n: int, what: str) -> tuple[int, int]:
+    """(start, stop) of a table's slice over a torch axis whose part has n entries."""
+    start = ix.start or 0
+    if ix.step not in (None, 1) or start < 0 or ix.stop not in (None, start + n):
+        raise ValueError(f"{what}: slice {ix} does not select {n} entries")
+    return start, start + n
+
+
+def _piece(rule: Rule, shapes: Mapping[str, tuple[int, ...]]) -> Piece:
+    shape = shapes.get(rule.dst)
+    if shape is None:
+        raise ValueError(f"name table: {rule.src} goes to {rule.dst}, which the model does not have")
+    core = tuple(shape[1:] if rule.layer is not None else shape)
+    in_index, *out_index = rule.dst_index or (slice(None),)
+    if in_index != slice(None) or len(out_index) > len(core) - 1:
+        raise ValueError(f"name table: {rule.src} -> {rule.dst}: a Linear fills all the kernel's inputs")
+    box = []
+    for i, n in enumerate(core[1:]):
+        ix = out_index[i] if i < len(out_index) else slice(None)
+        if isinstance(ix, slice):
+            start, stop, step = ix.indices(n)
+            if step != 1:
+                raise ValueError(f"name table: {rule.src} -> {rule.dst}: strided output slice {ix}")
+            box.append((start, stop))
+        else:
+            box.append((int(ix), int(ix) + 1))
+    rows, cols = rule.src_index or (slice(None), slice(None))
+    n_rows = math.prod(b - a for a, b in box)
+    return Piece(rule.dst, rule.layer, _span(rows, n_rows, rule.src), _span(cols, core[0], rule.src), tuple(box))
+
+
+def _joined(p: Piece, q: Piece) -> Piece | None:
+    """p and q as one piece when q continues p: the same kernel, layer and columns, q's rows right after p's,
+    q's box right after p's along one axis with all earlier axes one wide (rows stay in row-major order)."""
+    if (p.param, p.layer, p.cols) != (q.param, q.layer, q.cols) or p.rows[1] != q.rows[0]:
+        return None
+    diff = [i for i, (a, b) in enumerate(zip(p.box, q.box)) if a != b]
+    if len(diff) != 1 or p.box[diff[0]][1] != q.box[diff[0]][0]:
+        return None
+    k = diff[0]
+    if any(b - a != 1 for a, b in p.box[:k]):
+        return None
+    box = (*p.box[:k], (p.box[k][0], q.box[k][1]), *p.box[k + 1 :])
+    return Piece(p.param, p.layer, (p.rows[0], q.rows[1]), p.cols, box)
+
+
+def linear_pieces(rules: Iterable[Rule], shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[Piece, ...]]:
+    """{torch Linear module (`X` of a rule for `X.weight`): the pieces of our kernels its weight fills} from a
+    table's "linear" rules, given our parameter shapes ({path: shape}). A part of a weight the table splits
+    but that is one box of one kernel is one piece (BFL's fused qkv: rows 0:3h as [3, h])."""
+    out: dict[str, list[Piece]] = defaultdict(list)
+    for r in rules:
+        if r.transform == "linear":
+            module = r.src.removesuffix(".weight")
+            if module == r.src:
+                raise ValueError(f"name table: a Linear rule reads {r.src}, not a `.weight`")
+            out[module].append(_piece(r, shapes))
+    for module, pieces in out.items():
+        pieces.sort(key=lambda p: (p.cols, p.rows))
+        joined = [pieces[0]]
+        for q in pieces[1:]:
+            joined[-1:] = [j] if (j := _joined(joined[-1], q)) else [joined[-1], q]
+        out[module] = joined
+    return {m: tuple(p) for m, p in out.items()}

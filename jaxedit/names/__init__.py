@@ -140,3 +140,65 @@ def linear_pieces(rules: Iterable[Rule], shapes: Mapping[str, tuple[int, ...]]) 
             joined[-1:] = [j] if (j := _joined(joined[-1], q)) else [joined[-1], q]
         out[module] = joined
     return {m: tuple(p) for m, p in out.items()}
+
+
+def rows_in(box: Box, sub: Box) -> tuple[int, int] | None:
+    """The row-major positions [start, stop) of `sub` inside `box`, None unless they are contiguous."""
+    # contiguous: one-wide axes, then a range on one axis j, then whole axes
+    j = next((i for i, (c, d) in enumerate(sub) if d - c != 1), len(sub) - 1)
+    if sub[j + 1 :] != box[j + 1 :]:
+        return None
+    start, stride = 0, 1
+    for (a, b), (c, _) in reversed(list(zip(box, sub))):
+        start += (c - a) * stride
+        stride *= b - a
+    return start, start + math.prod(d - c for c, d in sub)
+
+
+def _overlap(a: Box, b: Box) -> Box | None:
+    box = tuple((max(x0, y0), min(x1, y1)) for (x0, x1), (y0, y1) in zip(a, b))
+    return box if all(lo < hi for lo, hi in box) else None
+
+
+Segment = tuple[tuple[int, int], tuple[int, int]]  # (their range, our range) along one torch axis
+
+
+def split(
+    pieces: tuple[Piece, ...], others: Mapping[str, tuple[Piece, ...]], what: str = "module"
+) -> list[tuple[str, list[Segment], list[Segment]]]:
+    """How a torch Linear whose weight fills `pieces` is held by the modules of another naming (`others`, its
+    `linear_pieces`): [(module, row segments, column segments)] in the order of the first rows they take, each
+    module's weight being the grid `ours[row range, column range]` of its segments (their weight's rows
+    `their range` are ours `our range`). ValueError naming `what` unless the other modules lie wholly inside
+    this weight, each as whole row and column ranges."""
+    where = {(p.param, p.layer) for p in pieces}
+    found: dict[str, tuple[list[Segment], list[Segment]]] = {}
+    for module, theirs in others.items():
+        if not any((q.param, q.layer) in where for q in theirs):
+            continue
+        cells, inside = [], 0
+        for q in theirs:
+            for p in pieces:
+                box = _overlap(p.box, q.box) if (p.param, p.layer) == (q.param, q.layer) else None
+                if box is None:
+                    continue
+                ours, their = rows_in(p.box, box), rows_in(q.box, box)
+                if ours is None or their is None:
+                    raise ValueError(f"{what}: {module} holds rows of it that are no range of its rows")
+                rows = ((q.rows[0] + their[0], q.rows[0] + their[1]), (p.rows[0] + ours[0], p.rows[0] + ours[1]))
+                cells.append((rows, (q.cols, p.cols)))
+                inside += math.prod(b - a for a, b in box)
+        if not cells:
+            continue
+        if inside != sum(math.prod(b - a for a, b in q.box) for q in theirs):
+            raise ValueError(f"{what}: {module} also holds weights from outside it")
+        row_segs, col_segs = sorted({r for r, _ in cells}), sorted({c for _, c in cells})
+        grid = {(r, c) for r in row_segs for c in col_segs}
+        if (
+            len({r[0] for r in row_segs}) != len(row_segs)
+            or len({c[0] for c in col_segs}) != len(col_segs)
+            or (set(cells) != grid or len(cells) != len(grid))
+        ):
+            raise ValueError(f"{what}: {module} is no grid of row and column ranges of it")
+        found[module] = (row_segs, col_segs)
+    return sorted(((m, r, c) for m, (r, c) in found.items()), key=lambda x: min(o[0] for _, o in x[1]))

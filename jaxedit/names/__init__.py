@@ -9,12 +9,18 @@ parameters (or a rectangular part of it, at one layer of a stacked parameter), t
     "conv1x1_linear"  a 1x1 Conv2d weight [O, I, 1, 1] -> Dense kernel [I, O]
     "patch_linear"    a conv with stride = kernel, on flattened patches -> [I * prod(kernel), O]
 
-The tables live beside each other here (`flux`: BFL and diffusers layouts of the FLUX transformer; `text`:
-transformers' CLIP and T5 encoders; `step1x`: Step1X-Edit's file, the BFL DiT plus its Qwen2 connector) and
+The tables live beside each other here, one module per model (`flux`: BFL and diffusers layouts of the FLUX
+transformer; `text`: transformers' CLIP and T5 encoders; `step1x`: Step1X-Edit's file, the BFL DiT plus its
+Qwen2 connector; `vae`: BFL and diffusers layouts of the FLUX VAE; `qwen2_5_vl`: transformers' Qwen2.5-VL), and
 everything that needs the torch <-> jaxedit correspondence derives from them: the converter
 (`checkpoints_convert`: strict plans over file sources, transforms, streaming), where a LoRA on a torch Linear
 lands (`linear_pieces`, used by `jaxedit.lora.targets`) and how our trained adapters split into another
 naming's modules (`split`, used by `jaxedit.train.lora`'s PEFT export). No jax or numpy here.
+
+A table is a function of the model's config returning its rules (a model whose files come in several layouts
+has one per layout: `LAYOUTS`, layout -> function); a new model's table is one more module here, written with
+`linear` (a torch Linear, or a row / column part of a fused one, into a Dense kernel, an output box of it, at a
+layer of a stacked kernel), `copy` and `Rule`.
 """
 
 from __future__ import annotations

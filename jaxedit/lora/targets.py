@@ -19,7 +19,7 @@ import numpy as np
 
 from jaxedit.lora.apply import Update
 from jaxedit.lora.formats import LoraError, Term
-from jaxedit.names import Piece, linear_pieces
+from jaxedit.names import Piece, linear_pieces, weight_shape
 from jaxedit.names import flux as flux_names
 from jaxedit.names import text as text_names
 
@@ -77,7 +77,7 @@ def updates(terms: list[Term], part: str, cfg, shapes: dict, file: Path):
         found = index[t.naming].get(t.module.removeprefix(PREFIXES.get(part, "")))
         if not found:
             raise LoraError(f"{where}: the model's {part} has no Linear {t.module!r} ({t.naming} name)")
-        n_in, n_out = max(p.cols[1] for p in found), max(p.rows[1] for p in found)
+        n_out, n_in = weight_shape(found)
         if t.down.shape[1] != n_in or t.up.shape[0] != n_out:
             raise LoraError(f"{where}: factors down {list(t.down.shape)}, up {list(t.up.shape)} do not fit "
                             f"{t.module} (in {n_in}, out {n_out}) at rank {t.down.shape[0]}")  # fmt: skip

@@ -148,7 +148,13 @@ def linear_pieces(rules: Iterable[Rule], shapes: Mapping[str, tuple[int, ...]]) 
     return {m: tuple(p) for m, p in out.items()}
 
 
-def rows_in(box: Box, sub: Box) -> tuple[int, int] | None:
+def weight_shape(pieces: Iterable[Piece]) -> tuple[int, int]:
+    """[out, in] of the torch Linear weight whose `linear_pieces` are `pieces`."""
+    pieces = list(pieces)
+    return max(p.rows[1] for p in pieces), max(p.cols[1] for p in pieces)
+
+
+def _rows_in(box: Box, sub: Box) -> tuple[int, int] | None:
     """The row-major positions [start, stop) of `sub` inside `box`, None unless they are contiguous."""
     # contiguous: one-wide axes, then a range on one axis j, then whole axes
     j = next((i for i, (c, d) in enumerate(sub) if d - c != 1), len(sub) - 1)
@@ -188,7 +194,7 @@ def split(
                 box = _overlap(p.box, q.box) if (p.param, p.layer) == (q.param, q.layer) else None
                 if box is None:
                     continue
-                ours, their = rows_in(p.box, box), rows_in(q.box, box)
+                ours, their = _rows_in(p.box, box), _rows_in(q.box, box)
                 if ours is None or their is None:
                     raise ValueError(f"{what}: {module} holds rows of it that are no range of its rows")
                 rows = ((q.rows[0] + their[0], q.rows[0] + their[1]), (p.rows[0] + ours[0], p.rows[0] + ours[1]))

@@ -37,7 +37,7 @@ from flax import traverse_util
 
 from jaxedit.configs import FluxConfig
 from jaxedit.names import flux as flux_names
-from jaxedit.names import linear_pieces, split
+from jaxedit.names import linear_pieces, split, weight_shape
 
 Params = dict[str, Any]
 
@@ -214,7 +214,7 @@ def peft_state_dict(lora: Params, cfg: LoraConfig, flux_cfg: FluxConfig, prefix:
         for layer in range(a.shape[0]):
             module, down, up = f"{t.block}.{layer}.{name}", a[layer].T, b[layer].T  # BFL module: W += up @ down
             pieces = bfl.get(module, ())
-            if not pieces or up.shape[0] != max(p.rows[1] for p in pieces) or down.shape[1] != pieces[-1].cols[1]:
+            if not pieces or (up.shape[0], down.shape[1]) != weight_shape(pieces):
                 raise ValueError(f"LoRA {name}: a {a.shape}, b {b.shape} do not fit the model's {module}")
             for theirs, rows, cols in split(pieces, diffusers, module):
                 lora_a = np.concatenate([down[:, i:j] for _, (i, j) in cols], axis=1)

@@ -1,8 +1,9 @@
 """Strict, declarative mapping from a PyTorch state dict onto a Flax parameter tree.
 
-A table is a list of `Rule`s. Each rule copies one source tensor (or a rectangular
-part of it) into one target parameter (or a rectangular part of it, optionally at one
-layer of a stacked parameter), through a small named transform. `plan` checks a table
+A table is a list of `Rule`s (`jaxedit.names`, where the tables live; `Rule`, `linear` and `copy` are
+re-exported here). Each rule copies one source tensor (or a rectangular part of it) into one target
+parameter (or a rectangular part of it, optionally at one layer of a stacked parameter), through a small
+named transform, whose implementation is here (`TRANSFORMS`). `plan` checks a table
 against shapes only (no data: works on manifests and `jax.eval_shape` trees) and
 raises on any unknown source key, any part of a target left unfilled or filled twice,
 any part of a source left unused, and any shape mismatch, naming the key. `convert`
@@ -20,7 +21,10 @@ from typing import Any
 
 import numpy as np
 
-Index = tuple[Any, ...]  # ints and slices
+from jaxedit.names import Index, Rule, copy, linear
+
+__all__ = ["TRANSFORMS", "Check", "ConversionError", "Index", "Plan", "Rule", "convert", "copy", "flatten", "linear",
+           "plan", "run_check", "unflatten"]  # fmt: skip
 
 
 class ConversionError(ValueError):
@@ -66,36 +70,6 @@ _TRANSFORM_SHAPES: dict[str, Callable[[tuple[int, ...]], tuple[int, ...]]] = {
     "conv1x1_linear": lambda s: (s[1], s[0]) if len(s) == 4 and s[2:] == (1, 1) else None,
     "patch_linear": lambda s: (int(np.prod(s[1:])), s[0]) if len(s) >= 3 else None,
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class Rule:
-    """target[dst][layer][dst_index] = TRANSFORMS[transform](source[src][src_index])."""
-
-    src: str
-    dst: str  # "/"-separated parameter path, e.g. "double_blocks/img_attn/qkv/kernel"
-    transform: str = "copy"
-    layer: int | None = None
-    src_index: Index = ()
-    dst_index: Index = ()
-
-
-def linear(src: str, dst: str, *, layer=None, rows=None, cols=None, out_index: Index = (), bias=True) -> list[Rule]:
-    """Rules for a torch Linear `src.{weight,bias}` -> Flax Dense `dst/{kernel,bias}`.
-
-    rows/cols: slices of the torch weight's out/in axes (a part of a fused weight);
-    out_index: where the part lands in the kernel's output axes (and the bias).
-    """
-    rows = slice(None) if rows is None else rows
-    cols = slice(None) if cols is None else cols
-    rules = [Rule(f"{src}.weight", f"{dst}/kernel", "linear", layer, (rows, cols), (slice(None), *out_index))]
-    if bias:
-        rules.append(Rule(f"{src}.bias", f"{dst}/bias", "copy", layer, (rows,), tuple(out_index)))
-    return rules
-
-
-def copy(src: str, dst: str, *, layer=None) -> list[Rule]:
-    return [Rule(src, dst, "copy", layer)]
 
 
 @dataclasses.dataclass(frozen=True)

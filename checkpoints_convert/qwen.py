@@ -1,61 +1,40 @@
-"""Key table for Qwen2.5-VL (transformers `Qwen2_5_VLForConditionalGeneration` safetensors).
-
-Two key layouts exist, each handled explicitly (anything else is an unknown key):
-  - transformers 5 (and the manifest): `model.visual.*`, `model.language_model.*`, `lm_head.weight`;
-  - transformers 4 (the published Qwen2.5-VL-7B-Instruct files): `visual.*`, `model.*`, `lm_head.weight`.
-The 3-D patch convolution [width, 3, 2, 14, 14] becomes the matmul kernel [3 * 2 * 14 * 14, width];
-Linear weights are transposed; a tied lm_head (tie_word_embeddings) has no tensor of its own.
+"""Qwen2.5-VL files (transformers `Qwen2_5_VLForConditionalGeneration` safetensors): which of the two key
+layouts (transformers 5 or 4) they are in, each handled explicitly (anything else is an unknown key); the key
+table is the library's (`jaxedit.names.qwen2_5_vl`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from checkpoints_convert.mapping import ConversionError, Rule, copy, linear
+from checkpoints_convert.mapping import ConversionError, Rule
 from jaxedit.configs import QwenVLConfig
+from jaxedit.names import qwen2_5_vl as names
+from jaxedit.names.qwen2_5_vl import LAYOUTS
+
+__all__ = ["FORMATS", "LAYOUTS", "layout", "layout_name", "qwen_rules"]
 
 FORMATS = ("transformers",)
-LAYOUTS = {"transformers5": ("model.visual.", "model.language_model."), "transformers4": ("visual.", "model.")}
+
+
+def layout_name(keys: Iterable[str]) -> str:
+    """The key layout of a file's keys: "transformers5" or "transformers4"."""
+    keys = list(keys)
+    if any(k.startswith("model.language_model.") or k.startswith("model.visual.") for k in keys):
+        return "transformers5"
+    if any(k.startswith("visual.") for k in keys) or any(k.startswith("model.layers.") for k in keys):
+        return "transformers4"
+    raise ConversionError("no Qwen2.5-VL keys (model.visual.* / visual.*, model.language_model.* / model.layers.*)")
 
 
 def layout(keys: Iterable[str]) -> tuple[str, str]:
     """(vision prefix, language-model prefix) of a file's keys."""
-    keys = list(keys)
-    if any(k.startswith("model.language_model.") or k.startswith("model.visual.") for k in keys):
-        return LAYOUTS["transformers5"]
-    if any(k.startswith("visual.") for k in keys) or any(k.startswith("model.layers.") for k in keys):
-        return LAYOUTS["transformers4"]
-    raise ConversionError("no Qwen2.5-VL keys (model.visual.* / visual.*, model.language_model.* / model.layers.*)")
+    return LAYOUTS[layout_name(keys)]
 
 
 def qwen_rules(cfg: QwenVLConfig, keys: Iterable[str], fmt: str | None = None) -> list[Rule]:
-    """transformers Qwen2.5-VL -> `jaxedit.models.qwen2_5_vl.QwenVL` params."""
+    """transformers Qwen2.5-VL -> `jaxedit.models.qwen2_5_vl.QwenVL` params (the library's table, in the file's
+    key layout)."""
     if fmt not in (None, *FORMATS):
         raise ConversionError(f"unknown Qwen2.5-VL checkpoint format {fmt!r}; choose from {FORMATS}")
-    vis, lm = layout(keys)
-    rules = [Rule(f"{vis}patch_embed.proj.weight", "visual/patch_embed/kernel", "patch_linear")]
-    for i in range(cfg.vision.depth):
-        s, d = f"{vis}blocks.{i}", "visual/blocks"
-        rules += copy(f"{s}.norm1.weight", f"{d}/norm1/weight", layer=i)
-        rules += copy(f"{s}.norm2.weight", f"{d}/norm2/weight", layer=i)
-        rules += linear(f"{s}.attn.qkv", f"{d}/qkv", layer=i)
-        rules += linear(f"{s}.attn.proj", f"{d}/proj", layer=i)
-        for n in ("gate_proj", "up_proj", "down_proj"):
-            rules += linear(f"{s}.mlp.{n}", f"{d}/mlp/{n}", layer=i)
-    rules += copy(f"{vis}merger.ln_q.weight", "visual/merger/ln_q/weight")
-    rules += linear(f"{vis}merger.mlp.0", "visual/merger/mlp_0")
-    rules += linear(f"{vis}merger.mlp.2", "visual/merger/mlp_2")
-    rules += copy(f"{lm}embed_tokens.weight", "language_model/embed_tokens/embedding")
-    rules += copy(f"{lm}norm.weight", "language_model/norm/weight")
-    for i in range(cfg.text.num_layers):
-        s, d = f"{lm}layers.{i}", "language_model/layers"
-        for n in ("q_proj", "k_proj", "v_proj"):
-            rules += linear(f"{s}.self_attn.{n}", f"{d}/{n}", layer=i)
-        rules += linear(f"{s}.self_attn.o_proj", f"{d}/o_proj", layer=i, bias=False)
-        for n in ("gate_proj", "up_proj", "down_proj"):
-            rules += linear(f"{s}.mlp.{n}", f"{d}/mlp/{n}", layer=i, bias=False)
-        rules += copy(f"{s}.input_layernorm.weight", f"{d}/input_layernorm/weight", layer=i)
-        rules += copy(f"{s}.post_attention_layernorm.weight", f"{d}/post_attention_layernorm/weight", layer=i)
-    if not cfg.tie_word_embeddings:
-        rules += linear("lm_head", "lm_head", bias=False)
-    return rules
+    return names.qwen_rules(cfg, layout_name(keys))

@@ -403,7 +403,8 @@ def test_module_tables_agree_with_the_converter(naming, tmp_path):
     shapes, linears = part_shapes(PRESET)[part], torch_linears(naming)
     weights = {r.src.removesuffix(".weight") for r in rules if r.transform == "linear"}
     ours = {
-        n.removeprefix("text_model.") for n in module_names(part, "hf" if part != "transformer" else naming, shapes)
+        n.removeprefix("text_model.")
+        for n in module_names(part, "hf" if part != "transformer" else naming, getattr(PRESET, part))
     }
     assert weights == set(linears) == ours  # every Linear of the converter's table, and no other, has a name here
 
@@ -427,6 +428,26 @@ def test_module_tables_agree_with_the_converter(naming, tmp_path):
         merged[u.param][index] += (u.a @ b).reshape(merged[u.param][index].shape)
     for k, v in merged.items():
         np.testing.assert_allclose(v, converted[k], rtol=1e-5, atol=1e-5, err_msg=k)
+
+
+def test_bfl_modules_split_into_diffusers_ones_as_diffusers_converts_them():
+    """The BFL -> diffusers split our export uses (`jaxedit.names.split` of the two name tables) is the one
+    diffusers' converters make (`bfl_to_diffusers`): the same modules, each the same rows (norm_out.linear: the
+    two halves swapped) and every column, for every Linear of the transformer."""
+    from jaxedit.lora import part_shapes
+    from jaxedit.names import linear_pieces, split
+    from jaxedit.names.flux import bfl_rules, diffusers_rules
+
+    shapes = part_shapes(PRESET)["transformer"]
+    bfl, diffusers = linear_pieces(bfl_rules(CFG), shapes), linear_pieces(diffusers_rules(CFG), shapes)
+    for module, (n_out, n_in) in bfl_linears().items():
+        got = {}
+        for name, rows, cols in split(bfl[module], diffusers, module):
+            assert [(c, c) for c, _ in cols] == cols and sum(j - i for i, j in dict(cols)) == n_in, (module, name)
+            got[name] = np.concatenate([np.arange(i, j) for _, (i, j) in sorted(rows)])
+        want = {name: np.concatenate([np.arange(H, 2 * H), np.arange(H)]) if rows == "swap" else np.arange(n_out)[rows]
+                for name, rows in bfl_to_diffusers(module)}  # fmt: skip
+        assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want), module
 
 
 def _f(*shape):

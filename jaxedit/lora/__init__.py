@@ -5,7 +5,8 @@ into the weights or at run time.
     merged = merge(params["transformer"], [lora.updates["transformer"]], [0.8])
 
 `formats` reads a file's keys into terms (module name, factors, alpha / r), `targets` maps them onto our
-parameters as `Update`s, `apply.merge` adds several LoRAs with their own scales. The pipeline
+parameters as `Update`s (where the part's name table, `jaxedit.names`, puts each module's weight),
+`apply.merge` adds several LoRAs with their own scales. The pipeline
 (`jaxedit.kontext.pipeline.KontextPipeline.add_lora`) merges at load, or keeps the factors and merges
 inside its jitted program with the scales as traced arguments (a new scale does not recompile).
 """
@@ -77,10 +78,9 @@ def read_lora(path: str | Path, preset: configs.Preset) -> Lora:
 
     @functools.cache
     def kohya_names(part: str, naming: str) -> dict[str, str]:
-        return targets.kohya_table(part, naming, shapes[part]) if part in shapes else {}
+        return targets.kohya_table(part, naming, getattr(preset, part)) if part in shapes else {}
 
     read = read_terms(path, kohya_names)
-    cfg = preset.transformer
     by_part = {}
     for part in PARTS:
         terms = [t for t in read.terms if t.part == part]
@@ -88,9 +88,7 @@ def read_lora(path: str | Path, preset: configs.Preset) -> Lora:
             continue
         if part not in shapes:
             raise LoraError(f"{read.path}: key {terms[0].key}: the model has no {part}")
-        by_part[part] = targets.updates(
-            terms, part, shapes[part], read.path, hidden=cfg.hidden_size, mlp=cfg.mlp_hidden_dim
-        )
+        by_part[part] = targets.updates(terms, part, getattr(preset, part), shapes[part], read.path)
     return Lora(read.path, read.formats, read.sha256, by_part)
 
 

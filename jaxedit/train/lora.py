@@ -15,15 +15,17 @@ proj_out over concat(attn, mlp)). One adapter covers the whole fused matrix, as 
 the BFL or diffusers module does.
 
 `export_peft` writes the diffusers/PEFT layout `transformer.<module>.lora_A.weight` [r, in]
-and `.lora_B.weight` [out, r] that `FluxKontextPipeline.load_lora_weights` accepts. A fused
-target splits exactly into diffusers modules that share lora_A and slice lora_B; alpha / r
-is folded into lora_B and no alphas are written, so every loader (which then takes alpha = r,
-scale 1) applies exactly the merged update.
+and `.lora_B.weight` [out, r] that `FluxKontextPipeline.load_lora_weights` accepts. An adapter
+is a LoRA on its BFL module; the diffusers modules it splits into, and the rows (of lora_B) and
+columns (of lora_A) each takes, are derived from the BFL and diffusers name tables
+(`jaxedit.names.flux`, the converter's). alpha / r is folded into lora_B and no alphas are
+written, so every loader (which then takes alpha = r, scale 1) applies exactly the merged update.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,8 @@ import numpy as np
 from flax import traverse_util
 
 from jaxedit.configs import FluxConfig
+from jaxedit.names import flux as flux_names
+from jaxedit.names import linear_pieces, split, weight_shape
 
 Params = dict[str, Any]
 
@@ -73,26 +77,22 @@ class LoraConfig:
 
 @dataclasses.dataclass(frozen=True)
 class _Target:
-    block: str  # "double_blocks" | "single_blocks" (diffusers: transformer_blocks | single_transformer_blocks)
+    block: str  # "double_blocks" | "single_blocks"
     axis: str  # "out" | "in": the axis along which `kernels` sit side by side in the fused matrix
     kernels: tuple[str, ...]  # module paths under the block, in order along `axis`
-    modules: tuple[tuple[str, str], ...]  # diffusers Linears under the block, in order along the output,
-    # with their output width: "d" (hidden size) or "m" (MLP width)
 
 
-_QKV = (("attn.to_q", "d"), ("attn.to_k", "d"), ("attn.to_v", "d"))
-_ADD_QKV = (("attn.add_q_proj", "d"), ("attn.add_k_proj", "d"), ("attn.add_v_proj", "d"))
 _TARGETS = {
-    "img_attn.qkv": _Target("double_blocks", "out", ("img_attn/qkv",), _QKV),
-    "img_attn.proj": _Target("double_blocks", "out", ("img_attn/proj",), (("attn.to_out.0", "d"),)),
-    "img_mlp.0": _Target("double_blocks", "out", ("img_mlp/0",), (("ff.net.0.proj", "m"),)),
-    "img_mlp.2": _Target("double_blocks", "out", ("img_mlp/2",), (("ff.net.2", "d"),)),
-    "txt_attn.qkv": _Target("double_blocks", "out", ("txt_attn/qkv",), _ADD_QKV),
-    "txt_attn.proj": _Target("double_blocks", "out", ("txt_attn/proj",), (("attn.to_add_out", "d"),)),
-    "txt_mlp.0": _Target("double_blocks", "out", ("txt_mlp/0",), (("ff_context.net.0.proj", "m"),)),
-    "txt_mlp.2": _Target("double_blocks", "out", ("txt_mlp/2",), (("ff_context.net.2", "d"),)),
-    "linear1": _Target("single_blocks", "out", ("linear1_qkv", "linear1_mlp"), (*_QKV, ("proj_mlp", "m"))),
-    "linear2": _Target("single_blocks", "in", ("linear2_attn", "linear2_mlp"), (("proj_out", "d"),)),
+    "img_attn.qkv": _Target("double_blocks", "out", ("img_attn/qkv",)),
+    "img_attn.proj": _Target("double_blocks", "out", ("img_attn/proj",)),
+    "img_mlp.0": _Target("double_blocks", "out", ("img_mlp/0",)),
+    "img_mlp.2": _Target("double_blocks", "out", ("img_mlp/2",)),
+    "txt_attn.qkv": _Target("double_blocks", "out", ("txt_attn/qkv",)),
+    "txt_attn.proj": _Target("double_blocks", "out", ("txt_attn/proj",)),
+    "txt_mlp.0": _Target("double_blocks", "out", ("txt_mlp/0",)),
+    "txt_mlp.2": _Target("double_blocks", "out", ("txt_mlp/2",)),
+    "linear1": _Target("single_blocks", "out", ("linear1_qkv", "linear1_mlp")),
+    "linear2": _Target("single_blocks", "in", ("linear2_attn", "linear2_mlp")),
 }
 assert tuple(_TARGETS) == ALL_TARGETS
 
@@ -190,28 +190,37 @@ def _host(x) -> np.ndarray:
     return np.asarray(x, np.float32)
 
 
+@functools.lru_cache(maxsize=4)
+def _linears(flux_cfg: FluxConfig) -> tuple[dict, dict]:
+    """The `linear_pieces` of the BFL and the diffusers name tables of `Flux(flux_cfg)`."""
+    from jaxedit.models import flux
+
+    shapes = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(flux.abstract_params(flux_cfg), sep="/").items()}
+    return tuple(linear_pieces(flux_names.LAYOUTS[n](flux_cfg), shapes) for n in ("bfl", "diffusers"))
+
+
 def peft_state_dict(lora: Params, cfg: LoraConfig, flux_cfg: FluxConfig, prefix: str = "transformer") -> dict:
     """{f"{prefix}.<diffusers module>.lora_A.weight": [r, in], "...lora_B.weight": [out, r]} float32 numpy,
-    alpha / r folded into lora_B; a fused target gives one entry per diffusers module (A shared, B sliced)."""
-    blocks = {"double_blocks": "transformer_blocks", "single_blocks": "single_transformer_blocks"}
-    dims = {"d": flux_cfg.hidden_size, "m": flux_cfg.mlp_hidden_dim}
+    alpha / r folded into lora_B. The adapter of a target at a layer is a LoRA on that BFL module; the diffusers
+    modules holding its weight, and which of its rows and columns each holds, come from the name tables
+    (`jaxedit.names.split`): a fused target gives one entry per module (B sliced by rows, A by columns)."""
     _check_adapters(lora, cfg)
+    bfl, diffusers = _linears(flux_cfg)
     out = {}
     for name in cfg.targets:
         t = _TARGETS[name]
         a, b = (_host(x) for x in _adapter(lora, name))
         b = b * np.float32(cfg.scale)
-        widths = [dims[w] for _, w in t.modules]
-        if sum(widths) != b.shape[-1]:
-            raise ValueError(f"LoRA {name}: b has {b.shape[-1]} outputs, the diffusers modules {sum(widths)}")
         for layer in range(a.shape[0]):
-            lora_a = np.ascontiguousarray(a[layer].T)
-            start = 0
-            for (module, _), width in zip(t.modules, widths):
-                key = f"{prefix}.{blocks[t.block]}.{layer}.{module}"
-                out[f"{key}.lora_A.weight"] = lora_a
-                out[f"{key}.lora_B.weight"] = np.ascontiguousarray(b[layer, :, start : start + width].T)
-                start += width
+            module, down, up = f"{t.block}.{layer}.{name}", a[layer].T, b[layer].T  # BFL module: W += up @ down
+            pieces = bfl.get(module, ())
+            if not pieces or (up.shape[0], down.shape[1]) != weight_shape(pieces):
+                raise ValueError(f"LoRA {name}: a {a.shape}, b {b.shape} do not fit the model's {module}")
+            for theirs, rows, cols in split(pieces, diffusers, module):
+                lora_a = np.concatenate([down[:, i:j] for _, (i, j) in cols], axis=1)
+                lora_b = np.concatenate([up[i:j] for _, (i, j) in rows])
+                out[f"{prefix}.{theirs}.lora_A.weight"] = np.ascontiguousarray(lora_a)
+                out[f"{prefix}.{theirs}.lora_B.weight"] = np.ascontiguousarray(lora_b)
     return out
 
 

@@ -191,3 +191,38 @@ def test_logical_axes_are_in_the_rule_table():
              for n in spec}  # fmt: skip
     assert None not in names
     assert names <= {rule for rule, _ in DEFAULT_RULES}
+
+
+def test_sharded_forward_matches_unsharded(converted):
+    """On a 2 x 3 mesh (fsdp=2 splitting the batch and the model width, tensor=3 the heads and MLP, 6 fake CPU
+    devices) under the one rule table: the unsharded output."""
+    from jaxedit.parallel import sharding as sh
+
+    cfg, _, params = converted
+    x = make_inputs(cfg, LAYOUTS["two_refs"])
+    args = [x["img"][:2], x["txt"][:2], x["mask"][:2].astype(np.int32), x["timesteps"][:2]]
+    model = QwenImageTransformer(cfg)
+    fn = jax.jit(functools.partial(model.apply, img_shapes=x["img_shapes"]))
+    want = fn({"params": params}, *args)
+    mesh = sh.make_mesh(sh.MeshConfig.parse("fsdp=2,tensor=3"), jax.devices()[:6])
+    params_s = jax.device_put(params, sh.shardings(abstract_params(cfg, boxed=True), mesh))
+    with sh.activate(mesh):
+        out = fn({"params": params_s}, *[jax.device_put(a, sh.batch_sharding(mesh, a.ndim)) for a in args])
+    assert out.sharding.is_equivalent_to(sh.batch_sharding(mesh, 3), 3)
+    assert params_s["transformer_blocks"]["attn"]["to_q"]["kernel"].sharding.spec == jax.P(None, "fsdp", "tensor")
+    assert rel_err(out, want) <= 1e-6
+
+
+def test_remat_token_chunks_and_attention_impl_are_the_same_computation(converted):
+    """remat, MLPs on token slices and the chunked (masked by segment ids) attention: the same output."""
+    cfg, _, params = converted
+    x = make_inputs(cfg, LAYOUTS["two_refs"])
+    args = [x["img"], x["txt"], x["mask"].astype(np.int32), x["timesteps"]]
+    outs = [
+        jax.jit(functools.partial(model.apply, img_shapes=x["img_shapes"]))({"params": params}, *args)
+        for model in (
+            QwenImageTransformer(cfg, attention_impl="xla"),
+            QwenImageTransformer(cfg, remat_policy="dots", mlp_chunks=3, attention_impl="chunked"),
+        )
+    ]
+    assert rel_err(outs[1], outs[0]) <= 1e-6

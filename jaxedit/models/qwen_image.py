@@ -118,7 +118,7 @@ class QwenImageConfig:
     def tiny(cls, **kw) -> QwenImageConfig:
         """A 2-layer, 3-head x 16 test model with 40-wide text features."""
         base = dict(num_layers=2, attention_head_dim=16, num_attention_heads=3, joint_attention_dim=40)
-        return cls(**{**base, "axes_dims_rope": (4, 6, 6), **kw})
+        return cls(**{**base, "axes_dims_rope": (4, 6, 6), **kw})  # kw may change any of them
 
 
 EDIT_2509 = QwenImageConfig()

@@ -1,0 +1,93 @@
+"""Key table for the Qwen-Image(-Edit 2509 / 2511) DiT: diffusers `QwenImageTransformer2DModel` -> jaxedit
+`QwenImageTransformer` (`jaxedit/models/qwen_image.py`).
+
+Nearly the identity: every torch Linear becomes a Dense (weight transposed), every block's tensors land at
+their layer of the stacked `transformer_blocks` parameters, and three torch containers lose a level
+(`img_mod.1` -> `img_mod/lin`, `img_mlp.net.0.proj` / `img_mlp.net.2` -> `img_mlp/0` / `img_mlp/2`,
+`attn.to_out.0` -> `attn/to_out_0`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from checkpoints_convert.mapping import Plan, Rule, convert, copy, flatten, linear, plan, unflatten
+from checkpoints_convert.source import SafetensorsSource
+from jaxedit.models.qwen_image import QwenImageConfig, abstract_params
+
+FORMATS = ("diffusers",)
+
+# diffusers name under `transformer_blocks.N.attn.` -> ours under `transformer_blocks/attn/`
+ATTN_LINEARS = {
+    "to_q": "to_q",
+    "to_k": "to_k",
+    "to_v": "to_v",
+    "to_out.0": "to_out_0",
+    "add_q_proj": "add_q_proj",
+    "add_k_proj": "add_k_proj",
+    "add_v_proj": "add_v_proj",
+    "to_add_out": "to_add_out",
+}
+ATTN_NORMS = ("norm_q", "norm_k", "norm_added_q", "norm_added_k")
+
+
+def diffusers_rules(cfg: QwenImageConfig) -> list[Rule]:
+    """diffusers `QwenImageTransformer2DModel` (a `transformer/` folder) -> QwenImageTransformer params."""
+    rules = linear("img_in", "img_in") + linear("txt_in", "txt_in") + copy("txt_norm.weight", "txt_norm/weight")
+    for n in ("linear_1", "linear_2"):
+        rules += linear(f"time_text_embed.timestep_embedder.{n}", f"time_text_embed/timestep_embedder/{n}")
+    rules += linear("norm_out.linear", "norm_out/linear") + linear("proj_out", "proj_out")
+    for i in range(cfg.num_layers):
+        s, d = f"transformer_blocks.{i}", "transformer_blocks"
+        for stream in ("img", "txt"):
+            rules += linear(f"{s}.{stream}_mod.1", f"{d}/{stream}_mod/lin", layer=i)
+            rules += linear(f"{s}.{stream}_mlp.net.0.proj", f"{d}/{stream}_mlp/0", layer=i)
+            rules += linear(f"{s}.{stream}_mlp.net.2", f"{d}/{stream}_mlp/2", layer=i)
+        for theirs, ours in ATTN_LINEARS.items():
+            rules += linear(f"{s}.attn.{theirs}", f"{d}/attn/{ours}", layer=i)
+        for n in ATTN_NORMS:
+            rules += copy(f"{s}.attn.{n}.weight", f"{d}/attn/{n}/weight", layer=i)
+    return rules
+
+
+def target_shapes(cfg: QwenImageConfig) -> dict[str, tuple[int, ...]]:
+    """{"a/b": shape} of `QwenImageTransformer(cfg)`'s parameters."""
+    return {k: tuple(v.shape) for k, v in flatten(abstract_params(cfg)).items()}
+
+
+def plan_transformer(source, cfg: QwenImageConfig, *, ignore: Callable[[str], bool] | None = None) -> Plan:
+    """Check a source (a `SafetensorsSource`, or anything with `.shapes` and `.describe()`) against `cfg` on
+    names and shapes alone: ConversionError naming any unknown, missing or mis-shaped tensor."""
+    the_plan = plan(
+        diffusers_rules(cfg), source.shapes, target_shapes(cfg), source_name=source.describe(), ignore=ignore
+    )
+    the_plan.fmt = "diffusers"
+    return the_plan
+
+
+def load_qwen_image_transformer(
+    path: str | Path,
+    cfg: QwenImageConfig,
+    *,
+    dtype: Any = None,
+    place: Callable[[str, np.ndarray], Any] | None = None,
+    ignore: Callable[[str], bool] | None = None,
+) -> dict:
+    """A diffusers Qwen-Image `transformer/` folder (one file or shards with their index) -> the parameter
+    pytree of `QwenImageTransformer(cfg)`, each tensor converted as it is read (no torch).
+
+    dtype: output dtype (default: keep the file's); place(path, host_array): where each finished parameter
+    goes (default: jax.device_put); ignore(key): source tensors to skip on purpose. As
+    `checkpoints_convert.load_part`: names, shapes and dtypes are all checked before anything is converted.
+    """
+    source = SafetensorsSource(path)
+    the_plan = plan_transformer(source, cfg, ignore=ignore)
+    for key in {r.src for r in the_plan.rules}:
+        source.dtype(key)  # ConversionError naming the file for an unsupported dtype
+    place = place or (lambda _, a: jax.device_put(a))
+    return unflatten(convert(the_plan, source.read, dtype=dtype, source_dtype=source.dtype, place=place))

@@ -9,7 +9,9 @@ raises on any unknown source key, any part of a target left unfilled or filled t
 any part of a source left unused, and any shape mismatch, naming the key. `convert`
 then streams the tensors, one target parameter at a time. A `Check` in a table names a
 known source tensor that is verified rather than written (a tied weight saved twice, a
-saved buffer); it counts as used.
+saved buffer); it counts as used. An `Unused` names a source tensor, or a rectangular part of one,
+that is deliberately dropped (a part of a weight the model never applies, e.g. the time taps of a
+causal 3-D conv run on one frame): it counts as used, and must not overlap what the rules read.
 """
 
 from __future__ import annotations
@@ -88,6 +90,21 @@ class Check:
             raise ValueError(f"Check({self.src!r}): give exactly one of `equals` or `value`")
 
 
+@dataclasses.dataclass(frozen=True)
+class Unused:
+    """A known source tensor (`index` = () for all of it) or a rectangular part of one that is deliberately
+    not converted; `why` says why the model does not need it. `plan` counts it as used (so the source is
+    still covered exactly: no overlap with the rules' parts); `convert` never reads it."""
+
+    src: str
+    index: Index = ()
+    why: str = ""
+
+    def __post_init__(self):
+        if not self.why:
+            raise ValueError(f"Unused({self.src!r}): say `why` the tensor is dropped")
+
+
 # ---------------------------------------------------------------------------------------
 # Shape-only checking
 
@@ -148,7 +165,7 @@ class Plan:
 
 
 def plan(
-    rules: Iterable[Rule | Check],
+    rules: Iterable[Rule | Check | Unused],
     source_shapes: Mapping[str, tuple[int, ...]],
     target_shapes: Mapping[str, tuple[int, ...]],
     *,
@@ -158,18 +175,19 @@ def plan(
     """Check `rules` against shapes; raise ConversionError naming every problem found first."""
     rules = list(rules)
     checks = [r for r in rules if isinstance(r, Check)]
-    rules = [r for r in rules if not isinstance(r, Check)]
+    unused = [r for r in rules if isinstance(r, Unused)]
+    rules = [r for r in rules if isinstance(r, Rule)]
     source_shapes = {k: tuple(v) for k, v in source_shapes.items()}
     target_shapes = {k: tuple(v) for k, v in target_shapes.items()}
 
-    used = {r.src for r in rules} | {c.src for c in checks}
+    used = {r.src for r in rules} | {c.src for c in checks} | {u.src for u in unused}
     unknown = sorted(k for k in source_shapes if k not in used and not (ignore and ignore(k)))
     if unknown:
         more = f" (and {len(unknown) - 10} more)" if len(unknown) > 10 else ""
         raise ConversionError(
             f"{source_name}: {len(unknown)} tensor(s) the model has no place for: {', '.join(unknown[:10])}{more}"
         )
-    missing_src = sorted({r.src for r in [*rules, *checks] if r.src not in source_shapes})
+    missing_src = sorted({r.src for r in [*rules, *checks, *unused] if r.src not in source_shapes})
     missing_src += sorted({c.equals for c in checks if c.equals and c.equals not in source_shapes})
     if missing_src:
         more = f" (and {len(missing_src) - 10} more)" if len(missing_src) > 10 else ""
@@ -178,7 +196,7 @@ def plan(
     if bad_dst:
         raise ConversionError(f"conversion table names unknown model parameter(s): {', '.join(bad_dst[:10])}")
     for c in checks:
-        if c.src in {r.src for r in rules} or sum(d.src == c.src for d in checks) > 1:
+        if c.src in {r.src for r in [*rules, *unused]} or sum(d.src == c.src for d in checks) > 1:
             raise ConversionError(f"conversion table: {c.src} is both checked and used elsewhere")
         if c.equals and source_shapes[c.src] != source_shapes[c.equals]:
             raise ConversionError(
@@ -209,6 +227,8 @@ def plan(
         src_boxes[r.src].append(sbox)
         dst_boxes[r.dst].append(dbox)
         by_target[r.dst].append(r)
+    for u in unused:
+        src_boxes[u.src].append(_box(u.index, source_shapes[u.src], f"{source_name}: {u.src} (unused part)"))
 
     unfilled = sorted(k for k in target_shapes if k not in dst_boxes)
     if unfilled:

@@ -153,7 +153,7 @@ def check_unsealed(path: Path, expected=None) -> None:
 def seal(folder: Path) -> int:
     """Seal every sub-folder of a model folder (or one checkpoint) that has no checksums yet, each checkpoint
     loaded first (`check_unsealed`): damage found is reported instead of sealed."""
-    from jaxedit import checkpoint, model_folder
+    from jaxedit import checkpoint, families, model_folder
 
     expected = {}  # part -> the parameter tree its folder's description implies
     if checkpoint.is_checkpoint(folder):
@@ -165,7 +165,7 @@ def seal(folder: Path) -> int:
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        expected = {p: model_folder.expected_params(preset, p, stored.get(p)) for p in model_folder.PART_CONFIGS
+        expected = {p: model_folder.expected_params(preset, p, stored.get(p)) for p in families.of(preset).parts
                     if getattr(preset, p) is not None and (folder / p).is_dir()}  # fmt: skip
     else:
         print(f"error: {folder} is neither a jaxedit model folder nor an Orbax checkpoint", file=sys.stderr)

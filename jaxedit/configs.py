@@ -12,7 +12,9 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -274,13 +276,146 @@ class QwenVLConfig:
 
 
 @dataclass(frozen=True)
+class QwenImageConfig:
+    """diffusers `QwenImageTransformer2DModel`'s config (the same field names); the defaults are the released
+    Qwen-Image(-Edit) DiT. `theta` and `mlp_ratio` are fixed in diffusers' code, not config fields."""
+
+    patch_size: int = 2
+    in_channels: int = 64  # 16 latent channels x 2x2 patch
+    out_channels: int = 16  # latent channels; the output has patch_size**2 * out_channels features per token
+    num_layers: int = 60
+    attention_head_dim: int = 128
+    num_attention_heads: int = 24
+    joint_attention_dim: int = 3584  # Qwen2.5-VL-7B hidden size
+    axes_dims_rope: tuple[int, ...] = (16, 56, 56)  # (frame, height, width); sums to attention_head_dim
+    zero_cond_t: bool = False  # 2511: reference tokens modulated with timestep 0
+    guidance_embeds: bool = False
+    use_additional_t_cond: bool = False
+    use_layer3d_rope: bool = False
+    theta: int = 10_000
+    mlp_ratio: int = 4
+
+    def __post_init__(self):
+        object.__setattr__(self, "axes_dims_rope", tuple(int(d) for d in self.axes_dims_rope))
+        unsupported = [f for f in ("guidance_embeds", "use_additional_t_cond", "use_layer3d_rope") if getattr(self, f)]
+        if unsupported:
+            raise ValueError(f"QwenImageConfig: {', '.join(unsupported)} not supported (only zero_cond_t is)")
+        if len(self.axes_dims_rope) != 3 or any(d % 2 for d in self.axes_dims_rope):
+            raise ValueError(f"QwenImageConfig: axes_dims_rope must be 3 even sizes, got {self.axes_dims_rope}")
+        if sum(self.axes_dims_rope) != self.attention_head_dim:
+            raise ValueError(
+                f"QwenImageConfig: sum(axes_dims_rope) {sum(self.axes_dims_rope)} != attention_head_dim "
+                f"{self.attention_head_dim}"
+            )
+
+    @property
+    def hidden_size(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def head_dim(self) -> int:
+        return self.attention_head_dim
+
+    @property
+    def mlp_hidden_dim(self) -> int:
+        return self.hidden_size * self.mlp_ratio
+
+    @property
+    def out_features(self) -> int:
+        """Features per output token: a patch of `out_channels` latents."""
+        return self.patch_size**2 * self.out_channels
+
+    @classmethod
+    def from_diffusers(cls, config: Mapping[str, Any]) -> QwenImageConfig:
+        """From a diffusers `transformer/config.json` (keys starting with `_` ignored; unknown keys raise)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        items = {k: v for k, v in config.items() if not k.startswith("_")}
+        unknown = sorted(set(items) - known)
+        if unknown:
+            raise ValueError(f"QwenImageConfig: unknown config keys {unknown}")
+        if items.get("out_channels", 16) is None:  # diffusers: out_channels defaults to in_channels
+            items["out_channels"] = items.get("in_channels", cls.in_channels)
+        return cls(**items)
+
+    @classmethod
+    def tiny(cls, **kw) -> QwenImageConfig:
+        """A 2-layer, 3-head x 16 test model with 40-wide text features."""
+        base = dict(num_layers=2, attention_head_dim=16, num_attention_heads=3, joint_attention_dim=40)
+        return cls(**{**base, "axes_dims_rope": (4, 6, 6), **kw})  # kw may change any of them
+
+
+# the published Qwen-Image VAE (Qwen/Qwen-Image `vae/config.json`, also diffusers' defaults)
+LATENTS_MEAN = (
+    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
+)  # fmt: skip
+LATENTS_STD = (
+    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class QwenImageVAEConfig:
+    """diffusers `AutoencoderKLQwenImage` config fields (defaults: the published Qwen-Image VAE).
+
+    `dropout` is kept for the config's sake (inference runs without it). `attn_scales` must be empty:
+    diffusers' encoder cannot run the attention blocks it would add (they take no feature cache).
+    """
+
+    base_dim: int = 96
+    z_dim: int = 16
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attn_scales: tuple[float, ...] = ()
+    temperal_downsample: tuple[bool, ...] = (False, True, True)
+    dropout: float = 0.0
+    input_channels: int = 3
+    latents_mean: tuple[float, ...] = LATENTS_MEAN
+    latents_std: tuple[float, ...] = LATENTS_STD
+
+    def __post_init__(self):
+        if len(self.temperal_downsample) != len(self.dim_mult) - 1:
+            raise ValueError(
+                f"QwenImageVAEConfig: temperal_downsample {self.temperal_downsample} needs one entry per "
+                f"downsampling level ({len(self.dim_mult) - 1} for dim_mult {self.dim_mult})"
+            )
+        if self.attn_scales:
+            raise ValueError(f"QwenImageVAEConfig: attn_scales {self.attn_scales} is not supported (only [])")
+        if len(self.latents_mean) != self.z_dim or len(self.latents_std) != self.z_dim:
+            raise ValueError(f"QwenImageVAEConfig: latents_mean and latents_std need z_dim={self.z_dim} values each")
+
+    @classmethod
+    def from_diffusers(cls, config: dict) -> QwenImageVAEConfig:
+        """From a diffusers `vae/config.json` (its "_..." keys ignored; an unknown field raises)."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in config if not k.startswith("_") and k not in fields)
+        if unknown:
+            raise ValueError(f"AutoencoderKLQwenImage config: unknown field(s) {', '.join(unknown)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in fields})
+
+    @property
+    def in_channels(self) -> int:
+        return self.input_channels
+
+    @property
+    def z_channels(self) -> int:
+        return self.z_dim
+
+    @property
+    def downsample(self) -> int:
+        """Pixels per latent cell along each side (diffusers' `spatial_compression_ratio`: 8)."""
+        return 2 ** len(self.temperal_downsample)
+
+
+@dataclass(frozen=True)
 class Preset:
     """A named model: its family and the config of each part (None where a part is absent)."""
 
     name: str
-    family: str  # "flux" (text-to-image), "flux-kontext" (editing), "step1x-edit"
-    transformer: FluxConfig
-    vae: AutoEncoderConfig | None = None
+    family: str  # a family's name (`jaxedit.families`): "flux-kontext", "step1x-edit", "qwen-image-edit", ...
+    transformer: Any  # the family's config type of each part (`jaxedit.families.Family.configs`)
+    vae: Any = None
     t5: T5Config | None = None
     clip: CLIPTextConfig | None = None
     connector: ConnectorConfig | None = None  # Step1X-Edit: stored in the transformer checkpoint

@@ -32,21 +32,14 @@ from typing import Any
 from jaxedit import configs, families
 
 FORMAT, VERSION = "jaxedit-model", 1
-PART_CONFIGS = {
-    "transformer": configs.FluxConfig,
-    "vae": configs.AutoEncoderConfig,
-    "t5": configs.T5Config,
-    "clip": configs.CLIPTextConfig,
-}
 TOKENIZERS = {"clip": "tokenizer", "t5": "tokenizer_2"}
 # every sub-folder a model folder may hold (checkpoints, tokenizer and processor files), each sealed
-SUBFOLDERS = (*PART_CONFIGS, "qwen", *TOKENIZERS.values(), "qwen_processor")
-# configs in the description: the parts (one folder each) and the connector (inside transformer/)
-DESCRIBED_CONFIGS = PART_CONFIGS | {"connector": configs.ConnectorConfig}
+SUBFOLDERS = ("transformer", "vae", "t5", "clip", "qwen", *TOKENIZERS.values(), "qwen_processor")
 
 
 def preset_to_dict(preset: configs.Preset, options: dict | None = None) -> dict:
-    cfg = {p: dataclasses.asdict(getattr(preset, p)) for p in DESCRIBED_CONFIGS if getattr(preset, p) is not None}
+    described = families.of(preset).part_configs  # the parts (one folder each) and configs inside them (connector)
+    cfg = {p: dataclasses.asdict(getattr(preset, p)) for p in described if getattr(preset, p) is not None}
     d = {"format": FORMAT, "version": VERSION, "preset": preset.name, "family": preset.family, "config": cfg}
     return d | ({"pipeline": dict(options)} if options else {})
 
@@ -59,7 +52,7 @@ def preset_from_dict(d: dict, where: str = "jaxedit.json") -> configs.Preset:
             f"{where}: field 'family' is {d.get('family')!r}; expected one of {', '.join(families.names())}"
         )
     parts = {}
-    for part, cls in DESCRIBED_CONFIGS.items():
+    for part, cls in families.get(d["family"]).part_configs.items():
         raw = d.get("config", {}).get(part) if isinstance(d.get("config"), dict) else None
         if raw is not None and not isinstance(raw, dict):
             raise ValueError(f"{where}: config.{part} is {type(raw).__name__}; expected an object of fields")

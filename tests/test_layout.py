@@ -236,8 +236,12 @@ SHARED_PACKAGES = ("jaxedit", "checkpoints_convert", "train", "infer")
 # a family's own modules: shared code reaches them through `jaxedit.families` only
 FAMILY_MODULES = ("jaxedit.families.", "jaxedit.kontext", "jaxedit.step1x", "jaxedit.models.step1x",
                   "jaxedit.models.connector", "jaxedit.models.qwen2_5_vl", "jaxedit.names.step1x",
-                  "jaxedit.names.qwen2_5_vl", "checkpoints_convert.kontext", "checkpoints_convert.step1x")  # fmt: skip
-FAMILY_WORDS = re.compile(r"step1x|kontext", re.IGNORECASE)  # in identifiers (a docstring may name a family)
+                  "jaxedit.names.qwen2_5_vl", "checkpoints_convert.kontext", "checkpoints_convert.step1x",
+                  "jaxedit.qwen_image", "jaxedit.models.qwen_image", "jaxedit.names.qwen_image",
+                  "checkpoints_convert.qwen_image")  # fmt: skip
+FAMILY_WORDS = re.compile(
+    r"step1x|kontext|qwen_?image", re.IGNORECASE
+)  # in identifiers (a docstring may name a family)
 FAMILY_FIELDS = ("connector", "qwen", "t5", "clip")  # preset fields only some families have
 FAMILY_KEYS = ("txt_mask",)  # batch keys only some families' batches have
 

@@ -27,7 +27,7 @@ from typing import Any
 from jaxedit import configs
 
 # one line per family: the module whose FAMILY is that family
-MODULES = ("jaxedit.families.kontext", "jaxedit.families.step1x")
+MODULES = ("jaxedit.families.kontext", "jaxedit.families.step1x", "jaxedit.families.qwen_image")
 
 
 class Family:
@@ -39,9 +39,13 @@ class Family:
     # model part (a `configs.Preset` field; a model folder's sub-folder) -> (jaxedit.models module, class);
     # in this order (random_model seeds each part by its position)
     parts: dict[str, tuple[str, str]] = {}
+    # the preset fields a model folder's jaxedit.json describes ("config"), with their config types: the parts
+    # and configs stored inside them (Step1X-Edit's connector)
+    part_configs: dict[str, type] = {}
     lora_parts: tuple[str, ...] = ()  # parts a LoRA file may change (none: LoRAs are refused)
     max_references: int | None = None  # reference images an item may have (None: any number)
     reference_index: float = 1.0  # the objective's first id coordinate of reference tokens (0: the target's)
+    vae_methods: tuple[str, str] = ("encode", "decode")  # the VAE's methods: images <-> transformer latents
     cfg_passes: int = 1  # transformer passes per denoising step (classifier-free guidance doubles the batch)
     # the preset fields its transformer is built from besides `transformer` (Step1X-Edit: its connector)
     transformer_configs: tuple[str, ...] = ()

@@ -68,6 +68,8 @@ class Kontext(Family):
     names = ("flux-kontext", "flux")
     presets = _presets()
     converter = "checkpoints_convert.kontext"
+    part_configs = {"transformer": configs.FluxConfig, "vae": configs.AutoEncoderConfig, "t5": configs.T5Config,
+                    "clip": configs.CLIPTextConfig}  # fmt: skip
     parts = {
         "transformer": ("flux", "Flux"),
         "vae": ("autoencoder", "AutoEncoder"),

@@ -73,6 +73,8 @@ class Step1X(Family):
     names = ("step1x-edit",)
     presets = _presets()
     converter = "checkpoints_convert.step1x"
+    part_configs = {"transformer": configs.FluxConfig, "vae": configs.AutoEncoderConfig,
+                    "connector": configs.ConnectorConfig}  # fmt: skip
     parts = {"transformer": ("step1x", "Step1XEdit"), "vae": ("autoencoder", "AutoEncoder")}
     lora_parts = ()
     max_references = 1  # Qwen2.5-VL sees the one source image

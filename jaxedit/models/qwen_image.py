@@ -20,8 +20,7 @@ run under `nn.scan`.
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -30,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from jaxedit.configs import QwenImageConfig
 from jaxedit.models import qwen_image_rope as rope
 from jaxedit.models.attention import dot_product_attention
 from jaxedit.models.flux import stacked, token_chunked
@@ -50,75 +50,6 @@ from jaxedit.models.layers import (
 from jaxedit.parallel.sharding import constrain, param_init
 
 Dtype = Any
-
-
-@dataclasses.dataclass(frozen=True)
-class QwenImageConfig:
-    """diffusers `QwenImageTransformer2DModel`'s config (the same field names); the defaults are the released
-    Qwen-Image(-Edit) DiT. `theta` and `mlp_ratio` are fixed in diffusers' code, not config fields."""
-
-    patch_size: int = 2
-    in_channels: int = 64  # 16 latent channels x 2x2 patch
-    out_channels: int = 16  # latent channels; the output has patch_size**2 * out_channels features per token
-    num_layers: int = 60
-    attention_head_dim: int = 128
-    num_attention_heads: int = 24
-    joint_attention_dim: int = 3584  # Qwen2.5-VL-7B hidden size
-    axes_dims_rope: tuple[int, ...] = (16, 56, 56)  # (frame, height, width); sums to attention_head_dim
-    zero_cond_t: bool = False  # 2511: reference tokens modulated with timestep 0
-    guidance_embeds: bool = False
-    use_additional_t_cond: bool = False
-    use_layer3d_rope: bool = False
-    theta: int = 10_000
-    mlp_ratio: int = 4
-
-    def __post_init__(self):
-        object.__setattr__(self, "axes_dims_rope", tuple(int(d) for d in self.axes_dims_rope))
-        unsupported = [f for f in ("guidance_embeds", "use_additional_t_cond", "use_layer3d_rope") if getattr(self, f)]
-        if unsupported:
-            raise ValueError(f"QwenImageConfig: {', '.join(unsupported)} not supported (only zero_cond_t is)")
-        if len(self.axes_dims_rope) != 3 or any(d % 2 for d in self.axes_dims_rope):
-            raise ValueError(f"QwenImageConfig: axes_dims_rope must be 3 even sizes, got {self.axes_dims_rope}")
-        if sum(self.axes_dims_rope) != self.attention_head_dim:
-            raise ValueError(
-                f"QwenImageConfig: sum(axes_dims_rope) {sum(self.axes_dims_rope)} != attention_head_dim "
-                f"{self.attention_head_dim}"
-            )
-
-    @property
-    def hidden_size(self) -> int:
-        return self.num_attention_heads * self.attention_head_dim
-
-    @property
-    def head_dim(self) -> int:
-        return self.attention_head_dim
-
-    @property
-    def mlp_hidden_dim(self) -> int:
-        return self.hidden_size * self.mlp_ratio
-
-    @property
-    def out_features(self) -> int:
-        """Features per output token: a patch of `out_channels` latents."""
-        return self.patch_size**2 * self.out_channels
-
-    @classmethod
-    def from_diffusers(cls, config: Mapping[str, Any]) -> QwenImageConfig:
-        """From a diffusers `transformer/config.json` (keys starting with `_` ignored; unknown keys raise)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        items = {k: v for k, v in config.items() if not k.startswith("_")}
-        unknown = sorted(set(items) - known)
-        if unknown:
-            raise ValueError(f"QwenImageConfig: unknown config keys {unknown}")
-        if items.get("out_channels", 16) is None:  # diffusers: out_channels defaults to in_channels
-            items["out_channels"] = items.get("in_channels", cls.in_channels)
-        return cls(**items)
-
-    @classmethod
-    def tiny(cls, **kw) -> QwenImageConfig:
-        """A 2-layer, 3-head x 16 test model with 40-wide text features."""
-        base = dict(num_layers=2, attention_head_dim=16, num_attention_heads=3, joint_attention_dim=40)
-        return cls(**{**base, "axes_dims_rope": (4, 6, 6), **kw})  # kw may change any of them
 
 
 EDIT_2509 = QwenImageConfig()

@@ -27,7 +27,6 @@ transformer; `denormalize` before decoding); `encode` / `decode` work on raw lat
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any
 
@@ -36,75 +35,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxedit.configs import QwenImageVAEConfig
 from jaxedit.models.attention import dot_product_attention
 from jaxedit.models.autoencoder import conv
 from jaxedit.models.layers import dense, ones
 from jaxedit.parallel.sharding import param_init
 
 Dtype = Any
-
-# the published Qwen-Image VAE (Qwen/Qwen-Image `vae/config.json`, also diffusers' defaults)
-LATENTS_MEAN = (
-    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
-    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
-)  # fmt: skip
-LATENTS_STD = (
-    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
-    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
-)  # fmt: skip
-
-
-@dataclasses.dataclass(frozen=True)
-class QwenImageVAEConfig:
-    """diffusers `AutoencoderKLQwenImage` config fields (defaults: the published Qwen-Image VAE).
-
-    `dropout` is kept for the config's sake (inference runs without it). `attn_scales` must be empty:
-    diffusers' encoder cannot run the attention blocks it would add (they take no feature cache).
-    """
-
-    base_dim: int = 96
-    z_dim: int = 16
-    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
-    num_res_blocks: int = 2
-    attn_scales: tuple[float, ...] = ()
-    temperal_downsample: tuple[bool, ...] = (False, True, True)
-    dropout: float = 0.0
-    input_channels: int = 3
-    latents_mean: tuple[float, ...] = LATENTS_MEAN
-    latents_std: tuple[float, ...] = LATENTS_STD
-
-    def __post_init__(self):
-        if len(self.temperal_downsample) != len(self.dim_mult) - 1:
-            raise ValueError(
-                f"QwenImageVAEConfig: temperal_downsample {self.temperal_downsample} needs one entry per "
-                f"downsampling level ({len(self.dim_mult) - 1} for dim_mult {self.dim_mult})"
-            )
-        if self.attn_scales:
-            raise ValueError(f"QwenImageVAEConfig: attn_scales {self.attn_scales} is not supported (only [])")
-        if len(self.latents_mean) != self.z_dim or len(self.latents_std) != self.z_dim:
-            raise ValueError(f"QwenImageVAEConfig: latents_mean and latents_std need z_dim={self.z_dim} values each")
-
-    @classmethod
-    def from_diffusers(cls, config: dict) -> QwenImageVAEConfig:
-        """From a diffusers `vae/config.json` (its "_..." keys ignored; an unknown field raises)."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(k for k in config if not k.startswith("_") and k not in fields)
-        if unknown:
-            raise ValueError(f"AutoencoderKLQwenImage config: unknown field(s) {', '.join(unknown)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in fields})
-
-    @property
-    def in_channels(self) -> int:
-        return self.input_channels
-
-    @property
-    def z_channels(self) -> int:
-        return self.z_dim
-
-    @property
-    def downsample(self) -> int:
-        """Pixels per latent cell along each side (diffusers' `spatial_compression_ratio`: 8)."""
-        return 2 ** len(self.temperal_downsample)
 
 
 def encoder_blocks(cfg: QwenImageVAEConfig) -> list[tuple[str, int, int]]:

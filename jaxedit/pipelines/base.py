@@ -21,7 +21,6 @@ import numpy as np
 from PIL import Image
 
 from jaxedit import configs, model_folder, sampling
-from jaxedit.models.autoencoder import AutoEncoder
 from jaxedit.parallel import placement
 from jaxedit.parallel import sharding as sh
 from jaxedit.pipelines.batch import NonFiniteError
@@ -262,9 +261,11 @@ class EditPipelineBase:
         self.params = self.place(params)
         self._row_meshes: dict[int, jax.sharding.Mesh] = {}  # `row_mesh`
         self._views: tuple = (None, None)  # ((rows, the parameters viewed), their views on those rows): `params_on`
-        self.vae = AutoEncoder(preset.vae, dtype=vae_dtype, param_dtype=vae_dtype)
-        self.encode_images = jax.jit(lambda p, x: self.vae.apply({"params": p}, x, method="encode"))
-        self.decode_latents = jax.jit(lambda p, z: self.vae.apply({"params": p}, z, method="decode"))
+        family = self.family
+        self.vae = family.module(preset, "vae", dtype=vae_dtype, param_dtype=vae_dtype)
+        encode, decode = family.vae_methods  # images <-> the latents the transformer sees
+        self.encode_images = jax.jit(lambda p, x: self.vae.apply({"params": p}, x, method=encode))
+        self.decode_latents = jax.jit(lambda p, z: self.vae.apply({"params": p}, z, method=decode))
 
     def part_shardings(self, part: str, params: Any = None, mesh: jax.sharding.Mesh | None = None) -> Any:
         """The NamedShardings of `part`'s parameters on the pipeline's mesh (or `mesh`), quantised as `params` is
@@ -289,7 +290,7 @@ class EditPipelineBase:
         rep = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         out = {}
         for part, tree in params.items():
-            if part in model_folder.PART_CONFIGS and getattr(self.preset, part, None) is not None:
+            if part in self.family.parts and getattr(self.preset, part, None) is not None:
                 out[part] = jax.device_put(tree, self.part_shardings(part, tree))
             else:
                 out[part] = jax.device_put(tree, rep)

@@ -1,0 +1,129 @@
+"""Qwen-Image-Edit (family "qwen-image-edit": the 2509 and 2511 releases): a 60-block dual-stream MMDiT conditioned
+on Qwen2.5-VL-7B's last hidden states of the instruction and the reference image(s) (up to 3, "Picture N:"), the
+Qwen-Image VAE (Wan-2.1 style, 16 channels, per-channel latent mean and std), true classifier-free guidance with
+norm rescaling, the reference latents packed after the target's.
+
+Its pipeline and conditioning live in `jaxedit.qwen_image`, its models in `jaxedit.models.qwen_image` (+ `_rope`,
+`_vae`), its converter in `checkpoints_convert.qwen_image`; this module says what the shared code asks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jaxedit import configs
+from jaxedit.families import Family
+
+
+def _presets() -> tuple[configs.Preset, ...]:
+    c = configs
+    tiny = c.QwenImageConfig(num_layers=2, attention_head_dim=16, num_attention_heads=3, joint_attention_dim=28,
+                             axes_dims_rope=(4, 6, 6))  # fmt: skip
+    tiny_vae = c.QwenImageVAEConfig(base_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=1)
+    tiny_qwen = c.QwenVLConfig(  # for planning and compile tests (a converted folder carries its own)
+        c.QwenVisionConfig(
+            depth=2,
+            hidden_size=16,
+            intermediate_size=24,
+            num_heads=2,
+            window_size=56,
+            out_hidden_size=28,
+            fullatt_block_indexes=(1,),
+        ),
+        c.QwenTextConfig(
+            vocab_size=256,
+            hidden_size=28,
+            intermediate_size=40,
+            num_layers=2,
+            num_heads=2,
+            num_kv_heads=1,
+            mrope_section=(1, 3, 3),
+        ),
+        image_token_id=250,
+        vision_start_token_id=251,
+        vision_end_token_id=252,
+    )
+    full = {"vae": c.QwenImageVAEConfig(), "qwen": c.QwenVLConfig()}
+    return (
+        c.Preset("qwen-image-edit-2509", "qwen-image-edit", c.QwenImageConfig(), **full),
+        c.Preset("qwen-image-edit-2511", "qwen-image-edit", c.QwenImageConfig(zero_cond_t=True), **full),
+        # tiny widths, full structure
+        c.Preset("qwen-image-edit-tiny", "qwen-image-edit", tiny, tiny_vae, qwen=tiny_qwen),
+    )  # fmt: skip
+
+
+class QwenImageEdit(Family):
+    title = "Qwen-Image-Edit"
+    names = ("qwen-image-edit",)
+    presets = _presets()
+    converter = "checkpoints_convert.qwen_image"
+    part_configs = {"transformer": configs.QwenImageConfig, "vae": configs.QwenImageVAEConfig}
+    parts = {"transformer": ("qwen_image", "QwenImageTransformer"), "vae": ("qwen_image_vae", "QwenImageVAE")}
+    lora_parts = ()
+    max_references = 3  # the Plus pipeline's "Picture 1..3"
+    reference_index = 1.0  # (unused: positions come from the images' shapes, `jaxedit.models.qwen_image_rope`)
+    vae_methods = ("encode_normalized", "decode_normalized")  # (z - latents_mean) / latents_std
+    cfg_passes = 2  # true CFG on [prompts | negative prompts]
+
+    def example_inputs(self, preset: configs.Preset, part: str) -> tuple:
+        if part == "transformer":
+            from jaxedit.models import qwen_image
+
+            return qwen_image.example_inputs(preset.transformer)
+        if part == "vae":
+            from jaxedit.models import qwen_image_vae
+
+            return qwen_image_vae.example_inputs(preset.vae)
+        return super().example_inputs(preset, part)
+
+    def description_extra(self, preset: configs.Preset) -> dict | None:
+        """The "qwen" entry, no Qwen2.5-VL yet (converted in with the release, or later)."""
+        from jaxedit.qwen_image.text import qwen_entry
+
+        return qwen_entry(None)
+
+    # -- pipeline and command line
+
+    def pipeline(self) -> type:
+        from jaxedit.qwen_image.pipeline import QwenImageEditPipeline
+
+        return QwenImageEditPipeline
+
+    def footprint(self, preset: configs.Preset, dtype: Any, quantize: str | None, text_on_cpu: bool = False):
+        return self.pipeline().footprint(preset, dtype, quantize, preset.qwen)
+
+    def load_options(self, args: Any, preset: configs.Preset) -> dict:
+        refused = [f for f in ("lora", "reference_ids", "reference_tokens", "text_on_cpu", "size_level", "keep_size")
+                   if getattr(args, f, None)]  # fmt: skip
+        if refused:
+            flag = refused[0].replace("_", "-")
+            raise ValueError(f"--{flag} does not apply to {self.title} models")
+        kw = {"max_image_tokens": args.max_tokens} if args.max_tokens else {}
+        return kw | ({"qwen": args.qwen} if args.qwen else {})
+
+    def configure(self, pipe: Any, args: Any) -> None:
+        """True CFG from --true-cfg-scale / --negative-prompt (the other one: the model's)."""
+        if args.true_cfg_scale is None and args.negative_prompt is None:
+            return
+        scale = pipe.true_cfg_scale if args.true_cfg_scale is None else args.true_cfg_scale
+        try:
+            pipe.set_true_cfg(scale, pipe.negative_prompt if args.negative_prompt is None else args.negative_prompt)
+        except ValueError as e:
+            raise ValueError(f"--true-cfg-scale: {e}") from None
+
+    # -- training (not yet: the issue's item 4)
+
+    def check_train(self, cfg: Any) -> None:
+        raise ValueError(f"training {self.title} models is not supported yet")
+
+    # -- planner
+
+    def text_tokens(self, preset: configs.Preset) -> int:
+        return 512  # the pipeline's max_sequence_length bound; an instruction with one image is ~300
+
+    def sample_inputs(self, pipe, batch: int, h: int, w: int, steps: int, *, references: int, text_tokens: int,
+                      quantize: str | None) -> tuple:  # fmt: skip
+        return pipe.sample_inputs(batch, h, w, steps, references=references, text_tokens=text_tokens,
+                                  quantize=quantize)  # fmt: skip
+
+
+FAMILY = QwenImageEdit()

@@ -239,9 +239,8 @@ FAMILY_MODULES = ("jaxedit.families.", "jaxedit.kontext", "jaxedit.step1x", "jax
                   "jaxedit.names.qwen2_5_vl", "checkpoints_convert.kontext", "checkpoints_convert.step1x",
                   "jaxedit.qwen_image", "jaxedit.models.qwen_image", "jaxedit.names.qwen_image",
                   "checkpoints_convert.qwen_image")  # fmt: skip
-FAMILY_WORDS = re.compile(
-    r"step1x|kontext|qwen_?image", re.IGNORECASE
-)  # in identifiers (a docstring may name a family)
+# in identifiers (a docstring may name a family)
+FAMILY_WORDS = re.compile(r"step1x|kontext|qwen_?image", re.IGNORECASE)
 FAMILY_FIELDS = ("connector", "qwen", "t5", "clip")  # preset fields only some families have
 FAMILY_KEYS = ("txt_mask",)  # batch keys only some families' batches have
 

@@ -431,8 +431,8 @@ class EditPipelineBase:
     def generate(self, prepared, prompts, seeds, *, guidance, steps, latents=None, output="pil", **options):
         """One batch of items sharing a bucket -> PIL images (or the final packed latents, output="latents"):
         the prompts' conditioning (`conditioning`), each reference encoded and packed alone, the token layout
-        [target | references] (`jaxedit.sampling.edit_ids`), the jitted denoising loop (`denoise_args`), the
-        decoded images (`output_images`). options: the family's (`conditioning`)."""
+        [target | references] and its ids (`image_ids`), the schedule (`schedule`), the jitted denoising loop
+        (`denoise_args`), the decoded images (`output_images`). options: the family's (`conditioning`)."""
         b = self.check_batch(prepared, prompts, seeds, guidance)
         text = self.conditioning(prepared, list(prompts), **options)
         bp = self.batch_plan(prepared, steps)
@@ -443,20 +443,30 @@ class EditPipelineBase:
                 ref_lat = self.encode_images(params["vae"], bp.put(np.stack([p.references[i] for p in prepared])))
                 refs.append(sampling.pack(ref_lat))
                 grids.append((ref_lat.shape[1] // 2, ref_lat.shape[2] // 2))
-            ids = sampling.edit_ids(h // 2, w // 2, grids, self.reference_ids, self.family.reference_index)
+            ids = self.image_ids(h // 2, w // 2, grids)
             refs = self.put_batch(mesh, jnp.concatenate(refs, axis=1)) if refs else None
             if latents is None:
                 noise = sampling.noise_for_seeds(jnp.asarray(seeds), (h, w, self.preset.vae.z_channels))
                 latents = sampling.pack(noise)
             x = bp.put(np.asarray(latents, np.float32))
-            img_ids = bp.put(np.broadcast_to(ids, (b, *ids.shape)))
-            timesteps = self.replicated(mesh, sampling.flux_schedule(bp.steps, (h // 2) * (w // 2)))
+            img_ids = None if ids is None else bp.put(np.broadcast_to(ids, (b, *ids.shape)))
+            timesteps = self.replicated(mesh, self.schedule(bp.steps, (h // 2) * (w // 2)))
             x = self.denoise(*self.denoise_args(bp, text, x, refs, img_ids, bp.put(np.asarray(guidance, np.float32)),
                                                 timesteps))  # fmt: skip
             if output == "latents":
                 return np.asarray(x)[:b]
             images = self.decode_latents(params["vae"], sampling.unpack(x, h, w))
         return self.output_images(np.asarray(images)[:b], prepared)
+
+    def image_ids(self, h2: int, w2: int, grids: list[tuple[int, int]]) -> np.ndarray | None:
+        """Hook: the ids [tokens, 3] of [target | references] (`jaxedit.sampling.edit_ids`; None: the model takes
+        no ids)."""
+        return sampling.edit_ids(h2, w2, grids, self.reference_ids, self.family.reference_index)
+
+    def schedule(self, steps: int, image_seq_len: int) -> np.ndarray:
+        """Hook: the denoising loop's times for `steps` steps of a target of `image_seq_len` tokens (FLUX's
+        shifted schedule)."""
+        return sampling.flux_schedule(steps, image_seq_len)
 
     def conditioning(self, prepared: list, prompts: list[str], **options) -> Any:
         """Hook: the prompts' text conditioning on the host (with anything else `denoise_args` needs), options

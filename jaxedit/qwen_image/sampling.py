@@ -1,0 +1,115 @@
+"""Qwen-Image-Edit's sampling: diffusers' `FlowMatchEulerDiscreteScheduler` schedule as the edit pipelines set it
+(sigmas linspace(1, 1/N, N), the resolution-dependent shift mu, exponential time shift, stretched to end at
+`shift_terminal`), true classifier-free guidance with norm rescaling, and the jitted Euler loop over
+[target | references] tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxedit.sampling import edit_tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    """The fields of a diffusers `scheduler/scheduler_config.json` the edit pipelines use (the converter copies a
+    release's into the model folder's pipeline option "scheduler"); defaults: Qwen-Image's."""
+
+    base_image_seq_len: int = 256
+    max_image_seq_len: int = 8192
+    base_shift: float = 0.5
+    max_shift: float = 0.9
+    shift_terminal: float | None = 0.02
+    time_shift_type: str = "exponential"
+    use_dynamic_shifting: bool = True
+    shift: float = 1.0
+    num_train_timesteps: int = 1000
+
+    def __post_init__(self):
+        if self.time_shift_type not in ("exponential", "linear"):
+            raise ValueError(f"scheduler time_shift_type {self.time_shift_type!r}: use exponential or linear")
+        if self.shift_terminal is not None and not 0 <= self.shift_terminal < 1:
+            raise ValueError(f"scheduler shift_terminal {self.shift_terminal} is outside [0, 1)")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SchedulerConfig:
+        """From a scheduler_config.json's fields (the others, e.g. "_class_name", ignored)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def calculate_shift(image_seq_len: int, cfg: SchedulerConfig) -> float:
+    """mu, linear in the target's token count (the pipelines' `calculate_shift`)."""
+    m = (cfg.max_shift - cfg.base_shift) / (cfg.max_image_seq_len - cfg.base_image_seq_len)
+    return image_seq_len * m + cfg.base_shift - m * cfg.base_image_seq_len
+
+
+def schedule(steps: int, image_seq_len: int, cfg: SchedulerConfig = SchedulerConfig()) -> np.ndarray:
+    """[2, steps + 1] float32: the sigmas 1 > ... > 0 (the Euler steps' times) and the transformer's timestep at
+    each (sigma * 1000 / 1000 in float32, as the pipeline divides the scheduler's timesteps by 1000)."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if steps == 1 and cfg.shift_terminal:  # the stretch divides by 1 - sigma = 0 (diffusers' sigmas are NaN)
+        raise ValueError(f"1 step cannot end at shift_terminal {cfg.shift_terminal}: use 2 or more steps, or a "
+                         "scheduler without shift_terminal (a few-step LoRA's)")  # fmt: skip
+    sigmas = np.linspace(1.0, 1 / steps, steps).astype(np.float32)
+    if cfg.use_dynamic_shifting:
+        mu = calculate_shift(image_seq_len, cfg)
+        if cfg.time_shift_type == "exponential":
+            sigmas = math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1) ** 1.0)
+        else:
+            sigmas = mu / (mu + (1 / sigmas - 1) ** 1.0)
+    else:
+        sigmas = cfg.shift * sigmas / (1 + (cfg.shift - 1) * sigmas)
+    if cfg.shift_terminal:
+        one_minus = 1 - sigmas
+        sigmas = 1 - one_minus / (one_minus[-1] / (1 - cfg.shift_terminal))
+    sigmas = np.asarray(sigmas, np.float32)
+    model_t = (sigmas * np.float32(cfg.num_train_timesteps)) / np.float32(1000)
+    return np.stack([np.append(sigmas, np.float32(0)), np.append(model_t, np.float32(0))]).astype(np.float32)
+
+
+def guide(cond: jax.Array, uncond: jax.Array, scale) -> jax.Array:
+    """True CFG with norm rescaling: uncond + scale (cond - uncond), rescaled per token to the norm of cond
+    (float32)."""
+    cond, uncond = cond.astype(jnp.float32), uncond.astype(jnp.float32)
+    comb = uncond + scale * (cond - uncond)
+    cond_norm = jnp.linalg.norm(cond, axis=-1, keepdims=True)
+    return comb * (cond_norm / jnp.linalg.norm(comb, axis=-1, keepdims=True))
+
+
+ModelFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]  # (img, txt, mask, t) -> velocity
+
+
+def denoise(model: ModelFn, x_BLF, ref_BLF, txt, mask, negative, scale, times) -> jax.Array:
+    """Euler from sigma 1 to 0 over `times` ([2, N + 1]: `schedule`): the transformer on [target | references]
+    (its output's target tokens), with true CFG when `negative` = (txt, mask) is given. The step is float32,
+    cast back to x's dtype (diffusers' scheduler)."""
+    n, b = x_BLF.shape[1], x_BLF.shape[0]
+
+    def velocity(x, t):
+        inp = edit_tokens(x, [] if ref_BLF is None else [ref_BLF])
+        pos = model(inp, txt, mask, t)[:, :n]
+        if negative is None:
+            return pos
+        neg = model(inp, *negative, t)[:, :n]
+        return guide(pos, neg, scale)
+
+    def step(x, s):
+        sigma, sigma_next, t = s
+        v = velocity(x, jnp.full((b,), t, jnp.float32))
+        return (x.astype(jnp.float32) + (sigma_next - sigma) * v.astype(jnp.float32)).astype(x_BLF.dtype), None
+
+    times = jnp.asarray(times, jnp.float32)
+    x, _ = jax.lax.scan(step, x_BLF, (times[0, :-1], times[0, 1:], times[1, :-1]))
+    return x

@@ -37,6 +37,9 @@ class FamilyConverter:
 
     parts: dict[str, Part] = {}  # the family's own part specs by part name (besides the shared ones)
     published: tuple = ()  # `checkpoints_convert.published.Published` entries of the family's presets
+    # a diffusers release's folder of each part (model_index.json at the top)
+    diffusers_dirs: dict[str, str] = {"transformer": "transformer", "vae": "vae", "clip": "text_encoder",
+                                      "t5": "text_encoder_2"}  # fmt: skip
 
     def part_config(self, preset: Any, part: str) -> Any:
         """The config `load_part(part, ...)` takes for a preset (None: the preset has no such part)."""
@@ -59,9 +62,14 @@ class FamilyConverter:
         """{part: (checkpoint path, config)} of the parts converted from the further sources."""
         return {}
 
-    def write_extra(self, new: Path, preset: Any, inputs: dict[str, Any]) -> dict:
-        """Write what a new model folder `new` gets besides the parts and tokenizers; the further top-level
-        jaxedit.json entries."""
+    def release_folders(self, preset: Any) -> dict[str, str]:
+        """{name: folder in the release} of further folders the conversion reads (besides the parts' and the
+        tokenizers'), e.g. a processor's files."""
+        return {}
+
+    def write_extra(self, new: Path, preset: Any, inputs: dict[str, Any], paths: dict[str, Path]) -> dict:
+        """Write what a new model folder `new` gets besides the parts and tokenizers (paths: where `locate` found
+        the release's parts and folders); the further top-level jaxedit.json entries."""
         return {}
 
     def notes(self, dst: Path, preset: Any, inputs: dict[str, Any]) -> list[str]:

@@ -30,8 +30,6 @@ from checkpoints_convert.source import SafetensorsSource
 from jaxedit.configs import Preset
 from jaxedit.model_folder import TOKENIZERS, write_description
 
-DIFFUSERS_DIRS = {"transformer": "transformer", "vae": "vae", "clip": "text_encoder", "t5": "text_encoder_2"}
-
 
 def _classify_top_files(src: Path, skip=()) -> dict[str, Path]:
     """BFL layout: which top-level .safetensors is the DiT and which the VAE (from their keys).
@@ -59,12 +57,14 @@ def locate(src: str | Path, preset: Preset, overrides: dict[str, str | Path] | N
     if not src.is_dir():
         raise FileNotFoundError(f"source folder not found: {src}")
     overrides = {k: Path(v) for k, v in (overrides or {}).items() if v}
-    needed = family.of(preset).release_parts(preset, part_names())
+    conv = family.of(preset)
+    needed, dirs = conv.release_parts(preset, part_names()), conv.diffusers_dirs
     if (src / "model_index.json").is_file():
-        paths = {p: src / DIFFUSERS_DIRS[p] for p in needed}
+        paths = {p: src / dirs[p] for p in needed}
     else:
         top = _classify_top_files(src, skip=set(overrides))
-        paths = {p: top.get(p, src / DIFFUSERS_DIRS[p]) for p in needed}
+        paths = {p: top.get(p, src / dirs[p]) for p in needed}
+    paths |= {name: src / d for name, d in conv.release_folders(preset).items()}
     for p in needed:
         if getattr(preset, p) is not None and p in TOKENIZERS:
             paths[TOKENIZERS[p]] = src / TOKENIZERS[p]
@@ -128,7 +128,7 @@ def convert_pipeline(
             if part in opened:
                 shutil.copytree(paths[folder], new / folder)
                 seal(new / folder)
-        extra = conv.write_extra(new, preset, inputs)
+        extra = conv.write_extra(new, preset, inputs, paths)
         if quantize:
             extra["quantized"] = {p: quantize for p in opened if p in quant.RULES}
         write_description(new, preset, extra=extra)

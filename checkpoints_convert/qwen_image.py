@@ -16,9 +16,12 @@ from typing import Any
 import jax
 import numpy as np
 
-from checkpoints_convert.mapping import Plan, Rule, convert, copy, flatten, linear, plan, unflatten
+from checkpoints_convert.family import FamilyConverter, Part
+from checkpoints_convert.mapping import ConversionError, Plan, Rule, convert, copy, flatten, linear, plan, unflatten
+from checkpoints_convert.published import Published
 from checkpoints_convert.source import SafetensorsSource
-from jaxedit.models.qwen_image import QwenImageConfig, abstract_params
+from jaxedit.configs import QwenImageConfig, QwenImageVAEConfig
+from jaxedit.models.qwen_image import abstract_params
 
 FORMATS = ("diffusers",)
 
@@ -91,3 +94,79 @@ def load_qwen_image_transformer(
         source.dtype(key)  # ConversionError naming the file for an unsupported dtype
     place = place or (lambda _, a: jax.device_put(a))
     return unflatten(convert(the_plan, source.read, dtype=dtype, source_dtype=source.dtype, place=place))
+
+
+# ---------------------------------------------------------------------------------------
+# The family's converter: a diffusers release (model_index.json; transformer/ in shards with their index, vae/,
+# text_encoder/ (Qwen2.5-VL-7B), tokenizer/, processor/, scheduler/)
+
+QWEN_PROCESSOR_DIRS = ("tokenizer", "processor")  # their files make qwen_processor/ (the processor's win)
+
+
+def _transformer_rules(source, cfg: QwenImageConfig, fmt: str | None):
+    if fmt not in (None, *FORMATS):
+        raise ConversionError(f"a Qwen-Image transformer is read in layout 'diffusers', not {fmt!r}")
+    return diffusers_rules(cfg), "diffusers"
+
+
+def _vae_rules(source, cfg, fmt: str | None):
+    from checkpoints_convert import qwen_image_vae as vae
+
+    if fmt not in (None, vae.FORMAT):
+        raise ConversionError(f"a Qwen-Image VAE is read in layout {vae.FORMAT!r}, not {fmt!r}")
+    return vae.diffusers_rules(cfg), vae.FORMAT
+
+
+def _vae_targets(cfg):
+    from checkpoints_convert import qwen_image_vae as vae
+
+    return vae.target_shapes(cfg)
+
+
+class QwenImageConverter(FamilyConverter):
+    """The transformer and VAE from the release's folders, its Qwen2.5-VL (text_encoder/) as qwen/ with the
+    tokenizer and processor files as qwen_processor/, and its scheduler's settings as the folder's pipeline option
+    "scheduler"."""
+
+    parts = {
+        "transformer": Part(QwenImageConfig, _transformer_rules, target_shapes, FORMATS),
+        "vae": Part(QwenImageVAEConfig, _vae_rules, _vae_targets, ("diffusers",)),
+    }
+    diffusers_dirs = {"transformer": "transformer", "vae": "vae", "qwen": "text_encoder"}
+    published = (Published("diffusers-qwen-image-vae", "vae", "diffusers", ("qwen-image-edit-2509",
+                                                                             "qwen-image-edit-2511")),)  # fmt: skip
+
+    def release_folders(self, preset) -> dict[str, str]:
+        return {d: d for d in (*QWEN_PROCESSOR_DIRS, "scheduler")}
+
+    def write_extra(self, new: Path, preset, inputs: dict, paths: dict) -> dict:
+        """qwen_processor/ (the tokenizer's and the processor's files, the text encoder's config.json), the "qwen"
+        entry, the scheduler's settings."""
+        import json
+        import shutil
+
+        from jaxedit.qwen_image.text import QWEN_PROCESSOR, qwen_entry
+
+        from jaxedit.checkpoint import seal
+        from jaxedit.qwen_image.sampling import SchedulerConfig
+
+        out = new / QWEN_PROCESSOR
+        out.mkdir()
+        for d in QWEN_PROCESSOR_DIRS:
+            for f in sorted(paths[d].iterdir()):
+                if f.is_file():
+                    shutil.copy2(f, out / f.name)
+        shutil.copy2(paths["qwen"] / "config.json", out / "config.json")
+        seal(out)
+        extra = qwen_entry(None, None, preset.qwen)
+        sched = paths["scheduler"] / "scheduler_config.json"
+        if sched.is_file():
+            try:
+                config = SchedulerConfig.from_dict(json.loads(sched.read_text()))
+            except (json.JSONDecodeError, TypeError, ValueError) as e:
+                raise ConversionError(f"{sched}: {e}") from None
+            extra["pipeline"] = {"scheduler": config.to_dict()}
+        return extra
+
+
+CONVERTER = QwenImageConverter()

@@ -109,7 +109,7 @@ class Step1XConverter(FamilyConverter):
     def input_sources(self, inputs: dict) -> dict:
         return {"qwen": (inputs["qwen"], inputs["qwen_cfg"])} if inputs else {}
 
-    def write_extra(self, new: Path, preset: Preset, inputs: dict) -> dict:
+    def write_extra(self, new: Path, preset: Preset, inputs: dict, paths: dict) -> dict:
         from jaxedit.step1x.text import QWEN_PROCESSOR, QwenEmbedderConfig, qwen_entry
 
         if inputs:

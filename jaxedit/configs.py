@@ -53,6 +53,11 @@ class FluxConfig:
     def mlp_hidden_dim(self) -> int:
         return int(self.hidden_size * self.mlp_ratio)
 
+    @property
+    def stacks(self) -> tuple[tuple[str, int], ...]:
+        """(parameter key, layers) of each stack of blocks (`nn.scan`-stacked parameters)."""
+        return (("double_blocks", self.depth), ("single_blocks", self.depth_single_blocks))
+
 
 @dataclass(frozen=True)
 class ConnectorConfig:
@@ -319,6 +324,11 @@ class QwenImageConfig:
     @property
     def mlp_hidden_dim(self) -> int:
         return self.hidden_size * self.mlp_ratio
+
+    @property
+    def stacks(self) -> tuple[tuple[str, int], ...]:
+        """(parameter key, layers) of each stack of blocks (`nn.scan`-stacked parameters)."""
+        return (("transformer_blocks", self.num_layers),)
 
     @property
     def out_features(self) -> int:

@@ -330,7 +330,7 @@ def sample_pipeline(preset, mesh, attention: str):
 def analytic_forward_flops(cfg, tokens: int) -> float:
     """2 x (per-token block weights) x L + 4 x L^2 x D x blocks (conventions.md; embedders and
     per-sample modulation left out). Full size: 2 x 6.455e9 x L + 4 x L^2 x 3072 x 57."""
-    d, m, n = cfg.hidden_size, cfg.mlp_hidden_dim, cfg.depth + cfg.depth_single_blocks
+    d, m, n = cfg.hidden_size, cfg.mlp_hidden_dim, sum(layers for _, layers in cfg.stacks)
     return 2.0 * n * (4 * d * d + 2 * d * m) * tokens + 4.0 * tokens * tokens * d * n
 
 

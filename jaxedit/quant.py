@@ -2,7 +2,7 @@
 
 What is quantised (`RULES`): every linear kernel inside the stacked blocks, where nearly all the weights
 are. FLUX / Step1X-Edit DiT: `double_blocks/` and `single_blocks/` (attention qkv and output projections,
-MLPs and the modulation heads: 11.8B of FLUX.1's 11.9B parameters). T5-XXL: `block/` (q, k, v, o, wi_0,
+MLPs and the modulation heads: 11.8B of FLUX.1's 11.9B parameters); Qwen-Image's `transformer_blocks/`. T5-XXL: `block/` (q, k, v, o, wi_0,
 wi_1, wo: 4.6B of 4.8B). What stays in the compute dtype, and why: the input and output projections
 (`img_in`, `txt_in`, the time / guidance / pooled-vector MLPs, `final_layer`: 0.1% of the weights, at the
 model's two ends where an error reaches the velocity unaveraged), biases, norm scales, T5's token
@@ -30,7 +30,7 @@ from flax import traverse_util
 
 MODES = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}
 RULES = {
-    "transformer": re.compile(r"^(double_blocks|single_blocks)/.*/kernel$"),
+    "transformer": re.compile(r"^(double_blocks|single_blocks|transformer_blocks)/.*/kernel$"),
     "t5": re.compile(r"^block/.*/kernel$"),
 }
 IN_AXIS = 1  # every quantised kernel is stacked over layers: [L, in, *out]

@@ -194,8 +194,7 @@ def block_bytes(preset: configs.Preset, dtype: Any, quantize: str | None) -> flo
 
     tree = quant.cast(model_folder.expected_params(preset, "transformer", quantize), dtype)
     cfg = preset.transformer
-    sizes = [placement.tree_bytes(tree[k]) / n for k, n in (("double_blocks", cfg.depth),
-             ("single_blocks", cfg.depth_single_blocks)) if k in tree and n]  # fmt: skip
+    sizes = [placement.tree_bytes(tree[k]) / n for k, n in cfg.stacks if k in tree and n]
     return max(sizes, default=0.0)
 
 

@@ -262,3 +262,29 @@ class QwenImageEditPipeline(EditPipelineBase):
             return self.model.apply({"params": tparams}, img.astype(dtype), txt_.astype(dtype), mask_, t, img_shapes)
 
         return qs.denoise(model, x, refs, txt, mask, negative, scale, times)
+
+    def sample_inputs(
+        self, batch: int, h: int, w: int, steps: int, *, references: int = 1, text_tokens: int | None = None,
+        quantize: str | None = None,
+    ) -> tuple[jax.sharding.Mesh, tuple]:  # fmt: skip
+        """(mesh, arguments of `denoise`) as ShapeDtypeStructs placed as `generate` places them for `batch` items
+        of h x w latent cells with `references` references of that size and `text_tokens` Qwen tokens (true CFG
+        on, the negative prompt as long): the program `jaxedit plan` compiles."""
+        from jaxedit.parallel import sharding as sh
+
+        mesh, size = self.batch_mesh(batch)
+        cfg, f32, nt = self.preset.transformer, jnp.float32, (h // 2) * (w // 2)
+        lt = text_tokens or self.family.text_tokens(self.preset)
+
+        def b(shape, dtype=f32):
+            return jax.ShapeDtypeStruct((size, *shape), dtype, sharding=sh.batch_sharding(mesh, 1 + len(shape)))
+
+        rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        llm = (b((lt, cfg.joint_attention_dim)), b((lt,), jnp.int32))
+        img_shapes = ((1, h // 2, w // 2),) * (1 + references)
+        return mesh, (
+            self.abstract_part("transformer", self.model.dtype, quantize, mesh), b((nt, cfg.in_channels)),
+            b((references * nt, cfg.in_channels)) if references else None, *llm, llm,
+            jax.ShapeDtypeStruct((), f32, sharding=rep), jax.ShapeDtypeStruct((2, steps + 1), f32, sharding=rep),
+            img_shapes,
+        )  # fmt: skip

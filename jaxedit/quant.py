@@ -1,13 +1,13 @@
 """Weight quantisation with qwix: int8 or fp8 (e4m3) kernels with one scale per output channel.
 
-What is quantised (`RULES`): every linear kernel inside the stacked blocks, where nearly all the weights
-are. FLUX / Step1X-Edit DiT: `double_blocks/` and `single_blocks/` (attention qkv and output projections,
-MLPs and the modulation heads: 11.8B of FLUX.1's 11.9B parameters); Qwen-Image's `transformer_blocks/`. T5-XXL: `block/` (q, k, v, o, wi_0,
-wi_1, wo: 4.6B of 4.8B). What stays in the compute dtype, and why: the input and output projections
-(`img_in`, `txt_in`, the time / guidance / pooled-vector MLPs, `final_layer`: 0.1% of the weights, at the
-model's two ends where an error reaches the velocity unaveraged), biases, norm scales, T5's token
-embedding (a table lookup, not a matmul) and relative-position bias, the Step1X-Edit connector (small),
-CLIP-L and the VAE (small, and the VAE runs in float32).
+What is quantised (`RULES`): every linear kernel inside the stacked blocks, where nearly all the weights are. FLUX /
+Step1X-Edit DiT: `double_blocks/` and `single_blocks/` (attention qkv and output projections, MLPs and the
+modulation heads: 11.8B of FLUX.1's 11.9B parameters); Qwen-Image's `transformer_blocks/`. T5-XXL: `block/` (q, k,
+v, o, wi_0, wi_1, wo: 4.6B of 4.8B). What stays in the compute dtype, and why: the input and output projections
+(`img_in`, `txt_in`, the time / guidance / pooled-vector MLPs, `final_layer`: 0.1% of the weights, at the model's
+two ends where an error reaches the velocity unaveraged), biases, norm scales, T5's token embedding (a table lookup,
+not a matmul) and relative-position bias, the Step1X-Edit connector (small), CLIP-L and the VAE (small, and the VAE
+runs in float32).
 
 Stored: `kernel` in int8 / float8_e4m3fn with the float kernel's shape [L, in, *out], beside it `kernel_scale`
 float32 [L, 1, *out] (absmax over the input axis / qwix's bound for the type: 127.5 for int8, its top bucket used

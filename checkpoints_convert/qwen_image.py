@@ -100,6 +100,7 @@ def load_qwen_image_transformer(
 # The family's converter: a diffusers release (model_index.json; transformer/ in shards with their index, vae/,
 # text_encoder/ (Qwen2.5-VL-7B), tokenizer/, processor/, scheduler/)
 
+EDIT_PRESETS = ("qwen-image-edit-2509", "qwen-image-edit-2511")
 QWEN_PROCESSOR_DIRS = ("tokenizer", "processor")  # their files make qwen_processor/ (the processor's win)
 
 
@@ -133,8 +134,11 @@ class QwenImageConverter(FamilyConverter):
         "vae": Part(QwenImageVAEConfig, _vae_rules, _vae_targets, ("diffusers",)),
     }
     diffusers_dirs = {"transformer": "transformer", "vae": "vae", "qwen": "text_encoder"}
-    published = (Published("diffusers-qwen-image-vae", "vae", "diffusers", ("qwen-image-edit-2509",
-                                                                             "qwen-image-edit-2511")),)  # fmt: skip
+    published = (
+        Published("diffusers-qwen-image-edit-transformer", "transformer", "diffusers", EDIT_PRESETS),
+        Published("diffusers-qwen-image-vae", "vae", "diffusers", EDIT_PRESETS),
+        Published("hf-qwen2.5-vl-7b", "qwen", "transformers", EDIT_PRESETS),
+    )
 
     def release_folders(self, preset) -> dict[str, str]:
         return {d: d for d in (*QWEN_PROCESSOR_DIRS, "scheduler")}

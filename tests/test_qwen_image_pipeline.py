@@ -63,6 +63,22 @@ def test_one_step_cannot_reach_the_terminal_shift():
     np.testing.assert_array_equal(qs.schedule(1, 16, lightning)[0], s.sigmas.numpy())
 
 
+@pytest.mark.parametrize("name", ["qwen-image-edit-2509", "qwen-image-edit-2511"])
+def test_published_checkpoints_map_completely(name):
+    """The published DiT (1,933 tensors, 20.4B values), VAE and Qwen2.5-VL-7B (manifests: names and shapes) map
+    onto the preset's parameters, every parameter filled once (the converter's plan; nothing is read)."""
+    from checkpoints_convert import ShapeSource, part_config, plan_part
+    from checkpoints_convert.published import candidates, manifest_shapes
+    from jaxedit import presets
+
+    preset = presets.get(name)
+    found = {p.part: p.name for part in ("transformer", "vae", "qwen") for p in candidates(part, preset=name)}
+    assert set(found) == {"transformer", "vae", "qwen"}
+    for part, manifest in found.items():
+        the_plan = plan_part(part, ShapeSource(manifest_shapes(manifest), manifest), part_config(preset, part))
+        assert the_plan.fmt in ("diffusers", "transformers")
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """Tiny diffusers DiT (2509 and 2511 share the weights) and VAE, saved and converted."""

@@ -5,7 +5,8 @@
     pipe = family.pipeline().load(folder)
 
 A `Family` owns everything that differs between families: the names it answers to (a preset's and a model
-folder's "family"), its parts (preset fields, one checkpoint sub-folder each) and their model classes, its
+folder's "family"), its parts (preset fields, one checkpoint sub-folder each) and their model classes, the
+LoRA files its models read (the parts they change, their key spellings, each part's name table), its
 pipeline and text conditioning, the training pieces that differ (batch keys, encoders, the loss's model call),
 the planner's inputs and the command-line options that apply to it. Shared code asks a preset's family; it
 never tests which family it has (tests/test_layout.py checks the modules that do so).
@@ -42,7 +43,8 @@ class Family:
     # the preset fields a model folder's jaxedit.json describes ("config"), with their config types: the parts
     # and configs stored inside them (Step1X-Edit's connector)
     part_configs: dict[str, type] = {}
-    lora_parts: tuple[str, ...] = ()  # parts a LoRA file may change (none: LoRAs are refused)
+    # parts a LoRA file may change (none: LoRAs are refused); their tables: `lora_table`, file keys: `lora_keys`
+    lora_parts: tuple[str, ...] = ()
     max_references: int | None = None  # reference images an item may have (None: any number)
     reference_index: float = 1.0  # the objective's first id coordinate of reference tokens (0: the target's)
     vae_methods: tuple[str, str] = ("encode", "decode")  # the VAE's methods: images <-> transformer latents
@@ -87,6 +89,20 @@ class Family:
         """(the preset's transformer module, example inputs for its `init`). kw: module arguments (dtype,
         param_dtype, scan_layers, remat_policy, attention_impl)."""
         return self.module(preset, "transformer", **kw), self.example_inputs(preset, "transformer")
+
+    # -- LoRA files ------------------------------------------------------------------------------------------
+
+    def lora_table(self, preset: configs.Preset, part: str, naming: str) -> list | None:
+        """The name table (`jaxedit.names` rules, for the preset's config of `part`) that places a LoRA on the
+        part's torch Linears as LoRA files of the family's models name them in `naming`
+        (`jaxedit.lora.formats.Term.naming`: "bfl", "diffusers", "hf"); None: no such names. The LoRA loader
+        (`jaxedit.lora.targets`) and the converter read the same table."""
+        return None
+
+    def lora_keys(self) -> Any:
+        """How LoRA files of the family's models spell their keys (a `jaxedit.lora.formats.KeyLayout`: prefixes
+        -> part and naming, suffixes, bare module names); asked only of a family with `lora_parts`."""
+        raise NotImplementedError(f"{self.title}: LoRA files")
 
     def present_parts(self, preset: configs.Preset) -> list[str]:
         """The family's parts this preset has (a config given)."""

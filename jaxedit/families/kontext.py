@@ -88,6 +88,23 @@ class Kontext(Family):
             return flux.example_inputs(preset.transformer)
         return super().example_inputs(preset, part)
 
+    # -- LoRA files
+
+    def lora_table(self, preset: configs.Preset, part: str, naming: str) -> list | None:
+        """The transformer in BFL or diffusers names (`jaxedit.names.flux`), CLIP and T5 in transformers'."""
+        from jaxedit.names import flux, text
+
+        tables = {("transformer", "bfl"): flux.bfl_rules, ("transformer", "diffusers"): flux.diffusers_rules,
+                  ("clip", "hf"): text.clip_rules, ("t5", "hf"): text.t5_rules}  # fmt: skip
+        table = tables.get((part, naming))
+        return None if table is None or getattr(preset, part) is None else table(getattr(preset, part))
+
+    def lora_keys(self) -> Any:
+        """What diffusers' `FluxLoraLoaderMixin` reads (`jaxedit.lora.formats.FLUX_KEYS`)."""
+        from jaxedit.lora.formats import FLUX_KEYS
+
+        return FLUX_KEYS
+
     # -- pipeline and command line
 
     def pipeline(self) -> type:

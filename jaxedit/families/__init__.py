@@ -226,12 +226,14 @@ def get(name: str) -> Family:
         raise KeyError(f"unknown model family {name!r}; known: {', '.join(names())}") from None
 
 
-def transformer_preset(transformer: configs.FluxConfig, **more: Any) -> configs.Preset:
-    """A preset of just a transformer, of the family whose transformer is built from exactly the further configs
-    given (`more`'s not-None values, e.g. Step1X-Edit's connector; none: FLUX.1 Kontext), for code handed the
-    configs rather than a preset (the train step's `Trainer`). ValueError when no family's transformer is."""
+def transformer_preset(transformer: Any, **more: Any) -> configs.Preset:
+    """A preset of just a transformer, of the family whose transformer has that config type and is built from
+    exactly the further configs given (`more`'s not-None values, e.g. Step1X-Edit's connector; none: FLUX.1
+    Kontext), for code handed the configs rather than a preset (the train step's `Trainer`). ValueError when no
+    family's transformer is."""
     more = {k: v for k, v in more.items() if v is not None}
-    found = [f for f in all_families() if set(f.transformer_configs) == set(more)]
+    found = [f for f in all_families() if set(f.transformer_configs) == set(more)
+             and isinstance(transformer, f.part_configs["transformer"])]  # fmt: skip
     if len(found) != 1:
         raise ValueError(f"no model family's transformer is built from {', '.join(['transformer', *more])}")
     return configs.Preset(f"{found[0].names[0]}-transformer", found[0].names[0], transformer, **more)

@@ -62,6 +62,11 @@ class FamilyConverter:
         """{part: (checkpoint path, config)} of the parts converted from the further sources."""
         return {}
 
+    def release_config(self, preset: Any, part: str, paths: dict[str, Path]) -> Any:
+        """The config a release's part is converted with (paths: where `locate` found the release's parts):
+        the preset's (`part_config`), or what the release's own files say (a text encoder's config.json)."""
+        return self.part_config(preset, part)
+
     def release_folders(self, preset: Any) -> dict[str, str]:
         """{name: folder in the release} of further folders the conversion reads (besides the parts' and the
         tokenizers'), e.g. a processor's files."""

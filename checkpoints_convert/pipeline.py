@@ -111,7 +111,7 @@ def convert_pipeline(
     paths = locate(src, preset, overrides)
     opened = {}  # every part checked before any is converted
     for part in conv.release_parts(preset, part_names()):
-        opened[part] = open_part(part, paths[part], conv.part_config(preset, part))
+        opened[part] = open_part(part, paths[part], conv.release_config(preset, part, paths))
     for part, (path, cfg) in conv.input_sources(inputs).items():
         opened[part] = open_part(part, path, cfg)
     log(f"checked {', '.join(f'{p} ({o[1].fmt})' for p, o in opened.items())} against preset {preset.name}")

@@ -110,6 +110,12 @@ class QwenImageConverter(FamilyConverter):
         Published("hf-qwen2.5-vl-7b", "qwen", "transformers", EDIT_PRESETS),
     )
 
+    def release_config(self, preset, part: str, paths: dict):
+        """The Qwen2.5-VL's from its config.json (its width checked against the DiT's text width)."""
+        if part != "qwen":
+            return super().release_config(preset, part, paths)
+        return qwen_config(paths["qwen"], preset)
+
     def release_folders(self, preset) -> dict[str, str]:
         return {d: d for d in (*QWEN_PROCESSOR_DIRS, "scheduler")}
 
@@ -132,7 +138,7 @@ class QwenImageConverter(FamilyConverter):
                     shutil.copy2(f, out / f.name)
         shutil.copy2(paths["qwen"] / "config.json", out / "config.json")
         seal(out)
-        extra = qwen_entry(None, None, preset.qwen)
+        extra = qwen_entry(None, None, qwen_config(paths["qwen"], preset))
         sched = paths["scheduler"] / "scheduler_config.json"
         if sched.is_file():
             try:
@@ -144,3 +150,23 @@ class QwenImageConverter(FamilyConverter):
 
 
 CONVERTER = QwenImageConverter()
+
+
+def qwen_config(folder: Path, preset):
+    """The `QwenVLConfig` of a transformers Qwen2.5-VL folder (its config.json), checked: its width must be the
+    DiT's text width. ConversionError naming the file."""
+    import json
+
+    from jaxedit.configs import QwenVLConfig
+
+    path = Path(folder) / "config.json"
+    try:
+        cfg = QwenVLConfig.from_hf(json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise ConversionError(f"{path}: missing (the Qwen2.5-VL text encoder's config)") from None
+    except (json.JSONDecodeError, TypeError, ValueError) as e:
+        raise ConversionError(f"{path}: {e}") from None
+    if cfg.text.hidden_size != preset.transformer.joint_attention_dim:
+        raise ConversionError(f"{path}: hidden size {cfg.text.hidden_size} != the transformer's text width "
+                              f"{preset.transformer.joint_attention_dim}")  # fmt: skip
+    return cfg

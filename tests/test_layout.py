@@ -234,11 +234,12 @@ def test_every_replacing_write_goes_through_jaxedit_staged():
 # which family it has (STYLE 16). Family-specific code lives in the family's own modules (FAMILY_MODULES).
 SHARED_PACKAGES = ("jaxedit", "checkpoints_convert", "train", "infer")
 # a family's own modules: shared code reaches them through `jaxedit.families` only
+# (Qwen2.5-VL, `jaxedit.models.qwen2_5_vl` / `jaxedit.names.qwen2_5_vl` / `jaxedit.qwen_vl`, is shared: Step1X-Edit
+# and Qwen-Image-Edit both condition on it)
 FAMILY_MODULES = ("jaxedit.families.", "jaxedit.kontext", "jaxedit.step1x", "jaxedit.models.step1x",
-                  "jaxedit.models.connector", "jaxedit.models.qwen2_5_vl", "jaxedit.names.step1x",
-                  "jaxedit.names.qwen2_5_vl", "checkpoints_convert.kontext", "checkpoints_convert.step1x",
-                  "jaxedit.qwen_image", "jaxedit.models.qwen_image", "jaxedit.names.qwen_image",
-                  "checkpoints_convert.qwen_image")  # fmt: skip
+                  "jaxedit.models.connector", "jaxedit.names.step1x", "checkpoints_convert.kontext",
+                  "checkpoints_convert.step1x", "jaxedit.qwen_image", "jaxedit.models.qwen_image",
+                  "jaxedit.names.qwen_image", "checkpoints_convert.qwen_image")  # fmt: skip
 # in identifiers (a docstring may name a family)
 FAMILY_WORDS = re.compile(r"step1x|kontext|qwen_?image", re.IGNORECASE)
 FAMILY_FIELDS = ("connector", "qwen", "t5", "clip")  # preset fields only some families have

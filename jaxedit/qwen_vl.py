@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,13 +72,14 @@ class QwenSection:
     model: Any = None
 
 
-def read_qwen_section(folder, config_type: type) -> QwenSection:
-    """The "qwen" entry of an opened `ModelFolder`, its "config" read by `config_type.from_dict`."""
+def read_qwen_section(folder, parse_config: Callable[[dict], Any]) -> QwenSection:
+    """The "qwen" entry of an opened `ModelFolder`, its "config" read by `parse_config` (the family's config
+    type's `from_dict`)."""
     from jaxedit.configs import QwenVLConfig
 
     q = folder.qwen
     path, model = q.get("path"), QwenVLConfig.from_dict(q["model"]) if q.get("model") else None
-    config = config_type.from_dict(q.get("config", {}))
+    config = parse_config(q.get("config", {}))
     return QwenSection(None if path is None else folder.path / Path(path), config, model)
 
 

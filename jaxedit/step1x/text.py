@@ -97,7 +97,7 @@ def qwen_entry(path: str | Path | None, config: QwenEmbedderConfig | None = None
 def qwen_section(folder: ModelFolder) -> QwenSection:
     """The "qwen" entry of an opened Step1X-Edit model folder (the one place it is interpreted; `qwen_entry`
     writes it): its config a `QwenEmbedderConfig`."""
-    return qwen_vl.read_qwen_section(folder, QwenEmbedderConfig)
+    return qwen_vl.read_qwen_section(folder, QwenEmbedderConfig.from_dict)
 
 
 def read_qwen(folder: str | Path | ModelFolder) -> tuple[Path | None, QwenEmbedderConfig]:

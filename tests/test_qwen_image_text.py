@@ -67,7 +67,8 @@ def forward_token_types(module, args, kwargs):
 
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
-    """(diffusers Plus pipeline with the tiny Qwen2.5-VL, the single-image Edit pipeline, our embedder)."""
+    """(diffusers Plus pipeline with the tiny Qwen2.5-VL, the single-image Edit pipeline, our embedder, its model
+    folder)."""
     from checkpoints_convert import load_part
     from jaxedit import configs, presets
     from jaxedit.model_folder import write_description, write_part
@@ -105,7 +106,7 @@ def release(tmp_path_factory):
             shutil.copy2(f, folder / qt.QWEN_PROCESSOR / f.name)
     ours = qt.load_qwen_image_embedder(folder, dtype="float32", attention_impl="xla")
     assert ours.config.drop_tokens == drop and ours.config.picture_prefixes
-    return plus, single, ours
+    return plus, single, ours, folder
 
 
 def diffusers_condition_image(pipe, img):
@@ -124,7 +125,7 @@ def reference(pipe, prompt, images):
 
 @pytest.mark.parametrize("w,h", [(400, 300), (250, 330), (4096, 3771), (97, 1000), (384, 384)])
 def test_condition_images_match_diffusers(release, w, h):
-    plus, single, _ = release
+    plus, single, _, _ = release
     assert qt.calculate_dimensions(384 * 384, w / h) == edit_plus.calculate_dimensions(384 * 384, w / h)
     assert qt.calculate_dimensions(1024 * 1024, w / h) == edit_single.calculate_dimensions(1024 * 1024, w / h)[:2]
     img = image(w % 7, w, h)
@@ -135,7 +136,7 @@ def test_condition_images_match_diffusers(release, w, h):
 
 def test_inputs_match_the_processor(release):
     """Token ids (image pads expanded per image), pixel values and grids: those diffusers' processor call gives."""
-    plus, _, ours = release
+    plus, _, ours, _ = release
     conditions = [diffusers_condition_image(plus, im) for im in IMAGES]
     text = plus.prompt_template_encode.format("".join(f"Picture {i + 1}: <|vision_start|><|image_pad|><|vision_end|>"
                                                       for i in range(2)) + PROMPTS[1])  # fmt: skip
@@ -152,7 +153,7 @@ def test_inputs_match_the_processor(release):
 @pytest.mark.parametrize("n", [1, 2])
 def test_embeddings_match_diffusers(release, n):
     """One item with one reference, one with two of different sizes: the kept rows <= 1e-5, the same mask."""
-    plus, _, ours = release
+    plus, _, ours, _ = release
     want, want_mask = reference(plus, PROMPTS[n - 1], [diffusers_condition_image(plus, im) for im in IMAGES[:n]])
     emb, mask = ours.encode([PROMPTS[n - 1]], [IMAGES[:n]])
     assert emb.shape == (1, len(want), ours.encoder.hidden_size) and emb.dtype == np.float32
@@ -165,7 +166,7 @@ def test_embeddings_match_diffusers(release, n):
 def test_batch_pads_to_the_longest(release):
     """Two items (prompts of different lengths, one and two references) in one batch: each item's rows equal
     diffusers' of the item alone, zero-padded to the longest with mask 0."""
-    plus, _, ours = release
+    plus, _, ours, _ = release
     items = [(PROMPTS[0], IMAGES[:1]), (PROMPTS[1], IMAGES[::-1])]
     emb, mask = ours.encode([p for p, _ in items], [ims for _, ims in items])
     lengths = []
@@ -182,7 +183,7 @@ def test_batch_pads_to_the_longest(release):
 
 def test_the_reference_without_token_types_differs(release):
     """Without mm_token_type_ids diffusers' encoder runs 1-D positions: far from the 3-D positions' result."""
-    plus, _, ours = release
+    plus, _, ours, _ = release
     conditions = [diffusers_condition_image(plus, IMAGES[0])]
     TOKEN_TYPES["on"] = False
     try:
@@ -195,7 +196,7 @@ def test_the_reference_without_token_types_differs(release):
 
 def test_single_image_pipeline(release):
     """The first Qwen-Image-Edit's pipeline (`SINGLE_IMAGE`: no "Picture 1: "), on an image resized already."""
-    _, single, ours = release
+    _, single, ours, _ = release
     cfg = dataclasses.replace(qt.SINGLE_IMAGE, drop_tokens=ours.config.drop_tokens)
     other = qt.QwenImageEmbedder(ours.encoder, ours.tokenizer, ours.image_processor, cfg)
     img = image(3, 150, 100)
@@ -208,7 +209,7 @@ def test_single_image_pipeline(release):
 
 
 def test_truncation_and_cache(release, tmp_path, monkeypatch):
-    _, _, ours = release
+    _, _, ours, _ = release
     full, _ = ours.encode(PROMPTS[:1], [IMAGES[:1]])
     n = full.shape[1]
     short = qt.QwenImageEmbedder(ours.encoder, ours.tokenizer, ours.image_processor,
@@ -223,6 +224,39 @@ def test_truncation_and_cache(release, tmp_path, monkeypatch):
     emb2, mask2 = ours.encode(PROMPTS, [IMAGES[:1], IMAGES], cache_dir=tmp_path)
     np.testing.assert_array_equal(emb2, emb)
     np.testing.assert_array_equal(mask2, mask)
+
+
+def test_sharded_embedder_equals_one_device(release):
+    """Loaded onto a data=2 x fsdp=2 mesh (weights split by fsdp, straight from the folder; the two items split
+    over the batch axes, padded to four rows): the same embeddings and masks as on one device."""
+    import jax
+
+    from jaxedit.parallel import sharding as sh
+
+    _, _, ours, folder = release
+    mesh = sh.make_mesh(sh.MeshConfig(data=2, fsdp=2), jax.devices()[:4])
+    sharded = qt.load_qwen_image_embedder(folder, dtype="float32", attention_impl="xla", mesh=mesh)
+    assert sharded.encoder.params["language_model"]["layers"]["q_proj"]["kernel"].sharding.spec[1] == "fsdp"
+    items = (PROMPTS, [IMAGES[:1], IMAGES])
+    (emb, mask), (want, want_mask) = sharded.encode(*items), ours.encode(*items)
+    np.testing.assert_array_equal(mask, want_mask)
+    assert rel_err(emb, want) <= 1e-6
+
+
+def test_loading_refuses_what_it_cannot_use(release, tmp_path):
+    from jaxedit import presets
+    from jaxedit.model_folder import write_description
+
+    plus, _, _, folder = release
+    plus.text_encoder.config.save_pretrained(tmp_path / "hf")
+    with pytest.raises(ValueError, match="transformers folder"):
+        qt.load_qwen_image_embedder(tmp_path / "hf")
+    (tmp_path / "bare").mkdir()
+    write_description(tmp_path / "bare", presets.get("qwen-image-edit-tiny"), extra=qt.qwen_entry(None))
+    with pytest.raises(FileNotFoundError, match="no converted Qwen2.5-VL"):
+        qt.load_qwen_image_embedder(tmp_path / "bare")
+    with pytest.raises(ValueError, match="unknown Qwen-Image text config"):
+        qt.QwenImageTextConfig.from_dict({"drop_tokens": 64, "max_length": 3})
 
 
 def test_library_imports_no_torch():

@@ -262,13 +262,13 @@ def load_qwen_image_embedder(
     (on `mesh`, straight into their sharding, when given), its tokenizer / image processor in qwen_processor/, its
     "qwen" entry's config (another family's folder, whose Qwen2.5-VL is borrowed: the default) unless `config` is
     given. A Qwen-Image-Edit folder's transformer must take the Qwen2.5-VL's width (joint_attention_dim)."""
-    from jaxedit.families.qwen_image import FAMILY
+    from jaxedit.configs import QwenImageConfig
 
     if not isinstance(folder, ModelFolder) and not (Path(folder) / "jaxedit.json").is_file():
         if (Path(folder) / "config.json").is_file():
             raise ValueError(f"{folder} is a transformers folder, not a model folder: convert the release first")
     opened = ModelFolder.of(folder)
-    ours = opened.family in FAMILY.names
+    ours = isinstance(opened.preset.transformer, QwenImageConfig)  # a Qwen-Image-Edit folder (else: borrowed)
     section = qwen_section(opened) if ours else qwen_vl.read_qwen_section(opened, dict)
     if section.model is None or not (opened.path / "qwen").is_dir():
         raise FileNotFoundError(f"{opened.path} holds no converted Qwen2.5-VL (qwen/ and its jaxedit.json entry)")

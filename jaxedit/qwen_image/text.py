@@ -141,8 +141,8 @@ class QwenImageEmbedder:
             if got != want:
                 raise ValueError(f"the tokenizer's {token} is id {got}, the Qwen2.5-VL's {want}")
 
-    @classmethod
-    def load_processor(cls, path: str | Path):
+    @staticmethod
+    def load_processor(path: str | Path):
         """(tokenizer, image processor) of a folder: a model folder's qwen_processor/ (a release's processor/)."""
         path = Path(path)
         for f in ("tokenizer_config.json", "preprocessor_config.json"):

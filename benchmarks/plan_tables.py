@@ -62,7 +62,7 @@ def render(results: Path) -> str:
         est = f"{r['compiler_seconds']:.2f}" if r.get("compiler_seconds") is not None else "-"
         mfu = f"{r['mfu_bound_seconds']:.2f}" if r.get("mfu_bound_seconds") else "-"
         ratio = f"{r['compiler_seconds'] / r['mfu_bound_seconds']:.2f}x" if est != "-" and mfu != "-" else "-"
-        program = r["task"] + (" (Step1X)" if r["preset"].startswith("step1x") else "")
+        program = r["task"] + (f" ({r['preset']})" if r["preset"] != "flux-kontext-dev" else "")
         program += " t2i" if r["reference_tokens"] == 0 and r["task"] not in ("vae-decode", "text") else ""
         program += f" {r['references']} refs" if r.get("references", 1) > 1 else ""
         quantized = r["args"].split("--quantize ", 1)[1].split()[0] if "--quantize " in r["args"] else "none"

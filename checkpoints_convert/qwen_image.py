@@ -1,10 +1,8 @@
-"""Key table for the Qwen-Image(-Edit 2509 / 2511) DiT: diffusers `QwenImageTransformer2DModel` -> jaxedit
-`QwenImageTransformer` (`jaxedit/models/qwen_image.py`).
+"""The Qwen-Image(-Edit 2509 / 2511) DiT's files: diffusers `QwenImageTransformer2DModel` folders -> jaxedit
+`QwenImageTransformer` params, checked and streamed; the family's converter (a diffusers release).
 
-Nearly the identity: every torch Linear becomes a Dense (weight transposed), every block's tensors land at
-their layer of the stacked `transformer_blocks` parameters, and three torch containers lose a level
-(`img_mod.1` -> `img_mod/lin`, `img_mlp.net.0.proj` / `img_mlp.net.2` -> `img_mlp/0` / `img_mlp/2`,
-`attn.to_out.0` -> `attn/to_out_0`).
+The DiT's key table itself is the library's (`jaxedit.names.qwen_image.diffusers_rules`), which the LoRA
+loader derives from as well.
 """
 
 from __future__ import annotations
@@ -17,45 +15,17 @@ import jax
 import numpy as np
 
 from checkpoints_convert.family import FamilyConverter, Part
-from checkpoints_convert.mapping import ConversionError, Plan, Rule, convert, copy, flatten, linear, plan, unflatten
+from checkpoints_convert.mapping import ConversionError, Plan, convert, flatten, plan, unflatten
 from checkpoints_convert.published import Published
 from checkpoints_convert.source import SafetensorsSource
 from jaxedit.configs import QwenImageConfig, QwenImageVAEConfig
 from jaxedit.models.qwen_image import abstract_params
+from jaxedit.names.qwen_image import ATTN_LINEARS, ATTN_NORMS, diffusers_rules
+
+__all__ = ["ATTN_LINEARS", "ATTN_NORMS", "CONVERTER", "FORMATS", "diffusers_rules", "load_qwen_image_transformer",
+           "plan_transformer", "target_shapes"]  # fmt: skip
 
 FORMATS = ("diffusers",)
-
-# diffusers name under `transformer_blocks.N.attn.` -> ours under `transformer_blocks/attn/`
-ATTN_LINEARS = {
-    "to_q": "to_q",
-    "to_k": "to_k",
-    "to_v": "to_v",
-    "to_out.0": "to_out_0",
-    "add_q_proj": "add_q_proj",
-    "add_k_proj": "add_k_proj",
-    "add_v_proj": "add_v_proj",
-    "to_add_out": "to_add_out",
-}
-ATTN_NORMS = ("norm_q", "norm_k", "norm_added_q", "norm_added_k")
-
-
-def diffusers_rules(cfg: QwenImageConfig) -> list[Rule]:
-    """diffusers `QwenImageTransformer2DModel` (a `transformer/` folder) -> QwenImageTransformer params."""
-    rules = linear("img_in", "img_in") + linear("txt_in", "txt_in") + copy("txt_norm.weight", "txt_norm/weight")
-    for n in ("linear_1", "linear_2"):
-        rules += linear(f"time_text_embed.timestep_embedder.{n}", f"time_text_embed/timestep_embedder/{n}")
-    rules += linear("norm_out.linear", "norm_out/linear") + linear("proj_out", "proj_out")
-    for i in range(cfg.num_layers):
-        s, d = f"transformer_blocks.{i}", "transformer_blocks"
-        for stream in ("img", "txt"):
-            rules += linear(f"{s}.{stream}_mod.1", f"{d}/{stream}_mod/lin", layer=i)
-            rules += linear(f"{s}.{stream}_mlp.net.0.proj", f"{d}/{stream}_mlp/0", layer=i)
-            rules += linear(f"{s}.{stream}_mlp.net.2", f"{d}/{stream}_mlp/2", layer=i)
-        for theirs, ours in ATTN_LINEARS.items():
-            rules += linear(f"{s}.attn.{theirs}", f"{d}/attn/{ours}", layer=i)
-        for n in ATTN_NORMS:
-            rules += copy(f"{s}.attn.{n}.weight", f"{d}/attn/{n}/weight", layer=i)
-    return rules
 
 
 def target_shapes(cfg: QwenImageConfig) -> dict[str, tuple[int, ...]]:
@@ -100,6 +70,7 @@ def load_qwen_image_transformer(
 # The family's converter: a diffusers release (model_index.json; transformer/ in shards with their index, vae/,
 # text_encoder/ (Qwen2.5-VL-7B), tokenizer/, processor/, scheduler/)
 
+EDIT_PRESETS = ("qwen-image-edit-2509", "qwen-image-edit-2511")
 QWEN_PROCESSOR_DIRS = ("tokenizer", "processor")  # their files make qwen_processor/ (the processor's win)
 
 
@@ -133,8 +104,11 @@ class QwenImageConverter(FamilyConverter):
         "vae": Part(QwenImageVAEConfig, _vae_rules, _vae_targets, ("diffusers",)),
     }
     diffusers_dirs = {"transformer": "transformer", "vae": "vae", "qwen": "text_encoder"}
-    published = (Published("diffusers-qwen-image-vae", "vae", "diffusers", ("qwen-image-edit-2509",
-                                                                             "qwen-image-edit-2511")),)  # fmt: skip
+    published = (
+        Published("diffusers-qwen-image-edit-transformer", "transformer", "diffusers", EDIT_PRESETS),
+        Published("diffusers-qwen-image-vae", "vae", "diffusers", EDIT_PRESETS),
+        Published("hf-qwen2.5-vl-7b", "qwen", "transformers", EDIT_PRESETS),
+    )
 
     def release_folders(self, preset) -> dict[str, str]:
         return {d: d for d in (*QWEN_PROCESSOR_DIRS, "scheduler")}

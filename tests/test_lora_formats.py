@@ -403,8 +403,7 @@ def test_module_tables_agree_with_the_converter(naming, tmp_path):
     shapes, linears = part_shapes(PRESET)[part], torch_linears(naming)
     weights = {r.src.removesuffix(".weight") for r in rules if r.transform == "linear"}
     ours = {
-        n.removeprefix("text_model.")
-        for n in module_names(part, "hf" if part != "transformer" else naming, getattr(PRESET, part))
+        n.removeprefix("text_model.") for n in module_names(PRESET, part, "hf" if part != "transformer" else naming)
     }
     assert weights == set(linears) == ours  # every Linear of the converter's table, and no other, has a name here
 

@@ -63,6 +63,22 @@ def test_one_step_cannot_reach_the_terminal_shift():
     np.testing.assert_array_equal(qs.schedule(1, 16, lightning)[0], s.sigmas.numpy())
 
 
+@pytest.mark.parametrize("name", ["qwen-image-edit-2509", "qwen-image-edit-2511"])
+def test_published_checkpoints_map_completely(name):
+    """The published DiT (1,933 tensors, 20.4B values), VAE and Qwen2.5-VL-7B (manifests: names and shapes) map
+    onto the preset's parameters, every parameter filled once (the converter's plan; nothing is read)."""
+    from checkpoints_convert import ShapeSource, part_config, plan_part
+    from checkpoints_convert.published import candidates, manifest_shapes
+    from jaxedit import presets
+
+    preset = presets.get(name)
+    found = {p.part: p.name for part in ("transformer", "vae", "qwen") for p in candidates(part, preset=name)}
+    assert set(found) == {"transformer", "vae", "qwen"}
+    for part, manifest in found.items():
+        the_plan = plan_part(part, ShapeSource(manifest_shapes(manifest), manifest), part_config(preset, part))
+        assert the_plan.fmt in ("diffusers", "transformers")
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """Tiny diffusers DiT (2509 and 2511 share the weights) and VAE, saved and converted."""
@@ -128,3 +144,48 @@ def test_edit_matches_diffusers(models, monkeypatch, zero_cond_t, n_refs):
     RESULTS[n_refs, zero_cond_t] = want
     if (n_refs, not zero_cond_t) in RESULTS:  # the two variants differ (the flag reached diffusers' model)
         assert rel_err(RESULTS[n_refs, False], RESULTS[n_refs, True]) > 1e-3
+
+
+def test_edit_with_a_lightning_lora_matches_diffusers(models, monkeypatch, tmp_path):
+    """A LoRA in Qwen-Image-Lightning's layout (lora_down / lora_up / alpha on every Linear) merged by the pipeline
+    (`add_lora`) against diffusers' `load_lora_weights` + `fuse_lora`: the final latents of a 2-step edit without
+    CFG (the few-step LoRAs' setting)."""
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as plus
+
+    from tests.test_qwen_image_lora import DOWN_UP, write_non_diffusers
+
+    cfg, vae_cfg, dit, vae, params = models
+    monkeypatch.setattr(plus, "VAE_IMAGE_SIZE", VAE_AREA)
+    monkeypatch.setattr(ours, "VAE_AREA", VAE_AREA)
+    linears = {n: tuple(m.weight.shape) for n, m in dit.named_modules() if isinstance(m, torch.nn.Linear)}
+    path = write_non_diffusers(tmp_path, 5, linears, "lightning", stem=str, down_up=DOWN_UP)
+    rng = np.random.default_rng(12)
+    emb = rng.standard_normal((1, LT, cfg.joint_attention_dim)).astype(np.float32)
+    mask = np.ones((1, LT), np.int64)
+    width, height = 64, 48
+    latents = rng.standard_normal((1, (height // 16) * (width // 16), 64)).astype(np.float32)
+    refs = images(1)
+
+    theirs = plus.QwenImageEditPlusPipeline(scheduler(), vae, None, None, None, dit)
+    theirs.load_lora_weights(path, adapter_name="lightning")
+    theirs.set_adapters(["lightning"], [0.9])
+    theirs.fuse_lora(components=["transformer"], adapter_names=["lightning"])
+    try:
+        with torch.no_grad():
+            want = theirs(image=refs, prompt_embeds=torch.from_numpy(emb), prompt_embeds_mask=torch.from_numpy(mask),
+                          true_cfg_scale=1.0, num_inference_steps=2, height=height, width=width,
+                          latents=torch.from_numpy(latents), output_type="latent").images.numpy()  # fmt: skip
+    finally:
+        theirs.unfuse_lora(components=["transformer"])
+        theirs.delete_adapters(["lightning"])
+
+    preset = configs.Preset("tiny", "qwen-image-edit", cfg, vae_cfg)
+    pipe = ours.QwenImageEditPipeline(preset, params, None, dtype=jnp.float32, scheduler=SCHEDULER)
+    pipe.add_lora(path, 0.9)
+    pipe.set_true_cfg(1.0, None)
+    got = pipe.generate([pipe.prepare(refs, width, height)], ["-"], [0], guidance=[1.0], steps=2, latents=latents,
+                        output="latents", llm=(emb, mask))  # fmt: skip
+    err = rel_err(got, want)
+    print(f"final latents with a Lightning-layout LoRA: rel err {err:.2e}")
+    assert err <= 1e-4
+    assert pipe.lora_identity()[0]["scale"] == 0.9

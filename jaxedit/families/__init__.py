@@ -5,7 +5,8 @@
     pipe = family.pipeline().load(folder)
 
 A `Family` owns everything that differs between families: the names it answers to (a preset's and a model
-folder's "family"), its parts (preset fields, one checkpoint sub-folder each) and their model classes, its
+folder's "family"), its parts (preset fields, one checkpoint sub-folder each) and their model classes, the
+LoRA files its models read (the parts they change, their key spellings, each part's name table), its
 pipeline and text conditioning, the training pieces that differ (batch keys, encoders, the loss's model call),
 the planner's inputs and the command-line options that apply to it. Shared code asks a preset's family; it
 never tests which family it has (tests/test_layout.py checks the modules that do so).
@@ -42,7 +43,8 @@ class Family:
     # the preset fields a model folder's jaxedit.json describes ("config"), with their config types: the parts
     # and configs stored inside them (Step1X-Edit's connector)
     part_configs: dict[str, type] = {}
-    lora_parts: tuple[str, ...] = ()  # parts a LoRA file may change (none: LoRAs are refused)
+    # parts a LoRA file may change (none: LoRAs are refused); their tables: `lora_table`, file keys: `lora_keys`
+    lora_parts: tuple[str, ...] = ()
     max_references: int | None = None  # reference images an item may have (None: any number)
     reference_index: float = 1.0  # the objective's first id coordinate of reference tokens (0: the target's)
     vae_methods: tuple[str, str] = ("encode", "decode")  # the VAE's methods: images <-> transformer latents
@@ -87,6 +89,20 @@ class Family:
         """(the preset's transformer module, example inputs for its `init`). kw: module arguments (dtype,
         param_dtype, scan_layers, remat_policy, attention_impl)."""
         return self.module(preset, "transformer", **kw), self.example_inputs(preset, "transformer")
+
+    # -- LoRA files ------------------------------------------------------------------------------------------
+
+    def lora_table(self, preset: configs.Preset, part: str, naming: str) -> list | None:
+        """The name table (`jaxedit.names` rules, for the preset's config of `part`) that places a LoRA on the
+        part's torch Linears as LoRA files of the family's models name them in `naming`
+        (`jaxedit.lora.formats.Term.naming`: "bfl", "diffusers", "hf"); None: no such names. The LoRA loader
+        (`jaxedit.lora.targets`) and the converter read the same table."""
+        return None
+
+    def lora_keys(self) -> Any:
+        """How LoRA files of the family's models spell their keys (a `jaxedit.lora.formats.KeyLayout`: prefixes
+        -> part and naming, suffixes, bare module names); asked only of a family with `lora_parts`."""
+        raise NotImplementedError(f"{self.title}: LoRA files")
 
     def present_parts(self, preset: configs.Preset) -> list[str]:
         """The family's parts this preset has (a config given)."""
@@ -177,6 +193,21 @@ class Family:
         raise NotImplementedError
 
 
+def read_loras(specs: list[str], preset: configs.Preset) -> list:
+    """(LoRA, scale) of each --lora FILE[:SCALE], read and checked against the model before it is loaded;
+    ValueError (one line) naming the bad argument or file and key."""
+    from jaxedit.lora import parse_lora_arg, read_lora
+
+    out = []
+    for spec in specs:
+        path, scale = parse_lora_arg(spec)
+        try:
+            out.append((read_lora(path, preset), scale))
+        except ValueError as e:  # LoraError: names the file and the key
+            raise ValueError(f"--lora: {e}") from None
+    return out
+
+
 @functools.cache
 def _registry() -> dict[str, Family]:
     out = {}
@@ -210,12 +241,14 @@ def get(name: str) -> Family:
         raise KeyError(f"unknown model family {name!r}; known: {', '.join(names())}") from None
 
 
-def transformer_preset(transformer: configs.FluxConfig, **more: Any) -> configs.Preset:
-    """A preset of just a transformer, of the family whose transformer is built from exactly the further configs
-    given (`more`'s not-None values, e.g. Step1X-Edit's connector; none: FLUX.1 Kontext), for code handed the
-    configs rather than a preset (the train step's `Trainer`). ValueError when no family's transformer is."""
+def transformer_preset(transformer: Any, **more: Any) -> configs.Preset:
+    """A preset of just a transformer, of the family whose transformer has that config type and is built from
+    exactly the further configs given (`more`'s not-None values, e.g. Step1X-Edit's connector; none: FLUX.1
+    Kontext), for code handed the configs rather than a preset (the train step's `Trainer`). ValueError when no
+    family's transformer is."""
     more = {k: v for k, v in more.items() if v is not None}
-    found = [f for f in all_families() if set(f.transformer_configs) == set(more)]
+    found = [f for f in all_families() if set(f.transformer_configs) == set(more)
+             and isinstance(transformer, f.part_configs["transformer"])]  # fmt: skip
     if len(found) != 1:
         raise ValueError(f"no model family's transformer is built from {', '.join(['transformer', *more])}")
     return configs.Preset(f"{found[0].names[0]}-transformer", found[0].names[0], transformer, **more)

@@ -9,22 +9,7 @@ import dataclasses
 from typing import Any
 
 from jaxedit import configs
-from jaxedit.families import Family
-
-
-def read_loras(specs: list[str], preset: configs.Preset) -> list:
-    """(LoRA, scale) of each --lora FILE[:SCALE], read and checked against the model before it is loaded;
-    ValueError (one line) naming the bad argument or file and key."""
-    from jaxedit.lora import parse_lora_arg, read_lora
-
-    out = []
-    for spec in specs:
-        path, scale = parse_lora_arg(spec)
-        try:
-            out.append((read_lora(path, preset), scale))
-        except ValueError as e:  # LoraError: names the file and the key
-            raise ValueError(f"--lora: {e}") from None
-    return out
+from jaxedit.families import Family, read_loras
 
 
 def _presets() -> tuple[configs.Preset, ...]:
@@ -87,6 +72,23 @@ class Kontext(Family):
 
             return flux.example_inputs(preset.transformer)
         return super().example_inputs(preset, part)
+
+    # -- LoRA files
+
+    def lora_table(self, preset: configs.Preset, part: str, naming: str) -> list | None:
+        """The transformer in BFL or diffusers names (`jaxedit.names.flux`), CLIP and T5 in transformers'."""
+        from jaxedit.names import flux, text
+
+        tables = {("transformer", "bfl"): flux.bfl_rules, ("transformer", "diffusers"): flux.diffusers_rules,
+                  ("clip", "hf"): text.clip_rules, ("t5", "hf"): text.t5_rules}  # fmt: skip
+        table = tables.get((part, naming))
+        return None if table is None or getattr(preset, part) is None else table(getattr(preset, part))
+
+    def lora_keys(self) -> Any:
+        """What diffusers' `FluxLoraLoaderMixin` reads (`jaxedit.lora.formats.FLUX_KEYS`)."""
+        from jaxedit.lora.formats import FLUX_KEYS
+
+        return FLUX_KEYS
 
     # -- pipeline and command line
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from jaxedit import configs
-from jaxedit.families import Family
+from jaxedit.families import Family, read_loras
 
 
 def _presets() -> tuple[configs.Preset, ...]:
@@ -58,7 +58,7 @@ class QwenImageEdit(Family):
     converter = "checkpoints_convert.qwen_image"
     part_configs = {"transformer": configs.QwenImageConfig, "vae": configs.QwenImageVAEConfig}
     parts = {"transformer": ("qwen_image", "QwenImageTransformer"), "vae": ("qwen_image_vae", "QwenImageVAE")}
-    lora_parts = ()
+    lora_parts = ("transformer",)
     max_references = 3  # the Plus pipeline's "Picture 1..3"
     reference_index = 1.0  # (unused: positions come from the images' shapes, `jaxedit.models.qwen_image_rope`)
     vae_methods = ("encode_normalized", "decode_normalized")  # (z - latents_mean) / latents_std
@@ -74,6 +74,49 @@ class QwenImageEdit(Family):
 
             return qwen_image_vae.example_inputs(preset.vae)
         return super().example_inputs(preset, part)
+
+    # -- LoRA files
+
+    def lora_table(self, preset: configs.Preset, part: str, naming: str) -> list | None:
+        """The DiT in diffusers' names (`jaxedit.names.qwen_image`, the converter's table): the only names its
+        LoRA files use."""
+        if (part, naming) != ("transformer", "diffusers") or preset.transformer is None:
+            return None
+        from jaxedit.names.qwen_image import diffusers_rules
+
+        return diffusers_rules(preset.transformer)
+
+    def lora_keys(self) -> Any:
+        """What diffusers' `QwenImageLoraLoaderMixin.load_lora_weights` reads (diffusers 0.42; its
+        `_convert_non_diffusers_qwen_lora_to_diffusers`), every module named as diffusers names it:
+
+          diffusers/PEFT  transformer.<module>.lora_A.weight / .lora_B.weight (or .lora.down / .lora.up), an
+                          optional PEFT LoraConfig header (`lora_adapter_metadata`)
+          bare            <module>.lora_down.weight / .lora_up.weight / .alpha (lightx2v's Qwen-Image-Lightning
+                          files), or .lora_A / .lora_B (DiffSynth's also as .lora_A.default.weight)
+          ComfyUI         diffusion_model.<module>... (ai-toolkit), as the bare names
+          kohya           lora_unet_<module, dots as _>.lora_down.weight / .lora_up.weight / .alpha (musubi-tuner)
+
+        W += (alpha / r) * up @ down; a module without an .alpha has scale 1 (diffusers' converter). diffusers
+        reads bare lora_A / lora_B names only in a file where some key has an .alpha (else it finds none of
+        them); jaxedit reads them in any file, and any of these suffixes behind any of these prefixes."""
+        from jaxedit.lora.formats import KeyLayout
+
+        factors = ((".lora_A.weight", "down"), (".lora_B.weight", "up"), (".lora_down.weight", "down"),
+                   (".lora_up.weight", "up"), (".lora.down.weight", "down"), (".lora.up.weight", "up"),
+                   (".lora_A.default.weight", "down"), (".lora_B.default.weight", "up"),
+                   (".alpha", "alpha"))  # fmt: skip
+        tops = ("transformer_blocks", "img_in", "txt_in", "time_text_embed", "norm_out", "proj_out")
+        return KeyLayout(
+            described="diffusers/PEFT, bare diffusers names, ComfyUI, kohya",
+            prefixes=(
+                ("transformer.", "diffusers", "transformer", "diffusers"),
+                ("diffusion_model.", "comfyui", "transformer", "diffusers"),
+                ("lora_unet_", "kohya", "transformer", "diffusers"),
+            ),
+            bare={top: ("bare", "diffusers") for top in tops},
+            suffixes=factors,
+        )
 
     def description_extra(self, preset: configs.Preset) -> dict | None:
         """The "qwen" entry, no Qwen2.5-VL yet (converted in with the release, or later)."""
@@ -92,12 +135,13 @@ class QwenImageEdit(Family):
         return self.pipeline().footprint(preset, dtype, quantize, preset.qwen)
 
     def load_options(self, args: Any, preset: configs.Preset) -> dict:
-        refused = [f for f in ("lora", "reference_ids", "reference_tokens", "text_on_cpu", "size_level", "keep_size")
+        refused = [f for f in ("reference_ids", "reference_tokens", "text_on_cpu", "size_level", "keep_size")
                    if getattr(args, f, None)]  # fmt: skip
         if refused:
             flag = refused[0].replace("_", "-")
             raise ValueError(f"--{flag} does not apply to {self.title} models")
         kw = {"max_image_tokens": args.max_tokens} if args.max_tokens else {}
+        kw |= {"loras": read_loras(args.lora, preset)} if args.lora else {}
         return kw | ({"qwen": args.qwen} if args.qwen else {})
 
     def configure(self, pipe: Any, args: Any) -> None:

@@ -1,11 +1,13 @@
-"""Community LoRAs for FLUX models: read any layout diffusers' `load_lora_weights` reads, apply them merged
-into the weights or at run time.
+"""Community LoRAs for FLUX and Qwen-Image models: read any layout diffusers' `load_lora_weights` reads for the
+model, apply them merged into the weights or at run time.
 
     lora = read_lora("style.safetensors", preset)  # LoraError names the file and the key of any problem
     merged = merge(params["transformer"], [lora.updates["transformer"]], [0.8])
 
-`formats` reads a file's keys into terms (module name, factors, alpha / r), `targets` maps them onto our
-parameters as `Update`s (where the part's name table, `jaxedit.names`, puts each module's weight),
+What differs between model families is the family's (`jaxedit.families.Family`): the parts a LoRA may change
+(`lora_parts`), how its files spell their keys (`lora_keys`) and the name table of each part and naming
+(`lora_table`). `formats` reads a file's keys into terms (module name, factors, alpha / r), `targets` maps them
+onto our parameters as `Update`s (where the part's name table, `jaxedit.names`, puts each module's weight),
 `apply.merge` adds several LoRAs with their own scales. The pipeline
 (`jaxedit.kontext.pipeline.KontextPipeline.add_lora`) merges at load, or keeps the factors and merges
 inside its jitted program with the scales as traced arguments (a new scale does not recompile).
@@ -38,7 +40,7 @@ __all__ = [
     "read_lora",
 ]
 
-PARTS = ("transformer", "clip", "t5")
+PARTS = ("transformer", "clip", "t5")  # the parts LoRA files name (`formats.KeyLayout`), in this order
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +48,7 @@ class Lora:
     """A LoRA file read for one model: its updates of each part it changes (numpy float32 factors)."""
 
     path: Path
-    formats: tuple[str, ...]  # the layout(s) of its keys: "diffusers", "kohya", "bfl", "xlabs"
+    formats: tuple[str, ...]  # the layout(s) of its keys: "diffusers", "kohya", "bfl", "xlabs", "comfyui", "bare"
     sha256: str
     updates: dict[str, tuple[Update, ...]]  # part -> updates
 
@@ -70,25 +72,24 @@ def part_shapes(preset: configs.Preset) -> dict[str, dict[str, tuple[int, ...]]]
 def read_lora(path: str | Path, preset: configs.Preset) -> Lora:
     """A LoRA file (any layout of `jaxedit.lora.formats`) as updates of the preset's parts; LoraError naming the
     file and key if a key is of no known layout, a module is not in the model or a factor's shape does not fit."""
-    if not families.of(preset).lora_parts:
-        raise LoraError(
-            f"{path}: LoRAs are applied to FLUX / FLUX.1 Kontext models; {preset.name} is {families.of(preset).title}"
-        )
+    family = families.of(preset)
+    if not family.lora_parts:
+        raise LoraError(f"{path}: LoRAs are not applied to {family.title} models ({preset.name})")
     shapes = part_shapes(preset)
 
     @functools.cache
     def kohya_names(part: str, naming: str) -> dict[str, str]:
-        return targets.kohya_table(part, naming, getattr(preset, part)) if part in shapes else {}
+        return targets.kohya_table(preset, part, naming) if part in shapes else {}
 
-    read = read_terms(path, kohya_names)
+    read = read_terms(path, kohya_names, family.lora_keys())
     by_part = {}
-    for part in PARTS:
+    for part in dict.fromkeys((*PARTS, *(t.part for t in read.terms))):
         terms = [t for t in read.terms if t.part == part]
         if not terms:
             continue
         if part not in shapes:
             raise LoraError(f"{read.path}: key {terms[0].key}: the model has no {part}")
-        by_part[part] = targets.updates(terms, part, getattr(preset, part), shapes[part], read.path)
+        by_part[part] = targets.updates(terms, preset, part, shapes[part], read.path)
     return Lora(read.path, read.formats, read.sha256, by_part)
 
 

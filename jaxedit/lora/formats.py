@@ -1,7 +1,9 @@
 """Community LoRA files -> low-rank terms, each naming the torch Linear it updates; strictly.
 
-The layouts diffusers' `FluxLoraLoaderMixin.load_lora_weights` reads (diffusers 0.42
-`loaders/lora_conversion_utils.py`), told apart key by key from the key's prefix and suffix:
+Which key spellings a file may use is the model family's (`Family.lora_keys`, a `KeyLayout`: key prefixes
+and suffixes, the first names of unprefixed modules); each key is told apart from its prefix and suffix.
+FLUX models read the layouts diffusers' `FluxLoraLoaderMixin.load_lora_weights` reads (diffusers 0.42
+`loaders/lora_conversion_utils.py`; `FLUX_KEYS`):
 
   diffusers/PEFT  transformer.<diffusers module>.lora_A.weight / .lora_B.weight [/ .alpha]
                   (text_encoder.<CLIP module>..., text_encoder_2.<T5 module>...; also the older
@@ -13,6 +15,9 @@ The layouts diffusers' `FluxLoraLoaderMixin.load_lora_weights` reads (diffusers 
                   (or .lora_down: ComfyUI's kohya files; text_encoders.clip_l/t5xxl.transformer.<module>)
   XLabs           [diffusion_model.]double_blocks.N.processor.{qkv,proj}_lora{1,2}.{down,up}.weight,
                   single_blocks.N.processor.{qkv,proj}_lora.{down,up}.weight
+
+Qwen-Image models read what `QwenImageLoraLoaderMixin` reads (`jaxedit.families.qwen_image`: diffusers
+names behind `transformer.`, `diffusion_model.` or none, or kohya's `lora_unet_`).
 
 Every format means W += (alpha / r) * up @ down for a module with weight W [out, in], down [r, in],
 up [out, r]; without an alpha the scale is 1 (kohya: alpha defaults to the rank; XLabs has none).
@@ -36,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxedit import safetensors_file
+from jaxedit.names.text import CLIP_PREFIX
 
 
 class LoraError(ValueError):
@@ -66,7 +72,7 @@ class LoraTerms:
 
 
 # key suffix -> factor kind
-_SUFFIXES = (
+SUFFIXES = (
     (".lora_A.weight", "down"),
     (".lora_B.weight", "up"),
     (".lora_down.weight", "down"),
@@ -77,26 +83,52 @@ _SUFFIXES = (
     (".lora_linear_layer.up.weight", "up"),
     (".alpha", "alpha"),
 )
-# (prefix of a key's stem, format, part, naming); kohya names (prefix ending in "_") spell dots as "_"
-_PREFIXES = (
-    ("lora_unet_", "kohya", "transformer", "bfl"),
-    ("lora_transformer_", "kohya", "transformer", "diffusers"),
-    ("lora_te1_", "kohya", "clip", "hf"),
-    ("lora_te_", "kohya", "clip", "hf"),
-    ("lora_te3_", "kohya", "t5", "hf"),
-    ("transformer.", "diffusers", "transformer", "diffusers"),
-    ("text_encoder.", "diffusers", "clip", "hf"),
-    ("text_encoder_2.", "diffusers", "t5", "hf"),
-    ("text_encoders.clip_l.transformer.", "bfl", "clip", "hf"),
-    ("text_encoders.t5xxl.transformer.", "bfl", "t5", "hf"),
-    ("model.diffusion_model.", "bfl", "transformer", "bfl"),
-    ("diffusion_model.", "bfl", "transformer", "bfl"),
-    ("base_model.model.", "bfl", "transformer", "bfl"),
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyLayout:
+    """How the LoRA files of one family's models spell their keys (what diffusers' loader for them reads).
+
+    A key is `<stem><suffix>`; the stem is a prefix and a module name (a prefix ending in "_" is kohya's: dots
+    spelt "_"), or a bare module name whose first name is one of `bare`'s."""
+
+    described: str  # the layouts, for messages: "diffusers/PEFT, kohya, BFL, XLabs"
+    # (prefix of a key's stem, format, part, naming of the module names after it)
+    prefixes: tuple[tuple[str, str, str, str], ...]
+    bare: Mapping[str, tuple[str, str]]  # first name of an unprefixed transformer module -> (format, naming)
+    suffixes: tuple[tuple[str, str], ...] = SUFFIXES  # key suffix -> "down" | "up" | "alpha"
+    # formats in which an .alpha on some module means every module of the file has one (else its scale is 1)
+    alpha_everywhere: tuple[str, ...] = ()
+    xlabs: bool = False  # XLabs' FLUX keys (`double_blocks.N.processor.qkv_lora1.down.weight`, ...)
+    # part -> a prefix its module names may carry beyond its name table's (CLIP: transformers < 5's `text_model.`)
+    module_prefixes: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+
+_BFL_TOP = ("double_blocks", "single_blocks", "img_in", "txt_in", "time_in", "vector_in", "guidance_in", "final_layer")
+_DIFFUSERS_TOP = ("transformer_blocks", "single_transformer_blocks", "x_embedder", "context_embedder",
+                  "time_text_embed", "norm_out", "proj_out")  # fmt: skip
+FLUX_KEYS = KeyLayout(
+    described="diffusers/PEFT, kohya, BFL, XLabs",
+    prefixes=(
+        ("lora_unet_", "kohya", "transformer", "bfl"),
+        ("lora_transformer_", "kohya", "transformer", "diffusers"),
+        ("lora_te1_", "kohya", "clip", "hf"),
+        ("lora_te_", "kohya", "clip", "hf"),
+        ("lora_te3_", "kohya", "t5", "hf"),
+        ("transformer.", "diffusers", "transformer", "diffusers"),
+        ("text_encoder.", "diffusers", "clip", "hf"),
+        ("text_encoder_2.", "diffusers", "t5", "hf"),
+        ("text_encoders.clip_l.transformer.", "bfl", "clip", "hf"),
+        ("text_encoders.t5xxl.transformer.", "bfl", "t5", "hf"),
+        ("model.diffusion_model.", "bfl", "transformer", "bfl"),
+        ("diffusion_model.", "bfl", "transformer", "bfl"),
+        ("base_model.model.", "bfl", "transformer", "bfl"),
+    ),
+    bare={top: ("bfl", "bfl") for top in _BFL_TOP} | {top: ("diffusers", "diffusers") for top in _DIFFUSERS_TOP},
+    alpha_everywhere=("diffusers", "bfl"),
+    xlabs=True,
+    module_prefixes={"clip": CLIP_PREFIX},
 )
-# the first name of a bare (unprefixed) module: BFL or diffusers transformer names
-_BFL_TOP = {"double_blocks", "single_blocks", "img_in", "txt_in", "time_in", "vector_in", "guidance_in", "final_layer"}
-_DIFFUSERS_TOP = {"transformer_blocks", "single_transformer_blocks", "x_embedder", "context_embedder",
-                  "time_text_embed", "norm_out", "proj_out"}  # fmt: skip
 _XLABS = re.compile(
     r"(?:diffusion_model\.)?(?P<block>double_blocks|single_blocks)\.(?P<n>\d+)\.processor\."
     r"(?P<kind>qkv|proj)_lora(?P<stream>[12]?)\.(?P<factor>down|up)\.weight"
@@ -118,24 +150,23 @@ _METADATA_PREFIX = {"transformer": "transformer", "clip": "text_encoder", "t5": 
 KohyaNames = Callable[[str, str], Mapping[str, str]]  # (part, naming) -> {name with dots as "_": dotted name}
 
 
-def _split(key: str) -> tuple[str, str] | None:
+def _split(key: str, keys: KeyLayout) -> tuple[str, str] | None:
     """(stem, kind) of a LoRA factor or alpha key, None for any other key."""
-    for suffix, kind in _SUFFIXES:
+    for suffix, kind in keys.suffixes:
         if key.endswith(suffix) and len(key) > len(suffix):
             return key[: -len(suffix)], kind
     return None
 
 
-def _classify(stem: str) -> tuple[str, str, str, str, bool] | None:
+def _classify(stem: str, keys: KeyLayout) -> tuple[str, str, str, str, bool] | None:
     """(format, part, naming, module name, spelt with "_" for ".") of a stem, None if no layout fits."""
-    for prefix, fmt, part, naming in _PREFIXES:
+    for prefix, fmt, part, naming in keys.prefixes:
         if stem.startswith(prefix):
             return fmt, part, naming, stem[len(prefix) :], prefix.endswith("_")
     top = stem.split(".")[0]
-    if top in _BFL_TOP:
-        return "bfl", "transformer", "bfl", stem, False
-    if top in _DIFFUSERS_TOP:
-        return "diffusers", "transformer", "diffusers", stem, False
+    if top in keys.bare:
+        fmt, naming = keys.bare[top]
+        return fmt, "transformer", naming, stem, False
     return None
 
 
@@ -199,10 +230,11 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def read_terms(path: str | Path, kohya_names: KohyaNames) -> LoraTerms:
+def read_terms(path: str | Path, kohya_names: KohyaNames, keys: KeyLayout = FLUX_KEYS) -> LoraTerms:
     """Every low-rank term of a LoRA safetensors file, its factors as float32 numpy; LoraError naming the file
-    and the key for anything that is not a LoRA factor of a known layout or does not fit (shapes are checked
-    against the model later, by `jaxedit.lora.targets`). kohya_names(part, naming) resolves kohya names."""
+    and the key for anything that is not a LoRA factor of a layout `keys` reads or does not fit (shapes are
+    checked against the model later, by `jaxedit.lora.targets`). kohya_names(part, naming) resolves kohya
+    names."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -232,14 +264,14 @@ def read_terms(path: str | Path, kohya_names: KohyaNames) -> LoraTerms:
     factors: dict[str, dict[str, str]] = {}  # stem (the key without its suffix) -> {kind: key}
     xlabs: dict[tuple[str, ...], dict[str, str]] = {}
     for key in header:
-        m = _XLABS.fullmatch(key)
+        m = _XLABS.fullmatch(key) if keys.xlabs else None
         if m:
             xlabs.setdefault((m["block"], m["n"], m["kind"], m["stream"]), {})[m["factor"]] = key
             continue
-        split = _split(key)
+        split = _split(key, keys)
         refused = next((what for pattern, what in _REFUSED if re.search(pattern, key)), None)
-        if refused or split is None or _classify(split[0]) is None:
-            why = refused or "not a LoRA factor or alpha of a layout jaxedit reads (diffusers/PEFT, kohya, BFL, XLabs)"
+        if refused or split is None or _classify(split[0], keys) is None:
+            why = refused or f"not a LoRA factor or alpha of a layout jaxedit reads ({keys.described})"
             raise LoraError(f"{path}: key {key}: {why}")
         stem, kind = split
         slot = factors.setdefault(stem, {})
@@ -256,12 +288,12 @@ def read_terms(path: str | Path, kohya_names: KohyaNames) -> LoraTerms:
         if not isinstance(config, dict):
             raise LoraError(f"{path}: header {PEFT_METADATA} is not a JSON object of PEFT LoraConfig fields")
         peft = _peft_alphas(config, path)
-    has_alpha = {_classify(s)[0] for s, kinds in factors.items() if "alpha" in kinds}
+    has_alpha = {_classify(s, keys)[0] for s, kinds in factors.items() if "alpha" in kinds}
     if peft and has_alpha:
         raise LoraError(f"{path}: both .alpha keys and a {PEFT_METADATA} header (diffusers refuses such files too)")
     terms, formats = [], set()
     for stem, kinds in factors.items():
-        fmt, part, naming, name, underscored = _classify(stem)
+        fmt, part, naming, name, underscored = _classify(stem, keys)
         formats.add(fmt)
         missing = [k for k in ("down", "up") if k not in kinds]
         if missing:
@@ -291,7 +323,7 @@ def read_terms(path: str | Path, kohya_names: KohyaNames) -> LoraTerms:
                 raise LoraError(f"{path}: key {kinds['down']}: rank {r}, its {PEFT_METADATA} says {want}")
             a = _pattern(alpha_pattern, name)
             scale = (alpha if a is None else float(a)) / (math.sqrt(r) if rslora else r)
-        elif fmt in ("diffusers", "bfl") and fmt in has_alpha:
+        elif fmt in keys.alpha_everywhere and fmt in has_alpha:
             raise LoraError(f"{path}: key {kinds['down']}: other modules have an .alpha, {stem} has none")
         else:
             scale = 1.0

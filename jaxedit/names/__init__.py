@@ -11,11 +11,13 @@ parameters (or a rectangular part of it, at one layer of a stacked parameter), t
 
 The tables live beside each other here, one module per model (`flux`: BFL and diffusers layouts of the FLUX
 transformer; `text`: transformers' CLIP and T5 encoders; `step1x`: Step1X-Edit's file, the BFL DiT plus its
-Qwen2 connector; `vae`: BFL and diffusers layouts of the FLUX VAE; `qwen2_5_vl`: transformers' Qwen2.5-VL), and
-everything that needs the torch <-> jaxedit correspondence derives from them: the converter
-(`checkpoints_convert`: strict plans over file sources, transforms, streaming), where a LoRA on a torch Linear
-lands (`linear_pieces`, used by `jaxedit.lora.targets`) and how our trained adapters split into another
-naming's modules (`split`, used by `jaxedit.train.lora`'s PEFT export). No jax or numpy here.
+Qwen2 connector; `vae`: BFL and diffusers layouts of the FLUX VAE; `qwen2_5_vl`: transformers' Qwen2.5-VL;
+`qwen_image`: diffusers' Qwen-Image DiT), and everything that needs the torch <-> jaxedit correspondence
+derives from them: the converter (`checkpoints_convert`: strict plans over file sources, transforms,
+streaming), where a LoRA on a torch Linear lands (`linear_pieces`, used by `jaxedit.lora.targets` with the
+table a model's family names for each part and naming: `Family.lora_table`) and how our trained adapters
+split into another naming's modules (`split`, used by `jaxedit.train.lora`'s PEFT export). No jax or numpy
+here.
 
 A table is a function of the model's config returning its rules (a model whose files come in several layouts
 has one per layout: `LAYOUTS`, layout -> function); a new model's table is one more module here, written with

@@ -287,9 +287,9 @@ class EditPipelineBase:
         """Every part's parameters on the mesh by the rule table (already there: unchanged); other entries
         (run-time LoRA factors) replicated."""
         rep = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-        out = {}
+        out, parts = {}, self.family.parts
         for part, tree in params.items():
-            if part in self.family.parts and getattr(self.preset, part, None) is not None:
+            if part in parts and getattr(self.preset, part, None) is not None:
                 out[part] = jax.device_put(tree, self.part_shardings(part, tree))
             else:
                 out[part] = jax.device_put(tree, rep)

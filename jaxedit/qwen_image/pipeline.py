@@ -26,8 +26,9 @@ import numpy as np
 from PIL import Image
 
 from jaxedit import configs, sampling
+from jaxedit.lora import Lora, check_scale, merge_now, read_lora
 from jaxedit.model_folder import ModelFolder
-from jaxedit.options import max_image_tokens
+from jaxedit.options import folder_loras, max_image_tokens
 from jaxedit.parallel import placement
 from jaxedit.pipelines.base import (
     EditPipelineBase,
@@ -102,6 +103,7 @@ class QwenImageEditPipeline(EditPipelineBase):
         self.default_steps, self.default_guidance = DEFAULT_STEPS, 1.0  # (no embedded guidance)
         self.true_cfg_scale, self.negative_prompt = DEFAULT_TRUE_CFG, DEFAULT_NEGATIVE
         self.model = QwenImageTransformer(preset.transformer, dtype=dtype, param_dtype=dtype)
+        self.loras: list[tuple[Lora, float, bool]] = []  # (LoRA, scale, merged) in the order they were added
         self.denoise = jax.jit(self.denoise_loop, static_argnums=(8,))
 
     # -- load (the template's hooks)
@@ -116,9 +118,7 @@ class QwenImageEditPipeline(EditPipelineBase):
     @classmethod
     def load_plan(cls, opened: ModelFolder, dtype: Any, quantize: str | None, kw: dict) -> LoadPlan:
         options = {"qwen": kw.pop("qwen", None), "text_encoder": kw.pop("text_encoder", True),
-                   "qwen_dtype": kw.pop("qwen_dtype", "bfloat16")}  # fmt: skip
-        if opened.options.get("loras"):
-            raise ValueError(f"{opened.json_path}: pipeline.loras: not supported for Qwen-Image-Edit yet")
+                   "qwen_dtype": kw.pop("qwen_dtype", "bfloat16"), "loras": kw.pop("loras", ())}  # fmt: skip
         quantized = opened.quantized.get("transformer") or quantize
         qwen_cfg = opened.preset.qwen if options["text_encoder"] is True else None
         footprint = cls.footprint(opened.preset, dtype, quantized, qwen_cfg, options["qwen_dtype"])
@@ -139,7 +139,12 @@ class QwenImageEditPipeline(EditPipelineBase):
         return {"max_image_tokens": max_image_tokens(options), "scheduler": options.get("scheduler")}
 
     def loaded(self, opened: ModelFolder, plan: LoadPlan) -> None:
+        """The folder's true CFG and LoRAs, then the load's LoRAs (merged into the DiT's weights)."""
         options = opened.options
+        for path, scale, merged in folder_loras(opened.path, options):
+            self.add_lora(path, scale, merge=merged)
+        for lora, scale in plan.options["loras"]:
+            self.add_lora(lora, scale)
         self.set_true_cfg(
             options.get("true_cfg_scale", DEFAULT_TRUE_CFG), options.get("negative_prompt", DEFAULT_NEGATIVE)
         )
@@ -156,6 +161,23 @@ class QwenImageEditPipeline(EditPipelineBase):
 
             weights += placement.tree_bytes(qwen_params(qwen_cfg, jnp.dtype(qwen_dtype)))
         return placement.Footprint(weights, 2 * 4096 + 300, block_bytes(preset, dtype, quantize))
+
+    def add_lora(self, lora: Lora | str | Path, scale: float = 1.0, *, merge: bool = True) -> Lora:
+        """Merge a LoRA file (any layout `jaxedit.lora` reads for Qwen-Image: diffusers/PEFT, Lightning's
+        lora_down/up/alpha, ComfyUI, kohya; LoraError naming the file and key if it does not fit) into the DiT's
+        weights with `scale`. Returns the LoRA."""
+        if not merge:
+            raise ValueError("Qwen-Image-Edit LoRAs are merged into the weights at load (merge=False: not yet)")
+        lora = lora if isinstance(lora, Lora) else read_lora(lora, self.preset)
+        scale = check_scale(scale)
+        merged = merge_now(self.params["transformer"], [lora.updates.get("transformer", ())], [scale])
+        self.params = self.params | {"transformer": merged}
+        self.loras.append((lora, scale, True))
+        return lora
+
+    def lora_identity(self) -> list[dict]:
+        """What the LoRAs make of the model: each file's sha256, scale and whether it is merged."""
+        return [{"sha256": lo.sha256, "scale": s, "merged": m} for lo, s, m in self.loras]
 
     def set_true_cfg(self, scale: float, negative_prompt: str | None = DEFAULT_NEGATIVE) -> None:
         """Default true-CFG scale (1: off) and negative prompt (None: off) of later edits."""

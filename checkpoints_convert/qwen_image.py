@@ -125,10 +125,9 @@ class QwenImageConverter(FamilyConverter):
         import json
         import shutil
 
-        from jaxedit.qwen_image.text import QWEN_PROCESSOR, qwen_entry
-
         from jaxedit.checkpoint import seal
         from jaxedit.qwen_image.sampling import SchedulerConfig
+        from jaxedit.qwen_image.text import QWEN_PROCESSOR, qwen_entry
 
         out = new / QWEN_PROCESSOR
         out.mkdir()

@@ -229,7 +229,8 @@ class Step1X(Family):
 def qwen_shapes(preset: configs.Preset, args: Any) -> dict:
     """The Qwen2.5-VL program per item: the reference image resized as the embedder does (at most max_pixels:
     324 merged patches), the prompt's tokens (system prompt + PREFIX + instruction + image)."""
-    from jaxedit.step1x.text import QwenEmbedderConfig, bucket, smart_resize
+    from jaxedit.qwen_vl import bucket, smart_resize
+    from jaxedit.step1x.text import QwenEmbedderConfig
 
     e, v = QwenEmbedderConfig(), preset.qwen.vision
     factor = v.patch_size * v.spatial_merge_size

@@ -247,12 +247,12 @@ class QwenImageEditPipeline(EditPipelineBase):
         if llm is None:
             if self.text_encoder is None:
                 raise ValueError("no Qwen2.5-VL text encoder loaded: pass llm=(embeddings, mask)")
-            llm = self.text_encoder.encode(list(prompts), images)
+            llm = self.text_encoder.encode(list(prompts), images, resize=False)  # (resized in `prepare`)
         on = scale > 1 and (negative is not None or negative_llm is not None)
         if on and negative_llm is None:
             if self.text_encoder is None:
                 raise ValueError("no Qwen2.5-VL text encoder loaded: pass negative_llm=(embeddings, mask)")
-            negative_llm = self.text_encoder.encode([negative] * b, images)
+            negative_llm = self.text_encoder.encode([negative] * b, images, resize=False)
         d = self.preset.transformer.joint_attention_dim
         for name, (emb, mask) in (("llm", llm), ("negative_llm", negative_llm if on else llm)):
             if np.ndim(emb) != 3 or emb.shape[0] != b or emb.shape[2] != d or np.shape(mask) != emb.shape[:2]:

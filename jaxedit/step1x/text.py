@@ -17,7 +17,8 @@ Follows S1X `modules/conditioner.py` (Qwen25VL_7b_Embedder):
    the rest truncated to `max_length` (640) and zero-padded; mask 1 on kept tokens.
 
 The model is the JAX Qwen2.5-VL (`jaxedit.models.qwen2_5_vl`, no torch): `Step1XQwenEmbedder` runs
-several items at once, padded to shape buckets, one jitted program per bucket. `QwenConditioner` holds
+several items at once, padded to shape buckets, one jitted program per bucket (the shared
+`jaxedit.qwen_vl.QwenVLEncoder`, also Qwen-Image-Edit's). `QwenConditioner` holds
 everything but the model (the PyTorch reference of the tests subclasses it too). A model folder holds
 the converted weights in qwen/ and the tokenizer / image processor / chat template in qwen_processor/
 (`load_qwen_embedder`). Outputs are numpy and can be cached per item (`save_embedding` /
@@ -34,7 +35,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from jaxedit import qwen_vl
 from jaxedit.model_folder import ModelFolder
+from jaxedit.qwen_vl import QWEN_PROCESSOR, QwenSection, load_embedding, save_embedding, smart_resize
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +66,6 @@ PREFIX = (
     "User Prompt:"
 )
 OPEN_QUOTE, CLOSE_QUOTE = "\u201c", "\u201d"  # “ ”
-QWEN_PROCESSOR = "qwen_processor"  # a model folder's Qwen2.5-VL tokenizer / image processor / chat template
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,41 +84,20 @@ class QwenEmbedderConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> QwenEmbedderConfig:
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - fields
-        if unknown:
-            raise ValueError(f"unknown Qwen embedder config field(s) {sorted(unknown)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        return qwen_vl.config_from_dict(cls, d, "Qwen embedder")
 
 
 def qwen_entry(path: str | Path | None, config: QwenEmbedderConfig | None = None, model=None) -> dict:
     """The "qwen" entry of a Step1X-Edit model folder's description (`model_folder.write_description(...,
     extra=...)`): a transformers Qwen2.5-VL folder (absolute, or None), the embedder config and the
     architecture (a `QwenVLConfig`) of the Qwen2.5-VL converted into the folder's qwen/ (None: none)."""
-    cfg = dataclasses.asdict(config or QwenEmbedderConfig())
-    entry = {"path": None if path is None else str(path), "config": cfg}
-    return {"qwen": entry | ({"model": model.to_dict()} if model is not None else {})}
-
-
-@dataclasses.dataclass(frozen=True)
-class QwenSection:
-    """A Step1X-Edit model folder's "qwen" entry, parsed: a recorded transformers Qwen2.5-VL folder (older
-    folders; None if none), the embedder config and the architecture of the Qwen2.5-VL converted into its qwen/
-    (a `configs.QwenVLConfig`; None: none)."""
-
-    path: Path | None
-    config: QwenEmbedderConfig
-    model: Any = None
+    return qwen_vl.qwen_entry(path, config or QwenEmbedderConfig(), model)
 
 
 def qwen_section(folder: ModelFolder) -> QwenSection:
-    """The "qwen" entry of an opened model folder (the one place it is interpreted; `qwen_entry` writes it)."""
-    from jaxedit.configs import QwenVLConfig
-
-    q = folder.qwen
-    path, model = q.get("path"), QwenVLConfig.from_dict(q["model"]) if q.get("model") else None
-    return QwenSection(None if path is None else folder.path / Path(path), QwenEmbedderConfig.from_dict(
-        q.get("config", {})), model)  # fmt: skip
+    """The "qwen" entry of an opened Step1X-Edit model folder (the one place it is interpreted; `qwen_entry`
+    writes it): its config a `QwenEmbedderConfig`."""
+    return qwen_vl.read_qwen_section(folder, QwenEmbedderConfig.from_dict)
 
 
 def read_qwen(folder: str | Path | ModelFolder) -> tuple[Path | None, QwenEmbedderConfig]:
@@ -152,24 +132,6 @@ def split_quoted(text: str, quote_after: int = 155) -> list[str]:
     return pieces
 
 
-def smart_resize(
-    height: int, width: int, factor: int, min_pixels: int, max_pixels: int, max_ratio: float = 200
-) -> tuple[int, int]:
-    """(height, width) as multiples of `factor`, area within [min_pixels, max_pixels], aspect kept
-    (qwen_vl_utils / transformers' Qwen2-VL rule)."""
-    if max(height, width) / min(height, width) > max_ratio:
-        raise ValueError(f"image aspect ratio {max(height, width) / min(height, width):.1f} is above {max_ratio}")
-    h = max(factor, round(height / factor) * factor)
-    w = max(factor, round(width / factor) * factor)
-    if h * w > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        h, w = math.floor(height / beta / factor) * factor, math.floor(width / beta / factor) * factor
-    elif h * w < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
-    return h, w
-
-
 def vision_input_image(image: Image.Image, factor: int = 28, min_tokens: int = 4, max_tokens: int = 16384):
     """The image as qwen_vl_utils' `fetch_image` hands it to the processor (RGB, resized)."""
     if image.mode == "RGBA":  # composited on white, as qwen_vl_utils does
@@ -179,47 +141,6 @@ def vision_input_image(image: Image.Image, factor: int = 28, min_tokens: int = 4
     image = image.convert("RGB")
     h, w = smart_resize(image.height, image.width, factor, min_tokens * factor**2, max_tokens * factor**2)
     return image.resize((w, h))
-
-
-# ----------------------------------------------------------------------------------------
-# cache files
-
-
-def save_embedding(path: str | Path, embeddings_LD: np.ndarray, mask_L: np.ndarray) -> Path:
-    """One item's (embeddings [L, D], mask [L]) -> `path` (.npz). Stores the kept rows only,
-    as bfloat16 bits when that is lossless."""
-    import ml_dtypes
-
-    emb, mask = np.asarray(embeddings_LD, np.float32), np.asarray(mask_L)
-    n = int((mask != 0).sum())
-    if not (mask[:n] != 0).all() or np.any(emb[n:]):
-        raise ValueError("save_embedding takes a prefix mask with zero rows after the kept tokens")
-    rows = emb[:n]
-    b16 = rows.astype(ml_dtypes.bfloat16)
-    lossless = np.array_equal(b16.astype(np.float32), rows)
-    data = b16.view(np.uint16) if lossless else rows
-    from jaxedit.staged import staged_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with staged_file(path) as tmp, open(tmp, "wb") as f:  # (a file object: np.savez adds no .npz)
-        np.savez(f, embeddings=data, dtype="bfloat16" if lossless else "float32", max_length=len(mask))
-    return path
-
-
-def load_embedding(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """(embeddings [max_length, D] float32, mask [max_length] int32) from `save_embedding`."""
-    import ml_dtypes
-
-    with np.load(path) as f:
-        rows, dtype, max_length = f["embeddings"], str(f["dtype"]), int(f["max_length"])
-    if dtype == "bfloat16":
-        rows = rows.view(ml_dtypes.bfloat16)
-    emb = np.zeros((max_length, rows.shape[1]), np.float32)
-    emb[: len(rows)] = rows.astype(np.float32)
-    mask = np.zeros(max_length, np.int32)
-    mask[: len(rows)] = 1
-    return emb, mask
 
 
 # ----------------------------------------------------------------------------------------
@@ -263,14 +184,9 @@ class QwenConditioner:
     @staticmethod
     def load_processor(path: Path, config: QwenEmbedderConfig):
         """(tokenizer, image processor, chat template) of a folder (no torch: the PIL image processor)."""
-        import transformers
-
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tokenizer = qwen_vl.load_tokenizer(path)
         # the PIL backend (transformers 5) = the slow processor the reference's transformers 4.49 used
-        processor_cls = getattr(transformers, "Qwen2VLImageProcessorPil", transformers.Qwen2VLImageProcessor)
-        image_processor = processor_cls.from_pretrained(
-            path, min_pixels=config.min_pixels, max_pixels=config.max_pixels, local_files_only=True
-        )
+        image_processor = qwen_vl.load_image_processor(path, min_pixels=config.min_pixels, max_pixels=config.max_pixels)
         return tokenizer, image_processor, _chat_template(path, tokenizer)
 
     # ------------------------------------------------------------------------------------
@@ -290,7 +206,8 @@ class QwenConditioner:
         return list(self.tokenizer(text)["input_ids"])
 
     def prepare_inputs(self, prompt: str, image: Image.Image) -> dict[str, Any]:
-        """Model inputs of one item (numpy): input_ids [L] int64, pixel_values [N, patch_dim], image_grid_thw [1, 3]."""
+        """Model inputs of one item (numpy): input_ids [L] int64, attention_mask [L] (ids > 0), pixel_values
+        [N, patch_dim], image_grid_thw [1, 3]."""
         cfg, factor = self.config, self.image_processor.patch_size * self.merge_size
         image = vision_input_image(image, factor, cfg.vision_min_tokens, cfg.vision_max_tokens)
         vision = self.image_processor(images=[image], return_tensors="np")
@@ -307,6 +224,7 @@ class QwenConditioner:
         input_ids = np.asarray(plain[:cut_plain] + pieces[cut_pieces:], np.int64)
         return {
             "input_ids": input_ids,
+            "attention_mask": (input_ids > 0).astype(np.int32),  # as the reference: attention_mask = ids > 0
             "pixel_values": np.asarray(vision["pixel_values"], np.float32),
             "image_grid_thw": np.asarray(vision["image_grid_thw"], np.int64),
         }
@@ -366,47 +284,33 @@ class QwenConditioner:
     __call__ = encode
 
 
-def bucket(n: int, step: int) -> int:
-    """n rounded up to a multiple of `step` (shapes in buckets: one compiled program per bucket)."""
-    return -(-n // step) * step
-
-
 class Step1XQwenEmbedder(QwenConditioner):
     """Step1X-Edit's conditioning on the JAX Qwen2.5-VL: `encode(prompts, images)` -> (embeddings
     [B, max_length, hidden] float32, mask [B, max_length] int32), items run `batch_size` at a time through
-    one jitted program per (items, tokens, image patches) bucket.
+    one jitted program per (items, tokens, image patches) bucket (`jaxedit.qwen_vl.QwenVLEncoder`).
 
     params: `QwenVL(qwen_cfg)` parameters (a model folder's qwen/: `from_model_folder`; a transformers folder
-    converted as it is read: `checkpoints_convert.step1x.qwen_embedder`); dtype: compute dtype (bfloat16 as the
-    reference runs it); mesh: shard the weights by the logical rules (FSDP, tensor) and split the items
-    over the batch axes (a batch is padded with empty rows to a multiple of them)."""
-
-    TOKEN_BUCKET, UNIT_BUCKET = 64, 64  # text tokens; merged image patches (x4 patches)
+    converted as it is read: `checkpoints_convert.step1x.qwen_embedder`), or an `encoder` built already; dtype:
+    compute dtype (bfloat16 as the reference runs it); mesh: shard the weights by the logical rules (FSDP,
+    tensor) and split the items over the batch axes (a batch is padded with empty rows to a multiple of them)."""
 
     def __init__(
         self, params, qwen_cfg, tokenizer, image_processor, chat_template: str, config: QwenEmbedderConfig, *,
-        dtype="bfloat16", attention_impl: str = "auto", batch_size: int = 4, name="", mesh=None,
+        dtype="bfloat16", attention_impl: str = "auto", batch_size: int = 4, name="", mesh=None, encoder=None,
     ):  # fmt: skip
-        import jax
-        import jax.numpy as jnp
-
-        from jaxedit.models.qwen2_5_vl import QwenVL
-
         super().__init__(
             tokenizer, image_processor, chat_template, config, image_token_id=qwen_cfg.image_token_id,
             vision_end_id=qwen_cfg.vision_end_token_id, hidden_size=qwen_cfg.text.hidden_size, name=name,
         )  # fmt: skip
-        self.params, self.qwen_cfg, self.batch_size = params, qwen_cfg, max(1, int(batch_size))
-        self.name = f"{self.name} ({jnp.dtype(dtype).name})"  # the cache key: a bfloat16 run is another result
-        model = QwenVL(qwen_cfg, dtype=jnp.dtype(dtype), attention_impl=attention_impl)
-        self._apply = jax.jit(lambda p, *a: model.apply({"params": p}, *a).astype(jnp.float32))
-        self.mesh, self.rows = mesh, 1
-        if mesh is not None:
-            from jaxedit.models.qwen2_5_vl import abstract_params
-            from jaxedit.parallel import sharding as sh
+        self.encoder = encoder or qwen_vl.QwenVLEncoder(
+            params, qwen_cfg, dtype=dtype, attention_impl=attention_impl, batch_size=batch_size, mesh=mesh
+        )
+        self.qwen_cfg = qwen_cfg
+        self.name = f"{self.name} ({self.encoder.dtype.name})"  # the cache key: a bfloat16 run is another result
 
-            self.params = jax.device_put(params, sh.shardings(abstract_params(qwen_cfg, boxed=True), mesh))
-            self.rows = mesh.shape["data"] * mesh.shape["fsdp"]
+    @property
+    def params(self):
+        return self.encoder.params
 
     @classmethod
     def from_model_folder(
@@ -414,83 +318,24 @@ class Step1XQwenEmbedder(QwenConditioner):
     ) -> Step1XQwenEmbedder:
         """The converted Qwen2.5-VL of a Step1X-Edit model folder (qwen/ weights, qwen_processor/ files; a path
         or an opened `ModelFolder`)."""
-        import jax.numpy as jnp
-
-        from jaxedit.checkpoint import load_params
-
         opened = ModelFolder.of(folder)
         folder, section = opened.path, qwen_section(opened)
         if section.model is None:
             raise FileNotFoundError(f"{folder}/jaxedit.json describes no converted Qwen2.5-VL")
         qwen_cfg, config = section.model, section.config
         check_hidden(qwen_cfg, config, folder)
-        target = None
-        if kw.get("mesh") is not None:  # restored straight into its sharding
-            from jaxedit.checkpoint import as_stored_on, param_metadata
-            from jaxedit.models.qwen2_5_vl import abstract_params
-            from jaxedit.parallel import sharding as sh
-
-            where = sh.shardings(abstract_params(qwen_cfg, boxed=True), kw["mesh"])
-            target = as_stored_on(param_metadata(folder / "qwen"), where)
-        params = load_params(folder / "qwen", target, dtype=jnp.dtype(dtype))
+        encoder = qwen_vl.QwenVLEncoder.load(folder / "qwen", qwen_cfg, dtype=dtype, **kw)
         processor = cls.load_processor(folder / QWEN_PROCESSOR, config)
-        return cls(params, qwen_cfg, *processor, config, dtype=dtype, name=folder.resolve(), **kw)
-
-    def batch_arrays(self, prepared: Sequence[dict[str, Any]]) -> tuple[tuple, list[int]]:
-        """The model's inputs for several items' `prepare_inputs` (padded to the buckets) and their lengths."""
-        from jaxedit.models.qwen2_5_vl import prepare_vision, rope_positions
-
-        cfg = self.qwen_cfg
-        lens = [len(x["input_ids"]) for x in prepared]
-        b, length = bucket(len(prepared), self.rows), bucket(max(lens), self.TOKEN_BUCKET)  # empty rows: no keys
-        ids, mask = np.zeros((b, length), np.int32), np.zeros((b, length), np.int32)
-        pos = np.zeros((3, b, length), np.int32)
-        for i, x in enumerate(prepared):
-            ids[i, : lens[i]] = x["input_ids"]
-            mask[i, : lens[i]] = x["input_ids"] > 0  # as the reference: attention_mask = ids > 0
-            pos[:, i] = rope_positions(ids[i], mask[i], x["image_grid_thw"], cfg)
-        grids = np.concatenate([x["image_grid_thw"] for x in prepared])
-        units = int(sum(np.prod(g) for g in grids)) // cfg.vision.spatial_merge_size**2
-        vision = prepare_vision(
-            np.concatenate([x["pixel_values"] for x in prepared]), grids, cfg.vision,
-            pad_to=bucket(units, self.UNIT_BUCKET) if units else 1,
-        )  # fmt: skip
-        pads = ids == cfg.image_token_id
-        if int(pads.sum()) != units:
-            raise ValueError(f"{int(pads.sum())} image-pad tokens for {units} image features")
-        feature_index = np.full((b, length), -1, np.int32)
-        feature_index[pads] = vision.pop("inverse")
-        return (ids, pos, mask, vision, feature_index), lens
-
-    def run(self, arrays) -> np.ndarray:
-        """The jitted model on `batch_arrays`' output: last hidden states [B, L, hidden] float32. On a mesh the
-        prompts' rows are split over the batch axes (positions [3, B, L]: its second axis), the packed
-        images replicated."""
-        if self.mesh is None:
-            return np.asarray(self._apply(self.params, *arrays))
-        import jax
-        from jax.sharding import NamedSharding, PartitionSpec
-
-        from jaxedit.parallel import sharding as sh
-
-        ids, pos, mask, vision, index = arrays
-        batch = sh.batch_sharding(self.mesh, 2)
-        by_row = NamedSharding(self.mesh, PartitionSpec(None, *batch.spec))
-        ids, mask, index = (jax.device_put(x, batch) for x in (ids, mask, index))
-        with sh.activate(self.mesh):
-            return np.asarray(self._apply(self.params, ids, jax.device_put(pos, by_row), mask, vision, index))
+        return cls(None, qwen_cfg, *processor, config, name=folder.resolve(), encoder=encoder)
 
     def hidden_states(self, inputs: dict[str, Any]) -> np.ndarray:
-        arrays, lens = self.batch_arrays([inputs])
-        return self.run(arrays)[0, : lens[0]]
+        return self.encoder.last_hidden_states([inputs])[0]
 
     def embed_items(self, items):
-        out = []
-        for start in range(0, len(items), self.batch_size):
-            chunk = [self.prepare_inputs(p, im) for p, im in items[start : start + self.batch_size]]
-            arrays, lens = self.batch_arrays(chunk)
-            hidden = self.run(arrays)
-            out += [self.crop(hidden[i, :n]) for i, n in enumerate(lens)]
+        out, size = [], self.encoder.batch_size
+        for start in range(0, len(items), size):
+            chunk = [self.prepare_inputs(p, im) for p, im in items[start : start + size]]
+            out += [self.crop(h) for h in self.encoder.last_hidden_states(chunk)]
         return out
 
 

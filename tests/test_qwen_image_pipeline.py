@@ -94,6 +94,13 @@ def models(tmp_path_factory):
     return cfg, vae_cfg, dit, vae, params
 
 
+def set_zero_cond_t(dit, flag: bool) -> None:
+    """2509 or 2511 from the same weights: the flag only chooses the reference tokens' timestep."""
+    for m in dit.modules():
+        if hasattr(m, "zero_cond_t"):
+            m.zero_cond_t = flag
+
+
 def images(n: int):
     rng = np.random.default_rng(7)
     sizes = [(88, 56), (50, 70)][:n]  # aspects other than the target's
@@ -107,10 +114,7 @@ def test_edit_matches_diffusers(models, monkeypatch, zero_cond_t, n_refs):
 
     cfg, vae_cfg, dit, vae, params = models
     cfg = dataclasses.replace(cfg, zero_cond_t=zero_cond_t)
-    dit.zero_cond_t = zero_cond_t  # the flag only chooses the reference tokens' timestep
-    for m in dit.modules():
-        if hasattr(m, "zero_cond_t"):
-            m.zero_cond_t = zero_cond_t
+    set_zero_cond_t(dit, zero_cond_t)
     monkeypatch.setattr(plus, "VAE_IMAGE_SIZE", VAE_AREA)
     monkeypatch.setattr(plus, "CONDITION_IMAGE_SIZE", COND_AREA)
     monkeypatch.setattr(ours, "VAE_AREA", VAE_AREA)
@@ -155,6 +159,7 @@ def test_edit_with_a_lightning_lora_matches_diffusers(models, monkeypatch, tmp_p
     from tests.test_qwen_image_lora import DOWN_UP, write_non_diffusers
 
     cfg, vae_cfg, dit, vae, params = models
+    set_zero_cond_t(dit, cfg.zero_cond_t)  # (another test may have left it on)
     monkeypatch.setattr(plus, "VAE_IMAGE_SIZE", VAE_AREA)
     monkeypatch.setattr(ours, "VAE_AREA", VAE_AREA)
     linears = {n: tuple(m.weight.shape) for n, m in dit.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -167,7 +172,7 @@ def test_edit_with_a_lightning_lora_matches_diffusers(models, monkeypatch, tmp_p
     refs = images(1)
 
     theirs = plus.QwenImageEditPlusPipeline(scheduler(), vae, None, None, None, dit)
-    theirs.load_lora_weights(path, adapter_name="lightning")
+    theirs.load_lora_weights(path, adapter_name="lightning", use_safetensors=True)
     theirs.set_adapters(["lightning"], [0.9])
     theirs.fuse_lora(components=["transformer"], adapter_names=["lightning"])
     try:

@@ -193,21 +193,6 @@ class Family:
         raise NotImplementedError
 
 
-def read_loras(specs: list[str], preset: configs.Preset) -> list:
-    """(LoRA, scale) of each --lora FILE[:SCALE], read and checked against the model before it is loaded;
-    ValueError (one line) naming the bad argument or file and key."""
-    from jaxedit.lora import parse_lora_arg, read_lora
-
-    out = []
-    for spec in specs:
-        path, scale = parse_lora_arg(spec)
-        try:
-            out.append((read_lora(path, preset), scale))
-        except ValueError as e:  # LoraError: names the file and the key
-            raise ValueError(f"--lora: {e}") from None
-    return out
-
-
 @functools.cache
 def _registry() -> dict[str, Family]:
     out = {}

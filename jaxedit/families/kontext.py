@@ -9,7 +9,7 @@ import dataclasses
 from typing import Any
 
 from jaxedit import configs
-from jaxedit.families import Family, read_loras
+from jaxedit.families import Family
 
 
 def _presets() -> tuple[configs.Preset, ...]:
@@ -101,8 +101,10 @@ class Kontext(Family):
         return self.pipeline().footprint(preset, dtype, {"transformer": quantize, "t5": quantize}, text_on_cpu)
 
     def load_options(self, args: Any, preset: configs.Preset) -> dict:
+        from jaxedit.lora import lora_args
+
         kw = {"auto_resize": False} if args.keep_size else {}
-        kw |= {"loras": read_loras(args.lora, preset)} if args.lora else {}
+        kw |= {"loras": lora_args(args.lora, preset)} if args.lora else {}
         references = {"reference_ids": args.reference_ids, "reference_tokens": args.reference_tokens,
                       "max_image_tokens": args.max_tokens}  # fmt: skip
         kw |= {k: v for k, v in references.items() if v is not None}

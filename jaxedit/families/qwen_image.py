@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from jaxedit import configs
-from jaxedit.families import Family, read_loras
+from jaxedit.families import Family
 
 
 def _presets() -> tuple[configs.Preset, ...]:
@@ -135,13 +135,15 @@ class QwenImageEdit(Family):
         return self.pipeline().footprint(preset, dtype, quantize, preset.qwen)
 
     def load_options(self, args: Any, preset: configs.Preset) -> dict:
+        from jaxedit.lora import lora_args
+
         refused = [f for f in ("reference_ids", "reference_tokens", "text_on_cpu", "size_level", "keep_size")
                    if getattr(args, f, None)]  # fmt: skip
         if refused:
             flag = refused[0].replace("_", "-")
             raise ValueError(f"--{flag} does not apply to {self.title} models")
         kw = {"max_image_tokens": args.max_tokens} if args.max_tokens else {}
-        kw |= {"loras": read_loras(args.lora, preset)} if args.lora else {}
+        kw |= {"loras": lora_args(args.lora, preset)} if args.lora else {}
         return kw | ({"qwen": args.qwen} if args.qwen else {})
 
     def configure(self, pipe: Any, args: Any) -> None:

@@ -37,6 +37,7 @@ __all__ = [
     "merge_now",
     "parse_lora_arg",
     "part_shapes",
+    "lora_args",
     "read_lora",
 ]
 
@@ -110,3 +111,16 @@ def parse_lora_arg(text: str) -> tuple[Path, float]:
             return Path(text), 1.0
         return Path(head), check_scale(scale, f"--lora {text}: the scale")
     return Path(text), 1.0
+
+
+def lora_args(specs: list[str], preset: configs.Preset) -> list:
+    """(LoRA, scale) of each --lora FILE[:SCALE], read and checked against the model before it is loaded;
+    ValueError (one line) naming the bad argument or file and key."""
+    out = []
+    for spec in specs:
+        path, scale = parse_lora_arg(spec)
+        try:
+            out.append((read_lora(path, preset), scale))
+        except ValueError as e:  # LoraError: names the file and the key
+            raise ValueError(f"--lora: {e}") from None
+    return out

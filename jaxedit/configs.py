@@ -419,6 +419,40 @@ class QwenImageVAEConfig:
 
 
 @dataclass(frozen=True)
+class SchedulerConfig:
+    """The fields of a diffusers `scheduler/scheduler_config.json` the edit pipelines use (the converter copies a
+    release's into the model folder's pipeline option "scheduler"); defaults: Qwen-Image's."""
+
+    base_image_seq_len: int = 256
+    max_image_seq_len: int = 8192
+    base_shift: float = 0.5
+    max_shift: float = 0.9
+    shift_terminal: float | None = 0.02
+    time_shift_type: str = "exponential"
+    use_dynamic_shifting: bool = True
+    shift: float = 1.0
+    num_train_timesteps: int = 1000
+
+    def __post_init__(self):
+        if self.time_shift_type not in ("exponential", "linear"):
+            raise ValueError(f"scheduler time_shift_type {self.time_shift_type!r}: use exponential or linear")
+        if self.shift_terminal is not None and not 0 <= self.shift_terminal < 1:
+            raise ValueError(f"scheduler shift_terminal {self.shift_terminal} is outside [0, 1)")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SchedulerConfig:
+        """From a scheduler_config.json's fields (the others, e.g. "_class_name", ignored); ValueError naming a
+        field of the wrong type."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a scheduler is an object of fields, not {type(d).__name__}")
+        hints = typing.get_type_hints(cls)
+        return cls(**{k: typed(v, None, hints[k], k) for k, v in d.items() if k in hints})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
 class Preset:
     """A named model: its family and the config of each part (None where a part is absent)."""
 

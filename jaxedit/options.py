@@ -100,6 +100,12 @@ def _mesh(v):
 
 
 # name -> check (the value, or ValueError saying what is wrong with it)
+def _scheduler(v: Any) -> dict:
+    from jaxedit.configs import SchedulerConfig
+
+    return SchedulerConfig.from_dict(v).to_dict()
+
+
 OPTIONS = {
     "steps": _int(1, MAX_STEPS),
     "guidance": _number(0.0, MAX_GUIDANCE),
@@ -117,6 +123,7 @@ OPTIONS = {
     "resolution": _int(16, 4096),  # px, the side of the images the model was trained at
     "loras": _list,  # each entry: jaxedit.kontext.pipeline.folder_loras
     "mesh": _mesh,  # where the pipeline runs: jaxedit.parallel.placement
+    "scheduler": _scheduler,  # a diffusers scheduler_config.json's fields (Qwen-Image-Edit: configs.SchedulerConfig)
 }
 
 

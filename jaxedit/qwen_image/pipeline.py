@@ -81,6 +81,8 @@ class QwenImageEditPipeline(EditPipelineBase):
     """params: {"transformer", "vae"}; text_encoder: a `jaxedit.qwen_image.text.QwenImageEmbedder` (None: every
     call passes `llm=`). max_image_tokens: the most image tokens (16 x 16 px each) an item may have."""
 
+    several_references = True  # (jaxedit.pipelines.batch: items may have 1-3 images; `sizes` checks the count)
+
     def __init__(
         self,
         preset: configs.Preset,

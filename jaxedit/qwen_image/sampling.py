@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
 
@@ -14,38 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxedit.configs import SchedulerConfig
 from jaxedit.sampling import edit_tokens
 
-
-@dataclasses.dataclass(frozen=True)
-class SchedulerConfig:
-    """The fields of a diffusers `scheduler/scheduler_config.json` the edit pipelines use (the converter copies a
-    release's into the model folder's pipeline option "scheduler"); defaults: Qwen-Image's."""
-
-    base_image_seq_len: int = 256
-    max_image_seq_len: int = 8192
-    base_shift: float = 0.5
-    max_shift: float = 0.9
-    shift_terminal: float | None = 0.02
-    time_shift_type: str = "exponential"
-    use_dynamic_shifting: bool = True
-    shift: float = 1.0
-    num_train_timesteps: int = 1000
-
-    def __post_init__(self):
-        if self.time_shift_type not in ("exponential", "linear"):
-            raise ValueError(f"scheduler time_shift_type {self.time_shift_type!r}: use exponential or linear")
-        if self.shift_terminal is not None and not 0 <= self.shift_terminal < 1:
-            raise ValueError(f"scheduler shift_terminal {self.shift_terminal} is outside [0, 1)")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> SchedulerConfig:
-        """From a scheduler_config.json's fields (the others, e.g. "_class_name", ignored)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+__all__ = ["SchedulerConfig", "calculate_shift", "denoise", "guide", "schedule"]
 
 
 def calculate_shift(image_seq_len: int, cfg: SchedulerConfig) -> float:
@@ -54,9 +25,11 @@ def calculate_shift(image_seq_len: int, cfg: SchedulerConfig) -> float:
     return image_seq_len * m + cfg.base_shift - m * cfg.base_image_seq_len
 
 
-def schedule(steps: int, image_seq_len: int, cfg: SchedulerConfig = SchedulerConfig()) -> np.ndarray:
+def schedule(steps: int, image_seq_len: int, cfg: SchedulerConfig | None = None) -> np.ndarray:
     """[2, steps + 1] float32: the sigmas 1 > ... > 0 (the Euler steps' times) and the transformer's timestep at
-    each (sigma * 1000 / 1000 in float32, as the pipeline divides the scheduler's timesteps by 1000)."""
+    each (sigma * 1000 / 1000 in float32, as the pipeline divides the scheduler's timesteps by 1000). cfg: the
+    scheduler's settings (default Qwen-Image's)."""
+    cfg = cfg or SchedulerConfig()
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if steps == 1 and cfg.shift_terminal:  # the stretch divides by 1 - sigma = 0 (diffusers' sigmas are NaN)

@@ -7,9 +7,9 @@ import numpy as np
 from checkpoints_convert import load_transformer, mesh_placer
 from checkpoints_convert.mapping import flatten
 from jaxedit.checkpoint import load_params, save_params
-from jaxedit.configs import get
 from jaxedit.models.flux import abstract_params
 from jaxedit.parallel import sharding as sh
+from jaxedit.presets import get
 from tests.test_convert import tiny_bfl_file
 
 CFG = get("flux-kontext-tiny").transformer  # hidden 48: divisible by the 8-way fsdp axis

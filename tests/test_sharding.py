@@ -9,9 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from jaxedit.configs import get
 from jaxedit.models.flux import abstract_params
 from jaxedit.parallel import sharding as sh
+from jaxedit.presets import get
 from tests.helpers import rel_err
 from tests.sharded_model import flat, model_and_data, train_step
 

@@ -529,8 +529,8 @@ def test_pipeline_merges_at_load_or_per_call_and_cli(tmp_path, capsys):
 
     from jaxedit import DEFAULT_MODEL
     from jaxedit.cli import main, model_identity, model_options
-    from jaxedit.families.kontext import read_loras
     from jaxedit.kontext.pipeline import KontextPipeline
+    from jaxedit.lora import lora_args
     from jaxedit.model_folder import read_description, read_json, write_json
 
     folder = Path(shutil.copytree(DEFAULT_MODEL, tmp_path / "model"))  # the shipped model (small, trained)
@@ -557,7 +557,7 @@ def test_pipeline_merges_at_load_or_per_call_and_cli(tmp_path, capsys):
     p = argparse.ArgumentParser()
     model_options(p)
     args = p.parse_args(["--model", str(folder), "--lora", f"{lora}:0.4", "--lora", f"{lora}"])
-    assert [(lo.path, s) for lo, s in read_loras(args.lora, pipe.preset)] == [(lora, 0.4), (lora, 1.0)]
+    assert [(lo.path, s) for lo, s in lora_args(args.lora, pipe.preset)] == [(lora, 0.4), (lora, 1.0)]
     assert [lo["scale"] for lo in json.loads(model_identity(args, pipe))["loras"]] == [0.7, 0.4]  # resume key
     save_file({"lora_unet_nope.lora_down.weight": _f(2, 2)}, str(tmp_path / "bad.safetensors"))
     argv = [

@@ -312,6 +312,11 @@ class Step1XQwenEmbedder(QwenConditioner):
     def params(self):
         return self.encoder.params
 
+    @property
+    def mesh(self):
+        """The mesh the Qwen2.5-VL weights are sharded over (None: one device)."""
+        return self.encoder.mesh
+
     @classmethod
     def from_model_folder(
         cls, folder: str | Path | ModelFolder, *, dtype: str = "bfloat16", **kw

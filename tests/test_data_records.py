@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -62,8 +63,9 @@ def test_pack_a_folder_records_bad_rows_and_info_verify_name_a_corrupted_shard(t
     assert command.main(["verify", str(out)]) == 1
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith(f"error: shard {out}/shards/00002.array_record: sha256 ") and "does not match" in line
+    check_data(DataConfig(path=str(out)))  # same size: only data.verify (or `jaxedit data verify`) sees it
     with pytest.raises(ValueError, match="00002.array_record: sha256"):
-        reader.shard_paths(str(out), index, verify=True)
+        check_data(DataConfig(path=str(out), verify=True))
     shard.write_bytes(bytes(raw[:-10]))  # truncated: caught by its size before a run's first step
     with pytest.raises(ValueError, match=r"shard .*00002.array_record: \d+ bytes, the index says"):
         check_data(DataConfig(path=str(out)))
@@ -239,3 +241,75 @@ def test_a_killed_pack_resumes_where_it_stopped(tmp_path):
     a, b = records.read_index(str(out)), records.read_index(str(ref))
     assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
     assert (a["examples"], a["bad_rows"]) == (b["examples"], b["bad_rows"])
+
+
+def test_two_jax_processes_read_disjoint_shares_and_resume(tmp_path):
+    """A real 2-process jax.distributed run (localhost): each process's share comes from jax.process_index;
+    the shares are disjoint and cover each epoch's full batches; each resumes its own share from its state."""
+    from tests.test_multiprocess import free_port
+
+    _, out = packed_folder(tmp_path)
+    port, n = free_port(), 8  # 2 epochs of 4 batches of 4 (10 + 6 + 4 items in 3 groups)
+    procs = []
+    for pid in range(2):
+        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+        env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
+        procs.append(subprocess.Popen([sys.executable, str(Path(__file__).with_name("data_worker.py")), str(out),
+                                       str(tmp_path / f"p{pid}.json"), str(n)], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))  # fmt: skip
+    for p in procs:
+        try:
+            log = p.communicate(timeout=120)[0]
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("a data process hung")
+        assert p.returncode == 0, log[-3000:]
+    a, b = (json.loads((tmp_path / f"p{i}.json").read_text()) for i in range(2))
+    cfg = DataConfig(path=str(out), batch_size=4, seed=2, **SMALL)
+    it, one = reader.make_iterator(cfg, process_index=0, process_count=1)
+    assert one.per_epoch == 4
+    for i in range(n):
+        assert len(a["ids"][i]) == len(b["ids"][i]) == 2 and a["ids"][i] + b["ids"][i] == next(it)["id"]
+    for e in range(2):
+        epoch = [x for r in (a, b) for batch in r["ids"][4 * e : 4 * e + 4] for x in batch]
+        assert len(epoch) == len(set(epoch)) == 16
+    assert a["resumed"] == a["ids"][n // 2 :] and b["resumed"] == b["ids"][n // 2 :]
+
+
+@pytest.mark.slow  # two tiny training runs and a restart: minutes on the 2-core CI machine
+def test_training_from_packed_shards_matches_the_folder_and_resumes_after_a_kill(tmp_path):
+    """`python -m train` with data.path = a packed folder dataset logs the folder run's losses exactly (same seed,
+    same examples in the same order); killed after step 5 and restarted, it reproduces them."""
+    import signal
+    import time
+
+    from tests.tiny_train import ROOT, command, env, losses, random_model_folder
+
+    model = random_model_folder(tmp_path / "model")
+    data = write_dataset(tmp_path / "data", n_square=12, n_wide=0, bad=False)
+    packed = tmp_path / "packed"
+    pack(sources.FolderSource(str(data), shard_size=5), str(packed))
+    cache = tmp_path / "xla"
+    run = lambda d, ckpt: subprocess.run(  # noqa: E731
+        command(model, d, ckpt), env=env(cache), cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    for d, ckpt in ((data, tmp_path / "folder"), (packed, tmp_path / "shards")):
+        r = run(d, ckpt)
+        assert r.returncode == 0, r.stderr[-3000:]
+    ref = losses(tmp_path / "folder")
+    assert sorted(ref) == list(range(1, 9)) and losses(tmp_path / "shards") == ref
+
+    ckpt = tmp_path / "killed"
+    p = subprocess.Popen(command(model, packed, ckpt), env=env(cache), cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        line = p.stdout.readline()
+        if line.startswith("step 5/"):
+            break
+        assert line or p.poll() is None, "run ended before step 5"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    again = run(packed, ckpt)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from step" in again.stdout and losses(ckpt) == ref

@@ -10,7 +10,7 @@ every image and drops those that do not decode (bad rows), where the folder read
 each, when it fails to decode, by the next good item of its group; with every image decodable the batches are
 identical. Remote shards are read from local copies (`jaxedit.data.paths.local_copy`, sha256 checked on the
 way); local ones are checked against the index's byte sizes before the first step (their sha256 too with
-`verify=True`): a mismatch stops the run with one line naming the shard.
+`data.verify`): a mismatch stops the run with one line naming the shard.
 """
 
 from __future__ import annotations
@@ -121,11 +121,10 @@ def make_iterator(
     max_sources: int | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
-    verify: bool = False,
 ) -> tuple[grain.DatasetIterator, ShardBatches]:
     """`jaxedit.train.data.make_iterator` over the packed dataset at cfg.path (model: unused, no cache yet)."""
     index_json = records.read_index(cfg.path)
-    shards = shard_paths(cfg.path, index_json, cfg.copies, verify)
+    shards = shard_paths(cfg.path, index_json, cfg.copies, cfg.verify)
     pi = jax.process_index() if process_index is None else process_index
     pc = jax.process_count() if process_count is None else process_count
     batches = ShardBatches(cfg, index_records(cfg, max_sources), shards, pi, pc)

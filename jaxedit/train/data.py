@@ -63,6 +63,7 @@ class DataConfig:
     # a packed dataset (`jaxedit data pack`; `path` holds its index.json) on a remote filesystem: where its shards
     # are copied (default $JAXEDIT_DATA_COPIES, else TMPDIR/jaxedit-shards)
     copies: str = ""
+    verify: bool = False  # a packed dataset: sha256 of every local shard before the first step (remote: always)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -84,7 +84,9 @@ def check_data(data: DataConfig) -> None:
     """data.path: a packed dataset's index and shards (ValueError naming a shard that is not what the index says),
     else the manifest (FileNotFoundError naming data.path)."""
     if records.is_packed(data.path):
-        reader.shard_paths(data.path, records.read_index(data.path), data.copies)
+        if data.cache:
+            raise ValueError("data.cache with a packed data.path: not supported yet (the cache is not sharded)")
+        reader.shard_paths(data.path, records.read_index(data.path), data.copies, data.verify)
     else:
         manifest_path(data)
 

@@ -313,3 +313,12 @@ def test_training_from_packed_shards_matches_the_folder_and_resumes_after_a_kill
     again = run(packed, ckpt)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from step" in again.stdout and losses(ckpt) == ref
+
+
+def test_a_checkpoint_dir_url_is_refused_in_one_line_not_written_to_a_local_gs_folder():
+    from jaxedit import presets
+    from jaxedit.train.config import TrainConfig
+    from jaxedit.train.loop import check_config
+
+    with pytest.raises(ValueError, match=r"^checkpoint_dir gs://b/run: URLs are not supported yet"):
+        check_config(TrainConfig(checkpoint_dir="gs://b/run"), presets.get("flux-kontext-tiny"))

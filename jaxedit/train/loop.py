@@ -129,6 +129,9 @@ def check_config(cfg: TrainConfig, preset: configs.Preset) -> None:
     """Refuse settings the run could not honour (instead of ignoring them)."""
     if cfg.steps < 1:
         raise ValueError(f"steps must be >= 1, got {cfg.steps}")
+    if "://" in cfg.checkpoint_dir:  # (Path() would turn gs://b/x into a local folder gs:/b/x)
+        raise ValueError(f"checkpoint_dir {cfg.checkpoint_dir}: URLs are not supported yet (its metrics, samples "
+                         "and exports are written as local files): give a local or mounted folder")  # fmt: skip
     try:
         if cfg.mesh != "auto":
             configs.MeshConfig.parse(cfg.mesh)

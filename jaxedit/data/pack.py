@@ -123,6 +123,7 @@ def pack(
             done[k] = f.result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+    describe = describe or type(source).__name__
     summary = finish(out, [done[k] for k in range(len(tasks))], settings, describe, time.perf_counter() - t0)
     return dataclasses.replace(summary, resumed=resumed)
 

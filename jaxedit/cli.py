@@ -6,6 +6,7 @@
     jaxedit train --config kontext_dev_lora --set model=FOLDER --set data.path=DATA
     jaxedit precompute --model FOLDER --data DATA --out CACHE
     jaxedit plan --task train --target v5p-8 --resolution 1024
+    jaxedit data pack --from parquet 'gs://b/edits/*.parquet' --out gs://b/packed   (also: data info, data verify)
 
 Without --model the shipped default model is used. Real checkpoints are converted into model
 folders with `jaxedit-convert` (`python -m checkpoints_convert`). Bad input (a missing image, an
@@ -30,6 +31,7 @@ COMMANDS = {
     "train": "train or fine-tune from a config (a name of the shipped configs or a file)",
     "precompute": "cache a dataset's text embeddings and VAE latents for training",
     "plan": "compile a full-size step ahead of time: per-device memory, FLOPs, time estimates",
+    "data": "training data as record shards: pack (a folder, Parquet or tar shards), info, verify",
 }
 
 
@@ -338,7 +340,14 @@ def plan_main(argv: list[str]) -> int:
     return main(argv, prog="jaxedit plan")
 
 
-MAINS = {"edit": edit_main, "batch": batch_main, "train": train_main, "precompute": precompute_main, "plan": plan_main}
+def data_main(argv: list[str]) -> int:
+    from jaxedit.data.command import main
+
+    return main(argv, prog="jaxedit data")
+
+
+MAINS = {"edit": edit_main, "batch": batch_main, "train": train_main, "precompute": precompute_main, "plan": plan_main,
+         "data": data_main}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,7 @@ that is not UTF-8 or not JSON fails alone, named by its number; text fields chec
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,20 +15,25 @@ def read_lines(path: str | Path) -> Iterator[tuple[int, Any, str | None]]:
     """(line number from 1, JSON value, None) of each non-blank line, or (line number, None, reason) for a
     line that is not UTF-8 or not JSON."""
     with open(path, "rb") as f:
-        for n, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                text = raw.decode("utf-8-sig" if n == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                yield n, None, f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
-                continue
-            try:
-                value = json.loads(text)
-            except json.JSONDecodeError as e:
-                yield n, None, f"invalid JSON ({e.msg})"
-                continue
-            yield n, value, None
+        yield from parse_lines(f)
+
+
+def parse_lines(lines: Iterable[bytes], first: int = 1) -> Iterator[tuple[int, Any, str | None]]:
+    """`read_lines` of lines in hand (raw bytes, numbered from `first`)."""
+    for n, raw in enumerate(lines, start=first):
+        if not raw.strip():
+            continue
+        try:
+            text = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            yield n, None, f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+            continue
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            yield n, None, f"invalid JSON ({e.msg})"
+            continue
+        yield n, value, None
 
 
 def check_text(value: Any, name: str) -> str:

@@ -32,7 +32,7 @@ import logging
 import math
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import grain
 import jax
@@ -60,6 +60,10 @@ class DataConfig:
     num_threads: int = 2  # decoding threads per process
     prefetch: int = 2  # batches prefetched
     cache: str = ""  # folder written by `python -m train.precompute`: latents + text embeddings, no decoding
+    # a packed dataset (`jaxedit data pack`; `path` holds its index.json) on a remote filesystem: where its shards
+    # are copied (default $JAXEDIT_DATA_COPIES, else TMPDIR/jaxedit-shards)
+    copies: str = ""
+    verify: bool = False  # a packed dataset: sha256 of every local shard before the first step (remote: always)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,9 +193,9 @@ def index_manifest(cfg: DataConfig, max_sources: int | None = None) -> Index:
     return Index(items, buckets, skipped, lines)
 
 
-def load_image(path: Path, size: tuple[int, int]) -> np.ndarray:
-    """Decode, turn upright (EXIF orientation), resize to cover `size` (w, h), centre crop, LANCZOS -> [h, w, 3]
-    float32 in [-1, 1]."""
+def load_image(path: Path | IO[bytes], size: tuple[int, int]) -> np.ndarray:
+    """Decode (a file, or encoded bytes in a file object), turn upright (EXIF orientation), resize to cover `size`
+    (w, h), centre crop, LANCZOS -> [h, w, 3] float32 in [-1, 1]."""
     with Image.open(path) as im:
         im = upright(im, orientation(im)).convert("RGB")
         w, h = size
@@ -307,15 +311,24 @@ class EditBatches:
         start = same.index(k)
         for j in range(len(same)):
             item = self.index.items[same[(start + j) % len(same)]]
-            sizes = self.index.buckets
             try:
-                decoded = {"source" if i == 0 else f"source_{i}": load_image(p, sizes[b])
-                           for i, (p, b) in enumerate(item.source_list())}  # fmt: skip
-                return item, decoded | {"target": load_image(item.target, sizes[item.bucket])}
+                return self.decode(item)
             except Exception as e:  # noqa: BLE001 - a bad file is counted, never fatal
-                log.warning("skipping item %s: %s", item.id, e)
+                log.warning("skipping item %s: %s", getattr(item, "id", item), e)
                 out["n_bad"] += 1
         raise RuntimeError(f"every item of bucket {group_name(self.index.buckets, group)} fails to decode")
+
+    def decode(self, item: Item) -> tuple[Item, dict[str, np.ndarray]]:
+        """(item, {"source": ..., "source_1": ..., "target": ...}) of an item (a reader of other storage overrides
+        this: the item it returns carries the id and instruction)."""
+        sizes = self.index.buckets
+        decoded = {"source" if i == 0 else f"source_{i}": load_image(p, sizes[b])
+                   for i, (p, b) in enumerate(item.source_list())}  # fmt: skip
+        return item, decoded | {"target": load_image(item.target, sizes[item.bucket])}
+
+    def sample_items(self, n: int, out_dir: Path) -> list[Item]:
+        """The first `n` items, with image paths (sample edits read them)."""
+        return self.index.items[:n]
 
 
 def make_iterator(

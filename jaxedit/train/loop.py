@@ -40,12 +40,13 @@ import orbax.checkpoint as ocp
 
 from jaxedit import configs, families, model_folder
 from jaxedit.checkpoint import load_params
+from jaxedit.data import reader, records
 from jaxedit.models import attention
 from jaxedit.models.flux import REMAT_POLICIES
 from jaxedit.parallel import sharding as sh
 from jaxedit.parallel.distributed import put_global
 from jaxedit.train.config import TrainConfig
-from jaxedit.train.data import make_iterator, manifest_path
+from jaxedit.train.data import DataConfig, make_iterator, manifest_path
 from jaxedit.train.encoders import Encoder
 from jaxedit.train.lora import export_peft
 from jaxedit.train.monitor import Monitor, SampleEdits
@@ -76,7 +77,24 @@ def check_run(cfg: TrainConfig) -> None:
     """Every check a run makes before any work (model folder, settings against it): ValueError or
     FileNotFoundError naming what is wrong (`jaxedit train` prints it in one line)."""
     check_config(cfg, model_of(cfg)[1])
-    manifest_path(cfg.data)  # FileNotFoundError naming data.path
+    check_data(cfg.data)
+
+
+def check_data(data: DataConfig) -> None:
+    """data.path: a packed dataset's index and shards (ValueError naming a shard that is not what the index says),
+    else the manifest (FileNotFoundError naming data.path)."""
+    if records.is_packed(data.path):
+        if data.cache:
+            raise ValueError("data.cache with a packed data.path: not supported yet (the cache is not sharded)")
+        reader.shard_paths(data.path, records.read_index(data.path), data.copies, data.verify)
+    else:
+        manifest_path(data)
+
+
+def data_iterator(data: DataConfig, **kw):
+    """(grain iterator, batches) of data.path: a packed dataset (holding index.json) is read from its shards
+    (`jaxedit.data.reader`), a folder from its manifest (`jaxedit.train.data`)."""
+    return (reader.make_iterator if records.is_packed(data.path) else make_iterator)(data, **kw)
 
 
 def load_model(cfg: TrainConfig):
@@ -111,6 +129,9 @@ def check_config(cfg: TrainConfig, preset: configs.Preset) -> None:
     """Refuse settings the run could not honour (instead of ignoring them)."""
     if cfg.steps < 1:
         raise ValueError(f"steps must be >= 1, got {cfg.steps}")
+    if "://" in cfg.checkpoint_dir:  # (Path() would turn gs://b/x into a local folder gs:/b/x)
+        raise ValueError(f"checkpoint_dir {cfg.checkpoint_dir}: URLs are not supported yet (its metrics, samples "
+                         "and exports are written as local files): give a local or mounted folder")  # fmt: skip
     try:
         if cfg.mesh != "auto":
             configs.MeshConfig.parse(cfg.mesh)
@@ -184,7 +205,7 @@ def build(cfg: TrainConfig, folder: Path, preset: configs.Preset, parts: dict) -
     )
     family = families.of(preset)
     # as many sources per item as the family takes (Step1X-Edit: one; its Qwen2.5-VL sees it)
-    data_iter, batches = make_iterator(cfg.data, model=folder, max_sources=family.max_references)
+    data_iter, batches = data_iterator(cfg.data, model=folder, max_sources=family.max_references)
     encoder, empty = family.train_encoder(cfg, folder, preset, parts, batches, mesh)
     ckpt_dir = Path(cfg.checkpoint_dir).absolute()
     manager = ocp.CheckpointManager(
@@ -231,7 +252,7 @@ def sample_editor(run: Run) -> SampleEdits | None:
 
     kw = families.of(run.preset).sample_options(cfg, run.encoder)  # e.g. the items' own sizes, as trained
     pipe = load_pipeline(run.folder, compile_cache=False, **kw)
-    return SampleEdits(pipe, run.batches.index.items[: cfg.sample_count], run.ckpt_dir)
+    return SampleEdits(pipe, run.batches.sample_items(cfg.sample_count, run.ckpt_dir / "sample_inputs"), run.ckpt_dir)
 
 
 def run_steps(run: Run, state: dict, start: int, key: jax.Array) -> tuple[dict, dict]:

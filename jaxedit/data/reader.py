@@ -1,0 +1,133 @@
+"""Training batches from a packed dataset (`jaxedit data pack`): the folder reader's grain pipeline
+(`jaxedit.train.data.EditBatches`: epochs planned from (seed, epoch), global batches of one group, process p of P
+taking items [p*B/P, (p+1)*B/P) of each, the iterator's state = the next batch index) over ArrayRecord shards read
+at random (grain's `ArrayRecordDataSource`).
+
+The plan needs each example's group only: it comes from DATASET/sizes.npy (no record read), bucketed under the
+run's DataConfig (its settings need not be the pack's). Examples keep their input order, so a packed folder
+dataset gives the same batches as the folder itself for the same seed, with one difference: the pack decodes
+every image and drops those that do not decode (bad rows), where the folder reader plans with them and replaces
+each, when it fails to decode, by the next good item of its group; with every image decodable the batches are
+identical. Remote shards are read from local copies (`jaxedit.data.paths.local_copy`, sha256 checked on the
+way); local ones are checked against the index's byte sizes before the first step (their sha256 too with
+`data.verify`): a mismatch stops the run with one line naming the shard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import io
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+
+from jaxedit.data import paths, records
+from jaxedit.train.data import DataConfig, EditBatches, Index, Item, load_image, make_buckets, nearest_bucket
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordItem:
+    """A planned example: its record number and groups (its id and instruction are read with its images)."""
+
+    record: int
+    bucket: int  # the target's bucket
+    source_buckets: tuple[int, ...]
+
+    @property
+    def group(self) -> tuple[int, tuple[int, ...]]:
+        return (self.bucket, self.source_buckets)
+
+    @property
+    def id(self) -> str:
+        return f"record {self.record}"
+
+
+def shard_paths(dataset: str, index: dict, copies: str = "", verify: bool = False) -> list[str]:
+    """Local paths of the dataset's shards (remote ones copied; checked: ValueError naming a shard that is not
+    what the index says)."""
+    out = []
+    for s in index["shards"]:
+        url = paths.join(dataset, s["path"])
+        if not paths.is_local(url):
+            out.append(str(paths.local_copy(url, s["sha256"], copies)))
+            continue
+        local = Path(paths.filesystem(url)[1])
+        if not local.is_file():
+            raise ValueError(f"shard {url}: missing")
+        if local.stat().st_size != s["bytes"]:
+            raise ValueError(f"shard {url}: {local.stat().st_size} bytes, the index says {s['bytes']}")
+        if verify and paths.sha256_of(str(local))[0] != s["sha256"]:
+            raise ValueError(f"shard {url}: sha256 does not match the index's (run jaxedit data verify)")
+        out.append(str(local))
+    return out
+
+
+def index_records(cfg: DataConfig, max_sources: int | None = None) -> Index:
+    """The planned examples of the packed dataset at cfg.path, bucketed under cfg's settings."""
+    sizes = records.read_sizes(cfg.path)
+    buckets = make_buckets(cfg.pixel_budget, cfg.bucket_step, cfg.max_aspect)
+    bucket = functools.lru_cache(maxsize=None)(lambda w, h: nearest_bucket(buckets, w, h))
+    items, skipped = [], Counter()
+    for k, row in enumerate(sizes.tolist()):
+        srcs = [s for s in row[1:] if s[0] > 0]
+        if max_sources is not None and len(srcs) > max_sources:
+            skipped["too many sources"] += 1
+            continue
+        items.append(RecordItem(k, bucket(*row[0]), tuple(bucket(*s) for s in srcs)))
+    return Index(items, buckets, skipped)
+
+
+class ShardBatches(EditBatches):
+    """Global batch index -> this process's part of that batch, read from the shards."""
+
+    def __init__(self, cfg: DataConfig, index: Index, shards: list[str], process_index: int, process_count: int):
+        if cfg.cache:
+            raise ValueError("data.cache with a packed data.path: not supported yet (the cache is not sharded)")
+        super().__init__(cfg, index, process_index, process_count)
+        self.source = grain.sources.ArrayRecordDataSource(shards)
+
+    def decode(self, item: RecordItem) -> tuple[records.Example, dict[str, np.ndarray]]:
+        ex = records.decode(self.source[item.record])
+        if len(ex.sources) != len(item.source_buckets):
+            raise ValueError(f"record {item.record} holds {len(ex.sources)} sources, sizes.npy says otherwise")
+        sizes = self.index.buckets
+        decoded = {"source" if i == 0 else f"source_{i}": load_image(io.BytesIO(b), sizes[k])
+                   for i, (b, k) in enumerate(zip(ex.sources, item.source_buckets))}  # fmt: skip
+        return ex, decoded | {"target": load_image(io.BytesIO(ex.target), sizes[item.bucket])}
+
+    def sample_items(self, n: int, out_dir: Path) -> list[Item]:
+        """The first `n` examples, their images written as files in `out_dir` (sample edits read files)."""
+        out = []
+        for it in self.index.items[:n]:
+            ex = records.decode(self.source[it.record])
+            files = []
+            for j, data in enumerate([*ex.sources, ex.target]):
+                files.append(Path(out_dir) / f"{it.record}_{j}.img")
+                paths.write_bytes(str(files[-1]), data)
+            more = tuple(zip(files[:-1], it.source_buckets)) if len(ex.sources) > 1 else ()
+            out.append(Item(ex.id, files[0], files[-1], ex.instruction, it.bucket, more))
+        return out
+
+
+def make_iterator(
+    cfg: DataConfig,
+    epochs: int = 10_000,
+    model: Any = None,
+    max_sources: int | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> tuple[grain.DatasetIterator, ShardBatches]:
+    """`jaxedit.train.data.make_iterator` over the packed dataset at cfg.path (model: unused, no cache yet)."""
+    index_json = records.read_index(cfg.path)
+    shards = shard_paths(cfg.path, index_json, cfg.copies, cfg.verify)
+    pi = jax.process_index() if process_index is None else process_index
+    pc = jax.process_count() if process_count is None else process_count
+    batches = ShardBatches(cfg, index_records(cfg, max_sources), shards, pi, pc)
+    ds = grain.MapDataset.range(batches.per_epoch * epochs).map(batches)
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=cfg.prefetch))
+    return iter(it), batches

@@ -10,7 +10,8 @@ every image and drops those that do not decode (bad rows), where the folder read
 each, when it fails to decode, by the next good item of its group; with every image decodable the batches are
 identical. Remote shards are read from local copies (`jaxedit.data.paths.local_copy`, sha256 checked on the
 way); local ones are checked against the index's byte sizes before the first step (their sha256 too with
-`data.verify`): a mismatch stops the run with one line naming the shard.
+`data.verify`): a mismatch stops the run with one line naming the shard. With data.cache (the dataset's encoder
+cache as record shards, `jaxedit.data.cache`), a batch holds the cached arrays of the same examples instead.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import grain
 import jax
 import numpy as np
 
-from jaxedit.data import paths, records
+from jaxedit.data import cache, paths, records
 from jaxedit.train.data import DataConfig, EditBatches, Index, Item, load_image, make_buckets, nearest_bucket
 
 
@@ -47,24 +48,7 @@ class RecordItem:
         return f"record {self.record}"
 
 
-def shard_paths(dataset: str, index: dict, copies: str = "", verify: bool = False) -> list[str]:
-    """Local paths of the dataset's shards (remote ones copied; checked: ValueError naming a shard that is not
-    what the index says)."""
-    out = []
-    for s in index["shards"]:
-        url = paths.join(dataset, s["path"])
-        if not paths.is_local(url):
-            out.append(str(paths.local_copy(url, s["sha256"], copies)))
-            continue
-        local = Path(paths.filesystem(url)[1])
-        if not local.is_file():
-            raise ValueError(f"shard {url}: missing")
-        if local.stat().st_size != s["bytes"]:
-            raise ValueError(f"shard {url}: {local.stat().st_size} bytes, the index says {s['bytes']}")
-        if verify and paths.sha256_of(str(local))[0] != s["sha256"]:
-            raise ValueError(f"shard {url}: sha256 does not match the index's (run jaxedit data verify)")
-        out.append(str(local))
-    return out
+shard_paths = records.shard_paths  # (where it was first defined)
 
 
 def index_records(cfg: DataConfig, max_sources: int | None = None) -> Index:
@@ -85,11 +69,32 @@ def index_records(cfg: DataConfig, max_sources: int | None = None) -> Index:
 class ShardBatches(EditBatches):
     """Global batch index -> this process's part of that batch, read from the shards."""
 
-    def __init__(self, cfg: DataConfig, index: Index, shards: list[str], process_index: int, process_count: int):
-        if cfg.cache:
-            raise ValueError("data.cache with a packed data.path: not supported yet (the cache is not sharded)")
-        super().__init__(cfg, index, process_index, process_count)
+    def __init__(
+        self,
+        cfg: DataConfig,
+        index: Index,
+        shards: list[str],
+        process_index: int,
+        process_count: int,
+        model: Any = None,
+        dataset_index: dict | None = None,
+    ):
+        """With data.cache (`jaxedit.data.cache`, checked against the dataset's index and, given, the run's model
+        folder), batches are the cached arrays of the examples instead of their images."""
+        super().__init__(dataclasses.replace(cfg, cache=""), index, process_index, process_count)
+        self.cfg = cfg
         self.source = grain.sources.ArrayRecordDataSource(shards)
+        if cfg.cache:
+            dataset_index = dataset_index or records.read_index(cfg.path)
+            self.cache = cache.RecordCache(cfg.cache, cfg, dataset_index, model)
+
+    def __call__(self, i: int) -> dict[str, Any]:
+        if self.cache is None:
+            return super().__call__(i)
+        batch = self.plan(i // self.per_epoch)[i % self.per_epoch][self.lo : self.lo + self.local]
+        got = [self.cache.record(self.index.items[k].record) for k in batch]
+        out = {name: np.stack([a[name] for _, a in got]) for name in got[0][1]}
+        return out | {"instruction": [h["instruction"] for h, _ in got], "id": [h["id"] for h, _ in got], "n_bad": 0}
 
     def decode(self, item: RecordItem) -> tuple[records.Example, dict[str, np.ndarray]]:
         ex = records.decode(self.source[item.record])
@@ -122,12 +127,13 @@ def make_iterator(
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> tuple[grain.DatasetIterator, ShardBatches]:
-    """`jaxedit.train.data.make_iterator` over the packed dataset at cfg.path (model: unused, no cache yet)."""
+    """`jaxedit.train.data.make_iterator` over the packed dataset at cfg.path (model: the run's model folder, checked
+    against data.cache)."""
     index_json = records.read_index(cfg.path)
     shards = shard_paths(cfg.path, index_json, cfg.copies, cfg.verify)
     pi = jax.process_index() if process_index is None else process_index
     pc = jax.process_count() if process_count is None else process_count
-    batches = ShardBatches(cfg, index_records(cfg, max_sources), shards, pi, pc)
+    batches = ShardBatches(cfg, index_records(cfg, max_sources), shards, pi, pc, model, index_json)
     ds = grain.MapDataset.range(batches.per_epoch * epochs).map(batches)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=cfg.prefetch))
     return iter(it), batches

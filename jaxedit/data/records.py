@@ -22,6 +22,7 @@ import io
 import json
 import struct
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -196,3 +197,23 @@ def verify(dataset: str) -> list[str]:
 
 def count_groups(examples_buckets: list[tuple[int, tuple[int, ...]]], buckets: list[tuple[int, int]]) -> dict:
     return dict(Counter(group_name(buckets, g) for g in examples_buckets))
+
+
+def shard_paths(dataset: str, index: dict, copies: str = "", verify: bool = False) -> list[str]:
+    """Local paths of the dataset's shards (remote ones copied; checked: ValueError naming a shard that is not
+    what the index says)."""
+    out = []
+    for s in index["shards"]:
+        url = paths.join(dataset, s["path"])
+        if not paths.is_local(url):
+            out.append(str(paths.local_copy(url, s["sha256"], copies)))
+            continue
+        local = Path(paths.filesystem(url)[1])
+        if not local.is_file():
+            raise ValueError(f"shard {url}: missing")
+        if local.stat().st_size != s["bytes"]:
+            raise ValueError(f"shard {url}: {local.stat().st_size} bytes, the index says {s['bytes']}")
+        if verify and paths.sha256_of(str(local))[0] != s["sha256"]:
+            raise ValueError(f"shard {url}: sha256 does not match the index's (run jaxedit data verify)")
+        out.append(str(local))
+    return out

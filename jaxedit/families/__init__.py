@@ -163,9 +163,11 @@ class Family:
         """`load_pipeline` arguments of a training run's sample edits."""
         raise NotImplementedError
 
-    def precompute(self, folder: Any, preset: configs.Preset, data: Any, out: Any, batch: int, mesh: str):
+    def precompute(self, folder: Any, preset: configs.Preset, data: Any, out: Any, batch: int, mesh: str,
+                   shard_size: int = 256):  # fmt: skip
         """Write the cache of a dataset's conditioning that training reads (`jaxedit.train.precompute`); its
-        summary ({"ids": item ids, "seconds": ...})."""
+        summary ({"ids": item ids, "seconds": ...}). Of a packed dataset (`jaxedit.data`): this process's share as
+        record shards of `shard_size` examples, the family choosing the arrays (`jaxedit.data.encode.write`)."""
         raise NotImplementedError
 
     # -- planner ---------------------------------------------------------------------------------------------

@@ -155,11 +155,12 @@ class Kontext(Family):
         ids = cfg.objective.reference_ids
         return dict(auto_resize=False, reference_ids="community-own-sizes" if ids == "community" else ids)
 
-    def precompute(self, folder: Any, preset: configs.Preset, data: Any, out: Any, batch: int, mesh: str):
-        """T5 + CLIP embeddings and VAE latents: a data.cache."""
+    def precompute(self, folder: Any, preset: configs.Preset, data: Any, out: Any, batch: int, mesh: str,
+                   shard_size: int = 256):  # fmt: skip
+        """T5 + CLIP embeddings and VAE latents: a data.cache (of a packed dataset: record shards)."""
         from jaxedit.kontext.precompute import precompute_text
 
-        return precompute_text(folder, preset, data, out, batch)
+        return precompute_text(folder, preset, data, out, batch, shard_size)
 
     # -- planner
 

@@ -167,9 +167,15 @@ class Step1X(Family):
         """The run's Qwen embedder and cache, the items' own sizes."""
         return dict(text_encoder=encoder.text, cache_dir=encoder.cache_dir, size_level=None)
 
-    def precompute(self, folder: Any, preset: configs.Preset, data: Any, out: Any, batch: int, mesh: str):
-        """Each item's Qwen2.5-VL outputs: a qwen_cache."""
+    def precompute(self, folder: Any, preset: configs.Preset, data: Any, out: Any, batch: int, mesh: str,
+                   shard_size: int = 256):  # fmt: skip
+        """Each item's Qwen2.5-VL outputs: a qwen_cache (of a manifest folder; a packed dataset: not yet)."""
+        from jaxedit.data import records
         from jaxedit.step1x.precompute import precompute_qwen
+
+        if records.is_packed(data.path):
+            raise ValueError(f"{data.path} is a packed dataset: Step1X-Edit's Qwen cache of packed datasets is not "
+                             "written yet (precompute from the manifest folder, or train without a cache)")  # fmt: skip
 
         return precompute_qwen(folder, data, out, batch, mesh)
 

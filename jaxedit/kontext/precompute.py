@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from jaxedit import model_folder
 from jaxedit.checkpoint import load_params
+from jaxedit.data import encode, records
 from jaxedit.kontext.encoder import KontextEncoder
 from jaxedit.train.data import (
     CACHE_FILE,
@@ -23,11 +25,15 @@ from jaxedit.train.data import (
 )
 
 
-def precompute_text(folder: Path, preset, data: DataConfig, out: Path, batch: int = 64) -> dict:
-    """FLUX.1 Kontext: T5 + CLIP embeddings and VAE latents of every item (a data.cache)."""
+def precompute_text(folder: Path, preset, data: DataConfig, out: Path | str, batch: int = 64, shard_size: int = 256):
+    """FLUX.1 Kontext: T5 + CLIP embeddings and VAE latents of every item (a data.cache); of a packed dataset, as
+    record shards (`precompute_records`)."""
     model_folder.check_complete(folder, preset)
     parts = {p: load_params(folder / p) for p in ("vae", "t5", "clip")}
     encoder = KontextEncoder(folder, preset, parts, vae_sample=False)
+    if records.is_packed(data.path):
+        return precompute_records(folder, encoder, data, str(out), batch, shard_size)
+    out = Path(out)
     index = index_manifest(data)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -72,3 +78,19 @@ def precompute_text(folder: Path, preset, data: DataConfig, out: Path, batch: in
     }
     (out / CACHE_FILE).write_text(json.dumps(meta))
     return meta
+
+
+def precompute_records(folder: Path, encoder: Any, data: DataConfig, out: str, batch: int, shard_size: int) -> dict:
+    """The cache of a packed dataset as record shards (`jaxedit.data.encode`): each example's VAE latents
+    ("target", "reference", "reference_1", ...) and T5 + CLIP embeddings ("txt", "y"), as the inline encoder gives
+    them to the train step; the empty prompt's ("txt", "y") once. This process encodes its share."""
+    import jax
+
+    key = jax.random.key(0)  # (unused: posterior means)
+    etxt, ey = encoder.text.encode([""])
+    empty = {"txt": np.asarray(etxt[0], np.float32), "y": np.asarray(ey[0], np.float32)}
+    identity = {"model": str(folder.absolute()), "parts": model_folder.digest(folder, CACHED_PARTS)}
+    t0 = time.perf_counter()
+    index = encode.write(out, data, lambda host: encoder(host, key), empty, identity, batch, shard_size)
+    n = records.read_index(data.path)["examples"]
+    return {"ids": range(n), "seconds": time.perf_counter() - t0, "index": index}

@@ -40,7 +40,7 @@ import orbax.checkpoint as ocp
 
 from jaxedit import configs, families, model_folder
 from jaxedit.checkpoint import load_params
-from jaxedit.data import reader, records
+from jaxedit.data import cache, reader, records
 from jaxedit.models import attention
 from jaxedit.models.flux import REMAT_POLICIES
 from jaxedit.parallel import sharding as sh
@@ -81,12 +81,14 @@ def check_run(cfg: TrainConfig) -> None:
 
 
 def check_data(data: DataConfig) -> None:
-    """data.path: a packed dataset's index and shards (ValueError naming a shard that is not what the index says),
-    else the manifest (FileNotFoundError naming data.path)."""
+    """data.path: a packed dataset's index and shards (ValueError naming a shard that is not what the index says)
+    and its data.cache's index (computed from these shards under these bucket settings), else the manifest
+    (FileNotFoundError naming data.path)."""
     if records.is_packed(data.path):
+        index = records.read_index(data.path)
+        reader.shard_paths(data.path, index, data.copies, data.verify)
         if data.cache:
-            raise ValueError("data.cache with a packed data.path: not supported yet (the cache is not sharded)")
-        reader.shard_paths(data.path, records.read_index(data.path), data.copies, data.verify)
+            cache.check(data.cache, data, index)
     else:
         manifest_path(data)
 

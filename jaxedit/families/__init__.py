@@ -154,6 +154,11 @@ class Family:
         passes (what the model takes)."""
         return args
 
+    def train_inputs(self, preset: configs.Preset, img: Any, img_ids: Any, args: tuple) -> tuple:
+        """The transformer's call arguments in the loss, from the image tokens, their positions (what the
+        conditioning's `positions` made) and the arguments the conditioning's call passes after them."""
+        return (img, img_ids, *self.train_args(preset, args))
+
     def train_encoder(self, cfg: Any, folder: Any, preset: configs.Preset, parts: dict, batches: Any, mesh: Any):
         """(encoder of host batches or None when they come from a cache, the empty prompt's (txt, second)
         for prompt dropout or None) of a training run."""

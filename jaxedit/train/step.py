@@ -158,8 +158,9 @@ class Trainer:
     # ------------------------------------------------------------------------------
     def apply(self, params, img, img_ids, *args):
         """The model's call; args as the family's conditioning passes them (Flux: (txt, txt_ids, t, y, guidance),
-        guidance dropped without guidance embedding; Step1X-Edit: (txt, txt_mask, t in [0, 1]))."""
-        return self.model.apply({"params": params}, img, img_ids, *self.family.train_args(self.preset, args))
+        guidance dropped without guidance embedding; Step1X-Edit: (txt, txt_mask, t in [0, 1]); Qwen-Image: img_ids
+        its static img_shapes, then (txt, txt_mask, t in [0, 1])), in the order the model takes them."""
+        return self.model.apply({"params": params}, *self.family.train_inputs(self.preset, img, img_ids, args))
 
     def loss(self, params, batch: dict[str, jax.Array], key: jax.Array, empty=None):
         """Loss of one micro-batch (dict of [b, ...] arrays) -> (loss, metrics)."""

@@ -104,6 +104,14 @@ class Family:
         -> part and naming, suffixes, bare module names); asked only of a family with `lora_parts`."""
         raise NotImplementedError(f"{self.title}: LoRA files")
 
+    # the name table (a `lora_table` naming) whose torch modules the trainer's adapters are LoRAs on
+    lora_naming: str = "diffusers"
+
+    def lora_targets(self) -> dict:
+        """The trainer's LoRA targets on the transformer (`jaxedit.train.lora`: name -> `Target`, the kernels
+        under a stack of blocks), in their default order; empty: the family's models train no LoRAs."""
+        return {}
+
     def present_parts(self, preset: configs.Preset) -> list[str]:
         """The family's parts this preset has (a config given)."""
         return [p for p in self.parts if getattr(preset, p) is not None]

@@ -98,6 +98,18 @@ class QwenImageEdit(Family):
 
         return diffusers_rules(preset.transformer)
 
+    def lora_targets(self) -> dict:
+        """Every block's attention Linears (diffusers' attn.to_q ... attn.to_add_out; to_out.0 is our to_out_0)
+        and both streams' MLP Linears (img_mlp.net.0.proj / net.2 are our img_mlp/0 and /2); a trained adapter is
+        a LoRA on that diffusers module (`lora_naming`)."""
+        from jaxedit.names.qwen_image import ATTN_LINEARS
+        from jaxedit.train.lora import Target
+
+        out = {f"attn.{n}": Target("transformer_blocks", "out", (f"attn/{n}",)) for n in ATTN_LINEARS.values()}
+        for stream in ("img", "txt"):
+            out |= {f"{stream}_mlp.{i}": Target("transformer_blocks", "out", (f"{stream}_mlp/{i}",)) for i in (0, 2)}
+        return out
+
     def lora_keys(self) -> Any:
         """What diffusers' `QwenImageLoraLoaderMixin.load_lora_weights` reads (diffusers 0.42; its
         `_convert_non_diffusers_qwen_lora_to_diffusers`), every module named as diffusers names it:

@@ -287,9 +287,9 @@ def export(run: Run, state: dict) -> None:
     the model folder (written beside, then swapped in: the old weights stay until the new ones are complete)."""
     cfg, lead = run.cfg, jax.process_index() == 0
     if cfg.lora is not None and lead:
-        export_peft(state["lora"], cfg.lora, run.preset.transformer, run.ckpt_dir / "lora.safetensors")
+        export_peft(state["lora"], cfg.lora, run.preset, run.ckpt_dir / "lora.safetensors")
         if "ema" in state:
-            export_peft(state["ema"], cfg.lora, run.preset.transformer, run.ckpt_dir / "lora_ema.safetensors")
+            export_peft(state["ema"], cfg.lora, run.preset, run.ckpt_dir / "lora_ema.safetensors")
         print(f"LoRA adapters (diffusers/PEFT layout): {run.ckpt_dir / 'lora.safetensors'}", flush=True)
     if cfg.export_model and cfg.lora is None and int(jax.device_get(state["step"])) == cfg.steps:
         model_folder.write_part(run.folder, "transformer", state.get("ema", state["params"]))

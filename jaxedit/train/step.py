@@ -69,6 +69,11 @@ class Trainer:
         self.family = families.of(self.preset)
         self.family.check_objective(objective)
         self.lora = lora
+        self.lora_targets = self.family.lora_targets() if lora is not None else {}  # the family's adapter places
+        if lora is not None:
+            if not self.lora_targets:
+                raise ValueError(f"{self.family.title} models train no LoRA adapters: train them fully")
+            lora.names(self.lora_targets)  # ValueError for targets the model has not
         self.trained = "params" if lora is None else "lora"  # the state entry the optimizer updates
         kw = dict(
             dtype=dtype,
@@ -129,7 +134,7 @@ class Trainer:
             trained = state["params"] = params
         else:
             state["base"] = params
-            trained = state["lora"] = init_lora(params, self.lora, key)
+            trained = state["lora"] = init_lora(params, self.lora, key, self.lora_targets)
         state["opt_state"] = self.tx.init(trained)
         if self.optim.ema_decay is not None:
             state["ema"] = jax.tree.map(jnp.copy, trained)
@@ -153,7 +158,7 @@ class Trainer:
 
     def merged(self, base, lora):
         """merge(base, lora), each merged kernel laid out (and so computed) like the parameter."""
-        return jax.lax.with_sharding_constraint(merge(base, lora, self.lora), self.param_shardings)
+        return jax.lax.with_sharding_constraint(merge(base, lora, self.lora, self.lora_targets), self.param_shardings)
 
     # ------------------------------------------------------------------------------
     def apply(self, params, img, img_ids, *args):

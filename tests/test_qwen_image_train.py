@@ -184,3 +184,27 @@ def test_exported_lora_loads_in_diffusers_and_matches_our_merge(tmp_path):
     err, effect = rel_err(got, want), rel_err(want, base)
     print(f"exported LoRA in diffusers vs our merge: rel err {err:.1e} (LoRA effect {effect:.2f})")
     assert err <= 1e-5 and effect > 1e-2
+
+
+@pytest.mark.parametrize("task", ["lora", pytest.param("train", marks=pytest.mark.slow)])
+def test_plan_lowers_and_compiles_the_train_step(task):
+    """`jaxedit.plan --task train / lora` on two simulated CPU devices: two references, Qwen text tokens."""
+    from jaxedit.plan import analytic_forward_flops
+    from tests.test_plan import run_plan
+
+    r = run_plan("--preset", "qwen-image-edit-tiny", "--task", task, "--mesh", "fsdp=2", "--resolution", "64",
+                 "--batch", "2", "--text-tokens", "16", "--references", "2")  # fmt: skip
+    assert r["chips"] == 2 and r["target"] == "cpu" and r["task"] == task
+    assert (r["target_tokens"], r["reference_tokens"], r["tokens"]) == (16, 32, 64)
+    assert r["arguments"] > 0 and r["temporaries"] > 0
+    assert r["model_flops"] == 3 * 2 * analytic_forward_flops(CFG, 64)
+
+
+def test_family_refuses_what_it_cannot_train():
+    family = families.of(PRESET)
+    with pytest.raises(ValueError, match="resolution_shift"):
+        family.check_objective(ObjectiveConfig(resolution_shift=True))
+    with pytest.raises(ValueError, match="no guidance embedding"):
+        family.check_objective(ObjectiveConfig(guidance=(1.0, 4.0)))
+    with pytest.raises(ValueError, match="img_attn.qkv are not this model's"):  # a FLUX target
+        Trainer(CFG, ObjectiveConfig(), OptimConfig(), 10, mesh(), lora=LoraConfig(targets=("img_attn.qkv",)))

@@ -22,6 +22,7 @@ from jaxedit.train.lora import LoraConfig
 from jaxedit.train.objective import ObjectiveConfig, draw
 from jaxedit.train.optim import OptimConfig
 from jaxedit.train.step import Trainer
+from tests.test_qwen_image_folder import release  # noqa: F401 (a fixture)
 from tests.test_train_objective import ref_pack
 
 PRESET = presets.get("qwen-image-edit-tiny")
@@ -208,3 +209,54 @@ def test_family_refuses_what_it_cannot_train():
         family.check_objective(ObjectiveConfig(guidance=(1.0, 4.0)))
     with pytest.raises(ValueError, match="img_attn.qkv are not this model's"):  # a FLUX target
         Trainer(CFG, ObjectiveConfig(), OptimConfig(), 10, mesh(), lora=LoraConfig(targets=("img_attn.qkv",)))
+
+
+@pytest.mark.slow  # a tiny release converted, then a sharded train step compiled on 2 CPU devices
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_tiny_training_run(release, tmp_path, lora):  # noqa: F811 (the release fixture)
+    """`python -m train --config configs/qwen_image_tiny.py` on a converted tiny release (2 devices, 2
+    micro-batches, items of one and of two sources): Qwen2.5-VL cached per item, VAE latents, sharded steps,
+    checkpoints; full: the trained DiT exported to the model folder; LoRA: the adapters in diffusers' layout."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.numpy import load_file
+
+    from checkpoints_convert.__main__ import main as convert
+    from jaxedit.checkpoint import load_params
+    from tests.test_train_data import write_dataset
+
+    root = Path(__file__).resolve().parents[1]
+    model = tmp_path / "model"
+    assert convert(["pipeline", str(release), str(model), "--preset", "qwen-image-edit-tiny"]) == 0
+    data = write_dataset(tmp_path / "data", n_square=4, n_wide=1, bad=False, n_multi=4)
+    before = load_params(model / "transformer")
+    ckpt = tmp_path / "ckpt"
+    sets = [f"model={model}", f"data.path={data}", f"checkpoint_dir={ckpt}", "steps=4", "checkpoint_every=2"]
+    sets += ["lora={}", "lora.rank=4", "optim.lr=1e-2"] if lora else ["export_model=true"]
+    cmd = [sys.executable, "-m", "train", "--config", str(root / "configs" / "qwen_image_tiny.py")]
+    flags = "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0"
+    env = os.environ | {"XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(root)}
+    run = subprocess.run([*cmd, *[a for x in sets for a in ("--set", x)]], env=env, cwd=root, capture_output=True,
+                         text=True, timeout=900)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    recs = [json.loads(x) for x in (ckpt / "metrics.jsonl").read_text().splitlines()]
+    losses = [x["loss"] for x in recs]
+    print(f"{'lora' if lora else 'full'} run losses: {np.round(losses, 4).tolist()}")
+    assert [x["step"] for x in recs] == [1, 2, 3, 4]
+    assert all(np.isfinite(losses)) and all(x["grad_norm"] > 0 for x in recs)
+    assert sorted(int(d.name) for d in ckpt.iterdir() if d.name.isdigit()) == [2, 4]
+    assert len(list((ckpt / "qwen_cache").glob("*.npz"))) >= 8  # each item's (instruction, references)
+    if lora:
+        sd = load_file(ckpt / "lora.safetensors")
+        assert "transformer.transformer_blocks.1.attn.add_k_proj.lora_B.weight" in sd and len(sd) == 2 * 2 * 12
+        assert max(np.abs(v).max() for k, v in sd.items() if "lora_B" in k) > 0  # trained from b = 0
+    moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), before,
+                         load_params(model / "transformer"))  # fmt: skip
+    if lora:  # the folder's weights untouched
+        assert max(jax.tree.leaves(moved)) == 0
+    else:  # every weight trained and exported
+        assert min(jax.tree.leaves(moved)) > 0

@@ -180,15 +180,13 @@ class QwenImageEdit(Family):
         except ValueError as e:
             raise ValueError(f"--true-cfg-scale: {e}") from None
 
-    # -- training: the train step (`jaxedit.train.step.Trainer`, full and LoRA); not yet the loop's encoder
+    # -- training (full and LoRA; the Qwen2.5-VL outputs cached per item)
 
     def check_train(self, cfg: Any) -> None:
         if cfg.data.cache:
-            raise ValueError(f"data.cache holds T5/CLIP embeddings; {self.title} is conditioned on Qwen2.5-VL")
-        raise ValueError(
-            f"training {self.title} from a dataset (python -m train) needs its Qwen2.5-VL encoder of the items, "
-            "not there yet: the train step (jaxedit.train.step.Trainer, full or LoRA) trains on given embeddings"
-        )
+            raise ValueError(f"data.cache holds T5/CLIP embeddings; {self.title} caches its Qwen outputs in qwen_cache")
+        if cfg.vae_sample:
+            raise ValueError(f"vae_sample: {self.title} trains on the VAE's posterior mean (the pipeline's latents)")
 
     def check_objective(self, objective: Any) -> None:
         """No guidance embedding, and the FLUX resolution shift is not the pipeline's (use `shift`)."""
@@ -211,6 +209,29 @@ class QwenImageEdit(Family):
     def train_inputs(self, preset: configs.Preset, img: Any, img_ids: Any, args: tuple) -> tuple:
         """`QwenImageTransformer(img, txt, txt_mask, t, img_shapes)`: img_ids are the static img_shapes."""
         return (img, *args, img_ids)
+
+    def train_encoder(self, cfg: Any, folder: Any, preset: configs.Preset, parts: dict, batches: Any, mesh: Any):
+        """Qwen2.5-VL of (instruction, the item's references), each item's output cached in qwen_cache (default
+        <checkpoint_dir>/qwen_cache), and the VAE; prompt dropout: each item's ("", references), computed (and
+        cached) by the encoder. mesh: the Qwen weights sharded over it on one process."""
+        from pathlib import Path
+
+        import jax
+
+        from jaxedit.qwen_image.encoder import QwenImageEncoder
+
+        cache = cfg.qwen_cache or Path(cfg.checkpoint_dir).absolute() / "qwen_cache"
+        encoder = QwenImageEncoder(folder, preset, parts, qwen=cfg.qwen, cache_dir=cache,
+                                   empties=cfg.objective.prompt_dropout > 0,
+                                   mesh=mesh if jax.process_count() == 1 else None)  # fmt: skip
+        return encoder, None
+
+    def sample_options(self, cfg: Any, encoder: Any) -> dict:
+        """The run's Qwen2.5-VL embedder."""
+        return dict(text_encoder=encoder.text)
+
+    def precompute(self, folder: Any, preset: configs.Preset, data: Any, out: Any, batch: int, mesh: str):
+        raise ValueError(f"{self.title}: no precompute yet; training caches each item's Qwen output as it goes")
 
     # -- planner
 

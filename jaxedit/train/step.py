@@ -15,7 +15,8 @@ A batch is a dict of arrays with a leading gradient-accumulation axis:
   and the text conditioning of the model's family (`jaxedit.families`: `Family.train_batch_keys`):
   FLUX.1 Kontext's txt [A, b, Lt, D_txt], y [A, b, D_y]; Step1X-Edit's (a Trainer built with `connector`)
   txt [A, b, L, D_qwen] and txt_mask [A, b, L], plus empty_txt / empty_mask (each item's empty prompt)
-  when prompt dropout is on; several references: reference_1, reference_2, ... too.
+  when prompt dropout is on; Qwen-Image-Edit's the same arrays (a Trainer built with a `QwenImageConfig`);
+  several references: reference_1, reference_2, ... too.
 The step scans over the A micro-batches (summing gradients), then applies one update.
 Randomness of step s, micro-batch i: fold_in(fold_in(key, s), i); a run restored at step s
 draws exactly what the uninterrupted run drew.

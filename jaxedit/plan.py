@@ -265,7 +265,7 @@ def lower(preset, args, mesh, batch: int):
         trainer = Trainer(
             cfg, ObjectiveConfig(ref_index=family.reference_index), OptimConfig(), 1000, mesh, dtype=jnp.bfloat16,
             remat_policy=args.remat, mlp_chunks=args.mlp_chunks, attention_impl=args.attention,
-            connector=preset.connector,
+            **{c: getattr(preset, c) for c in family.transformer_configs},  # e.g. Step1X-Edit's connector
             lora=LoraConfig(rank=args.lora_rank) if args.task == "lora" else None,
         )  # fmt: skip
         rh, rw = (h, w) if s["reference_tokens"] else (2, 2)  # the objective always has a reference

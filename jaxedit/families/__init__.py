@@ -104,6 +104,14 @@ class Family:
         -> part and naming, suffixes, bare module names); asked only of a family with `lora_parts`."""
         raise NotImplementedError(f"{self.title}: LoRA files")
 
+    # the name table (a `lora_table` naming) whose torch modules the trainer's adapters are LoRAs on
+    lora_naming: str = "diffusers"
+
+    def lora_targets(self) -> dict:
+        """The trainer's LoRA targets on the transformer (`jaxedit.train.lora`: name -> `Target`, the kernels
+        under a stack of blocks), in their default order; empty: the family's models train no LoRAs."""
+        return {}
+
     def present_parts(self, preset: configs.Preset) -> list[str]:
         """The family's parts this preset has (a config given)."""
         return [p for p in self.parts if getattr(preset, p) is not None]
@@ -153,6 +161,11 @@ class Family:
         """The transformer's arguments after (img, img_ids) in the loss, from those the conditioning's call
         passes (what the model takes)."""
         return args
+
+    def train_inputs(self, preset: configs.Preset, img: Any, img_ids: Any, args: tuple) -> tuple:
+        """The transformer's call arguments in the loss, from the image tokens, their positions (what the
+        conditioning's `positions` made) and the arguments the conditioning's call passes after them."""
+        return (img, img_ids, *self.train_args(preset, args))
 
     def train_encoder(self, cfg: Any, folder: Any, preset: configs.Preset, parts: dict, batches: Any, mesh: Any):
         """(encoder of host batches or None when they come from a cache, the empty prompt's (txt, second)

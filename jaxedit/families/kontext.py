@@ -84,6 +84,14 @@ class Kontext(Family):
         table = tables.get((part, naming))
         return None if table is None or getattr(preset, part) is None else table(getattr(preset, part))
 
+    lora_naming = "bfl"  # a trained adapter is a LoRA on a BFL module (one fused matrix)
+
+    def lora_targets(self) -> dict:
+        """The double blocks' attention and MLP projections, the single blocks' linear1 / linear2."""
+        from jaxedit.train.lora import FLUX_TARGETS
+
+        return dict(FLUX_TARGETS)
+
     def lora_keys(self) -> Any:
         """What diffusers' `FluxLoraLoaderMixin` reads (`jaxedit.lora.formats.FLUX_KEYS`)."""
         from jaxedit.lora.formats import FLUX_KEYS

@@ -51,6 +51,18 @@ def _presets() -> tuple[configs.Preset, ...]:
     )  # fmt: skip
 
 
+def loss_call(apply_fn, params, img, img_shapes, txt, mask, t, guidance):
+    """The loss's model call: (img, img_shapes, txt, txt_mask, t) with t in [0, 1], the objective's t: the
+    pipeline's sigma (x_t = (1 - sigma) x0 + sigma noise), which the transformer gets as timestep / 1000; its
+    Euler step x <- x + (sigma_next - sigma) v makes v = noise - x0 the velocity (no guidance embedding)."""
+    return apply_fn(params, img, img_shapes, txt, mask, t)
+
+
+def img_shapes(objective: Any, batch: int, target: tuple[int, int], references: list) -> tuple:
+    """The transformer's static img_shapes: (1, rows, cols) in tokens of the target, then each reference."""
+    return tuple((1, int(h), int(w)) for h, w in (target, *references))
+
+
 class QwenImageEdit(Family):
     title = "Qwen-Image-Edit"
     names = ("qwen-image-edit",)
@@ -85,6 +97,18 @@ class QwenImageEdit(Family):
         from jaxedit.names.qwen_image import diffusers_rules
 
         return diffusers_rules(preset.transformer)
+
+    def lora_targets(self) -> dict:
+        """Every block's attention Linears (diffusers' attn.to_q ... attn.to_add_out; to_out.0 is our to_out_0)
+        and both streams' MLP Linears (img_mlp.net.0.proj / net.2 are our img_mlp/0 and /2); a trained adapter is
+        a LoRA on that diffusers module (`lora_naming`)."""
+        from jaxedit.names.qwen_image import ATTN_LINEARS
+        from jaxedit.train.lora import Target
+
+        out = {f"attn.{n}": Target("transformer_blocks", "out", (f"attn/{n}",)) for n in ATTN_LINEARS.values()}
+        for stream in ("img", "txt"):
+            out |= {f"{stream}_mlp.{i}": Target("transformer_blocks", "out", (f"{stream}_mlp/{i}",)) for i in (0, 2)}
+        return out
 
     def lora_keys(self) -> Any:
         """What diffusers' `QwenImageLoraLoaderMixin.load_lora_weights` reads (diffusers 0.42; its
@@ -156,15 +180,67 @@ class QwenImageEdit(Family):
         except ValueError as e:
             raise ValueError(f"--true-cfg-scale: {e}") from None
 
-    # -- training (not yet: the issue's item 4)
+    # -- training (full and LoRA; the Qwen2.5-VL outputs cached per item)
 
     def check_train(self, cfg: Any) -> None:
-        raise ValueError(f"training {self.title} models is not supported yet")
+        if cfg.data.cache:
+            raise ValueError(f"data.cache holds T5/CLIP embeddings; {self.title} caches its Qwen outputs in qwen_cache")
+        if cfg.vae_sample:
+            raise ValueError(f"vae_sample: {self.title} trains on the VAE's posterior mean (the pipeline's latents)")
+
+    def check_objective(self, objective: Any) -> None:
+        """No guidance embedding, and the FLUX resolution shift is not the pipeline's (use `shift`)."""
+        if objective.resolution_shift:
+            raise ValueError(f"{self.title}: objective.resolution_shift is FLUX's schedule; give a fixed shift")
+        if objective.guidance != 1.0:
+            raise ValueError(f"{self.title} models have no guidance embedding: leave objective.guidance at 1")
+
+    def conditioning(self) -> Any:
+        """Qwen2.5-VL's txt and txt_mask; the images' shapes (target, then each reference) as positions."""
+        from jaxedit.train.objective import Conditioning
+
+        return Conditioning(keys=("txt", "txt_mask"), call=loss_call, positions=img_shapes)
+
+    def train_batch_keys(self, objective: Any) -> tuple[str, ...]:
+        """With prompt dropout each item's empty prompt's too (empty_txt, empty_mask: Qwen sees the images)."""
+        dropout = ("empty_txt", "empty_mask") if objective.prompt_dropout > 0 else ()
+        return super().train_batch_keys(objective) + dropout
+
+    def train_inputs(self, preset: configs.Preset, img: Any, img_ids: Any, args: tuple) -> tuple:
+        """`QwenImageTransformer(img, txt, txt_mask, t, img_shapes)`: img_ids are the static img_shapes."""
+        return (img, *args, img_ids)
+
+    def train_encoder(self, cfg: Any, folder: Any, preset: configs.Preset, parts: dict, batches: Any, mesh: Any):
+        """Qwen2.5-VL of (instruction, the item's references), each item's output cached in qwen_cache (default
+        <checkpoint_dir>/qwen_cache), and the VAE; prompt dropout: each item's ("", references), computed (and
+        cached) by the encoder. mesh: the Qwen weights sharded over it on one process."""
+        from pathlib import Path
+
+        import jax
+
+        from jaxedit.qwen_image.encoder import QwenImageEncoder
+
+        cache = cfg.qwen_cache or Path(cfg.checkpoint_dir).absolute() / "qwen_cache"
+        encoder = QwenImageEncoder(folder, preset, parts, qwen=cfg.qwen, cache_dir=cache,
+                                   empties=cfg.objective.prompt_dropout > 0,
+                                   mesh=mesh if jax.process_count() == 1 else None)  # fmt: skip
+        return encoder, None
+
+    def sample_options(self, cfg: Any, encoder: Any) -> dict:
+        """The run's Qwen2.5-VL embedder."""
+        return dict(text_encoder=encoder.text)
+
+    def precompute(self, folder: Any, preset: configs.Preset, data: Any, out: Any, batch: int, mesh: str):
+        raise ValueError(f"{self.title}: no precompute yet; training caches each item's Qwen output as it goes")
 
     # -- planner
 
     def text_tokens(self, preset: configs.Preset) -> int:
         return 512  # the pipeline's max_sequence_length bound; an instruction with one image is ~300
+
+    def train_text(self, preset: configs.Preset, batch: int, tokens: int) -> dict[str, tuple[tuple, str]]:
+        txt = (batch, tokens, preset.transformer.joint_attention_dim)
+        return {"txt": (txt, "float32"), "txt_mask": ((batch, tokens), "int32")}
 
     def sample_inputs(self, pipe, batch: int, h: int, w: int, steps: int, *, references: int, text_tokens: int,
                       quantize: str | None) -> tuple:  # fmt: skip

@@ -147,7 +147,7 @@ def check_config(cfg: TrainConfig, preset: configs.Preset) -> None:
         raise ValueError(f"attention {cfg.attention!r}: use one of {', '.join(attention.IMPLEMENTATIONS)}")
     if cfg.data.batch_size % (cfg.grad_accum * jax.process_count()):
         raise ValueError(f"batch_size {cfg.data.batch_size} not divisible by grad_accum x processes")
-    if not preset.transformer.guidance_embed and cfg.objective.guidance != ObjectiveConfig.guidance:
+    if cfg.objective.guidance != ObjectiveConfig.guidance and not getattr(preset.transformer, "guidance_embed", False):
         raise ValueError(
             f"objective.guidance={cfg.objective.guidance}: {preset.name} has no guidance embedding (leave it at 1.0)"
         )
@@ -203,7 +203,7 @@ def build(cfg: TrainConfig, folder: Path, preset: configs.Preset, parts: dict) -
         scan_layers=cfg.scan_layers,
         attention_impl=cfg.attention,
         lora=cfg.lora,
-        connector=preset.connector,
+        **{c: getattr(preset, c) for c in families.of(preset).transformer_configs},  # e.g. Step1X-Edit's connector
     )
     family = families.of(preset)
     # as many sources per item as the family takes (Step1X-Edit: one; its Qwen2.5-VL sees it)
@@ -310,9 +310,9 @@ def export(run: Run, state: dict) -> None:
     the model folder (written beside, then swapped in: the old weights stay until the new ones are complete)."""
     cfg, lead = run.cfg, jax.process_index() == 0
     if cfg.lora is not None and lead:
-        export_peft(state["lora"], cfg.lora, run.preset.transformer, run.ckpt_dir / "lora.safetensors")
+        export_peft(state["lora"], cfg.lora, run.preset, run.ckpt_dir / "lora.safetensors")
         if "ema" in state:
-            export_peft(state["ema"], cfg.lora, run.preset.transformer, run.ckpt_dir / "lora_ema.safetensors")
+            export_peft(state["ema"], cfg.lora, run.preset, run.ckpt_dir / "lora_ema.safetensors")
         print(f"LoRA adapters (diffusers/PEFT layout): {run.ckpt_dir / 'lora.safetensors'}", flush=True)
     if cfg.export_model and cfg.lora is None and int(jax.device_get(state["step"])) == cfg.steps:
         model_folder.write_part(run.folder, "transformer", state.get("ema", state["params"]))

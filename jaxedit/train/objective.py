@@ -12,7 +12,9 @@ Conventions (docs/conventions.md, "Schedule and sampler"):
 The text conditioning is two batch arrays and a model call, a `Conditioning` from the model's family:
 FLUX's (the default) `txt` [B, L, D] and the pooled `y` [B, D_y], called with txt_ids, t and guidance;
 Step1X-Edit's (`jaxedit.families.step1x`) the Qwen2.5-VL states `txt` with `txt_mask` [B, L], reference ids
-equal to the target's (ref_index 0) and t in [0, 1] (its connector scales t by 1000 itself).
+equal to the target's (ref_index 0) and t in [0, 1] (its connector scales t by 1000 itself); Qwen-Image-Edit's
+(`jaxedit.families.qwen_image`) Qwen2.5-VL states and mask, t in [0, 1] (the pipeline's sigma: its Euler step
+x <- x + (sigma_next - sigma) v integrates the same v = noise - x0), positions from the images' shapes.
 
 Timestep sampling (`ObjectiveConfig.timestep`):
   uniform              t ~ U(0, 1)
@@ -160,11 +162,15 @@ def flux_call(apply_fn, params, img, img_ids, txt, y, t, guidance):
 @dataclasses.dataclass(frozen=True)
 class Conditioning:
     """How the loss feeds a family's text conditioning to the model: the batch keys of the prompt's two arrays
-    (embeddings, then FLUX's pooled `y` or Step1X-Edit's `txt_mask`) and the call
-    (apply_fn, params, img, img_ids, txt, second, t [B], guidance [B]) -> [B, L, F] (None: `flux_call`)."""
+    (embeddings, then FLUX's pooled `y` or Step1X-Edit's / Qwen-Image's `txt_mask`), the call
+    (apply_fn, params, img, img_ids, txt, second, t [B], guidance [B]) -> [B, L, F] (None: `flux_call`), and
+    the image positions the call gets as img_ids: positions(cfg, batch, (h2, w2) of the target, the references'
+    [(rh2, rw2), ...]) (None: `edit_ids` [B, L, 3] over the batch; Qwen-Image's: its static img_shapes, the
+    model placing its tokens by the images' shapes)."""
 
     keys: tuple[str, str] = ("txt", "y")
     call: Callable | None = None
+    positions: Callable | None = None
 
 
 def flow_matching_loss(
@@ -212,8 +218,12 @@ def flow_matching_loss(
         drop = r["drop"]
         cond = [jnp.where(drop.reshape(-1, *[1] * (c.ndim - 1)), e.astype(c.dtype), c) for c, e in zip(cond, empty)]
     txt, second = cond  # e.g. y (FLUX) or txt_mask (Step1X-Edit)
-    ids = edit_ids(cfg, h // 2, w // 2, [(r.shape[1] // 2, r.shape[2] // 2) for r in refs])
-    ids = jnp.broadcast_to(ids, (b, *ids.shape))
+    grids = [(r.shape[1] // 2, r.shape[2] // 2) for r in refs]
+    if text.positions is None:
+        ids = edit_ids(cfg, h // 2, w // 2, grids)
+        ids = jnp.broadcast_to(ids, (b, *ids.shape))
+    else:
+        ids = text.positions(cfg, b, (h // 2, w // 2), grids)
     img = sampling.edit_tokens(x_t, [sampling.pack(r.astype(jnp.float32)) for r in refs])  # [target | references]
     pred = (text.call or flux_call)(apply_fn, params, img, ids, txt, second, t, r["guidance"])[:, : x_t.shape[1]]
     per_token = jnp.mean(jnp.square(pred.astype(jnp.float32) - v), axis=2)  # [B, L]

@@ -15,7 +15,8 @@ A batch is a dict of arrays with a leading gradient-accumulation axis:
   and the text conditioning of the model's family (`jaxedit.families`: `Family.train_batch_keys`):
   FLUX.1 Kontext's txt [A, b, Lt, D_txt], y [A, b, D_y]; Step1X-Edit's (a Trainer built with `connector`)
   txt [A, b, L, D_qwen] and txt_mask [A, b, L], plus empty_txt / empty_mask (each item's empty prompt)
-  when prompt dropout is on; several references: reference_1, reference_2, ... too.
+  when prompt dropout is on; Qwen-Image-Edit's the same arrays (a Trainer built with a `QwenImageConfig`);
+  several references: reference_1, reference_2, ... too.
 The step scans over the A micro-batches (summing gradients), then applies one update.
 Randomness of step s, micro-batch i: fold_in(fold_in(key, s), i); a run restored at step s
 draws exactly what the uninterrupted run drew.
@@ -69,6 +70,11 @@ class Trainer:
         self.family = families.of(self.preset)
         self.family.check_objective(objective)
         self.lora = lora
+        self.lora_targets = self.family.lora_targets() if lora is not None else {}  # the family's adapter places
+        if lora is not None:
+            if not self.lora_targets:
+                raise ValueError(f"{self.family.title} models train no LoRA adapters: train them fully")
+            lora.names(self.lora_targets)  # ValueError for targets the model has not
         self.trained = "params" if lora is None else "lora"  # the state entry the optimizer updates
         kw = dict(
             dtype=dtype,
@@ -129,7 +135,7 @@ class Trainer:
             trained = state["params"] = params
         else:
             state["base"] = params
-            trained = state["lora"] = init_lora(params, self.lora, key)
+            trained = state["lora"] = init_lora(params, self.lora, key, self.lora_targets)
         state["opt_state"] = self.tx.init(trained)
         if self.optim.ema_decay is not None:
             state["ema"] = jax.tree.map(jnp.copy, trained)
@@ -153,13 +159,14 @@ class Trainer:
 
     def merged(self, base, lora):
         """merge(base, lora), each merged kernel laid out (and so computed) like the parameter."""
-        return jax.lax.with_sharding_constraint(merge(base, lora, self.lora), self.param_shardings)
+        return jax.lax.with_sharding_constraint(merge(base, lora, self.lora, self.lora_targets), self.param_shardings)
 
     # ------------------------------------------------------------------------------
     def apply(self, params, img, img_ids, *args):
         """The model's call; args as the family's conditioning passes them (Flux: (txt, txt_ids, t, y, guidance),
-        guidance dropped without guidance embedding; Step1X-Edit: (txt, txt_mask, t in [0, 1]))."""
-        return self.model.apply({"params": params}, img, img_ids, *self.family.train_args(self.preset, args))
+        guidance dropped without guidance embedding; Step1X-Edit: (txt, txt_mask, t in [0, 1]); Qwen-Image: img_ids
+        its static img_shapes, then (txt, txt_mask, t in [0, 1])), in the order the model takes them."""
+        return self.model.apply({"params": params}, *self.family.train_inputs(self.preset, img, img_ids, args))
 
     def loss(self, params, batch: dict[str, jax.Array], key: jax.Array, empty=None):
         """Loss of one micro-batch (dict of [b, ...] arrays) -> (loss, metrics)."""

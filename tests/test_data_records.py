@@ -322,3 +322,37 @@ def test_a_checkpoint_dir_url_is_refused_in_one_line_not_written_to_a_local_gs_f
 
     with pytest.raises(ValueError, match=r"^checkpoint_dir gs://b/run: URLs are not supported yet"):
         check_config(TrainConfig(checkpoint_dir="gs://b/run"), presets.get("flux-kontext-tiny"))
+
+
+def test_index_records_arrays_match_per_example_planning(tmp_path):
+    """The shard reader's index is arrays (no object per example); its items and epochs are those of bucketing each
+    example in Python and planning from per-group lists (what the reader did before: same batches, same seed)."""
+    from jaxedit.train.data import make_buckets, nearest_bucket
+
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(16, 2000, (3000, 3, 2)).astype(np.int32)
+    sizes[:, 1:][rng.random((3000, 2)) < 0.4] = 0  # absent sources, gaps too
+    buf = io.BytesIO()
+    np.save(buf, sizes)
+    (tmp_path / records.SIZES).write_bytes(buf.getvalue())
+    cfg = DataConfig(path=str(tmp_path), batch_size=4, pixel_budget=256 * 256, bucket_step=64, seed=5)
+    buckets = make_buckets(cfg.pixel_budget, cfg.bucket_step, cfg.max_aspect)
+    want = []  # (record, group)
+    for k, row in enumerate(sizes.tolist()):
+        srcs = [s for s in row[1:] if s[0] > 0]
+        if len(srcs) <= 1:
+            want.append((k, (nearest_bucket(buckets, *row[0]), tuple(nearest_bucket(buckets, *s) for s in srcs))))
+    index = reader.index_records(cfg, max_sources=1)
+    assert isinstance(index.items, reader.RecordItems) and index.group_of.dtype == np.int32
+    assert [(it.record, it.group) for it in index.items] == want
+    by_group = {}
+    for i, (_, g) in enumerate(want):
+        by_group.setdefault(g, []).append(i)
+    batches = EditBatches(cfg, index, 0, 1)
+    for epoch in (0, 1):
+        gen, planned = np.random.default_rng([cfg.seed, epoch]), []
+        for g in sorted(by_group):
+            perm = gen.permutation(by_group[g])
+            planned += [list(map(int, c)) for c in perm[: len(perm) // 4 * 4].reshape(-1, 4)]
+        planned = [planned[i] for i in gen.permutation(len(planned))]
+        assert batches.plan(epoch).tolist() == planned

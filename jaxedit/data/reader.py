@@ -17,9 +17,9 @@ cache as record shards, `jaxedit.data.cache`), a batch holds the cached arrays o
 from __future__ import annotations
 
 import dataclasses
-import functools
 import io
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,19 +51,73 @@ class RecordItem:
 shard_paths = records.shard_paths  # (where it was first defined)
 
 
+class RecordItems(Sequence):
+    """The planned examples as arrays (no object per example): item k is record `record[k]` (k itself if None), of
+    group `groups[group_of[k]]`; a RecordItem made on demand."""
+
+    def __init__(self, record: np.ndarray | None, group_of: np.ndarray, groups: list[tuple[int, tuple[int, ...]]]):
+        self.record, self.group_of, self.groups = record, group_of, groups
+
+    def __len__(self) -> int:
+        return len(self.group_of)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self[j] for j in range(*k.indices(len(self)))]
+        k = range(len(self))[k]  # (an IndexError past the end, negative k from the end)
+        bucket, sources = self.groups[self.group_of[k]]
+        return RecordItem(k if self.record is None else int(self.record[k]), bucket, sources)
+
+
+def bucket_of(buckets: list[tuple[int, int]], wh: np.ndarray) -> np.ndarray:
+    """`nearest_bucket` of each (width, height) of wh [..., 2] (int32; computed once per distinct aspect ratio)."""
+    ratio = wh[..., 0] / wh[..., 1]  # (what nearest_bucket's log is of: the same float)
+    distinct, inverse = np.unique(ratio, return_inverse=True)
+    pick = np.array([nearest_bucket(buckets, r, 1.0) for r in distinct.tolist()], np.int32)
+    return pick[inverse.reshape(ratio.shape)]
+
+
 def index_records(cfg: DataConfig, max_sources: int | None = None) -> Index:
-    """The planned examples of the packed dataset at cfg.path, bucketed under cfg's settings."""
-    sizes = records.read_sizes(cfg.path)
+    """The planned examples of the packed dataset at cfg.path, bucketed under cfg's settings: arrays (each example's
+    record and group number: 4 bytes each), no object per example."""
+    sizes = np.asarray(records.read_sizes(cfg.path))  # [n, 1 + sources, 2]: (width, height); a missing source 0, 0
     buckets = make_buckets(cfg.pixel_budget, cfg.bucket_step, cfg.max_aspect)
-    bucket = functools.lru_cache(maxsize=None)(lambda w, h: nearest_bucket(buckets, w, h))
-    items, skipped = [], Counter()
-    for k, row in enumerate(sizes.tolist()):
-        srcs = [s for s in row[1:] if s[0] > 0]
-        if max_sources is not None and len(srcs) > max_sources:
-            skipped["too many sources"] += 1
-            continue
-        items.append(RecordItem(k, bucket(*row[0]), tuple(bucket(*s) for s in srcs)))
-    return Index(items, buckets, skipped)
+    skipped, record = Counter(), None
+    present = sizes[:, 1:, 0] > 0
+    if max_sources is not None:
+        keep = present.sum(1) <= max_sources
+        if (~keep).any():
+            skipped["too many sources"] += int((~keep).sum())
+            record = np.flatnonzero(keep).astype(np.int32 if len(sizes) < 2**31 else np.int64)
+            sizes, present = sizes[keep], present[keep]
+    # each example's row (target bucket, source buckets, present sources first in order, -1 after) as one int64,
+    # in base len(buckets) + 1 (digits bucket + 1): its order is the rows' (and their groups') order
+    base, width = len(buckets) + 1, sizes.shape[1]
+    if base**width >= 2**62:
+        raise ValueError(f"{width - 1} sources of {len(buckets)} buckets: too many to plan")
+    key = np.empty(len(sizes), np.int64)
+    for a in range(0, len(sizes), 1 << 16):  # (in chunks: a few MB of temporaries at most)
+        wh, have = sizes[a : a + (1 << 16)], present[a : a + (1 << 16)]
+        srcs = np.where(have, bucket_of(buckets, np.maximum(wh[:, 1:], 1)), -1)
+        srcs = np.take_along_axis(srcs, np.argsort(~have, axis=1, kind="stable"), 1)
+        k = bucket_of(buckets, np.maximum(wh[:, 0], 1)).astype(np.int64) + 1
+        for j in range(srcs.shape[1]):
+            k = k * base + (srcs[:, j] + 1)
+        key[a : a + len(k)] = k
+    del sizes, present
+    distinct, group_of = np.unique(key, return_inverse=True)
+    del key
+    groups = []
+    for v in distinct.tolist():
+        digits = []
+        for _ in range(width):
+            v, d = divmod(v, base)
+            digits.append(d - 1)
+        bucket, *sources = digits[::-1]
+        groups.append((bucket, tuple(b for b in sources if b >= 0)))
+    assert groups == sorted(groups)  # (numbered in their sorted order, as the planning requires)
+    group_of = group_of.reshape(-1).astype(np.int32)
+    return Index(RecordItems(record, group_of, groups), buckets, skipped, groups=groups, group_of=group_of)
 
 
 class ShardBatches(EditBatches):
@@ -91,8 +145,7 @@ class ShardBatches(EditBatches):
     def __call__(self, i: int) -> dict[str, Any]:
         if self.cache is None:
             return super().__call__(i)
-        batch = self.plan(i // self.per_epoch)[i % self.per_epoch][self.lo : self.lo + self.local]
-        got = [self.cache.record(self.index.items[k].record) for k in batch]
+        got = [self.cache.record(self.index.items[k].record) for k in self.batch(i)]
         out = {name: np.stack([a[name] for _, a in got]) for name in got[0][1]}
         return out | {"instruction": [h["instruction"] for h, _ in got], "id": [h["id"] for h, _ in got], "n_bad": 0}
 

@@ -31,6 +31,7 @@ import json
 import logging
 import math
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -100,10 +101,22 @@ def group_name(buckets: list[tuple[int, int]], group: tuple[int, tuple[int, ...]
 
 @dataclasses.dataclass
 class Index:
-    items: list[Item]
+    items: Sequence  # Items (the folder reader), or a sequence that makes each on demand (the shard reader)
     buckets: list[tuple[int, int]]  # (width, height)
     skipped: Counter
     skipped_lines: list[str] = dataclasses.field(default_factory=list)  # "MANIFEST:LINE: reason" of each
+    # the items' groups, sorted, and each item's group in that list (int32 [n]); computed from `items` if not given
+    groups: list[tuple[int, tuple[int, ...]]] | None = None
+    group_of: np.ndarray | None = None
+
+    def grouping(self) -> tuple[list[tuple[int, tuple[int, ...]]], np.ndarray]:
+        """(the sorted groups, each item's group number): what epochs are planned from."""
+        if self.group_of is None:
+            keys = [it.group for it in self.items]
+            self.groups = sorted(set(keys))
+            number = {g: i for i, g in enumerate(self.groups)}
+            self.group_of = np.fromiter((number[g] for g in keys), np.int32, len(keys))
+        return self.groups, self.group_of
 
 
 def make_buckets(pixel_budget: int, step: int = 64, max_aspect: float = 3.0) -> list[tuple[int, int]]:
@@ -262,29 +275,42 @@ class EditBatches:
         self.cache = Cache(cfg.cache, index, model) if cfg.cache else None
         self.local = cfg.batch_size // process_count
         self.lo = process_index * self.local
-        self.by_bucket: dict[tuple, list[int]] = {}  # by group: target bucket and source buckets
-        for i, it in enumerate(index.items):
-            self.by_bucket.setdefault(it.group, []).append(i)
-        self.per_epoch = sum(len(v) // cfg.batch_size for v in self.by_bucket.values())
+        # the items of group g (ascending): members[starts[g] : starts[g + 1]]
+        self.groups, group_of = index.grouping()
+        self.members = np.argsort(group_of, kind="stable").astype(np.int32)
+        counts = np.bincount(group_of, minlength=len(self.groups))
+        self.starts = np.concatenate([[0], np.cumsum(counts)])
+        self.per_epoch = int((counts // cfg.batch_size).sum())
         if self.per_epoch == 0:
             raise ValueError(
-                f"no full batch of {cfg.batch_size}: {len(index.items)} usable items in buckets "
-                f"{ {group_name(index.buckets, g): len(v) for g, v in self.by_bucket.items()} }"
+                f"no full batch of {cfg.batch_size}: {len(group_of)} usable items in buckets "
+                f"{ {group_name(index.buckets, g): int(c) for g, c in zip(self.groups, counts)} }"
             )
 
+    def group_members(self, g: int) -> np.ndarray:
+        """The items of group number g (int32, ascending)."""
+        return self.members[self.starts[g] : self.starts[g + 1]]
+
     @functools.lru_cache(maxsize=2)  # noqa: B019 - two epochs in flight at most
-    def plan(self, epoch: int) -> list[list[int]]:
-        """Global batches of epoch `epoch`: lists of item indices, one group each."""
+    def plan(self, epoch: int) -> np.ndarray:
+        """Global batches of epoch `epoch`: item indices [per_epoch, batch_size] (int32), one group a row: each
+        group's items permuted (in sorted group order, one generator seeded by (seed, epoch)), cut into batches (a
+        partial one dropped), then the batch order permuted."""
         rng = np.random.default_rng([self.cfg.seed, epoch])
-        batches = []
-        for b in sorted(self.by_bucket):
-            perm = rng.permutation(self.by_bucket[b])
-            n = len(perm) // self.cfg.batch_size * self.cfg.batch_size
-            batches += [list(map(int, c)) for c in perm[:n].reshape(-1, self.cfg.batch_size)]
-        return [batches[i] for i in rng.permutation(len(batches))]
+        size = self.cfg.batch_size
+        parts = []
+        for g in range(len(self.groups)):
+            perm = rng.permutation(self.group_members(g))
+            parts.append(perm[: len(perm) // size * size])
+        batches = np.concatenate(parts).reshape(-1, size)
+        return batches[rng.permutation(len(batches))]
+
+    def batch(self, i: int) -> list[int]:
+        """This process's items of global batch i."""
+        return self.plan(i // self.per_epoch)[i % self.per_epoch, self.lo : self.lo + self.local].tolist()
 
     def __call__(self, i: int) -> dict[str, Any]:
-        batch = self.plan(i // self.per_epoch)[i % self.per_epoch][self.lo : self.lo + self.local]
+        batch = self.batch(i)
         if self.cache is not None:
             items = [self.cache.item(k, self.index.items[k].group) for k in batch]
             out = {k: np.stack([it[k] for it in items]) for k in items[0]}
@@ -306,9 +332,9 @@ class EditBatches:
     def _load_good(self, k: int, out: dict) -> tuple[Item, dict[str, np.ndarray]]:
         """Item k decoded ({"source": ..., "source_1": ..., "target": ...}); if it fails, the next items of its
         group (cyclically)."""
-        group = self.index.items[k].group
-        same = self.by_bucket[group]
-        start = same.index(k)
+        g = int(self.index.grouping()[1][k])
+        group, same = self.groups[g], self.group_members(g)
+        start = int(np.searchsorted(same, k))
         for j in range(len(same)):
             item = self.index.items[same[(start + j) % len(same)]]
             try:

@@ -172,6 +172,38 @@ def test_pack_parquet_through_memory_filesystem_and_read_it_back(tmp_path):
         fsspec.filesystem("memory").rm("/", recursive=True)
 
 
+def test_a_parquet_copy_of_a_folder_dataset_reads_as_the_folder(tmp_path):
+    """The same pairs kept as a folder and as Parquet rows (image bytes in columns), each packed: the shard
+    readers give the folder reader's batches (ids, instructions, pixels) for the same seed, so a run trains on the
+    same examples in the same order, to the same losses, whichever form the data came in."""
+    pytest.importorskip("pyarrow")
+    data = write_dataset(tmp_path / "data", bad=False)
+    text = (data / "manifest.jsonl").read_text().splitlines()
+    lines = [json.loads(x) for x in text if x.startswith("{")]  # (its last line is a bad one: not JSON)
+    rows = [{"src": (data / x["source"]).read_bytes(), "tgt": (data / x["target"]).read_bytes(),
+             "prompt": x["instruction"], "key": x["id"]} for x in lines]  # fmt: skip
+    (tmp_path / "pq").mkdir()
+    write_parquet(str(tmp_path / "pq" / "part-00000.parquet"), rows[:9])
+    write_parquet(str(tmp_path / "pq" / "part-00001.parquet"), rows[9:])
+    out_folder, out_parquet = tmp_path / "from_folder", tmp_path / "from_parquet"
+    pack(sources.FolderSource(str(data), shard_size=5), str(out_folder), workers=2)
+    pack(sources.ParquetSource((str(tmp_path / "pq"),), ("src",), "tgt", "prompt", "key"), str(out_parquet),
+         workers=2)  # fmt: skip
+    cfg = DataConfig(path=str(data), batch_size=2, seed=5, **SMALL)
+    folder = EditBatches(cfg, index_manifest(cfg), 0, 1)
+    for out in (out_folder, out_parquet):
+        cfg = DataConfig(path=str(out), batch_size=2, seed=5, **SMALL)
+        shards = reader.ShardBatches(
+            cfg, reader.index_records(cfg), reader.shard_paths(str(out), records.read_index(str(out))), 0, 1
+        )
+        assert shards.per_epoch == folder.per_epoch == 8
+        for i in range(2 * shards.per_epoch):
+            a, b = folder(i), shards(i)
+            assert a["id"] == b["id"] and a["instruction"] == b["instruction"], (out.name, i)
+            for k in ("source", "target"):
+                np.testing.assert_array_equal(a[k], b[k])
+
+
 def test_a_parquet_input_without_pyarrow_fails_in_one_line_naming_the_extra(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     (tmp_path / "x.parquet").write_bytes(b"")

@@ -122,7 +122,14 @@ class QwenImageEditPipeline(EditPipelineBase):
         options = {"qwen": kw.pop("qwen", None), "text_encoder": kw.pop("text_encoder", True),
                    "qwen_dtype": kw.pop("qwen_dtype", "bfloat16"), "loras": kw.pop("loras", ())}  # fmt: skip
         quantized = opened.quantized.get("transformer") or quantize
-        qwen_cfg = opened.preset.qwen if options["text_encoder"] is True else None
+        qwen_cfg = None  # the Qwen2.5-VL the pipeline will hold: the folder's (or the `qwen` folder's) "qwen" entry
+        if options["text_encoder"] is True:
+            from jaxedit.qwen_image.text import qwen_section
+
+            try:
+                qwen_cfg = qwen_section(ModelFolder.of(options["qwen"] or opened)).model
+            except (FileNotFoundError, ValueError):
+                pass  # load_qwen_image_embedder says what is missing
         footprint = cls.footprint(opened.preset, dtype, quantized, qwen_cfg, options["qwen_dtype"])
         return LoadPlan(footprint, {"transformer": dtype}, None, options)
 

@@ -149,3 +149,16 @@ def test_text_only_row_beside_an_image_row(setup):
     np.testing.assert_array_equal(ours.tokens[0], out.sequences[0, len(text["input_ids"]) :].numpy())
     assert rel_err(ours.logits[0], np.stack([s[0].numpy() for s in out.logits])) <= 1e-5
     np.testing.assert_array_equal(ours.tokens[1], reference(ref, cfg, items[:1])[0][0])
+
+
+def test_plan_generate_lowers_on_cpu_devices():
+    """`jaxedit plan --task generate`: the decoding program of a preset's Qwen2.5-VL compiles on a simulated
+    8-device mesh (data x fsdp), its cache counted in the report."""
+    from jaxedit import plan
+    from jaxedit.configs import MeshConfig
+
+    args = plan.parser().parse_args(["--preset", "step1x-edit-tiny", "--task", "generate", "--resolution", "56",
+                                     "--text-tokens", "8", "--new-tokens", "4"])  # fmt: skip
+    report = plan.plan(args, MeshConfig.parse("data=2,fsdp=4"))
+    assert report["new_tokens"] == 4 and report["prompt_tokens"] == 64 and report["kv_cache_bytes"] > 0
+    assert "key/value cache" in plan.format_report(report)

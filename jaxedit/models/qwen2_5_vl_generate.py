@@ -123,10 +123,12 @@ def choose(logits_BV, key, temperature, top_p, greedy: bool):
 
 
 @functools.lru_cache(maxsize=32)
-def decoder(cfg: QwenVLConfig, dtype: str, max_new_tokens: int, greedy: bool, return_logits: bool):
+def decoder(cfg: QwenVLConfig, dtype: str, max_new_tokens: int, greedy: bool, return_logits: bool,
+            attention_impl: str = "auto"):  # fmt: skip
     """The jitted program: (params, ids, mask, positions, next_pos, vision, feature_index, stop_ids, pad_id,
-    temperature, top_p, seed) -> (tokens, lengths, logits or None)."""
-    model = QwenVL(cfg, dtype=jnp.dtype(dtype), attention_impl="xla", kv_cache=True)
+    temperature, top_p, seed) -> (tokens, lengths, logits or None). attention_impl: the vision tower's (the
+    language model's attention over the cache is XLA's with a dense mask)."""
+    model = QwenVL(cfg, dtype=jnp.dtype(dtype), attention_impl=attention_impl, kv_cache=True)
     text, vocab = cfg.text, cfg.text.vocab_size
 
     def run(params, ids, mask, positions, next_pos, vision, feature_index, stop_ids, pad_id, temperature, top_p, seed):
@@ -177,7 +179,7 @@ def decoder(cfg: QwenVLConfig, dtype: str, max_new_tokens: int, greedy: bool, re
 def generate(
     params, cfg: QwenVLConfig, items: Sequence[dict[str, Any]], max_new_tokens: int, *,
     stop_ids: Sequence[int] = (), pad_id: int = 0, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-    dtype: str = "float32", mesh=None, return_logits: bool = False,
+    dtype: str = "float32", mesh=None, return_logits: bool = False, attention_impl: str = "auto",
 ) -> Generated:  # fmt: skip
     """Generate up to `max_new_tokens` after each prepared item (input_ids [L], attention_mask [L] optional,
     pixel_values [N, patch_dim] and image_grid_thw [n, 3] for items with images), all items in one batch.
@@ -192,7 +194,8 @@ def generate(
         raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature}, {top_p}")
     rows = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
     batch = batch_inputs(items, cfg, rows=rows)
-    fn = decoder(cfg, str(jnp.dtype(dtype)), int(max_new_tokens), temperature == 0, bool(return_logits))
+    greedy = temperature == 0
+    fn = decoder(cfg, str(jnp.dtype(dtype)), int(max_new_tokens), greedy, bool(return_logits), attention_impl)
     stops = np.asarray(list(stop_ids) or [-1], np.int32)
     scalars = (np.int32(pad_id), np.float32(temperature or 1.0), np.float32(top_p), np.uint32(seed))
     args = [batch[k] for k in ("ids", "mask", "positions", "next_pos", "vision", "feature_index")]
@@ -225,6 +228,39 @@ def run_on_mesh(fn, params, cfg, args, rest, mesh):
     with sh.activate(mesh):
         return fn(params, batch(ids), batch(mask), jax.device_put(pos, by_row), batch(next_pos), vision,
                   batch(index), *rest)  # fmt: skip
+
+
+def lower_generate(cfg: QwenVLConfig, mesh, batch: int, *, prompt_tokens: int, image_units: int, new_tokens: int,
+                   attention_impl: str = "auto"):  # fmt: skip
+    """The generation program (bfloat16 weights, compute and cache; greedy) lowered on abstract inputs sharded
+    over `mesh`: `batch` prompts of `prompt_tokens` tokens holding `image_units` image features in all (their
+    patches one packed, replicated row), `new_tokens` generated. Returns (jax.stages.Lowered, figures)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from jaxedit.models.qwen2_5_vl import abstract_params
+    from jaxedit.parallel import sharding as sh
+
+    params = sh.abstract_with_shardings(abstract_params(cfg, jnp.bfloat16, boxed=True), mesh)
+    fn = decoder(cfg, "bfloat16", int(new_tokens), True, False, attention_impl)
+    rep = NamedSharding(mesh, PartitionSpec())
+    arr = lambda shape, dt=jnp.int32: jax.ShapeDtypeStruct(shape, dt, sharding=sh.batch_sharding(mesh, len(shape)))  # noqa: E731
+    one = lambda shape, dt=jnp.int32: jax.ShapeDtypeStruct(shape, dt, sharding=rep)  # noqa: E731
+    patches = image_units * cfg.vision.spatial_merge_size**2
+    vision = None
+    if image_units:
+        vision = {"patches": one((1, patches, cfg.vision.patch_dim), jnp.bfloat16), "pos": one((1, patches, 2)),
+                  "seg_image": one((1, patches)), "seg_window": one((1, patches))}  # fmt: skip
+    by_row = NamedSharding(mesh, PartitionSpec(None, *sh.batch_sharding(mesh, 2).spec))
+    length = prompt_tokens
+    ids, mask, index = (arr((batch, length)) for _ in range(3))
+    pos = jax.ShapeDtypeStruct((3, batch, length), jnp.int32, sharding=by_row)
+    scalars = (one((1,)), one(()), one((), jnp.float32), one((), jnp.float32), one((), jnp.uint32))
+    with sh.activate(mesh):
+        lowered = fn.lower(params, ids, mask, pos, arr((batch,)), vision, index, *scalars)
+    t = cfg.text
+    cache = 2 * t.num_layers * batch * (length + new_tokens - 1) * t.num_kv_heads * t.head_dim * 2
+    return lowered, {"prompt_tokens": length, "image_features": image_units, "new_tokens": new_tokens,
+                     "kv_cache_bytes": cache}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------
@@ -268,4 +304,4 @@ def generate_chat(params, cfg: QwenVLConfig, tokenizer, image_processor, prompts
     return tokenizer.batch_decode(out.rows(), skip_special_tokens=True)
 
 
-__all__ = ["Generated", "batch_inputs", "chat_items", "generate", "generate_chat", "top_p_filter"]
+__all__ = ["Generated", "batch_inputs", "chat_items", "generate", "generate_chat", "lower_generate", "top_p_filter"]

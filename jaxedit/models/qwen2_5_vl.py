@@ -196,17 +196,18 @@ class TextLayer(nn.Module):
             cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), at)
             cache_k, cache_v = (constrain(t, KV_CACHE[1:]) for t in (cache_k, cache_v))
             new_cache = (cache_k, cache_v)
+            # grouped-query attention over the cache as it is (XLA's attention takes fewer key / value heads: no
+            # repeated copy of the cache per step)
+            q_slot = index + jnp.arange(n)[:, None]
+            k_slot = jnp.arange(cache_k.shape[1])[None, :]
+            mask = ((key_seg >= 0)[:, None, :] & (k_slot <= q_slot)[None]) | (k_slot == q_slot)[None]
             k, v = cache_k.astype(q.dtype), cache_v.astype(q.dtype)
-        k, v = jnp.repeat(k, heads // kv, axis=2), jnp.repeat(v, heads // kv, axis=2)  # repeat_kv
-        q, k, v = (constrain(t, ACT_HEADS) for t in (q, k, v))
-        if cache_k is None:
+            out = dot_product_attention(constrain(q, ACT_HEADS), k, v, impl="xla", mask_BHLS=mask[:, None])
+        else:
+            k, v = jnp.repeat(k, heads // kv, axis=2), jnp.repeat(v, heads // kv, axis=2)  # repeat_kv
+            q, k, v = (constrain(t, ACT_HEADS) for t in (q, k, v))
             seg = (jnp.zeros_like(key_seg), key_seg)
             out = dot_product_attention(q, k, v, impl=self.attention_impl, segment_ids=seg, causal=True)
-        else:
-            q_slot = index + jnp.arange(n)[:, None]
-            k_slot = jnp.arange(k.shape[1])[None, :]
-            mask = ((key_seg >= 0)[:, None, :] & (k_slot <= q_slot)[None]) | (k_slot == q_slot)[None]
-            out = dot_product_attention(q, k, v, impl="xla", mask_BHLS=mask[:, None])
         x = x + dense(d, ("heads", "embed"), name="o_proj", use_bias=False, **kw)(out.reshape(b, n, heads * hd))
         h = QwenRMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
         return x + SwiGLU(d, cfg.intermediate_size, cfg.hidden_act, name="mlp", **kw)(h), new_cache

@@ -43,7 +43,7 @@ def setup(tiny_qwen):
     rng = np.random.default_rng(0)
     imgs = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in SIZES]
     items = G.chat_items(tok, processor, PROMPTS, imgs)
-    return ref, cfg, params, tok, items
+    return ref, cfg, params, tok, items, processor, imgs
 
 
 def reference(ref, cfg, items, max_new=N, eos=None, pad=0):
@@ -68,7 +68,7 @@ def reference(ref, cfg, items, max_new=N, eos=None, pad=0):
 def test_greedy_equals_transformers(setup):
     """Greedy ids equal transformers' exactly (each row alone, and the batch left-padded by transformers);
     the logits of every step agree to float32 precision."""
-    ref, cfg, params, _, items = setup
+    ref, cfg, params, _, items, *_ = setup
     assert len(items[0]["input_ids"]) != len(items[1]["input_ids"])
     ours = G.generate(params, cfg, items, N, return_logits=True)
     assert ours.tokens.shape == (2, N) and list(ours.lengths) == [N, N]
@@ -89,7 +89,7 @@ def test_greedy_equals_transformers(setup):
 def test_stop_tokens_and_padding(setup):
     """A stop token ends a row (kept, counted in its length), the row is padded after it, the other row goes on;
     transformers with that id as eos gives the same ids."""
-    ref, cfg, params, _, items = setup
+    ref, cfg, params, _, items, *_ = setup
     free = G.generate(params, cfg, items, N)
     row = free.tokens[0]
     k = next(k for k in range(1, N - 1) if row[k] not in row[:k] and row[k] not in free.tokens[1])
@@ -108,7 +108,7 @@ def test_stop_tokens_and_padding(setup):
 def test_sampling_seeded_and_limits(setup):
     """Sampling is reproducible from its seed and changes with it; top_p -> 0 and temperature -> 0 give the
     greedy ids; top_p keeps the smallest nucleus."""
-    _, cfg, params, _, items = setup
+    _, cfg, params, _, items, *_ = setup
     greedy = G.generate(params, cfg, items, N).tokens
     a = G.generate(params, cfg, items, N, temperature=1.5, seed=1).tokens
     b = G.generate(params, cfg, items, N, temperature=1.5, seed=1).tokens
@@ -127,7 +127,7 @@ def test_two_device_data_mesh(setup):
     logits as on one device."""
     from jaxedit.parallel import sharding as sh
 
-    _, cfg, params, _, items = setup
+    _, cfg, params, _, items, *_ = setup
     mesh = sh.make_mesh(sh.MeshConfig.parse("data=2"), jax.devices()[:2])
     want = G.generate(params, cfg, items, N, return_logits=True)
     got = G.generate(params, cfg, items, N, return_logits=True, mesh=mesh)
@@ -138,7 +138,7 @@ def test_two_device_data_mesh(setup):
 def test_text_only_row_beside_an_image_row(setup):
     """A prompt without an image batched with one with an image (positions 0, 1, ... over its unmasked tokens, no
     rope delta): each row's greedy ids equal transformers' on it alone."""
-    ref, cfg, params, tok, items = setup
+    ref, cfg, params, tok, items, *_ = setup
     text = G.chat_items(tok, None, ["a blue square on the left"], [None])[0]
     ours = G.generate(params, cfg, [text, items[0]], N, return_logits=True)
     with torch.no_grad():
@@ -162,3 +162,14 @@ def test_plan_generate_lowers_on_cpu_devices():
     report = plan.plan(args, MeshConfig.parse("data=2,fsdp=4"))
     assert report["new_tokens"] == 4 and report["prompt_tokens"] == 64 and report["kv_cache_bytes"] > 0
     assert "key/value cache" in plan.format_report(report)
+
+
+def test_generate_chat_decodes_the_answers(setup):
+    """Prompts and images in, answers out: the chat template and processor as `chat_items`, stopping at the end of
+    turn, special tokens dropped; the same texts as transformers' greedy ids decoded."""
+    ref, cfg, params, tok, items, processor, imgs = setup
+    texts = G.generate_chat(params, cfg, tok, processor, PROMPTS, imgs, N)
+    stops = [tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")]
+    want, _ = reference(ref, cfg, items, eos=stops, pad=tok.pad_token_id or 0)
+    assert texts == tok.batch_decode(want, skip_special_tokens=True)
+    assert all(isinstance(t, str) for t in texts)

@@ -41,7 +41,7 @@ import time
 from jaxedit import families, presets
 from jaxedit.options import QUANTIZE
 
-TASKS = ("train", "lora", "infer", "sample", "vae-decode", "text")
+TASKS = ("train", "lora", "infer", "sample", "vae-decode", "text", "generate")
 PIPELINE_TASKS = ("sample", "vae-decode", "text")  # placed as the pipelines place them (`--mesh` default: auto)
 
 
@@ -84,6 +84,8 @@ def parser(prog: str = "python -m jaxedit.plan") -> argparse.ArgumentParser:
     p.add_argument("--batch", type=POSITIVE, default=None, help="global batch (default: one per data-parallel device)")
     p.add_argument("--text-tokens", type=POSITIVE, default=None, help="text tokens (default: T5's 512 / Qwen's 640)")
     p.add_argument("--steps", type=POSITIVE, default=28, help="sample: denoising steps")
+    p.add_argument("--new-tokens", type=POSITIVE, default=512, help="generate: tokens the Qwen2.5-VL judge generates "
+                   "(the prompt: --text-tokens, default 256, + the image at --resolution)")  # fmt: skip
     p.add_argument(
         "--remat", default="full", help="train/lora: remat policy (none, full, dots, dots_no_batch, offload)"
     )
@@ -307,7 +309,27 @@ def lower(preset, args, mesh, batch: int):
     if args.task == "text":
         lowered, figures = family.lower_text(preset, args, mesh, batch, bsd, rep)
         return lowered, s | figures
+    if args.task == "generate":
+        lowered, figures = lower_generate(preset, args, mesh, batch)
+        return lowered, s | figures
     raise ValueError(f"unknown task {args.task!r}")
+
+
+def lower_generate(preset, args, mesh, batch: int):
+    """The preset's Qwen2.5-VL generating (greedy, `--new-tokens`) after `batch` prompts of `--text-tokens` text
+    tokens (default 256) with one image each at --resolution (resized as the Qwen2-VL processor's defaults do)."""
+    from jaxedit.models.qwen2_5_vl_generate import lower_generate as lower_qwen
+    from jaxedit.qwen_vl import bucket, smart_resize
+
+    q = getattr(preset, "qwen", None)
+    if q is None:
+        raise ValueError(f"preset {preset.name} has no Qwen2.5-VL config (--task generate)")
+    factor = q.vision.patch_size * q.vision.spatial_merge_size
+    h, w = smart_resize(args.resolution, args.resolution, factor, 56 * 56, 28 * 28 * 16384)
+    units = (h // factor) * (w // factor)
+    tokens = bucket((args.text_tokens or 256) + units, 64)
+    return lower_qwen(q, mesh, batch, prompt_tokens=tokens, image_units=units * batch, new_tokens=args.new_tokens,
+                      attention_impl=args.attention)  # fmt: skip
 
 
 def sample_pipeline(preset, mesh, attention: str):
@@ -459,7 +481,7 @@ def format_report(r: dict) -> str:
         f"{r['preset']} {r['task']} @ {r['resolution']}px, batch {r['batch']} "
         + (
             ""
-            if r["task"] in ("vae-decode", "text")
+            if r["task"] in ("vae-decode", "text", "generate")
             else f"({r['tokens']} tokens/sample: {r['text_tokens']} text + "
             f"{r['target_tokens']} target + {r['reference_tokens']} reference"
             + (f" in {r['references']} images" if r.get("references", 1) > 1 else "")
@@ -473,6 +495,11 @@ def format_report(r: dict) -> str:
         + (f" of {gb(r['hbm'])}: {'fits' if r['fits'] else 'DOES NOT FIT'}" if "hbm" in r else "")
         + (f"; host memory {gb(r['host_temporaries'])} (offloaded)" if r.get("host_temporaries") else ""),
     ]
+    if r["task"] == "generate":
+        lines.append(
+            f"  generate: {r['prompt_tokens']} prompt tokens ({r['image_features']} image features in the "
+            f"batch) + {r['new_tokens']} new tokens, key/value cache {gb(r['kv_cache_bytes'])} in all"
+        )
     if r["model_flops"]:
         lines.append(f"  model FLOPs per run: {r['model_flops'] / 1e12:.1f} TFLOP (analytic)")
     if r.get("mfu_bound_seconds") and "compiler_seconds" not in r:

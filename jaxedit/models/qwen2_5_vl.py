@@ -41,6 +41,8 @@ Dtype = Any
 
 ACTIVATIONS = {"silu": nn.silu, "gelu": lambda x: nn.gelu(x, approximate=False)}
 PAD_PATCH_SEGMENT = -1  # segment id of padding patches (they attend only each other)
+# the key / value cache of generation [layers, B, T, kv_heads, head_dim]: rows split like the activations' batch
+KV_CACHE = ("layers", "act_batch", "act_length", None, None)
 
 
 # transformers' Qwen2_5_VLRMSNorm "is equivalent to T5LayerNorm": weight * (x / rms(x) in float32, cast)
@@ -172,7 +174,11 @@ class TextLayer(nn.Module):
     attention_impl: str = "auto"
 
     @nn.compact
-    def __call__(self, x, cos, sin, key_seg):
+    def __call__(self, x, cos, sin, key_seg, cache_k=None, cache_v=None, index=None):
+        """key_seg [B, L] (0: a key, -1: masked); with a cache (cache_k / cache_v [B, T, kv_heads, head_dim], this
+        layer's slice): the n new tokens' keys / values are written at slots index .. index + n - 1, the queries
+        attend causally over the cache's slots (key_seg [B, T] then: which slots are keys; a query always sees its
+        own slot, so padding queries stay finite) and the updated cache is the second output."""
         cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         b, n, d = x.shape
         hd, heads, kv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
@@ -183,13 +189,28 @@ class TextLayer(nn.Module):
         v = dense(kv * hd, ("embed", "kv_heads"), name="v_proj", **kw)(h).reshape(b, n, kv, hd)
         c, s = cos.astype(q.dtype)[:, :, None], sin.astype(q.dtype)[:, :, None]
         q, k = q * c + rotate_half(q) * s, k * c + rotate_half(k) * s
-        k, v = jnp.repeat(k, heads // kv, axis=2), jnp.repeat(v, heads // kv, axis=2)  # repeat_kv
-        q, k, v = (constrain(t, ACT_HEADS) for t in (q, k, v))
-        seg = (jnp.zeros_like(key_seg), key_seg)
-        out = dot_product_attention(q, k, v, impl=self.attention_impl, segment_ids=seg, causal=True)
+        new_cache = None
+        if cache_k is not None:
+            at = (0, index, 0, 0)
+            cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), at)
+            cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), at)
+            cache_k, cache_v = (constrain(t, KV_CACHE[1:]) for t in (cache_k, cache_v))
+            new_cache = (cache_k, cache_v)
+            # grouped-query attention over the cache as it is (XLA's attention takes fewer key / value heads: no
+            # repeated copy of the cache per step)
+            q_slot = index + jnp.arange(n)[:, None]
+            k_slot = jnp.arange(cache_k.shape[1])[None, :]
+            mask = ((key_seg >= 0)[:, None, :] & (k_slot <= q_slot)[None]) | (k_slot == q_slot)[None]
+            k, v = cache_k.astype(q.dtype), cache_v.astype(q.dtype)
+            out = dot_product_attention(constrain(q, ACT_HEADS), k, v, impl="xla", mask_BHLS=mask[:, None])
+        else:
+            k, v = jnp.repeat(k, heads // kv, axis=2), jnp.repeat(v, heads // kv, axis=2)  # repeat_kv
+            q, k, v = (constrain(t, ACT_HEADS) for t in (q, k, v))
+            seg = (jnp.zeros_like(key_seg), key_seg)
+            out = dot_product_attention(q, k, v, impl=self.attention_impl, segment_ids=seg, causal=True)
         x = x + dense(d, ("heads", "embed"), name="o_proj", use_bias=False, **kw)(out.reshape(b, n, heads * hd))
         h = QwenRMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
-        return x + SwiGLU(d, cfg.intermediate_size, cfg.hidden_act, name="mlp", **kw)(h), None
+        return x + SwiGLU(d, cfg.intermediate_size, cfg.hidden_act, name="mlp", **kw)(h), new_cache
 
 
 class QwenLanguageModel(nn.Module):
@@ -202,6 +223,7 @@ class QwenLanguageModel(nn.Module):
     scan_layers: bool = True
     remat_policy: str = "none"
     attention_impl: str = "auto"
+    kv_cache: bool = False  # generation: `__call__` takes and returns the key / value cache (same parameters)
 
     def setup(self):
         cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -209,13 +231,16 @@ class QwenLanguageModel(nn.Module):
             cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
             embedding_init=param_init(nn.initializers.normal(0.02), ("vocab", "embed")),
         )  # fmt: skip
+        in_axes = (nn.broadcast,) * 3 + ((0, 0, nn.broadcast) if self.kv_cache else ())
         self.layers = stacked(
             TextLayer, cfg.num_layers, scan=self.scan_layers, remat_policy=self.remat_policy, name="layers",
-            in_axes=(nn.broadcast,) * 3, cfg=cfg, attention_impl=self.attention_impl, **kw,
+            in_axes=in_axes, cfg=cfg, attention_impl=self.attention_impl, **kw,
         )  # fmt: skip
         self.norm = QwenRMSNorm(cfg.rms_norm_eps, **kw)
 
-    def __call__(self, input_ids, positions, mask, features=None, feature_index=None):
+    def __call__(self, input_ids, positions, mask, features=None, feature_index=None, cache=None, index=None):
+        """cache (kv_cache=True): (k, v) [layers, B, T, kv_heads, head_dim] and the slot `index` of the first of
+        the L tokens; `mask` [B, T] then covers the cache's slots; returns (hidden states, updated cache)."""
         x = self.embed_tokens(input_ids)
         if features is not None:
             rows = features.reshape(-1, features.shape[-1]).astype(x.dtype)
@@ -223,8 +248,11 @@ class QwenLanguageModel(nn.Module):
             x = jnp.where((feature_index >= 0)[..., None], picked, x)
         cos, sin = text_rope(positions, self.cfg)
         key_seg = jnp.where(mask.astype(bool), 0, -1).astype(jnp.int32)
-        x, _ = self.layers(x, cos, sin, key_seg)
-        return self.norm(x)
+        if not self.kv_cache:
+            x, _ = self.layers(x, cos, sin, key_seg)
+            return self.norm(x)
+        x, cache = self.layers(x, cos, sin, key_seg, *cache, index)
+        return self.norm(x), tuple(constrain(c, KV_CACHE) for c in cache)
 
 
 class QwenVL(nn.Module):
@@ -238,6 +266,7 @@ class QwenVL(nn.Module):
     scan_layers: bool = True
     remat_policy: str = "none"
     attention_impl: str = "auto"
+    kv_cache: bool = False  # generation (`decode`): the language model takes / returns a key / value cache
 
     def setup(self):
         common = dict(
@@ -245,7 +274,7 @@ class QwenVL(nn.Module):
             remat_policy=self.remat_policy, attention_impl=self.attention_impl,
         )  # fmt: skip
         self.visual = QwenVisionTower(self.cfg.vision, **common)
-        self.language_model = QwenLanguageModel(self.cfg.text, **common)
+        self.language_model = QwenLanguageModel(self.cfg.text, kv_cache=self.kv_cache, **common)
         if not self.cfg.tie_word_embeddings:
             self.lm_head = dense(
                 self.cfg.text.vocab_size, ("embed", "vocab"), name="lm_head", use_bias=False,
@@ -258,11 +287,20 @@ class QwenVL(nn.Module):
     def __call__(self, input_ids, positions, mask, vision=None, feature_index=None, logits: bool = False):
         feats = None if vision is None else self.image_features(vision)
         h = self.language_model(input_ids, positions, mask, feats, feature_index)
-        if not logits:
-            return h
+        return self.logits(h) if logits else h
+
+    def logits(self, h):
         if self.cfg.tie_word_embeddings:
             return self.language_model.embed_tokens.attend(h)
         return self.lm_head(h)
+
+    def decode(self, input_ids, positions, mask, cache, index, vision=None, feature_index=None):
+        """(kv_cache=True) the L tokens `input_ids` [B, L] at cache slots index .. index + L - 1 (positions [3, B,
+        L]; mask [B, T]: which of the cache's T slots are keys; images as `__call__`) -> (logits [B, V] of the
+        last of them, float32; the updated cache (k, v))."""
+        feats = None if vision is None else self.image_features(vision)
+        h, cache = self.language_model(input_ids, positions, mask, feats, feature_index, cache, index)
+        return self.logits(h[:, -1]).astype(jnp.float32), cache
 
 
 # ----------------------------------------------------------------------------------------

@@ -1,0 +1,175 @@
+"""Qwen2.5-VL generation in JAX (`jaxedit.models.qwen2_5_vl_generate`) against transformers' `generate`: the tiny
+random Qwen2.5-VL of tests/tiny_qwen.py converted with our converter, prompts with images of different sizes
+through the chat template, left-padded in one batch."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from checkpoints_convert import load_part
+from jaxedit.configs import QwenVLConfig
+from jaxedit.models import qwen2_5_vl_generate as G
+
+torch = pytest.importorskip("torch")
+
+N = 8  # new tokens
+PROMPTS = ["a red circle", "make the square in the picture blue and move it to the left"]
+SIZES = [(84, 84), (56, 112)]
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_qwen):
+    import transformers
+
+    path, _ = tiny_qwen
+    ref = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        path, dtype=torch.float32, use_safetensors=True
+    ).eval()
+    cfg = QwenVLConfig.from_hf(json.loads((path / "config.json").read_text()))
+    params = load_part("qwen", path, cfg, dtype=jnp.float32)
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    processor = transformers.Qwen2VLImageProcessorPil.from_pretrained(path)
+    rng = np.random.default_rng(0)
+    imgs = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in SIZES]
+    items = G.chat_items(tok, processor, PROMPTS, imgs)
+    return ref, cfg, params, tok, items, processor, imgs
+
+
+def reference(ref, cfg, items, max_new=N, eos=None, pad=0):
+    """transformers' greedy generate on the items as one left-padded batch: (ids [B, <= max_new], logits)."""
+    length = max(len(x["input_ids"]) for x in items)
+    ids = np.zeros((len(items), length), np.int64)
+    mask = np.zeros((len(items), length), np.int64)
+    for i, x in enumerate(items):
+        ids[i, length - len(x["input_ids"]) :], mask[i, length - len(x["input_ids"]) :] = x["input_ids"], 1
+    with torch.no_grad():
+        out = ref.generate(
+            input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+            pixel_values=torch.from_numpy(np.concatenate([x["pixel_values"] for x in items])),
+            image_grid_thw=torch.from_numpy(np.concatenate([x["image_grid_thw"] for x in items])),
+            mm_token_type_ids=torch.from_numpy(ids == cfg.image_token_id).int(),
+            do_sample=False, max_new_tokens=max_new, eos_token_id=eos, pad_token_id=pad,
+            output_logits=True, return_dict_in_generate=True,
+        )  # fmt: skip
+    return out.sequences[:, length:].numpy(), np.stack([s.numpy() for s in out.logits], 1)
+
+
+def test_greedy_equals_transformers(setup):
+    """Greedy ids equal transformers' exactly (each row alone, and the batch left-padded by transformers);
+    the logits of every step agree to float32 precision."""
+    ref, cfg, params, _, items, *_ = setup
+    assert len(items[0]["input_ids"]) != len(items[1]["input_ids"])
+    ours = G.generate(params, cfg, items, N, return_logits=True)
+    assert ours.tokens.shape == (2, N) and list(ours.lengths) == [N, N]
+    batched_ids, batched_logits = reference(ref, cfg, items)
+    for i in range(2):
+        want_ids, want_logits = reference(ref, cfg, items[i : i + 1])
+        err = rel_err(ours.logits[i], want_logits[0])
+        top2 = np.sort(want_logits[0], -1)[:, -2:]
+        margin = float((top2[:, 1] - top2[:, 0]).min() / np.abs(want_logits[0]).max())
+        print(f"row {i} ({len(items[i]['input_ids'])} prompt tokens): ids {ours.tokens[i].tolist()}, logits rel err "
+              f"{err:.2e} (alone), {rel_err(ours.logits[i], batched_logits[i]):.2e} (transformers batched); "
+              f"smallest top-2 margin {margin:.1e}")  # fmt: skip
+        np.testing.assert_array_equal(ours.tokens[i], want_ids[0])
+        np.testing.assert_array_equal(ours.tokens[i], batched_ids[i])
+        assert err <= 1e-5 and rel_err(ours.logits[i], batched_logits[i]) <= 1e-5
+
+
+def test_stop_tokens_and_padding(setup):
+    """A stop token ends a row (kept, counted in its length), the row is padded after it, the other row goes on;
+    transformers with that id as eos gives the same ids."""
+    ref, cfg, params, _, items, *_ = setup
+    free = G.generate(params, cfg, items, N)
+    row = free.tokens[0]
+    k = next(k for k in range(1, N - 1) if row[k] not in row[:k] and row[k] not in free.tokens[1])
+    stop = int(row[k])
+    pad = int(cfg.text.vocab_size - 1)
+    ours = G.generate(params, cfg, items, N, stop_ids=[stop], pad_id=pad)
+    assert list(ours.lengths) == [k + 1, N]
+    assert ours.tokens[0, : k + 1].tolist() == row[: k + 1].tolist() and set(ours.tokens[0, k + 1 :]) == {pad}
+    want, _ = reference(ref, cfg, items, eos=stop, pad=pad)
+    np.testing.assert_array_equal(ours.tokens[:, : want.shape[1]], want)
+    # every row stops: the loop ends early, the rest is padding
+    both = G.generate(params, cfg, items, N, stop_ids=[int(free.tokens[0, 0]), int(free.tokens[1, 0])], pad_id=pad)
+    assert list(both.lengths) == [1, 1] and (both.tokens[:, 1:] == pad).all()
+
+
+def test_sampling_seeded_and_limits(setup):
+    """Sampling is reproducible from its seed and changes with it; top_p -> 0 and temperature -> 0 give the
+    greedy ids; top_p keeps the smallest nucleus."""
+    _, cfg, params, _, items, *_ = setup
+    greedy = G.generate(params, cfg, items, N).tokens
+    a = G.generate(params, cfg, items, N, temperature=1.5, seed=1).tokens
+    b = G.generate(params, cfg, items, N, temperature=1.5, seed=1).tokens
+    c = G.generate(params, cfg, items, N, temperature=1.5, seed=2).tokens
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c) and not np.array_equal(a, greedy)
+    np.testing.assert_array_equal(G.generate(params, cfg, items, N, temperature=1.5, top_p=1e-6, seed=3).tokens, greedy)
+    np.testing.assert_array_equal(G.generate(params, cfg, items, N, temperature=1e-6, seed=4).tokens, greedy)
+    logits = jnp.log(jnp.asarray([[0.5, 0.1, 0.3, 0.1], [0.05, 0.05, 0.05, 0.85]]))
+    kept = np.isfinite(np.asarray(G.top_p_filter(logits, 0.7)))
+    assert kept.tolist() == [[True, False, True, False], [False, False, False, True]]
+
+
+def test_two_device_data_mesh(setup):
+    """On a 2-device data mesh (weights sharded by the logical rules, rows and cache split): the same ids and
+    logits as on one device."""
+    from jaxedit.parallel import sharding as sh
+
+    _, cfg, params, _, items, *_ = setup
+    mesh = sh.make_mesh(sh.MeshConfig.parse("data=2"), jax.devices()[:2])
+    want = G.generate(params, cfg, items, N, return_logits=True)
+    got = G.generate(params, cfg, items, N, return_logits=True, mesh=mesh)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    assert rel_err(got.logits, want.logits) <= 1e-5
+
+
+def test_text_only_row_beside_an_image_row(setup):
+    """A prompt without an image batched with one with an image (positions 0, 1, ... over its unmasked tokens, no
+    rope delta): each row's greedy ids equal transformers' on it alone."""
+    ref, cfg, params, tok, items, *_ = setup
+    text = G.chat_items(tok, None, ["a blue square on the left"], [None])[0]
+    ours = G.generate(params, cfg, [text, items[0]], N, return_logits=True)
+    with torch.no_grad():
+        out = ref.generate(
+            input_ids=torch.from_numpy(text["input_ids"])[None], do_sample=False, max_new_tokens=N,
+            eos_token_id=None, pad_token_id=0, output_logits=True, return_dict_in_generate=True,
+        )  # fmt: skip
+    np.testing.assert_array_equal(ours.tokens[0], out.sequences[0, len(text["input_ids"]) :].numpy())
+    assert rel_err(ours.logits[0], np.stack([s[0].numpy() for s in out.logits])) <= 1e-5
+    np.testing.assert_array_equal(ours.tokens[1], reference(ref, cfg, items[:1])[0][0])
+
+
+def test_plan_generate_lowers_on_cpu_devices():
+    """`jaxedit plan --task generate`: the decoding program of a preset's Qwen2.5-VL compiles on a simulated
+    8-device mesh (data x fsdp), its cache counted in the report."""
+    from jaxedit import plan
+    from jaxedit.configs import MeshConfig
+
+    args = plan.parser().parse_args(["--preset", "step1x-edit-tiny", "--task", "generate", "--resolution", "56",
+                                     "--text-tokens", "8", "--new-tokens", "4"])  # fmt: skip
+    report = plan.plan(args, MeshConfig.parse("data=2,fsdp=4"))
+    assert report["new_tokens"] == 4 and report["prompt_tokens"] == 64 and report["kv_cache_bytes"] > 0
+    assert "key/value cache" in plan.format_report(report)
+
+
+def test_generate_chat_decodes_the_answers(setup):
+    """Prompts and images in, answers out: the chat template and processor as `chat_items`, stopping at the end of
+    turn, special tokens dropped; the same texts as transformers' greedy ids decoded."""
+    ref, cfg, params, tok, items, processor, imgs = setup
+    texts = G.generate_chat(params, cfg, tok, processor, PROMPTS, imgs, N)
+    stops = [tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")]
+    want, _ = reference(ref, cfg, items, eos=stops, pad=tok.pad_token_id or 0)
+    assert texts == tok.batch_decode(want, skip_special_tokens=True)
+    assert all(isinstance(t, str) for t in texts)

@@ -32,11 +32,10 @@ from jax.ad_checkpoint import checkpoint_name
 from jaxedit.configs import QwenImageConfig
 from jaxedit.models import qwen_image_rope as rope
 from jaxedit.models.attention import dot_product_attention
-from jaxedit.models.flux import stacked, token_chunked
+from jaxedit.models.flux import Mlp, stacked
 from jaxedit.models.layers import (
     ACT,
     ACT_HEADS,
-    ACT_MLP,
     Modulation,
     TwoLayerMLP,
     apply_rope,
@@ -85,27 +84,6 @@ class TimestepProjEmbeddings(nn.Module):
         emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1).astype(self.dtype)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         return TwoLayerMLP(self.hidden_size, ("linear_1", "linear_2"), name="timestep_embedder", **kw)(emb)
-
-
-class FeedForward(nn.Module):
-    """diffusers FeedForward (GELU-tanh): Linear `0` (net.0.proj) -> GELU -> Linear `2` (net.2); `chunks` > 1
-    runs it on slices of the tokens (`flux.token_chunked`: the same result, a smaller working set)."""
-
-    cfg: QwenImageConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    chunks: int = 1
-
-    def setup(self):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.fc_in = dense(self.cfg.mlp_hidden_dim, ("embed", "mlp"), name="0", **kw)
-        self.fc_out = dense(self.cfg.hidden_size, ("mlp", "embed"), name="2", **kw)
-
-    def apply_mlp(self, x):
-        return self.fc_out(nn.gelu(constrain(self.fc_in(x), ACT_MLP), approximate=True))
-
-    def __call__(self, x):
-        return token_chunked(type(self).apply_mlp, self, x, self.chunks)
 
 
 class JointAttention(nn.Module):
@@ -177,8 +155,9 @@ class QwenImageBlock(nn.Module):
         self.img_mod = Modulation(2, **kw)
         self.txt_mod = Modulation(2, **kw)
         self.attn = JointAttention(cfg, attention_impl=self.attention_impl, **kw)
-        self.img_mlp = FeedForward(cfg, chunks=self.mlp_chunks, **kw)
-        self.txt_mlp = FeedForward(cfg, chunks=self.mlp_chunks, **kw)
+        # diffusers' FeedForward (GELU-tanh, net.0.proj -> net.2) is BFL's MLP: Linear `0` -> GELU -> Linear `2`
+        self.img_mlp = Mlp(cfg, chunks=self.mlp_chunks, **kw)
+        self.txt_mlp = Mlp(cfg, chunks=self.mlp_chunks, **kw)
 
     def __call__(self, carry, vec, rope_cs, key_seg, target):
         """carry (img [B, L, D], txt [B, T, D]); vec [B, D] ([2B, D] with zero_cond_t); target [1, L, 1] bool

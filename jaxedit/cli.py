@@ -104,6 +104,10 @@ def model_options(p: argparse.ArgumentParser) -> None:
         "--qwen", default=None, help="Step1X-Edit: a model folder whose converted Qwen2.5-VL to use (default: its own)"
     )
     p.add_argument("--size-level", type=positive_int, default=None, help="Step1X-Edit: working area size_level^2 (512)")
+    p.add_argument("--cache", default=None, metavar="fbc:THRESHOLD|schedule:FILE|off",
+                   help="step caching in the sampling loop (jaxedit.step_cache; default the model's, else off): "
+                   "fbc:0.08 reuses the blocks' residual when the first block changes less than 8%%; schedule:FILE "
+                   "a calibrated schedule (FLUX.1 Kontext, Step1X-Edit)")  # fmt: skip
 
 
 def load_pipeline(args):
@@ -140,6 +144,8 @@ def load_pipeline(args):
               file=sys.stderr)  # fmt: skip
     try:
         family.configure(pipe, args)
+        if getattr(args, "cache", None) is not None:
+            pipe.set_cache(args.cache)
     except ValueError as e:
         fail(str(e))
     return pipe
@@ -147,7 +153,7 @@ def load_pipeline(args):
 
 FLAGS = {"steps": "--steps", "guidance": "--guidance", "true_cfg_scale": "--true-cfg-scale",
          "negative_prompt": "--negative-prompt", "reference_tokens": "--reference-tokens",
-         "max_tokens": "--max-tokens", "size_level": "--size-level", "mesh": "--mesh"}  # fmt: skip
+         "max_tokens": "--max-tokens", "size_level": "--size-level", "mesh": "--mesh", "cache": "--cache"}  # fmt: skip
 
 
 def check_flags(args) -> None:
@@ -186,6 +192,8 @@ def model_identity(args, pipe) -> str:
     options |= {"loras": loras} if loras else {}  # (absent without LoRAs: earlier results keep their keys)
     options |= {"quantized": pipe.quantized} if getattr(pipe, "quantized", None) else {}  # stored or at load
     options |= {"text_on_cpu": True} if getattr(args, "text_on_cpu", False) else {}
+    cache = getattr(pipe, "cache", None)  # the flag's or the folder's step cache (absent when off)
+    options |= {"cache": cache.text} if cache is not None else {}
     opened = getattr(pipe, "folder", None)  # the folder the pipeline was loaded from: its jaxedit.json not re-read
     path = Path(args.model) if args.model else DEFAULT_MODEL
     model = fingerprint(opened if isinstance(opened, ModelFolder) else path)

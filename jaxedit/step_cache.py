@@ -148,6 +148,7 @@ class SplitDiT:
     rest: Callable
     finish: Callable
     hidden_size: int
+    dtype: Any  # the hidden states' (the model's compute dtype)
 
 
 def flux_parts(model, params, first: int = 1) -> SplitDiT:
@@ -157,7 +158,7 @@ def flux_parts(model, params, first: int = 1) -> SplitDiT:
         return lambda *a: model.apply({"params": params}, *a, method=method, **kw)
 
     return SplitDiT(call("embed"), call("first_blocks", n=first), call("rest_blocks", n=first), call("finish"),
-                    model.cfg.hidden_size)  # fmt: skip
+                    model.cfg.hidden_size, model.dtype)  # fmt: skip
 
 
 def init_state(batch: int, tokens: int, hidden: int, dtype) -> tuple[jax.Array, jax.Array]:

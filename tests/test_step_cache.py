@@ -190,3 +190,25 @@ def test_step1x_through_the_same_split():
     assert pipe.last_cache_skips[1:].all() and np.isfinite(skipped).all()
     print(f"Step1X-Edit fbc:1e9: {STEPS - 1}/{STEPS} steps reused, rel diff {rel(skipped, plain):.2e}")
     assert rel(skipped, plain) > 1e-3
+
+
+def test_calibrate_command_writes_a_schedule_edit_replays(pipe, tmp_path, capsys):
+    from jaxedit.cli import main as cli
+
+    for i, im in enumerate(images()):
+        im.save(tmp_path / f"{i}.png")
+    folder, out = str(pipe.folder.path), tmp_path / "s.json"
+    args = ["--image", str(tmp_path / "0.png"), "--prompt", PROMPTS[0], "--image", str(tmp_path / "1.png"), "--prompt",
+            PROMPTS[1], "--threshold", "0.5", "--agree", "0.5", "--out", str(out), "--steps", str(STEPS)]  # fmt: skip
+    assert cli(["calibrate-cache", "--model", folder, *args]) == 0
+    data = json.loads(out.read_text())
+    assert len(data["skips"]) == STEPS and data["calls_saved"] == sum(data["skips"]) > 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    edit = ["edit", "--model", folder, "--image", str(tmp_path / "0.png"), "--prompt", "x", "--steps", str(STEPS),
+            "--out", str(tmp_path / "o.png"), "--cache", f"schedule:{out}"]  # fmt: skip
+    assert cli(edit) == 0 and (tmp_path / "o.png").is_file()
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # before loading
+        cli([*edit[:-1], "schedule:" + str(tmp_path / "missing.json")])
+    err = capsys.readouterr().err
+    assert "--cache: cache schedule" in err and "RANDOM" not in err, err

@@ -426,7 +426,7 @@ class KontextPipeline(EditPipelineBase):
         n_target, dtype = x.shape[1], self.model.dtype
         parts = step_cache.flux_parts(self.model, tparams, cache.first)
         tokens = n_target + (0 if ref_tokens is None else ref_tokens.shape[1])
-        state = step_cache.init_state(x.shape[0], tokens, parts.hidden_size, dtype)
+        state = step_cache.init_state(x.shape[0], tokens, parts.hidden_size, parts.dtype)
         state = (state, None if cfg is None else state)
 
         def velocity(x_t, t, st, i):

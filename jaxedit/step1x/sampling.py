@@ -96,11 +96,11 @@ def _denoise_cached(parts, cache, x_BLF, ref_BLF, ids2, llm2, mask2, timesteps, 
     """`denoise_cfg` with a step cache: one cached call on [cond | uncond] (each of the 2B rows decides alone) ->
     (final target tokens, reused [steps, B]: both of an item's rows reused)."""
     b, lt = x_BLF.shape[0], x_BLF.shape[1]
-    state = step_cache.init_state(2 * b, lt + ref_BLF.shape[1], parts.hidden_size, llm2.dtype)
+    state = step_cache.init_state(2 * b, lt + ref_BLF.shape[1], parts.hidden_size, parts.dtype)
 
     def velocity(x, t_B, st, i):
         img = sampling.edit_tokens(x, [ref_BLF])
-        img2 = jnp.concatenate([img, img], axis=0).astype(llm2.dtype)
+        img2 = jnp.concatenate([img, img], axis=0)
         pred, st, reused = step_cache.cached_call(parts, (img2, ids2, llm2, mask2, jnp.concatenate([t_B, t_B])), st,
                                                   i, cache)  # fmt: skip
         cond, uncond = jnp.split(pred[:, :lt], 2, axis=0)

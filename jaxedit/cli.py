@@ -7,6 +7,7 @@
     jaxedit precompute --model FOLDER --data DATA --out CACHE
     jaxedit plan --task train --target v5p-8 --resolution 1024
     jaxedit data pack --from parquet 'gs://b/edits/*.parquet' --out gs://b/packed   (also: data info, data verify)
+    jaxedit calibrate-cache --image a.png --prompt "..." --image b.png --prompt "..." --threshold 0.08 --out s.json
 
 Without --model the shipped default model is used. Real checkpoints are converted into model
 folders with `jaxedit-convert` (`python -m checkpoints_convert`). Bad input (a missing image, an
@@ -32,6 +33,7 @@ COMMANDS = {
     "precompute": "cache a dataset's text embeddings and VAE latents for training",
     "plan": "compile a full-size step ahead of time: per-device memory, FLOPs, time estimates",
     "data": "training data as record shards: pack (a folder, Parquet or tar shards), info, verify",
+    "calibrate-cache": "record which steps a first-block cache skips on a few edits: a --cache schedule file",
 }
 
 
@@ -104,6 +106,10 @@ def model_options(p: argparse.ArgumentParser) -> None:
         "--qwen", default=None, help="Step1X-Edit: a model folder whose converted Qwen2.5-VL to use (default: its own)"
     )
     p.add_argument("--size-level", type=positive_int, default=None, help="Step1X-Edit: working area size_level^2 (512)")
+    p.add_argument("--cache", default=None, metavar="fbc:THRESHOLD|schedule:FILE|off",
+                   help="step caching in the sampling loop (jaxedit.step_cache; default the model's, else off): "
+                   "fbc:0.08 reuses the blocks' residual when the first block changes less than 8%%; schedule:FILE "
+                   "a calibrated schedule (FLUX.1 Kontext, Step1X-Edit)")  # fmt: skip
 
 
 def load_pipeline(args):
@@ -114,6 +120,13 @@ def load_pipeline(args):
 
     path = Path(args.model) if args.model else DEFAULT_MODEL
     check_flags(args)
+    if getattr(args, "cache", None) is not None:  # a schedule file read before anything loads
+        from jaxedit import step_cache
+
+        try:
+            step_cache.parse(args.cache)
+        except ValueError as e:
+            fail(f"--cache: {e}")
     try:
         folder = ModelFolder.open(path)  # jaxedit.json read and checked once; every later step gets this value
     except (FileNotFoundError, ValueError) as e:
@@ -140,6 +153,8 @@ def load_pipeline(args):
               file=sys.stderr)  # fmt: skip
     try:
         family.configure(pipe, args)
+        if getattr(args, "cache", None) is not None:
+            pipe.set_cache(args.cache)
     except ValueError as e:
         fail(str(e))
     return pipe
@@ -147,7 +162,7 @@ def load_pipeline(args):
 
 FLAGS = {"steps": "--steps", "guidance": "--guidance", "true_cfg_scale": "--true-cfg-scale",
          "negative_prompt": "--negative-prompt", "reference_tokens": "--reference-tokens",
-         "max_tokens": "--max-tokens", "size_level": "--size-level", "mesh": "--mesh"}  # fmt: skip
+         "max_tokens": "--max-tokens", "size_level": "--size-level", "mesh": "--mesh", "cache": "--cache"}  # fmt: skip
 
 
 def check_flags(args) -> None:
@@ -186,6 +201,8 @@ def model_identity(args, pipe) -> str:
     options |= {"loras": loras} if loras else {}  # (absent without LoRAs: earlier results keep their keys)
     options |= {"quantized": pipe.quantized} if getattr(pipe, "quantized", None) else {}  # stored or at load
     options |= {"text_on_cpu": True} if getattr(args, "text_on_cpu", False) else {}
+    cache = getattr(pipe, "cache", None)  # the flag's or the folder's step cache (absent when off)
+    options |= {"cache": cache.text} if cache is not None else {}
     opened = getattr(pipe, "folder", None)  # the folder the pipeline was loaded from: its jaxedit.json not re-read
     path = Path(args.model) if args.model else DEFAULT_MODEL
     model = fingerprint(opened if isinstance(opened, ModelFolder) else path)
@@ -255,6 +272,50 @@ def edit_main(argv: list[str]) -> int:
         out.save(tmp, format="PNG")
     t2 = time.perf_counter()
     print(f"wrote {dst} ({out.width}x{out.height}); load {t1 - t0:.1f}s, edit {t2 - t1:.1f}s (compile included)")
+    return 0
+
+
+def calibrate_cache_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="jaxedit calibrate-cache",
+        description="Run a first-block cache on a few edits "
+        "(one at a time) and write the steps it skipped as a schedule for --cache schedule:FILE.",
+    )
+    p.add_argument("--image", required=True, action="append", help="an input image; repeat it, one per edit")
+    p.add_argument("--prompt", required=True, action="append", help="the edit instructions, one per --image")
+    p.add_argument("--threshold", type=float, required=True, help="the first-block cache's threshold (e.g. 0.08)")
+    p.add_argument(
+        "--agree",
+        type=float,
+        default=1.0,
+        help="a step reuses when at least this share of the edits reused it (default 1: all)",
+    )
+    p.add_argument("--out", required=True, help="the schedule's JSON file")
+    p.add_argument("--seed", type=int, default=0, help="noise seed of the first edit (the others: +1 each)")
+    model_options(p)
+    args = p.parse_args(argv)
+    from jaxedit import step_cache
+    from jaxedit.pipelines.batch import ItemError, load_image
+
+    if len(args.image) != len(args.prompt):
+        fail(f"{len(args.image)} --image but {len(args.prompt)} --prompt: one prompt per image")
+    if not (0 < args.agree <= 1):
+        fail(f"--agree {args.agree}: a share in (0, 1]")
+    try:
+        step_cache.CacheSpec(threshold=args.threshold)
+        images = [load_image(x) for x in args.image]
+    except (ItemError, ValueError) as e:
+        fail(str(e))
+    pipe = load_pipeline(args)
+    d = sampling_defaults(args, pipe)
+    seeds = [args.seed + i for i in range(len(images))]
+    try:
+        data = step_cache.calibrate(pipe, images, args.prompt, seeds, args.threshold, steps=d["steps"],
+                                    guidance=d["guidance"], agree=args.agree, out=args.out)  # fmt: skip
+    except ValueError as e:
+        fail(str(e))
+    print(f"wrote {args.out}: {data['calls_saved']} of {data['steps']} steps reuse "
+          f"({''.join('x' if s else '.' for s in data['skips'])})")  # fmt: skip
     return 0
 
 
@@ -347,7 +408,7 @@ def data_main(argv: list[str]) -> int:
 
 
 MAINS = {"edit": edit_main, "batch": batch_main, "train": train_main, "precompute": precompute_main, "plan": plan_main,
-         "data": data_main}  # fmt: skip
+         "data": data_main, "calibrate-cache": calibrate_cache_main}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

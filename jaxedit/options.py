@@ -106,6 +106,27 @@ def _scheduler(v: Any) -> dict:
     return SchedulerConfig.from_dict(v).to_dict()
 
 
+def _cache(v: Any) -> str:
+    """A step cache (`jaxedit.step_cache`): "off", "fbc:THRESHOLD" (a number >= 0) or "schedule:FILE" (a folder's:
+    a file inside it); the schedule file itself is read when the pipeline loads."""
+    if not isinstance(v, str):
+        raise ValueError(f"is {v!r}: use 'off', 'fbc:THRESHOLD' or 'schedule:FILE'")
+    kind, _, arg = v.partition(":")
+    if kind in ("off", "none") and not arg:
+        return v
+    if kind == "fbc":
+        try:
+            t = float(arg)
+        except ValueError:
+            t = math.nan
+        if not (math.isfinite(t) and t >= 0):
+            raise ValueError(f"is {v!r}: fbc takes a threshold >= 0, e.g. fbc:0.08")
+        return v
+    if kind == "schedule" and arg:
+        return v
+    raise ValueError(f"is {v!r}: use 'off', 'fbc:THRESHOLD' or 'schedule:FILE'")
+
+
 OPTIONS = {
     "steps": _int(1, MAX_STEPS),
     "guidance": _number(0.0, MAX_GUIDANCE),
@@ -123,6 +144,7 @@ OPTIONS = {
     "resolution": _int(16, 4096),  # px, the side of the images the model was trained at
     "loras": _list,  # each entry: jaxedit.kontext.pipeline.folder_loras
     "mesh": _mesh,  # where the pipeline runs: jaxedit.parallel.placement
+    "cache": _cache,  # step caching in the sampling loop (jaxedit.step_cache), off by default
     "scheduler": _scheduler,  # a diffusers scheduler_config.json's fields (Qwen-Image-Edit: configs.SchedulerConfig)
 }
 

@@ -150,6 +150,11 @@ def noise_for_seeds(seeds: jax.Array, shape: tuple[int, ...], dtype=jnp.float32)
     return jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys).astype(dtype)
 
 
+def euler_update(x: jax.Array, v: jax.Array, t_curr, t_prev) -> jax.Array:
+    """One Euler step x + (t_prev - t_curr) v, in float32, cast back to x's dtype."""
+    return (x.astype(jnp.float32) + (t_prev - t_curr) * v.astype(jnp.float32)).astype(x.dtype)
+
+
 def euler_sample(
     velocity: Callable[[jax.Array, jax.Array], jax.Array],
     x_BLF: jax.Array,
@@ -166,8 +171,7 @@ def euler_sample(
     def step(x, ts):
         t_curr, t_prev = ts
         v = velocity(x, jnp.full((b,), t_curr, jnp.float32))
-        x = (x.astype(jnp.float32) + (t_prev - t_curr) * v.astype(jnp.float32)).astype(x_BLF.dtype)
-        return x, None
+        return euler_update(x, v, t_curr, t_prev), None
 
     timesteps = jnp.asarray(timesteps, jnp.float32)
     x, _ = jax.lax.scan(step, x_BLF, (timesteps[:-1], timesteps[1:]))

@@ -137,6 +137,8 @@ BAD_OPTIONS = {  # name: (pipeline section changes, config changes, raw file, wo
     "pipeline a list": ([1, 2], None, None, ["pipeline is list; expected an object"]),
     "file a list": (None, None, "[]", ["jaxedit.json: a JSON list, not an object"]),
     "unknown option": ({"stepz": 3}, None, None, ["pipeline.stepz: unknown option"]),
+    "cache tea:1": ({"cache": "tea:1"}, None, None, ["pipeline.cache is 'tea:1'"]),
+    "cache fbc:-1": ({"cache": "fbc:-1"}, None, None, ["pipeline.cache is 'fbc:-1': fbc takes a threshold >= 0"]),
     "num_heads 0": (None, {"transformer": {"num_heads": 0}}, None, ["transformer config: num_heads is 0, outside"]),
     "t5 max_length 1e9": (None, {"t5": {"max_length": 10**9}}, None, ["t5 config: max_length is 1000000000"]),
     "heads not dividing": (None, {"transformer": {"num_heads": 5}}, None, ["not divisible by num_heads 5"]),
@@ -165,6 +167,7 @@ def test_a_model_folders_bad_option_or_config_value_is_one_line_before_loading(c
         (["--negative-prompt", "x" * 20_001], "--negative-prompt is 20,001 characters, over the 20,000"),
         (["--true-cfg-scale", "inf"], "--true-cfg-scale is inf"),
         (["--size-level", "100000"], "--size-level is 100000, outside [16, 4096]"),
+        (["--cache", "fbc:x"], "--cache is 'fbc:x': fbc takes a threshold >= 0"),
     ],
 )
 def test_model_flags_get_the_same_checks_before_loading(flags, words, tmp_path, capsys):

@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from jaxedit import configs, sampling
+from jaxedit import configs, sampling, step_cache
 from jaxedit.kontext.sizes import preferred_kontext_size
 from jaxedit.lora import Lora, check_scale, merge, merge_now, read_lora
 from jaxedit.model_folder import ModelFolder
@@ -139,6 +139,8 @@ class KontextPipeline(EditPipelineBase):
     reference_ids: str = "community"
     reference_tokens: int | None = None
     max_image_tokens: int | None = None
+
+    step_caching = True  # `denoise_loop` takes a step cache (`jaxedit.step_cache`)
 
     def __init__(
         self,
@@ -394,15 +396,20 @@ class KontextPipeline(EditPipelineBase):
             jax.ShapeDtypeStruct((steps + 1,), f32, sharding=rep), true_cfg, None,
         )  # fmt: skip
 
-    def denoise_loop(self, tparams, x, ref_tokens, img_ids, txt, txt_ids, y, guidance, timesteps, cfg=None, lora=None):
+    def denoise_loop(self, tparams, x, ref_tokens, img_ids, txt, txt_ids, y, guidance, timesteps, cfg=None, lora=None,
+                     *, cache: step_cache.CacheSpec | None = None):  # fmt: skip
         """The whole Euler loop (one XLA program): packed target tokens -> final packed tokens.
         cfg: None, or (negative txt, negative y, true-CFG scale): a second transformer call per
         step on the negative prompt (same batch sharding as the first). lora: None, or (each run-time
-        LoRA's transformer updates, their scales [n]): merged into the weights once, before the loop."""
+        LoRA's transformer updates, their scales [n]): merged into the weights once, before the loop.
+        cache: a step cache (`jaxedit.step_cache`): then (final tokens, reused [steps, B]; with true CFG an item's
+        step counts as reused when both its calls reused)."""
         if lora is not None:
             tparams = merge(tparams, *lora)
         n_target = x.shape[1]
         dtype = self.model.dtype
+        if cache is not None:
+            return self._cached_loop(tparams, x, ref_tokens, img_ids, txt, txt_ids, y, guidance, timesteps, cfg, cache)
 
         def velocity(x_t, t):
             inp = sampling.edit_tokens(x_t, [] if ref_tokens is None else [ref_tokens]).astype(dtype)
@@ -414,3 +421,23 @@ class KontextPipeline(EditPipelineBase):
             return sampling.guide(pos, neg[:, :n_target], scale)  # neg + scale (pos - neg), float32
 
         return sampling.euler_sample(velocity, x, timesteps)
+
+    def _cached_loop(self, tparams, x, ref_tokens, img_ids, txt, txt_ids, y, guidance, timesteps, cfg, cache):
+        n_target, dtype = x.shape[1], self.model.dtype
+        parts = step_cache.flux_parts(self.model, tparams, cache.first)
+        tokens = n_target + (0 if ref_tokens is None else ref_tokens.shape[1])
+        state = step_cache.init_state(x.shape[0], tokens, parts.hidden_size, parts.dtype)
+        state = (state, None if cfg is None else state)
+
+        def velocity(x_t, t, st, i):
+            inp = sampling.edit_tokens(x_t, [] if ref_tokens is None else [ref_tokens]).astype(dtype)
+            pos, s_pos, r_pos = step_cache.cached_call(parts, (inp, img_ids, txt, txt_ids, t, y, guidance), st[0], i,
+                                                       cache)  # fmt: skip
+            if cfg is None:
+                return pos[:, :n_target], (s_pos, None), r_pos
+            neg_txt, neg_y, scale = cfg
+            neg, s_neg, r_neg = step_cache.cached_call(parts, (inp, img_ids, neg_txt, txt_ids, t, neg_y, guidance),
+                                                       st[1], i, cache)  # fmt: skip
+            return sampling.guide(pos[:, :n_target], neg[:, :n_target], scale), (s_pos, s_neg), r_pos & r_neg
+
+        return step_cache.euler_sample(velocity, x, timesteps, state)

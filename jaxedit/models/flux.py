@@ -297,6 +297,11 @@ class Flux(nn.Module):
         self.final_layer = LastLayer(cfg, **kw)
 
     def __call__(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None):
+        return self.run_blocks(*self.embed(img, img_ids, txt, txt_ids, timesteps, y, guidance))
+
+    def embed(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None):
+        """The call's inputs embedded for the blocks: (img [B, Li, D], txt [B, Lt, D], vec [B, D], ids [B, Lt + Li,
+        n_axes]), what `run_blocks` and the split calls (`first_blocks`, `rest_blocks`, `finish`) take."""
         cfg = self.cfg
         if img.shape[-1] != cfg.in_channels:
             raise ValueError(f"img has {img.shape[-1]} features, config in_channels is {cfg.in_channels}")
@@ -304,7 +309,7 @@ class Flux(nn.Module):
             raise ValueError(f"txt has {txt.shape[-1]} features, config context_in_dim is {cfg.context_in_dim}")
         vec = self.embed_vector(timesteps, y, guidance)
         img, txt = constrain(self.img_in(img), ACT), constrain(self.txt_in(txt), ACT)
-        return self.run_blocks(img, txt, vec, jnp.concatenate([txt_ids, img_ids], axis=1))
+        return img, txt, vec, jnp.concatenate([txt_ids, img_ids], axis=1)
 
     def embed_vector(self, timesteps, y, guidance=None):
         """vec = time_in(emb(t)) [+ guidance_in(emb(g))] + vector_in(y), [B, D]."""
@@ -325,6 +330,36 @@ class Flux(nn.Module):
         (img, txt), _ = self.double_blocks((img, txt), vec, rope)
         x, _ = self.single_blocks(jnp.concatenate([txt, img], axis=1), vec, rope)
         return self.final_layer(x[:, txt.shape[1] :], vec)
+
+    # -- the blocks in two parts, with the same parameters (step caching, `jaxedit.step_cache`): `run_blocks` is
+    # finish(rest_blocks(*first_blocks(img, txt, vec, ids), vec, ids), vec), the first n double blocks, the others
+
+    def _double_slice(self, lo: int, hi: int):
+        """Double blocks lo..hi-1 as a callable on (img, txt), vec, rope: the stacked parameters sliced on their
+        layer axis, run by a scan of hi - lo blocks (as `double_blocks`, with the same block arguments)."""
+        params = jax.tree.map(lambda a: a[lo:hi], self.variables["params"]["double_blocks"])
+        stack = stacked(DoubleStreamBlock, hi - lo, scan=self.scan_layers, remat_policy="none", name=None, parent=None,
+                        cfg=self.cfg, attention_impl=self.attention_impl, mlp_chunks=self.mlp_chunks, dtype=self.dtype,
+                        param_dtype=self.param_dtype)  # fmt: skip
+        return lambda carry, vec, rope: stack.apply({"params": params}, carry, vec, rope)[0]
+
+    def first_blocks(self, img, txt, vec, ids, n: int = 1):
+        """The first n double blocks on embedded tokens (`embed`) -> (img, txt) after them."""
+        if not 1 <= n < self.cfg.depth:
+            raise ValueError(f"the first part is 1 to {self.cfg.depth - 1} double blocks, got {n}")
+        return self._double_slice(0, n)((img, txt), vec, rope_frequencies(ids, self.cfg.axes_dim, self.cfg.theta))
+
+    def rest_blocks(self, img, txt, vec, ids, n: int = 1):
+        """The blocks after the first n double blocks (the other double blocks, the single blocks) on their
+        output -> the image tokens' hidden states [B, Li, D] before the final layer (`finish`)."""
+        rope = rope_frequencies(ids, self.cfg.axes_dim, self.cfg.theta)
+        img, txt = self._double_slice(n, self.cfg.depth)((img, txt), vec, rope)
+        x, _ = self.single_blocks(jnp.concatenate([txt, img], axis=1), vec, rope)
+        return x[:, txt.shape[1] :]
+
+    def finish(self, hidden, vec):
+        """The final layer on the image tokens' hidden states -> [B, Li, out_channels]."""
+        return self.final_layer(hidden, vec)
 
 
 def example_inputs(cfg: FluxConfig, batch: int = 1, img_tokens: int = 1, txt_tokens: int = 1) -> tuple:

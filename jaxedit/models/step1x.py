@@ -51,10 +51,14 @@ class Step1XEdit(Flux):
         )
 
     def __call__(self, img, img_ids, llm_embeds, llm_mask, timesteps):
+        return self.run_blocks(*self.embed(img, img_ids, llm_embeds, llm_mask, timesteps))
+
+    def embed(self, img, img_ids, llm_embeds, llm_mask, timesteps):
+        """The connector, then `Flux.embed`: (img, txt, vec, ids) for the blocks."""
         txt, y = self.connector(llm_embeds, timesteps, llm_mask)
         b, l = txt.shape[:2]
         txt_ids = jnp.zeros((b, l, img_ids.shape[-1]), img_ids.dtype)
-        return super().__call__(img, img_ids, txt, txt_ids, timesteps, y)
+        return super().embed(img, img_ids, txt, txt_ids, timesteps, y)
 
 
 def example_inputs(

@@ -10,6 +10,7 @@ step counts, and turn on JAX's persistent compilation cache.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import sys
 from pathlib import Path
@@ -209,6 +210,22 @@ def resident_bytes(preset: configs.Preset, parts: dict[str, tuple[Any, str | Non
     return total
 
 
+def folder_cache(opened: model_folder.ModelFolder) -> Any:
+    """The step cache a model folder's pipeline option "cache" names (a schedule file: inside the folder)."""
+    from jaxedit import step_cache
+
+    value, where = opened.options["cache"], f"{opened.path / 'jaxedit.json'}: pipeline.cache"
+    kind, _, arg = value.partition(":")
+    if kind == "schedule":
+        path = opened.path / arg
+        if Path(arg).is_absolute() or not path.resolve().is_relative_to(opened.path.resolve()):
+            raise ValueError(f"{where}: schedule {arg!r} leads outside the model folder")
+    try:
+        return step_cache.parse(value, base=opened.path)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
 @dataclasses.dataclass
 class LoadPlan:
     """How `EditPipelineBase.load` loads a family's folder (its pipeline's `load_plan`)."""
@@ -245,6 +262,9 @@ class EditPipelineBase:
     default_guidance: float
     folder: model_folder.ModelFolder | None = None  # the model folder it was loaded from (`load`)
     quantized: dict[str, str] = {}  # {part: "int8" / "fp8"} of the parts whose weights are quantised
+    step_caching: bool = False  # whether `denoise_loop` takes a step cache (`cache=`, `jaxedit.step_cache`)
+    cache = None  # the step cache of later edits (`set_cache`; None: off)
+    last_cache_skips: np.ndarray | None = None  # [steps, items]: which steps each item reused, the last cached edit
 
     def __init__(
         self, preset: configs.Preset, params: dict[str, Any], *, vae_dtype: Any, devices: list | None,
@@ -379,6 +399,8 @@ class EditPipelineBase:
         pipe.default_steps = int(opened.options.get("steps", pipe.default_steps))
         pipe.default_guidance = float(opened.options.get("guidance", pipe.default_guidance))
         pipe.loaded(opened, plan)
+        if opened.options.get("cache") is not None:
+            pipe.set_cache(folder_cache(opened))
         return pipe
 
     @classmethod
@@ -433,8 +455,11 @@ class EditPipelineBase:
         [target | references] and its ids (`image_ids`), the schedule (`schedule`), the jitted denoising loop
         (`denoise_args`), the decoded images (`output_images`). options: the family's (`conditioning`)."""
         b = self.check_batch(prepared, prompts, seeds, guidance)
+        cache = self.cache if "cache" not in options else self.check_cache(options.pop("cache"))
         text = self.conditioning(prepared, list(prompts), **options)
         bp = self.batch_plan(prepared, steps)
+        if cache is not None:
+            cache.check_steps(bp.steps)
         mesh, params, h, w = bp.mesh, bp.params, bp.h, bp.w
         with sh.activate(mesh):
             refs, grids = [], []
@@ -450,12 +475,38 @@ class EditPipelineBase:
             x = bp.put(np.asarray(latents, np.float32))
             img_ids = None if ids is None else bp.put(np.broadcast_to(ids, (b, *ids.shape)))
             timesteps = self.replicated(mesh, self.schedule(bp.steps, (h // 2) * (w // 2)))
-            x = self.denoise(*self.denoise_args(bp, text, x, refs, img_ids, bp.put(np.asarray(guidance, np.float32)),
-                                                timesteps))  # fmt: skip
+            guidance = bp.put(np.asarray(guidance, np.float32))
+            x = self.denoiser(cache)(*self.denoise_args(bp, text, x, refs, img_ids, guidance, timesteps))
+            if cache is not None:
+                x, reused = x
+                self.last_cache_skips = np.asarray(reused)[:, :b]
             if output == "latents":
                 return np.asarray(x)[:b]
             images = self.decode_latents(params["vae"], sampling.unpack(x, h, w))
         return self.output_images(np.asarray(images)[:b], prepared)
+
+    def check_cache(self, cache) -> Any:
+        """A step cache option (`jaxedit.step_cache.parse`: None or "off", "fbc:0.08", "schedule:FILE", a
+        CacheSpec) -> CacheSpec or None; ValueError if the pipeline's loop takes none."""
+        from jaxedit import step_cache
+
+        spec = step_cache.parse(cache)
+        if spec is not None and not self.step_caching:
+            raise ValueError(f"{type(self).__name__} has no step cache yet (cache {cache!r})")
+        return spec
+
+    def set_cache(self, cache) -> None:
+        """The step cache of later edits (see `check_cache`; None / "off": none); a call's `cache=` overrides it."""
+        self.cache = self.check_cache(cache)
+
+    def denoiser(self, cache) -> Any:
+        """The jitted loop: `self.denoise`, or with a step cache (one compiled program per CacheSpec)."""
+        if cache is None:
+            return self.denoise
+        programs = self.__dict__.setdefault("_cached_denoise", {})
+        if cache not in programs:
+            programs[cache] = jax.jit(functools.partial(self.denoise_loop, cache=cache))
+        return programs[cache]
 
     def image_ids(self, h2: int, w2: int, grids: list[tuple[int, int]]) -> np.ndarray | None:
         """Hook: the ids [tokens, 3] of [target | references] (`jaxedit.sampling.edit_ids`; None: the model takes

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from jaxedit import configs, sampling
+from jaxedit import configs, sampling, step_cache
 from jaxedit.model_folder import ModelFolder
 from jaxedit.models.step1x import Step1XEdit
 from jaxedit.options import max_image_tokens
@@ -91,6 +91,7 @@ class Step1XEditPipeline(EditPipelineBase):
     """
 
     max_image_tokens: int | None = None
+    step_caching = True  # `denoise_loop` takes a step cache (`jaxedit.step_cache`)
 
     def __init__(
         self,
@@ -275,9 +276,12 @@ class Step1XEditPipeline(EditPipelineBase):
             jax.ShapeDtypeStruct((steps + 1,), f32, sharding=rep),
         )  # fmt: skip
 
-    def denoise_loop(self, tparams, x, ref_tokens, img_ids, llm_c, mask_c, llm_u, mask_u, guidance, timesteps):
-        """The whole CFG Euler loop (one XLA program): packed target tokens -> final packed tokens."""
+    def denoise_loop(self, tparams, x, ref_tokens, img_ids, llm_c, mask_c, llm_u, mask_u, guidance, timesteps, *,
+                     cache=None):  # fmt: skip
+        """The whole CFG Euler loop (one XLA program): packed target tokens -> final packed tokens (a step cache,
+        `jaxedit.step_cache`: and which steps each item reused)."""
+        parts = None if cache is None else step_cache.flux_parts(self.model, tparams, cache.first)
         return denoise_cfg(
             model_fn(self.model, tparams), x, ref_tokens, img_ids, llm_c, mask_c, llm_u, mask_u, timesteps,
-            guidance[:, None, None],
+            guidance[:, None, None], cache=cache, parts=parts,
         )  # fmt: skip

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxedit import sampling
+from jaxedit import sampling, step_cache
 from jaxedit.sampling import euler_sample, guide
 
 # model(img [2B, Lt + Lr, F], img_ids [2B, Lt + Lr, 3], llm [2B, L, C], mask [2B, L], t [2B]) -> [2B, Lt + Lr, F]
@@ -63,17 +63,24 @@ def denoise_cfg(
     mask_uncond: jax.Array,
     timesteps: jax.Array,
     guidance_scale: float | jax.Array = 6.0,
+    *,
+    cache: step_cache.CacheSpec | None = None,
+    parts: step_cache.SplitDiT | None = None,
 ) -> jax.Array:
     """Integrate the target tokens from timesteps[0] to timesteps[-1] under CFG -> [B, Lt, F].
 
     x_BLF: target tokens (noise at t = 1), ref_BLF [B, Lr, F]: packed reference latent,
     img_ids_BL3 [B, Lt + Lr, 3] (e.g. `edit_ids`), llm_* [B, L, C] and mask_* [B, L]: the
-    prompt's and the negative prompt's LLM states, padded to one length L.
+    prompt's and the negative prompt's LLM states, padded to one length L. cache: a step cache
+    (`jaxedit.step_cache`) with the model's `SplitDiT` parts: then (final tokens, reused [steps, B]).
     """
     lt = x_BLF.shape[1]
     ids2 = jnp.concatenate([img_ids_BL3, img_ids_BL3], axis=0)
     llm2 = jnp.concatenate([llm_cond, llm_uncond], axis=0)
     mask2 = jnp.concatenate([mask_cond, mask_uncond], axis=0)
+
+    if cache is not None:
+        return _denoise_cached(parts, cache, x_BLF, ref_BLF, ids2, llm2, mask2, timesteps, guidance_scale)
 
     def velocity(x, t_B):
         img = sampling.edit_tokens(x, [ref_BLF])
@@ -83,3 +90,20 @@ def denoise_cfg(
         return guide(cond, uncond, guidance_scale)
 
     return euler_sample(velocity, x_BLF, timesteps)
+
+
+def _denoise_cached(parts, cache, x_BLF, ref_BLF, ids2, llm2, mask2, timesteps, guidance_scale):
+    """`denoise_cfg` with a step cache: one cached call on [cond | uncond] (each of the 2B rows decides alone) ->
+    (final target tokens, reused [steps, B]: both of an item's rows reused)."""
+    b, lt = x_BLF.shape[0], x_BLF.shape[1]
+    state = step_cache.init_state(2 * b, lt + ref_BLF.shape[1], parts.hidden_size, parts.dtype)
+
+    def velocity(x, t_B, st, i):
+        img = sampling.edit_tokens(x, [ref_BLF])
+        img2 = jnp.concatenate([img, img], axis=0)
+        pred, st, reused = step_cache.cached_call(parts, (img2, ids2, llm2, mask2, jnp.concatenate([t_B, t_B])), st,
+                                                  i, cache)  # fmt: skip
+        cond, uncond = jnp.split(pred[:, :lt], 2, axis=0)
+        return guide(cond, uncond, guidance_scale), st, reused[:b] & reused[b:]
+
+    return step_cache.euler_sample(velocity, x_BLF, timesteps, state)

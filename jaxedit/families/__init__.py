@@ -1,4 +1,4 @@
-"""Model families: what differs between FLUX.1 Kontext and Step1X-Edit, behind one interface.
+"""Model families: what differs between FLUX.1 Kontext, Step1X-Edit and Qwen-Image-Edit, behind one interface.
 
     family = families.of(preset)            # or families.get("step1x-edit")
     module, args = family.transformer(preset, dtype=jnp.bfloat16)
@@ -15,8 +15,9 @@ Layering: a family module imports only this package and `jaxedit.configs` when i
 folder and model layers ask it about parts without pulling in pipelines or jax); its models, pipeline,
 text conditioning and training pieces are imported inside the methods that use them. The registry names the
 family modules (`MODULES`) and imports them on first use, so the layers below the pipelines can reach a
-family without importing it. Adding a family: its module here (a `Family` subclass as `FAMILY`) and one
-line in `MODULES`.
+family without importing it. Adding a family: its module here (a `Family` subclass as `FAMILY`), one line in
+`MODULES`, its config types in `jaxedit.configs`, its own modules in tests/test_layout.py's FAMILY_MODULES, and
+its converter module (`checkpoints_convert.family.FamilyConverter`, named by `converter`).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ MODULES = ("jaxedit.families.kontext", "jaxedit.families.step1x", "jaxedit.famil
 class Family:
     """One model family. Subclasses set the attributes and implement the methods that raise here."""
 
-    title: str = ""  # for messages: "FLUX.1 Kontext", "Step1X-Edit"
+    title: str = ""  # for messages: "FLUX.1 Kontext", "Step1X-Edit", "Qwen-Image-Edit"
     names: tuple[str, ...] = ()  # the "family" values of its presets and model folders
     presets: tuple[configs.Preset, ...] = ()  # its named models (`jaxedit.presets`)
     # model part (a `configs.Preset` field; a model folder's sub-folder) -> (jaxedit.models module, class);

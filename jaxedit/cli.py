@@ -106,6 +106,11 @@ def model_options(p: argparse.ArgumentParser) -> None:
         "--qwen", default=None, help="Step1X-Edit: a model folder whose converted Qwen2.5-VL to use (default: its own)"
     )
     p.add_argument("--size-level", type=positive_int, default=None, help="Step1X-Edit: working area size_level^2 (512)")
+    p.add_argument("--scheduler", default=None, metavar="NAME|KEY=VALUE,...",
+                   help="Qwen-Image-Edit: the sampling schedule (default the model's): lightning (the Lightning "
+                   "4-/8-step LoRAs': with --steps 4 or 8 and --true-cfg-scale 1), default (Qwen-Image's), and/or "
+                   "fields of diffusers' scheduler_config.json over it, e.g. lightning,shift_terminal=0.02 or "
+                   "base_shift=ln(3),max_shift=ln(3),shift_terminal=none")  # fmt: skip
     p.add_argument("--cache", default=None, metavar="fbc:THRESHOLD|schedule:FILE|off",
                    help="step caching in the sampling loop (jaxedit.step_cache; default the model's, else off): "
                    "fbc:0.08 reuses the blocks' residual when the first block changes less than 8%%; schedule:FILE "
@@ -201,6 +206,8 @@ def model_identity(args, pipe) -> str:
     options |= {"loras": loras} if loras else {}  # (absent without LoRAs: earlier results keep their keys)
     options |= {"quantized": pipe.quantized} if getattr(pipe, "quantized", None) else {}  # stored or at load
     options |= {"text_on_cpu": True} if getattr(args, "text_on_cpu", False) else {}
+    if getattr(args, "scheduler", None) is not None:  # the schedule the flag made (absent without it)
+        options |= {"scheduler": pipe.scheduler.to_dict()}
     cache = getattr(pipe, "cache", None)  # the flag's or the folder's step cache (absent when off)
     options |= {"cache": cache.text} if cache is not None else {}
     opened = getattr(pipe, "folder", None)  # the folder the pipeline was loaded from: its jaxedit.json not re-read

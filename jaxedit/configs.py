@@ -451,6 +451,55 @@ class SchedulerConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def parse(cls, text: str, base: SchedulerConfig | None = None) -> SchedulerConfig:
+        """A scheduler from the command line's `--scheduler`: comma-separated items, each a named scheduler
+        (`SCHEDULERS`: "lightning", "default"), which replaces the whole config, or KEY=VALUE setting one field
+        over what came before (`base`, else Qwen-Image's); a VALUE is a number, true/false, none, exponential /
+        linear, or ln(X). ValueError (one line) naming a bad item."""
+        cfg, hints = base or cls(), typing.get_type_hints(cls)
+        for item in (t.strip() for t in text.split(",")):
+            key, eq, raw = item.partition("=")
+            key = key.strip()
+            if not eq:
+                if key not in SCHEDULERS:
+                    raise ValueError(f"scheduler {item!r}: name one of {', '.join(SCHEDULERS)} or give KEY=VALUE")
+                cfg = SCHEDULERS[key]
+                continue
+            if key not in hints:
+                raise ValueError(f"scheduler {key!r} is not a field: use {', '.join(hints)}")
+            cfg = dataclasses.replace(cfg, **{key: typed(scheduler_value(raw.strip()), raw.strip(), hints[key], key)})
+        return cfg
+
+
+def scheduler_value(raw: str):
+    """A `--scheduler` VALUE: none -> None, true/false, an int, a float, ln(X) -> log X, else the text."""
+    low = raw.lower()
+    if low in ("none", "null"):
+        return None
+    if low in ("true", "false"):
+        return low == "true"
+    if low.startswith("ln(") and low.endswith(")"):
+        try:
+            return math.log(float(low[3:-1]))
+        except ValueError:
+            return raw
+    for kind in (int, float):
+        try:
+            return kind(raw)
+        except ValueError:
+            pass
+    return raw
+
+
+# named schedulers of `--scheduler` (`SchedulerConfig.parse`); lightning: lightx2v's Qwen-Image-Lightning 4- / 8-step
+# LoRAs' (their model card's scheduler_config: shift ln 3 at every size, no terminal stretch), with 4 or 8 steps and
+# --true-cfg-scale 1
+SCHEDULERS = {
+    "default": SchedulerConfig(),
+    "lightning": SchedulerConfig(base_shift=math.log(3), max_shift=math.log(3), shift_terminal=None),
+}
+
 
 @dataclass(frozen=True)
 class Preset:

@@ -102,6 +102,13 @@ def test_the_batch_commands_model_identity_changes_with_the_folder_and_the_sampl
     community = types.SimpleNamespace(true_cfg_scale=1.0, negative_prompt="", reference_ids="community")
     own = types.SimpleNamespace(true_cfg_scale=1.0, negative_prompt="", reference_ids="community-own-sizes")
     assert len({identity, model_identity(args, community), model_identity(args, own)}) == 3
+    # --scheduler: the schedule it made (absent without the flag: earlier results keep their keys)
+    from jaxedit.configs import SCHEDULERS
+
+    lightning = types.SimpleNamespace(true_cfg_scale=1.0, negative_prompt="", scheduler=SCHEDULERS["lightning"])
+    assert model_identity(args, lightning) == identity
+    flagged = argparse.Namespace(**{**vars(args), "scheduler": "lightning"})
+    assert model_identity(flagged, lightning) != identity
     (folder / "transformer" / "weights").write_bytes(b"22")  # a part rewritten
     assert model_identity(args, pipe) != identity
     # sealed parts count by content: a copy of the folder is the same model, a rewritten part is not

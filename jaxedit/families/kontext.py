@@ -111,6 +111,8 @@ class Kontext(Family):
     def load_options(self, args: Any, preset: configs.Preset) -> dict:
         from jaxedit.lora import lora_args
 
+        if getattr(args, "scheduler", None) is not None:
+            raise ValueError("--scheduler is for Qwen-Image-Edit models (FLUX.1 Kontext samples FLUX's schedule)")
         kw = {"auto_resize": False} if args.keep_size else {}
         kw |= {"loras": lora_args(args.lora, preset)} if args.lora else {}
         references = {"reference_ids": args.reference_ids, "reference_tokens": args.reference_tokens,

@@ -166,12 +166,17 @@ class QwenImageEdit(Family):
         if refused:
             flag = refused[0].replace("_", "-")
             raise ValueError(f"--{flag} does not apply to {self.title} models")
+        if getattr(args, "scheduler", None) is not None:  # checked before anything loads
+            scheduler(args.scheduler)
         kw = {"max_image_tokens": args.max_tokens} if args.max_tokens else {}
         kw |= {"loras": lora_args(args.lora, preset)} if args.lora else {}
         return kw | ({"qwen": args.qwen} if args.qwen else {})
 
     def configure(self, pipe: Any, args: Any) -> None:
-        """True CFG from --true-cfg-scale / --negative-prompt (the other one: the model's)."""
+        """--scheduler over the model folder's scheduler; true CFG from --true-cfg-scale / --negative-prompt (the
+        other one: the model's)."""
+        if getattr(args, "scheduler", None) is not None:
+            pipe.scheduler = scheduler(args.scheduler, pipe.scheduler)
         if args.true_cfg_scale is None and args.negative_prompt is None:
             return
         scale = pipe.true_cfg_scale if args.true_cfg_scale is None else args.true_cfg_scale
@@ -249,3 +254,11 @@ class QwenImageEdit(Family):
 
 
 FAMILY = QwenImageEdit()
+
+
+def scheduler(text: str, base: Any = None) -> Any:
+    """`--scheduler`'s `configs.SchedulerConfig` over `base` (the folder's); ValueError (one line) naming the flag."""
+    try:
+        return configs.SchedulerConfig.parse(text, base)
+    except ValueError as e:
+        raise ValueError(f"--scheduler: {e}") from None

@@ -20,6 +20,7 @@ FLUX_ONLY = (
      "Step1X-Edit's classifier-free guidance is --guidance"),
     (("text_on_cpu",), "--text-on-cpu is for FLUX Kontext models (Step1X-Edit's Qwen2.5-VL runs where the DiT does)"),
     (("lora",), "--lora: LoRAs are applied to FLUX / FLUX.1 Kontext model folders, not Step1X-Edit"),
+    (("scheduler",), "--scheduler is for Qwen-Image-Edit models (Step1X-Edit samples FLUX's schedule)"),
     (("reference_ids", "reference_tokens", "max_tokens"),
      "--reference-ids/--reference-tokens/--max-tokens are for FLUX Kontext models"),
 )  # fmt: skip
@@ -120,7 +121,7 @@ class Step1X(Family):
 
     def load_options(self, args: Any, preset: configs.Preset) -> dict:
         for flags, message in FLUX_ONLY:
-            if any(given(getattr(args, f)) for f in flags):
+            if any(given(getattr(args, f, None)) for f in flags):
                 raise ValueError(message)
         kw = {"size_level": None} if args.keep_size else {"size_level": args.size_level} if args.size_level else {}
         return kw | {"qwen": args.qwen}

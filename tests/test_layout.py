@@ -340,3 +340,14 @@ def test_the_family_check_sees_a_family_test(tmp_path):
                      "reads preset.t5", "reads run.preset.qwen"):  # fmt: skip
         assert expected in text, (expected, text)
     assert "docstring" not in text and len(found) == 8, text  # the pass-through keyword is not flagged
+
+
+def test_every_package_is_in_the_wheel():
+    """Each library package (a folder with __init__.py) is listed in pyproject.toml's packages: an installed
+    jaxedit lacks any that is not (a family's package left out breaks that family only once installed)."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for top in ("jaxedit", "checkpoints_convert")
+             for p in (ROOT / top).rglob("__init__.py")}  # fmt: skip
+    assert found - {"jaxedit.default_model"} <= listed, sorted(found - listed)

@@ -5,7 +5,9 @@ table is the library's (`jaxedit.names.qwen2_5_vl`).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
+from pathlib import Path
 
 from checkpoints_convert.mapping import ConversionError, Rule
 from jaxedit.configs import QwenVLConfig
@@ -38,3 +40,19 @@ def qwen_rules(cfg: QwenVLConfig, keys: Iterable[str], fmt: str | None = None) -
     if fmt not in (None, *FORMATS):
         raise ConversionError(f"unknown Qwen2.5-VL checkpoint format {fmt!r}; choose from {FORMATS}")
     return names.qwen_rules(cfg, layout_name(keys))
+
+
+def read_config(folder: str | Path, width: int, what: str) -> QwenVLConfig:
+    """The `QwenVLConfig` of a transformers Qwen2.5-VL folder (its config.json), its hidden size checked against
+    `width` (`what`: the model's part that takes it, for the message). FileNotFoundError / ConversionError naming
+    the folder or file."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"Qwen2.5-VL folder not found: {folder} (no config.json)")
+    try:
+        cfg = QwenVLConfig.from_hf(json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError, ValueError) as e:
+        raise ConversionError(f"{path}: {e}") from None
+    if cfg.text.hidden_size != width:
+        raise ConversionError(f"{folder}: hidden size {cfg.text.hidden_size} != {what} {width}")
+    return cfg

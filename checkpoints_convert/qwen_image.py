@@ -152,20 +152,7 @@ CONVERTER = QwenImageConverter()
 
 
 def qwen_config(folder: Path, preset):
-    """The `QwenVLConfig` of a transformers Qwen2.5-VL folder (its config.json), checked: its width must be the
-    DiT's text width. ConversionError naming the file."""
-    import json
+    """The `QwenVLConfig` of the release's Qwen2.5-VL (its config.json), its width the DiT's text width."""
+    from checkpoints_convert.qwen import read_config
 
-    from jaxedit.configs import QwenVLConfig
-
-    path = Path(folder) / "config.json"
-    try:
-        cfg = QwenVLConfig.from_hf(json.loads(path.read_text()))
-    except FileNotFoundError:
-        raise ConversionError(f"{path}: missing (the Qwen2.5-VL text encoder's config)") from None
-    except (json.JSONDecodeError, TypeError, ValueError) as e:
-        raise ConversionError(f"{path}: {e}") from None
-    if cfg.text.hidden_size != preset.transformer.joint_attention_dim:
-        raise ConversionError(f"{path}: hidden size {cfg.text.hidden_size} != the transformer's text width "
-                              f"{preset.transformer.joint_attention_dim}")  # fmt: skip
-    return cfg
+    return read_config(folder, preset.transformer.joint_attention_dim, "the transformer's text width")

@@ -150,21 +150,11 @@ CONVERTER = Step1XConverter()
 def check_qwen(qwen: Path, preset: Preset):
     """The `QwenVLConfig` of a transformers Qwen2.5-VL folder, checked against a Step1X-Edit preset (width =
     the connector's in_channels) and for its tokenizer / image processor files; nothing is read but those."""
-    from jaxedit.configs import QwenVLConfig
+    from checkpoints_convert.qwen import read_config
 
     if preset.connector is None:
         raise ConversionError(f"preset {preset.name} takes no Qwen2.5-VL folder (not Step1X-Edit)")
-    if not (qwen / "config.json").is_file():
-        raise FileNotFoundError(f"Qwen2.5-VL folder not found: {qwen} (no config.json)")
-    try:
-        qwen_cfg = QwenVLConfig.from_hf(json.loads((qwen / "config.json").read_text()))
-    except (json.JSONDecodeError, ValueError) as e:
-        raise ConversionError(f"{qwen / 'config.json'}: {e}") from None
-    if qwen_cfg.text.hidden_size != preset.connector.in_channels:
-        raise ConversionError(
-            f"{qwen}: hidden size {qwen_cfg.text.hidden_size} != the connector's in_channels "
-            f"{preset.connector.in_channels}"
-        )
+    qwen_cfg = read_config(qwen, preset.connector.in_channels, "the connector's in_channels")
     missing = [f for f in QWEN_PROCESSOR_NEEDED if not (qwen / f).is_file()]
     if missing:
         raise FileNotFoundError(f"{qwen}: missing {', '.join(missing)} (Qwen2.5-VL tokenizer / image processor)")

@@ -531,6 +531,14 @@ TINY_FLUX = FluxConfig(
     axes_dim=(4, 6, 6),
 )
 TINY_VAE = AutoEncoderConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1, norm_groups=8)
+# the tiny presets' Qwen2.5-VL, width 28 (for planning and compile tests: a converted folder carries its own)
+TINY_QWEN_VL = QwenVLConfig(
+    QwenVisionConfig(depth=2, hidden_size=16, intermediate_size=24, num_heads=2, window_size=56, out_hidden_size=28,
+                     fullatt_block_indexes=(1,)),
+    QwenTextConfig(vocab_size=256, hidden_size=28, intermediate_size=40, num_layers=2, num_heads=2, num_kv_heads=1,
+                   mrope_section=(1, 3, 3)),
+    image_token_id=250, vision_start_token_id=251, vision_end_token_id=252,
+)  # fmt: skip
 
 
 def typed(value, raw: str | None, hint, field: str):

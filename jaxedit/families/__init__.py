@@ -209,6 +209,18 @@ class Family:
         raise NotImplementedError
 
 
+def configure_true_cfg(pipe: Any, args: Any) -> None:
+    """A pipeline's true CFG from --true-cfg-scale / --negative-prompt (the other one: the model's), for the families
+    whose pipelines have it (`set_true_cfg`); ValueError naming the flag."""
+    if args.true_cfg_scale is None and args.negative_prompt is None:
+        return
+    scale = pipe.true_cfg_scale if args.true_cfg_scale is None else args.true_cfg_scale
+    try:
+        pipe.set_true_cfg(scale, pipe.negative_prompt if args.negative_prompt is None else args.negative_prompt)
+    except ValueError as e:
+        raise ValueError(f"--true-cfg-scale: {e}") from None
+
+
 @functools.cache
 def _registry() -> dict[str, Family]:
     out = {}

@@ -9,7 +9,7 @@ import dataclasses
 from typing import Any
 
 from jaxedit import configs
-from jaxedit.families import Family
+from jaxedit.families import Family, configure_true_cfg
 
 
 def _presets() -> tuple[configs.Preset, ...]:
@@ -121,14 +121,8 @@ class Kontext(Family):
         return kw | ({"text_on_cpu": True} if args.text_on_cpu else {})
 
     def configure(self, pipe: Any, args: Any) -> None:
-        """True CFG from --true-cfg-scale / --negative-prompt (the other one: the model's)."""
-        if args.true_cfg_scale is None and args.negative_prompt is None:
-            return
-        scale = pipe.true_cfg_scale if args.true_cfg_scale is None else args.true_cfg_scale
-        try:
-            pipe.set_true_cfg(scale, pipe.negative_prompt if args.negative_prompt is None else args.negative_prompt)
-        except ValueError as e:
-            raise ValueError(f"--true-cfg-scale: {e}") from None
+        """True CFG from --true-cfg-scale / --negative-prompt."""
+        configure_true_cfg(pipe, args)
 
     # -- training
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from jaxedit import configs
-from jaxedit.families import Family
+from jaxedit.families import Family, configure_true_cfg
 
 
 def _presets() -> tuple[configs.Preset, ...]:
@@ -19,35 +19,12 @@ def _presets() -> tuple[configs.Preset, ...]:
     tiny = c.QwenImageConfig(num_layers=2, attention_head_dim=16, num_attention_heads=3, joint_attention_dim=28,
                              axes_dims_rope=(4, 6, 6))  # fmt: skip
     tiny_vae = c.QwenImageVAEConfig(base_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=1)
-    tiny_qwen = c.QwenVLConfig(  # for planning and compile tests (a converted folder carries its own)
-        c.QwenVisionConfig(
-            depth=2,
-            hidden_size=16,
-            intermediate_size=24,
-            num_heads=2,
-            window_size=56,
-            out_hidden_size=28,
-            fullatt_block_indexes=(1,),
-        ),
-        c.QwenTextConfig(
-            vocab_size=256,
-            hidden_size=28,
-            intermediate_size=40,
-            num_layers=2,
-            num_heads=2,
-            num_kv_heads=1,
-            mrope_section=(1, 3, 3),
-        ),
-        image_token_id=250,
-        vision_start_token_id=251,
-        vision_end_token_id=252,
-    )
     full = {"vae": c.QwenImageVAEConfig(), "qwen": c.QwenVLConfig()}
     return (
         c.Preset("qwen-image-edit-2509", "qwen-image-edit", c.QwenImageConfig(), **full),
         c.Preset("qwen-image-edit-2511", "qwen-image-edit", c.QwenImageConfig(zero_cond_t=True), **full),
         # tiny widths, full structure
-        c.Preset("qwen-image-edit-tiny", "qwen-image-edit", tiny, tiny_vae, qwen=tiny_qwen),
+        c.Preset("qwen-image-edit-tiny", "qwen-image-edit", tiny, tiny_vae, qwen=c.TINY_QWEN_VL),
     )  # fmt: skip
 
 
@@ -177,13 +154,7 @@ class QwenImageEdit(Family):
         other one: the model's)."""
         if getattr(args, "scheduler", None) is not None:
             pipe.scheduler = scheduler(args.scheduler, pipe.scheduler)
-        if args.true_cfg_scale is None and args.negative_prompt is None:
-            return
-        scale = pipe.true_cfg_scale if args.true_cfg_scale is None else args.true_cfg_scale
-        try:
-            pipe.set_true_cfg(scale, pipe.negative_prompt if args.negative_prompt is None else args.negative_prompt)
-        except ValueError as e:
-            raise ValueError(f"--true-cfg-scale: {e}") from None
+        configure_true_cfg(pipe, args)
 
     # -- training (full and LoRA; the Qwen2.5-VL outputs cached per item)
 

@@ -56,15 +56,7 @@ def _presets() -> tuple[configs.Preset, ...]:
             dataclasses.replace(c.TINY_FLUX, guidance_embed=False),
             c.TINY_VAE,
             connector=c.ConnectorConfig(in_channels=28, hidden_size=32, num_heads=4, pooled_dim=24),
-            qwen=c.QwenVLConfig(  # for planning and compile tests (a converted folder carries its own)
-                c.QwenVisionConfig(depth=2, hidden_size=16, intermediate_size=24, num_heads=2, window_size=56,
-                                   out_hidden_size=28, fullatt_block_indexes=(1,)),
-                c.QwenTextConfig(vocab_size=256, hidden_size=28, intermediate_size=40, num_layers=2, num_heads=2,
-                                 num_kv_heads=1, mrope_section=(1, 3, 3)),
-                image_token_id=250,
-                vision_start_token_id=251,
-                vision_end_token_id=252,
-            ),
+            qwen=c.TINY_QWEN_VL,
         ),
     )  # fmt: skip
 

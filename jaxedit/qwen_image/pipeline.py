@@ -40,16 +40,10 @@ from jaxedit.pipelines.base import (
     to_model_input,
 )
 from jaxedit.qwen_image import sampling as qs
+from jaxedit.qwen_image.text import calculate_dimensions, condition_image
 
 DEFAULT_STEPS, DEFAULT_TRUE_CFG, DEFAULT_NEGATIVE = 40, 4.0, " "  # the model cards' example settings
 CONDITION_AREA, VAE_AREA = 384 * 384, 1024 * 1024
-
-
-def calculate_dimensions(target_area: int, ratio: float) -> tuple[int, int]:
-    """(width, height) of about `target_area` pixels at aspect `ratio` (w / h), sides multiples of 32."""
-    width = math.sqrt(target_area * ratio)
-    height = width / ratio
-    return round(width / 32) * 32, round(height / 32) * 32
 
 
 @dataclasses.dataclass
@@ -233,8 +227,7 @@ class QwenImageEditPipeline(EditPipelineBase):
         for im, ref in zip(images, refs):
             im = im.convert("RGB")
             vae.append(to_model_input(im.resize(ref, resample=Image.Resampling.LANCZOS)))
-            cw, ch = calculate_dimensions(CONDITION_AREA, im.size[0] / im.size[1])
-            cond.append(im.resize((cw, ch), resample=Image.Resampling.LANCZOS))
+            cond.append(condition_image(im, CONDITION_AREA))
         return QwenPrepared(tuple(vae), tuple(cond), width, height)
 
     # -- the template's generate hooks

@@ -531,6 +531,14 @@ TINY_FLUX = FluxConfig(
     axes_dim=(4, 6, 6),
 )
 TINY_VAE = AutoEncoderConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1, norm_groups=8)
+# the published Qwen2.5-VL-Instruct models, as judges (`jaxedit.presets.JUDGES`; `jaxedit plan --task generate`):
+# 7B = the defaults; 72B: the same vision tower with a merger into 8192 wide, 80 layers, 64 heads over 8 key/value
+# heads, MLP 29568 (its config.json)
+QWEN_VL_7B = QwenVLConfig()
+QWEN_VL_72B = QwenVLConfig(
+    QwenVisionConfig(out_hidden_size=8192),
+    QwenTextConfig(hidden_size=8192, intermediate_size=29568, num_layers=80, num_heads=64, num_kv_heads=8),
+)
 # the tiny presets' Qwen2.5-VL, width 28 (for planning and compile tests: a converted folder carries its own)
 TINY_QWEN_VL = QwenVLConfig(
     QwenVisionConfig(depth=2, hidden_size=16, intermediate_size=24, num_heads=2, window_size=56, out_hidden_size=28,

@@ -17,6 +17,8 @@ its connector):
   sample      the pipeline's whole jitted denoising loop, --steps Euler steps (Step1X: with CFG)
   vae-decode  the VAE decoder at the resolution (float32, as the pipelines run it)
   text        T5 + CLIP text encoders (bf16; FLUX presets)
+  generate    Qwen2.5-VL answering (the judge of `jaxedit eval`): --preset qwen2.5-vl-7b / qwen2.5-vl-72b, or
+              an editing preset's Qwen2.5-VL (step1x-edit, qwen-image-edit-2509)
 
 Memory is per chip from the compiled program's `memory_analysis()`: arguments + outputs +
 temporaries - aliased (donated) buffers. Time, two ways: the compiler's own estimate (the
@@ -109,8 +111,8 @@ def main(argv=None, prog: str = "python -m jaxedit.plan") -> int:
     args = p.parse_args(argv)
     from jaxedit.configs import MeshConfig
 
-    try:
-        presets.get(args.preset)  # before the device count is set and jax imported
+    try:  # before the device count is set and jax imported
+        presets.qwen_vl(args.preset) if args.task == "generate" else presets.get(args.preset)
     except KeyError as e:
         print(f"error: {e.args[0]}", file=sys.stderr)
         return 2
@@ -246,6 +248,8 @@ def lower(preset, args, mesh, batch: int):
 
     from jaxedit.parallel import sharding as sh
 
+    if args.task == "generate":
+        return lower_generate(preset, args, mesh, batch)
     s = shapes_of(preset, args)
     h, w = s["latent"]
     z = preset.vae.z_channels
@@ -309,21 +313,16 @@ def lower(preset, args, mesh, batch: int):
     if args.task == "text":
         lowered, figures = family.lower_text(preset, args, mesh, batch, bsd, rep)
         return lowered, s | figures
-    if args.task == "generate":
-        lowered, figures = lower_generate(preset, args, mesh, batch)
-        return lowered, s | figures
     raise ValueError(f"unknown task {args.task!r}")
 
 
-def lower_generate(preset, args, mesh, batch: int):
-    """The preset's Qwen2.5-VL generating (greedy, `--new-tokens`) after `batch` prompts of `--text-tokens` text
-    tokens (default 256) with one image each at --resolution (resized as the Qwen2-VL processor's defaults do)."""
+def lower_generate(q, args, mesh, batch: int):
+    """Qwen2.5-VL `q` (`presets.qwen_vl`: a judge or an editing preset's) generating (greedy, `--new-tokens`) after
+    `batch` prompts of `--text-tokens` text tokens (default 256) with one image each at --resolution (resized as
+    the Qwen2-VL processor's defaults do)."""
     from jaxedit.models.qwen2_5_vl_generate import lower_generate as lower_qwen
     from jaxedit.qwen_vl import bucket, smart_resize
 
-    q = getattr(preset, "qwen", None)
-    if q is None:
-        raise ValueError(f"preset {preset.name} has no Qwen2.5-VL config (--task generate)")
     factor = q.vision.patch_size * q.vision.spatial_merge_size
     h, w = smart_resize(args.resolution, args.resolution, factor, 56 * 56, 28 * 28 * 16384)
     units = (h // factor) * (w // factor)
@@ -358,7 +357,9 @@ def analytic_forward_flops(cfg, tokens: int) -> float:
 
 def model_flops(preset, args, info: dict, batch: int) -> float | None:
     """The task's model FLOPs per program run (the MFU convention: a train step is 3 forwards, the remat
-    recompute is not counted); None for the VAE and text encoders."""
+    recompute is not counted); None for the VAE, the text encoders and generation."""
+    if args.task in ("vae-decode", "text", "generate"):
+        return None
     f = analytic_forward_flops(preset.transformer, info["tokens"]) * batch
     if args.task in ("train", "lora"):
         return 3 * f
@@ -414,7 +415,7 @@ def plan(args, mesh_cfg) -> dict:
 
     from jaxedit.parallel.sharding import make_mesh
 
-    preset = presets.get(args.preset)
+    preset = presets.qwen_vl(args.preset) if args.task == "generate" else presets.get(args.preset)
     target = None
     if args.target:
         from jaxedit.parallel.targets import parse_target

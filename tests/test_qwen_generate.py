@@ -173,3 +173,32 @@ def test_generate_chat_decodes_the_answers(setup):
     want, _ = reference(ref, cfg, items, eos=stops, pad=tok.pad_token_id or 0)
     assert texts == tok.batch_decode(want, skip_special_tokens=True)
     assert all(isinstance(t, str) for t in texts)
+
+
+def test_judge_presets_have_the_published_sizes():
+    """`presets.JUDGES`: Qwen2.5-VL-7B has exactly the parameters of its published checkpoint's manifest; 72B the
+    73.4B its model card states (to 0.1%); an editing preset's Qwen2.5-VL is found by the same name lookup, and
+    a preset without one fails naming the ones that have one."""
+    from pathlib import Path
+
+    from jaxedit import presets
+    from jaxedit.models.qwen2_5_vl import abstract_params
+
+    def count(cfg):
+        return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params(cfg)))
+
+    root = Path(__file__).resolve().parents[1] / "checkpoints_convert" / "manifests"
+    manifest = json.loads((root / "hf-qwen2.5-vl-7b.json").read_text())["tensors"]
+    assert count(presets.qwen_vl("qwen2.5-vl-7b")) == sum(int(np.prod(s)) for s in manifest.values())
+    assert abs(count(presets.qwen_vl("qwen2.5-vl-72b")) / 73.4e9 - 1) < 1e-3
+    assert presets.qwen_vl("step1x-edit") == presets.get("step1x-edit").qwen
+    with pytest.raises(KeyError, match="qwen2.5-vl-72b"):
+        presets.qwen_vl("flux-kontext-dev")
+
+
+def test_plan_refuses_a_judge_for_an_editing_task(capsys):
+    """A judge preset plans `generate` only: another task fails in one line naming the preset."""
+    from jaxedit import plan
+
+    assert plan.main(["--preset", "qwen2.5-vl-72b", "--task", "sample"]) == 2
+    assert "qwen2.5-vl-72b" in capsys.readouterr().err

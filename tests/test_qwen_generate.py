@@ -135,6 +135,38 @@ def test_two_device_data_mesh(setup):
     assert rel_err(got.logits, want.logits) <= 1e-5
 
 
+def test_tensor_mesh_splits_the_cache_by_key_value_head(setup):
+    """On a 2-device tensor mesh the cache's key/value heads are split with the query heads: the tiny model with
+    its one key/value head doubled (k_proj / v_proj columns repeated: the same function with 2 key/value heads,
+    so 2 divides them) gives the one-device ids and logits of the original."""
+    import dataclasses
+
+    from jaxedit.models.qwen2_5_vl import kv_cache_names
+    from jaxedit.parallel import sharding as sh
+
+    _, cfg, params, _, items, *_ = setup
+    hd = cfg.text.head_dim
+
+    def doubled(kind):
+        t = dict(params["language_model"]["layers"][kind])
+        for name, x in t.items():
+            x = np.asarray(x)
+            t[name] = np.repeat(x.reshape(*x.shape[:-1], -1, hd), 2, axis=-2).reshape(*x.shape[:-1], -1)
+        return t
+
+    layers = params["language_model"]["layers"] | {k: doubled(k) for k in ("k_proj", "v_proj")}
+    params2 = params | {"language_model": params["language_model"] | {"layers": layers}}
+    cfg2 = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, num_kv_heads=2 * cfg.text.num_kv_heads))
+    mesh = sh.make_mesh(sh.MeshConfig.parse("tensor=2"), jax.devices()[:2])
+    with sh.activate(mesh):
+        assert kv_cache_names(cfg2.text.num_kv_heads)[3] == "act_heads"
+        assert kv_cache_names(cfg.text.num_kv_heads)[3] is None  # 1 head: kept whole
+    want = G.generate(params, cfg, items, N, return_logits=True)
+    got = G.generate(params2, cfg2, items, N, return_logits=True, mesh=mesh)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    assert rel_err(got.logits, want.logits) <= 1e-5
+
+
 def test_text_only_row_beside_an_image_row(setup):
     """A prompt without an image batched with one with an image (positions 0, 1, ... over its unmasked tokens, no
     rope delta): each row's greedy ids equal transformers' on it alone."""

@@ -23,6 +23,7 @@ rotary in float32; text rotary with cos/sin cast to the compute dtype; softmax i
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -42,7 +43,24 @@ Dtype = Any
 ACTIVATIONS = {"silu": nn.silu, "gelu": lambda x: nn.gelu(x, approximate=False)}
 PAD_PATCH_SEGMENT = -1  # segment id of padding patches (they attend only each other)
 # the key / value cache of generation [layers, B, T, kv_heads, head_dim]: rows split like the activations' batch
+# (`kv_cache_names`: its heads too where they can be)
 KV_CACHE = ("layers", "act_batch", "act_length", None, None)
+
+
+def kv_cache_names(kv_heads: int) -> tuple[str | None, ...]:
+    """The cache's logical names on the current mesh: KV_CACHE, with the key/value heads split over the query
+    heads' mesh axes (`act_heads`: tensor) when those divide them. Query heads are split into contiguous blocks,
+    so device i's query heads then use exactly device i's key/value heads (heads / kv_heads query heads share a
+    key/value head): attention over the cache stays on the device, and each device keeps and updates only its
+    heads' cache. Otherwise (e.g. 4 key/value heads on tensor=8) every device keeps all of them."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return KV_CACHE
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    spec = nn.logical_to_mesh_axes(("act_heads",))[0]
+    axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+    n = math.prod(sizes.get(a, 1) for a in axes)
+    return KV_CACHE[:3] + ("act_heads", None) if n > 1 and kv_heads % n == 0 else KV_CACHE
 
 
 # transformers' Qwen2_5_VLRMSNorm "is equivalent to T5LayerNorm": weight * (x / rms(x) in float32, cast)
@@ -194,7 +212,7 @@ class TextLayer(nn.Module):
             at = (0, index, 0, 0)
             cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), at)
             cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), at)
-            cache_k, cache_v = (constrain(t, KV_CACHE[1:]) for t in (cache_k, cache_v))
+            cache_k, cache_v = (constrain(t, kv_cache_names(kv)[1:]) for t in (cache_k, cache_v))
             new_cache = (cache_k, cache_v)
             # grouped-query attention over the cache as it is (XLA's attention takes fewer key / value heads: no
             # repeated copy of the cache per step)
@@ -252,7 +270,8 @@ class QwenLanguageModel(nn.Module):
             x, _ = self.layers(x, cos, sin, key_seg)
             return self.norm(x)
         x, cache = self.layers(x, cos, sin, key_seg, *cache, index)
-        return self.norm(x), tuple(constrain(c, KV_CACHE) for c in cache)
+        names = kv_cache_names(self.cfg.num_kv_heads)
+        return self.norm(x), tuple(constrain(c, names) for c in cache)
 
 
 class QwenVL(nn.Module):

@@ -14,7 +14,8 @@ up to and including the stop token) come back, and optionally the float32 logits
 from a seed (`jax.random`; the same seed and inputs give the same tokens).
 
 On a mesh the weights are sharded by the logical rules as the encoder's (`QwenVLEncoder`), the prompts' rows split
-over the batch axes and the cache [layers, B, T, kv_heads, head_dim] with them (`qwen2_5_vl.KV_CACHE`).
+over the batch axes and the cache [layers, B, T, kv_heads, head_dim] with them, its heads with the query heads
+where the tensor axis divides them (`qwen2_5_vl.kv_cache_names`).
 
 `generate(params, cfg, items, max_new_tokens, ...)` takes prepared items (input_ids, attention_mask, pixel_values,
 image_grid_thw: the processor's outputs, as `jaxedit.qwen_vl.QwenVLEncoder`); `generate_chat(...)` takes prompts and
@@ -33,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxedit.configs import QwenVLConfig
-from jaxedit.models.qwen2_5_vl import KV_CACHE, QwenVL, prepare_vision, rope_positions
+from jaxedit.models.qwen2_5_vl import QwenVL, kv_cache_names, prepare_vision, rope_positions
 from jaxedit.parallel.sharding import constrain
 
 TOKEN_BUCKET, UNIT_BUCKET = 16, 16  # prompt tokens; merged image patches: one compiled program per bucket
@@ -135,7 +136,8 @@ def decoder(cfg: QwenVLConfig, dtype: str, max_new_tokens: int, greedy: bool, re
         b, length = ids.shape
         slots = length + max_new_tokens - 1  # the last token is chosen, never fed
         shape = (text.num_layers, b, slots, text.num_kv_heads, text.head_dim)
-        cache = tuple(constrain(jnp.zeros(shape, jnp.dtype(dtype)), KV_CACHE) for _ in range(2))
+        names = kv_cache_names(text.num_kv_heads)
+        cache = tuple(constrain(jnp.zeros(shape, jnp.dtype(dtype)), names) for _ in range(2))
         keys = jnp.concatenate([mask.astype(bool), jnp.ones((b, max_new_tokens - 1), bool)], axis=1)
         key = jax.random.key(seed)
         apply = functools.partial(model.apply, {"params": params}, method=QwenVL.decode)

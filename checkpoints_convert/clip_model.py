@@ -98,7 +98,10 @@ def convert_clip_model(src: str | Path, dst: str | Path, *, dtype: Any = None, f
     for key in {r.src for r in the_plan.rules}:
         source.dtype(key)
     for c in the_plan.checks:
-        run_check(c, the_plan.check_shapes[c.src], source.read)
+        try:
+            run_check(c, the_plan.check_shapes[c.src], source.read)
+        except ConversionError as e:
+            raise ConversionError(f"{source.describe()}: {e}") from None
     the_plan.checked = True
     with staged_dir(dst) as new:
         flat = convert(the_plan, source.read, dtype=dtype, source_dtype=source.dtype)

@@ -213,3 +213,25 @@ def test_errors_name_the_folder(converted, tmp_path):
     assert not (tmp_path / "out").exists()
     assert convert_cli(["clip-model", str(src), str(dst)]) == 2  # exists: --force needed
     jax.block_until_ready(jnp.zeros(()))
+
+
+def test_position_ids_buffers_are_checked(converted, tmp_path, capsys):
+    """Files saved by older transformers hold both towers' position_ids: arange is accepted (and not loaded),
+    anything else is named."""
+    from safetensors.numpy import load_file, save_file
+
+    _, _, _, src, dst, cfg = converted
+    tensors = load_file(str(src / "model.safetensors"))
+    n_vision = (cfg.vision.image_size // cfg.vision.patch_size) ** 2 + 1
+    ids = {"text_model.embeddings.position_ids": np.arange(cfg.text.max_position_embeddings)[None],
+           "vision_model.embeddings.position_ids": np.arange(n_vision)[None]}  # fmt: skip
+    for name, bad in (("old", None), ("bad", "vision_model.embeddings.position_ids")):
+        folder = tmp_path / name
+        shutil.copytree(src, folder)
+        extra = {k: (v[:, ::-1].copy() if k == bad else v) for k, v in ids.items()}
+        save_file(tensors | extra, str(folder / "model.safetensors"))
+        rc = convert_cli(["clip-model", str(folder), str(tmp_path / f"{name}-jax")])
+        assert rc == (2 if bad else 0)
+    assert f"{tmp_path / 'bad'}" in capsys.readouterr().err  # the file is named, and the tensor
+    ours, ref = ClipScorer.load(tmp_path / "old-jax"), ClipScorer.load(dst)
+    np.testing.assert_array_equal(ours.image_features(images()), ref.image_features(images()))

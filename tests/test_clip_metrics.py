@@ -78,6 +78,14 @@ def test_published_config_is_the_preset():
                           "num_hidden_layers": 24, "patch_size": 14, "image_size": 224, "hidden_act": "quick_gelu"},
     }  # fmt: skip
     assert CLIPModelConfig.from_hf(published) == CLIP_VIT_L_14
+    # its preprocessor_config.json (the older CLIPFeatureExtractor form: sizes as ints)
+    old = {"crop_size": 224, "do_center_crop": True, "do_normalize": True, "do_resize": True, "resample": 3,
+           "feature_extractor_type": "CLIPFeatureExtractor", "size": 224,
+           "image_mean": [0.48145466, 0.4578275, 0.40821073],
+           "image_std": [0.26862954, 0.26130258, 0.27577711]}  # fmt: skip
+    assert clip_folder.ImageProcessing.from_hf(old) == clip_folder.ImageProcessing()
+    with pytest.raises(ValueError, match="do_center_crop"):
+        clip_folder.ImageProcessing.from_hf(old | {"do_center_crop": False})
     with pytest.raises(ValueError, match="model_type"):
         CLIPModelConfig.from_hf({"model_type": "siglip"})
 

@@ -8,6 +8,7 @@
     python -m checkpoints_convert seal MODEL_FOLDER   # record checksums in a folder written before they existed
     python -m checkpoints_convert pipeline SRC DST --preset flux-kontext-dev --quantize int8  # int8 DiT + T5
     python -m checkpoints_convert quantize MODEL_FOLDER DST --quantize int8   # an int8 copy of a model folder
+    python -m checkpoints_convert clip-model SRC DST   # a transformers CLIPModel folder -> CLIP metrics folder
 
 Parts: transformer, vae, t5, clip, qwen. Nothing is downloaded: point at files on your disk. (Installed, the
 command is also `jaxedit-convert`.)
@@ -46,7 +47,7 @@ def parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    commands = "{pipeline,add-qwen,seal,check," + ",".join(part_names()) + "}"
+    commands = "{pipeline,add-qwen,seal,check,quantize,clip-model," + ",".join(part_names()) + "}"
     sub = p.add_subparsers(dest="command", required=True, metavar=commands)
     preset_help = f"model preset: {', '.join(presets.names())}"
     dtypes = dict(choices=["bfloat16", "float32", "float16"], default=None, help="output dtype (default: the file's)")
@@ -68,6 +69,17 @@ def parser() -> argparse.ArgumentParser:
     qz.add_argument("dst", help="output jaxedit model folder")
     qz.add_argument("--quantize", choices=["int8", "fp8"], default="int8", help="weight type (default int8)")
     qz.add_argument("--force", action="store_true", help="overwrite DST")
+
+    cm = sub.add_parser(
+        "clip-model",
+        help="a transformers CLIPModel folder (openai/clip-vit-large-patch14) -> a "
+        "CLIP folder for the editing metrics (params/, tokenizer/, clip.json)",
+    )
+    cm.add_argument("src", help="the transformers CLIPModel folder (config.json, model.safetensors, tokenizer and "
+                    "preprocessor_config.json)")  # fmt: skip
+    cm.add_argument("dst", help="output CLIP folder")
+    cm.add_argument("--dtype", **dtypes)
+    cm.add_argument("--force", action="store_true", help="overwrite DST")
 
     q = sub.add_parser("add-qwen", help="convert a Qwen2.5-VL folder into a Step1X-Edit model folder (qwen/)")
     q.add_argument("folder", help="the jaxedit Step1X-Edit model folder")
@@ -229,6 +241,15 @@ def run(args) -> int:
             return 2
     if args.command == "seal":
         return seal(Path(args.folder))
+    if args.command == "clip-model":
+        from checkpoints_convert.clip_model import convert_clip_model
+
+        try:
+            convert_clip_model(args.src, args.dst, dtype=_dtype(args.dtype), force=args.force)
+            return 0
+        except (ConversionError, FileNotFoundError, FileExistsError, PermissionError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     if args.command == "quantize":
         from checkpoints_convert.pipeline import quantize_folder
 

@@ -76,6 +76,8 @@ class SafetensorsSource:
             h = self._handles.get(f)
             if h is None:
                 h = self._handles[f] = safe_open(str(f), framework="numpy")
+            if not index and not self._meta[orig][0]:  # a scalar (e.g. CLIP's logit_scale): no slice to take
+                return np.asarray(h.get_tensor(orig))
             sl = h.get_slice(orig)
             return np.asarray(sl[index] if index else sl[:])
         except (SafetensorError, OSError) as e:  # e.g. the file changed since it was opened

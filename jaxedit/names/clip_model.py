@@ -1,0 +1,49 @@
+"""Name table of transformers' `CLIPModel` (both towers, their projections) -> `jaxedit.models.clip_vision.CLIPModel`.
+
+The text tower is the text encoders' table (`jaxedit.names.text.clip_rules`) under `text_model.` /
+`text_model/`; the vision tower's names are transformers' with "/" and its `layers.N` stacked (`vision_model/
+layers`); the patch embedding (a conv without bias) becomes a Dense over flattened patches ("patch_linear").
+A saved `position_ids` buffer of either tower is no parameter (the converter checks it: `POSITION_IDS`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jaxedit.models.clip_vision import CLIPModelConfig, CLIPVisionConfig
+from jaxedit.names import Rule, copy, linear
+from jaxedit.names.text import clip_rules
+
+TEXT, VISION = "text_model", "vision_model"
+POSITION_IDS = (f"{TEXT}.embeddings.position_ids", f"{VISION}.embeddings.position_ids")
+
+
+def vision_rules(cfg: CLIPVisionConfig) -> list[Rule]:
+    """transformers `CLIPVisionTransformer` (without `vision_model.`) -> `CLIPVisionTransformer` params."""
+    rules = [Rule("embeddings.patch_embedding.weight", "embeddings/patch_embedding/kernel", "patch_linear")]
+    rules += copy("embeddings.class_embedding", "embeddings/class_embedding")
+    rules += copy("embeddings.position_embedding.weight", "embeddings/position_embedding/embedding")
+    for n in ("pre_layrnorm", "post_layernorm"):
+        rules += copy(f"{n}.weight", f"{n}/weight") + copy(f"{n}.bias", f"{n}/bias")
+    for i in range(cfg.num_layers):
+        s, d = f"encoder.layers.{i}", "layers"
+        for n in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            rules += linear(f"{s}.self_attn.{n}", f"{d}/self_attn/{n}", layer=i)
+        for n in ("fc1", "fc2"):
+            rules += linear(f"{s}.mlp.{n}", f"{d}/mlp/{n}", layer=i)
+        for n in ("layer_norm1", "layer_norm2"):
+            rules += copy(f"{s}.{n}.weight", f"{d}/{n}/weight", layer=i)
+            rules += copy(f"{s}.{n}.bias", f"{d}/{n}/bias", layer=i)
+    return rules
+
+
+def _under(rules: list[Rule], src: str, dst: str) -> list[Rule]:
+    return [dataclasses.replace(r, src=f"{src}.{r.src}", dst=f"{dst}/{r.dst}") for r in rules]
+
+
+def clip_model_rules(cfg: CLIPModelConfig) -> list[Rule]:
+    """transformers `CLIPModel` -> `CLIPModel` params: both towers, the two projections (no bias), logit_scale."""
+    rules = _under(clip_rules(cfg.text), TEXT, TEXT) + _under(vision_rules(cfg.vision), VISION, VISION)
+    rules += linear("visual_projection", "visual_projection", bias=False)
+    rules += linear("text_projection", "text_projection", bias=False)
+    return rules + copy("logit_scale", "logit_scale")

@@ -472,6 +472,7 @@ def plan(args, mesh_cfg) -> dict:
             ici_seconds=sum(walk.collective_bytes.values()) / target.generation.ici_bytes_per_s
             if target.generation.ici_bytes_per_s else None,
             largest=[(c * spc, n, k, text[:160]) for c, n, k, text in walk.largest],
+            conditionals=[{"runs": n, "branch_seconds": [c * spc for c in costs]} for n, costs in walk.conditionals],
         )  # fmt: skip
     return report
 
@@ -519,6 +520,10 @@ def format_report(r: dict) -> str:
             moved = ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in r["collective_bytes"].items())
             ici = f" = {r['ici_seconds']:.3f} s at the chip's ICI bandwidth" if r.get("ici_seconds") else ""
             lines.append(f"  received per run per chip: {moved}{ici}")
+        for c in r.get("conditionals") or []:
+            each = " / ".join(f"{x * 1e3:.2f} ms" for x in c["branch_seconds"])
+            lines.append(f"  conditional: {c['runs']} runs, one run of each branch {each} (the estimate counts the "
+                         f"largest every run)")  # fmt: skip
         if r["unknown_trip_counts"]:
             lines.append(f"  note: loops counted once (trip count unknown): {', '.join(r['unknown_trip_counts'])}")
     return "\n".join(lines)

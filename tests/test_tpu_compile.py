@@ -206,3 +206,47 @@ ENTRY %main () -> f32[] {
     assert r.collective_bytes["reduce-scatter"] == 3 * 256 * 256 * 4
     assert r.collective_bytes["all-to-all"] == 3 / 4 * 64 * 64 * 2  # groups named by mesh axes, no device_ids
     assert r.by_kind["collective"] == 150 and r.cycles == 150
+
+
+def test_conditional_branches_are_costed_apart():
+    """A `conditional` inside a loop: the program counts its largest branch every run (and only that branch in
+    the breakdown), and keeps each branch's cost per run (`conditionals`: what a step cache's reuse saves)."""
+    from jaxedit.parallel import hlo_cost
+
+    hlo = """HloModule m
+
+%cheap (a: f32[8]) -> f32[8] {
+  %a = f32[8]{0} parameter(0)
+  ROOT %c = f32[8]{0} fusion(%a), kind=kLoop, calls=%f1, backend_config={"estimated_cycles":"10"}
+}
+
+%dear (b: f32[8]) -> f32[8] {
+  %b = f32[8]{0} parameter(0)
+  ROOT %d = f32[8]{0} fusion(%b), kind=kLoop, calls=%f2, backend_config={"estimated_cycles":"100"}
+}
+
+%body (s: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %s = (s32[], f32[8]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%s), index=0
+  %x = f32[8]{0} get-tuple-element(%s), index=1
+  %p = pred[] compare(%i, %i), direction=EQ
+  %y = f32[8]{0} conditional(%p, %x, %x), branch_computations={%cheap, %dear}
+  ROOT %t = (s32[], f32[8]{0}) tuple(%i, %y)
+}
+
+%cond (s: (s32[], f32[8])) -> pred[] {
+  %s = (s32[], f32[8]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%s), index=0
+  %n = s32[] constant(4)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+ENTRY %main () -> f32[] {
+  %z = (s32[], f32[8]{0}) tuple()
+  %w = (s32[], f32[8]{0}) while(%z), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"4"}}
+  ROOT %r = f32[] constant(0)
+}
+"""
+    r = hlo_cost.program_cycles(hlo)
+    assert r.conditionals == [(4, [10, 100])]
+    assert r.cycles == 400 and sum(r.by_kind.values()) == 400

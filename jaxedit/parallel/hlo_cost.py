@@ -7,7 +7,8 @@ copies, collective pieces). `program_cycles` walks the HLO from its entry comput
 
     cycles(computation) = sum of its instructions' estimated_cycles
                         + sum over its `while` ops of trips x (cycles(body) + cycles(condition))
-                        + the largest branch of each `conditional`, the callee of each `call`
+                        + the largest branch of each `conditional` (each branch's cost is kept:
+                          `ProgramCycles.conditionals`), the callee of each `call`
 
 where `trips` is the while op's `known_trip_count` when the compiler recorded one, else read from
 its condition computation: `compare(counter, constant(N))` with direction LT (N trips; LE: N + 1),
@@ -109,6 +110,9 @@ class ProgramCycles:
     by_kind: Counter = dataclasses.field(default_factory=Counter)  # `kind` -> cycles (loops counted as they run)
     collective_bytes: Counter = dataclasses.field(default_factory=Counter)  # opcode -> bytes received per run
     largest: list = dataclasses.field(default_factory=list)  # (cycles, times, kind, instruction text), top 12
+    # each `conditional` run inside the program: (times it runs, [cycles of one run of each branch]); the
+    # program's figures count the largest branch every time (e.g. a step cache's `lax.cond`: computing or reusing)
+    conditionals: list = dataclasses.field(default_factory=list)
 
 
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "collective-permute", "all-to-all")
@@ -202,13 +206,16 @@ def program_cycles(hlo_text: str) -> ProgramCycles:
     by_kind: Counter = Counter()
     moved: Counter = Counter()
     largest: list = []
+    conditionals: list = []
 
-    def walk(name: str, times: int, once: bool) -> int:
+    def walk(name: str, times: int, once: bool, record: bool = True) -> int:
+        """Cycles of one run of computation `name`, which runs `times` times in all; record: also count its
+        instructions into the program's breakdowns (False: the cost alone)."""
         total = 0
         for ins in comps.get(name, []):
             m = _CYCLES.search(ins.rest)
             total += int(m[1]) if m else 0
-            if not once:
+            if not once and record:
                 k = kind(ins, comps)
                 if m:
                     by_kind[k] += times * int(m[1])
@@ -225,13 +232,18 @@ def program_cycles(hlo_text: str) -> ProgramCycles:
                         unknown.append(ins.name)
                 n = 1 if once else n
                 for part in ("body", "condition"):
-                    total += n * walk(ins.attr(part) or "", times * n, once)
+                    total += n * walk(ins.attr(part) or "", times * n, once, record)
             elif ins.opcode == "call":
-                total += walk(ins.attr("to_apply") or "", times, once)
+                total += walk(ins.attr("to_apply") or "", times, once, record)
             elif ins.opcode == "conditional":
                 branches = re.findall(r"%([\w.\-]+)", ins.rest.split("branch_computations={")[-1].split("}")[0])
-                total += max((walk(b, times, once) for b in branches), default=0)
-            elif ins.opcode == "custom-call" and 'custom_call_target="tpu_custom_call"' in ins.rest and not once:
+                costs = [walk(b, times, once, record=False) for b in branches]
+                if costs:  # the largest branch counted (and broken down) as if it ran every time
+                    total += walk(branches[costs.index(max(costs))], times, once, record)
+                    if record and not once:
+                        conditionals.append((times, costs))
+            elif (ins.opcode == "custom-call" and 'custom_call_target="tpu_custom_call"' in ins.rest and not once
+                  and record):  # fmt: skip
                 kernel = re.sub(r"\.\d+$", "", ins.name)
                 kernels[kernel] += times
                 flops[0] += times * kernel_flops(kernel, ins, shapes)
@@ -239,7 +251,8 @@ def program_cycles(hlo_text: str) -> ProgramCycles:
 
     cycles = walk(entry, 1, once=False)
     top = sorted(largest, key=lambda x: -x[0])[:12]
-    return ProgramCycles(cycles, walk(entry, 1, once=True), kernels, flops[0], unknown, by_kind, moved, top)
+    return ProgramCycles(cycles, walk(entry, 1, once=True), kernels, flops[0], unknown, by_kind, moved, top,
+                         conditionals)  # fmt: skip
 
 
 def kernel_flops(kernel: str, ins: Instruction, shapes: dict[str, str]) -> float:

@@ -1,0 +1,3 @@
+"""Measuring edits: benchmark copies on disk (`benchmarks`: GEdit-Bench, ImgEdit Basic, jaxedit's pairs), judges
+(`judges`: a Qwen2.5-VL judge folder or a Python function), the job of `jaxedit eval` (`run`) and its tables and
+HTML report (`report`)."""

@@ -95,6 +95,7 @@ def queries(kind: str, prompts: dict[str, str], instruction: str, source, edited
 
 
 RECORDS = {"gedit": gedit_record, "imgedit": imgedit_record}
+NEEDED = {"gedit": ("SC", "PQ"), "imgedit": ("score",)}  # the scores the benchmark's tables take
 
 
 class QwenJudge:
@@ -161,11 +162,18 @@ class PythonJudge:
     def identity(self) -> dict:
         return {"judge": self.spec}
 
-    def score(self, edited: np.ndarray, **kw) -> dict[str, Any]:
-        """The function's record (numbers or booleans by name); Unparsed if it is anything else."""
-        rec = self.fn(edited, **kw)
+    def score(self, edited: np.ndarray, *, kind: str = "pairs", **kw) -> dict[str, Any]:
+        """The function's record (numbers or booleans by name, with the scores benchmark `kind`'s tables take);
+        Unparsed if it is anything else."""
+        try:
+            rec = self.fn(edited, **kw)
+        except Exception as e:  # noqa: BLE001 - the judge's own fault on this item: recorded, the rest go on
+            raise Unparsed(f"{self.spec} raised {type(e).__name__}: {e}") from None
         if not isinstance(rec, dict) or not rec:
             raise Unparsed(f"{self.spec} returned {rec!r}, not a dict of scores")
+        missing = [k for k in NEEDED.get(kind, ()) if k not in rec]
+        if missing:
+            raise Unparsed(f"{self.spec} returned no {', '.join(missing)} (a {kind} benchmark's scores)")
         for k, v in rec.items():
             if not isinstance(k, str) or not isinstance(v, bool | int | float) or not math.isfinite(float(v)):
                 raise Unparsed(f"{self.spec} returned {k!r}: {v!r}, not a finite number or boolean")

@@ -48,8 +48,12 @@ def gedit_tables(records: list[dict]) -> list[dict]:
             cats = sorted({r["category"] for r in mine})
             rows, means = [], []
             for c in cats:
-                g = [r["scores"] for r in judged if r["category"] == c]
-                m = [mean([s[k] for s in g]) for k in ("SC", "PQ", "O")]
+                g = [r["scores"] for r in judged if r["category"] == c]  # O of each item from its SC and PQ
+                m = [
+                    mean([s["SC"] for s in g]),
+                    mean([s["PQ"] for s in g]),
+                    mean([(s["SC"] * s["PQ"]) ** 0.5 for s in g]),
+                ]
                 rows.append([c, len(g), *m, bad[c]["unparsed"], bad[c]["failed"]])
                 if g:
                     means.append(m)

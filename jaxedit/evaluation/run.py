@@ -94,8 +94,8 @@ def judge_items(bench: Benchmark, todo: list[tuple[Item, dict, str]], judge, wri
                     scores = J.RECORDS[bench.kind](answers[i])
                 else:
                     target = rgb(it.target)
-                    scores = judge.score(edits[i], source=sources[i], target=target, instruction=it.instruction,
-                                         category=it.category)  # fmt: skip
+                    scores = judge.score(edits[i], kind=bench.kind, source=sources[i], target=target,
+                                         instruction=it.instruction, category=it.category)  # fmt: skip
                 rec |= {"status": "judged", "scores": scores}
             except J.Unparsed as e:
                 rec |= {"status": "unparsed", "error": str(e)}

@@ -295,3 +295,45 @@ def test_shapes_benchmark_equals_demo_quality(tmp_path, capsys):
     print(demo, got)
     assert len(want) >= 4 and got == want
     assert np.isfinite([v for r in table["rows"] for v in r[2:5]]).all()
+
+
+def test_clip_metrics_and_converter_errors(forced_judge, tmp_path, capsys, monkeypatch):
+    """--clip: L1, CLIP image similarity to the target and CLIP text similarity per item, from
+    `jaxedit.evaluation.metrics` (a stand-in module here: its API, l1 and ClipScorer); a vision-language judge on a
+    benchmark without judge prompts, and the converter given a folder that is not a Qwen2.5-VL, fail in one line."""
+    import types
+
+    from checkpoints_convert.__main__ import main as convert
+
+    fake = types.ModuleType("jaxedit.evaluation.metrics")
+    fake.l1 = lambda a, b: float(np.abs(a.astype(float) - b.astype(float)).mean())
+
+    class ClipScorer:
+        def __init__(self, folder):
+            self.folder = folder
+
+        def image_similarity(self, a, b):
+            return np.asarray([0.5] * len(a))
+
+        def text_similarity(self, imgs, texts):
+            return np.asarray([0.25] * len(imgs))
+
+    fake.ClipScorer = ClipScorer
+    monkeypatch.setitem(sys.modules, "jaxedit.evaluation.metrics", fake)
+    bench = write_pairs(tmp_path / "pairs", 2)
+    out = tmp_path / "out"
+    out.mkdir()
+    evaluate(Same(), benchmarks.read(bench, out), judges.PythonJudge("tests.eval_judges:mean_red"), out, batch_size=1,
+             defaults={"steps": 1, "guidance": 0.0}, model="same", seed=0, clip=ClipScorer("c"), clip_id="c",
+             progress=False, log=lambda s: None)  # fmt: skip
+    recs = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    want_l1 = np.abs(np.asarray(Image.open(bench / "s1.png"), float) - np.asarray(Image.open(bench / "t1.png"))).mean()
+    assert recs[1]["metrics"] == {"clip_text": 0.25, "l1": pytest.approx(want_l1), "clip_image": 0.5}
+    assert "metrics" in recs[0] and "clip_image" in (out / "report.html").read_text()
+    with pytest.raises(SystemExit) as e:
+        cli.main(["eval", "--benchmark", str(bench), "--judge", str(forced_judge), "--out", str(tmp_path / "o2")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "judge prompts" in err
+    assert convert(["qwen-vl", str(bench), str(tmp_path / "j")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no config.json" in err

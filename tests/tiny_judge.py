@@ -29,11 +29,12 @@ def chain(tok, answer: str) -> list[int]:
 
 
 def build_forced_judge(root: Path, answer: str, *, sentences: list[str] = ()) -> Path:
-    """A transformers folder at root/hf answering `answer`, converted to the judge folder root/judge."""
+    """A transformers folder at root/hf answering `answer`, converted to the judge folder root/judge by
+    `python -m checkpoints_convert qwen-vl` (its main)."""
     import transformers
     from safetensors.numpy import load_file, save_file
 
-    from checkpoints_convert.judge import convert_judge
+    from checkpoints_convert.__main__ import main
 
     hf = root / "hf"
     build_tiny_qwen_vl(hf, [*SENTENCES, *sentences], min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
@@ -58,4 +59,5 @@ def build_forced_judge(root: Path, answer: str, *, sentences: list[str] = ()) ->
     norm = next(k for k in sd if k.endswith("language_model.norm.weight") or k == "model.norm.weight")
     sd[norm] = np.ones_like(sd[norm])
     save_file(sd, files[0], metadata={"format": "pt"})
-    return convert_judge(hf, root / "judge", log=lambda s: None)
+    assert main(["qwen-vl", str(hf), str(root / "judge")]) == 0
+    return root / "judge"

@@ -388,6 +388,8 @@ def eval_main(argv: list[str]) -> int:
     p.add_argument("--language", choices=["en", "cn"], default=None, help="GEdit-Bench: one language only")
     p.add_argument("--clip", default=None, help="a converted CLIP folder: L1, CLIP image and text similarity too")
     p.add_argument("--judge-max-tokens", type=positive_int, default=512, help="judge answer length cap (512)")
+    p.add_argument("--judge-dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                   help="a judge folder's weights and compute dtype (default bfloat16)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
     model_options(p)
     args = p.parse_args(argv)
@@ -406,7 +408,9 @@ def eval_main(argv: list[str]) -> int:
         bench.items = [it for it in bench.items if it.language in (None, args.language)]
     bench.items = bench.items[: args.limit] if args.limit else bench.items
     try:
-        judge = judges.open_judge(args.judge, max_new_tokens=args.judge_max_tokens, batch_size=args.batch_size)
+        judge = judges.open_judge(
+            args.judge, max_new_tokens=args.judge_max_tokens, batch_size=args.batch_size, dtype=args.judge_dtype
+        )
         if isinstance(judge, judges.QwenJudge) and bench.kind not in judges.RECORDS:
             raise ValueError(
                 f"--judge {args.judge}: a vision-language judge needs a benchmark with judge prompts "

@@ -181,7 +181,7 @@ class PythonJudge:
 
 
 def open_judge(spec: str, **kw) -> QwenJudge | PythonJudge:
-    """A judge folder (a path that exists) or `MODULE:FUNCTION`."""
+    """A judge folder (a path that exists; kw: `QwenJudge`'s) or `MODULE:FUNCTION`."""
     if Path(spec).is_dir():
         return QwenJudge(spec, **kw)
     if ":" in spec:

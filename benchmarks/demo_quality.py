@@ -31,11 +31,6 @@ import shapes
 from jaxedit import DEFAULT_MODEL
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float(10 * np.log10(255.0**2 / max(mse, 1e-10)))
-
-
 def evaluate(pipe, indices: range, batch: int = 48, split: str = "test") -> list[dict]:
     """Edit test samples `indices` with `pipe`; one record per sample."""
     rows = []
@@ -53,8 +48,8 @@ def evaluate(pipe, indices: range, batch: int = 48, split: str = "test") -> list
                     "index": s.index,
                     "edit": s.edit,
                     "instruction": s.instruction,
-                    "psnr_edit": psnr(edited, s.target),
-                    "psnr_source": psnr(s.source, s.target),
+                    "psnr_edit": shapes.psnr(edited, s.target),
+                    "psnr_source": shapes.psnr(s.source, s.target),
                     "ok": shapes.judge(edited, s.target).ok,
                 }
             )

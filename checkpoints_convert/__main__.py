@@ -5,6 +5,7 @@
     python -m checkpoints_convert check FILE --preset flux-kontext-dev         # names and shapes only
     python -m checkpoints_convert pipeline SRC DST --preset step1x-edit --qwen QWEN_FOLDER  # with Qwen2.5-VL
     python -m checkpoints_convert add-qwen MODEL_FOLDER QWEN_FOLDER  # Qwen2.5-VL into a Step1X-Edit folder
+    python -m checkpoints_convert qwen-vl QWEN_FOLDER JUDGE_FOLDER  # a Qwen2.5-VL judge for `jaxedit eval`
     python -m checkpoints_convert seal MODEL_FOLDER   # record checksums in a folder written before they existed
     python -m checkpoints_convert pipeline SRC DST --preset flux-kontext-dev --quantize int8  # int8 DiT + T5
     python -m checkpoints_convert quantize MODEL_FOLDER DST --quantize int8   # an int8 copy of a model folder
@@ -47,7 +48,7 @@ def parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    commands = "{pipeline,add-qwen,seal,check,quantize,clip-model," + ",".join(part_names()) + "}"
+    commands = "{pipeline,add-qwen,qwen-vl,seal,check,quantize,clip-model," + ",".join(part_names()) + "}"
     sub = p.add_subparsers(dest="command", required=True, metavar=commands)
     preset_help = f"model preset: {', '.join(presets.names())}"
     dtypes = dict(choices=["bfloat16", "float32", "float16"], default=None, help="output dtype (default: the file's)")
@@ -86,6 +87,11 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("qwen", help="the transformers Qwen2.5-VL folder (config.json, safetensors, tokenizer, ...)")
     q.add_argument("--dtype", **dtypes)
 
+    j = sub.add_parser("qwen-vl", help="a Qwen2.5-VL folder -> a judge folder for `jaxedit eval --judge`")
+    j.add_argument("src", help="the transformers Qwen2.5-VL folder (config.json, safetensors, tokenizer, ...)")
+    j.add_argument("dst", help="output judge folder")
+    j.add_argument("--dtype", **dtypes)
+    j.add_argument("--force", action="store_true", help="overwrite DST")
     sl = sub.add_parser("seal", help="record the checksums of a model folder's parts (or of one checkpoint)")
     sl.add_argument("folder", help="a jaxedit model folder or Orbax checkpoint written without checksums")
 
@@ -237,6 +243,15 @@ def run(args) -> int:
             print(f"wrote {add_qwen(args.folder, args.qwen, dtype=_dtype(args.dtype)) / 'qwen'}")
             return 0
         except (ConversionError, FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    if args.command == "qwen-vl":
+        from checkpoints_convert.judge import convert_judge
+
+        try:
+            convert_judge(args.src, args.dst, dtype=_dtype(args.dtype), force=args.force)
+            return 0
+        except (ConversionError, FileNotFoundError, FileExistsError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
     if args.command == "seal":

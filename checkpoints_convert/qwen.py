@@ -14,9 +14,15 @@ from jaxedit.configs import QwenVLConfig
 from jaxedit.names import qwen2_5_vl as names
 from jaxedit.names.qwen2_5_vl import LAYOUTS
 
-__all__ = ["FORMATS", "LAYOUTS", "layout", "layout_name", "qwen_rules"]
+__all__ = ["FORMATS", "LAYOUTS", "QWEN_PROCESSOR_FILES", "QWEN_PROCESSOR_NEEDED", "copy_qwen_processor", "layout",
+           "layout_name", "qwen_rules"]  # fmt: skip
 
 FORMATS = ("transformers",)
+QWEN_PROCESSOR_NEEDED = ("config.json", "tokenizer_config.json", "preprocessor_config.json")
+QWEN_PROCESSOR_FILES = QWEN_PROCESSOR_NEEDED + (
+    "tokenizer.json", "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
+    "chat_template.json", "chat_template.jinja", "generation_config.json",
+)  # fmt: skip
 
 
 def layout_name(keys: Iterable[str]) -> str:
@@ -56,3 +62,19 @@ def read_config(folder: str | Path, width: int, what: str) -> QwenVLConfig:
     if cfg.text.hidden_size != width:
         raise ConversionError(f"{folder}: hidden size {cfg.text.hidden_size} != {what} {width}")
     return cfg
+
+
+def copy_qwen_processor(qwen: Path, dst: Path) -> None:
+    """The tokenizer, image processor and chat template files of `qwen` into `dst` (written beside, sealed,
+    renamed)."""
+    import shutil
+
+    from jaxedit.checkpoint import recover_dir, seal
+    from jaxedit.staged import staged_dir
+
+    recover_dir(dst)  # a cut earlier replacement first: then the leftovers can go
+    with staged_dir(dst) as tmp:
+        for f in QWEN_PROCESSOR_FILES:
+            if (qwen / f).is_file():
+                shutil.copy2(qwen / f, tmp / f)
+        seal(tmp)

@@ -6,7 +6,6 @@ Qwen2 connector under `connector.`, read with the library's key table `jaxedit.n
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -14,6 +13,7 @@ from typing import Any, NamedTuple
 from checkpoints_convert.family import FamilyConverter, Part
 from checkpoints_convert.mapping import ConversionError
 from checkpoints_convert.published import Published
+from checkpoints_convert.qwen import QWEN_PROCESSOR_NEEDED, copy_qwen_processor
 from jaxedit.configs import ConnectorConfig, FluxConfig, Preset
 from jaxedit.names import Rule
 from jaxedit.names import step1x as names
@@ -51,12 +51,6 @@ def step1x_rules(spec: Step1XSpec) -> list[Rule]:
 
 # ---------------------------------------------------------------------------------------
 # The family's converter: its transformer file, its Qwen2.5-VL folder, its published checkpoints
-
-QWEN_PROCESSOR_NEEDED = ("config.json", "tokenizer_config.json", "preprocessor_config.json")
-QWEN_PROCESSOR_FILES = QWEN_PROCESSOR_NEEDED + (
-    "tokenizer.json", "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
-    "chat_template.json", "chat_template.jinja", "generation_config.json",
-)  # fmt: skip
 
 
 def transformer_rules(source, cfg: Step1XSpec, fmt: str | None):
@@ -159,20 +153,6 @@ def check_qwen(qwen: Path, preset: Preset):
     if missing:
         raise FileNotFoundError(f"{qwen}: missing {', '.join(missing)} (Qwen2.5-VL tokenizer / image processor)")
     return qwen_cfg
-
-
-def copy_qwen_processor(qwen: Path, dst: Path) -> None:
-    """The tokenizer, image processor and chat template files of `qwen` into `dst` (written beside, sealed,
-    renamed)."""
-    from jaxedit.checkpoint import recover_dir, seal
-    from jaxedit.staged import staged_dir
-
-    recover_dir(dst)  # a cut earlier replacement first: then the leftovers can go
-    with staged_dir(dst) as tmp:
-        for f in QWEN_PROCESSOR_FILES:
-            if (qwen / f).is_file():
-                shutil.copy2(qwen / f, tmp / f)
-        seal(tmp)
 
 
 def qwen_embedder(path: str | Path, config=None, *, dtype: Any = "bfloat16", **kw):

@@ -7,6 +7,7 @@
     jaxedit precompute --model FOLDER --data DATA --out CACHE
     jaxedit plan --task train --target v5p-8 --resolution 1024
     jaxedit data pack --from parquet 'gs://b/edits/*.parquet' --out gs://b/packed   (also: data info, data verify)
+    jaxedit eval --benchmark DIR --judge JUDGE --out OUT [--model FOLDER] [--limit N] [--batch-size 4]
     jaxedit calibrate-cache --image a.png --prompt "..." --image b.png --prompt "..." --threshold 0.08 --out s.json
 
 Without --model the shipped default model is used. Real checkpoints are converted into model
@@ -33,6 +34,7 @@ COMMANDS = {
     "precompute": "cache a dataset's text embeddings and VAE latents for training",
     "plan": "compile a full-size step ahead of time: per-device memory, FLOPs, time estimates",
     "data": "training data as record shards: pack (a folder, Parquet or tar shards), info, verify",
+    "eval": "edit and judge a benchmark (GEdit-Bench, ImgEdit, pairs): tables and an HTML report (resumable)",
     "calibrate-cache": "record which steps a first-block cache skips on a few edits: a --cache schedule file",
 }
 
@@ -367,6 +369,80 @@ def batch_main(argv: list[str]) -> int:
     return 1 if counts["failed"] else 0
 
 
+def eval_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="jaxedit eval",
+        description="Edit every item of a benchmark copy on disk (GEdit-Bench's Parquet + viescore/vie_prompts.py, "
+        "ImgEdit Basic's basic_edit.json + prompts.json, or a pairs folder's benchmark.jsonl), judge each edit, write "
+        "OUT/results.jsonl, OUT/summary.md / .json (the benchmark's aggregation) and OUT/report.html. Resumable: a "
+        "rerun skips edits and judgements already done with the same inputs.",
+    )
+    p.add_argument("--benchmark", required=True, help="the benchmark's folder")
+    p.add_argument("--judge", required=True,
+                   help="a Qwen2.5-VL judge folder (python -m checkpoints_convert qwen-vl SRC OUT) or MODULE:FUNCTION, "
+                   "a Python judge (e.g. shapes:score_edit)")  # fmt: skip
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--limit", type=positive_int, default=None, help="the first N items only")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="edits (and judge prompts) per batch")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first item without its own (the others: +1 each)")
+    p.add_argument("--language", choices=["en", "cn"], default=None, help="GEdit-Bench: one language only")
+    p.add_argument("--clip", default=None, help="a converted CLIP folder: L1, CLIP image and text similarity too")
+    p.add_argument("--judge-max-tokens", type=positive_int, default=512, help="judge answer length cap (512)")
+    p.add_argument("--judge-dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                   help="a judge folder's weights and compute dtype (default bfloat16)")  # fmt: skip
+    p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    model_options(p)
+    args = p.parse_args(argv)
+    from jaxedit.evaluation import benchmarks, judges
+    from jaxedit.evaluation.run import evaluate
+    from jaxedit.pipelines.batch import OutputBusy, ProgramFault, check_output_dir, output_lock
+
+    out = Path(args.out)
+    try:
+        check_output_dir(out)
+        out.mkdir(parents=True, exist_ok=True)
+        bench = benchmarks.read(args.benchmark, out / "inputs")
+    except (ValueError, OSError) as e:
+        fail(str(e) if isinstance(e, ValueError) else f"--out {out}: {e.strerror or e}")
+    if args.language:
+        bench.items = [it for it in bench.items if it.language in (None, args.language)]
+    bench.items = bench.items[: args.limit] if args.limit else bench.items
+    try:
+        judge = judges.open_judge(
+            args.judge, max_new_tokens=args.judge_max_tokens, batch_size=args.batch_size, dtype=args.judge_dtype
+        )
+        if isinstance(judge, judges.QwenJudge) and bench.kind not in judges.RECORDS:
+            raise ValueError(
+                f"--judge {args.judge}: a vision-language judge needs a benchmark with judge prompts "
+                f"(GEdit-Bench, ImgEdit), {args.benchmark} is a {bench.kind} benchmark"
+            )
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    clip = None
+    if args.clip:
+        from jaxedit.evaluation import metrics
+
+        try:
+            clip = metrics.ClipScorer.load(args.clip) if hasattr(metrics.ClipScorer, "load") else (
+                metrics.ClipScorer(args.clip))  # fmt: skip
+        except (FileNotFoundError, ValueError) as e:
+            fail(f"--clip {args.clip}: {e}")
+    try:
+        with output_lock(out):
+            pipe = load_pipeline(args)
+            result = evaluate(pipe, bench, judge, out, batch_size=args.batch_size,
+                              defaults=sampling_defaults(args, pipe), model=model_identity(args, pipe),
+                              seed=args.seed, clip=clip, clip_id=args.clip, progress=not args.no_progress)  # fmt: skip
+    except (ProgramFault, OutputBusy) as e:
+        fail(str(e))
+    from jaxedit.evaluation.report import markdown
+
+    print(markdown(result["tables"]))
+    print(f"{result['judged']} judged, {result['unparsed']} unparsed, {result['failed']} failed (not edited); "
+          f"{out / 'summary.md'}, {out / 'report.html'}")  # fmt: skip
+    return 1 if result["failed"] else 0
+
+
 def train_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="jaxedit train", description="Train a FLUX.1 Kontext / Step1X-Edit editing model (or its VAE)."
@@ -415,7 +491,7 @@ def data_main(argv: list[str]) -> int:
 
 
 MAINS = {"edit": edit_main, "batch": batch_main, "train": train_main, "precompute": precompute_main, "plan": plan_main,
-         "data": data_main, "calibrate-cache": calibrate_cache_main}  # fmt: skip
+         "data": data_main, "calibrate-cache": calibrate_cache_main, "eval": eval_main}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,7 @@ line. Everything a caller needs is re-exported here: `shapes.sample("test", 3)`,
 
 from shapes.cli import main
 from shapes.dataset import parse_edit_weights, png_bytes, select_indices, write_split
-from shapes.judge import MAX_ABSENT_AREA, MIN_IOU, MIN_PRESENT_AREA, Verdict, judge, segment
+from shapes.judge import MAX_ABSENT_AREA, MIN_IOU, MIN_PRESENT_AREA, Verdict, judge, psnr, score_edit, segment
 from shapes.task import (
     COLOURS,
     EDIT_TYPES,
@@ -35,6 +35,6 @@ from shapes.task import (
 __all__ = [
     "COLOURS", "EDITS", "EDIT_TYPES", "KINDS", "MAX_ABSENT_AREA", "MAX_JITTER", "MIN_IOU", "MIN_PRESENT_AREA",
     "POSITIONS", "SIZES", "SPLITS", "SPLIT_SIZE", "Background", "Sample", "Scene", "Shape", "Verdict", "edit_of",
-    "judge", "main", "parse_edit_weights", "png_bytes", "random_scene", "random_source", "render", "sample",
-    "seed_for", "segment", "select_indices", "shape_alpha", "vocabulary", "write_split",
+    "judge", "main", "parse_edit_weights", "png_bytes", "psnr", "random_scene", "random_source", "render",
+    "sample", "score_edit", "seed_for", "segment", "select_indices", "shape_alpha", "vocabulary", "write_split",
 ]  # fmt: skip

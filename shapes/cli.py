@@ -1,6 +1,7 @@
 """`python -m shapes`: write a split of the shapes task, or print its vocabulary.
 
     python -m shapes write OUT --split train --count 20000 [--size 64] [--edit-weights remove=2,move=2]
+    python -m shapes benchmark --out DIR --count 240 [--split test]   (`jaxedit eval --judge shapes:score_edit`)
     python -m shapes vocabulary > vocabulary.txt   (every instruction: tokenizer training text)
 
 `--edit-weights` writes a training file with more of some edits: a weighted choice of indices
@@ -13,7 +14,7 @@ import argparse
 import json
 import time
 
-from shapes.dataset import parse_edit_weights, write_split
+from shapes.dataset import parse_edit_weights, write_benchmark, write_split
 from shapes.task import EDIT_TYPES, SPLITS, vocabulary
 
 
@@ -32,8 +33,17 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         help="relative frequency of edit types, e.g. remove=2,move=2 (unlisted: 1); default uniform",
     )
+    b = sub.add_parser("benchmark", help="a split as a `jaxedit eval` pairs benchmark (seeds = indices)")
+    b.add_argument("--out", required=True)
+    b.add_argument("--split", default="test", choices=list(SPLITS))
+    b.add_argument("--count", type=int, default=240)
+    b.add_argument("--size", type=int, default=64)
     sub.add_parser("vocabulary", help="print every instruction the task can produce, one a line")
     a = p.parse_args(argv)
+    if a.cmd == "benchmark":
+        path = write_benchmark(a.out, a.split, a.count, a.size)
+        print(f"wrote {a.count} {a.split} edits to {path}: jaxedit eval --benchmark {a.out} --judge shapes:score_edit")
+        return 0
     if a.cmd == "vocabulary":
         print("\n".join(vocabulary()))
         return 0

@@ -124,3 +124,22 @@ def write_split(
     manifest = out / "manifest.jsonl"
     manifest.write_text("".join(line + "\n" for line in lines))
     return manifest
+
+
+def write_benchmark(out_dir: str | Path, split: str = "test", count: int = 240, size: int = 64) -> Path:
+    """`jaxedit eval`'s pairs layout of samples 0..count-1 of `split`: DIR/sources/<i>.png, DIR/targets/<i>.png and
+    DIR/benchmark.jsonl ({"id", "category": the edit type, "instruction", "source", "target", "seed": the index, as
+    benchmarks/demo_quality.py seeds them})."""
+    out = Path(out_dir)
+    (out / "sources").mkdir(parents=True, exist_ok=True)
+    (out / "targets").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(count):
+        s = sample(split, i, size)
+        (out / "sources" / f"{i}.png").write_bytes(png_bytes(s.source))
+        (out / "targets" / f"{i}.png").write_bytes(png_bytes(s.target))
+        lines.append(json.dumps({"id": f"{split}-{i}", "category": s.edit, "instruction": s.instruction,
+                                 "source": f"sources/{i}.png", "target": f"targets/{i}.png", "seed": i}))  # fmt: skip
+    path = out / "benchmark.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -84,3 +84,17 @@ def judge(output: Image.Image | np.ndarray, target: Image.Image | np.ndarray) ->
         else:
             details[name] = {"target_area": ta, "output_area": oa, "iou": None, "ok": oa <= MAX_ABSENT_AREA * scale}
     return Verdict(all(d["ok"] for d in details.values()), details)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of two uint8 [H, W, 3] images (benchmarks/demo_quality.py's)."""
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float(10 * np.log10(255.0**2 / max(mse, 1e-10)))
+
+
+def score_edit(edited: np.ndarray, *, source: np.ndarray, target: np.ndarray, **_) -> dict[str, Any]:
+    """`jaxedit eval --judge shapes:score_edit`: the judge's verdict (ok) and PSNR of the edit and of the source
+    (the do-nothing baseline) against the target, on uint8 [H, W, 3] arrays."""
+    if target is None:
+        raise ValueError("the shapes judge needs each item's target image")
+    return {"ok": judge(edited, target).ok, "psnr": psnr(edited, target), "psnr_source": psnr(source, target)}

@@ -234,3 +234,24 @@ def test_plan_refuses_a_judge_for_an_editing_task(capsys):
 
     assert plan.main(["--preset", "qwen2.5-vl-72b", "--task", "sample"]) == 2
     assert "qwen2.5-vl-72b" in capsys.readouterr().err
+
+
+def test_two_images_in_one_prompt(setup):
+    """GEdit's SC prompt form: two images of different sizes, then the text, in one user turn (`chat_items` with a
+    list of images; the text first with text_first, ImgEdit's form), batched beside a one-image prompt: each
+    image's pads (between its vision start and end tokens, in order) match its grid, and the greedy ids equal
+    transformers' generate on the same inputs, the logits to float32 precision."""
+    ref, cfg, params, tok, items, processor, imgs = setup
+    two = G.chat_items(tok, processor, ["is the second picture the first one edited?"], [imgs])[0]
+    first = G.chat_items(tok, processor, ["compare"], [list(imgs)], text_first=True)[0]
+    for item in (two, first):
+        ids = list(item["input_ids"])
+        starts = [i for i, t in enumerate(ids) if t == cfg.vision_start_token_id]
+        pads = [ids[s + 1 : ids.index(cfg.vision_end_token_id, s)].count(cfg.image_token_id) for s in starts]
+        assert pads == [int(np.prod(g)) // 4 for g in item["image_grid_thw"]] and len(pads) == 2
+    assert tok.decode(first["input_ids"][: starts[0]]).endswith("compare")  # the text before the images
+    ours = G.generate(params, cfg, [two, items[1], first], N, return_logits=True)
+    for i, item in enumerate([two, items[1], first]):
+        want_ids, want_logits = reference(ref, cfg, [item])
+        np.testing.assert_array_equal(ours.tokens[i], want_ids[0])
+        assert rel_err(ours.logits[i], want_logits[0]) <= 1e-5

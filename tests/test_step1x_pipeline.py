@@ -269,7 +269,7 @@ def test_release_converts_to_a_model_folder(tmp_path, tiny_qwen, capsys):
     # `model.` names), its processor files beside
     from safetensors.numpy import load_file
 
-    from checkpoints_convert.step1x import QWEN_PROCESSOR_NEEDED
+    from checkpoints_convert.qwen import QWEN_PROCESSOR_NEEDED
     from jaxedit.configs import QwenVLConfig
     from jaxedit.models.qwen2_5_vl import abstract_params as qwen_abstract
 

@@ -270,24 +270,31 @@ def lower_generate(cfg: QwenVLConfig, mesh, batch: int, *, prompt_tokens: int, i
 
 
 def chat_items(tokenizer, image_processor, prompts: Sequence[str], images: Sequence[Any], *, chat_template=None,
-               system: str | None = None) -> list[dict[str, Any]]:  # fmt: skip
-    """Prepared items of (prompt, image or None) pairs as transformers' Qwen2.5-VL processor makes them: the chat
-    template (one user turn: the image, then the text; the generation prompt added), each `<|image_pad|>`
-    expanded to the image's merged patches, the Qwen2-VL image processor's pixel values and grid."""
+               system: str | None = None, text_first: bool = False) -> list[dict[str, Any]]:  # fmt: skip
+    """Prepared items of (prompt, images) pairs as transformers' Qwen2.5-VL processor makes them: the chat
+    template (one user turn: the images, then the text, or the text first with `text_first`; the generation prompt
+    added), each `<|image_pad|>` expanded to its image's merged patches, the Qwen2-VL image processor's pixel values
+    [N, patch_dim] and grids [n_images, 3] (images in order). An item's images: one image, a list of them, or
+    None."""
     items = []
     for prompt, image in zip(prompts, images, strict=True):
-        content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": prompt}]
+        imgs = [] if image is None else list(image) if isinstance(image, list | tuple) else [image]
+        content = [{"type": "image"} for _ in imgs]
+        text_part = [{"type": "text", "text": prompt}]
+        content = text_part + content if text_first else content + text_part
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
         kw = {"chat_template": chat_template} if chat_template else {}
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kw)
         item: dict[str, Any] = {}
-        if image is not None:
-            vision = image_processor(images=[image], return_tensors="np")
-            n = int(np.prod(vision["image_grid_thw"][0])) // image_processor.merge_size**2
-            pad = "<|image_pad|>"
-            text = text.replace(pad, pad * n, 1)
+        if imgs:
+            vision = image_processor(images=imgs, return_tensors="np")
+            grids = np.asarray(vision["image_grid_thw"], np.int64).reshape(-1, 3)
+            pad, mark = "<|image_pad|>", "\x00image\x00"
+            for g in grids:  # one pad per image, in order: each expanded to its own image's merged patches
+                text = text.replace(pad, mark * (int(np.prod(g)) // image_processor.merge_size**2), 1)
+            text = text.replace(mark, pad)
             item["pixel_values"] = np.asarray(vision["pixel_values"], np.float32)
-            item["image_grid_thw"] = np.asarray(vision["image_grid_thw"], np.int64)
+            item["image_grid_thw"] = grids
         ids = np.asarray(tokenizer(text)["input_ids"], np.int64)
         items.append({"input_ids": ids, "attention_mask": np.ones(len(ids), np.int32), **item})
     return items
@@ -295,9 +302,12 @@ def chat_items(tokenizer, image_processor, prompts: Sequence[str], images: Seque
 
 def generate_chat(params, cfg: QwenVLConfig, tokenizer, image_processor, prompts, images, max_new_tokens: int,
                   *, chat_template=None, **kw) -> list[str]:  # fmt: skip
-    """Answers (decoded, special tokens skipped) to `prompts` about `images` (one each, or None); stop tokens
+    """Answers (decoded, special tokens skipped) to `prompts` about `images` (per prompt: an image, a list of
+    images or None; kw `text_first`: the text before the images); stop tokens
     default to the tokenizer's end of turn (<|im_end|>) and end of text; kw: `generate`'s."""
-    items = chat_items(tokenizer, image_processor, prompts, images, chat_template=chat_template)
+    items = chat_items(
+        tokenizer, image_processor, prompts, images, chat_template=chat_template, text_first=kw.pop("text_first", False)
+    )
     stops = kw.pop("stop_ids", None)
     if stops is None:
         stops = sorted({i for i in tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]) if i is not None})

@@ -1,0 +1,176 @@
+"""`jaxedit eval`'s job: edit every item of a benchmark (the batch machinery: `jaxedit.pipelines.batch.run_job`,
+resumable, a bad item fails alone), judge each edit (resumable: OUT/judged.jsonl, one line per judged item, the
+latest per id wins and is kept while the edit and the judge are the same), write the tables and the report.
+
+    OUT/edits.jsonl        the batch manifest made from the benchmark (image, prompt, id, seed)
+    OUT/edits/<id>.png     the edits, OUT/edits/results.jsonl their batch results
+    OUT/judged.jsonl       per item: status (judged / unparsed / failed), scores, the judge's raw answers
+    OUT/results.jsonl      per item, in the benchmark's order: the item, its edit and its judgement
+    OUT/summary.md, OUT/summary.json, OUT/report.html
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxedit.evaluation import judges as J
+from jaxedit.evaluation import report
+from jaxedit.evaluation.benchmarks import Benchmark, Item
+from jaxedit.staged import write_file
+
+
+def manifest(bench: Benchmark, items: list[Item], out: Path, seed: int) -> Path:
+    """OUT/edits.jsonl: one batch line per item (its seed, else `seed` + its index)."""
+    lines = []
+    for i, it in enumerate(items):
+        rec = {"id": it.id, "image": str(Path(it.source).absolute()), "prompt": it.instruction}
+        lines.append(json.dumps(rec | {"seed": it.seed if it.seed is not None else seed + i}))
+    return write_file(out / "edits.jsonl", "\n".join(lines) + "\n")
+
+
+def latest(path: Path) -> dict[str, dict]:
+    """The latest record per id of a JSONL file (unreadable lines skipped: their items run again)."""
+    out = {}
+    if path.is_file():
+        for line in path.read_bytes().split(b"\n"):
+            try:
+                rec = json.loads(line)
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("id"), str):
+                out[rec["id"]] = rec
+    return out
+
+
+def append(path: Path, rec: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(rec) + "\n")
+        f.flush()
+
+
+def rgb(path: str | None) -> np.ndarray | None:
+    """uint8 [H, W, 3] of an image file."""
+    from jaxedit.pipelines.batch import load_image
+
+    return None if path is None else np.asarray(load_image(path))
+
+
+def judge_items(bench: Benchmark, todo: list[tuple[Item, dict, str]], judge, write: Callable[[dict], None],
+                clip=None) -> None:  # fmt: skip
+    """Judge (item, edit result, key) triples; each judged record goes to `write` as soon as it is made."""
+    from PIL import Image
+
+    chunk = getattr(judge, "batch_size", 1)
+    for lo in range(0, len(todo), chunk):
+        part = todo[lo : lo + chunk]
+        edits = [rgb(res["output"]) for _, res, _ in part]
+        sources = [rgb(it.source) for it, _, _ in part]
+        answers: list[dict[str, str]] = [{} for _ in part]
+        if isinstance(judge, J.QwenJudge):
+            asks = []
+            for i, (it, _, _) in enumerate(part):
+                src = Image.fromarray(sources[i])
+                edit = Image.fromarray(edits[i])
+                if bench.kind == "gedit":  # the edit at the source's size (test_gedit_score.py)
+                    edit = edit.resize(src.size)
+                prompts = {"prompt": bench.prompts.get(it.category, "")} | bench.prompts
+                asks += [(i, name, (text, imgs, first)) for name, text, imgs, first in
+                         J.queries(bench.kind, prompts, it.instruction, src, edit)]  # fmt: skip
+            texts = judge.ask([a for _, _, a in asks])
+            for (i, name, _), text in zip(asks, texts):
+                answers[i][name] = text
+        for i, (it, _, key) in enumerate(part):
+            rec = {"id": it.id, "key": key}
+            try:
+                if isinstance(judge, J.QwenJudge):
+                    rec["answers"] = answers[i]
+                    scores = J.RECORDS[bench.kind](answers[i])
+                else:
+                    target = rgb(it.target)
+                    scores = judge.score(edits[i], kind=bench.kind, source=sources[i], target=target,
+                                         instruction=it.instruction, category=it.category)  # fmt: skip
+                rec |= {"status": "judged", "scores": scores}
+            except J.Unparsed as e:
+                rec |= {"status": "unparsed", "error": str(e)}
+            if clip is not None:
+                rec["metrics"] = metrics_of(clip, edits[i], rgb(it.target), it.instruction)
+            write(rec)
+
+
+def metrics_of(clip, edit: np.ndarray, target: np.ndarray | None, instruction: str) -> dict[str, float]:
+    """L1 and CLIP image similarity to the target (when there is one), CLIP text-image similarity to the
+    instruction (`jaxedit.evaluation.metrics`)."""
+    from jaxedit.evaluation import metrics
+
+    out = {"clip_text": float(np.asarray(clip.text_similarity([edit], [instruction])).reshape(-1)[0])}
+    if target is not None:
+        out["l1"] = float(metrics.l1(edit, target))
+        out["clip_image"] = float(np.asarray(clip.image_similarity([edit], [target])).reshape(-1)[0])
+    return out
+
+
+def evaluate(pipe, bench: Benchmark, judge, out: Path, *, batch_size: int, defaults: dict, model: str, seed: int,
+             clip=None, clip_id: str | None = None, progress: bool = True,
+             log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict[str, Any]:  # fmt: skip
+    """Edit, judge, tabulate `bench.items` into `out` (whose lock the caller holds); returns counts and the
+    tables."""
+    from jaxedit.pipelines.batch import run_job
+
+    items = bench.items
+    path = manifest(bench, items, out, seed)
+    (out / "edits").mkdir(exist_ok=True)
+    edit_counts = run_job(pipe, path, out / "edits", batch_size=batch_size, defaults=defaults, model=model,
+                          progress=progress, log=log, locked=True)  # fmt: skip
+    edits = latest(out / "edits" / "results.jsonl")
+    judged_path = out / "judged.jsonl"
+    judged = latest(judged_path)
+    ident = json.dumps([judge.identity(), bench.kind, bench.prompts, clip_id], sort_keys=True)
+    todo, skipped = [], 0
+    for it in items:
+        res = edits.get(it.id)
+        if not res or res.get("status") != "ok":
+            continue
+        key = hashlib.sha256(json.dumps([res["sha256"], ident, it.instruction, it.category, it.target and
+                                         target_digest(it.target)]).encode()).hexdigest()[:16]  # fmt: skip
+        if judged.get(it.id, {}).get("key") == key:
+            skipped += 1
+        else:
+            todo.append((it, res, key))
+    if skipped:
+        log(f"judging: {skipped} item(s) already judged in {judged_path}")
+
+    def write(rec):
+        judged[rec["id"]] = rec
+        append(judged_path, rec)
+
+    judge_items(bench, todo, judge, write, clip)
+    records = []
+    for it in items:
+        res, j = edits.get(it.id) or {}, judged.get(it.id) or {}
+        rec = {"id": it.id, "category": it.category, "instruction": it.instruction, "language": it.language,
+               "intersection": it.intersection, "source": it.source, "target": it.target}  # fmt: skip
+        if res.get("status") != "ok":
+            rec |= {"status": "failed", "error": res.get("error", "not edited")}
+        else:
+            rec |= {"edit": res["output"], "seed": res.get("seed")}
+            rec |= {k: j[k] for k in ("status", "scores", "answers", "error", "metrics") if k in j}
+        records.append(rec)
+    write_file(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    tables = report.write_tables(out, bench.kind, records)
+    report.html_report(out, records, tables)
+    status = [r["status"] for r in records]
+    return {"edits": edit_counts, "judged": status.count("judged"), "unparsed": status.count("unparsed"),
+            "failed": status.count("failed"), "tables": tables}  # fmt: skip
+
+
+def target_digest(path: str) -> str:
+    from jaxedit.pipelines.batch import file_digest
+
+    return file_digest(path)

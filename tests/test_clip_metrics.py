@@ -22,17 +22,12 @@ from checkpoints_convert import ConversionError, shapes_of  # noqa: E402
 from checkpoints_convert.__main__ import main as convert_cli  # noqa: E402
 from checkpoints_convert.clip_model import manifest_shapes, plan_clip_model  # noqa: E402
 from jaxedit import clip_folder  # noqa: E402
-from jaxedit.configs import CLIPTextConfig  # noqa: E402
 from jaxedit.evaluation.metrics import ClipScorer, l1  # noqa: E402
 from jaxedit.models import clip_vision  # noqa: E402
-from jaxedit.models.clip_vision import CLIP_VIT_L_14, CLIPModel, CLIPModelConfig, CLIPVisionConfig  # noqa: E402
-from jaxedit.tokenizers_offline import train_tokenizers  # noqa: E402
-from references.clip_model import clip_model as hf_clip_model  # noqa: E402
+from jaxedit.models.clip_vision import CLIP_VIT_L_14, CLIPModel, CLIPModelConfig  # noqa: E402
 from tests.helpers import rel_err  # noqa: E402
+from tests.tiny_clip import build_tiny_clip  # noqa: E402
 
-# odd, unequal sizes: text 36 wide (3 heads of 12), vision 40 wide (5 heads of 8), 30 px images in 6 px patches
-TEXT = dict(hidden_size=36, intermediate_size=52, num_layers=3, num_heads=3, max_position_embeddings=23, max_length=23)
-VISION = CLIPVisionConfig(hidden_size=40, intermediate_size=60, num_layers=2, num_heads=5, patch_size=6, image_size=30)
 TEXTS = ["a photo of a cat sitting on a red sofa", "add snow!", "make the dog wear a small blue hat and a scarf " * 3]
 
 
@@ -127,22 +122,9 @@ def test_preprocessing_matches_clip_image_processor(size, crop):
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    """(transformers CLIPModel, its processor, our converted folder): a tiny random CLIPModel saved with
-    save_pretrained (safetensors) with an offline-trained CLIP tokenizer and an image processor at its size."""
-    root = tmp_path_factory.mktemp("clip")
-    train_tokenizers(root / "tok")
-    vocab = len(json.loads((root / "tok" / "tokenizer" / "vocab.json").read_text()))
-    cfg = CLIPModelConfig(CLIPTextConfig(vocab_size=vocab + 3, **TEXT), VISION, projection_dim=24)
-    model = hf_clip_model(cfg, seed=7)
-    src = root / "hf"
-    model.save_pretrained(src)
-    for f in (root / "tok" / "tokenizer").iterdir():
-        shutil.copy(f, src / f.name)
-    proc = transformers.CLIPImageProcessor(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30})
-    proc.save_pretrained(src)
-    assert json.loads((src / "config.json").read_text())["vision_config"]["hidden_size"] == 40
-    dst = root / "jax"
-    assert convert_cli(["clip-model", str(src), str(dst)]) == 0
+    """(transformers CLIPModel, its processor, its tokenizer, the transformers folder, our converted folder, the
+    config): `tests.tiny_clip.build_tiny_clip`."""
+    model, proc, src, dst, cfg = build_tiny_clip(tmp_path_factory.mktemp("clip"))
     return model, proc, transformers.AutoTokenizer.from_pretrained(src), src, dst, cfg
 
 

@@ -377,17 +377,30 @@ def eval_main(argv: list[str]) -> int:
         "OUT/results.jsonl, OUT/summary.md / .json (the benchmark's aggregation) and OUT/report.html. Resumable: a "
         "rerun skips edits and judgements already done with the same inputs.",
     )
-    p.add_argument("--benchmark", required=True, help="the benchmark's folder")
-    p.add_argument("--judge", required=True,
+    p.add_argument("--benchmark", required=True, metavar="DIR", help="the benchmark's folder")
+    p.add_argument("--judge", required=True, metavar="FOLDER|MODULE:FUNCTION",
                    help="a Qwen2.5-VL judge folder (python -m checkpoints_convert qwen-vl SRC OUT) or MODULE:FUNCTION, "
                    "a Python judge (e.g. shapes:score_edit)")  # fmt: skip
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--limit", type=positive_int, default=None, help="the first N items only")
-    p.add_argument("--batch-size", type=positive_int, default=1, help="edits (and judge prompts) per batch")
-    p.add_argument("--seed", type=int, default=0, help="seed of the first item without its own (the others: +1 each)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--limit", type=positive_int, metavar="N", default=None, help="the first N items only")
+    p.add_argument("--batch-size", type=positive_int, metavar="N", default=1, help="edits per batch (1)")
+    p.add_argument(
+        "--seed", type=int, metavar="N", default=0, help="seed of the first item without its own (the others: +1 each)"
+    )
     p.add_argument("--language", choices=["en", "cn"], default=None, help="GEdit-Bench: one language only")
-    p.add_argument("--clip", default=None, help="a converted CLIP folder: L1, CLIP image and text similarity too")
-    p.add_argument("--judge-max-tokens", type=positive_int, default=512, help="judge answer length cap (512)")
+    p.add_argument("--clip", default=None, metavar="FOLDER",
+                   help="a converted CLIP folder (python -m checkpoints_convert clip-model SRC OUT): CLIP-I (edit "
+                   "vs target) and CLIP-T (edit vs instruction) too; L1 to the target comes without it")  # fmt: skip
+    p.add_argument("--judge-batch", type=positive_int, default=None, metavar="N",
+                   help="judge prompts per generate call, and items judged (and scored by CLIP) per step "
+                   "(default: --batch-size)")  # fmt: skip
+    p.add_argument("--judge-mesh", default="auto", metavar="SPEC",
+                   help="where a judge folder runs on this host's devices: axis sizes such as tensor=4 or data=2 "
+                   "(the first that many devices), or auto (default: replicated when a chip holds the weights, "
+                   "else tensor-parallel over the fewest chips that do; data rows up to --judge-batch)")  # fmt: skip
+    p.add_argument(
+        "--judge-max-tokens", type=positive_int, metavar="N", default=512, help="judge answer length cap (512)"
+    )
     p.add_argument("--judge-dtype", choices=["bfloat16", "float32"], default="bfloat16",
                    help="a judge folder's weights and compute dtype (default bfloat16)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
@@ -395,8 +408,13 @@ def eval_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     from jaxedit.evaluation import benchmarks, judges
     from jaxedit.evaluation.run import evaluate
+    from jaxedit.parallel import placement
     from jaxedit.pipelines.batch import OutputBusy, ProgramFault, check_output_dir, output_lock
 
+    try:
+        placement.parse(args.judge_mesh)
+    except ValueError as e:
+        fail(f"--judge-mesh {args.judge_mesh}: {e}")
     out = Path(args.out)
     try:
         check_output_dir(out)
@@ -407,32 +425,31 @@ def eval_main(argv: list[str]) -> int:
     if args.language:
         bench.items = [it for it in bench.items if it.language in (None, args.language)]
     bench.items = bench.items[: args.limit] if args.limit else bench.items
+    if Path(args.judge).is_dir() and bench.kind not in judges.RECORDS:
+        fail(f"--judge {args.judge}: a vision-language judge needs a benchmark with judge prompts (GEdit-Bench, "
+             f"ImgEdit), {args.benchmark} is a {bench.kind} benchmark")  # fmt: skip
     try:
-        judge = judges.open_judge(
-            args.judge, max_new_tokens=args.judge_max_tokens, batch_size=args.batch_size, dtype=args.judge_dtype
-        )
-        if isinstance(judge, judges.QwenJudge) and bench.kind not in judges.RECORDS:
-            raise ValueError(
-                f"--judge {args.judge}: a vision-language judge needs a benchmark with judge prompts "
-                f"(GEdit-Bench, ImgEdit), {args.benchmark} is a {bench.kind} benchmark"
-            )
+        judge = judges.open_judge(args.judge, max_new_tokens=args.judge_max_tokens, dtype=args.judge_dtype,
+                                  batch_size=args.judge_batch or args.batch_size, mesh=args.judge_mesh)  # fmt: skip
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
-    clip = None
+    clip = clip_id = None
     if args.clip:
-        from jaxedit.evaluation import metrics
+        from jaxedit.evaluation.metrics import ClipScorer
+        from jaxedit.model_folder import fingerprint
 
         try:
-            clip = metrics.ClipScorer.load(args.clip) if hasattr(metrics.ClipScorer, "load") else (
-                metrics.ClipScorer(args.clip))  # fmt: skip
+            clip = ClipScorer.load(args.clip, batch_size=args.judge_batch or args.batch_size)
         except (FileNotFoundError, ValueError) as e:
             fail(f"--clip {args.clip}: {e}")
+        clip_id = fingerprint(args.clip)
     try:
         with output_lock(out):
             pipe = load_pipeline(args)
             result = evaluate(pipe, bench, judge, out, batch_size=args.batch_size,
                               defaults=sampling_defaults(args, pipe), model=model_identity(args, pipe),
-                              seed=args.seed, clip=clip, clip_id=args.clip, progress=not args.no_progress)  # fmt: skip
+                              seed=args.seed, clip=clip, clip_id=clip_id, progress=not args.no_progress,
+                              judge_batch=args.judge_batch)  # fmt: skip
     except (ProgramFault, OutputBusy) as e:
         fail(str(e))
     from jaxedit.evaluation.report import markdown

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -285,7 +286,8 @@ def test_shapes_benchmark_equals_demo_quality(tmp_path, capsys):
         cells = [c.strip().strip("*") for c in line.strip("|").split("|")]
         if len(cells) == 6 and cells[1].isdigit():
             want[cells[0]] = [int(cells[1]), cells[2], cells[3], cells[5]]
-    (table,) = json.loads((tmp_path / "out" / "summary.json").read_text())["tables"]
+    table, metrics = json.loads((tmp_path / "out" / "summary.json").read_text())["tables"]
+    assert metrics["columns"] == ["category", "n", "l1"] and metrics["rows"][-1][:2] == ["all", 12]
     cols = table["columns"]
     got = {
         r[0]: [r[1], f"{r[cols.index('psnr')]:.2f}", f"{r[cols.index('psnr_source')]:.2f}",
@@ -297,39 +299,70 @@ def test_shapes_benchmark_equals_demo_quality(tmp_path, capsys):
     assert np.isfinite([v for r in table["rows"] for v in r[2:5]]).all()
 
 
-def test_clip_metrics_and_converter_errors(forced_judge, tmp_path, capsys, monkeypatch):
-    """--clip: L1, CLIP image similarity to the target and CLIP text similarity per item, from
-    `jaxedit.evaluation.metrics` (a stand-in module here: its API, l1 and ClipScorer); a vision-language judge on a
-    benchmark without judge prompts, and the converter given a folder that is not a Qwen2.5-VL, fail in one line."""
-    import types
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """Our converted CLIP folder of a tiny random transformers CLIPModel (`tests.tiny_clip`)."""
+    pytest.importorskip("torch")
+    from tests.tiny_clip import build_tiny_clip
 
+    return build_tiny_clip(tmp_path_factory.mktemp("clip"))[3]
+
+
+def metric_means(recs: list[dict], names: list[str]) -> list[list]:
+    """The metrics table's rows computed by hand: per category, then over all items."""
+    rows = []
+    for c in ["even", "odd", "all"]:
+        g = [r["metrics"] for r in recs if c in ("all", r["category"])]
+        rows.append([c, len(g), *[pytest.approx(np.mean([m[k] for m in g if k in m])) for k in names]])
+    return rows
+
+
+def test_clip_metrics_and_converter_errors(forced_judge, tiny_clip, tmp_path, capsys):
+    """L1 to the target for every item with one, without --clip too; with a CLIP folder converted by our converter
+    CLIP-I (edit vs target) and CLIP-T (edit vs instruction), batched per judge batch (3 items: batches of 2, the
+    last one short), each equal to a direct `l1` / `ClipScorer` call on the same images; the metrics table's means
+    per category and overall equal hand-computed ones (summary.json, summary.md, report.html). A CLIP folder that is
+    not one, a vision-language judge on a benchmark without judge prompts, and the converter given a folder that is
+    not a Qwen2.5-VL, fail in one line."""
     from checkpoints_convert.__main__ import main as convert
+    from jaxedit.evaluation.metrics import ClipScorer, l1
 
-    fake = types.ModuleType("jaxedit.evaluation.metrics")
-    fake.l1 = lambda a, b: float(np.abs(a.astype(float) - b.astype(float)).mean())
-
-    class ClipScorer:
-        def __init__(self, folder):
-            self.folder = folder
-
-        def image_similarity(self, a, b):
-            return np.asarray([0.5] * len(a))
-
-        def text_similarity(self, imgs, texts):
-            return np.asarray([0.25] * len(imgs))
-
-    fake.ClipScorer = ClipScorer
-    monkeypatch.setitem(sys.modules, "jaxedit.evaluation.metrics", fake)
-    bench = write_pairs(tmp_path / "pairs", 2)
-    out = tmp_path / "out"
-    out.mkdir()
-    evaluate(Same(), benchmarks.read(bench, out), judges.PythonJudge("tests.eval_judges:mean_red"), out, batch_size=1,
-             defaults={"steps": 1, "guidance": 0.0}, model="same", seed=0, clip=ClipScorer("c"), clip_id="c",
-             progress=False, log=lambda s: None)  # fmt: skip
-    recs = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
-    want_l1 = np.abs(np.asarray(Image.open(bench / "s1.png"), float) - np.asarray(Image.open(bench / "t1.png"))).mean()
-    assert recs[1]["metrics"] == {"clip_text": 0.25, "l1": pytest.approx(want_l1), "clip_image": 0.5}
-    assert "metrics" in recs[0] and "clip_image" in (out / "report.html").read_text()
+    bench = write_pairs(tmp_path / "pairs", 3)
+    lines = [json.loads(x) for x in (bench / "benchmark.jsonl").read_text().splitlines()]
+    del lines[2]["target"]  # an item without a target: CLIP-T only
+    (bench / "benchmark.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    scorer = ClipScorer.load(tiny_clip, batch_size=2)
+    judge = judges.PythonJudge("tests.eval_judges:mean_red")
+    results = {}
+    for name, clip in (("plain", None), ("clip", scorer)):
+        out = tmp_path / name
+        out.mkdir()
+        evaluate(Same(), benchmarks.read(bench, out), judge, out, batch_size=2, defaults={"steps": 1, "guidance": 0.0},
+                 model="same", seed=0, clip=clip, clip_id=name, progress=False, log=lambda s: None)  # fmt: skip
+        results[name] = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    edits = [np.asarray(Image.open(bench / f"s{i}.png")) for i in range(3)]  # the identity pipeline's edits
+    targets = [np.asarray(Image.open(bench / f"t{i}.png")) for i in range(2)]
+    want_l1 = [l1(t, e) for t, e in zip(targets, edits)]
+    assert [r.get("metrics") for r in results["plain"]] == [{"l1": want_l1[0]}, {"l1": want_l1[1]}, None]
+    got = [r["metrics"] for r in results["clip"]]
+    assert [m.get("l1") for m in got] == [*want_l1, None]
+    clip_t = scorer.text_similarity(edits, [x["instruction"] for x in lines])
+    clip_i = [scorer.image_similarity([e], [t])[0] for e, t in zip(edits, targets)]  # one at a time
+    np.testing.assert_allclose([m["clip_text"] for m in got], clip_t, rtol=0, atol=1e-6)
+    np.testing.assert_allclose([m["clip_image"] for m in got[:2]], clip_i, rtol=0, atol=1e-6)
+    assert "clip_image" not in got[2] and len({round(float(v), 6) for v in clip_t}) == 3  # distinct values
+    for name, names in (("plain", ["l1"]), ("clip", ["l1", "clip_image", "clip_text"])):
+        t = rows(tmp_path / name)["metrics (mean per item)"]
+        recs = [r for r in results[name] if r.get("metrics")]
+        assert t == metric_means(recs, names), (name, t)
+        assert "metrics (mean per item)" in (tmp_path / name / "summary.md").read_text()
+    assert "<th>clip_image</th>" in (tmp_path / "clip" / "report.html").read_text()
+    with pytest.raises(SystemExit) as e:
+        cli.main(["eval", "--benchmark", str(bench), "--judge", "tests.eval_judges:mean_red", "--out",
+                  str(tmp_path / "o1"), "--clip", str(bench)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith(f"error: --clip {bench}: "), err
+    assert "no clip.json" in err
     with pytest.raises(SystemExit) as e:
         cli.main(["eval", "--benchmark", str(bench), "--judge", str(forced_judge), "--out", str(tmp_path / "o2")])
     err = capsys.readouterr().err
@@ -337,3 +370,40 @@ def test_clip_metrics_and_converter_errors(forced_judge, tmp_path, capsys, monke
     assert convert(["qwen-vl", str(bench), str(tmp_path / "j")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no config.json" in err
+
+
+def test_judge_on_a_mesh(forced_judge, tmp_path, capsys):
+    """The forced judge on a data=2 and on a tensor=2 mesh (its weights restored straight into their shardings over
+    2 of the 8 fake devices) answers and tabulates exactly as on one device; --judge-mesh auto on CPU devices (whose
+    memory is unknown: replicated) uses as many data rows as a judge batch fills; a bad --judge-mesh fails in one
+    line naming the flag."""
+    gedit = write_gedit(tmp_path / "gedit", [("k1", "A", "a1", "en", True), ("k2", "B", "b1", "en", False),
+                                             ("k3", "B", "b2", "en", True)])  # fmt: skip
+    got = {}
+    for spec in (None, "data=2", "tensor=2"):
+        judge = judges.QwenJudge(forced_judge, max_new_tokens=16, batch_size=2, mesh=spec)
+        if spec is not None:
+            assert dict(judge.mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 1} | {spec[:-2]: 2}
+            leaves = jax.tree.leaves(judge.params)
+            assert all(len(x.sharding.device_set) == 2 for x in leaves)
+            if spec == "tensor=2":  # the attention's heads split
+                assert any(x.sharding.spec != jax.sharding.PartitionSpec() and "tensor" in str(x.sharding.spec)
+                           for x in leaves)  # fmt: skip
+        out = tmp_path / str(spec)
+        run(gedit, judge, out)
+        recs = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+        recs = [{k: v for k, v in r.items() if k not in ("source", "edit")} for r in recs]  # (paths under out)
+        got[spec] = (recs, (out / "summary.json").read_text())
+    assert got["data=2"] == got[None] == got["tensor=2"]
+    assert [r["answers"] for r in got[None][0]] == [{"SC": ANSWER, "PQ": ANSWER}] * 3
+    cfg = judge.cfg
+    assert dict(judges.judge_mesh("auto", cfg, "float32", 2, 16).shape) == {"data": 2, "fsdp": 1, "tensor": 1}
+    assert judges.judge_mesh("auto", cfg, "float32", 1, 16).devices.size == 1
+    for spec, expect in (("tensor=x", "tensor needs an integer size"), ("data=16", "needs 16 devices, 8 here"),
+                         ("pipe=2", "unknown axis 'pipe'")):  # fmt: skip
+        with pytest.raises(SystemExit) as e:
+            cli.main(["eval", "--benchmark", str(gedit), "--judge", str(forced_judge), "--out", str(tmp_path / "o"),
+                      "--judge-mesh", spec])  # fmt: skip
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and err.startswith(f"error: --judge-mesh {spec}: "), err
+        assert expect in err, err

@@ -2,7 +2,8 @@
 
 - `QwenJudge`: a Qwen2.5-VL judge folder (`python -m checkpoints_convert qwen-vl SRC OUT`: judge.json with the
   architecture, qwen/ the converted weights, qwen_processor/ the tokenizer and image processor), answering the
-  benchmark's own prompts with `jaxedit.models.qwen2_5_vl_generate.generate` (greedy by default, batched).
+  benchmark's own prompts with `jaxedit.models.qwen2_5_vl_generate.generate` (greedy by default, batched), on one
+  device or on a mesh (`judge_mesh`: its weights restored straight into their shardings).
 - `PythonJudge`: `MODULE:FUNCTION`, imported at run time, called as FUNCTION(edited, source=, target=,
   instruction=, category=) on uint8 [H, W, 3] arrays (target None without one); it returns a dict of numbers or
   booleans (e.g. the shapes task's `shapes.score_edit`).
@@ -102,7 +103,8 @@ class QwenJudge:
     """A Qwen2.5-VL judge folder; `ask(requests)` -> the answers (decoded, special tokens dropped)."""
 
     def __init__(self, folder: str | Path, *, max_new_tokens: int = 512, temperature: float = 0.0, seed: int = 0,
-                 batch_size: int = 1, dtype: str = "float32"):  # fmt: skip
+                 batch_size: int = 1, dtype: str = "float32", mesh=None):  # fmt: skip
+        """mesh: None (the default device), "auto" or axis sizes ("tensor=4", "data=2"; `judge_mesh`)."""
         from jaxedit.checkpoint import load_params
         from jaxedit.configs import QwenVLConfig
         from jaxedit.qwen_vl import QWEN_PROCESSOR, load_image_processor, load_tokenizer
@@ -118,7 +120,15 @@ class QwenJudge:
             raise ValueError(f"{desc}: not a judge description ({type(e).__name__}: {e})") from None
         import jax.numpy as jnp
 
-        self.params = load_params(folder / "qwen", dtype=jnp.dtype(dtype))
+        self.mesh = None if mesh is None else judge_mesh(mesh, self.cfg, dtype, batch_size, max_new_tokens)
+        if self.mesh is None:
+            self.params = load_params(folder / "qwen", dtype=jnp.dtype(dtype))
+        else:
+            from jaxedit.models.qwen2_5_vl import abstract_params
+            from jaxedit.parallel import sharding as sh
+
+            target = sh.abstract_with_shardings(abstract_params(self.cfg, boxed=True), self.mesh, dtype=dtype)
+            self.params = load_params(folder / "qwen", target, dtype=jnp.dtype(dtype))
         self.tokenizer = load_tokenizer(folder / QWEN_PROCESSOR)
         self.processor = load_image_processor(folder / QWEN_PROCESSOR)
         self.folder, self.dtype = folder, dtype
@@ -141,9 +151,61 @@ class QwenJudge:
                 part = [r for r in chunk if r[2] == first]
                 answers = generate_chat(self.params, self.cfg, self.tokenizer, self.processor, [r[0] for r in part],
                                         [r[1] for r in part], self.max_new_tokens, text_first=first, dtype=self.dtype,
-                                        **self.kw)  # fmt: skip
+                                        mesh=self.mesh, **self.kw)  # fmt: skip
                 out += answers  # (requests of one chunk share their text-first setting in practice)
         return out
+
+
+# a judge prompt's tokens the automatic mesh sizes the key / value cache for (GEdit's SC prompt with two 1024 px
+# images is about 2,900: docs/scaling.md "The judge")
+AUTO_PROMPT_TOKENS = 4096
+
+
+def judge_mesh(option, cfg, dtype: str, batch: int, max_new_tokens: int, devices=None):
+    """The judge's `jax.sharding.Mesh` (axes data, fsdp, tensor) on the first devices of `devices` (default: the
+    local devices) for the --judge-mesh option: axis sizes ("tensor=4", "data=2"; an axis of -1 takes the devices
+    left over) on the first that many devices, or "auto": the pipelines' rule (`placement.rule`: replicated when
+    a chip holds the weights and one prompt's key / value cache, else the smallest group of chips that does) with
+    the group on `tensor` instead of `fsdp` (decoding re-gathers FSDP-sharded weights at every token: tensor=4
+    ran the 7B 4x faster than fsdp=4 in docs/scaling.md), on no more `data` rows than the `batch` prompts of a
+    generate call fill (one prompt at a time: one device, or one group). ValueError "--judge-mesh ..." otherwise."""
+    import math
+
+    import jax
+    import jax.numpy as jnp
+
+    from jaxedit.configs import MeshConfig
+    from jaxedit.models.qwen2_5_vl import abstract_params
+    from jaxedit.parallel import placement
+    from jaxedit.parallel.sharding import ici_sizes, make_mesh
+
+    devices = list(jax.local_devices() if devices is None else devices)
+    n = len(devices)
+    try:
+        cfg_mesh = placement.parse(option)
+        if isinstance(cfg_mesh, MeshConfig):
+            if -1 in (cfg_mesh.data, cfg_mesh.fsdp, cfg_mesh.tensor):
+                cfg_mesh = placement.resolve(cfg_mesh, n)
+            sizes = (cfg_mesh.data, cfg_mesh.fsdp, cfg_mesh.tensor)
+            if min(sizes) < 1:
+                raise ValueError("axis sizes must be >= 1")
+            if math.prod(sizes) > n:
+                raise ValueError(f"needs {math.prod(sizes)} devices, {n} here")
+    except ValueError as e:
+        hint = "give 'auto' or axis sizes such as 'tensor=4' or 'data=2'"
+        raise ValueError(f"--judge-mesh {option}: {e} ({hint})") from None
+    if cfg_mesh == "auto":
+        weights = placement.tree_bytes(abstract_params(cfg, jnp.dtype(dtype)))
+        t = cfg.text
+        cache = 2 * t.num_layers * (AUTO_PROMPT_TOKENS + max_new_tokens) * t.num_kv_heads * t.head_dim
+        working = 2 * weights / max(t.num_layers, 1) + cache * jnp.dtype(dtype).itemsize
+        chosen = placement.rule(n, weights, working, placement.chip_memory(devices[0]))
+        group = chosen.fsdp
+        rows = min(chosen.data, -(-batch // -(-batch // chosen.data)))  # the fewest rows giving as few per row
+        cfg_mesh = MeshConfig(data=rows, fsdp=1, tensor=group)
+    ici_sizes(cfg_mesh, n, "--judge-mesh")
+    used = cfg_mesh.data * cfg_mesh.fsdp * cfg_mesh.tensor
+    return make_mesh(cfg_mesh, devices[:used])
 
 
 class PythonJudge:

@@ -10,6 +10,10 @@
 
 Items not judged (their answer unparsed, or the edit failed) are left out and counted in each table's
 `unparsed` / `failed` columns.
+
+Metrics (`jaxedit.evaluation.run.metrics_of`: l1, clip_image, clip_text), when any item has them: one more table,
+per category (per language and category on GEdit-Bench) and over all items, the mean of each metric over the
+edited items that have it (judged or not: the metrics need no judge), `n` the items with any metric.
 """
 
 from __future__ import annotations
@@ -97,6 +101,21 @@ def pairs_tables(records: list[dict]) -> list[dict]:
 
 
 TABLES = {"gedit": gedit_tables, "imgedit": imgedit_tables, "pairs": pairs_tables}
+METRICS = ("l1", "clip_image", "clip_text")
+
+
+def metrics_table(records: list[dict]) -> list[dict]:
+    """The metrics' means per category and over all items (no table when no item has a metric)."""
+    have = [r for r in records if r.get("metrics")]
+    names = [k for k in METRICS if any(k in r["metrics"] for r in have)]
+    if not names:
+        return []
+    label = lambda r: f"{r['language']} {r['category']}" if r.get("language") else r["category"]  # noqa: E731
+    rows = []
+    for c in [*sorted({label(r) for r in have}), "all"]:
+        g = [r["metrics"] for r in have if c in ("all", label(r))]
+        rows.append([c, len(g), *[mean([m[k] for m in g if k in m]) for k in names]])
+    return [{"title": "metrics (mean per item)", "columns": ["category", "n", *names], "rows": rows}]
 
 
 def cell(v: Any) -> str:
@@ -114,7 +133,7 @@ def markdown(tables: list[dict]) -> str:
 
 def write_tables(out: Path, kind: str, records: list[dict]) -> list[dict]:
     """OUT/summary.json and OUT/summary.md of `records`; returns the tables."""
-    tables = TABLES[kind](records)
+    tables = TABLES[kind](records) + metrics_table(records)
     write_file(out / "summary.json", json.dumps({"benchmark": kind, "tables": tables}, indent=1) + "\n")
     write_file(out / "summary.md", markdown(tables) + "\n")
     return tables

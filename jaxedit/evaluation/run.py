@@ -63,15 +63,17 @@ def rgb(path: str | None) -> np.ndarray | None:
 
 
 def judge_items(bench: Benchmark, todo: list[tuple[Item, dict, str]], judge, write: Callable[[dict], None],
-                clip=None) -> None:  # fmt: skip
-    """Judge (item, edit result, key) triples; each judged record goes to `write` as soon as it is made."""
+                clip=None, chunk: int = 1) -> None:  # fmt: skip
+    """Judge (item, edit result, key) triples `chunk` items at a time (a judge folder: its own batch); each judged
+    record goes to `write` as soon as its chunk is done, with its metrics (`metrics_of`, batched per chunk)."""
     from PIL import Image
 
-    chunk = getattr(judge, "batch_size", 1)
+    chunk = getattr(judge, "batch_size", None) or chunk
     for lo in range(0, len(todo), chunk):
         part = todo[lo : lo + chunk]
         edits = [rgb(res["output"]) for _, res, _ in part]
         sources = [rgb(it.source) for it, _, _ in part]
+        targets = [rgb(it.target) for it, _, _ in part]
         answers: list[dict[str, str]] = [{} for _ in part]
         if isinstance(judge, J.QwenJudge):
             asks = []
@@ -86,6 +88,7 @@ def judge_items(bench: Benchmark, todo: list[tuple[Item, dict, str]], judge, wri
             texts = judge.ask([a for _, _, a in asks])
             for (i, name, _), text in zip(asks, texts):
                 answers[i][name] = text
+        metrics = metrics_of(clip, edits, targets, [it.instruction for it, _, _ in part])
         for i, (it, _, key) in enumerate(part):
             rec = {"id": it.id, "key": key}
             try:
@@ -93,34 +96,44 @@ def judge_items(bench: Benchmark, todo: list[tuple[Item, dict, str]], judge, wri
                     rec["answers"] = answers[i]
                     scores = J.RECORDS[bench.kind](answers[i])
                 else:
-                    target = rgb(it.target)
-                    scores = judge.score(edits[i], kind=bench.kind, source=sources[i], target=target,
+                    scores = judge.score(edits[i], kind=bench.kind, source=sources[i], target=targets[i],
                                          instruction=it.instruction, category=it.category)  # fmt: skip
                 rec |= {"status": "judged", "scores": scores}
             except J.Unparsed as e:
                 rec |= {"status": "unparsed", "error": str(e)}
-            if clip is not None:
-                rec["metrics"] = metrics_of(clip, edits[i], rgb(it.target), it.instruction)
+            if metrics[i]:
+                rec["metrics"] = metrics[i]
             write(rec)
 
 
-def metrics_of(clip, edit: np.ndarray, target: np.ndarray | None, instruction: str) -> dict[str, float]:
-    """L1 and CLIP image similarity to the target (when there is one), CLIP text-image similarity to the
-    instruction (`jaxedit.evaluation.metrics`)."""
+def metrics_of(clip, edits: list[np.ndarray], targets: list[np.ndarray | None],
+               instructions: list[str]) -> list[dict[str, float]]:  # fmt: skip
+    """Per edit: `l1` to its target (when it has one: no model needed), and with a CLIP scorer
+    (`jaxedit.evaluation.metrics.ClipScorer`) `clip_image`, CLIP-I to the target, and `clip_text`, CLIP-T to the
+    instruction; each batched over the edits."""
     from jaxedit.evaluation import metrics
 
-    out = {"clip_text": float(np.asarray(clip.text_similarity([edit], [instruction])).reshape(-1)[0])}
-    if target is not None:
-        out["l1"] = float(metrics.l1(edit, target))
-        out["clip_image"] = float(np.asarray(clip.image_similarity([edit], [target])).reshape(-1)[0])
+    out: list[dict[str, float]] = [{} for _ in edits]
+    have = [i for i, t in enumerate(targets) if t is not None]
+    for i in have:
+        out[i]["l1"] = metrics.l1(targets[i], edits[i])
+    if clip is not None:
+        for i, v in enumerate(clip.text_similarity(edits, instructions)):
+            out[i]["clip_text"] = float(v)
+        if have:
+            sims = clip.image_similarity([edits[i] for i in have], [targets[i] for i in have])
+            for i, v in zip(have, sims):
+                out[i]["clip_image"] = float(v)
     return out
 
 
 def evaluate(pipe, bench: Benchmark, judge, out: Path, *, batch_size: int, defaults: dict, model: str, seed: int,
-             clip=None, clip_id: str | None = None, progress: bool = True,
+             clip=None, clip_id: str | None = None, judge_batch: int | None = None, progress: bool = True,
              log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict[str, Any]:  # fmt: skip
     """Edit, judge, tabulate `bench.items` into `out` (whose lock the caller holds); returns counts and the
-    tables."""
+    tables. clip: a `jaxedit.evaluation.metrics.ClipScorer` (CLIP-I and CLIP-T besides L1), clip_id its identity
+    (a rerun with another CLIP model scores again); judge_batch: items judged per step (a judge folder: its own
+    batch; default `batch_size`)."""
     from jaxedit.pipelines.batch import run_job
 
     items = bench.items
@@ -131,7 +144,8 @@ def evaluate(pipe, bench: Benchmark, judge, out: Path, *, batch_size: int, defau
     edits = latest(out / "edits" / "results.jsonl")
     judged_path = out / "judged.jsonl"
     judged = latest(judged_path)
-    ident = json.dumps([judge.identity(), bench.kind, bench.prompts, clip_id], sort_keys=True)
+    metrics_id = {"l1": 1, "clip": clip_id}  # (records made before L1 without CLIP existed are made again)
+    ident = json.dumps([judge.identity(), bench.kind, bench.prompts, metrics_id], sort_keys=True)
     todo, skipped = [], 0
     for it in items:
         res = edits.get(it.id)
@@ -150,7 +164,7 @@ def evaluate(pipe, bench: Benchmark, judge, out: Path, *, batch_size: int, defau
         judged[rec["id"]] = rec
         append(judged_path, rec)
 
-    judge_items(bench, todo, judge, write, clip)
+    judge_items(bench, todo, judge, write, clip, judge_batch or batch_size)
     records = []
     for it in items:
         res, j = edits.get(it.id) or {}, judged.get(it.id) or {}

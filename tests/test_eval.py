@@ -375,8 +375,8 @@ def test_clip_metrics_and_converter_errors(forced_judge, tiny_clip, tmp_path, ca
 def test_judge_on_a_mesh(forced_judge, tmp_path, capsys):
     """The forced judge on a data=2 and on a tensor=2 mesh (its weights restored straight into their shardings over
     2 of the 8 fake devices) answers and tabulates exactly as on one device; --judge-mesh auto on CPU devices (whose
-    memory is unknown: replicated) uses as many data rows as a judge batch fills; a bad --judge-mesh fails in one
-    line naming the flag."""
+    memory is unknown: replicated) uses as many data rows as a judge batch fills, and splits a judge too big for a
+    chip over the tensor axis; a bad --judge-mesh fails in one line naming the flag."""
     gedit = write_gedit(tmp_path / "gedit", [("k1", "A", "a1", "en", True), ("k2", "B", "b1", "en", False),
                                              ("k3", "B", "b2", "en", True)])  # fmt: skip
     got = {}
@@ -399,6 +399,11 @@ def test_judge_on_a_mesh(forced_judge, tmp_path, capsys):
     cfg = judge.cfg
     assert dict(judges.judge_mesh("auto", cfg, "float32", 2, 16).shape) == {"data": 2, "fsdp": 1, "tensor": 1}
     assert judges.judge_mesh("auto", cfg, "float32", 1, 16).devices.size == 1
+    from jaxedit.presets import qwen_vl
+
+    big = qwen_vl("qwen2.5-vl-7b")  # 16.6 GB in bf16 on 16 GB chips: pairs of chips, the heads split
+    auto = judges.judge_mesh("auto", big, "bfloat16", 4, 512, memory=16e9)
+    assert dict(auto.shape) == {"data": 4, "fsdp": 1, "tensor": 2}
     for spec, expect in (("tensor=x", "tensor needs an integer size"), ("data=16", "needs 16 devices, 8 here"),
                          ("pipe=2", "unknown axis 'pipe'")):  # fmt: skip
         with pytest.raises(SystemExit) as e:

@@ -161,15 +161,18 @@ class QwenJudge:
 AUTO_PROMPT_TOKENS = 4096
 
 
-def judge_mesh(option, cfg, dtype: str, batch: int, max_new_tokens: int, devices=None):
+def judge_mesh(option, cfg, dtype: str, batch: int, max_new_tokens: int, devices=None, memory: float | None = None):
     """The judge's `jax.sharding.Mesh` (axes data, fsdp, tensor) on the first devices of `devices` (default: the
     local devices) for the --judge-mesh option: axis sizes ("tensor=4", "data=2"; an axis of -1 takes the devices
     left over) on the first that many devices, or "auto": the pipelines' rule (`placement.rule`: replicated when
     a chip holds the weights and one prompt's key / value cache, else the smallest group of chips that does) with
     the group on `tensor` instead of `fsdp` (decoding re-gathers FSDP-sharded weights at every token: tensor=4
-    ran the 7B 4x faster than fsdp=4 in docs/scaling.md), on no more `data` rows than the `batch` prompts of a
-    generate call fill (one prompt at a time: one device, or one group). ValueError "--judge-mesh ..." otherwise."""
+    ran the 7B 4x faster than fsdp=4 in docs/scaling.md; the part of it that does not divide the attention heads
+    stays on `fsdp`), on no more `data` rows than the `batch` prompts of a
+    generate call fill (one prompt at a time: one device, or one group). memory: bytes per chip (default: what
+    the device reports; None on a CPU: replicated). ValueError "--judge-mesh ..." otherwise."""
     import math
+    import warnings
 
     import jax
     import jax.numpy as jnp
@@ -199,10 +202,16 @@ def judge_mesh(option, cfg, dtype: str, batch: int, max_new_tokens: int, devices
         t = cfg.text
         cache = 2 * t.num_layers * (AUTO_PROMPT_TOKENS + max_new_tokens) * t.num_kv_heads * t.head_dim
         working = 2 * weights / max(t.num_layers, 1) + cache * jnp.dtype(dtype).itemsize
-        chosen = placement.rule(n, weights, working, placement.chip_memory(devices[0]))
-        group = chosen.fsdp
+        with warnings.catch_warnings(record=True) as too_big:  # (the rule's own warning speaks of the pipelines)
+            warnings.simplefilter("always")
+            chosen = placement.rule(n, weights, working, memory or placement.chip_memory(devices[0]))
+        if too_big:
+            warnings.warn(f"--judge-mesh auto: by its estimate the judge's weights ({weights / 1e9:.1f} GB) and a "
+                          f"prompt's cache do not fit {n} chip(s) even split over all of them; trying all of them "
+                          "(the compiler's memory check has the last word)", stacklevel=2)  # fmt: skip
+        tensor = math.gcd(chosen.fsdp, t.num_heads)  # (the rest of a group that does not divide the heads: fsdp)
         rows = min(chosen.data, -(-batch // -(-batch // chosen.data)))  # the fewest rows giving as few per row
-        cfg_mesh = MeshConfig(data=rows, fsdp=1, tensor=group)
+        cfg_mesh = MeshConfig(data=rows, fsdp=chosen.fsdp // tensor, tensor=tensor)
     ici_sizes(cfg_mesh, n, "--judge-mesh")
     used = cfg_mesh.data * cfg_mesh.fsdp * cfg_mesh.tensor
     return make_mesh(cfg_mesh, devices[:used])

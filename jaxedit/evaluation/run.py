@@ -4,7 +4,8 @@ latest per id wins and is kept while the edit and the judge are the same), write
 
     OUT/edits.jsonl        the batch manifest made from the benchmark (image, prompt, id, seed)
     OUT/edits/<id>.png     the edits, OUT/edits/results.jsonl their batch results
-    OUT/judged.jsonl       per item: status (judged / unparsed / failed), scores, the judge's raw answers
+    OUT/judged.jsonl       per item: status (judged / unparsed / failed), scores, the judge's raw answers, metrics
+                           (L1 to the target; with a CLIP scorer CLIP-I and CLIP-T: `metrics_of`)
     OUT/results.jsonl      per item, in the benchmark's order: the item, its edit and its judgement
     OUT/summary.md, OUT/summary.json, OUT/report.html
 """

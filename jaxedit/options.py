@@ -107,24 +107,25 @@ def _scheduler(v: Any) -> dict:
 
 
 def _cache(v: Any) -> str:
-    """A step cache (`jaxedit.step_cache`): "off", "fbc:THRESHOLD" (a number >= 0) or "schedule:FILE" (a folder's:
-    a file inside it); the schedule file itself is read when the pipeline loads."""
+    """A step cache (`jaxedit.step_cache`): "off", "fbc:THRESHOLD" / "tea:THRESHOLD" (a number >= 0) or
+    "schedule:FILE" (a folder's: a file inside it); the schedule file itself is read when the pipeline loads."""
+    usage = "use 'off', 'fbc:THRESHOLD', 'tea:THRESHOLD' or 'schedule:FILE'"
     if not isinstance(v, str):
-        raise ValueError(f"is {v!r}: use 'off', 'fbc:THRESHOLD' or 'schedule:FILE'")
+        raise ValueError(f"is {v!r}: {usage}")
     kind, _, arg = v.partition(":")
     if kind in ("off", "none") and not arg:
         return v
-    if kind == "fbc":
+    if kind in ("fbc", "tea"):
         try:
             t = float(arg)
         except ValueError:
             t = math.nan
         if not (math.isfinite(t) and t >= 0):
-            raise ValueError(f"is {v!r}: fbc takes a threshold >= 0, e.g. fbc:0.08")
+            raise ValueError(f"is {v!r}: {kind} takes a threshold >= 0, e.g. {kind}:0.08")
         return v
     if kind == "schedule" and arg:
         return v
-    raise ValueError(f"is {v!r}: use 'off', 'fbc:THRESHOLD' or 'schedule:FILE'")
+    raise ValueError(f"is {v!r}: {usage}")
 
 
 OPTIONS = {

@@ -124,6 +124,11 @@ def _true_cfg_scale(scale) -> float:
     return float(scale)
 
 
+# TeaCache4FLUX's rescaling polynomial of the relative L1 change of the first block's modulated input (ali-vilab/
+# TeaCache, fitted to FLUX.1-dev; numpy.poly1d's order): `--cache tea:T` (`jaxedit.step_cache`)
+TEACACHE_FLUX_DEV = (4.98651651e02, -2.83781631e02, 5.58554382e01, -3.82021401e00, 2.64230861e-01)
+
+
 class KontextPipeline(EditPipelineBase):
     """Editing (Kontext, one or several reference images) or text-to-image (no image) with a FLUX-family
     model folder.
@@ -424,7 +429,8 @@ class KontextPipeline(EditPipelineBase):
 
     def _cached_loop(self, tparams, x, ref_tokens, img_ids, txt, txt_ids, y, guidance, timesteps, cfg, cache):
         n_target, dtype = x.shape[1], self.model.dtype
-        parts = step_cache.flux_parts(self.model, tparams, cache.first)
+        parts = step_cache.dit_parts(self.model, tparams, cache.first, TEACACHE_FLUX_DEV)
+        n = timesteps.shape[0] - 1
         tokens = n_target + (0 if ref_tokens is None else ref_tokens.shape[1])
         state = step_cache.init_state(x.shape[0], tokens, parts.hidden_size, parts.dtype)
         state = (state, None if cfg is None else state)
@@ -432,12 +438,12 @@ class KontextPipeline(EditPipelineBase):
         def velocity(x_t, t, st, i):
             inp = sampling.edit_tokens(x_t, [] if ref_tokens is None else [ref_tokens]).astype(dtype)
             pos, s_pos, r_pos = step_cache.cached_call(parts, (inp, img_ids, txt, txt_ids, t, y, guidance), st[0], i,
-                                                       cache)  # fmt: skip
+                                                       cache, n)  # fmt: skip
             if cfg is None:
                 return pos[:, :n_target], (s_pos, None), r_pos
             neg_txt, neg_y, scale = cfg
             neg, s_neg, r_neg = step_cache.cached_call(parts, (inp, img_ids, neg_txt, txt_ids, t, neg_y, guidance),
-                                                       st[1], i, cache)  # fmt: skip
+                                                       st[1], i, cache, n)  # fmt: skip
             return sampling.guide(pos[:, :n_target], neg[:, :n_target], scale), (s_pos, s_neg), r_pos & r_neg
 
         return step_cache.euler_sample(velocity, x, timesteps, state)

@@ -486,7 +486,7 @@ class EditPipelineBase:
         return self.output_images(np.asarray(images)[:b], prepared)
 
     def check_cache(self, cache) -> Any:
-        """A step cache option (`jaxedit.step_cache.parse`: None or "off", "fbc:0.08", "schedule:FILE", a
+        """A step cache option (`jaxedit.step_cache.parse`: None or "off", "fbc:0.08", "tea:0.4", "schedule:FILE", a
         CacheSpec) -> CacheSpec or None; ValueError if the pipeline's loop takes none."""
         from jaxedit import step_cache
 
@@ -500,13 +500,11 @@ class EditPipelineBase:
         self.cache = self.check_cache(cache)
 
     def denoiser(self, cache) -> Any:
-        """The jitted loop: `self.denoise`, or with a step cache (one compiled program per CacheSpec)."""
+        """The jitted loop: `self.denoise`, with a step cache passed as its keyword `cache` (a pytree: the threshold
+        is a run-time argument, so one program serves every threshold of a signal; a schedule compiles its own)."""
         if cache is None:
             return self.denoise
-        programs = self.__dict__.setdefault("_cached_denoise", {})
-        if cache not in programs:
-            programs[cache] = jax.jit(functools.partial(self.denoise_loop, cache=cache))
-        return programs[cache]
+        return functools.partial(self.denoise, cache=cache)
 
     def image_ids(self, h2: int, w2: int, grids: list[tuple[int, int]]) -> np.ndarray | None:
         """Hook: the ids [tokens, 3] of [target | references] (`jaxedit.sampling.edit_ids`; None: the model takes

@@ -280,7 +280,7 @@ class Step1XEditPipeline(EditPipelineBase):
                      cache=None):  # fmt: skip
         """The whole CFG Euler loop (one XLA program): packed target tokens -> final packed tokens (a step cache,
         `jaxedit.step_cache`: and which steps each item reused)."""
-        parts = None if cache is None else step_cache.flux_parts(self.model, tparams, cache.first)
+        parts = None if cache is None else step_cache.dit_parts(self.model, tparams, cache.first)
         return denoise_cfg(
             model_fn(self.model, tparams), x, ref_tokens, img_ids, llm_c, mask_c, llm_u, mask_u, timesteps,
             guidance[:, None, None], cache=cache, parts=parts,

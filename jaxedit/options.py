@@ -100,10 +100,20 @@ def _mesh(v):
 
 
 # name -> check (the value, or ValueError saying what is wrong with it)
-def _scheduler(v: Any) -> dict:
-    from jaxedit.configs import SchedulerConfig
+def _scheduler(v: Any) -> Any:
+    """The sampling schedule: an object of fields or the text of `--scheduler` (a named scheduler and/or
+    KEY=VALUE items), for FLUX.1's schedule (`configs.FluxSchedulerConfig`) or diffusers' scheduler_config.json
+    fields (`configs.SchedulerConfig`); the family's own type checks it again when the pipeline loads."""
+    from jaxedit.configs import FluxSchedulerConfig, SchedulerConfig
 
-    return SchedulerConfig.from_dict(v).to_dict()
+    errors = []
+    for kind in (SchedulerConfig, FluxSchedulerConfig):
+        try:
+            kind.from_option(v)
+            return v
+        except ValueError as e:
+            errors.append(str(e))
+    raise ValueError(f"is {v!r}: {errors[1]} (FLUX.1's schedule); {errors[0]} (diffusers' scheduler fields)")
 
 
 def _cache(v: Any) -> str:

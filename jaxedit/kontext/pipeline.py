@@ -161,6 +161,7 @@ class KontextPipeline(EditPipelineBase):
         reference_tokens: int | None = None,
         max_image_tokens: int | None = None,
         mesh: configs.MeshConfig | str | None = None,
+        scheduler: configs.FluxSchedulerConfig | dict | str | None = None,
     ):
         super().__init__(preset, params, vae_dtype=vae_dtype, devices=devices, mesh=mesh)
         self.text_encoder, self.auto_resize = text_encoder, auto_resize
@@ -169,6 +170,7 @@ class KontextPipeline(EditPipelineBase):
         self.set_references(reference_ids, reference_tokens, max_image_tokens)
         self.default_steps, self.default_guidance = DEFAULT_STEPS, DEFAULT_GUIDANCE
         self.true_cfg_scale, self.negative_prompt = 1.0, ""  # true CFG off
+        self.set_scheduler(scheduler)  # FLUX.1's schedule (`--scheduler`, the folder option "scheduler")
         self.model = Flux(preset.transformer, dtype=dtype, param_dtype=dtype)
         self.denoise = jax.jit(self.denoise_loop)
         self.loras: list[tuple[Lora, float, bool]] = []  # (LoRA, scale, merged) in the order they were added
@@ -209,6 +211,7 @@ class KontextPipeline(EditPipelineBase):
             "auto_resize": options.get("auto_resize", True),
             "reference_ids": options.get("reference_ids", "community"),  # as the model was trained
             "max_image_tokens": max_image_tokens(options),  # the folder's cap, else from its resolution
+            "scheduler": options.get("scheduler"),  # FLUX.1's shifted schedule when absent
         }
 
     def loaded(self, opened: ModelFolder, plan: LoadPlan) -> None:

@@ -263,6 +263,8 @@ class EditPipelineBase:
     folder: model_folder.ModelFolder | None = None  # the model folder it was loaded from (`load`)
     quantized: dict[str, str] = {}  # {part: "int8" / "fp8"} of the parts whose weights are quantised
     step_caching: bool = False  # whether `denoise_loop` takes a step cache (`cache=`, `jaxedit.step_cache`)
+    scheduler_type: type = configs.FluxSchedulerConfig  # the schedule's config (`schedule`, --scheduler)
+    scheduler: Any = configs.FluxSchedulerConfig()  # the schedule of later edits (`set_scheduler`)
     cache = None  # the step cache of later edits (`set_cache`; None: off)
     last_cache_skips: np.ndarray | None = None  # [steps, items]: which steps each item reused, the last cached edit
 
@@ -392,6 +394,11 @@ class EditPipelineBase:
             enable_compilation_cache()
         params = model_folder.load_parts(opened, dtypes=plan.dtypes, quantize=quantize, devices=plan.on_host,
                                          mesh=on_mesh)  # fmt: skip
+        if opened.options.get("scheduler") is not None:  # checked as the family's schedule before the text loads
+            try:
+                cls.scheduler_type.from_option(opened.options["scheduler"])
+            except ValueError as e:
+                raise ValueError(f"{opened.path / 'jaxedit.json'}: pipeline.scheduler: {e}") from None
         text = cls.load_text(opened, plan, params, on_mesh)
         pipe = cls(opened.preset, params, text, dtype=dtype, mesh=mesh, devices=devices,
                    **(cls.folder_defaults(opened.options) | kw))  # fmt: skip
@@ -495,6 +502,13 @@ class EditPipelineBase:
             raise ValueError(f"{type(self).__name__} has no step cache yet (cache {cache!r})")
         return spec
 
+    def set_scheduler(self, scheduler) -> None:
+        """The schedule of later edits: a config of `scheduler_type`, an object of its fields, the text of
+        `--scheduler` (a named scheduler and/or KEY=VALUE items) or None (the default). ValueError: one line."""
+        kind = self.scheduler_type
+        self.scheduler = scheduler if isinstance(scheduler, kind) else kind() if scheduler is None else (
+            kind.from_option(scheduler))  # fmt: skip
+
     def set_cache(self, cache) -> None:
         """The step cache of later edits (see `check_cache`; None / "off": none); a call's `cache=` overrides it."""
         self.cache = self.check_cache(cache)
@@ -514,7 +528,7 @@ class EditPipelineBase:
     def schedule(self, steps: int, image_seq_len: int) -> np.ndarray:
         """Hook: the denoising loop's times for `steps` steps of a target of `image_seq_len` tokens (FLUX's
         shifted schedule)."""
-        return sampling.flux_schedule(steps, image_seq_len)
+        return sampling.flux_schedule(steps, image_seq_len, self.scheduler)
 
     def conditioning(self, prepared: list, prompts: list[str], **options) -> Any:
         """Hook: the prompts' text conditioning on the host (with anything else `denoise_args` needs), options

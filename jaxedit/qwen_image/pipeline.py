@@ -77,6 +77,7 @@ class QwenImageEditPipeline(EditPipelineBase):
 
     several_references = True  # (jaxedit.pipelines.batch: items may have 1-3 images; `sizes` checks the count)
     step_caching = True  # `denoise_loop` takes a step cache (`jaxedit.step_cache`)
+    scheduler_type = configs.SchedulerConfig  # diffusers' FlowMatchEulerDiscreteScheduler's fields (`qs.schedule`)
     # TeaCache's rescaling polynomial: none fitted to Qwen-Image here (FLUX.1-dev's does not transfer), so `tea:T`
     # accumulates the plain relative L1 change of the first block's modulated input: calibrate T on your images
     tea_rescale = None
@@ -90,7 +91,7 @@ class QwenImageEditPipeline(EditPipelineBase):
         dtype: Any = jnp.bfloat16,
         vae_dtype: Any = jnp.float32,
         max_image_tokens: int | None = None,
-        scheduler: qs.SchedulerConfig | dict | None = None,
+        scheduler: qs.SchedulerConfig | dict | str | None = None,
         devices: list | None = None,
         mesh: configs.MeshConfig | str | None = None,
     ):
@@ -98,8 +99,7 @@ class QwenImageEditPipeline(EditPipelineBase):
 
         super().__init__(preset, params, vae_dtype=vae_dtype, devices=devices, mesh=mesh)
         self.text_encoder, self.max_image_tokens = text_encoder, max_image_tokens
-        self.scheduler = scheduler if isinstance(scheduler, qs.SchedulerConfig) else qs.SchedulerConfig.from_dict(
-            scheduler or {})  # fmt: skip
+        self.set_scheduler(scheduler)
         self.default_steps, self.default_guidance = DEFAULT_STEPS, 1.0  # (no embedded guidance)
         self.true_cfg_scale, self.negative_prompt = DEFAULT_TRUE_CFG, DEFAULT_NEGATIVE
         self.model = QwenImageTransformer(preset.transformer, dtype=dtype, param_dtype=dtype)

@@ -107,10 +107,11 @@ def model_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--size-level", type=positive_int, default=None, help="Step1X-Edit: working area size_level^2 (512)")
     p.add_argument("--scheduler", default=None, metavar="NAME|KEY=VALUE,...",
-                   help="Qwen-Image-Edit: the sampling schedule (default the model's): lightning (the Lightning "
-                   "4-/8-step LoRAs': with --steps 4 or 8 and --true-cfg-scale 1), default (Qwen-Image's), and/or "
-                   "fields of diffusers' scheduler_config.json over it, e.g. lightning,shift_terminal=0.02 or "
-                   "base_shift=ln(3),max_shift=ln(3),shift_terminal=none")  # fmt: skip
+                   help="the sampling schedule (default the model's). FLUX.1 Kontext / Step1X-Edit: default (FLUX's "
+                   "resolution shift), linear (no shift), and/or shift=on|off, base_shift=, max_shift=, e.g. "
+                   "shift=off. Qwen-Image-Edit: lightning (the Lightning 4-/8-step LoRAs': with --steps 4 or 8 and "
+                   "--true-cfg-scale 1), default (Qwen-Image's), and/or fields of diffusers' scheduler_config.json "
+                   "over it, e.g. lightning,shift_terminal=0.02 or base_shift=ln(3),max_shift=ln(3)")  # fmt: skip
     p.add_argument("--cache", default=None, metavar="fbc:THRESHOLD|tea:THRESHOLD|schedule:FILE|off",
                    help="step caching in the sampling loop (jaxedit.step_cache; default the model's, else off): "
                    "fbc:0.08 reuses the blocks' residual when the first block changes less than 8%%; tea:0.4 "

@@ -216,12 +216,15 @@ def test_step1x_through_the_same_split():
     llm = (rng.standard_normal((4, 6, preset.connector.in_channels)).astype(np.float32), np.ones((4, 6), np.int32))
     kw = dict(steps=STEPS, output="latents", llm=llm)
     plain = pipe(images(), PROMPTS, SEEDS, **kw)
-    zero = pipe(images(), PROMPTS, SEEDS, cache="fbc:0", **kw)
-    np.testing.assert_allclose(zero, plain, rtol=0, atol=2e-6)  # ulps apart under the tests' LLVM flags
+    for cache in ("fbc:0", "tea:0"):
+        zero = pipe(images(), PROMPTS, SEEDS, cache=cache, **kw)
+        np.testing.assert_allclose(zero, plain, rtol=0, atol=2e-6)  # ulps apart under the tests' LLVM flags
     skipped = pipe(images(), PROMPTS, SEEDS, cache="fbc:1e9", **kw)
     assert pipe.last_cache_skips[1:].all() and np.isfinite(skipped).all()
     print(f"Step1X-Edit fbc:1e9: {STEPS - 1}/{STEPS} steps reused, rel diff {rel(skipped, plain):.2e}")
     assert rel(skipped, plain) > 1e-3
+    tea = pipe(images(), PROMPTS, SEEDS, cache="tea:1e9", **kw)  # (no rescaling polynomial: the plain distance)
+    assert pipe.last_cache_skips[1:-1].all() and not pipe.last_cache_skips[[0, -1]].any() and np.isfinite(tea).all()
 
 
 def test_calibrate_command_writes_a_schedule_edit_replays(pipe, tmp_path, capsys):

@@ -6,11 +6,12 @@ and static schedules.
     pipe.set_cache("schedule:skips.json")   # a precalibrated schedule (`calibrate`)
 
 The DiT runs as two parts with the same parameters (`SplitDiT`: the embedding and the first double block(s), then
-the other blocks; FLUX.1 Kontext and Step1X-Edit share them, `jaxedit.models.flux.Flux.first_blocks`; Qwen-Image's
-are `jaxedit.models.qwen_image.QwenImageTransformer.first_blocks`, ...). At each step
-the first part always runs; the rest's output residual (hidden states after all blocks minus the first part's
-output, image tokens) is kept in the loop's carry, and a step that reuses it adds it to the first part's output
-instead of running the rest: a `lax.cond` inside the scanned loop, so a skipped step really skips those blocks.
+the other blocks: `dit_parts` of a model's `embed`, `first_blocks`, `rest_blocks`, `finish`; FLUX.1 Kontext and
+Step1X-Edit share `jaxedit.models.flux.Flux`'s, Qwen-Image-Edit has
+`jaxedit.models.qwen_image.QwenImageTransformer`'s). At each step the first part always runs; the rest's output
+residual (hidden states after all blocks minus the first part's output, image tokens) is kept in the loop's carry,
+and a step that reuses it adds it to the first part's output instead of running the rest: a `lax.cond` inside the
+scanned loop, so a skipped step really skips those blocks.
 
 first-block cache ("fbc:THRESHOLD"): the signal is the first part's own residual (its output minus its input,
 image tokens); a step reuses when its relative mean absolute change to the residual of the last step the item

@@ -140,7 +140,7 @@ BAD_OPTIONS = {  # name: (pipeline section changes, config changes, raw file, wo
     "cache mag:1": ({"cache": "mag:1"}, None, None, ["pipeline.cache is 'mag:1'"]),
     "cache tea:-1": ({"cache": "tea:-1"}, None, None, ["pipeline.cache is 'tea:-1': tea takes a threshold >= 0"]),
     "scheduler bogus": ({"scheduler": "bogus"}, None, None, ["pipeline.scheduler is 'bogus': scheduler 'bogus'"]),
-    "scheduler base_shift x": ({"scheduler": {"shift": True, "base_shift": "x"}}, None, None, ["pipeline.scheduler is"]),
+    "scheduler base_shift x": ({"scheduler": {"base_shift": "x"}}, None, None, ["pipeline.scheduler is"]),
     "cache fbc:-1": ({"cache": "fbc:-1"}, None, None, ["pipeline.cache is 'fbc:-1': fbc takes a threshold >= 0"]),
     "num_heads 0": (None, {"transformer": {"num_heads": 0}}, None, ["transformer config: num_heads is 0, outside"]),
     "t5 max_length 1e9": (None, {"t5": {"max_length": 10**9}}, None, ["t5 config: max_length is 1000000000"]),

@@ -386,6 +386,11 @@ class EditPipelineBase:
         on it. kw: the family's load arguments (`load_plan`) and the pipeline's (its constructor's)."""
         opened, dtype = open_folder(folder, cls, dtype)
         quantize = quantize_mode(opened, quantize)
+        if opened.options.get("scheduler") is not None:  # checked as the family's schedule before any weight loads
+            try:
+                cls.scheduler_type.from_option(opened.options["scheduler"])
+            except ValueError as e:
+                raise ValueError(f"{opened.path / 'jaxedit.json'}: pipeline.scheduler: {e}") from None
         devices = list(devices or jax.local_devices())
         plan = cls.load_plan(opened, dtype, quantize, kw)  # takes the family's arguments out of kw
         mesh = folder_mesh(opened, mesh, devices, plan.footprint, quantize)
@@ -394,11 +399,6 @@ class EditPipelineBase:
             enable_compilation_cache()
         params = model_folder.load_parts(opened, dtypes=plan.dtypes, quantize=quantize, devices=plan.on_host,
                                          mesh=on_mesh)  # fmt: skip
-        if opened.options.get("scheduler") is not None:  # checked as the family's schedule before the text loads
-            try:
-                cls.scheduler_type.from_option(opened.options["scheduler"])
-            except ValueError as e:
-                raise ValueError(f"{opened.path / 'jaxedit.json'}: pipeline.scheduler: {e}") from None
         text = cls.load_text(opened, plan, params, on_mesh)
         pipe = cls(opened.preset, params, text, dtype=dtype, mesh=mesh, devices=devices,
                    **(cls.folder_defaults(opened.options) | kw))  # fmt: skip

@@ -83,6 +83,14 @@ def test_a_converted_release_edits_through_the_cli(release, tmp_path, monkeypatc
     assert cli(calibrate) == 0, capsys.readouterr().err
     assert json.loads(schedule.read_text())["skips"] == [False, True, True, False]  # tea: the last step computes
     assert cli([*argv[:-4], "--steps", "4", "--dtype", "float32", "--cache", f"schedule:{schedule}"]) == 0
+    flagged = out.read_bytes()
+    # the same schedule as the folder's option "cache" (a file inside the folder): the same image
+    (dst / "schedule.json").write_text(schedule.read_text())
+    desc = json.loads((dst / "jaxedit.json").read_text())
+    desc["pipeline"]["cache"] = "schedule:schedule.json"
+    (dst / "jaxedit.json").write_text(json.dumps(desc))
+    assert cli([*argv[:-4], "--steps", "4", "--dtype", "float32"]) == 0
+    assert out.read_bytes() == flagged
 
     # a flag of another family is refused in one line naming it
     with pytest.raises(SystemExit):

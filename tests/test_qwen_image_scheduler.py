@@ -89,3 +89,16 @@ def test_the_flag_reaches_the_pipeline(tmp_path, monkeypatch, capsys):
         load_pipeline(args_of("--model", str(folder), "--scheduler", "lightning,max_shift=big"))
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--scheduler: max_shift is a number, got 'big'" in err and len(calls) == n
+
+
+def test_the_folder_option_takes_the_flags_text():
+    """The folder option "scheduler": an object of scheduler_config.json's fields or the text of --scheduler (a
+    named scheduler and/or KEY=VALUE items), checked when the folder opens (and as the family's type at load)."""
+    from jaxedit.options import check_option
+
+    assert SchedulerConfig.from_option("lightning") == SCHEDULERS["lightning"]
+    assert SchedulerConfig.from_option("lightning,shift_terminal=0.02").shift_terminal == 0.02
+    assert SchedulerConfig.from_option({"max_shift": 0.8}) == SchedulerConfig(max_shift=0.8)
+    assert check_option("scheduler", "lightning", "scheduler") == "lightning"
+    with pytest.raises(ValueError, match="scheduler 'lightening'"):
+        check_option("scheduler", "lightening", "scheduler")

@@ -7,7 +7,7 @@ arguments).
 Random models: their first block moves a lot from step to step, so these thresholds say nothing about a trained
 model's; the figures check the machinery (threshold 0 = uncached, skips cost less), not the quality.
 
-    python benchmarks/step_cache.py [--steps 8] [--fulldepth]
+    python benchmarks/step_cache.py [--steps 8] [--fulldepth] [--only "FLUX.1 Kontext"]
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--fulldepth", action="store_true", help="FLUX.1 Kontext at full depth (19 + 38 blocks)")
+    p.add_argument("--only", default=None, help="the families whose title contains this text")
     args = p.parse_args()
     rng = np.random.default_rng(3)
     ims = [Image.fromarray(rng.integers(0, 256, (H, W, 3), dtype=np.uint8)) for _ in range(2)]
@@ -60,6 +61,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for title, pipe, kw in pipelines(args.fulldepth, tmp):
+            if args.only and args.only not in title:
+                continue
             images = [[im] for im in ims] if "negative_llm" in kw else ims
 
             def run(cache=None, pipe=pipe, kw=kw, images=images):

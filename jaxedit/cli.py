@@ -109,14 +109,16 @@ def model_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--size-level", type=positive_int, default=None, help="Step1X-Edit: working area size_level^2 (512)")
     p.add_argument("--scheduler", default=None, metavar="NAME|KEY=VALUE,...",
-                   help="Qwen-Image-Edit: the sampling schedule (default the model's): lightning (the Lightning "
-                   "4-/8-step LoRAs': with --steps 4 or 8 and --true-cfg-scale 1), default (Qwen-Image's), and/or "
-                   "fields of diffusers' scheduler_config.json over it, e.g. lightning,shift_terminal=0.02 or "
-                   "base_shift=ln(3),max_shift=ln(3),shift_terminal=none")  # fmt: skip
-    p.add_argument("--cache", default=None, metavar="fbc:THRESHOLD|schedule:FILE|off",
+                   help="the sampling schedule (default the model's). FLUX.1 Kontext / Step1X-Edit: default (FLUX's "
+                   "resolution shift), linear (no shift), and/or shift=on|off, base_shift=, max_shift=, e.g. "
+                   "shift=off. Qwen-Image-Edit: lightning (the Lightning 4-/8-step LoRAs': with --steps 4 or 8 and "
+                   "--true-cfg-scale 1), default (Qwen-Image's), and/or fields of diffusers' scheduler_config.json "
+                   "over it, e.g. lightning,shift_terminal=0.02 or base_shift=ln(3),max_shift=ln(3)")  # fmt: skip
+    p.add_argument("--cache", default=None, metavar="fbc:THRESHOLD|tea:THRESHOLD|schedule:FILE|off",
                    help="step caching in the sampling loop (jaxedit.step_cache; default the model's, else off): "
-                   "fbc:0.08 reuses the blocks' residual when the first block changes less than 8%%; schedule:FILE "
-                   "a calibrated schedule (FLUX.1 Kontext, Step1X-Edit)")  # fmt: skip
+                   "fbc:0.08 reuses the blocks' residual when the first block changes less than 8%%; tea:0.4 "
+                   "TeaCache's accumulated change of the first block's modulated input; schedule:FILE a calibrated "
+                   "schedule")  # fmt: skip
 
 
 def load_pipeline(args):
@@ -292,7 +294,9 @@ def calibrate_cache_main(argv: list[str]) -> int:
     )
     p.add_argument("--image", required=True, action="append", help="an input image; repeat it, one per edit")
     p.add_argument("--prompt", required=True, action="append", help="the edit instructions, one per --image")
-    p.add_argument("--threshold", type=float, required=True, help="the first-block cache's threshold (e.g. 0.08)")
+    p.add_argument("--threshold", type=float, required=True, help="the cache's threshold (e.g. 0.08)")
+    p.add_argument("--signal", choices=("fbc", "tea"), default="fbc",
+                   help="the signal calibrated: fbc (first-block cache, default) or tea (TeaCache)")  # fmt: skip
     p.add_argument(
         "--agree",
         type=float,
@@ -311,7 +315,7 @@ def calibrate_cache_main(argv: list[str]) -> int:
     if not (0 < args.agree <= 1):
         fail(f"--agree {args.agree}: a share in (0, 1]")
     try:
-        step_cache.CacheSpec(threshold=args.threshold)
+        step_cache.CacheSpec(threshold=args.threshold, signal=args.signal)
         images = [load_image(x) for x in args.image]
     except (ItemError, ValueError) as e:
         fail(str(e))
@@ -320,7 +324,8 @@ def calibrate_cache_main(argv: list[str]) -> int:
     seeds = [args.seed + i for i in range(len(images))]
     try:
         data = step_cache.calibrate(pipe, images, args.prompt, seeds, args.threshold, steps=d["steps"],
-                                    guidance=d["guidance"], agree=args.agree, out=args.out)  # fmt: skip
+                                    guidance=d["guidance"], agree=args.agree, out=args.out,
+                                    signal=args.signal)  # fmt: skip
     except ValueError as e:
         fail(str(e))
     print(f"wrote {args.out}: {data['calls_saved']} of {data['steps']} steps reuse "

@@ -418,8 +418,30 @@ class QwenImageVAEConfig:
         return 2 ** len(self.temperal_downsample)
 
 
+class SchedulerFields:
+    """What both schedulers' configs share: read from an object of fields or the folder option, written back."""
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Any:
+        """From a scheduler_config.json's fields (the others, e.g. "_class_name", ignored); ValueError naming a
+        field of the wrong type."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a scheduler is an object of fields, not {type(d).__name__}")
+        hints = typing.get_type_hints(cls)
+        return cls(**{k: typed(v, None, hints[k], k) for k, v in d.items() if k in hints})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_option(cls, value: Any) -> Any:
+        """The folder option "scheduler": an object of fields (`from_dict`) or the text of `--scheduler`
+        (`parse`: a named scheduler and/or KEY=VALUE items)."""
+        return cls.parse(value) if isinstance(value, str) else cls.from_dict(value)
+
+
 @dataclass(frozen=True)
-class SchedulerConfig:
+class SchedulerConfig(SchedulerFields):
     """The fields of a diffusers `scheduler/scheduler_config.json` the edit pipelines use (the converter copies a
     release's into the model folder's pipeline option "scheduler"); defaults: Qwen-Image's."""
 
@@ -440,45 +462,71 @@ class SchedulerConfig:
             raise ValueError(f"scheduler shift_terminal {self.shift_terminal} is outside [0, 1)")
 
     @classmethod
-    def from_dict(cls, d: dict) -> SchedulerConfig:
-        """From a scheduler_config.json's fields (the others, e.g. "_class_name", ignored); ValueError naming a
-        field of the wrong type."""
-        if not isinstance(d, dict):
-            raise ValueError(f"a scheduler is an object of fields, not {type(d).__name__}")
-        hints = typing.get_type_hints(cls)
-        return cls(**{k: typed(v, None, hints[k], k) for k, v in d.items() if k in hints})
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
     def parse(cls, text: str, base: SchedulerConfig | None = None) -> SchedulerConfig:
         """A scheduler from the command line's `--scheduler`: comma-separated items, each a named scheduler
         (`SCHEDULERS`: "lightning", "default"), which replaces the whole config, or KEY=VALUE setting one field
-        over what came before (`base`, else Qwen-Image's); a VALUE is a number, true/false, none, exponential /
-        linear, or ln(X). ValueError (one line) naming a bad item."""
-        cfg, hints = base or cls(), typing.get_type_hints(cls)
-        for item in (t.strip() for t in text.split(",")):
-            key, eq, raw = item.partition("=")
-            key = key.strip()
-            if not eq:
-                if key not in SCHEDULERS:
-                    raise ValueError(f"scheduler {item!r}: name one of {', '.join(SCHEDULERS)} or give KEY=VALUE")
-                cfg = SCHEDULERS[key]
-                continue
-            if key not in hints:
-                raise ValueError(f"scheduler {key!r} is not a field: use {', '.join(hints)}")
-            cfg = dataclasses.replace(cfg, **{key: typed(scheduler_value(raw.strip()), raw.strip(), hints[key], key)})
-        return cfg
+        over what came before (`base`, else Qwen-Image's); a VALUE is a number, true/false (on/off), none,
+        exponential / linear, or ln(X). ValueError (one line) naming a bad item."""
+        return parse_fields(cls, text, base, SCHEDULERS)
+
+
+@dataclass(frozen=True)
+class FluxSchedulerConfig(SchedulerFields):
+    """FLUX.1's schedule (FLUX.1 Kontext, Step1X-Edit): sigmas linear from 1 to 0 over the steps, time-shifted by
+    mu linear in the target's token count (diffusers' FlowMatchEulerDiscreteScheduler with use_dynamic_shifting,
+    as FluxKontextPipeline sets it: mu from base_shift at base_image_seq_len to max_shift at max_image_seq_len)
+    when `shift` is on; off: the plain linear sigmas (diffusers' with use_dynamic_shifting false and shift 1)."""
+
+    shift: bool = True  # the resolution-dependent shift
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    base_image_seq_len: int = 256
+    max_image_seq_len: int = 4096
+
+    def __post_init__(self):
+        if self.max_image_seq_len <= self.base_image_seq_len:
+            raise ValueError(f"scheduler max_image_seq_len {self.max_image_seq_len} must be over base_image_seq_len "
+                             f"{self.base_image_seq_len}")  # fmt: skip
+        if not all(math.isfinite(v) for v in (self.base_shift, self.max_shift)):
+            raise ValueError(
+                f"scheduler base_shift / max_shift must be finite, got {self.base_shift}, {self.max_shift}"
+            )
+
+    @classmethod
+    def parse(cls, text: str, base: FluxSchedulerConfig | None = None) -> FluxSchedulerConfig:
+        """`--scheduler` for FLUX.1's schedule: comma-separated items, a named scheduler (`FLUX_SCHEDULERS`:
+        "default", "linear") or KEY=VALUE over what came before (`base`, else FLUX.1's), e.g. shift=off or
+        base_shift=0.5,max_shift=1.15. ValueError (one line) naming a bad item."""
+        return parse_fields(cls, text, base, FLUX_SCHEDULERS)
+
+
+def parse_fields(cls, text: str, base: Any, named: dict) -> Any:
+    """Comma-separated items over `base` (else cls()): a name of `named` replaces the whole config, KEY=VALUE sets
+    one field (`scheduler_value`, then checked as the field's type). ValueError (one line) naming a bad item."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"scheduler {text!r}: name one of {', '.join(named)} or give KEY=VALUE")
+    cfg, hints = base or cls(), typing.get_type_hints(cls)
+    for item in (t.strip() for t in text.split(",")):
+        key, eq, raw = item.partition("=")
+        key = key.strip()
+        if not eq:
+            if key not in named:
+                raise ValueError(f"scheduler {item!r}: name one of {', '.join(named)} or give KEY=VALUE")
+            cfg = named[key]
+            continue
+        if key not in hints:
+            raise ValueError(f"scheduler {key!r} is not a field: use {', '.join(hints)}")
+        cfg = dataclasses.replace(cfg, **{key: typed(scheduler_value(raw.strip()), raw.strip(), hints[key], key)})
+    return cfg
 
 
 def scheduler_value(raw: str):
-    """A `--scheduler` VALUE: none -> None, true/false, an int, a float, ln(X) -> log X, else the text."""
+    """A `--scheduler` VALUE: none -> None, true/false or on/off, an int, a float, ln(X) -> log X, else the text."""
     low = raw.lower()
     if low in ("none", "null"):
         return None
-    if low in ("true", "false"):
-        return low == "true"
+    if low in ("true", "false", "on", "off"):
+        return low in ("true", "on")
     if low.startswith("ln(") and low.endswith(")"):
         try:
             return math.log(float(low[3:-1]))
@@ -499,6 +547,9 @@ SCHEDULERS = {
     "default": SchedulerConfig(),
     "lightning": SchedulerConfig(base_shift=math.log(3), max_shift=math.log(3), shift_terminal=None),
 }
+# named schedulers of FLUX.1's `--scheduler` (`FluxSchedulerConfig.parse`): default (the resolution-dependent
+# shift, FLUX.1-dev's and Kontext's scheduler_config), linear (no shift: the plain linear sigmas)
+FLUX_SCHEDULERS = {"default": FluxSchedulerConfig(), "linear": FluxSchedulerConfig(shift=False)}
 
 
 @dataclass(frozen=True)

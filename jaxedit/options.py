@@ -100,31 +100,42 @@ def _mesh(v):
 
 
 # name -> check (the value, or ValueError saying what is wrong with it)
-def _scheduler(v: Any) -> dict:
-    from jaxedit.configs import SchedulerConfig
+def _scheduler(v: Any) -> Any:
+    """The sampling schedule: an object of fields or the text of `--scheduler` (a named scheduler and/or
+    KEY=VALUE items), for FLUX.1's schedule (`configs.FluxSchedulerConfig`) or diffusers' scheduler_config.json
+    fields (`configs.SchedulerConfig`); the family's own type checks it again when the pipeline loads."""
+    from jaxedit.configs import FluxSchedulerConfig, SchedulerConfig
 
-    return SchedulerConfig.from_dict(v).to_dict()
+    errors = []
+    for kind in (SchedulerConfig, FluxSchedulerConfig):
+        try:
+            kind.from_option(v)
+            return v
+        except ValueError as e:
+            errors.append(str(e))
+    raise ValueError(f"is {v!r}: {errors[1]} (FLUX.1's schedule); {errors[0]} (diffusers' scheduler fields)")
 
 
 def _cache(v: Any) -> str:
-    """A step cache (`jaxedit.step_cache`): "off", "fbc:THRESHOLD" (a number >= 0) or "schedule:FILE" (a folder's:
-    a file inside it); the schedule file itself is read when the pipeline loads."""
+    """A step cache (`jaxedit.step_cache`): "off", "fbc:THRESHOLD" / "tea:THRESHOLD" (a number >= 0) or
+    "schedule:FILE" (a folder's: a file inside it); the schedule file itself is read when the pipeline loads."""
+    usage = "use 'off', 'fbc:THRESHOLD', 'tea:THRESHOLD' or 'schedule:FILE'"
     if not isinstance(v, str):
-        raise ValueError(f"is {v!r}: use 'off', 'fbc:THRESHOLD' or 'schedule:FILE'")
+        raise ValueError(f"is {v!r}: {usage}")
     kind, _, arg = v.partition(":")
     if kind in ("off", "none") and not arg:
         return v
-    if kind == "fbc":
+    if kind in ("fbc", "tea"):
         try:
             t = float(arg)
         except ValueError:
             t = math.nan
         if not (math.isfinite(t) and t >= 0):
-            raise ValueError(f"is {v!r}: fbc takes a threshold >= 0, e.g. fbc:0.08")
+            raise ValueError(f"is {v!r}: {kind} takes a threshold >= 0, e.g. {kind}:0.08")
         return v
     if kind == "schedule" and arg:
         return v
-    raise ValueError(f"is {v!r}: use 'off', 'fbc:THRESHOLD' or 'schedule:FILE'")
+    raise ValueError(f"is {v!r}: {usage}")
 
 
 OPTIONS = {

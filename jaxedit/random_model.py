@@ -11,6 +11,7 @@ pipeline, CLI and docs have a model folder to run before a trained one is availa
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
 
@@ -22,13 +23,19 @@ from jaxedit.model_folder import write_description
 from jaxedit.tokenizers_offline import train_tokenizers
 
 
+def init(module, args: tuple, key):
+    """module.init(key, *args), jitted over the key alone: `args` are constants of the program (static, e.g.
+    Qwen-Image's img_shapes)."""
+    return module.init(key, *args)
+
+
 def random_params(preset: configs.Preset, seed: int = 0) -> dict:
     """{part: random parameters} of every part the preset's family has, each seeded by its position."""
     key, family = jax.random.key(seed), families.of(preset)
     modules = {p: (family.module(preset, p), family.example_inputs(preset, p)) for p in family.present_parts(preset)}
     out = {}
     for i, (part, (module, args)) in enumerate(modules.items()):
-        params = jax.jit(module.init)(jax.random.fold_in(key, i), *args)["params"]
+        params = jax.jit(functools.partial(init, module, args))(jax.random.fold_in(key, i))["params"]
         params = jax.tree.map(lambda x: getattr(x, "value", x), params, is_leaf=lambda x: hasattr(x, "value"))
         leaves, tree = jax.tree.flatten(params)
         keys = jax.random.split(jax.random.fold_in(key, 100 + i), len(leaves))

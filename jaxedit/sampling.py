@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -131,12 +132,16 @@ def time_shift(mu: float, t: np.ndarray) -> np.ndarray:
         return np.where(t > 0, math.exp(mu) / (math.exp(mu) + (1 / np.where(t > 0, t, 1) - 1)), 0.0)
 
 
-def flux_schedule(steps: int, image_seq_len: int, *, shift: bool = True) -> np.ndarray:
-    """Timesteps t_0 = 1 > ... > t_N = 0, float32 [steps + 1] (computed in float64)."""
+def flux_schedule(steps: int, image_seq_len: int, scheduler: Any = None, *, shift: bool = True) -> np.ndarray:
+    """Timesteps t_0 = 1 > ... > t_N = 0, float32 [steps + 1] (computed in float64). scheduler: a
+    `jaxedit.configs.FluxSchedulerConfig` (its shift on/off and mu's line; None: FLUX.1's, shift as given)."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     t = np.linspace(1.0, 0.0, steps + 1)
-    if shift:
+    c = scheduler
+    if c is not None and c.shift:
+        t = time_shift(flux_mu(image_seq_len, c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift), t)
+    elif c is None and shift:
         t = time_shift(flux_mu(image_seq_len), t)
     return t.astype(np.float32)
 

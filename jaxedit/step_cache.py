@@ -1,24 +1,46 @@
-"""Step caching compiled into the sampling loop (issue #40 item 1): first-block cache and static schedules.
+"""Step caching compiled into the sampling loop (issue #40 item 1): first-block cache, a TeaCache-style signal
+and static schedules.
 
     pipe.set_cache("fbc:0.08")              # or pipe(..., cache="fbc:0.08"), --cache fbc:0.08, folder option "cache"
+    pipe.set_cache("tea:0.4")               # TeaCache's signal and rule (see below)
     pipe.set_cache("schedule:skips.json")   # a precalibrated schedule (`calibrate`)
 
 The DiT runs as two parts with the same parameters (`SplitDiT`: the embedding and the first double block(s), then
-the other blocks; FLUX.1 Kontext and Step1X-Edit share them, `jaxedit.models.flux.Flux.first_blocks`). At each step
-the first part always runs; the rest's output residual (hidden states after all blocks minus the first part's
-output, image tokens) is kept in the loop's carry, and a step that reuses it adds it to the first part's output
-instead of running the rest: a `lax.cond` inside the scanned loop, so a skipped step really skips those blocks.
+the other blocks: `dit_parts` of a model's `embed`, `first_blocks`, `rest_blocks`, `finish`; FLUX.1 Kontext and
+Step1X-Edit share `jaxedit.models.flux.Flux`'s, Qwen-Image-Edit has
+`jaxedit.models.qwen_image.QwenImageTransformer`'s). At each step the first part always runs; the rest's output
+residual (hidden states after all blocks minus the first part's output, image tokens) is kept in the loop's carry,
+and a step that reuses it adds it to the first part's output instead of running the rest: a `lax.cond` inside the
+scanned loop, so a skipped step really skips those blocks.
 
 first-block cache ("fbc:THRESHOLD"): the signal is the first part's own residual (its output minus its input,
 image tokens); a step reuses when its relative mean absolute change to the residual of the last step the item
 COMPUTED is below the threshold (ParaAttention's rule); the first `warmup` steps always compute.
+
+TeaCache ("tea:THRESHOLD", ali-vilab/TeaCache's TeaCache4FLUX rule): the signal is the first double block's
+MODULATED image input (LayerNorm of the embedded image tokens, times 1 + scale, plus shift, of the block's first
+image modulation: `first_modulated`), compared with the previous STEP's (every step, computed or not) by relative
+L1 (mean |a - b| / mean |b|). That distance, rescaled by the model's polynomial (`SplitDiT.rescale`, coefficients
+highest power first, as numpy.poly1d; negative values count 0), is accumulated over the steps since the item last
+computed; the step reuses while the accumulation stays below the threshold, else it computes and the accumulation
+restarts at 0. The first and the last step always compute (TeaCache's rule). The polynomial is the family's:
+FLUX.1 Kontext uses TeaCache4FLUX's, fitted to FLUX.1-dev (TeaCache's suggested thresholds 0.25 / 0.4 / 0.6 / 0.8
+for 1.5x / 1.8x / 2.0x / 2.25x at 50 FLUX.1-dev steps); Step1X-Edit and Qwen-Image-Edit have no polynomial fitted
+to them here, so their distance is not rescaled (rescale None: the plain relative L1) and their thresholds must be
+calibrated. Unlike TeaCache, which caches the residual of all the blocks, the first block always runs here (the
+same split and the same `lax.cond` as the first-block cache).
+
+The threshold is a run-time argument of the compiled loop (`CacheSpec` is a pytree whose only leaf is the
+threshold): another threshold of the same signal reuses the compiled program. A schedule is a compile-time
+constant (one program per schedule).
 
 Each item of a batch decides alone: an item that reuses gets its cached residual, an item that computes gets the
 blocks' output, so an item's result does not depend on its batchmates (nor on the batch size). The blocks are
 skipped only on steps when every item of the batch reuses (a batch saves as often as its least-skipping item);
 on the other steps the rest runs for the whole batch and the reusing items' outputs are discarded.
 Cost: two arrays [B, image tokens, hidden] in the model's dtype per transformer call of a step (the previous
-signal and the residual; two calls with true CFG), the first part and the signal's reductions at each step.
+signal and the residual; two calls with true CFG) and one float per item (TeaCache's accumulation), the first part
+and the signal's reductions at each step.
 
 static schedule ("schedule:FILE", or a tuple of booleans): step i reuses iff skips[i]; the predicate is a constant
 of the program, the same for every item, batch size and device (no signal is computed). `calibrate` records
@@ -39,19 +61,26 @@ import numpy as np
 
 from jaxedit import sampling
 
+SIGNALS = ("fbc", "tea")  # first-block cache, TeaCache
+
 
 @dataclasses.dataclass(frozen=True)
 class CacheSpec:
-    """How the loop caches: `threshold` (first-block cache) or `skips` (a static schedule, one per step)."""
+    """How the loop caches: `threshold` of a `signal` (fbc: first-block cache; tea: TeaCache) or `skips` (a static
+    schedule, one per step). A pytree: the threshold is its leaf (traced: a run-time argument of the jitted
+    loop), the rest its static structure."""
 
     threshold: float | None = None
     skips: tuple[bool, ...] | None = None
-    warmup: int = 1  # first-block cache: the first steps always compute
+    warmup: int = 1  # the first steps always compute
     first: int = 1  # double blocks in the first part
+    signal: str = "fbc"  # with a threshold: "fbc" or "tea"
 
     def __post_init__(self):
         if (self.threshold is None) == (self.skips is None):
-            raise ValueError("a step cache has a threshold (fbc) or a schedule (skips), not both nor neither")
+            raise ValueError("a step cache has a threshold (fbc, tea) or a schedule (skips), not both nor neither")
+        if self.signal not in SIGNALS:
+            raise ValueError(f"cache signal {self.signal!r}: use one of {', '.join(SIGNALS)}")
         if self.threshold is not None and not (np.isfinite(self.threshold) and self.threshold >= 0):
             raise ValueError(f"cache threshold must be a number >= 0, got {self.threshold!r}")
         if self.skips is not None and self.skips[:1] == (True,):
@@ -62,7 +91,7 @@ class CacheSpec:
     @property
     def text(self) -> str:
         if self.threshold is not None:
-            return f"fbc:{self.threshold:g}"
+            return f"{self.signal}:{self.threshold:g}"
         return "schedule:" + "".join("x" if s else "." for s in self.skips)
 
     def check_steps(self, steps: int) -> None:
@@ -71,8 +100,22 @@ class CacheSpec:
             raise ValueError(f"the cache schedule has {len(self.skips)} steps, the edit {steps}")
 
 
+def _flatten(spec: CacheSpec):
+    return (spec.threshold,), (spec.skips, spec.warmup, spec.first, spec.signal)
+
+
+def _unflatten(aux, children) -> CacheSpec:
+    spec = object.__new__(CacheSpec)  # (no check: inside a trace the threshold is a tracer)
+    for name, value in zip(("threshold", "skips", "warmup", "first", "signal"), (*children, *aux)):
+        object.__setattr__(spec, name, value)
+    return spec
+
+
+jax.tree_util.register_pytree_node(CacheSpec, _flatten, _unflatten)
+
+
 def parse(value: Any, base: Path | None = None) -> CacheSpec | None:
-    """A cache option -> CacheSpec or None (off): None, "off", "none", a CacheSpec, "fbc:THRESHOLD",
+    """A cache option -> CacheSpec or None (off): None, "off", "none", a CacheSpec, "fbc:THRESHOLD", "tea:THRESHOLD",
     "schedule:FILE" (relative to `base` when given) or a dict {"threshold": ...} / {"skips": [...]}."""
     if value is None or isinstance(value, CacheSpec):
         return value
@@ -84,18 +127,21 @@ def parse(value: Any, base: Path | None = None) -> CacheSpec | None:
             value = value | {"skips": tuple(bool(s) for s in value["skips"])}
         return CacheSpec(**value)
     if not isinstance(value, str):
-        raise ValueError(f"cache must be 'off', 'fbc:THRESHOLD' or 'schedule:FILE', got {value!r}")
+        raise ValueError(f"cache must be {USAGE}, got {value!r}")
     kind, _, arg = value.partition(":")
     if kind in ("off", "none", "") and not arg:
         return None
-    if kind == "fbc":
+    if kind in SIGNALS:
         try:
-            return CacheSpec(threshold=float(arg))
+            return CacheSpec(threshold=float(arg), signal=kind)
         except ValueError:
-            raise ValueError(f"cache {value!r}: fbc takes a threshold >= 0, e.g. fbc:0.08") from None
+            raise ValueError(f"cache {value!r}: {kind} takes a threshold >= 0, e.g. {kind}:0.08") from None
     if kind == "schedule" and arg:
         return read_schedule(Path(base) / arg if base is not None else Path(arg))
-    raise ValueError(f"cache {value!r}: use 'off', 'fbc:THRESHOLD' or 'schedule:FILE'")
+    raise ValueError(f"cache {value!r}: use {USAGE}")
+
+
+USAGE = "'off', 'fbc:THRESHOLD', 'tea:THRESHOLD' or 'schedule:FILE'"
 
 
 def read_schedule(path: str | Path) -> CacheSpec:
@@ -122,13 +168,15 @@ def write_schedule(path: str | Path, skips_items: np.ndarray, *, threshold: floa
 
 
 def calibrate(pipe, images: list, prompts: list[str], seeds: list[int], threshold: float, *, steps: int | None = None,
-              guidance=None, agree: float = 1.0, out: str | Path | None = None, **options) -> dict:  # fmt: skip
-    """Run a first-block cache of `threshold` on a few items, one at a time (each decides alone), and record which
-    steps it skipped: {"skips": the schedule, "per_item": ...}, written to `out` (JSON) when given."""
+              guidance=None, agree: float = 1.0, out: str | Path | None = None, signal: str = "fbc",
+              **options) -> dict:  # fmt: skip
+    """Run a cache of `threshold` (first-block cache, or `signal` "tea") on a few items, one at a time (each decides
+    alone), and record which steps it skipped: {"skips": the schedule, "per_item": ...}, written to `out` (JSON)
+    when given."""
     decisions = []
     for image, prompt, seed in zip(images, prompts, seeds):
         pipe([image], [prompt], [seed], steps=steps, guidance=guidance, output="latents",
-             cache=CacheSpec(threshold=threshold), **options)  # fmt: skip
+             cache=CacheSpec(threshold=threshold, signal=signal), **options)  # fmt: skip
         decisions.append(pipe.last_cache_skips[:, 0])
     s = np.stack(decisions, axis=1)
     if out is not None:
@@ -139,9 +187,12 @@ def calibrate(pipe, images: list, prompts: list[str], seeds: list[int], threshol
 
 @dataclasses.dataclass(frozen=True)
 class SplitDiT:
-    """A DiT as parts with the same parameters: embed(*call args) -> (img, txt, vec, ids); first(img, txt, vec,
-    ids) -> (img, txt) after the first blocks; rest(img, txt, vec, ids) -> image hidden states after all blocks;
-    finish(hidden, vec) -> the model's output."""
+    """A DiT as parts with the same parameters: embed(*call args) -> (img, txt, vec, ctx); first(img, txt, vec,
+    ctx) -> (img, txt) after the first blocks; rest(img, txt, vec, ctx) -> image hidden states after all blocks;
+    finish(hidden, vec) -> the model's output; modulated(img, vec, ctx) -> the first block's modulated image input
+    (TeaCache's signal). ctx: what the blocks take besides (img, txt, vec) (FLUX: the ids; Qwen-Image: RoPE, the
+    text mask's segments, the target's tokens). rescale: TeaCache's polynomial of the model (numpy.poly1d's
+    coefficients) or None (the relative L1 as it is)."""
 
     embed: Callable
     first: Callable
@@ -149,22 +200,27 @@ class SplitDiT:
     finish: Callable
     hidden_size: int
     dtype: Any  # the hidden states' (the model's compute dtype)
+    modulated: Callable | None = None
+    rescale: tuple[float, ...] | None = None
 
 
-def flux_parts(model, params, first: int = 1) -> SplitDiT:
-    """The `SplitDiT` of a `jaxedit.models.flux.Flux` (or a subclass: its own `embed`) and its parameters."""
+def dit_parts(model, params, first: int = 1, rescale: tuple[float, ...] | None = None) -> SplitDiT:
+    """The `SplitDiT` of a DiT module with methods `embed`, `first_blocks`, `rest_blocks`, `finish` and
+    `first_modulated` (`jaxedit.models.flux.Flux` and subclasses, `jaxedit.models.qwen_image.QwenImageTransformer`)
+    and its parameters; rescale: the model's TeaCache polynomial (the family's)."""
 
     def call(method, **kw):
         return lambda *a: model.apply({"params": params}, *a, method=method, **kw)
 
     return SplitDiT(call("embed"), call("first_blocks", n=first), call("rest_blocks", n=first), call("finish"),
-                    model.cfg.hidden_size, model.dtype)  # fmt: skip
+                    model.cfg.hidden_size, model.dtype, call("first_modulated"), rescale)  # fmt: skip
 
 
-def init_state(batch: int, tokens: int, hidden: int, dtype) -> tuple[jax.Array, jax.Array]:
-    """The cache of one transformer call: (last computed first-part residual, rest's residual), zeros."""
+def init_state(batch: int, tokens: int, hidden: int, dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The cache of one transformer call: (previous signal, rest's residual, TeaCache's accumulated distance [B]
+    float32), zeros."""
     z = jnp.zeros((batch, tokens, hidden), dtype)
-    return z, z
+    return z, z, jnp.zeros((batch,), jnp.float32)
 
 
 def relative_change(signal: jax.Array, previous: jax.Array) -> jax.Array:
@@ -174,26 +230,44 @@ def relative_change(signal: jax.Array, previous: jax.Array) -> jax.Array:
     return jnp.mean(jnp.abs(s - p), axis=axes) / jnp.maximum(jnp.mean(jnp.abs(p), axis=axes), 1e-20)
 
 
-def cached_call(parts: SplitDiT, args: tuple, state: tuple, step: jax.Array, spec: CacheSpec):
-    """One transformer call with the cache -> (output, new state, reused [B] bool). step: the step's index."""
-    img0, txt0, vec, ids = parts.embed(*args)
-    img1, txt1 = parts.first(img0, txt0, vec, ids)
-    signal = img1 - img0
-    prev_signal, residual = state
-    b = img1.shape[0]
+def rescaled(distance: jax.Array, rescale: tuple[float, ...] | None) -> jax.Array:
+    """TeaCache's rescaled distance: the polynomial at `distance` (None: the distance), negative values as 0."""
+    if rescale is None:
+        return distance
+    return jnp.maximum(jnp.polyval(jnp.asarray(rescale, jnp.float32), distance), 0.0)
+
+
+def cached_call(parts: SplitDiT, args: tuple, state: tuple, step: jax.Array, spec: CacheSpec,
+                steps: int | None = None):  # fmt: skip
+    """One transformer call with the cache -> (output, new state, reused [B] bool). step: the step's index;
+    steps: the loop's step count (TeaCache: the last step computes)."""
+    img0, txt0, vec, ctx = parts.embed(*args)
+    prev_signal, residual, acc = state
+    b = img0.shape[0]
+    if spec.signal == "tea" and spec.skips is None:
+        signal = parts.modulated(img0, vec, ctx)  # before the first block runs
+    img1, txt1 = parts.first(img0, txt0, vec, ctx)
     if spec.skips is not None:
         reuse = jnp.broadcast_to(jnp.asarray(spec.skips, bool)[step], (b,))
+        new_signal = prev_signal
+    elif spec.signal == "tea":
+        acc = acc + rescaled(relative_change(signal, prev_signal), parts.rescale)
+        edge = (step < spec.warmup) | (step == (-1 if steps is None else steps - 1))
+        reuse = ~edge & (acc < spec.threshold)
+        acc = jnp.where(reuse, acc, 0.0)
+        new_signal = signal.astype(prev_signal.dtype)  # the previous step's, computed or not
     else:
+        signal = img1 - img0
         reuse = (step >= spec.warmup) & (relative_change(signal, prev_signal) < spec.threshold)
+        new_signal = jnp.where(reuse[:, None, None], prev_signal, signal.astype(prev_signal.dtype))
     cached = img1 + residual.astype(img1.dtype)
     item = reuse[:, None, None]
 
     def compute():
-        return jnp.where(item, cached, parts.rest(img1, txt1, vec, ids).astype(img1.dtype))
+        return jnp.where(item, cached, parts.rest(img1, txt1, vec, ctx).astype(img1.dtype))
 
     hidden = jax.lax.cond(jnp.all(reuse), lambda: cached, compute)
-    state = (jnp.where(item, prev_signal, signal.astype(prev_signal.dtype)),
-             jnp.where(item, residual, (hidden - img1).astype(residual.dtype)))  # fmt: skip
+    state = (new_signal, jnp.where(item, residual, (hidden - img1).astype(residual.dtype)), acc)
     return parts.finish(hidden, vec), state, reuse
 
 

@@ -75,6 +75,23 @@ def test_a_converted_release_edits_through_the_cli(release, tmp_path, monkeypatc
     w, h = qp.calculate_dimensions(64 * 64, 48 / 72)  # the last reference's aspect
     assert Image.open(out).size == (w // 16 * 16, h // 16 * 16)
 
+    # step caching from the command line: a TeaCache calibration's schedule, replayed by an edit
+    schedule = tmp_path / "schedule.json"
+    calibrate = ["calibrate-cache", "--model", str(dst), "--image", str(tmp_path / "0.png"), "--prompt", "a",
+                 "--image", str(tmp_path / "1.png"), "--prompt", "b", "--threshold", "1e9", "--signal", "tea",
+                 "--out", str(schedule), "--steps", "4", "--dtype", "float32"]  # fmt: skip
+    assert cli(calibrate) == 0, capsys.readouterr().err
+    assert json.loads(schedule.read_text())["skips"] == [False, True, True, False]  # tea: the last step computes
+    assert cli([*argv[:-4], "--steps", "4", "--dtype", "float32", "--cache", f"schedule:{schedule}"]) == 0
+    flagged = out.read_bytes()
+    # the same schedule as the folder's option "cache" (a file inside the folder): the same image
+    (dst / "schedule.json").write_text(schedule.read_text())
+    desc = json.loads((dst / "jaxedit.json").read_text())
+    desc["pipeline"]["cache"] = "schedule:schedule.json"
+    (dst / "jaxedit.json").write_text(json.dumps(desc))
+    assert cli([*argv[:-4], "--steps", "4", "--dtype", "float32"]) == 0
+    assert out.read_bytes() == flagged
+
     # a flag of another family is refused in one line naming it
     with pytest.raises(SystemExit):
         cli([*argv, "--keep-size"])

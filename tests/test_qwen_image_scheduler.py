@@ -1,6 +1,7 @@
 """`--scheduler` (few-step LoRAs' sampling schedules, issue #40): the "lightning" scheduler equals diffusers'
 FlowMatchEulerDiscreteScheduler with Qwen-Image-Lightning's scheduler_config at 4 and 8 steps; the flag reaches a
-Qwen-Image-Edit pipeline over its folder's scheduler; a bad item, or the flag on another family, is one line."""
+Qwen-Image-Edit pipeline over its folder's scheduler; a bad item is one line (FLUX.1 Kontext's and Step1X-Edit's
+own --scheduler: tests/test_flux_scheduler.py)."""
 
 from __future__ import annotations
 
@@ -68,7 +69,8 @@ def test_the_flag_reaches_the_pipeline(tmp_path, monkeypatch, capsys):
     def load(opened, **kw):  # a stand-in pipeline: the folder's scheduler, as the real load sets it
         calls.append(kw)
         return types.SimpleNamespace(scheduler=SchedulerConfig.from_dict(opened.options["scheduler"]),
-                                     true_cfg_scale=4.0, negative_prompt=" ", loras=[])  # fmt: skip
+                                     scheduler_type=SchedulerConfig, true_cfg_scale=4.0, negative_prompt=" ",
+                                     loras=[])  # fmt: skip
 
     monkeypatch.setattr(QwenImageEditPipeline, "load", load)
     pipe = load_pipeline(args_of("--model", str(folder)))
@@ -89,10 +91,14 @@ def test_the_flag_reaches_the_pipeline(tmp_path, monkeypatch, capsys):
     assert err.count("\n") == 0 and "--scheduler: max_shift is a number, got 'big'" in err and len(calls) == n
 
 
-@pytest.mark.parametrize("preset", ["flux-kontext-tiny", "step1x-edit-tiny"])
-def test_other_families_refuse_the_flag(preset, tmp_path, capsys):
-    write_description(tmp_path, presets.get(preset))
-    with pytest.raises(SystemExit):
-        load_pipeline(args_of("--model", str(tmp_path), "--scheduler", "lightning"))
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "--scheduler is for Qwen-Image-Edit models" in err
+def test_the_folder_option_takes_the_flags_text():
+    """The folder option "scheduler": an object of scheduler_config.json's fields or the text of --scheduler (a
+    named scheduler and/or KEY=VALUE items), checked when the folder opens (and as the family's type at load)."""
+    from jaxedit.options import check_option
+
+    assert SchedulerConfig.from_option("lightning") == SCHEDULERS["lightning"]
+    assert SchedulerConfig.from_option("lightning,shift_terminal=0.02").shift_terminal == 0.02
+    assert SchedulerConfig.from_option({"max_shift": 0.8}) == SchedulerConfig(max_shift=0.8)
+    assert check_option("scheduler", "lightning", "scheduler") == "lightning"
+    with pytest.raises(ValueError, match="scheduler 'lightening'"):
+        check_option("scheduler", "lightening", "scheduler")

@@ -113,6 +113,34 @@ def test_thresholds_skip_steps(pipe, uncached):
         pipe.set_cache(None)
 
 
+def test_tea_cache(pipe, uncached):
+    """TeaCache's signal (the first block's modulated input, FLUX.1-dev's rescaling polynomial, accumulated):
+    threshold 0 is the uncached loop; a large one reuses every step but the first and the last; thresholds are
+    run-time arguments of one compiled program."""
+    np.testing.assert_allclose(run(pipe, cache="tea:0"), uncached, rtol=0, atol=1e-6)
+    assert not pipe.last_cache_skips.any()
+    size = pipe.denoise._cache_size()
+    for t in (0.25, 0.4, 0.6, 0.8, 2, 1e9):
+        out = run(pipe, cache=f"tea:{t:g}")
+        skips = pipe.last_cache_skips
+        assert np.isfinite(out).all() and not skips[0].any() and not skips[-1].any()
+        print(f"tea:{t:g}: steps skipped by the batch {int(skips.all(axis=1).sum())}/{STEPS}, per item "
+              f"{skips.sum(axis=0).tolist()}, mean |cached - uncached| / mean |uncached| {rel(out, uncached):.2e}, "
+              f"max |cached - uncached| {np.abs(out - uncached).max():.2e}")  # fmt: skip
+    assert pipe.denoise._cache_size() == size  # the other thresholds: no compilation
+    assert skips[1:-1].all() and rel(out, uncached) > 1e-3
+
+
+def test_threshold_is_a_run_time_argument(pipe):
+    """Two first-block-cache thresholds run one compiled program; a schedule compiles its own."""
+    run(pipe, cache="fbc:0.05")
+    size = pipe.denoise._cache_size()
+    run(pipe, cache="fbc:0.7")
+    assert pipe.denoise._cache_size() == size
+    run(pipe, cache=step_cache.CacheSpec(skips=(False, True) * (STEPS // 2)))
+    assert pipe.denoise._cache_size() == size + 1
+
+
 def test_cached_step_skips_the_blocks(pipe, monkeypatch):
     """A debug callback inside `rest_blocks` counts how often the blocks after the first really run."""
     calls = []
@@ -164,7 +192,9 @@ def test_schedule_replays_first_block_cache(pipe, uncached, tmp_path):
 def test_cache_options_checked():
     assert step_cache.parse("off") is None and step_cache.parse(None) is None
     assert step_cache.parse("fbc:0.08") == step_cache.CacheSpec(threshold=0.08)
-    for bad in ("fbc:-1", "fbc:x", "tea:1", "schedule:", 3):
+    assert step_cache.parse("tea:0.4") == step_cache.CacheSpec(threshold=0.4, signal="tea")
+    assert step_cache.parse("tea:0.4").text == "tea:0.4"
+    for bad in ("fbc:-1", "fbc:x", "tea:-1", "tea:", "mag:1", "schedule:", 3):
         with pytest.raises(ValueError):
             step_cache.parse(bad)
     with pytest.raises(ValueError, match="first step"):
@@ -172,6 +202,7 @@ def test_cache_options_checked():
     from jaxedit.options import check_option
 
     assert check_option("cache", "fbc:0.1", "cache") == "fbc:0.1"
+    assert check_option("cache", "tea:0.4", "cache") == "tea:0.4"
     with pytest.raises(ValueError, match="threshold"):
         check_option("cache", "fbc:nan", "cache")
 
@@ -185,12 +216,15 @@ def test_step1x_through_the_same_split():
     llm = (rng.standard_normal((4, 6, preset.connector.in_channels)).astype(np.float32), np.ones((4, 6), np.int32))
     kw = dict(steps=STEPS, output="latents", llm=llm)
     plain = pipe(images(), PROMPTS, SEEDS, **kw)
-    zero = pipe(images(), PROMPTS, SEEDS, cache="fbc:0", **kw)
-    np.testing.assert_allclose(zero, plain, rtol=0, atol=2e-6)  # ulps apart under the tests' LLVM flags
+    for cache in ("fbc:0", "tea:0"):
+        zero = pipe(images(), PROMPTS, SEEDS, cache=cache, **kw)
+        np.testing.assert_allclose(zero, plain, rtol=0, atol=2e-6)  # ulps apart under the tests' LLVM flags
     skipped = pipe(images(), PROMPTS, SEEDS, cache="fbc:1e9", **kw)
     assert pipe.last_cache_skips[1:].all() and np.isfinite(skipped).all()
     print(f"Step1X-Edit fbc:1e9: {STEPS - 1}/{STEPS} steps reused, rel diff {rel(skipped, plain):.2e}")
     assert rel(skipped, plain) > 1e-3
+    tea = pipe(images(), PROMPTS, SEEDS, cache="tea:1e9", **kw)  # (no rescaling polynomial: the plain distance)
+    assert pipe.last_cache_skips[1:-1].all() and not pipe.last_cache_skips[[0, -1]].any() and np.isfinite(tea).all()
 
 
 def test_calibrate_command_writes_a_schedule_edit_replays(pipe, tmp_path, capsys):

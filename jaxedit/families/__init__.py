@@ -221,6 +221,21 @@ def configure_true_cfg(pipe: Any, args: Any) -> None:
         raise ValueError(f"--true-cfg-scale: {e}") from None
 
 
+def scheduler_flag(kind: type, text: str, base: Any = None) -> Any:
+    """`--scheduler`'s config of type `kind` (`jaxedit.configs.SchedulerConfig` or `FluxSchedulerConfig`: a named
+    scheduler and/or KEY=VALUE items) over `base` (the pipeline's); ValueError (one line) naming the flag."""
+    try:
+        return kind.parse(text, base)
+    except ValueError as e:
+        raise ValueError(f"--scheduler: {e}") from None
+
+
+def configure_scheduler(pipe: Any, args: Any) -> None:
+    """A pipeline's schedule from --scheduler over the model's (`scheduler_type`), when given."""
+    if getattr(args, "scheduler", None) is not None:
+        pipe.scheduler = scheduler_flag(pipe.scheduler_type, args.scheduler, pipe.scheduler)
+
+
 @functools.cache
 def _registry() -> dict[str, Family]:
     out = {}

@@ -9,7 +9,7 @@ import dataclasses
 from typing import Any
 
 from jaxedit import configs
-from jaxedit.families import Family, configure_true_cfg
+from jaxedit.families import Family, configure_scheduler, configure_true_cfg, scheduler_flag
 
 
 def _presets() -> tuple[configs.Preset, ...]:
@@ -111,8 +111,8 @@ class Kontext(Family):
     def load_options(self, args: Any, preset: configs.Preset) -> dict:
         from jaxedit.lora import lora_args
 
-        if getattr(args, "scheduler", None) is not None:
-            raise ValueError("--scheduler is for Qwen-Image-Edit models (FLUX.1 Kontext samples FLUX's schedule)")
+        if getattr(args, "scheduler", None) is not None:  # checked before anything loads
+            scheduler_flag(configs.FluxSchedulerConfig, args.scheduler)
         kw = {"auto_resize": False} if args.keep_size else {}
         kw |= {"loras": lora_args(args.lora, preset)} if args.lora else {}
         references = {"reference_ids": args.reference_ids, "reference_tokens": args.reference_tokens,
@@ -121,7 +121,9 @@ class Kontext(Family):
         return kw | ({"text_on_cpu": True} if args.text_on_cpu else {})
 
     def configure(self, pipe: Any, args: Any) -> None:
-        """True CFG from --true-cfg-scale / --negative-prompt."""
+        """--scheduler over the model folder's schedule (FLUX.1's: shift on/off, base_shift, max_shift); true CFG
+        from --true-cfg-scale / --negative-prompt."""
+        configure_scheduler(pipe, args)
         configure_true_cfg(pipe, args)
 
     # -- training

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from jaxedit import configs
-from jaxedit.families import Family, configure_true_cfg
+from jaxedit.families import Family, configure_scheduler, configure_true_cfg, scheduler_flag
 
 
 def _presets() -> tuple[configs.Preset, ...]:
@@ -152,8 +152,7 @@ class QwenImageEdit(Family):
     def configure(self, pipe: Any, args: Any) -> None:
         """--scheduler over the model folder's scheduler; true CFG from --true-cfg-scale / --negative-prompt (the
         other one: the model's)."""
-        if getattr(args, "scheduler", None) is not None:
-            pipe.scheduler = scheduler(args.scheduler, pipe.scheduler)
+        configure_scheduler(pipe, args)
         configure_true_cfg(pipe, args)
 
     # -- training (full and LoRA; the Qwen2.5-VL outputs cached per item)
@@ -229,7 +228,4 @@ FAMILY = QwenImageEdit()
 
 def scheduler(text: str, base: Any = None) -> Any:
     """`--scheduler`'s `configs.SchedulerConfig` over `base` (the folder's); ValueError (one line) naming the flag."""
-    try:
-        return configs.SchedulerConfig.parse(text, base)
-    except ValueError as e:
-        raise ValueError(f"--scheduler: {e}") from None
+    return scheduler_flag(configs.SchedulerConfig, text, base)

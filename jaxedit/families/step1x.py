@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxedit import configs
-from jaxedit.families import Family
+from jaxedit.families import Family, configure_scheduler, scheduler_flag
 
 # the command line's FLUX-only model options, each refused with its own line
 FLUX_ONLY = (
@@ -20,7 +20,6 @@ FLUX_ONLY = (
      "Step1X-Edit's classifier-free guidance is --guidance"),
     (("text_on_cpu",), "--text-on-cpu is for FLUX Kontext models (Step1X-Edit's Qwen2.5-VL runs where the DiT does)"),
     (("lora",), "--lora: LoRAs are applied to FLUX / FLUX.1 Kontext model folders, not Step1X-Edit"),
-    (("scheduler",), "--scheduler is for Qwen-Image-Edit models (Step1X-Edit samples FLUX's schedule)"),
     (("reference_ids", "reference_tokens", "max_tokens"),
      "--reference-ids/--reference-tokens/--max-tokens are for FLUX Kontext models"),
 )  # fmt: skip
@@ -115,8 +114,14 @@ class Step1X(Family):
         for flags, message in FLUX_ONLY:
             if any(given(getattr(args, f, None)) for f in flags):
                 raise ValueError(message)
+        if getattr(args, "scheduler", None) is not None:  # checked before anything loads
+            scheduler_flag(configs.FluxSchedulerConfig, args.scheduler)
         kw = {"size_level": None} if args.keep_size else {"size_level": args.size_level} if args.size_level else {}
         return kw | {"qwen": args.qwen}
+
+    def configure(self, pipe: Any, args: Any) -> None:
+        """--scheduler over the model folder's schedule (FLUX.1's: shift on/off, base_shift, max_shift)."""
+        configure_scheduler(pipe, args)
 
     # -- training
 

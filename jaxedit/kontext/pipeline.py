@@ -124,6 +124,11 @@ def _true_cfg_scale(scale) -> float:
     return float(scale)
 
 
+# TeaCache4FLUX's rescaling polynomial of the relative L1 change of the first block's modulated input (ali-vilab/
+# TeaCache, fitted to FLUX.1-dev; numpy.poly1d's order): `--cache tea:T` (`jaxedit.step_cache`)
+TEACACHE_FLUX_DEV = (4.98651651e02, -2.83781631e02, 5.58554382e01, -3.82021401e00, 2.64230861e-01)
+
+
 class KontextPipeline(EditPipelineBase):
     """Editing (Kontext, one or several reference images) or text-to-image (no image) with a FLUX-family
     model folder.
@@ -156,6 +161,7 @@ class KontextPipeline(EditPipelineBase):
         reference_tokens: int | None = None,
         max_image_tokens: int | None = None,
         mesh: configs.MeshConfig | str | None = None,
+        scheduler: configs.FluxSchedulerConfig | dict | str | None = None,
     ):
         super().__init__(preset, params, vae_dtype=vae_dtype, devices=devices, mesh=mesh)
         self.text_encoder, self.auto_resize = text_encoder, auto_resize
@@ -164,6 +170,7 @@ class KontextPipeline(EditPipelineBase):
         self.set_references(reference_ids, reference_tokens, max_image_tokens)
         self.default_steps, self.default_guidance = DEFAULT_STEPS, DEFAULT_GUIDANCE
         self.true_cfg_scale, self.negative_prompt = 1.0, ""  # true CFG off
+        self.set_scheduler(scheduler)  # FLUX.1's schedule (`--scheduler`, the folder option "scheduler")
         self.model = Flux(preset.transformer, dtype=dtype, param_dtype=dtype)
         self.denoise = jax.jit(self.denoise_loop)
         self.loras: list[tuple[Lora, float, bool]] = []  # (LoRA, scale, merged) in the order they were added
@@ -204,6 +211,7 @@ class KontextPipeline(EditPipelineBase):
             "auto_resize": options.get("auto_resize", True),
             "reference_ids": options.get("reference_ids", "community"),  # as the model was trained
             "max_image_tokens": max_image_tokens(options),  # the folder's cap, else from its resolution
+            "scheduler": options.get("scheduler"),  # FLUX.1's shifted schedule when absent
         }
 
     def loaded(self, opened: ModelFolder, plan: LoadPlan) -> None:
@@ -424,7 +432,8 @@ class KontextPipeline(EditPipelineBase):
 
     def _cached_loop(self, tparams, x, ref_tokens, img_ids, txt, txt_ids, y, guidance, timesteps, cfg, cache):
         n_target, dtype = x.shape[1], self.model.dtype
-        parts = step_cache.flux_parts(self.model, tparams, cache.first)
+        parts = step_cache.dit_parts(self.model, tparams, cache.first, TEACACHE_FLUX_DEV)
+        n = timesteps.shape[0] - 1
         tokens = n_target + (0 if ref_tokens is None else ref_tokens.shape[1])
         state = step_cache.init_state(x.shape[0], tokens, parts.hidden_size, parts.dtype)
         state = (state, None if cfg is None else state)
@@ -432,12 +441,12 @@ class KontextPipeline(EditPipelineBase):
         def velocity(x_t, t, st, i):
             inp = sampling.edit_tokens(x_t, [] if ref_tokens is None else [ref_tokens]).astype(dtype)
             pos, s_pos, r_pos = step_cache.cached_call(parts, (inp, img_ids, txt, txt_ids, t, y, guidance), st[0], i,
-                                                       cache)  # fmt: skip
+                                                       cache, n)  # fmt: skip
             if cfg is None:
                 return pos[:, :n_target], (s_pos, None), r_pos
             neg_txt, neg_y, scale = cfg
             neg, s_neg, r_neg = step_cache.cached_call(parts, (inp, img_ids, neg_txt, txt_ids, t, neg_y, guidance),
-                                                       st[1], i, cache)  # fmt: skip
+                                                       st[1], i, cache, n)  # fmt: skip
             return sampling.guide(pos[:, :n_target], neg[:, :n_target], scale), (s_pos, s_neg), r_pos & r_neg
 
         return step_cache.euler_sample(velocity, x, timesteps, state)

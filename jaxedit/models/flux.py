@@ -349,6 +349,14 @@ class Flux(nn.Module):
             raise ValueError(f"the first part is 1 to {self.cfg.depth - 1} double blocks, got {n}")
         return self._double_slice(0, n)((img, txt), vec, rope_frequencies(ids, self.cfg.axes_dim, self.cfg.theta))
 
+    def first_modulated(self, img, vec, ids=None):
+        """The first double block's modulated image input LayerNorm(img) (1 + scale) + shift of its first image
+        modulation [B, Li, D] (TeaCache's signal, `jaxedit.step_cache`; ids unused)."""
+        params = jax.tree.map(lambda a: a[0], self.variables["params"]["double_blocks"]["img_mod"])
+        mod = Modulation(2, dtype=self.dtype, param_dtype=self.param_dtype, parent=None)
+        (shift, scale, _), _ = mod.apply({"params": params}, vec)
+        return modulate(layer_norm(img), shift, scale)
+
     def rest_blocks(self, img, txt, vec, ids, n: int = 1):
         """The blocks after the first n double blocks (the other double blocks, the single blocks) on their
         output -> the image tokens' hidden states [B, Li, D] before the final layer (`finish`)."""

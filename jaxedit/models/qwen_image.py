@@ -233,6 +233,14 @@ class QwenImageTransformer(nn.Module):
         self.proj_out = dense(cfg.out_features, ("embed", "in"), name="proj_out", **kw)
 
     def __call__(self, img, txt, txt_mask, timesteps, img_shapes: Sequence[Sequence[int]]):
+        img, txt, vec, ctx = self.embed(img, txt, txt_mask, timesteps, img_shapes)
+        (img, _), _ = self.transformer_blocks((img, txt), vec, *ctx)
+        return self.finish(img, vec)
+
+    def embed(self, img, txt, txt_mask, timesteps, img_shapes: Sequence[Sequence[int]]):
+        """The call's inputs embedded for the blocks: (img [B, L, D], txt [B, T, D], vec [B, D] ([2B, D] with
+        zero_cond_t), ctx = (RoPE (cos, sin), key segments [B, T + L] or None, target [1, L, 1] or None)), what the
+        blocks and the split calls (`first_blocks`, `rest_blocks`, `finish`: step caching) take."""
         cfg = self.cfg
         img_shapes = rope.as_img_shapes(img_shapes)
         counts = rope.image_tokens(img_shapes)
@@ -261,8 +269,43 @@ class QwenImageTransformer(nn.Module):
             key_seg = jnp.concatenate(
                 [jnp.where(txt_mask.astype(bool), 0, -1), jnp.zeros((b, img.shape[1]), jnp.int32)], axis=1
             ).astype(jnp.int32)
-        (img, _), _ = self.transformer_blocks((img, txt), vec, rope_cs, key_seg, target)
-        return self.proj_out(self.norm_out(img, vec[:b]))
+        return img, txt, vec, (rope_cs, key_seg, target)
+
+    def finish(self, hidden, vec):
+        """The output layer on the image tokens' hidden states -> [B, L, patch_size**2 * out_channels]."""
+        return self.proj_out(self.norm_out(hidden, vec[: hidden.shape[0]]))
+
+    # -- the blocks in two parts, with the same parameters (step caching, `jaxedit.step_cache`): the blocks are
+    # rest_blocks(*first_blocks(img, txt, vec, ctx), vec, ctx), the first n blocks, then the others
+
+    def _block_slice(self, lo: int, hi: int):
+        """Blocks lo..hi-1 as a callable on (img, txt), vec, ctx: the stacked parameters sliced on their layer
+        axis, run by a scan of hi - lo blocks (as `transformer_blocks`, with the same block arguments)."""
+        params = jax.tree.map(lambda a: a[lo:hi], self.variables["params"]["transformer_blocks"])
+        stack = stacked(QwenImageBlock, hi - lo, scan=self.scan_layers, remat_policy="none", name=None, parent=None,
+                        in_axes=(nn.broadcast,) * 4, cfg=self.cfg, attention_impl=self.attention_impl,
+                        mlp_chunks=self.mlp_chunks, dtype=self.dtype, param_dtype=self.param_dtype)  # fmt: skip
+        return lambda carry, vec, ctx: stack.apply({"params": params}, carry, vec, *ctx)[0]
+
+    def first_blocks(self, img, txt, vec, ctx, n: int = 1):
+        """The first n blocks on embedded tokens (`embed`) -> (img, txt) after them."""
+        if not 1 <= n < self.cfg.num_layers:
+            raise ValueError(f"the first part is 1 to {self.cfg.num_layers - 1} blocks, got {n}")
+        return self._block_slice(0, n)((img, txt), vec, ctx)
+
+    def rest_blocks(self, img, txt, vec, ctx, n: int = 1):
+        """The blocks after the first n -> the image tokens' hidden states [B, L, D] before `finish`."""
+        return self._block_slice(n, self.cfg.num_layers)((img, txt), vec, ctx)[0]
+
+    def first_modulated(self, img, vec, ctx):
+        """The first block's modulated image input LayerNorm(img) (1 + scale) + shift of its first image
+        modulation (with zero_cond_t: the references' tokens by timestep 0's) [B, L, D] (TeaCache's signal)."""
+        params = jax.tree.map(lambda a: a[0], self.variables["params"]["transformer_blocks"]["img_mod"])
+        (shift, scale, _), _ = Modulation(2, dtype=self.dtype, param_dtype=self.param_dtype, parent=None).apply(
+            {"params": params}, vec
+        )
+        shift, scale = per_token((shift, scale), ctx[2])
+        return modulate(layer_norm(img), shift, scale)
 
 
 def example_inputs(

@@ -263,6 +263,8 @@ class EditPipelineBase:
     folder: model_folder.ModelFolder | None = None  # the model folder it was loaded from (`load`)
     quantized: dict[str, str] = {}  # {part: "int8" / "fp8"} of the parts whose weights are quantised
     step_caching: bool = False  # whether `denoise_loop` takes a step cache (`cache=`, `jaxedit.step_cache`)
+    scheduler_type: type = configs.FluxSchedulerConfig  # the schedule's config (`schedule`, --scheduler)
+    scheduler: Any = configs.FluxSchedulerConfig()  # the schedule of later edits (`set_scheduler`)
     cache = None  # the step cache of later edits (`set_cache`; None: off)
     last_cache_skips: np.ndarray | None = None  # [steps, items]: which steps each item reused, the last cached edit
 
@@ -384,6 +386,11 @@ class EditPipelineBase:
         on it. kw: the family's load arguments (`load_plan`) and the pipeline's (its constructor's)."""
         opened, dtype = open_folder(folder, cls, dtype)
         quantize = quantize_mode(opened, quantize)
+        if opened.options.get("scheduler") is not None:  # checked as the family's schedule before any weight loads
+            try:
+                cls.scheduler_type.from_option(opened.options["scheduler"])
+            except ValueError as e:
+                raise ValueError(f"{opened.path / 'jaxedit.json'}: pipeline.scheduler: {e}") from None
         devices = list(devices or jax.local_devices())
         plan = cls.load_plan(opened, dtype, quantize, kw)  # takes the family's arguments out of kw
         mesh = folder_mesh(opened, mesh, devices, plan.footprint, quantize)
@@ -486,7 +493,7 @@ class EditPipelineBase:
         return self.output_images(np.asarray(images)[:b], prepared)
 
     def check_cache(self, cache) -> Any:
-        """A step cache option (`jaxedit.step_cache.parse`: None or "off", "fbc:0.08", "schedule:FILE", a
+        """A step cache option (`jaxedit.step_cache.parse`: None or "off", "fbc:0.08", "tea:0.4", "schedule:FILE", a
         CacheSpec) -> CacheSpec or None; ValueError if the pipeline's loop takes none."""
         from jaxedit import step_cache
 
@@ -495,18 +502,23 @@ class EditPipelineBase:
             raise ValueError(f"{type(self).__name__} has no step cache yet (cache {cache!r})")
         return spec
 
+    def set_scheduler(self, scheduler) -> None:
+        """The schedule of later edits: a config of `scheduler_type`, an object of its fields, the text of
+        `--scheduler` (a named scheduler and/or KEY=VALUE items) or None (the default). ValueError: one line."""
+        kind = self.scheduler_type
+        self.scheduler = scheduler if isinstance(scheduler, kind) else kind() if scheduler is None else (
+            kind.from_option(scheduler))  # fmt: skip
+
     def set_cache(self, cache) -> None:
         """The step cache of later edits (see `check_cache`; None / "off": none); a call's `cache=` overrides it."""
         self.cache = self.check_cache(cache)
 
     def denoiser(self, cache) -> Any:
-        """The jitted loop: `self.denoise`, or with a step cache (one compiled program per CacheSpec)."""
+        """The jitted loop: `self.denoise`, with a step cache passed as its keyword `cache` (a pytree: the threshold
+        is a run-time argument, so one program serves every threshold of a signal; a schedule compiles its own)."""
         if cache is None:
             return self.denoise
-        programs = self.__dict__.setdefault("_cached_denoise", {})
-        if cache not in programs:
-            programs[cache] = jax.jit(functools.partial(self.denoise_loop, cache=cache))
-        return programs[cache]
+        return functools.partial(self.denoise, cache=cache)
 
     def image_ids(self, h2: int, w2: int, grids: list[tuple[int, int]]) -> np.ndarray | None:
         """Hook: the ids [tokens, 3] of [target | references] (`jaxedit.sampling.edit_ids`; None: the model takes
@@ -516,7 +528,7 @@ class EditPipelineBase:
     def schedule(self, steps: int, image_seq_len: int) -> np.ndarray:
         """Hook: the denoising loop's times for `steps` steps of a target of `image_seq_len` tokens (FLUX's
         shifted schedule)."""
-        return sampling.flux_schedule(steps, image_seq_len)
+        return sampling.flux_schedule(steps, image_seq_len, self.scheduler)
 
     def conditioning(self, prepared: list, prompts: list[str], **options) -> Any:
         """Hook: the prompts' text conditioning on the host (with anything else `denoise_args` needs), options

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from jaxedit import configs, sampling
+from jaxedit import configs, sampling, step_cache
 from jaxedit.lora import Lora, check_scale, merge_now, read_lora
 from jaxedit.model_folder import ModelFolder
 from jaxedit.options import folder_loras, max_image_tokens
@@ -76,6 +76,11 @@ class QwenImageEditPipeline(EditPipelineBase):
     call passes `llm=`). max_image_tokens: the most image tokens (16 x 16 px each) an item may have."""
 
     several_references = True  # (jaxedit.pipelines.batch: items may have 1-3 images; `sizes` checks the count)
+    step_caching = True  # `denoise_loop` takes a step cache (`jaxedit.step_cache`)
+    scheduler_type = configs.SchedulerConfig  # diffusers' FlowMatchEulerDiscreteScheduler's fields (`qs.schedule`)
+    # TeaCache's rescaling polynomial: none fitted to Qwen-Image here (FLUX.1-dev's does not transfer), so `tea:T`
+    # accumulates the plain relative L1 change of the first block's modulated input: calibrate T on your images
+    tea_rescale = None
 
     def __init__(
         self,
@@ -86,7 +91,7 @@ class QwenImageEditPipeline(EditPipelineBase):
         dtype: Any = jnp.bfloat16,
         vae_dtype: Any = jnp.float32,
         max_image_tokens: int | None = None,
-        scheduler: qs.SchedulerConfig | dict | None = None,
+        scheduler: qs.SchedulerConfig | dict | str | None = None,
         devices: list | None = None,
         mesh: configs.MeshConfig | str | None = None,
     ):
@@ -94,8 +99,7 @@ class QwenImageEditPipeline(EditPipelineBase):
 
         super().__init__(preset, params, vae_dtype=vae_dtype, devices=devices, mesh=mesh)
         self.text_encoder, self.max_image_tokens = text_encoder, max_image_tokens
-        self.scheduler = scheduler if isinstance(scheduler, qs.SchedulerConfig) else qs.SchedulerConfig.from_dict(
-            scheduler or {})  # fmt: skip
+        self.set_scheduler(scheduler)
         self.default_steps, self.default_guidance = DEFAULT_STEPS, 1.0  # (no embedded guidance)
         self.true_cfg_scale, self.negative_prompt = DEFAULT_TRUE_CFG, DEFAULT_NEGATIVE
         self.model = QwenImageTransformer(preset.transformer, dtype=dtype, param_dtype=dtype)
@@ -278,9 +282,14 @@ class QwenImageEditPipeline(EditPipelineBase):
     def output_images(self, images_BHWC: np.ndarray, prepared: list) -> list[Image.Image]:
         return to_pil(images_BHWC)
 
-    def denoise_loop(self, tparams, x, refs, txt, mask, negative, scale, times, img_shapes):
-        """The whole Euler loop with true CFG (one XLA program): packed target tokens -> final packed tokens."""
+    def denoise_loop(self, tparams, x, refs, txt, mask, negative, scale, times, img_shapes, *,
+                     cache: step_cache.CacheSpec | None = None):  # fmt: skip
+        """The whole Euler loop with true CFG (one XLA program): packed target tokens -> final packed tokens.
+        cache: a step cache (`jaxedit.step_cache`): then (final tokens, reused [steps, B])."""
         dtype = self.model.dtype
+        if cache is not None:
+            parts = step_cache.dit_parts(self.model, tparams, cache.first, self.tea_rescale)
+            return qs.denoise_cached(parts, cache, x, refs, txt, mask, negative, scale, times, img_shapes)
 
         def model(img, txt_, mask_, t):
             return self.model.apply({"params": tparams}, img.astype(dtype), txt_.astype(dtype), mask_, t, img_shapes)

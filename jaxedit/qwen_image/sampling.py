@@ -13,10 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxedit import step_cache
 from jaxedit.configs import SchedulerConfig
-from jaxedit.sampling import edit_tokens
+from jaxedit.sampling import edit_tokens, euler_update
 
-__all__ = ["SchedulerConfig", "calculate_shift", "denoise", "guide", "schedule"]
+__all__ = ["SchedulerConfig", "calculate_shift", "denoise", "denoise_cached", "guide", "schedule"]
 
 
 def calculate_shift(image_seq_len: int, cfg: SchedulerConfig) -> float:
@@ -86,3 +87,36 @@ def denoise(model: ModelFn, x_BLF, ref_BLF, txt, mask, negative, scale, times) -
     times = jnp.asarray(times, jnp.float32)
     x, _ = jax.lax.scan(step, x_BLF, (times[0, :-1], times[0, 1:], times[1, :-1]))
     return x
+
+
+def denoise_cached(parts: step_cache.SplitDiT, cache: step_cache.CacheSpec, x_BLF, ref_BLF, txt, mask, negative, scale,
+                   times, img_shapes):  # fmt: skip
+    """`denoise` with a step cache (`jaxedit.step_cache`) on the DiT's parts (`step_cache.dit_parts`): one cache
+    per transformer call (true CFG: the prompt's and the negative prompt's, each item deciding alone in each) ->
+    (final target tokens, reused [steps, B]: with true CFG both of an item's calls reused)."""
+    n, b, dtype = x_BLF.shape[1], x_BLF.shape[0], parts.dtype
+    times = jnp.asarray(times, jnp.float32)
+    steps = times.shape[1] - 1
+    tokens = n + (0 if ref_BLF is None else ref_BLF.shape[1])
+    state = step_cache.init_state(b, tokens, parts.hidden_size, dtype)
+    state = (state, None if negative is None else state)
+
+    def step(carry, s):
+        x, st = carry
+        sigma, sigma_next, t, i = s
+        inp = edit_tokens(x, [] if ref_BLF is None else [ref_BLF]).astype(dtype)
+        t_B = jnp.full((b,), t, jnp.float32)
+        pos, s_pos, reused = step_cache.cached_call(parts, (inp, txt.astype(dtype), mask, t_B, img_shapes), st[0], i,
+                                                    cache, steps)  # fmt: skip
+        if negative is None:
+            v, st = pos[:, :n], (s_pos, None)
+        else:
+            neg, s_neg, r_neg = step_cache.cached_call(
+                parts, (inp, negative[0].astype(dtype), negative[1], t_B, img_shapes), st[1], i, cache, steps
+            )
+            v, st, reused = guide(pos[:, :n], neg[:, :n], scale), (s_pos, s_neg), reused & r_neg
+        return (euler_update(x, v, sigma, sigma_next), st), reused
+
+    xs = (times[0, :-1], times[0, 1:], times[1, :-1], jnp.arange(steps))
+    (x, _), reused = jax.lax.scan(step, (x_BLF, state), xs)
+    return x, reused

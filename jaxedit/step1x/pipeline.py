@@ -105,12 +105,14 @@ class Step1XEditPipeline(EditPipelineBase):
         cache_dir: str | Path | None = None,
         devices: list | None = None,
         mesh: configs.MeshConfig | str | None = None,
+        scheduler: configs.FluxSchedulerConfig | dict | str | None = None,
     ):
         if preset.connector is None:
             raise ValueError(f"preset {preset.name} has no connector: not a Step1X-Edit model")
         super().__init__(preset, params, vae_dtype=vae_dtype, devices=devices, mesh=mesh)
         self.text_encoder, self.size_level, self.cache_dir = text_encoder, size_level, cache_dir
         self.default_steps, self.default_guidance = DEFAULT_STEPS, DEFAULT_GUIDANCE
+        self.set_scheduler(scheduler)  # FLUX.1's schedule (`--scheduler`, the folder option)
         self.model = Step1XEdit(preset.transformer, connector_cfg=preset.connector, dtype=dtype, param_dtype=dtype)
         self.denoise = jax.jit(self.denoise_loop)
 
@@ -164,7 +166,7 @@ class Step1XEditPipeline(EditPipelineBase):
 
     @classmethod
     def folder_defaults(cls, options: dict) -> dict:
-        return {"size_level": options.get("size_level", DEFAULT_SIZE_LEVEL)}
+        return {"size_level": options.get("size_level", DEFAULT_SIZE_LEVEL), "scheduler": options.get("scheduler")}
 
     def loaded(self, opened: ModelFolder, plan: LoadPlan) -> None:
         self.max_image_tokens = max_image_tokens(opened.options)
@@ -280,7 +282,7 @@ class Step1XEditPipeline(EditPipelineBase):
                      cache=None):  # fmt: skip
         """The whole CFG Euler loop (one XLA program): packed target tokens -> final packed tokens (a step cache,
         `jaxedit.step_cache`: and which steps each item reused)."""
-        parts = None if cache is None else step_cache.flux_parts(self.model, tparams, cache.first)
+        parts = None if cache is None else step_cache.dit_parts(self.model, tparams, cache.first)
         return denoise_cfg(
             model_fn(self.model, tparams), x, ref_tokens, img_ids, llm_c, mask_c, llm_u, mask_u, timesteps,
             guidance[:, None, None], cache=cache, parts=parts,

@@ -102,7 +102,7 @@ def _denoise_cached(parts, cache, x_BLF, ref_BLF, ids2, llm2, mask2, timesteps, 
         img = sampling.edit_tokens(x, [ref_BLF])
         img2 = jnp.concatenate([img, img], axis=0)
         pred, st, reused = step_cache.cached_call(parts, (img2, ids2, llm2, mask2, jnp.concatenate([t_B, t_B])), st,
-                                                  i, cache)  # fmt: skip
+                                                  i, cache, timesteps.shape[0] - 1)  # fmt: skip
         cond, uncond = jnp.split(pred[:, :lt], 2, axis=0)
         return guide(cond, uncond, guidance_scale), st, reused[:b] & reused[b:]
 

@@ -101,6 +101,8 @@ def parser(prog: str = "python -m jaxedit.plan") -> argparse.ArgumentParser:
     p.add_argument("--no-reference", action="store_true", help="text-to-image: no Kontext reference tokens")
     p.add_argument("--references", type=at_least(0), default=1, help="FLUX Kontext: reference images per sample, each "
                    "at --resolution (default 1; 0 = --no-reference)")  # fmt: skip
+    p.add_argument("--cache", default=None, help="sample: the loop with a step cache (fbc:T, tea:T, schedule:FILE; "
+                   "jaxedit.step_cache); the report costs a reusing and a computing step apart")  # fmt: skip
     p.add_argument("--json", action="store_true", help="also print the report as one JSON line")
     return p
 
@@ -258,7 +260,7 @@ def lower(preset, args, mesh, batch: int):
         shape, dt, sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     )
     cfg, family = preset.transformer, families.of(preset)
-    from jaxedit import quant
+    from jaxedit import quant, step_cache
 
     if quant.check_mode(args.quantize) and args.task not in ("infer", "sample", "text"):
         raise ValueError(f"--quantize: the {args.task} program has no quantised weights (infer, sample, text have)")
@@ -299,8 +301,12 @@ def lower(preset, args, mesh, batch: int):
         mode = quant.check_mode(args.quantize)
         on, args_ = family.sample_inputs(pipe, batch, h, w, args.steps, references=s["references"] if nr else 0,
                                          text_tokens=lt, quantize=mode)  # fmt: skip
+        cache = step_cache.parse(args.cache)
+        if cache is not None:
+            pipe.check_cache(cache)
+            cache.check_steps(args.steps)
         with sh.activate(on):
-            return pipe.denoise.lower(*args_), s
+            return pipe.denoise.lower(*args_, **({} if cache is None else {"cache": cache})), s
     if args.task == "vae-decode":
         from jaxedit.models.autoencoder import AutoEncoder
         from jaxedit.models.autoencoder import abstract_params as vae_params
@@ -415,6 +421,8 @@ def plan(args, mesh_cfg) -> dict:
 
     from jaxedit.parallel.sharding import make_mesh
 
+    if getattr(args, "cache", None) and args.task != "sample":
+        raise ValueError(f"--cache: the {args.task} program has no step cache (sample has)")
     preset = presets.qwen_vl(args.preset) if args.task == "generate" else presets.get(args.preset)
     target = None
     if args.target:
@@ -449,6 +457,8 @@ def plan(args, mesh_cfg) -> dict:
         host_temporaries=mem.host_temp_size_in_bytes,
         total=total, xla_flops_loop_bodies_once=cost.get("flops"), **info,
     )  # fmt: skip
+    if getattr(args, "cache", None):
+        report["cache"] = args.cache
     flops = model_flops(preset, args, info, batch)
     report["model_flops"] = flops
     if target is not None:
@@ -490,7 +500,7 @@ def format_report(r: dict) -> str:
             + "), "
         )  # fmt: skip
         + f"{r['target']} mesh {r['mesh']} = {r['chips']} {'chips' if r['target'] != 'cpu' else 'devices'}, "
-        f"remat {r['remat']}, attention {r['attention']}",
+        f"remat {r['remat']}, attention {r['attention']}" + (f", step cache {r['cache']}" if r.get("cache") else ""),
         f"  compile: {r['compile_s']:.1f}s",
         f"  per-chip memory: arguments {gb(r['arguments'])}, outputs {gb(r['outputs'])} (aliased "
         f"{gb(r['aliased'])}), temporaries {gb(r['temporaries'])}, total {gb(r['total'])}"

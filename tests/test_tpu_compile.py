@@ -250,3 +250,20 @@ ENTRY %main () -> f32[] {
     r = hlo_cost.program_cycles(hlo)
     assert r.conditionals == [(4, [10, 100])]
     assert r.cycles == 400 and sum(r.by_kind.values()) == 400
+
+
+def test_planner_costs_a_reused_step_apart():
+    """`plan --task sample --cache fbc:T` on a TPU target: the loop's `lax.cond` is kept (a step cache decides at
+    run time), each of its runs is costed per branch, and reusing a step costs a small part of computing it (the
+    rest of the blocks are skipped, not masked)."""
+    args = plan.parser().parse_args(["--preset", "flux-kontext-tiny", "--task", "sample", "--target", "v6e-1",
+                                     "--resolution", "128", "--batch", "1", "--steps", "4", "--text-tokens", "16",
+                                     "--cache", "fbc:0.1"])  # fmt: skip
+    r = plan.plan(args, MeshConfig.parse("fsdp=1"))
+    assert r["cache"] == "fbc:0.1" and "step cache fbc:0.1" in plan.format_report(r)
+    (cond,) = r["conditionals"]
+    reuse, compute = sorted(cond["branch_seconds"])
+    assert cond["runs"] == 4 and 0 <= reuse < compute / 5
+    with pytest.raises(ValueError, match="--cache"):
+        plan.plan(plan.parser().parse_args(["--preset", "flux-kontext-tiny", "--task", "train", "--cache", "fbc:0.1"]),
+                  MeshConfig.parse("fsdp=1"))  # fmt: skip

@@ -8,8 +8,8 @@ folder's sampling options: 12 Euler steps, true CFG 2, so 24 transformer calls p
 side by side, interleaved batch by batch (the machine is shared: a loaded minute slows every setting alike), each
 compiled once before timing. Per setting: transformer calls per edit (what each item computed: with true CFG a step
 counts 2 calls unless both of its calls reused), the judge's success rate and the PSNR gain over the do-nothing
-baseline (as benchmarks/demo_quality.py), and the wall time of its edits. "schedule@fbc:T" is a static schedule
-calibrated (`jaxedit.step_cache.calibrate`) on 8 training-split items with a first-block cache of T.
+baseline (as benchmarks/demo_quality.py), and the wall time of its edits. "schedule@fbc:T" (or @tea:T) is a static
+schedule calibrated (`jaxedit.step_cache.calibrate`) on 8 training-split items with that cache.
 
 With per-item decisions a batch skips the blocks only on steps where all its items reuse; the calls column is
 per item (a batch of one), the wall time is at --batch.
@@ -29,7 +29,10 @@ from PIL import Image
 import shapes
 from jaxedit import DEFAULT_MODEL, step_cache
 
-CACHES = "off,fbc:0.03,fbc:0.06,fbc:0.1,fbc:0.15,fbc:0.2,fbc:0.3,schedule@fbc:0.1,schedule@fbc:0.2"
+CACHES = (
+    "off,fbc:0.03,fbc:0.06,fbc:0.1,fbc:0.15,fbc:0.2,fbc:0.3,tea:0.1,tea:0.2,tea:0.4,tea:0.8,schedule@fbc:0.1,"
+    "schedule@fbc:0.2,schedule@tea:0.4"
+)
 
 
 def settings(pipe, names: list[str]) -> dict[str, object]:
@@ -38,9 +41,10 @@ def settings(pipe, names: list[str]) -> dict[str, object]:
     for name in names:
         if name.startswith("schedule@"):
             train = [shapes.sample("train", i) for i in range(8)]
-            threshold = float(name.split(":")[1])
+            spec = step_cache.parse(name.removeprefix("schedule@"))
             cal = step_cache.calibrate(pipe, [Image.fromarray(s.source) for s in train],
-                                       [s.instruction for s in train], list(range(8)), threshold)  # fmt: skip
+                                       [s.instruction for s in train], list(range(8)), spec.threshold,
+                                       signal=spec.signal)  # fmt: skip
             out[name] = step_cache.CacheSpec(skips=tuple(cal["skips"]))
         else:
             out[name] = step_cache.parse(name)
@@ -116,7 +120,7 @@ def svg(points: list[tuple], full_calls: int) -> str:
     for v in np.linspace(y0, y1, 5):
         out.append(f'<text x="{m - 4}" y="{py(v) + 4}" text-anchor="end">{v:.0f}</text>')
     for name, calls, ok, _ in points:
-        colour = "black" if name == "off" else "#1f77b4" if name.startswith("fbc") else "#d62728"
+        colour = {"off": "black", "fbc": "#1f77b4", "tea": "#2ca02c"}.get(name.split(":")[0], "#d62728")
         out.append(f'<circle cx="{px(calls):.1f}" cy="{py(ok):.1f}" r="4" fill="{colour}"/>')
         out.append(f'<text x="{px(calls) + 6:.1f}" y="{py(ok) - 6:.1f}">{name}</text>')
     return "\n".join([*out, "</svg>"]) + "\n"

@@ -6,9 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from checkpoints_convert.mapping import ConversionError
-from checkpoints_convert.qwen import QWEN_PROCESSOR_NEEDED, copy_qwen_processor
-from jaxedit.configs import QwenVLConfig
+from checkpoints_convert.qwen import QWEN_PROCESSOR_NEEDED, copy_qwen_processor, read_config
 
 
 def convert_judge(src: str | Path, dst: str | Path, *, dtype=None, force: bool = False, log=print) -> Path:
@@ -21,13 +19,7 @@ def convert_judge(src: str | Path, dst: str | Path, *, dtype=None, force: bool =
     from jaxedit.staged import staged_dir, write_file
 
     src, dst = Path(src), Path(dst).absolute()
-    path = src / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"Qwen2.5-VL folder not found: {src} (no config.json)")
-    try:
-        cfg = QwenVLConfig.from_hf(json.loads(path.read_text()))
-    except (json.JSONDecodeError, TypeError, ValueError) as e:
-        raise ConversionError(f"{path}: {e}") from None
+    cfg = read_config(src)
     missing = [f for f in QWEN_PROCESSOR_NEEDED if not (src / f).is_file()]
     if missing:
         raise FileNotFoundError(f"{src}: missing {', '.join(missing)} (Qwen2.5-VL tokenizer / image processor)")

@@ -48,10 +48,10 @@ def qwen_rules(cfg: QwenVLConfig, keys: Iterable[str], fmt: str | None = None) -
     return names.qwen_rules(cfg, layout_name(keys))
 
 
-def read_config(folder: str | Path, width: int, what: str) -> QwenVLConfig:
+def read_config(folder: str | Path, width: int | None = None, what: str = "") -> QwenVLConfig:
     """The `QwenVLConfig` of a transformers Qwen2.5-VL folder (its config.json), its hidden size checked against
-    `width` (`what`: the model's part that takes it, for the message). FileNotFoundError / ConversionError naming
-    the folder or file."""
+    `width` when given (`what`: the model's part that takes it, for the message). FileNotFoundError /
+    ConversionError naming the folder or file."""
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"Qwen2.5-VL folder not found: {folder} (no config.json)")
@@ -59,7 +59,7 @@ def read_config(folder: str | Path, width: int, what: str) -> QwenVLConfig:
         cfg = QwenVLConfig.from_hf(json.loads(path.read_text()))
     except (json.JSONDecodeError, TypeError, ValueError) as e:
         raise ConversionError(f"{path}: {e}") from None
-    if cfg.text.hidden_size != width:
+    if width is not None and cfg.text.hidden_size != width:
         raise ConversionError(f"{folder}: hidden size {cfg.text.hidden_size} != {what} {width}")
     return cfg
 

@@ -12,7 +12,7 @@ import dataclasses
 
 from jaxedit.models.clip_vision import CLIPModelConfig, CLIPVisionConfig
 from jaxedit.names import Rule, copy, linear
-from jaxedit.names.text import clip_rules
+from jaxedit.names.text import clip_encoder_rules, clip_rules
 
 TEXT, VISION = "text_model", "vision_model"
 POSITION_IDS = (f"{TEXT}.embeddings.position_ids", f"{VISION}.embeddings.position_ids")
@@ -25,16 +25,7 @@ def vision_rules(cfg: CLIPVisionConfig) -> list[Rule]:
     rules += copy("embeddings.position_embedding.weight", "embeddings/position_embedding/embedding")
     for n in ("pre_layrnorm", "post_layernorm"):
         rules += copy(f"{n}.weight", f"{n}/weight") + copy(f"{n}.bias", f"{n}/bias")
-    for i in range(cfg.num_layers):
-        s, d = f"encoder.layers.{i}", "layers"
-        for n in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            rules += linear(f"{s}.self_attn.{n}", f"{d}/self_attn/{n}", layer=i)
-        for n in ("fc1", "fc2"):
-            rules += linear(f"{s}.mlp.{n}", f"{d}/mlp/{n}", layer=i)
-        for n in ("layer_norm1", "layer_norm2"):
-            rules += copy(f"{s}.{n}.weight", f"{d}/{n}/weight", layer=i)
-            rules += copy(f"{s}.{n}.bias", f"{d}/{n}/bias", layer=i)
-    return rules
+    return rules + clip_encoder_rules(cfg.num_layers)
 
 
 def _under(rules: list[Rule], src: str, dst: str) -> list[Rule]:

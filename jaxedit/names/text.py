@@ -37,7 +37,13 @@ def clip_rules(cfg: CLIPTextConfig) -> list[Rule]:
     rules += copy("embeddings.position_embedding.weight", "embeddings/position_embedding/embedding")
     rules += copy("final_layer_norm.weight", "final_layer_norm/weight")
     rules += copy("final_layer_norm.bias", "final_layer_norm/bias")
-    for i in range(cfg.num_layers):
+    return rules + clip_encoder_rules(cfg.num_layers)
+
+
+def clip_encoder_rules(num_layers: int) -> list[Rule]:
+    """transformers `CLIPEncoder` (`encoder.layers.i`, the text and the vision tower's) -> stacked `layers`."""
+    rules = []
+    for i in range(num_layers):
         s, d = f"encoder.layers.{i}", "layers"
         for n in ("q_proj", "k_proj", "v_proj", "out_proj"):
             rules += linear(f"{s}.self_attn.{n}", f"{d}/self_attn/{n}", layer=i)

@@ -23,7 +23,6 @@ from collections import defaultdict
 
 import numpy as np
 from common import ROOT  # noqa: F401 - puts the repo root on sys.path
-from demo_quality import psnr
 from PIL import Image
 
 import shapes
@@ -73,7 +72,8 @@ def run(pipe, caches: dict, count: int, batch: int) -> dict[str, list[dict]]:
             for s, out, r in zip(chunk, outs, reused):
                 edited = np.asarray(out.convert("RGB"))
                 rows[name].append({"index": s.index, "edit": s.edit, "ok": shapes.judge(edited, s.target).ok,
-                                   "psnr_edit": psnr(edited, s.target), "psnr_source": psnr(s.source, s.target),
+                                   "psnr_edit": shapes.psnr(edited, s.target),
+                                   "psnr_source": shapes.psnr(s.source, s.target),
                                    "calls": (steps - int(r)) * cfg_calls})  # fmt: skip
         print(f"  {lo + len(chunk)}/{count}", flush=True)
     for name in rows:

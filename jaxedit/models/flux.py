@@ -258,6 +258,23 @@ def stacked(block_cls, length: int, *, scan: bool, remat_policy: str, name: str,
     )(name=name, **kw)
 
 
+def layer_range(block: nn.Module, params, lo: int, hi: int, *, scan: bool):
+    """Layers lo..hi-1 of a stacked parameter tree (a leading layer axis, as `stacked` keeps it) run by `block` (one
+    layer, unbound; it returns (carry, _) as under `stacked`): (carry, *args) -> carry. Each layer's parameters are
+    read where they lie, by a dynamic index inside a `lax.scan` over the layer numbers (as `nn.scan` reads its
+    stack): slicing the stack instead would make the program copy it, most of the weights for the blocks after the
+    first. scan=False unrolls the same loop."""
+
+    def run(carry, *args):
+        def body(c, i):
+            p = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), params)
+            return block.apply({"params": p}, c, *args)[0], None
+
+        return jax.lax.scan(body, carry, jnp.arange(lo, hi), unroll=1 if scan else hi - lo)[0]
+
+    return run
+
+
 class Flux(nn.Module):
     """FLUX.1 transformer: `apply({"params": p}, img, img_ids, txt, txt_ids, timesteps, y, guidance)`.
 
@@ -335,13 +352,11 @@ class Flux(nn.Module):
     # finish(rest_blocks(*first_blocks(img, txt, vec, ids), vec, ids), vec), the first n double blocks, the others
 
     def _double_slice(self, lo: int, hi: int):
-        """Double blocks lo..hi-1 as a callable on (img, txt), vec, rope: the stacked parameters sliced on their
-        layer axis, run by a scan of hi - lo blocks (as `double_blocks`, with the same block arguments)."""
-        params = jax.tree.map(lambda a: a[lo:hi], self.variables["params"]["double_blocks"])
-        stack = stacked(DoubleStreamBlock, hi - lo, scan=self.scan_layers, remat_policy="none", name=None, parent=None,
-                        cfg=self.cfg, attention_impl=self.attention_impl, mlp_chunks=self.mlp_chunks, dtype=self.dtype,
-                        param_dtype=self.param_dtype)  # fmt: skip
-        return lambda carry, vec, rope: stack.apply({"params": params}, carry, vec, rope)[0]
+        """Double blocks lo..hi-1 as a callable on (img, txt), vec, rope (`layer_range` over the stacked
+        parameters, with `double_blocks`' block arguments)."""
+        block = DoubleStreamBlock(cfg=self.cfg, attention_impl=self.attention_impl, mlp_chunks=self.mlp_chunks,
+                                  dtype=self.dtype, param_dtype=self.param_dtype, parent=None)  # fmt: skip
+        return layer_range(block, self.variables["params"]["double_blocks"], lo, hi, scan=self.scan_layers)
 
     def first_blocks(self, img, txt, vec, ids, n: int = 1):
         """The first n double blocks on embedded tokens (`embed`) -> (img, txt) after them."""

@@ -32,7 +32,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jaxedit.configs import QwenImageConfig
 from jaxedit.models import qwen_image_rope as rope
 from jaxedit.models.attention import dot_product_attention
-from jaxedit.models.flux import Mlp, stacked
+from jaxedit.models.flux import Mlp, layer_range, stacked
 from jaxedit.models.layers import (
     ACT,
     ACT_HEADS,
@@ -279,13 +279,12 @@ class QwenImageTransformer(nn.Module):
     # rest_blocks(*first_blocks(img, txt, vec, ctx), vec, ctx), the first n blocks, then the others
 
     def _block_slice(self, lo: int, hi: int):
-        """Blocks lo..hi-1 as a callable on (img, txt), vec, ctx: the stacked parameters sliced on their layer
-        axis, run by a scan of hi - lo blocks (as `transformer_blocks`, with the same block arguments)."""
-        params = jax.tree.map(lambda a: a[lo:hi], self.variables["params"]["transformer_blocks"])
-        stack = stacked(QwenImageBlock, hi - lo, scan=self.scan_layers, remat_policy="none", name=None, parent=None,
-                        in_axes=(nn.broadcast,) * 4, cfg=self.cfg, attention_impl=self.attention_impl,
-                        mlp_chunks=self.mlp_chunks, dtype=self.dtype, param_dtype=self.param_dtype)  # fmt: skip
-        return lambda carry, vec, ctx: stack.apply({"params": params}, carry, vec, *ctx)[0]
+        """Blocks lo..hi-1 as a callable on (img, txt), vec, ctx (`flux.layer_range` over the stacked parameters,
+        with `transformer_blocks`' block arguments)."""
+        block = QwenImageBlock(cfg=self.cfg, attention_impl=self.attention_impl, mlp_chunks=self.mlp_chunks,
+                               dtype=self.dtype, param_dtype=self.param_dtype, parent=None)  # fmt: skip
+        run = layer_range(block, self.variables["params"]["transformer_blocks"], lo, hi, scan=self.scan_layers)
+        return lambda carry, vec, ctx: run(carry, vec, *ctx)
 
     def first_blocks(self, img, txt, vec, ctx, n: int = 1):
         """The first n blocks on embedded tokens (`embed`) -> (img, txt) after them."""

@@ -221,6 +221,28 @@ def model_identity(args, pipe) -> str:
     return json.dumps({"model": model, "qwen": qwen, **options}, sort_keys=True)
 
 
+def editor_options(args) -> str:
+    """The editing options as given (`model_options`' flags, the model folder's and --qwen's fingerprints, the
+    bytes of the files flags name: LoRAs, a cache schedule) and jaxedit's version: what `model_identity` and
+    `sampling_defaults` follow from, known without loading the model (`jaxedit eval` reruns compare it)."""
+    import json
+
+    from jaxedit import __version__
+    from jaxedit.model_folder import fingerprint
+    from jaxedit.pipelines.batch import file_digest
+
+    p = argparse.ArgumentParser(add_help=False)
+    model_options(p)
+    flags = {k: getattr(args, k, None) for k in vars(p.parse_args([])) if k != "mesh"}  # (placement: same edits)
+    files = [x if Path(x).is_file() else x.rpartition(":")[0] for x in args.lora]
+    cache = args.cache or ""
+    files += [cache.partition(":")[2]] if cache.startswith("schedule:") else []
+    digests = [file_digest(f) if Path(f).is_file() else None for f in files]
+    model = fingerprint(Path(args.model) if args.model else DEFAULT_MODEL)
+    qwen = fingerprint(args.qwen) if args.qwen else None
+    return json.dumps([__version__, flags, model, qwen, digests], sort_keys=True)
+
+
 def check_output(dst: Path) -> None:
     """ItemError unless an image can be written at `dst` (checked before the model is loaded and run)."""
     from jaxedit.pipelines.batch import ItemError
@@ -412,7 +434,7 @@ def eval_main(argv: list[str]) -> int:
     model_options(p)
     args = p.parse_args(argv)
     from jaxedit.evaluation import benchmarks, judges
-    from jaxedit.evaluation.run import evaluate
+    from jaxedit.evaluation.run import LoadFailed, edit_all, judge_all
     from jaxedit.parallel import placement
     from jaxedit.pipelines.batch import OutputBusy, ProgramFault, check_output_dir, output_lock
 
@@ -433,29 +455,34 @@ def eval_main(argv: list[str]) -> int:
     if Path(args.judge).is_dir() and bench.kind not in judges.RECORDS:
         fail(f"--judge {args.judge}: a vision-language judge needs a benchmark with judge prompts (GEdit-Bench, "
              f"ImgEdit), {args.benchmark} is a {bench.kind} benchmark")  # fmt: skip
-    try:
+    try:  # checked now (folder, tokenizer, mesh); the weights are read once the edits are done
         judge = judges.open_judge(args.judge, max_new_tokens=args.judge_max_tokens, dtype=args.judge_dtype,
-                                  batch_size=args.judge_batch or args.batch_size, mesh=args.judge_mesh)  # fmt: skip
+                                  batch_size=args.judge_batch or args.batch_size, mesh=args.judge_mesh,
+                                  **({"weights": False} if Path(args.judge).is_dir() else {}))  # fmt: skip
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
-    clip = clip_id = None
-    if args.clip:
-        from jaxedit.evaluation.metrics import ClipScorer
+    clip_id = None
+    if args.clip:  # checked now, loaded when judging begins
+        from jaxedit import clip_folder
         from jaxedit.model_folder import fingerprint
 
         try:
-            clip = ClipScorer.load(args.clip, batch_size=args.judge_batch or args.batch_size)
+            clip_folder.read(args.clip)
         except (FileNotFoundError, ValueError) as e:
             fail(f"--clip {args.clip}: {e}")
         clip_id = fingerprint(args.clip)
-    try:
+
+    def open_pipe():
+        pipe = load_pipeline(args)
+        return pipe, sampling_defaults(args, pipe), model_identity(args, pipe)
+
+    try:  # edit everything, release the editing model, then judge: never both in device memory
         with output_lock(out):
-            pipe = load_pipeline(args)
-            result = evaluate(pipe, bench, judge, out, batch_size=args.batch_size,
-                              defaults=sampling_defaults(args, pipe), model=model_identity(args, pipe),
-                              seed=args.seed, clip=clip, clip_id=clip_id, progress=not args.no_progress,
-                              judge_batch=args.judge_batch)  # fmt: skip
-    except (ProgramFault, OutputBusy) as e:
+            counts = edit_all(open_pipe, bench, out, batch_size=args.batch_size, seed=args.seed,
+                              options=editor_options(args), progress=not args.no_progress)  # fmt: skip
+            result = judge_all(judge, bench, out, counts, batch_size=args.batch_size, clip=args.clip, clip_id=clip_id,
+                               judge_batch=args.judge_batch)  # fmt: skip
+    except (ProgramFault, OutputBusy, LoadFailed) as e:
         fail(str(e))
     from jaxedit.evaluation.report import markdown
 

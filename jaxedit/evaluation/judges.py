@@ -103,9 +103,10 @@ class QwenJudge:
     """A Qwen2.5-VL judge folder; `ask(requests)` -> the answers (decoded, special tokens dropped)."""
 
     def __init__(self, folder: str | Path, *, max_new_tokens: int = 512, temperature: float = 0.0, seed: int = 0,
-                 batch_size: int = 1, dtype: str = "float32", mesh=None):  # fmt: skip
-        """mesh: None (the default device), "auto" or axis sizes ("tensor=4", "data=2"; `judge_mesh`)."""
-        from jaxedit.checkpoint import load_params
+                 batch_size: int = 1, dtype: str = "float32", mesh=None, weights: bool = True):  # fmt: skip
+        """mesh: None (the default device), "auto" or axis sizes ("tensor=4", "data=2"; `judge_mesh`). weights
+        False: the folder, its tokenizer and the mesh are checked now, the weights read by `load` (or the first
+        `ask`), so the device memory stays free until the judge is needed."""
         from jaxedit.configs import QwenVLConfig
         from jaxedit.qwen_vl import QWEN_PROCESSOR, load_image_processor, load_tokenizer
 
@@ -118,22 +119,33 @@ class QwenJudge:
             self.cfg = QwenVLConfig.from_dict(json.loads(desc.read_text())["model"])
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{desc}: not a judge description ({type(e).__name__}: {e})") from None
-        import jax.numpy as jnp
-
         self.mesh = None if mesh is None else judge_mesh(mesh, self.cfg, dtype, batch_size, max_new_tokens)
-        if self.mesh is None:
-            self.params = load_params(folder / "qwen", dtype=jnp.dtype(dtype))
-        else:
-            from jaxedit.models.qwen2_5_vl import abstract_params
-            from jaxedit.parallel import sharding as sh
-
-            target = sh.abstract_with_shardings(abstract_params(self.cfg, boxed=True), self.mesh, dtype=dtype)
-            self.params = load_params(folder / "qwen", target, dtype=jnp.dtype(dtype))
+        self.params = None
         self.tokenizer = load_tokenizer(folder / QWEN_PROCESSOR)
         self.processor = load_image_processor(folder / QWEN_PROCESSOR)
         self.folder, self.dtype = folder, dtype
         self.kw = {"temperature": temperature, "seed": seed}
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+        if weights:
+            self.load()
+
+    def load(self) -> None:
+        """Read the weights (once): onto the default device, or straight into their shardings on the mesh."""
+        if self.params is not None:
+            return
+        import jax.numpy as jnp
+
+        from jaxedit.checkpoint import load_params
+
+        dtype = jnp.dtype(self.dtype)
+        if self.mesh is None:
+            self.params = load_params(self.folder / "qwen", dtype=dtype)
+        else:
+            from jaxedit.models.qwen2_5_vl import abstract_params
+            from jaxedit.parallel import sharding as sh
+
+            target = sh.abstract_with_shardings(abstract_params(self.cfg, boxed=True), self.mesh, dtype=self.dtype)
+            self.params = load_params(self.folder / "qwen", target, dtype=dtype)
 
     def identity(self) -> dict:
         from jaxedit.model_folder import fingerprint
@@ -144,6 +156,7 @@ class QwenJudge:
         """Answers to (prompt, images, text first) requests, `batch_size` at a time (one text-first setting each)."""
         from jaxedit.models.qwen2_5_vl_generate import generate_chat
 
+        self.load()
         out = []
         for lo in range(0, len(requests), self.batch_size):
             chunk = requests[lo : lo + self.batch_size]
@@ -252,7 +265,8 @@ class PythonJudge:
 
 
 def open_judge(spec: str, **kw) -> QwenJudge | PythonJudge:
-    """A judge folder (a path that exists; kw: `QwenJudge`'s) or `MODULE:FUNCTION`."""
+    """A judge folder (a path that exists; kw: `QwenJudge`'s, e.g. weights=False to read them later) or
+    `MODULE:FUNCTION`."""
     if Path(spec).is_dir():
         return QwenJudge(spec, **kw)
     if ":" in spec:

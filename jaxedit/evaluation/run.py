@@ -3,6 +3,8 @@ resumable, a bad item fails alone), judge each edit (resumable: OUT/judged.jsonl
 latest per id wins and is kept while the edit and the judge are the same), write the tables and the report.
 
     OUT/edits.jsonl        the batch manifest made from the benchmark (image, prompt, id, seed)
+    OUT/editor.json        the editing model's identity and sampling defaults, under the options that made them
+                           (a rerun with the same options and nothing left to edit loads no editing model)
     OUT/edits/<id>.png     the edits, OUT/edits/results.jsonl their batch results
     OUT/judged.jsonl       per item: status (judged / unparsed / failed), scores, the judge's raw answers, metrics
                            (L1 to the target; with a CLIP scorer CLIP-I and CLIP-T: `metrics_of`)
@@ -128,20 +130,90 @@ def metrics_of(clip, edits: list[np.ndarray], targets: list[np.ndarray | None],
     return out
 
 
+EDITOR = "editor.json"
+Log = Callable[[str], None]
+
+
+def stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+class LoadFailed(RuntimeError):
+    """The judge or the CLIP model could not be read when judging began (one line, naming it)."""
+
+
 def evaluate(pipe, bench: Benchmark, judge, out: Path, *, batch_size: int, defaults: dict, model: str, seed: int,
              clip=None, clip_id: str | None = None, judge_batch: int | None = None, progress: bool = True,
-             log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict[str, Any]:  # fmt: skip
-    """Edit, judge, tabulate `bench.items` into `out` (whose lock the caller holds); returns counts and the
-    tables. clip: a `jaxedit.evaluation.metrics.ClipScorer` (CLIP-I and CLIP-T besides L1), clip_id its identity
-    (a rerun with another CLIP model scores again); judge_batch: items judged per step (a judge folder: its own
-    batch; default `batch_size`)."""
-    from jaxedit.pipelines.batch import run_job
+             log: Log = stderr) -> dict[str, Any]:  # fmt: skip
+    """`edit_all` with a loaded pipeline, then `judge_all`: edit, judge, tabulate `bench.items` into `out` (whose
+    lock the caller holds); returns counts and the tables."""
+    counts = edit_all(lambda: (pipe, defaults, model), bench, out, batch_size=batch_size, seed=seed,
+                      progress=progress, log=log)  # fmt: skip
+    return judge_all(judge, bench, out, counts, batch_size=batch_size, clip=clip, clip_id=clip_id,
+                     judge_batch=judge_batch, log=log)  # fmt: skip
 
-    items = bench.items
-    path = manifest(bench, items, out, seed)
+
+def edit_all(open_pipe: Callable[[], tuple[Any, dict, str]], bench: Benchmark, out: Path, *, batch_size: int,
+             seed: int, options: str | None = None, progress: bool = True, log: Log = stderr) -> dict:  # fmt: skip
+    """Edit every item of `bench` not yet edited (`jaxedit.pipelines.batch.run_job`, resumable) into OUT/edits;
+    returns its counts. open_pipe() -> (pipeline, sampling defaults, model identity) is called only when an item
+    is left to edit: with `options` (the editing options as given, `jaxedit.cli.editor_options`) the identity and
+    defaults are recorded in OUT/editor.json, and a rerun with the same options whose items are all edited under
+    them loads nothing. The pipeline is released before this returns (`release`: no reference to its arrays
+    kept), so the judge that follows has the device memory."""
+    from jaxedit.pipelines.batch import pending, run_job
+
+    path = manifest(bench, bench.items, out, seed)
     (out / "edits").mkdir(exist_ok=True)
-    edit_counts = run_job(pipe, path, out / "edits", batch_size=batch_size, defaults=defaults, model=model,
-                          progress=progress, log=log, locked=True)  # fmt: skip
+    known = recorded(out, options)
+    if known is not None and not pending(path, out / "edits", defaults=known[0], model=known[1], log=log):
+        log("editing: every item is edited already; the editing model is not loaded")
+        return run_job(None, path, out / "edits", batch_size=batch_size, defaults=known[0], model=known[1],
+                       progress=False, log=log, locked=True)  # fmt: skip
+    pipe, defaults, model = open_pipe()
+    if options is not None:
+        write_file(out / EDITOR, json.dumps({"options": options, "defaults": defaults, "model": model}) + "\n")
+    try:
+        return run_job(pipe, path, out / "edits", batch_size=batch_size, defaults=defaults, model=model,
+                       progress=progress, log=log, locked=True)  # fmt: skip
+    finally:
+        del pipe
+        release()
+
+
+def recorded(out: Path, options: str | None) -> tuple[dict, str] | None:
+    """(defaults, model identity) OUT/editor.json holds for these options; None if it holds none for them."""
+    try:
+        rec = json.loads((out / EDITOR).read_text())
+        if options is not None and rec["options"] == options:
+            return dict(rec["defaults"]), str(rec["model"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def release() -> None:
+    """Free the device memory of models whose references were dropped: collect cycles that hold them and drop
+    JAX's compiled-program caches (a program traced with a model's arrays as constants keeps them alive)."""
+    import gc
+
+    import jax
+
+    gc.collect()
+    jax.clear_caches()
+    gc.collect()
+
+
+def judge_all(judge, bench: Benchmark, out: Path, edit_counts: dict, *, batch_size: int, clip=None,
+              clip_id: str | None = None, judge_batch: int | None = None,
+              log: Log = stderr) -> dict[str, Any]:  # fmt: skip
+    """Judge every edited item not yet judged with the same inputs (OUT/judged.jsonl), write the tables and the
+    report; returns counts and the tables. judge: a `judges.QwenJudge` (its weights read here, only when an item
+    is left to judge) or a `judges.PythonJudge`; clip: a `jaxedit.evaluation.metrics.ClipScorer` or a CLIP folder
+    (loaded likewise) for CLIP-I and CLIP-T besides L1, clip_id its identity (a rerun with another CLIP model
+    scores again); judge_batch: items judged per step (a judge folder: its own batch; default `batch_size`).
+    LoadFailed if the judge's or CLIP's weights cannot be read."""
+    items = bench.items
     edits = latest(out / "edits" / "results.jsonl")
     judged_path = out / "judged.jsonl"
     judged = latest(judged_path)
@@ -160,6 +232,21 @@ def evaluate(pipe, bench: Benchmark, judge, out: Path, *, batch_size: int, defau
             todo.append((it, res, key))
     if skipped:
         log(f"judging: {skipped} item(s) already judged in {judged_path}")
+
+    if todo:
+        chunk = judge_batch or batch_size
+        try:
+            if isinstance(judge, J.QwenJudge):
+                judge.load()
+        except (FileNotFoundError, ValueError) as e:
+            raise LoadFailed(f"--judge {judge.folder}: {e}") from None
+        if isinstance(clip, str | Path):
+            from jaxedit.evaluation.metrics import ClipScorer
+
+            try:
+                clip = ClipScorer.load(clip, batch_size=chunk)
+            except (FileNotFoundError, ValueError) as e:
+                raise LoadFailed(f"--clip {clip}: {e}") from None
 
     def write(rec):
         judged[rec["id"]] = rec

@@ -403,7 +403,7 @@ class Progress:
 
 
 def run_job(
-    pipeline: EditPipeline,
+    pipeline: EditPipeline | None,
     manifest: Path,
     out_dir: Path,
     *,
@@ -417,13 +417,28 @@ def run_job(
     """Run every item of `manifest`; returns counts {"ok", "failed", "skipped"}. model: an identity of the model
     and its sampling options (`jaxedit.cli.model_identity`), part of each result's key: change it, all rerun.
     The job holds `out_dir`'s lock (`output_lock`; OutputBusy if another job does) unless the caller holds it
-    (locked=True)."""
+    (locked=True). pipeline None: only when nothing is left to edit (`pending`), ValueError otherwise."""
     out_dir = Path(out_dir)
     if not locked:
         out_dir.mkdir(parents=True, exist_ok=True)
         with output_lock(out_dir):
             return _run_job(pipeline, manifest, out_dir, batch_size, defaults, model, progress, log)
     return _run_job(pipeline, manifest, out_dir, batch_size, defaults, model, progress, log)
+
+
+def pending(manifest: Path, out_dir: Path, *, defaults: dict, model: str,
+            log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> int:  # fmt: skip
+    """How many of `manifest`'s items `run_job` with these defaults and model would hand to the pipeline (not done
+    with the same key, image readable): at 0 the job needs no pipeline (`run_job(None, ...)`)."""
+    results = Results(Path(out_dir), log)
+    items, _ = read_manifest(Path(manifest), defaults)
+    n = 0
+    for it in items:
+        try:
+            n += not results.done(it.id, item_key(it, model), Path(out_dir))
+        except ItemError:
+            continue
+    return n
 
 
 def _run_job(pipeline, manifest, out_dir, batch_size, defaults, model, progress, log) -> dict:
@@ -454,6 +469,8 @@ def _run_job(pipeline, manifest, out_dir, batch_size, defaults, model, progress,
     if counts["skipped"]:
         log(f"skipping {counts['skipped']} item(s) already done in {results.path}")
 
+    if todo and pipeline is None:
+        raise ValueError(f"{len(todo)} item(s) to edit and no pipeline given")
     # bucket by the images' headers; decode only for the batch about to run
     bar = Progress(len(todo), progress)
     buckets: dict[Any, list[tuple[EditItem, str]]] = defaultdict(list)

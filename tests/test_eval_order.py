@@ -129,3 +129,36 @@ def test_editing_model_loads_only_with_work_left(tmp_path):
     assert edit("b") == (1, {"ok": 1, "failed": 0, "skipped": 2})
     assert edit(None) == (1, {"ok": 0, "failed": 0, "skipped": 3})
     assert json.loads((out / run.EDITOR).read_text())["options"] == "b"
+
+
+def test_clip_folder_loads_only_with_work_left(tmp_path, monkeypatch):
+    """`run.judge_all` given a CLIP folder (as the CLI does) loads it when an item is left to judge, with the same
+    CLIP-T as a scorer loaded beforehand; a rerun with every item judged does not load it."""
+    pytest.importorskip("torch")
+    from jaxedit.evaluation.metrics import ClipScorer
+    from tests.tiny_clip import build_tiny_clip
+
+    clip_dir = build_tiny_clip(tmp_path / "clip")[3]
+    bench_dir = write_gedit(tmp_path / "gedit", ROWS)
+    judge = judges.PythonJudge("tests.eval_judges:gedit")
+    got = {}
+    for name, clip in (("folder", str(clip_dir)), ("scorer", ClipScorer.load(clip_dir, batch_size=2))):
+        out = tmp_path / name
+        out.mkdir()
+        bench = benchmarks.read(bench_dir, out / "inputs")
+        counts = run.edit_all(lambda: (Same(), {"steps": 1, "guidance": 0.0}, "same"), bench, out, batch_size=2,
+                              seed=0, progress=False, log=lambda s: None)  # fmt: skip
+        run.judge_all(judge, bench, out, counts, batch_size=2, clip=clip, clip_id="c", log=lambda s: None)
+        got[name] = [
+            r["metrics"]["clip_text"] for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())
+        ]
+    assert got["folder"] == pytest.approx(got["scorer"], abs=1e-6) and len(got["folder"]) == 3
+
+    def never(*a, **k):
+        raise AssertionError("loaded")
+
+    monkeypatch.setattr(ClipScorer, "load", never)
+    out = tmp_path / "folder"
+    bench = benchmarks.read(bench_dir, out / "inputs")
+    got = run.judge_all(judge, bench, out, {}, batch_size=2, clip=str(clip_dir), clip_id="c", log=lambda s: None)
+    assert got["judged"] + got["unparsed"] == 3

@@ -162,3 +162,25 @@ def test_clip_folder_loads_only_with_work_left(tmp_path, monkeypatch):
     bench = benchmarks.read(bench_dir, out / "inputs")
     got = run.judge_all(judge, bench, out, {}, batch_size=2, clip=str(clip_dir), clip_id="c", log=lambda s: None)
     assert got["judged"] + got["unparsed"] == 3
+
+
+def test_damaged_judge_weights_fail_in_one_line_when_judging_begins(judge_folder, tmp_path):
+    """A judge folder whose weights are damaged passes the checks before editing (judge.json, tokenizer, mesh) and
+    fails when its weights are read, after the edits: `run.LoadFailed`, one line naming the folder and file."""
+    judge_dir = tmp_path / "judge"
+    shutil.copytree(judge_folder, judge_dir)
+    victim = max((p for p in (judge_dir / "qwen").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    judge = judges.QwenJudge(judge_dir, max_new_tokens=16, weights=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    bench = benchmarks.read(write_gedit(tmp_path / "gedit", ROWS[:1]), out / "inputs")
+    counts = run.edit_all(lambda: (Same(), {"steps": 1, "guidance": 0.0}, "same"), bench, out, batch_size=1, seed=0,
+                          progress=False, log=lambda s: None)  # fmt: skip
+    assert counts["ok"] == 1
+    with pytest.raises(run.LoadFailed) as e:
+        run.judge_all(judge, bench, out, counts, batch_size=1, log=lambda s: None)
+    msg = str(e.value)
+    assert msg.startswith(f"--judge {judge_dir}: ") and "damaged" in msg and "\n" not in msg, msg

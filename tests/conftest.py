@@ -90,6 +90,7 @@ FILE_SECONDS = {
     "test_faults.py": 40, "test_lora_formats.py": 30, "test_lora.py": 25, "test_train_monitor.py": 17,
     "test_step1x_text.py": 13, "test_quant.py": 30, "test_qwen_generate.py": 60, "test_step_cache.py": 150,
     "test_qwen_image_step_cache.py": 45, "test_flux_scheduler.py": 45, "test_eval.py": 25, "test_clip_metrics.py": 30,
+    "test_eval_order.py": 30,
 }  # fmt: skip
 
 

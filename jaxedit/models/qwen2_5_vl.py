@@ -194,9 +194,12 @@ class TextLayer(nn.Module):
     @nn.compact
     def __call__(self, x, cos, sin, key_seg, cache_k=None, cache_v=None, index=None):
         """key_seg [B, L] (0: a key, -1: masked); with a cache (cache_k / cache_v [B, T, kv_heads, head_dim], this
-        layer's slice): the n new tokens' keys / values are written at slots index .. index + n - 1, the queries
-        attend causally over the cache's slots (key_seg [B, T] then: which slots are keys; a query always sees its
-        own slot, so padding queries stay finite) and the updated cache is the second output."""
+        layer's slice): the n new tokens' keys / values are written at slots index .. index + n - 1 and the updated
+        cache is the second output; key_seg [B, T] then says which slots are keys. One new token (a decoding step)
+        attends over the cache's slots (a query always sees its own slot, so padding queries stay finite). More
+        than one is the prefill, written at slot 0 (index must be 0): the tokens attend only each other, with the
+        no-cache path's attention (`attention_impl`: splash on TPU, no [L, T] mask), causal over unmasked keys;
+        a padding query sees the padding slots up to its own, so it stays finite too."""
         cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         b, n, d = x.shape
         hd, heads, kv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
@@ -208,7 +211,16 @@ class TextLayer(nn.Module):
         c, s = cos.astype(q.dtype)[:, :, None], sin.astype(q.dtype)[:, :, None]
         q, k = q * c + rotate_half(q) * s, k * c + rotate_half(k) * s
         new_cache = None
-        if cache_k is not None:
+        if cache_k is not None and n > 1:  # the prefill: attend over the fresh keys / values, write them at slot 0
+            if not isinstance(index, jax.Array) and index != 0:
+                raise ValueError(f"a prefill of {n} tokens is written at slot 0, not {index}")
+            new_cache = tuple(
+                constrain(jax.lax.dynamic_update_slice(c, t.astype(c.dtype), (0, 0, 0, 0)), kv_cache_names(kv)[1:])
+                for c, t in ((cache_k, k), (cache_v, v))
+            )
+            seg = key_seg[:, :n]
+            out = self.causal_attention(q, k, v, (seg, seg))
+        elif cache_k is not None:
             at = (0, index, 0, 0)
             cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), at)
             cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), at)
@@ -222,13 +234,19 @@ class TextLayer(nn.Module):
             k, v = cache_k.astype(q.dtype), cache_v.astype(q.dtype)
             out = dot_product_attention(constrain(q, ACT_HEADS), k, v, impl="xla", mask_BHLS=mask[:, None])
         else:
-            k, v = jnp.repeat(k, heads // kv, axis=2), jnp.repeat(v, heads // kv, axis=2)  # repeat_kv
-            q, k, v = (constrain(t, ACT_HEADS) for t in (q, k, v))
-            seg = (jnp.zeros_like(key_seg), key_seg)
-            out = dot_product_attention(q, k, v, impl=self.attention_impl, segment_ids=seg, causal=True)
+            out = self.causal_attention(q, k, v, (jnp.zeros_like(key_seg), key_seg))
         x = x + dense(d, ("heads", "embed"), name="o_proj", use_bias=False, **kw)(out.reshape(b, n, heads * hd))
         h = QwenRMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
         return x + SwiGLU(d, cfg.intermediate_size, cfg.hidden_act, name="mlp", **kw)(h), new_cache
+
+    def causal_attention(self, q, k, v, segment_ids):
+        """Causal attention of q [B, L, heads, hd] over k / v [B, L, kv_heads, hd] with `attention_impl` (the key /
+        value heads repeated for the kernel, transformers' repeat_kv), keys restricted by segment ids (q [B, L],
+        kv [B, L])."""
+        groups = self.cfg.num_heads // self.cfg.num_kv_heads
+        k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+        q, k, v = (constrain(t, ACT_HEADS) for t in (q, k, v))
+        return dot_product_attention(q, k, v, impl=self.attention_impl, segment_ids=segment_ids, causal=True)
 
 
 class QwenLanguageModel(nn.Module):

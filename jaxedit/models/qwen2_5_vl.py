@@ -68,8 +68,12 @@ QwenRMSNorm = T5LayerNorm
 
 
 def rotate_half(x):
-    half = x.shape[-1] // 2
-    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    """[..., d] -> the halves swapped, the new first one negated ([-x2, x1]), as the reversal of a [2, d / 2] view
+    times (-1, 1), not a concatenation of two slices: on a head-split projection the slices led the TPU compiler to
+    compute the projection as a convolution that reads its weight transposed, a copy of the whole stacked weight
+    plus a per-layer copy each decoding step (docs/scaling.md, "The judge")."""
+    pairs = x.reshape(*x.shape[:-1], 2, x.shape[-1] // 2)[..., ::-1, :]
+    return (pairs * jnp.asarray([-1, 1], x.dtype)[:, None]).reshape(x.shape)
 
 
 def inverse_frequencies(dim: int, theta: float) -> np.ndarray:

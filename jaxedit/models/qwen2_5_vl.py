@@ -68,10 +68,16 @@ QwenRMSNorm = T5LayerNorm
 
 
 def rotate_half(x):
-    """[..., d] -> the halves swapped, the new first one negated ([-x2, x1]), as the reversal of a [2, d / 2] view
-    times (-1, 1), not a concatenation of two slices: on a head-split projection the slices led the TPU compiler to
-    compute the projection as a convolution that reads its weight transposed, a copy of the whole stacked weight
-    plus a per-layer copy each decoding step (docs/scaling.md, "The judge")."""
+    half = x.shape[-1] // 2
+    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def rotate_half_pairs(x):
+    """rotate_half as the reversal of a [2, d / 2] view times (-1, 1) (the same values), not a concatenation of two
+    slices: on the language model's head-split q / k projections the slices led the TPU compiler to compute the
+    projection as a convolution reading its weight transposed, a copy of the whole stacked weight before the
+    decoding loop and of each layer's slice every step (docs/scaling.md, "The judge"). The vision tower keeps
+    `rotate_half`: with its head_dim of 80 the [2, 40] view pads to 128 lanes and its float32 temporaries grow."""
     pairs = x.reshape(*x.shape[:-1], 2, x.shape[-1] // 2)[..., ::-1, :]
     return (pairs * jnp.asarray([-1, 1], x.dtype)[:, None]).reshape(x.shape)
 
@@ -213,7 +219,7 @@ class TextLayer(nn.Module):
         k = dense(kv * hd, ("embed", "kv_heads"), name="k_proj", **kw)(h).reshape(b, n, kv, hd)
         v = dense(kv * hd, ("embed", "kv_heads"), name="v_proj", **kw)(h).reshape(b, n, kv, hd)
         c, s = cos.astype(q.dtype)[:, :, None], sin.astype(q.dtype)[:, :, None]
-        q, k = q * c + rotate_half(q) * s, k * c + rotate_half(k) * s
+        q, k = q * c + rotate_half_pairs(q) * s, k * c + rotate_half_pairs(k) * s
         new_cache = None
         if cache_k is not None and n > 1:  # the prefill: attend over the fresh keys / values, write them at slot 0
             if not isinstance(index, jax.Array) and index != 0:

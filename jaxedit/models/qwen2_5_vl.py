@@ -225,8 +225,8 @@ class TextLayer(nn.Module):
             if not isinstance(index, jax.Array) and index != 0:
                 raise ValueError(f"a prefill of {n} tokens is written at slot 0, not {index}")
             new_cache = tuple(
-                constrain(jax.lax.dynamic_update_slice(c, t.astype(c.dtype), (0, 0, 0, 0)), kv_cache_names(kv)[1:])
-                for c, t in ((cache_k, k), (cache_v, v))
+                constrain(jax.lax.dynamic_update_slice(buf, t.astype(buf.dtype), (0, 0, 0, 0)), kv_cache_names(kv)[1:])
+                for buf, t in ((cache_k, k), (cache_v, v))
             )
             seg = key_seg[:, :n]
             out = self.causal_attention(q, k, v, (seg, seg))

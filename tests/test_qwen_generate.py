@@ -270,3 +270,27 @@ def test_bfloat16_decoding_is_as_close_as_transformers_own(setup):
     e_ours, e_theirs = rel_err(ours.logits[0, 0], want[0, 0]), rel_err(theirs[0, 0].astype(np.float32), want[0, 0])
     assert 0 < e_ours <= 2 * e_theirs, (e_ours, e_theirs)
     assert ours.tokens.shape == (1, N) and int(ours.lengths[0]) == N
+
+
+def test_prefill_through_splash_keeps_padding_finite(setup):
+    """The prefill attends with the no-cache path's kernel (here splash, in the Pallas interpreter): left-padded
+    rows of different lengths and an empty row (every slot padding, so its queries see only padding) give the
+    default path's ids and logits, and the prefilled cache holds no NaN or inf."""
+    from jaxedit.models.qwen2_5_vl import QwenVL
+
+    _, cfg, params, _, items, *_ = setup
+    want = G.generate(params, cfg, items, N, return_logits=True)
+    got = G.generate(params, cfg, items, N, return_logits=True, attention_impl="splash_interpret")
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    assert rel_err(got.logits, want.logits) <= 1e-5
+    batch = G.batch_inputs(items, cfg, rows=3)  # the third row is all padding
+    model = QwenVL(cfg, attention_impl="splash_interpret", kv_cache=True)
+    b, length = batch["ids"].shape
+    t = cfg.text
+    cache = tuple(jnp.zeros((t.num_layers, b, length + 2, t.num_kv_heads, t.head_dim)) for _ in range(2))
+    keys = np.concatenate([batch["mask"], np.ones((b, 2), np.int32)], 1)
+    vision = jax.tree.map(jnp.asarray, batch["vision"])
+    logits, cache = model.apply({"params": params}, batch["ids"], batch["positions"], keys, cache, 0, vision,
+                                batch["feature_index"], method=QwenVL.decode)  # fmt: skip
+    assert not batch["mask"][2].any()
+    assert all(bool(jnp.isfinite(x).all()) for x in (logits, *cache))

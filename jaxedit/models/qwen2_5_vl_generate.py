@@ -127,8 +127,9 @@ def choose(logits_BV, key, temperature, top_p, greedy: bool):
 def decoder(cfg: QwenVLConfig, dtype: str, max_new_tokens: int, greedy: bool, return_logits: bool,
             attention_impl: str = "auto"):  # fmt: skip
     """The jitted program: (params, ids, mask, positions, next_pos, vision, feature_index, stop_ids, pad_id,
-    temperature, top_p, seed) -> (tokens, lengths, logits or None). attention_impl: the vision tower's (the
-    language model's attention over the cache is XLA's with a dense mask)."""
+    temperature, top_p, seed) -> (tokens, lengths, logits or None). attention_impl: the vision tower's and the
+    prefill's (the prompt's tokens over each other: splash on TPU); a decoding step's attention over the cache is
+    XLA's with a dense mask."""
     model = QwenVL(cfg, dtype=jnp.dtype(dtype), attention_impl=attention_impl, kv_cache=True)
     text, vocab = cfg.text, cfg.text.vocab_size
 

@@ -23,7 +23,7 @@ from jaxedit.train.data import CACHED_PARTS, DataConfig
 from jaxedit.train.loop import check_data
 from jaxedit.train.precompute import precompute
 from tests.test_train_data import write_dataset
-from tests.tiny_train import random_model_folder
+from tests.tiny_train import cached_like_encoder, random_model_folder
 
 SMALL = {"pixel_budget": 64 * 64, "bucket_step": 16}
 
@@ -58,17 +58,7 @@ def test_cached_shards_equal_the_inline_encoder_and_two_shares_make_the_same_sha
     plain = batches_of(cfg)
     cached = batches_of(dataclasses.replace(cfg, cache=str(out)), model)
     assert plain.per_epoch == cached.per_epoch
-    shapes, several = set(), 0
-    for i in range(plain.per_epoch):
-        host, got = plain(i), cached(i)
-        want = encoder(host, jax.random.key(0))
-        assert got["id"] == host["id"] and got["instruction"] == host["instruction"]
-        assert set(got) - {"id", "instruction", "n_bad"} == set(want)
-        for k in want:
-            assert got[k].shape == want[k].shape, k
-            np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-5, err_msg=k)
-        shapes.add(got["target"].shape)
-        several += "reference_1" in got
+    shapes, several = cached_like_encoder(plain, cached, encoder)
     assert len(shapes) == 2 and several >= 1  # square and wide buckets, and items of two sources, cached
     txt, y = encoder.text.encode([""])
     np.testing.assert_array_equal(cached.cache.empty[0], np.asarray(txt[0], np.float32))

@@ -313,10 +313,7 @@ def test_two_jax_processes_read_disjoint_shares_and_resume(tmp_path):
 def test_training_from_packed_shards_matches_the_folder_and_resumes_after_a_kill(tmp_path):
     """`python -m train` with data.path = a packed folder dataset logs the folder run's losses exactly (same seed,
     same examples in the same order); killed after step 5 and restarted, it reproduces them."""
-    import signal
-    import time
-
-    from tests.tiny_train import ROOT, command, env, losses, random_model_folder
+    from tests.tiny_train import ROOT, command, env, kill_at_step, losses, random_model_folder
 
     model = random_model_folder(tmp_path / "model")
     data = write_dataset(tmp_path / "data", n_square=12, n_wide=0, bad=False)
@@ -333,15 +330,7 @@ def test_training_from_packed_shards_matches_the_folder_and_resumes_after_a_kill
     assert sorted(ref) == list(range(1, 9)) and losses(tmp_path / "shards") == ref
 
     ckpt = tmp_path / "killed"
-    p = subprocess.Popen(command(model, packed, ckpt), env=env(cache), cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        line = p.stdout.readline()
-        if line.startswith("step 5/"):
-            break
-        assert line or p.poll() is None, "run ended before step 5"
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+    kill_at_step(command(model, packed, ckpt), env(cache), 5, timeout=300)
     again = run(packed, ckpt)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from step" in again.stdout and losses(ckpt) == ref

@@ -13,33 +13,21 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from checkpoints_convert import ShapeSource, load_part, plan_part
+from checkpoints_convert import ShapeSource, plan_part
 from checkpoints_convert.published import manifest_shapes
 from jaxedit import configs, presets
 from jaxedit.configs import QwenVLConfig
 from jaxedit.models import qwen2_5_vl as Q
+from tests.helpers import max_rel_err as rel_err
+from tests.tiny_qwen import load_tiny_qwen
 
 torch = pytest.importorskip("torch")
 
 
-def rel_err(a, b):
-    """max |a - b| / max |b| (stricter than tests.helpers' norm ratio: one bad row cannot hide)."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
-
-
 @pytest.fixture(scope="module")
 def qwen(tiny_qwen):
-    import transformers
-
     path, _ = tiny_qwen
-    ref = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        path, dtype=torch.float32, use_safetensors=True
-    ).eval()
-    cfg = QwenVLConfig.from_hf(json.loads((path / "config.json").read_text()))
-    params = load_part("qwen", path, cfg, dtype=jnp.float32)
-    processor = transformers.Qwen2VLImageProcessorPil.from_pretrained(path)
-    return path, ref, cfg, params, processor
+    return path, *load_tiny_qwen(path)
 
 
 def images(*sizes, seed=0):

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from checkpoints_convert import load_part
-from jaxedit.configs import QwenVLConfig
 from jaxedit.models import qwen2_5_vl_generate as G
+from tests.helpers import max_rel_err as rel_err
+from tests.tiny_qwen import load_tiny_qwen
 
 torch = pytest.importorskip("torch")
 
@@ -23,23 +23,13 @@ PROMPTS = ["a red circle", "make the square in the picture blue and move it to t
 SIZES = [(84, 84), (56, 112)]
 
 
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
-
-
 @pytest.fixture(scope="module")
 def setup(tiny_qwen):
     import transformers
 
     path, _ = tiny_qwen
-    ref = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        path, dtype=torch.float32, use_safetensors=True
-    ).eval()
-    cfg = QwenVLConfig.from_hf(json.loads((path / "config.json").read_text()))
-    params = load_part("qwen", path, cfg, dtype=jnp.float32)
+    ref, cfg, params, processor = load_tiny_qwen(path)
     tok = transformers.AutoTokenizer.from_pretrained(path)
-    processor = transformers.Qwen2VLImageProcessorPil.from_pretrained(path)
     rng = np.random.default_rng(0)
     imgs = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in SIZES]
     items = G.chat_items(tok, processor, PROMPTS, imgs)

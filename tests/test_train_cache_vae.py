@@ -17,7 +17,7 @@ from jaxedit.train.data import Cache, DataConfig, EditBatches, index_manifest
 from jaxedit.train.precompute import precompute
 from jaxedit.train.vae import VAETrainConfig, batch_at, load_images, train_vae
 from tests.test_train_data import write_dataset
-from tests.tiny_train import random_model_folder
+from tests.tiny_train import cached_like_encoder, random_model_folder
 
 
 @pytest.fixture(scope="module")
@@ -37,17 +37,7 @@ def test_cached_batches_equal_the_inline_encoder(tiny, tmp_path):
     preset = model_folder.read_description(model)
     parts = {p: load_params(model / p) for p in ("vae", "t5", "clip")}
     encoder = KontextEncoder(model, preset, parts, vae_sample=False)
-    buckets, several = set(), 0
-    for i in range(plain.per_epoch):
-        host, got = plain(i), cached(i)
-        want = encoder(host, jax.random.key(0))
-        assert got["id"] == host["id"] and got["instruction"] == host["instruction"]
-        assert set(got) - {"id", "instruction", "n_bad"} == set(want)
-        for k in want:
-            assert got[k].shape == want[k].shape, k
-            np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-5, err_msg=k)
-        buckets.add(got["target"].shape)
-        several += "reference_1" in got
+    buckets, several = cached_like_encoder(plain, cached, encoder)
     assert len(buckets) == 2 and several == 1  # square and wide buckets, and the items of two sources, cached
     txt, y = encoder.text.encode([""])
     np.testing.assert_array_equal(cached.cache.empty[0], np.asarray(txt[0], np.float32))

@@ -3,15 +3,13 @@ uninterrupted run's per-step losses exactly; a half-written checkpoint is never 
 
 from __future__ import annotations
 
-import signal
 import subprocess
-import time
 
 import numpy as np
 import pytest
 
 from tests.test_train_data import write_dataset
-from tests.tiny_train import ROOT, command, env, losses, random_model_folder
+from tests.tiny_train import ROOT, command, env, kill_at_step, losses, random_model_folder
 
 
 @pytest.mark.slow  # over a minute on the 2-core CI machine
@@ -31,15 +29,7 @@ def test_sigkill_and_restart_reproduces_the_uninterrupted_losses(tmp_path):
 
     # interrupted run: SIGKILL once step 5 is logged (checkpoints every 2 steps)
     ckpt = tmp_path / "killed"
-    p = subprocess.Popen(command(model, data, ckpt), env=env(cache), cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        line = p.stdout.readline()
-        if line.startswith("step 5/"):
-            break
-        assert line or p.poll() is None, "run ended before step 5"
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+    kill_at_step(command(model, data, ckpt), env(cache), 5, timeout=240)
     steps = sorted(int(d.name) for d in ckpt.iterdir() if d.name.isdigit())
     assert steps and max(steps) <= 5
     # a checkpoint that was being written (Orbax's temporary name) is ignored on restart

@@ -71,3 +71,23 @@ def build_tiny_qwen_vl(
     randomize_(model, seed)
     model.save_pretrained(root)
     return ids
+
+
+def load_tiny_qwen(path: Path):
+    """(transformers' float32 reference, our QwenVLConfig, our float32 parameters converted by our converter, the
+    image processor) of a folder written by `build_tiny_qwen_vl`."""
+    import json
+
+    import jax.numpy as jnp
+    import torch
+    import transformers
+
+    from checkpoints_convert import load_part
+    from jaxedit.configs import QwenVLConfig
+
+    ref = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        path, dtype=torch.float32, use_safetensors=True
+    ).eval()
+    cfg = QwenVLConfig.from_hf(json.loads((path / "config.json").read_text()))
+    params = load_part("qwen", path, cfg, dtype=jnp.float32)
+    return ref, cfg, params, transformers.Qwen2VLImageProcessorPil.from_pretrained(path)

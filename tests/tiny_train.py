@@ -71,3 +71,39 @@ def losses(ckpt: Path) -> dict[int, float]:
     """step -> loss from <ckpt>/metrics.jsonl."""
     recs = [json.loads(line) for line in (ckpt / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in recs}
+
+
+def kill_at_step(cmd: list[str], env: dict, step: int, timeout: float) -> None:
+    """Run `cmd` (a training command, from the repository root) and SIGKILL it once it logs "step {step}/"."""
+    import signal
+    import subprocess
+    import time
+
+    p = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        line = p.stdout.readline()
+        if line.startswith(f"step {step}/"):
+            break
+        assert line or p.poll() is None, f"run ended before step {step}"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+
+
+def cached_like_encoder(plain, cached, encoder) -> tuple[set, int]:
+    """Assert every batch read from a cache equals `encoder` on the same batch read plainly (ids, instructions,
+    keys, shapes, values within 1e-5); returns (the target shapes seen, how many batches had a second source)."""
+    import jax
+
+    shapes, several = set(), 0
+    for i in range(plain.per_epoch):
+        host, got = plain(i), cached(i)
+        want = encoder(host, jax.random.key(0))
+        assert got["id"] == host["id"] and got["instruction"] == host["instruction"]
+        assert set(got) - {"id", "instruction", "n_bad"} == set(want)
+        for k in want:
+            assert got[k].shape == want[k].shape, k
+            np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-5, err_msg=k)
+        shapes.add(got["target"].shape)
+        several += "reference_1" in got
+    return shapes, several

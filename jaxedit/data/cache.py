@@ -16,7 +16,6 @@ the model family's choice (its precompute hook); this module only stores and che
 from __future__ import annotations
 
 import json
-import struct
 from typing import Any
 
 import numpy as np
@@ -33,20 +32,13 @@ def encode_arrays(header: dict, arrays: dict[str, np.ndarray]) -> bytes:
     """A record of `header` (JSON: id, instruction) and the named arrays."""
     arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
     h = dict(header) | {"arrays": [[k, v.dtype.str, list(v.shape)] for k, v in arrays.items()]}
-    head = json.dumps(h, ensure_ascii=False).encode()
-    return b"".join([MAGIC, struct.pack("<I", len(head)), head, *(v.tobytes() for v in arrays.values())])
+    return records.frame(MAGIC, h, [v.tobytes() for v in arrays.values()])
 
 
 def decode_arrays(record: bytes) -> tuple[dict, dict[str, np.ndarray]]:
     """(header, {name: array}) of a record (arrays read-only views of its bytes); ValueError if it is not one."""
-    if record[:4] != MAGIC or len(record) < 8:
-        raise ValueError("not a jaxedit cache record")
-    (n,) = struct.unpack("<I", record[4:8])
-    try:
-        h = json.loads(record[8 : 8 + n])
-    except ValueError:
-        raise ValueError("cache record header is not JSON (truncated?)") from None
-    at, out = 8 + n, {}
+    h, at = records.unframe(record, MAGIC, "jaxedit cache record")
+    out = {}
     for name, dtype, shape in h["arrays"]:
         dt = np.dtype(dtype)
         size = int(np.prod(shape, dtype=np.int64)) * dt.itemsize

@@ -63,24 +63,36 @@ class BadRow(Exception):
         self.reason, self.detail = reason, detail or reason
 
 
+def frame(magic: bytes, header: dict, payloads) -> bytes:
+    """A record: `magic` (4 bytes), the header's length (4 bytes, little-endian), the header (UTF-8 JSON), then
+    the payloads' bytes (the dataset's records and the cache's, `jaxedit.data.cache`)."""
+    h = json.dumps(header, ensure_ascii=False).encode()
+    return b"".join([magic, struct.pack("<I", len(h)), h, *payloads])
+
+
+def unframe(record: bytes, magic: bytes, what: str) -> tuple[dict, int]:
+    """(header, where the payloads start) of a `frame`d record; ValueError naming `what` if it is not one."""
+    if record[:4] != magic or len(record) < 8:
+        raise ValueError(f"not a {what}")
+    (n,) = struct.unpack("<I", record[4:8])
+    try:
+        return json.loads(record[8 : 8 + n]), 8 + n
+    except ValueError:
+        raise ValueError(f"{what.removeprefix('jaxedit ')} header is not JSON (truncated?)") from None
+
+
 def encode(ex: Example) -> bytes:
     images = [*ex.sources, ex.target]
     header = {"id": ex.id, "instruction": ex.instruction, "sizes": [list(s) for s in ex.sizes],
               "lengths": [len(b) for b in images], "bucket": [ex.bucket[0], list(ex.bucket[1])]}  # fmt: skip
-    h = json.dumps(header, ensure_ascii=False).encode()
-    return b"".join([MAGIC, struct.pack("<I", len(h)), h, *images])
+    return frame(MAGIC, header, images)
 
 
 def decode(record: bytes) -> Example:
     """The example a record holds; ValueError if it is not one (another format, truncated)."""
-    if record[:4] != MAGIC or len(record) < 8:
-        raise ValueError("not a jaxedit record")
-    (n,) = struct.unpack("<I", record[4:8])
-    try:
-        h = json.loads(record[8 : 8 + n])
-    except ValueError:
-        raise ValueError("record header is not JSON (truncated?)") from None
-    at, images = 8 + n, []
+    h, start = unframe(record, MAGIC, "jaxedit record")
+    n = start - 8
+    at, images = start, []
     for length in h["lengths"]:
         images.append(record[at : at + length])
         at += length
